@@ -1,0 +1,103 @@
+"""Resolve a method's parameters for one tensor, the way mergekit does.
+
+A setting is a scalar, a *gradient* (a list of numbers interpolated over the layer stack: with ``L`` layers,
+layer ``i`` sits at ``t = i / (L − 1)``; tensors outside the layer stack sit at ``t = 0``), or a
+*conditional list* ``[{filter: self_attn, value: ...}, {value: ...}]`` whose first entry whose filter is a
+substring of the tensor name (or that has no filter) applies. Per-model settings take precedence over the
+global ``parameters`` block.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mergelab.methods.registry import MergeMethod, Param
+
+_LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoder\.layer|decoder\.layers)\.(\d+)\.")
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """Index of the transformer block a tensor belongs to (``model.layers.3.mlp...`` → 3), else None."""
+    match = _LAYER_PATTERN.search(tensor_name)
+    return int(match.group(1)) if match else None
+
+
+def layer_position(tensor_name: str, num_layers: int) -> float:
+    """mergekit's ``t`` for gradients: ``i / (L − 1)`` inside the layer stack (1 for one layer), else 0."""
+    idx = layer_index(tensor_name)
+    if idx is None:
+        return 0.0
+    return idx / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """Value of one setting for ``tensor_name`` at layer position ``t`` (None if no conditional matches)."""
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if not setting:
+        return None
+    if all(isinstance(e, (int, float, bool, str)) for e in setting):
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        if not isinstance(cond, Mapping):
+            continue
+        flt = cond.get("filter")
+        if flt is None or flt == "*" or flt in tensor_name:
+            value = evaluate_setting(cond.get("value"), tensor_name, t)
+            if value is not None:
+                return value
+    return None
+
+
+def _resolve(param: Param, scopes: Sequence[Mapping[str, Any]], tensor_name: str, t: float, where: str) -> Any:
+    for scope in scopes:
+        if param.name in scope:
+            value = evaluate_setting(scope[param.name], tensor_name, t)
+            if value is not None:
+                return param.validate(value, where)
+    if param.required:
+        raise ValueError(f"{where}: missing required parameter '{param.name}' of this method")
+    return param.default
+
+
+def resolve_parameters(method: MergeMethod, tensor_name: str, t: float, global_settings: Mapping[str, Any],
+                       model_settings: Sequence[Mapping[str, Any]], model_names: Sequence[str] | None = None,
+                       ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Global and per-model parameter values for one tensor."""
+    params = {p.name: _resolve(p, [global_settings], tensor_name, t, f"parameters (tensor {tensor_name})")
+              for p in method.global_params.values()}
+    per_model = []
+    for i, settings in enumerate(model_settings):
+        label = model_names[i] if model_names else f"model {i}"
+        per_model.append({
+            p.name: _resolve(p, [settings, global_settings], tensor_name, t, f"{label} (tensor {tensor_name})")
+            for p in method.model_params.values()
+        })
+    return params, per_model
+
+
+def check_parameter_names(method: MergeMethod, global_settings: Mapping[str, Any],
+                          model_settings: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Problems with parameter names: unknown to the method, or per-model ones given globally by mistake."""
+    problems = []
+    valid = ", ".join(p.name for p in method.params) or "(none)"
+    for key in global_settings:
+        if method.param(key) is None:
+            problems.append(f"parameters: unknown parameter '{key}' for method '{method.name}'; valid: {valid}")
+    model_valid = ", ".join(method.model_params) or "(none)"
+    for model, settings in model_settings.items():
+        for key in settings:
+            if key not in method.model_params:
+                problems.append(f"models[{model}].parameters: '{key}' is not a per-model parameter of "
+                                f"'{method.name}'; per-model parameters: {model_valid}")
+    return problems

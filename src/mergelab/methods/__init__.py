@@ -1,0 +1,47 @@
+"""Merge methods: one file per method, each a pure function on aligned tensors, registered by name."""
+
+from mergelab.methods import (  # noqa: F401  (importing registers the methods)
+    breadcrumbs,
+    cart,
+    dare,
+    linear,
+    model_stock,
+    slerp,
+    task_arithmetic,
+    ties,
+)
+from mergelab.methods.breadcrumbs import breadcrumbs_merge
+from mergelab.methods.cart import cart_merge
+from mergelab.methods.dare import dare_merge
+from mergelab.methods.linear import linear_merge
+from mergelab.methods.model_stock import model_stock_merge
+from mergelab.methods.registry import (
+    MergeMethod,
+    Param,
+    TensorInputs,
+    all_methods,
+    get_method,
+    list_methods,
+    register,
+)
+from mergelab.methods.slerp import slerp_merge
+from mergelab.methods.task_arithmetic import task_arithmetic_merge
+from mergelab.methods.ties import ties_merge
+
+__all__ = [
+    "MergeMethod",
+    "Param",
+    "TensorInputs",
+    "all_methods",
+    "breadcrumbs_merge",
+    "cart_merge",
+    "dare_merge",
+    "get_method",
+    "linear_merge",
+    "list_methods",
+    "model_stock_merge",
+    "register",
+    "slerp_merge",
+    "task_arithmetic_merge",
+    "ties_merge",
+]

@@ -1,0 +1,60 @@
+"""Model Breadcrumbs: sparsify task vectors by dropping both the largest outliers and the smallest entries.
+
+Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", ECCV 2024
+(arXiv:2312.06795).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.sparsify import outlier_mask
+from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
+
+
+def breadcrumbs_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                      densities: Sequence[float], gammas: Sequence[float], *, lambda_: float = 1.0,
+                      normalize: bool = False, consensus: Consensus | None = None) -> torch.Tensor:
+    """Keep the ``density`` fraction of each task vector after removing its top ``gamma`` fraction by
+    magnitude, then task arithmetic (or TIES election with ``consensus``)."""
+    def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
+        return delta * outlier_mask(delta, densities[i], gammas[i])
+    return generalized_task_arithmetic(base, tensors, weights, sparsify=trim, consensus=consensus,
+                                       normalize=normalize, lambda_=lambda_)
+
+
+def _adapter(consensus: Consensus | None):
+    def adapt(x: TensorInputs) -> torch.Tensor:
+        assert x.base is not None
+        mp = x.model_params
+        return breadcrumbs_merge(x.base, x.tensors, [p["weight"] for p in mp], [p["density"] for p in mp],
+                                 [p["gamma"] for p in mp], lambda_=x.params["lambda"],
+                                 normalize=x.params["normalize"], consensus=consensus)
+    return adapt
+
+
+def _params() -> tuple[Param, ...]:
+    return (
+        Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),
+        Param("density", float, 1.0, scope="model", low=0.0, high=1.0, help="fraction of entries kept"),
+        Param("gamma", float, 0.01, scope="model", low=0.0, high=1.0, help="fraction of largest entries dropped"),
+        Param("lambda", float, 1.0, help="global scale of the merged task vector"),
+        Param("normalize", bool, False, help="divide by the (agreeing) weights"),
+        Param("int8_mask", bool, False, help="accepted for mergekit compatibility; masks are boolean here"),
+    )
+
+
+_PAPER = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
+register(MergeMethod(
+    name="breadcrumbs", adapter=_adapter(None), function=breadcrumbs_merge, params=_params(),
+    summary="Drop the largest (γ) and smallest task-vector entries, keep a density fraction, sum.",
+    paper=_PAPER, formula="θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i),  m_i keeps ranks (γ, γ+density] by |δ_i|",
+))
+register(MergeMethod(
+    name="breadcrumbs_ties", adapter=_adapter("sum"), function=breadcrumbs_merge, params=_params(),
+    summary="Breadcrumbs sparsification followed by TIES sign election.",
+    paper=_PAPER, formula="TIES elect + disjoint merge on Breadcrumbs-masked task vectors",
+))

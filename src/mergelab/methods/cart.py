@@ -1,0 +1,86 @@
+"""CART: centred task vectors with a low-rank correction around the weight average.
+
+Choi et al., "Revisiting Weight Averaging for Model Merging" (arXiv:2412.12153). The task vectors are
+taken around the average ``θ_avg`` instead of the pretrained weights; their low-rank parts carry the
+task-specific information while the rest is mostly interference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+
+
+def low_rank(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """Best rank-``rank`` approximation (truncated SVD) of a 2-D tensor."""
+    if rank <= 0:
+        return torch.zeros_like(matrix)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    r = min(rank, s.numel())
+    return (u[:, :r] * s[:r]) @ vh[:r]
+
+
+def rank_from_ratio(shape: torch.Size | Sequence[int], ratio: float) -> int:
+    """Rank ``round(ratio · min(m, n))``, at least 1 for a positive ratio."""
+    full = min(shape[0], shape[1])
+    if ratio <= 0:
+        return 0
+    return min(full, max(1, round(ratio * full)))
+
+
+def cart_merge(tensors: Sequence[torch.Tensor], *, rank_ratio: float = 0.1, lambda_: float = 1.0,
+               weights: Sequence[float] | None = None, low_rank_this: bool = True) -> torch.Tensor:
+    """``θ_avg + λ Σ_t SVD_k(θ_t − θ_avg)`` on 2-D weights, ``θ_avg`` elsewhere.
+
+    ``θ_avg`` is the (weighted) mean; ``k = rank_from_ratio((m, n), rank_ratio)``. At full rank the
+    centred task vectors sum to zero, so the result is ``θ_avg`` for any λ.
+    """
+    if not tensors:
+        raise ValueError("cart_merge needs at least one tensor")
+    first = tensors[0]
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    ws = [1.0] * len(tensors) if weights is None else [float(w) for w in weights]
+    total = sum(ws)
+    avg = torch.zeros(first.shape, dtype=dtype, device=first.device)
+    for t, w in zip(tensors, ws):
+        avg.add_(t.to(dtype), alpha=w / total)
+    if first.dim() != 2 or not low_rank_this or rank_ratio <= 0 or lambda_ == 0:
+        return avg.to(first.dtype)
+    k = rank_from_ratio(first.shape, rank_ratio)
+    correction = torch.zeros_like(avg)
+    for t in tensors:
+        correction += low_rank(t.to(dtype) - avg, k)
+    return (avg + lambda_ * correction).to(first.dtype)
+
+
+def _adapter(x: TensorInputs) -> torch.Tensor:
+    tensors = list(x.tensors) if x.base is None or not x.params["include_base"] else [x.base, *x.tensors]
+    weights = [p["weight"] for p in x.model_params]
+    if len(tensors) > len(weights):
+        weights = [1.0, *weights]
+    pattern = x.params["low_rank_filter"]
+    selected = pattern is None or any(part in x.name for part in pattern.split("|"))
+    return cart_merge(tensors, rank_ratio=x.params["rank_ratio"], lambda_=x.params["lambda"], weights=weights,
+                      low_rank_this=selected)
+
+
+register(MergeMethod(
+    name="cart",
+    adapter=_adapter,
+    function=cart_merge,
+    params=(
+        Param("weight", float, 1.0, scope="model", help="weight of this model in θ_avg"),
+        Param("rank_ratio", float, 0.1, low=0.0, high=1.0, help="rank k as a fraction of min(m, n)"),
+        Param("lambda", float, 1.0, help="scale of the summed low-rank centred task vectors"),
+        Param("include_base", bool, False, help="count the base model as one of the averaged models"),
+        Param("low_rank_filter", str, None,
+              help="'|'-separated substrings of tensor names that get the low-rank term (default: all 2-D)"),
+    ),
+    summary="Weight average plus λ times the rank-k parts of the centred task vectors θ_t − θ_avg.",
+    paper="Choi et al. 2024, Revisiting Weight Averaging for Model Merging (CART) (arXiv:2412.12153)",
+    formula="θ = θ_avg + λ Σ_t SVD_k(θ_t − θ_avg) on 2-D weights; θ_avg elsewhere",
+    base="optional",
+))

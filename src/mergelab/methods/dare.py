@@ -1,0 +1,92 @@
+"""DARE: drop task-vector entries at random and rescale the rest, then sum (linear) or TIES-merge.
+
+Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
+ICML 2024 (arXiv:2311.03099).
+
+Rescaling follows the paper: kept entries are divided by the keep probability ``density`` so that the
+expectation of the sparsified delta equals the delta. mergekit instead rescales to match the L1 norm of
+the delta; ``rescale_mode: l1`` reproduces that. The mask comes from a seeded CPU generator per
+(tensor, model), so a seed gives the same merge on every device and in every tensor order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.sparsify import bernoulli_mask, generator_for
+from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
+
+
+def dare_sparsifier(densities: Sequence[float], seed: int, *, rescale: bool = True,
+                    rescale_mode: str = "density") -> Sparsifier:
+    def drop(i: int, delta: torch.Tensor) -> torch.Tensor:
+        density = densities[i]
+        if density >= 1:
+            return delta
+        if density <= 0:
+            return torch.zeros_like(delta)
+        mask = bernoulli_mask(delta.shape, density, generator_for(seed, i), device=delta.device)
+        kept = delta * mask
+        if not rescale:
+            return kept
+        if rescale_mode == "density":
+            return kept.div_(density)
+        before, after = delta.abs().sum(), kept.abs().sum()
+        if before < 1e-7 or after < 1e-7:
+            return kept
+        return kept.mul_(before / after)
+    return drop
+
+
+def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+               densities: Sequence[float], *, seed: int, consensus: Consensus | None = None,
+               normalize: bool = False, lambda_: float = 1.0, rescale: bool = True,
+               rescale_mode: str = "density") -> torch.Tensor:
+    """DARE on one tensor: ``δ̃_i = m_i ⊙ δ_i / p_i`` with ``m_i ~ Bernoulli(p_i)``, ``p_i = density``,
+    then task arithmetic (``consensus=None``, dare_linear) or TIES' sign election (``"sum"``, dare_ties)."""
+    sparsify = dare_sparsifier(densities, seed, rescale=rescale, rescale_mode=rescale_mode)
+    return generalized_task_arithmetic(base, tensors, weights, sparsify=sparsify, consensus=consensus,
+                                       normalize=normalize, lambda_=lambda_)
+
+
+def _params(normalize_default: bool) -> tuple[Param, ...]:
+    return (
+        Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),
+        Param("density", float, 1.0, scope="model", low=0.0, high=1.0, help="keep probability p"),
+        Param("lambda", float, 1.0, help="global scale of the merged task vector"),
+        Param("normalize", bool, normalize_default, help="divide by the (agreeing) weights"),
+        Param("rescale", bool, True, help="rescale kept entries"),
+        Param("rescale_mode", str, "density", choices=("density", "l1"),
+              help="divide by p (paper) or match the delta's L1 norm (mergekit)"),
+        Param("int8_mask", bool, False, help="accepted for mergekit compatibility; masks are boolean here"),
+    )
+
+
+def _adapter(consensus: Consensus | None):
+    def adapt(x: TensorInputs) -> torch.Tensor:
+        assert x.base is not None
+        return dare_merge(
+            x.base, x.tensors, [p["weight"] for p in x.model_params], [p["density"] for p in x.model_params],
+            seed=x.seed, consensus=consensus, normalize=x.params["normalize"], lambda_=x.params["lambda"],
+            rescale=x.params["rescale"], rescale_mode=x.params["rescale_mode"],
+        )
+    return adapt
+
+
+_PAPER = "Yu et al. 2024, Language Models are Super Mario (DARE) (arXiv:2311.03099)"
+
+register(MergeMethod(
+    name="dare_linear", adapter=_adapter(None), function=dare_merge, params=_params(False),
+    summary="Randomly drop task-vector entries (keep prob. p), rescale by 1/p, then task arithmetic.",
+    paper=_PAPER, randomized=True,
+    formula="θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i) / p_i,  m_i ~ Bernoulli(p_i)",
+))
+register(MergeMethod(
+    name="dare_ties", adapter=_adapter("sum"), function=dare_merge, params=_params(False),
+    summary="DARE drop-and-rescale followed by TIES sign election and disjoint merge.",
+    paper=_PAPER + "; Yadav et al. 2023, TIES (arXiv:2306.01708)", randomized=True,
+    formula="TIES elect + disjoint merge on δ̃_i = m_i ⊙ δ_i / p_i",
+))

@@ -1,0 +1,58 @@
+"""Weighted / uniform averaging of weights: model soup and SWA.
+
+Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models improves accuracy without
+increasing inference time", ICML 2022 (arXiv:2203.05482). Izmailov et al., "Averaging Weights Leads to
+Wider Optima and Better Generalization" (SWA), UAI 2018 (arXiv:1803.05407).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+
+
+def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *,
+                 normalize: bool = True) -> torch.Tensor:
+    """``Σ_i w_i θ_i / Σ_i w_i`` (or the plain weighted sum when ``normalize`` is false).
+
+    Accumulates in float32 (float64 for float64 inputs) and returns the first input's dtype.
+    """
+    if not tensors:
+        raise ValueError("linear_merge needs at least one tensor")
+    weights = [1.0] * len(tensors) if weights is None else list(weights)
+    if len(weights) != len(tensors):
+        raise ValueError(f"got {len(tensors)} tensors but {len(weights)} weights")
+    first = tensors[0]
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    out = torch.zeros(first.shape, dtype=dtype, device=first.device)
+    for tensor, weight in zip(tensors, weights):
+        out.add_(tensor.to(dtype), alpha=weight)
+    if normalize:
+        total = sum(weights)
+        if total == 0:
+            raise ValueError("linear_merge: weights sum to zero; set normalize: false or change the weights")
+        out.div_(total)
+    return out.to(first.dtype)
+
+
+def _adapter(x: TensorInputs) -> torch.Tensor:
+    return linear_merge(list(x.tensors), [p["weight"] for p in x.model_params], normalize=x.params["normalize"])
+
+
+register(MergeMethod(
+    name="linear",
+    adapter=_adapter,
+    function=linear_merge,
+    params=(
+        Param("weight", float, 1.0, scope="model", help="mixing weight of this model"),
+        Param("normalize", bool, True, help="divide by the sum of weights"),
+    ),
+    summary="Weighted average of all models (uniform soup, SWA).",
+    paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482); Izmailov et al. 2018, SWA (arXiv:1803.05407)",
+    formula="θ = Σ_i w_i θ_i / Σ_i w_i",
+    base="ignored",
+    aliases=("soup", "swa"),
+))

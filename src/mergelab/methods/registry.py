@@ -1,0 +1,146 @@
+"""Registry of merge methods.
+
+Every method is a pure function on aligned tensors (``ties_merge``, ``slerp_merge``...). The registry
+adds what the engine and the CLI need around it: the parameters it takes (global or per model), whether
+it needs a base model, how many inputs it accepts and the paper it comes from. An *adapter* turns one
+:class:`TensorInputs` (the tensors of one name from every model, parameters already resolved for that
+name) into a call of the pure function, so the engine never knows a method's signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+REQUIRED: Any = object()
+BasePolicy = Literal["required", "optional", "ignored"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method.
+
+    ``scope="model"`` parameters are given per input model (``models[i].parameters``) and may fall back to
+    the global ``parameters`` block, as in mergekit; ``scope="global"`` ones apply to the whole merge.
+    """
+
+    name: str
+    kind: type
+    default: Any = REQUIRED
+    scope: Literal["global", "model"] = "global"
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def validate(self, value: Any, where: str) -> Any:
+        """Coerce ``value`` to this parameter's type or raise ``ValueError`` naming ``where``."""
+        kind = self.kind
+        try:
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise TypeError
+                out: Any = value
+            elif kind in (float, int):
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    raise TypeError
+                out = kind(float(value)) if kind is int else float(value)
+                if kind is int and float(value) != int(float(value)):
+                    raise TypeError
+            else:
+                out = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{where}: parameter '{self.name}' must be {kind.__name__}, got {value!r}"
+            ) from None
+        if self.choices is not None and out not in self.choices:
+            raise ValueError(f"{where}: parameter '{self.name}' must be one of {list(self.choices)}, got {out!r}")
+        if self.low is not None and out < self.low:
+            raise ValueError(f"{where}: parameter '{self.name}' must be >= {self.low}, got {out!r}")
+        if self.high is not None and out > self.high:
+            raise ValueError(f"{where}: parameter '{self.name}' must be <= {self.high}, got {out!r}")
+        return out
+
+
+@dataclass
+class TensorInputs:
+    """Everything a method sees for one tensor name.
+
+    ``tensors`` are the non-base models in config order, ``model_params[i]`` their resolved per-model
+    parameters, ``params`` the resolved global ones. ``seed`` is derived by the engine from the merge seed
+    and the tensor name, so random methods are reproducible and independent of tensor order.
+    ``stats`` carries precomputed statistics for data-aware methods (Fisher, RegMean), and
+    ``thresholds`` per-model magnitude thresholds for global-scope sparsification.
+    """
+
+    name: str
+    tensors: Sequence[torch.Tensor]
+    model_params: Sequence[dict[str, Any]]
+    params: dict[str, Any]
+    base: torch.Tensor | None = None
+    seed: int = 0
+    stats: Sequence[Any] | None = None
+    thresholds: Sequence[float] | None = None
+
+
+Adapter = Callable[[TensorInputs], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    adapter: Adapter
+    function: Callable[..., torch.Tensor]
+    params: tuple[Param, ...]
+    summary: str
+    paper: str
+    base: BasePolicy = "required"
+    min_models: int = 1
+    max_models: int | None = None
+    randomized: bool = False
+    formula: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def global_params(self) -> dict[str, Param]:
+        return {p.name: p for p in self.params if p.scope == "global"}
+
+    @property
+    def model_params(self) -> dict[str, Param]:
+        return {p.name: p for p in self.params if p.scope == "model"}
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    for key in (method.name, *method.aliases):
+        if key in _REGISTRY:
+            raise KeyError(f"merge method '{key}' is registered twice")
+        _REGISTRY[key] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown merge method '{name}'; valid methods: {', '.join(list_methods())}") from None
+
+
+def list_methods() -> list[str]:
+    return sorted({m.name for m in _REGISTRY.values()})
+
+
+def all_methods() -> list[MergeMethod]:
+    return [get_method(n) for n in list_methods()]

@@ -1,0 +1,40 @@
+"""Task arithmetic: add weighted task vectors to the base.
+
+Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (arXiv:2212.04089).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.task_vectors import generalized_task_arithmetic
+
+
+def task_arithmetic_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], *,
+                          lambda_: float = 1.0, normalize: bool = False) -> torch.Tensor:
+    """``θ_base + λ Σ_i w_i (θ_i − θ_base)`` (divided by ``Σ w_i`` when ``normalize``)."""
+    return generalized_task_arithmetic(base, tensors, weights, normalize=normalize, lambda_=lambda_)
+
+
+def _adapter(x: TensorInputs) -> torch.Tensor:
+    assert x.base is not None
+    return task_arithmetic_merge(x.base, x.tensors, [p["weight"] for p in x.model_params],
+                                 lambda_=x.params["lambda"], normalize=x.params["normalize"])
+
+
+register(MergeMethod(
+    name="task_arithmetic",
+    adapter=_adapter,
+    function=task_arithmetic_merge,
+    params=(
+        Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),
+        Param("lambda", float, 1.0, help="global scale of the summed task vectors"),
+        Param("normalize", bool, False, help="divide the sum by Σ w_i"),
+    ),
+    summary="Base plus the weighted sum of task vectors θ_i − θ_base.",
+    paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)",
+    formula="θ = θ_0 + λ Σ_i w_i (θ_i − θ_0)",
+))

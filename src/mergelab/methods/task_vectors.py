@@ -1,0 +1,79 @@
+"""Generalized task arithmetic: the shared core of task arithmetic, TIES, DARE and Breadcrumbs.
+
+``merged = base + λ · Σ_i w_i m_i(δ_i) c_i / D`` with ``δ_i = θ_i − θ_base``, a sparsification mask
+``m_i`` (identity, magnitude top-k, random drop, outlier trim), an optional sign-consensus mask ``c_i``
+(TIES' elect step) and ``D = Σ_i w_i c_i`` when ``normalize`` (disjoint mean), else 1.
+
+The sum is accumulated model by model instead of stacking all deltas: with consensus it takes two passes
+(elect signs, then sum the agreeing entries), recomputing each sparsified delta rather than holding N of
+them, so peak memory stays at the inputs plus three tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+
+Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
+"""``(model_index, delta) -> sparsified delta``; must return the same result when called twice."""
+
+Consensus = Literal["sum", "count"]
+
+
+def _compute_dtype(base: torch.Tensor) -> torch.dtype:
+    return torch.float64 if base.dtype == torch.float64 else torch.float32
+
+
+def generalized_task_arithmetic(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    sparsify: Sparsifier | None = None,
+    consensus: Consensus | None = None,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    if len(tensors) != len(weights):
+        raise ValueError(f"got {len(tensors)} tensors but {len(weights)} weights")
+    if not tensors:
+        return base.clone()
+    dtype = _compute_dtype(base)
+    base_c = base.to(dtype)
+
+    def weighted_delta(i: int) -> torch.Tensor:
+        delta = tensors[i].to(dtype) - base_c
+        if sparsify is not None:
+            delta = sparsify(i, delta)
+        return delta.mul_(weights[i])
+
+    if consensus is None:
+        mixed = torch.zeros_like(base_c)
+        for i in range(len(tensors)):
+            mixed += weighted_delta(i)
+        divisor: torch.Tensor | float = float(sum(weights))
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+    else:
+        elected = torch.zeros_like(base_c)
+        for i in range(len(tensors)):
+            wd = weighted_delta(i)
+            elected += wd if consensus == "sum" else wd.sign()
+        majority = torch.where(elected >= 0, 1.0, -1.0).to(dtype)
+        del elected
+        mixed = torch.zeros_like(base_c)
+        div = torch.zeros_like(base_c)
+        for i in range(len(tensors)):
+            wd = weighted_delta(i)
+            agree = wd.sign() == majority
+            mixed += wd * agree
+            div += agree.to(dtype) * weights[i]
+        div[div == 0] = 1
+        divisor = div
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return (base_c + mixed).to(base.dtype)

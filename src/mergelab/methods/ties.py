@@ -1,0 +1,64 @@
+"""TIES-merging: trim, elect sign, disjoint merge.
+
+Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023 (arXiv:2306.01708).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.sparsify import magnitude_mask, threshold_mask
+from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
+
+
+def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+               densities: Sequence[float], *, lambda_: float = 1.0, normalize: bool = True,
+               consensus: Consensus = "sum", thresholds: Sequence[float] | None = None) -> torch.Tensor:
+    """TIES on one tensor.
+
+    1. trim: keep the ``densities[i]`` fraction of largest-magnitude entries of each task vector
+       (or, for global scope, the entries at or above ``thresholds[i]``, computed over the whole model);
+    2. elect: per entry, the sign of ``Σ_i w_i δ̂_i`` (``consensus="sum"``, the paper) or of the sign count;
+    3. disjoint merge: average (``normalize``) only the weighted entries that agree with the elected sign.
+    """
+    if thresholds is not None:
+        def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
+            return delta * threshold_mask(delta, thresholds[i])
+    else:
+        def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
+            return delta * magnitude_mask(delta, densities[i])
+    return generalized_task_arithmetic(base, tensors, weights, sparsify=trim, consensus=consensus,
+                                       normalize=normalize, lambda_=lambda_)
+
+
+def _adapter(x: TensorInputs) -> torch.Tensor:
+    assert x.base is not None
+    return ties_merge(
+        x.base, x.tensors, [p["weight"] for p in x.model_params], [p["density"] for p in x.model_params],
+        lambda_=x.params["lambda"], normalize=x.params["normalize"], consensus=x.params["consensus"],
+        thresholds=x.thresholds if x.params["scope"] == "global" else None,
+    )
+
+
+register(MergeMethod(
+    name="ties",
+    adapter=_adapter,
+    function=ties_merge,
+    params=(
+        Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),
+        Param("density", float, 1.0, scope="model", low=0.0, high=1.0,
+              help="fraction of largest-magnitude task-vector entries kept"),
+        Param("lambda", float, 1.0, help="global scale of the merged task vector"),
+        Param("normalize", bool, True, help="disjoint mean: divide by the weights that agree with the sign"),
+        Param("consensus", str, "sum", choices=("sum", "count"), help="sign election rule"),
+        Param("scope", str, "tensor", choices=("tensor", "global"),
+              help="trim per tensor (mergekit) or with one magnitude threshold per model (paper)"),
+        Param("int8_mask", bool, False, help="accepted for mergekit compatibility; masks are boolean here"),
+    ),
+    summary="Trim each task vector to its top-k entries, elect a sign per entry, average those that agree.",
+    paper="Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
+    formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̂_i)=γ] δ̂_i / Σ_i w_i [sgn(δ̂_i)=γ],  γ = sgn Σ_i w_i δ̂_i",
+))
