@@ -1,0 +1,111 @@
+"""The ``mergelab`` command line: parse arguments, call one function, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mergelab.errors import MergeLabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Merge neural networks in weight space, compare with ensembles, explain why it works.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="YAML merge config (mergekit format for shared methods)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder")],
+    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    device: Annotated[str, typer.Option(help="where the math runs: cpu, cuda, cuda:1")] = "cpu",
+    max_shard_size: Annotated[str, typer.Option(help="largest output shard, in bytes or e.g. 2GB, 500MiB")] = "5GB",
+    allow_nonfinite: Annotated[bool, typer.Option(help="merge tensors that contain NaN/Inf instead of refusing")] = False,
+    no_hash: Annotated[bool, typer.Option("--no-hash", help="skip the sha256 of inputs in mergelab.json")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress bar")] = False,
+) -> None:
+    """Merge the checkpoints described in CONFIG into OUT."""
+    from mergelab.merge.engine import run_merge
+
+    try:
+        result = run_merge(config, out, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
+                           allow_nonfinite=allow_nonfinite, progress=not quiet, hash_inputs=not no_hash)
+    except (MergeLabError, ValueError, KeyError) as exc:
+        _fail(exc)
+        return
+    console.print(f"wrote {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) to {result.out_dir}")
+
+
+@app.command()
+def methods(
+    name: Annotated[Optional[str], typer.Argument(help="show one method's parameters")] = None,  # noqa: UP045
+) -> None:
+    """List the merge methods with their parameters and papers."""
+    from mergelab.methods import all_methods, get_method
+
+    if name is not None:
+        try:
+            m = get_method(name)
+        except KeyError as exc:
+            _fail(exc)
+            return
+        console.print(f"[bold]{m.name}[/]: {escape(m.summary)}\n  formula: {escape(m.formula)}\n"
+                      f"  paper: {escape(m.paper)}\n  base model: {m.base}")
+        table = Table("parameter", "scope", "type", "default", "meaning")
+        for p in m.params:
+            table.add_row(p.name, p.scope, p.kind.__name__, "required" if p.required else repr(p.default), p.help)
+        console.print(table)
+        return
+    table = Table("method", "base", "parameters", "paper")
+    for m in all_methods():
+        table.add_row(m.name, m.base, ", ".join(p.name for p in m.params), m.paper)
+    console.print(table)
+
+
+@app.command()
+def study(
+    name: Annotated[str, typer.Argument(help="study name; `mergelab study --list` shows them")] = "",
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("runs/study"),
+    quick: Annotated[bool, typer.Option(help="reduced grid that runs in minutes")] = False,
+    seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
+    list_: Annotated[bool, typer.Option("--list", help="list the studies")] = False,
+) -> None:
+    """Run a study; writes CSV + Markdown tables, PNG plots and report.html into OUT."""
+    from mergelab import studies
+
+    if list_ or not name:
+        for key, desc in studies.DESCRIPTIONS.items():
+            console.print(f"[bold]{key}[/]: {desc}")
+        return
+    try:
+        report = studies.run_study(name, out, quick=quick, seed=seed)
+    except (MergeLabError, ValueError, KeyError) as exc:
+        _fail(exc)
+        return
+    console.print(f"report: {report}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
+) -> None:
+    """A few-minute run of the weight-averaging studies with an HTML report (the README's main job)."""
+    from mergelab.studies.demo import run_demo
+
+    report = run_demo(out, seed=seed)
+    console.print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    app()

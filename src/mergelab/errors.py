@@ -1,0 +1,30 @@
+"""Errors a user can act on: each message names the file, the tensor or the key, and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class MergeLabError(Exception):
+    """Base class: mergelab's CLI prints these as messages, never as tracebacks."""
+
+
+class CheckpointError(MergeLabError):
+    """A checkpoint could not be read (missing, truncated, unsafe pickle, not a state dict)."""
+
+
+class ConfigError(MergeLabError):
+    """The merge config is invalid (unknown key, bad value, unknown method or parameter)."""
+
+
+class CompatibilityError(MergeLabError):
+    """The inputs cannot be merged as configured; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        shown = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) found, nothing was written:\n{shown}")
+
+
+class OutputExistsError(MergeLabError):
+    """The output folder exists and ``overwrite`` was not given."""

@@ -1,0 +1,159 @@
+"""Stream tensors into sharded safetensors files without holding a shard in memory.
+
+Because the engine knows every output tensor's name, shape and dtype before merging, the shard layout and
+every safetensors header can be fixed up front; each merged tensor is then written straight to its place
+and dropped. Peak memory is one tensor, not one shard. Files follow the Hugging Face layout
+(``model.safetensors``, or ``model-0000k-of-0000N.safetensors`` plus ``model.safetensors.index.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from mergelab.io.readers import SAFETENSORS_DTYPES, TensorMeta
+
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """``"2GB"`` → 2·10⁹, ``"500MiB"`` → 500·2²⁰, ``1000`` → 1000 bytes."""
+    if isinstance(size, int):
+        return size
+    match = _SIZE.match(size)
+    if not match:
+        raise ValueError(f"invalid size {size!r}; use bytes or a unit like 500MB, 2GB, 1GiB")
+    unit = (match.group(2) or "B").upper()
+    unit = unit[:-1] if len(unit) > 1 and unit.endswith("B") else unit
+    if unit not in _UNITS:
+        raise ValueError(f"invalid size unit in {size!r}; use B, KB, MB, GB, TB or KiB, MiB, GiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass
+class _Shard:
+    names: list[str] = field(default_factory=list)
+    size: int = 0
+
+
+@dataclass
+class ShardPlan:
+    """Which tensor goes to which shard file, and each shard's header."""
+
+    shards: list[_Shard]
+    metas: dict[str, TensorMeta]
+
+    @classmethod
+    def build(cls, metas: Mapping[str, TensorMeta], max_shard_size: int) -> ShardPlan:
+        shards = [_Shard()]
+        for name, meta in metas.items():
+            if shards[-1].names and shards[-1].size + meta.nbytes > max_shard_size:
+                shards.append(_Shard())
+            shards[-1].names.append(name)
+            shards[-1].size += meta.nbytes
+        return cls(shards, dict(metas))
+
+    def filenames(self) -> list[str]:
+        n = len(self.shards)
+        if n == 1:
+            return ["model.safetensors"]
+        return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    def header(self, index: int, metadata: Mapping[str, str]) -> bytes:
+        entries: dict[str, object] = {"__metadata__": dict(metadata)}
+        offset = 0
+        for name in self.shards[index].names:
+            meta = self.metas[name]
+            entries[name] = {"dtype": DTYPE_NAMES[meta.dtype], "shape": list(meta.shape),
+                             "data_offsets": [offset, offset + meta.nbytes]}
+            offset += meta.nbytes
+        raw = json.dumps(entries, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
+        return len(raw).to_bytes(8, "little") + raw
+
+    def weight_map(self) -> dict[str, str]:
+        files = self.filenames()
+        return {name: files[i] for i, shard in enumerate(self.shards) for name in shard.names}
+
+
+class StreamingSafetensorsWriter:
+    """Write tensors, in the plan's order, into the shard files of ``folder``.
+
+    ``write`` must be called once per planned tensor in plan order with the planned shape and dtype;
+    ``close`` checks that every tensor was written and writes the index for sharded output.
+    """
+
+    def __init__(self, folder: Path, plan: ShardPlan, metadata: Mapping[str, str] | None = None) -> None:
+        self.folder = folder
+        self.plan = plan
+        self.metadata = dict(metadata or {"format": "pt"})
+        self._order: list[tuple[int, str]] = [(i, n) for i, s in enumerate(plan.shards) for n in s.names]
+        self._next = 0
+        self._file: BinaryIO | None = None
+        self._shard = -1
+        self.bytes_written = 0
+
+    def _open_shard(self, index: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._shard = index
+        self._file = open(self.folder / self.plan.filenames()[index], "wb")  # noqa: SIM115 (closed in close())
+        self._file.write(self.plan.header(index, self.metadata))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order):
+            raise RuntimeError(f"tensor '{name}' was not planned for this output")
+        shard, expected = self._order[self._next]
+        if name != expected:
+            raise RuntimeError(f"tensor '{name}' written out of order; expected '{expected}'")
+        meta = self.plan.metas[name]
+        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+            raise RuntimeError(f"tensor '{name}' is {tuple(tensor.shape)} {tensor.dtype}, planned {meta.shape} "
+                               f"{meta.dtype}")
+        if shard != self._shard:
+            self._open_shard(shard)
+        assert self._file is not None
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self.bytes_written += meta.nbytes
+        self._next += 1
+
+    def close(self) -> list[Path]:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._next != len(self._order):
+            missing = [n for _, n in self._order[self._next:]][:5]
+            raise RuntimeError(f"output incomplete: {len(self._order) - self._next} tensors not written, e.g. {missing}")
+        names = self.plan.filenames()
+        if len(names) > 1:
+            total = sum(m.nbytes for m in self.plan.metas.values())
+            index = {"metadata": {"total_size": total}, "weight_map": self.plan.weight_map()}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return [self.folder / n for n in names]
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def write_state_dict(path: Path, tensors: Sequence[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+                     max_shard_size: int | str = 2**62) -> list[Path]:
+    """Write an in-memory state dict to ``path`` (a folder) in the same layout; for tests and studies."""
+    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+    metas = {n: TensorMeta(tuple(t.shape), t.dtype) for n, t in items}
+    path.mkdir(parents=True, exist_ok=True)
+    writer = StreamingSafetensorsWriter(path, ShardPlan.build(metas, parse_size(max_shard_size)))
+    for name, tensor in items:
+        writer.write(name, tensor)
+    return writer.close()

@@ -1,0 +1,213 @@
+"""The merge config: mergekit's YAML format for the methods we share, validated by pydantic.
+
+Accepted (as in mergekit): ``merge_method``, ``base_model``, ``models: [{model, parameters}]``, a single
+``slices`` entry whose sources span whole models, global ``parameters``, ``dtype``, ``out_dtype``,
+``tokenizer_source`` (``base`` or one of the models: its tokenizer files are copied). Our own keys:
+``seed`` (random methods) and ``name``. Unknown keys and bad values are errors that name the key and the
+allowed values.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergelab.errors import ConfigError
+from mergelab.methods import get_method, list_methods
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+
+
+def _check_setting(value: Any, where: str) -> Any:
+    """A setting is a scalar, a list of scalars (gradient) or a list of ``{filter, value}`` conditionals."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        value = [value]
+    if isinstance(value, list):
+        if all(isinstance(e, (bool, int, float, str)) for e in value):
+            return value
+        for entry in value:
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"{where}: a conditional list must hold only {{filter, value}} entries, got {entry!r}")
+            extra = set(entry) - {"filter", "value"}
+            if extra or "value" not in entry:
+                raise ValueError(f"{where}: conditional entries take keys 'filter' and 'value', got {sorted(entry)}")
+            _check_setting(entry["value"], where)
+        return value
+    raise ValueError(f"{where}: expected a number, bool, string, gradient list or conditional list, got {value!r}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelEntry(_Strict):
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _settings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return {k: _check_setting(x, f"parameters.{k}") for k, x in v.items()}
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class SliceDefinition(_Strict):
+    sources: list[SliceSource]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    base_model: str | None = None
+
+
+class MergeConfig(_Strict):
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[SliceDefinition] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0
+    name: str | None = None
+
+    @field_validator("merge_method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        get_method(v)  # raises KeyError listing valid names
+        return v
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"unknown dtype '{v}'; allowed: {', '.join(DTYPES)}")
+        return v
+
+    @field_validator("parameters")
+    @classmethod
+    def _settings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return {k: _check_setting(x, f"parameters.{k}") for k, x in v.items()}
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeConfig:
+        if self.slices is not None:
+            if self.models is not None:
+                raise ValueError("give either 'models' or 'slices', not both")
+            if len(self.slices) != 1:
+                raise ValueError("only one slice spanning whole models is supported (layer-stacking "
+                                 "'frankenmerges' are not); use 'models' instead")
+            sl = self.slices[0]
+            ranges = {s.layer_range for s in sl.sources}
+            if len(ranges) != 1 or next(iter(ranges))[0] != 0:
+                raise ValueError("slices: every source must use the same layer_range [0, num_layers]")
+            self.models = [ModelEntry(model=s.model, parameters=s.parameters) for s in sl.sources]
+            self.parameters = {**self.parameters, **sl.parameters}
+            self.base_model = sl.base_model or self.base_model
+        if not self.models:
+            raise ValueError("'models' must list at least one model")
+        return self
+
+    # -- derived ------------------------------------------------------------------------------------------
+    @property
+    def slice_layer_range(self) -> tuple[int, int] | None:
+        return self.slices[0].sources[0].layer_range if self.slices else None
+
+    @property
+    def merge_models(self) -> list[ModelEntry]:
+        """The models that are merged, without the base (a base listed among the models is the base)."""
+        method = get_method(self.merge_method)
+        assert self.models is not None
+        if method.base == "ignored" or self.base_model is None:
+            return list(self.models)
+        return [m for m in self.models if m.model != self.base_model]
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype] if self.dtype else None
+
+    @property
+    def output_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.out_dtype] if self.out_dtype else self.compute_dtype
+
+
+def _friendly(exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            key = str(err["loc"][-1])
+            parent = err["loc"][:-1]
+            model: type[BaseModel] = MergeConfig
+            if parent and parent[0] == "models":
+                model = ModelEntry
+            elif parent and parent[0] == "slices":
+                model = SliceSource if "sources" in parent else SliceDefinition
+            allowed = list(model.model_fields)
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            lines.append(f"unknown key '{loc}'.{hint} Allowed keys here: {', '.join(allowed)}")
+        elif err["type"] == "missing":
+            lines.append(f"missing required key '{loc}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"'{loc}': {msg}")
+    return ConfigError(f"{source}: invalid merge config:\n" + "\n".join(f"  - {x}" for x in lines))
+
+
+def load_config(config: str | Path | Mapping[str, Any] | MergeConfig) -> tuple[MergeConfig, Path | None]:
+    """Parse a YAML path, a dict or a :class:`MergeConfig`; returns it and the YAML's folder (if any)."""
+    if isinstance(config, MergeConfig):
+        return config, None
+    folder = None
+    source = "config"
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        source, folder = str(path), path.parent
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    else:
+        data = dict(config)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    if "merge_method" in data and isinstance(data["merge_method"], str):
+        try:
+            get_method(data["merge_method"])
+        except KeyError:
+            close = difflib.get_close_matches(data["merge_method"], list_methods(), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown merge_method '{data['merge_method']}'.{hint} "
+                              f"Valid methods: {', '.join(list_methods())}") from None
+    try:
+        return MergeConfig.model_validate(data), folder
+    except ValidationError as exc:
+        raise _friendly(exc, source) from None
+
+
+def resolve_model_path(model: str, config_folder: Path | None) -> Path:
+    """A model path as mergekit reads it (relative to the working directory), else relative to the YAML."""
+    p = Path(model).expanduser()
+    if p.exists() or p.is_absolute() or config_folder is None:
+        return p
+    alt = config_folder / p
+    return alt if alt.exists() else p

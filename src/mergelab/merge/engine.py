@@ -1,0 +1,256 @@
+"""Run a planned merge: stream tensors from every input, merge each with the method, write the result.
+
+Memory: one tensor name is in flight at a time (plus the next one being read ahead on a thread), so peak
+memory is about (models + 2) × the largest tensor; shards are written tensor by tensor (io.writer), never
+buffered. Safety: everything goes to a hidden temporary folder beside OUT_DIR, renamed into place only when
+complete; on any error the temporary folder is removed and an existing OUT_DIR is left untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from mergelab.errors import CompatibilityError, MergeLabError, OutputExistsError
+from mergelab.io.readers import CheckpointReader
+from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
+from mergelab.merge.config import MergeConfig, load_config
+from mergelab.merge.core import merge_tensor
+from mergelab.merge.plan import MergePlan, nonfinite_problem, plan_merge
+from mergelab.merge.thresholds import global_threshold
+
+COPIED_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "spiece.model", "sentencepiece.bpe.model",
+)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    files: list[Path]
+    tensors: int
+    bytes_written: int
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None or str(device) == "cpu":
+        return None
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeLabError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return dev
+
+
+def _global_thresholds(plan: MergePlan, device: torch.device | None) -> list[float]:
+    """Per-model magnitude thresholds for TIES with ``scope: global`` (streamed, exact)."""
+    assert plan.base is not None
+    float_names = [n for n in plan.names if plan.reference.meta(n).dtype.is_floating_point]
+    out = []
+    for i, (label, reader) in enumerate(zip(plan.labels, plan.models)):
+        density = float(plan.model_settings[i].get("density", plan.config.parameters.get("density", 1.0)))
+        if not isinstance(density, float):
+            raise MergeLabError(f"{label}: scope: global needs one scalar density per model")
+
+        def stream(reader: CheckpointReader = reader) -> Iterator[torch.Tensor]:
+            assert plan.base is not None
+            for name in float_names:
+                yield reader.get(name).to(device or "cpu", torch.float32) - plan.base.get(name).to(device or "cpu",
+                                                                                                torch.float32)
+        out.append(global_threshold(stream, density))
+    return out
+
+
+def _copy_model_files(plan: MergePlan, tmp: Path, device_out_dtype: torch.dtype | None) -> list[str]:
+    source = plan.reference.folder
+    tok = plan.config.tokenizer_source
+    if tok not in (None, "base"):
+        if tok == "union":
+            raise MergeLabError("tokenizer_source: union is not supported; use 'base' or a model path")
+        tok_dir = Path(tok)
+        source_tok = tok_dir if tok_dir.is_dir() else None
+    else:
+        source_tok = source
+    copied = []
+    for name in COPIED_FILES:
+        src_dir = source if name in ("config.json", "generation_config.json") else source_tok
+        if src_dir is None or not (src_dir / name).is_file():
+            continue
+        if name == "config.json" and device_out_dtype is not None:
+            cfg = json.loads((src_dir / name).read_text())
+            key = "dtype" if "dtype" in cfg else "torch_dtype"
+            cfg[key] = _DTYPE_NAMES.get(device_out_dtype, str(device_out_dtype))
+            (tmp / name).write_text(json.dumps(cfg, indent=2) + "\n")
+        else:
+            shutil.copy2(src_dir / name, tmp / name)
+        copied.append(name)
+    return copied
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]merging"), BarColumn(), TextColumn("{task.fields[tensors]}"), MofNCompleteColumn(),
+        TransferSpeedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False,
+    )
+
+
+def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished temporary folder into place; with ``overwrite``, swap out the old one last."""
+    old = None
+    if out_dir.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_merge(
+    config: str | Path | Mapping[str, Any] | MergeConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    max_shard_size: int | str = "5GB",
+    allow_nonfinite: bool = False,
+    progress: bool = True,
+    hash_inputs: bool = True,
+) -> MergeResult:
+    """Merge the checkpoints described by ``config`` into the folder ``out_dir``.
+
+    Raises :class:`~mergelab.errors.MergeLabError` subclasses with actionable messages; on any error no
+    ``out_dir`` is created and an existing one is left as it was.
+    """
+    cfg, folder = load_config(config)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
+    shard_bytes = parse_size(max_shard_size)
+    dev = _resolve_device(device)
+    plan = plan_merge(cfg, folder)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-hash") if hash_inputs else None
+    hashes: dict[str, Future[str]] = {}
+    try:
+        if hasher is not None:
+            for reader in plan.readers:
+                for f in reader.files:
+                    hashes[str(f)] = hasher.submit(sha256_file, f)
+        result = _stream(plan, tmp, cfg, dev, shard_bytes, allow_nonfinite, progress)
+        copied = _copy_model_files(plan, tmp, cfg.output_dtype)
+        record = {
+            "mergelab_version": _version(),
+            "method": cfg.merge_method,
+            "paper": plan.method.paper,
+            "seed": cfg.seed,
+            "parameters": cfg.parameters,
+            "base_model": cfg.base_model if plan.base is not None else None,
+            "models": [{"model": label, "parameters": s} for label, s in zip(plan.labels, plan.model_settings)],
+            "dtype": cfg.dtype,
+            "out_dtype": cfg.out_dtype,
+            "device": str(dev or "cpu"),
+            "num_layers": plan.num_layers,
+            "tensors": result[0],
+            "bytes": result[1],
+            "copied_files": copied,
+            "inputs_sha256": {k: v.result() for k, v in hashes.items()},
+        }
+        (tmp / "mergelab_config.yml").write_text(
+            yaml.safe_dump(cfg.model_dump(exclude_none=True, exclude={"slices"}), sort_keys=False))
+        (tmp / "mergelab.json").write_text(json.dumps(record, indent=2) + "\n")
+        files = sorted(p.name for p in tmp.iterdir())
+        _install(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if hasher is not None:
+            hasher.shutdown(wait=True, cancel_futures=True)
+        plan.close()
+    return MergeResult(out, [out / f for f in files], result[0], result[1], record)
+
+
+def _version() -> str:
+    from mergelab import __version__
+
+    return __version__
+
+
+def _stream(plan: MergePlan, tmp: Path, cfg: MergeConfig, dev: torch.device | None, shard_bytes: int,
+            allow_nonfinite: bool, show_progress: bool) -> tuple[int, int]:
+    thresholds = None
+    if plan.method.param("scope") is not None and cfg.parameters.get("scope") == "global":
+        thresholds = _global_thresholds(plan, dev)
+    writer = StreamingSafetensorsWriter(tmp, ShardPlan.build(plan.out_metas, shard_bytes),
+                                        metadata={"format": "pt", "mergelab_method": cfg.merge_method})
+    problems: list[str] = []
+    base = plan.base
+    total_bytes = sum(m.nbytes for m in plan.out_metas.values())
+
+    def load(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        return (base.get(name) if base is not None else None), [r.get(name) for r in plan.models]
+
+    # Read the next tensor's inputs on a thread while this one merges and is written.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as reader_pool, \
+            _progress(show_progress) as bar:
+        task = bar.add_task("merge", total=total_bytes, tensors="")
+        pending = reader_pool.submit(load, plan.names[0]) if plan.names else None
+        for i, name in enumerate(plan.names):
+            assert pending is not None
+            base_t, tensors = pending.result()
+            if i + 1 < len(plan.names):
+                pending = reader_pool.submit(load, plan.names[i + 1])
+            if not allow_nonfinite:
+                labelled = ([(cfg.base_model or "base", base_t)] if base_t is not None else []) + list(
+                    zip(plan.labels, tensors))
+                for label, t in labelled:
+                    p = nonfinite_problem(label, name, t)
+                    if p:
+                        problems.append(p)
+            if problems:  # keep scanning so every bad tensor is reported, but merge nothing more
+                bar.advance(task, plan.out_metas[name].nbytes)
+                continue
+            merged = merge_tensor(
+                plan.method, name, tensors, base=base_t, global_settings=cfg.parameters,
+                model_settings=plan.model_settings, seed=cfg.seed, num_layers=plan.num_layers,
+                model_names=plan.labels, compute_dtype=cfg.compute_dtype, device=dev, thresholds=thresholds,
+            )
+            merged = merged.to(plan.out_metas[name].dtype)
+            if not allow_nonfinite and (p := nonfinite_problem("merged output", name, merged)):
+                problems.append(p + f" (method '{cfg.merge_method}' produced it from finite inputs)")
+                continue
+            writer.write(name, merged)
+            bar.update(task, advance=plan.out_metas[name].nbytes, tensors=name[-40:])
+    if problems:
+        writer.abort()
+        raise CompatibilityError(problems)
+    writer.close()
+    return len(plan.names), total_bytes
