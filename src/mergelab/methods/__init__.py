@@ -4,8 +4,10 @@ from mergelab.methods import (  # noqa: F401  (importing registers the methods)
     breadcrumbs,
     cart,
     dare,
+    fisher,
     linear,
     model_stock,
+    regmean,
     slerp,
     task_arithmetic,
     ties,
@@ -13,6 +15,7 @@ from mergelab.methods import (  # noqa: F401  (importing registers the methods)
 from mergelab.methods.breadcrumbs import breadcrumbs_merge
 from mergelab.methods.cart import cart_merge
 from mergelab.methods.dare import dare_merge
+from mergelab.methods.fisher import fisher_merge
 from mergelab.methods.linear import linear_merge
 from mergelab.methods.model_stock import model_stock_merge
 from mergelab.methods.registry import (
@@ -24,6 +27,7 @@ from mergelab.methods.registry import (
     list_methods,
     register,
 )
+from mergelab.methods.regmean import regmean_merge
 from mergelab.methods.slerp import slerp_merge
 from mergelab.methods.task_arithmetic import task_arithmetic_merge
 from mergelab.methods.ties import ties_merge
@@ -36,11 +40,13 @@ __all__ = [
     "breadcrumbs_merge",
     "cart_merge",
     "dare_merge",
+    "fisher_merge",
     "get_method",
     "linear_merge",
     "list_methods",
     "model_stock_merge",
     "register",
+    "regmean_merge",
     "slerp_merge",
     "task_arithmetic_merge",
     "ties_merge",
