@@ -10,12 +10,14 @@ global ``parameters`` block.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from mergelab.methods.registry import MergeMethod, Param
 
-_LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoder\.layer|decoder\.layers)\.(\d+)\.")
+_LAYER_PATTERN = re.compile(
+    r"(?:^|\.)(?:layers|layer|h|blocks|block|encoder\.layer|decoder\.layers)\.(\d+)\."
+)
 
 
 def layer_index(tensor_name: str) -> int | None:
@@ -32,8 +34,14 @@ def layer_position(tensor_name: str, num_layers: int) -> float:
     return idx / (num_layers - 1) if num_layers > 1 else 1.0
 
 
-def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
-    """Value of one setting for ``tensor_name`` at layer position ``t`` (None if no conditional matches)."""
+def evaluate_setting(setting: Any, tensor_name: str, t: float,
+                     validate: Callable[[Any], Any] | None = None) -> Any:
+    """Value of one setting for ``tensor_name`` at layer position ``t`` (None if no conditional matches).
+
+    Gradient endpoints are passed through ``validate`` (the parameter's coercion) before interpolating, as
+    mergekit does: YAML reads ``1e-3`` (no dot) as a string, and ``[1e-3, 1e-2]`` for a float parameter must
+    interpolate, not select one endpoint. Numeric endpoints interpolate; bools and strings select.
+    """
     if isinstance(setting, Mapping):
         setting = [setting]
     if not isinstance(setting, list):
@@ -41,28 +49,31 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     if not setting:
         return None
     if all(isinstance(e, (int, float, bool, str)) for e in setting):
-        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-            return setting[int(t * (len(setting) - 1))]
-        scaled = t * (len(setting) - 1)
+        values = [validate(e) for e in setting] if validate is not None else setting
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in values):
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
         i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
+        i1 = min(len(values) - 1, i0 + 1)
         frac = scaled - i0
-        return (1 - frac) * setting[i0] + frac * setting[i1]
+        return (1 - frac) * values[i0] + frac * values[i1]
     for cond in setting:
         if not isinstance(cond, Mapping):
             continue
         flt = cond.get("filter")
         if flt is None or flt == "*" or flt in tensor_name:
-            value = evaluate_setting(cond.get("value"), tensor_name, t)
+            value = evaluate_setting(cond.get("value"), tensor_name, t, validate)
             if value is not None:
                 return value
     return None
 
 
-def _resolve(param: Param, scopes: Sequence[Mapping[str, Any]], tensor_name: str, t: float, where: str) -> Any:
+def _resolve(param: Param, scopes: Sequence[Mapping[str, Any]], tensor_name: str, t: float,
+             where: str) -> Any:
     for scope in scopes:
         if param.name in scope:
-            value = evaluate_setting(scope[param.name], tensor_name, t)
+            value = evaluate_setting(scope[param.name], tensor_name, t,
+                                     lambda v: param.validate(v, where))
             if value is not None:
                 return param.validate(value, where)
     if param.required:
@@ -80,7 +91,8 @@ def resolve_parameters(method: MergeMethod, tensor_name: str, t: float, global_s
     for i, settings in enumerate(model_settings):
         label = model_names[i] if model_names else f"model {i}"
         per_model.append({
-            p.name: _resolve(p, [settings, global_settings], tensor_name, t, f"{label} (tensor {tensor_name})")
+            p.name: _resolve(p, [settings, global_settings], tensor_name, t,
+                             f"{label} (tensor {tensor_name})")
             for p in method.model_params.values()
         })
     return params, per_model
@@ -93,7 +105,8 @@ def check_parameter_names(method: MergeMethod, global_settings: Mapping[str, Any
     valid = ", ".join(p.name for p in method.params) or "(none)"
     for key in global_settings:
         if method.param(key) is None:
-            problems.append(f"parameters: unknown parameter '{key}' for method '{method.name}'; valid: {valid}")
+            problems.append(f"parameters: unknown parameter '{key}' for method '{method.name}'; "
+                            f"valid: {valid}")
     model_valid = ", ".join(method.model_params) or "(none)"
     for model, settings in model_settings.items():
         for key in settings:

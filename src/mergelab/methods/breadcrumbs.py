@@ -40,7 +40,8 @@ def _params() -> tuple[Param, ...]:
     return (
         Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),
         Param("density", float, 1.0, scope="model", low=0.0, high=1.0, help="fraction of entries kept"),
-        Param("gamma", float, 0.01, scope="model", low=0.0, high=1.0, help="fraction of largest entries dropped"),
+        Param("gamma", float, 0.01, scope="model", low=0.0, high=1.0,
+              help="fraction of largest entries dropped"),
         Param("lambda", float, 1.0, help="global scale of the merged task vector"),
         Param("normalize", bool, False, help="divide by the (agreeing) weights"),
         Param("int8_mask", bool, False, help="accepted for mergekit compatibility; masks are boolean here"),
@@ -56,5 +57,7 @@ register(MergeMethod(
 register(MergeMethod(
     name="breadcrumbs_ties", adapter=_adapter("sum"), function=breadcrumbs_merge, params=_params(),
     summary="Breadcrumbs sparsification followed by TIES sign election.",
-    paper=_PAPER, formula="TIES elect + disjoint merge on Breadcrumbs-masked task vectors",
+    paper=_PAPER,
+    formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̂_i)=s] δ̂_i,  s = sgn Σ_i w_i δ̂_i,  δ̂_i = m_i ⊙ δ_i "
+            "(Breadcrumbs mask; ÷ Σ_i w_i [sgn(δ̂_i)=s] with normalize)",
 ))

@@ -33,26 +33,31 @@ def rank_from_ratio(shape: torch.Size | Sequence[int], ratio: float) -> int:
 
 def cart_merge(tensors: Sequence[torch.Tensor], *, rank_ratio: float = 0.1, lambda_: float = 1.0,
                weights: Sequence[float] | None = None, low_rank_this: bool = True) -> torch.Tensor:
-    """``θ_avg + λ Σ_t SVD_k(θ_t − θ_avg)`` on 2-D weights, ``θ_avg`` elsewhere.
+    """``θ_avg + λ Σ_t (N w_t / Σ_s w_s) SVD_k(θ_t − θ_avg)`` on 2-D weights, ``θ_avg`` elsewhere.
 
-    ``θ_avg`` is the (weighted) mean; ``k = rank_from_ratio((m, n), rank_ratio)``. At full rank the
-    centred task vectors sum to zero, so the result is ``θ_avg`` for any λ.
+    ``θ_avg = Σ_t w_t θ_t / Σ_t w_t`` and ``k = rank_from_ratio((m, n), rank_ratio)``; with uniform
+    weights the factor is 1 (the paper's formula). The factor makes the weighted centred task vectors sum
+    to zero, so at full rank the result is ``θ_avg`` for any λ, with or without weights.
     """
     if not tensors:
         raise ValueError("cart_merge needs at least one tensor")
     first = tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     ws = [1.0] * len(tensors) if weights is None else [float(w) for w in weights]
+    if len(ws) != len(tensors):
+        raise ValueError(f"got {len(tensors)} tensors but {len(ws)} weights")
     total = sum(ws)
+    if abs(total) <= 1e-12 * sum(abs(w) for w in ws):
+        raise ValueError("cart_merge: weights sum to zero")
     avg = torch.zeros(first.shape, dtype=dtype, device=first.device)
-    for t, w in zip(tensors, ws):
+    for t, w in zip(tensors, ws, strict=True):
         avg.add_(t.to(dtype), alpha=w / total)
     if first.dim() != 2 or not low_rank_this or rank_ratio <= 0 or lambda_ == 0:
         return avg.to(first.dtype)
     k = rank_from_ratio(first.shape, rank_ratio)
     correction = torch.zeros_like(avg)
-    for t in tensors:
-        correction += low_rank(t.to(dtype) - avg, k)
+    for t, w in zip(tensors, ws, strict=True):
+        correction.add_(low_rank(t.to(dtype) - avg, k), alpha=len(ws) * w / total)
     return (avg + lambda_ * correction).to(first.dtype)
 
 
@@ -81,6 +86,6 @@ register(MergeMethod(
     ),
     summary="Weight average plus λ times the rank-k parts of the centred task vectors θ_t − θ_avg.",
     paper="Choi et al. 2024, Revisiting Weight Averaging for Model Merging (CART) (arXiv:2412.12153)",
-    formula="θ = θ_avg + λ Σ_t SVD_k(θ_t − θ_avg) on 2-D weights; θ_avg elsewhere",
+    formula="θ = θ_avg + λ Σ_t (N w_t / Σ w) SVD_k(θ_t − θ_avg) on 2-D weights; θ_avg elsewhere",
     base="optional",
 ))

@@ -22,6 +22,11 @@ from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_tas
 
 def dare_sparsifier(densities: Sequence[float], seed: int, *, rescale: bool = True,
                     rescale_mode: str = "density") -> Sparsifier:
+    """Keep each entry of model ``i``'s delta with probability ``p_i = densities[i]``, then rescale the kept
+    ones by ``1 / p_i`` (``"density"``, unbiased) or by ``‖δ‖₁ / ‖m ⊙ δ‖₁`` (``"l1"``, mergekit)."""
+    if rescale_mode not in ("density", "l1"):
+        raise ValueError(f"rescale_mode must be 'density' or 'l1', got {rescale_mode!r}")
+
     def drop(i: int, delta: torch.Tensor) -> torch.Tensor:
         density = densities[i]
         if density >= 1:
@@ -88,5 +93,6 @@ register(MergeMethod(
     name="dare_ties", adapter=_adapter("sum"), function=dare_merge, params=_params(False),
     summary="DARE drop-and-rescale followed by TIES sign election and disjoint merge.",
     paper=_PAPER + "; Yadav et al. 2023, TIES (arXiv:2306.01708)", randomized=True,
-    formula="TIES elect + disjoint merge on δ̃_i = m_i ⊙ δ_i / p_i",
+    formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̃_i)=γ] δ̃_i,  γ = sgn Σ_i w_i δ̃_i,  δ̃_i = m_i ⊙ δ_i / p_i "
+            "(÷ Σ_i w_i [sgn(δ̃_i)=γ] with normalize)",
 ))

@@ -61,7 +61,9 @@ class Param:
                 f"{where}: parameter '{self.name}' must be {kind.__name__}, got {value!r}"
             ) from None
         if self.choices is not None and out not in self.choices:
-            raise ValueError(f"{where}: parameter '{self.name}' must be one of {list(self.choices)}, got {out!r}")
+            raise ValueError(
+                f"{where}: parameter '{self.name}' must be one of {list(self.choices)}, got {out!r}"
+            )
         if self.low is not None and out < self.low:
             raise ValueError(f"{where}: parameter '{self.name}' must be >= {self.low}, got {out!r}")
         if self.high is not None and out > self.high:

@@ -5,8 +5,8 @@
 (TIES' elect step) and ``D = Σ_i w_i c_i`` when ``normalize`` (disjoint mean), else 1.
 
 The sum is accumulated model by model instead of stacking all deltas: with consensus it takes two passes
-(elect signs, then sum the agreeing entries), recomputing each sparsified delta rather than holding N of
-them, so peak memory stays at the inputs plus three tensors.
+(elect signs, then sum the agreeing entries), keeping each sparsified delta in compact form in between,
+so peak memory stays at the inputs plus three tensors and the compact deltas.
 """
 
 from __future__ import annotations
@@ -57,16 +57,27 @@ def generalized_task_arithmetic(
         if abs(divisor) < 1e-8:
             divisor = 1.0
     else:
+        # Pass 1 elects the sign. Sparsification (a sort-like top-k, or a random draw) is the costly
+        # step, so each sparsified delta is kept compactly (mask + kept values: 1 + 4·density bytes per
+        # entry instead of 4) for pass 2 rather than recomputed.
         elected = torch.zeros_like(base_c)
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i in range(len(tensors)):
             wd = weighted_delta(i)
             elected += wd if consensus == "sum" else wd.sign()
+            if sparsify is not None:
+                nonzero = wd != 0
+                kept.append((nonzero, wd[nonzero]))
         majority = torch.where(elected >= 0, 1.0, -1.0).to(dtype)
         del elected
         mixed = torch.zeros_like(base_c)
         div = torch.zeros_like(base_c)
         for i in range(len(tensors)):
-            wd = weighted_delta(i)
+            if sparsify is not None:
+                nonzero, values = kept[i]
+                wd = torch.zeros_like(base_c).masked_scatter_(nonzero, values)
+            else:
+                wd = weighted_delta(i)
             agree = wd.sign() == majority
             mixed += wd * agree
             div += agree.to(dtype) * weights[i]

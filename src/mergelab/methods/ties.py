@@ -36,6 +36,9 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
 
 def _adapter(x: TensorInputs) -> torch.Tensor:
     assert x.base is not None
+    if x.params["scope"] == "global" and x.thresholds is None:
+        raise ValueError(f"ties with scope: global needs per-model magnitude thresholds computed over the "
+                         f"whole model, and none were given for tensor {x.name}")
     return ties_merge(
         x.base, x.tensors, [p["weight"] for p in x.model_params], [p["density"] for p in x.model_params],
         lambda_=x.params["lambda"], normalize=x.params["normalize"], consensus=x.params["consensus"],

@@ -1,0 +1,137 @@
+"""Golden and statistical tests for DARE (dare_linear, dare_ties): δ̃ = m ⊙ δ / p, m ~ Bernoulli(p)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from mergelab.methods import dare_merge, get_method, task_arithmetic_merge, ties_merge
+from mergelab.methods.dare import dare_sparsifier
+from mergelab.methods.registry import TensorInputs
+
+G = torch.Generator().manual_seed(1234)
+BASE = torch.randn(8, 16, generator=G, dtype=torch.float64)
+MODELS = [BASE + torch.randn(8, 16, generator=G, dtype=torch.float64) for _ in range(3)]
+W = [1.0, 0.5, 2.0]
+
+
+@pytest.mark.parametrize("consensus", [None, "sum"])
+def test_same_seed_same_result_different_seed_different(consensus: str | None) -> None:
+    a = dare_merge(BASE, MODELS, W, [0.3, 0.3, 0.3], seed=7, consensus=consensus)
+    b = dare_merge(BASE, MODELS, W, [0.3, 0.3, 0.3], seed=7, consensus=consensus)
+    c = dare_merge(BASE, MODELS, W, [0.3, 0.3, 0.3], seed=8, consensus=consensus)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_models_get_independent_masks_for_one_seed() -> None:
+    delta = torch.ones(1000, dtype=torch.float64)
+    drop = dare_sparsifier([0.5, 0.5], seed=3)
+    m0, m1 = drop(0, delta.clone()) != 0, drop(1, delta.clone()) != 0
+    assert not torch.equal(m0, m1)
+    # the sparsifier is a pure function of (seed, index): TIES' two passes see the same mask
+    assert torch.equal(drop(0, delta.clone()) != 0, m0)
+
+
+def test_kept_entries_rescaled_by_one_over_p_and_dropped_are_zero() -> None:
+    delta = torch.arange(1.0, 201.0, dtype=torch.float64)
+    out = dare_sparsifier([0.25], seed=11)(0, delta.clone())
+    kept = out != 0
+    assert 0 < int(kept.sum()) < 200
+    assert_close(out[kept], delta[kept] / 0.25)
+    out_raw = dare_sparsifier([0.25], seed=11, rescale=False)(0, delta.clone())
+    assert torch.equal(out_raw != 0, kept)
+    assert_close(out_raw[kept], delta[kept])
+
+
+def test_density_one_equals_task_arithmetic() -> None:
+    ones = [1.0, 1.0, 1.0]
+    assert_close(dare_merge(BASE, MODELS, W, ones, seed=5, lambda_=0.7),
+                 task_arithmetic_merge(BASE, MODELS, W, lambda_=0.7))
+    assert_close(dare_merge(BASE, MODELS, W, ones, seed=5, normalize=True),
+                 task_arithmetic_merge(BASE, MODELS, W, normalize=True))
+
+
+def test_dare_ties_density_one_equals_ties_density_one() -> None:
+    ones = [1.0, 1.0, 1.0]
+    assert_close(dare_merge(BASE, MODELS, W, ones, seed=5, consensus="sum", normalize=True),
+                 ties_merge(BASE, MODELS, W, ones))
+
+
+def test_density_zero_gives_base() -> None:
+    assert_close(dare_merge(BASE, MODELS, W, [0.0, 0.0, 0.0], seed=1), BASE)
+
+
+def test_expectation_over_seeds_is_the_undropped_delta() -> None:
+    # E[m δ / p] = δ. Over N seeds the mean has per-entry sd |δ| sqrt((1 - p) / (p N)); allow 4.5 sd
+    # (probability of any of 8 entries failing by chance ≈ 8 · 7e-6).
+    p, n = 0.3, 1000
+    base = torch.zeros(8, dtype=torch.float64)
+    delta = torch.tensor([1.0, -2.0, 0.5, 3.0, -0.25, 4.0, -1.5, 2.5], dtype=torch.float64)
+    total = torch.zeros_like(delta)
+    for seed in range(n):
+        total += dare_merge(base, [delta], [1.0], [p], seed=seed)
+    mean = total / n
+    sd = delta.abs() * math.sqrt((1 - p) / (p * n))
+    assert bool(((mean - delta).abs() <= 4.5 * sd).all()), (mean, delta, sd)
+    # and it is not trivially equal: single draws are far from δ
+    single = dare_merge(base, [delta], [1.0], [p], seed=0)
+    assert not torch.allclose(single, delta)
+
+
+def test_rescale_l1_preserves_l1_norm() -> None:
+    delta = MODELS[0] - BASE
+    out = dare_sparsifier([0.2], seed=9, rescale_mode="l1")(0, delta.clone())
+    kept = out != 0
+    assert int(kept.sum()) < delta.numel()
+    assert out.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-12)
+    # one common factor on the kept entries: L1(δ) / L1(m ⊙ δ)
+    factor = delta.abs().sum() / (delta * kept).abs().sum()
+    assert_close(out[kept], delta[kept] * factor)
+
+
+def test_unknown_rescale_mode_raises() -> None:
+    with pytest.raises(ValueError, match="rescale_mode"):
+        dare_merge(BASE, MODELS, W, [0.5] * 3, seed=0, rescale_mode="l2")
+
+
+def test_rescale_l1_through_merge() -> None:
+    base = torch.zeros(50, dtype=torch.float64)
+    delta = torch.linspace(-2, 3, 50, dtype=torch.float64)
+    out = dare_merge(base, [delta], [1.0], [0.4], seed=2, rescale_mode="l1")
+    assert out.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-12)
+
+
+def test_dare_ties_elects_on_rescaled_deltas() -> None:
+    # identical task vectors never conflict; with independent masks each entry is the mean of the
+    # rescaled kept values (δ / p) over the models that kept it (normalize, w = 1)
+    base = torch.zeros(400, dtype=torch.float64)
+    delta = torch.ones(400, dtype=torch.float64)
+    p = 0.5
+    out = dare_merge(base, [delta, delta], [1.0, 1.0], [p, p], seed=4, consensus="sum", normalize=True)
+    drop = dare_sparsifier([p, p], seed=4)
+    any_kept = (drop(0, delta.clone()) != 0) | (drop(1, delta.clone()) != 0)
+    assert_close(out[any_kept], torch.full_like(out[any_kept], 1 / p))
+    assert bool((out[~any_kept] == 0).all())
+
+
+def test_adapters_use_engine_seed_and_consensus() -> None:
+    params = {"lambda": 1.0, "normalize": False, "rescale": True, "rescale_mode": "density",
+              "int8_mask": False}
+    mp = [{"weight": w, "density": 0.4} for w in W]
+    x = TensorInputs(name="w", tensors=MODELS, model_params=mp, params=params, base=BASE, seed=99)
+    assert_close(get_method("dare_linear").adapter(x), dare_merge(BASE, MODELS, W, [0.4] * 3, seed=99))
+    assert_close(get_method("dare_ties").adapter(x),
+                 dare_merge(BASE, MODELS, W, [0.4] * 3, seed=99, consensus="sum"))
+    assert get_method("dare_linear").randomized and get_method("dare_ties").randomized
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_same_seed_same_merge_on_cuda() -> None:
+    # masks are drawn on the CPU, so the device must not change the result
+    cpu = dare_merge(BASE, MODELS, W, [0.3] * 3, seed=7, consensus="sum")
+    gpu = dare_merge(BASE.cuda(), [m.cuda() for m in MODELS], W, [0.3] * 3, seed=7, consensus="sum")
+    assert_close(gpu.cpu(), cpu)

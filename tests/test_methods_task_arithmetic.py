@@ -1,0 +1,82 @@
+"""Golden tests for ``task_arithmetic_merge``: θ = θ_0 + λ Σ_i w_i (θ_i − θ_0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from mergelab.methods import get_method, task_arithmetic_merge
+from mergelab.methods.registry import TensorInputs
+from mergelab.methods.task_vectors import generalized_task_arithmetic
+
+BASE = torch.tensor([[1.0, -1.0], [0.5, 2.0]], dtype=torch.float64)
+D1 = torch.tensor([[2.0, 0.0], [-1.0, 4.0]], dtype=torch.float64)
+D2 = torch.tensor([[-1.0, 3.0], [1.0, 0.5]], dtype=torch.float64)
+T1, T2 = BASE + D1, BASE + D2
+
+
+def test_sum_of_task_vectors_by_hand() -> None:
+    # w = (1, 2): δ = D1 + 2 D2 = [[0, 6], [1, 5]]
+    expected = BASE + torch.tensor([[0.0, 6.0], [1.0, 5.0]], dtype=torch.float64)
+    assert_close(task_arithmetic_merge(BASE, [T1, T2], [1.0, 2.0]), expected)
+
+
+def test_lambda_scales_the_sum() -> None:
+    # λ = 0.5, w = (1, 2): base + 0.5 [[0, 6], [1, 5]]
+    expected = torch.tensor([[1.0, 2.0], [1.0, 4.5]], dtype=torch.float64)
+    assert_close(task_arithmetic_merge(BASE, [T1, T2], [1.0, 2.0], lambda_=0.5), expected)
+
+
+def test_normalize_divides_by_weight_sum() -> None:
+    # w = (1, 3), normalize: (D1 + 3 D2) / 4 = [[-1, 9], [2, 5.5]] / 4
+    expected = BASE + torch.tensor([[-0.25, 2.25], [0.5, 1.375]], dtype=torch.float64)
+    assert_close(task_arithmetic_merge(BASE, [T1, T2], [1.0, 3.0], normalize=True), expected)
+    # normalize then λ
+    assert_close(task_arithmetic_merge(BASE, [T1, T2], [1.0, 3.0], normalize=True, lambda_=2.0),
+                 BASE + 2 * (expected - BASE))
+
+
+def test_normalize_with_zero_weight_sum_does_not_divide() -> None:
+    # mergekit's rule: |Σ w| < 1e-8 → divisor 1
+    assert_close(task_arithmetic_merge(BASE, [T1, T2], [1.0, -1.0], normalize=True), BASE + D1 - D2)
+
+
+def test_negative_weight_subtracts_task_vector() -> None:
+    assert_close(task_arithmetic_merge(BASE, [T1], [-1.0]), BASE - D1)
+
+
+def test_same_model_twice_normalized_is_that_model() -> None:
+    assert_close(task_arithmetic_merge(BASE, [T1, T1], [0.3, 0.7], normalize=True), T1)
+
+
+def test_no_models_returns_base_copy() -> None:
+    out = generalized_task_arithmetic(BASE, [], [])
+    assert_close(out, BASE)
+    assert out.data_ptr() != BASE.data_ptr()
+
+
+def test_inputs_not_modified() -> None:
+    t1, base = T1.clone(), BASE.clone()
+    task_arithmetic_merge(base, [t1], [3.0], lambda_=2.0)
+    assert torch.equal(t1, T1) and torch.equal(base, BASE)
+
+
+def test_length_mismatch_raises() -> None:
+    with pytest.raises(ValueError, match="2 tensors but 1 weights"):
+        task_arithmetic_merge(BASE, [T1, T2], [1.0])
+
+
+def test_half_precision_computed_in_float32() -> None:
+    base = torch.full((4,), 1000.0, dtype=torch.float16)
+    t = base + torch.tensor([0.5, -0.5, 1.0, 0.0], dtype=torch.float16)
+    out = task_arithmetic_merge(base, [t, t], [0.5, 0.5])
+    assert out.dtype == torch.float16
+    assert_close(out, t)
+
+
+def test_adapter() -> None:
+    m = get_method("task_arithmetic")
+    x = TensorInputs(name="w", tensors=[T1, T2], model_params=[{"weight": 1.0}, {"weight": 2.0}],
+                     params={"lambda": 0.5, "normalize": False}, base=BASE)
+    assert_close(m.adapter(x), task_arithmetic_merge(BASE, [T1, T2], [1.0, 2.0], lambda_=0.5))

@@ -1,0 +1,143 @@
+"""Golden tests for the sparsification masks (TIES top-k, DARE Bernoulli, Breadcrumbs outliers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergelab.methods.sparsify import (
+    bernoulli_mask,
+    generator_for,
+    magnitude_mask,
+    outlier_mask,
+    threshold_mask,
+    topk_mask,
+)
+
+
+def _idx(mask: torch.Tensor) -> list[int]:
+    return torch.nonzero(mask.reshape(-1)).reshape(-1).tolist()
+
+
+# --- topk_mask -------------------------------------------------------------------------------------------
+
+def test_topk_distinct_values() -> None:
+    mag = torch.tensor([0.3, 5.0, 0.1, 2.0, 4.0])
+    assert _idx(topk_mask(mag, 2)) == [1, 4]
+    assert _idx(topk_mask(mag, 3)) == [1, 3, 4]
+
+
+def test_topk_exact_k_ties_broken_by_flat_index() -> None:
+    # three entries tie at the threshold 2; k = 3 needs the 3 (index 4) and two of the 2s: the first two
+    mag = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0])
+    mask = topk_mask(mag, 3)
+    assert int(mask.sum()) == 3
+    assert _idx(mask) == [1, 2, 4]
+
+
+def test_topk_all_equal_keeps_first_k() -> None:
+    mag = torch.full((2, 3), 7.0)
+    mask = topk_mask(mag, 4)
+    assert mask.shape == (2, 3)
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_topk_ties_nested_for_increasing_k() -> None:
+    mag = torch.tensor([1.0, 1.0, 1.0, 0.5, 1.0, 0.5])
+    previous = torch.zeros(6, dtype=torch.bool)
+    for k in range(7):
+        mask = topk_mask(mag, k)
+        assert int(mask.sum()) == k
+        assert bool((previous & ~mask).sum() == 0), "top-(k-1) must be inside top-k"
+        previous = mask
+    assert _idx(topk_mask(mag, 5)) == [0, 1, 2, 3, 4]
+
+
+def test_topk_edge_k() -> None:
+    mag = torch.tensor([1.0, 2.0])
+    assert topk_mask(mag, 0).sum() == 0
+    assert topk_mask(mag, -1).sum() == 0
+    assert topk_mask(mag, 2).all()
+    assert topk_mask(mag, 10).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_topk_dtypes(dtype: torch.dtype) -> None:
+    mag = torch.tensor([[0.5, 3.0], [2.0, 2.0]], dtype=dtype)
+    assert topk_mask(mag, 2).tolist() == [[False, True], [True, False]]
+
+
+# --- magnitude_mask --------------------------------------------------------------------------------------
+
+DELTA10 = torch.tensor([0.1, -0.9, 0.5, 0.3, -1.0, 0.7, -0.2, 0.8, 0.4, -0.6])
+# rank by |δ| (largest first): 4 (1.0), 1 (0.9), 7 (0.8), 5 (0.7), 9 (0.6), 2 (0.5), 8 (0.4), 3, 6, 0
+
+
+def test_magnitude_mask_counts_and_sign_ignored() -> None:
+    assert _idx(magnitude_mask(DELTA10, 0.3)) == [1, 4, 7]
+    assert int(magnitude_mask(DELTA10, 0.55).sum()) == 5  # k = int(5.5)
+    assert _idx(magnitude_mask(DELTA10, 0.01)) == [4]  # at least one entry when density > 0
+    assert magnitude_mask(DELTA10, 0.0).sum() == 0
+    assert magnitude_mask(DELTA10, 1.0).all()
+    assert magnitude_mask(torch.zeros(0), 0.5).numel() == 0
+
+
+def test_threshold_mask_inclusive() -> None:
+    assert _idx(threshold_mask(DELTA10, 0.8)) == [1, 4, 7]
+    assert _idx(threshold_mask(DELTA10, 0.95)) == [4]
+
+
+# --- outlier_mask (Breadcrumbs) --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("density", "gamma", "kept"),
+    [
+        # target 5, drop 2 largest (4, 1) and 10-5-2 = 3 smallest (3, 6, 0)
+        (0.5, 0.2, [2, 5, 7, 8, 9]),
+        # target 3, drop the largest (4) and 6 smallest
+        (0.3, 0.1, [1, 5, 7]),
+        # gamma 0: plain top-3
+        (0.3, 0.0, [1, 4, 7]),
+        # target 9 + 2 outliers > 10: only 1 outlier can go (the largest), no small ones
+        (0.9, 0.2, [0, 1, 2, 3, 5, 6, 7, 8, 9]),
+        # target 2, gamma 0.5: drop 5 largest and 3 smallest → ranks 6, 7 (|δ| 0.5, 0.4)
+        (0.2, 0.5, [2, 8]),
+        (0.0, 0.2, []),
+        (1.0, 0.2, list(range(10))),
+    ],
+)
+def test_outlier_mask_which_are_kept(density: float, gamma: float, kept: list[int]) -> None:
+    mask = outlier_mask(DELTA10, density, gamma)
+    assert _idx(mask) == kept
+    assert int(mask.sum()) == (10 if density >= 1 else int(density * 10))
+
+
+def test_outlier_mask_shape_and_ties() -> None:
+    delta = torch.ones(2, 5)
+    mask = outlier_mask(delta, 0.4, 0.2)
+    assert mask.shape == (2, 5)
+    # all tie: "largest" are the first two flat indices, "smallest" the last four
+    assert _idx(mask) == [2, 3, 4, 5]
+
+
+# --- bernoulli_mask / generator_for ----------------------------------------------------------------------
+
+def test_bernoulli_mask_reproducible_and_rate() -> None:
+    shape = torch.Size([200, 50])
+    a = bernoulli_mask(shape, 0.3, generator_for(5, 0))
+    b = bernoulli_mask(shape, 0.3, generator_for(5, 0))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, bernoulli_mask(shape, 0.3, generator_for(5, 1)))
+    assert not torch.equal(a, bernoulli_mask(shape, 0.3, generator_for(6, 0)))
+    # 10,000 draws: sd of the rate = sqrt(.3 * .7 / 1e4) = 0.0046; allow 5 sd
+    assert abs(float(a.float().mean()) - 0.3) < 5 * (0.3 * 0.7 / 1e4) ** 0.5
+    assert bernoulli_mask(shape, 1.0, generator_for(0, 0)).all()
+    assert a.dtype == torch.bool
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_topk_mask_cuda_branch_matches_cpu() -> None:
+    # CUDA takes the topk() threshold branch; ties must still be broken by flat index
+    mag = torch.tensor([[1.0, 2.0, 2.0], [2.0, 3.0, 0.5]])
+    for k in range(7):
+        assert torch.equal(topk_mask(mag.cuda(), k).cpu(), topk_mask(mag, k))
