@@ -1,0 +1,232 @@
+"""mergelab against mergekit on the same merges, in the same run: wall time, peak RSS, output equality.
+
+    python benchmarks/vs_mergekit.py --size 0.5GB            # 3 models of ~0.5 GB each, bf16, sharded
+    python benchmarks/vs_mergekit.py --size 2GB --methods linear ties
+
+Builds random Llama-style checkpoints (a base and two fine-tunes = base + small noise, bf16, sharded
+safetensors) once under --work, then for each method runs `mergelab merge` and `mergekit-yaml` as
+subprocesses with the same YAML, sampling the RSS of each process tree every 20 ms. The I/O floor is the
+time to read every input file once and write one output of the merged size, measured in the same run.
+Page cache is warm for every run (inputs are read once before timing). Prints a table of ratios
+(mergelab/mergekit, mergelab/floor) and writes it as Markdown to --report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import yaml
+from safetensors import safe_open
+
+from mergelab.io.writer import parse_size, write_state_dict
+
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+
+
+def llama_config(target_bytes: int) -> dict[str, int]:
+    """A Llama shape whose bf16 weights come close to ``target_bytes``."""
+    hidden = 1024 if target_bytes < 1.5e9 else 2048
+    inter, vocab = int(hidden * 2.6875), 32000
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    fixed = 2 * vocab * hidden + hidden
+    layers = max(1, round((target_bytes / 2 - fixed) / per_layer))
+    return {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers, "vocab_size": vocab,
+            "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64}
+
+
+def build_models(work: Path, target_bytes: int, seed: int = 0) -> list[Path]:
+    import transformers as tf
+
+    shape = llama_config(target_bytes)
+    cfg = tf.LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=False, torch_dtype="bfloat16",
+                         architectures=["LlamaForCausalLM"])
+    with torch.device("meta"):
+        names = {n: tuple(p.shape) for n, p in tf.LlamaForCausalLM(cfg).state_dict().items()}
+    paths = []
+    for i, name in enumerate(("base", "ft1", "ft2")):
+        folder = work / name
+        paths.append(folder)
+        if list(folder.glob("*.safetensors")):
+            cfg.save_pretrained(folder)
+            continue
+        g = torch.Generator().manual_seed(seed)  # same base in every model
+        noise = torch.Generator().manual_seed(seed + 100 + i)
+
+        def tensors(g: torch.Generator = g, noise: torch.Generator = noise, i: int = i):
+            for n, s in names.items():
+                t = torch.randn(s, generator=g) * 0.02
+                if i:
+                    t += torch.randn(s, generator=noise) * 0.002
+                yield n, t.to(torch.bfloat16)
+
+        write_state_dict(folder, list(tensors()), max_shard_size="1GB")
+        cfg.save_pretrained(folder)
+    return paths
+
+
+def config_for(method: str, paths: list[Path]) -> dict:
+    base, a, b = (str(p) for p in paths)
+    if method == "linear":
+        return {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (base, a, b)],
+                "dtype": "bfloat16"}
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": a}],
+                "parameters": {"t": 0.4}, "dtype": "bfloat16"}
+    params = {"weight": 0.5}
+    if method in ("ties", "dare_ties"):
+        params["density"] = 0.3
+    return {"merge_method": method, "base_model": base, "dtype": "bfloat16",
+            "models": [{"model": m, "parameters": params} for m in (a, b)]}
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes, whole process tree) of a command."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    ps = psutil.Process(proc.pid)
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            try:
+                rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    _, err = proc.communicate()
+    stop.set()
+    t.join()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.decode()[-2000:]}")
+    return wall, peak
+
+
+def io_floor(paths: list[Path], out_bytes: int, scratch: Path) -> float:
+    """Seconds to read every input file once and write ``out_bytes`` (the floor for a streamed merge)."""
+    start = time.perf_counter()
+    for p in paths:
+        for f in sorted(p.glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                while fh.readinto(buf := bytearray(1 << 24)):
+                    pass
+    block = os.urandom(1 << 24)
+    scratch.mkdir(parents=True, exist_ok=True)
+    with open(scratch / "floor.bin", "wb") as fh:
+        left = out_bytes
+        while left > 0:
+            fh.write(block[: min(left, len(block))])
+            left -= len(block)
+    elapsed = time.perf_counter() - start
+    (scratch / "floor.bin").unlink()
+    del buf
+    return elapsed
+
+
+def load_all(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():  # noqa: SIM118 (safe_open is not a dict)
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    ta, tb = load_all(a), load_all(b)
+    if set(ta) != set(tb):
+        return float("inf")
+    return max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="0.5GB", help="approximate size of each model (bf16)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mergelab-bench"))
+    ap.add_argument("--repeats", type=int, default=1, help="runs per tool and method (median reported)")
+    ap.add_argument("--report", type=Path, default=None, help="Markdown output (default benchmarks/results/...)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    size = parse_size(args.size)
+    work = args.work / args.size
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"building 3 Llama-style bf16 models of ~{size / 1e9:.2f} GB in {work} ...", flush=True)
+    paths = build_models(work, size)
+    in_bytes = sum(f.stat().st_size for p in paths for f in p.glob("*.safetensors"))
+    out_bytes = sum(f.stat().st_size for f in paths[0].glob("*.safetensors"))
+    io_floor(paths, 0, work / "scratch")  # warm the page cache once
+    floor = statistics.median(io_floor(paths, out_bytes, work / "scratch") for _ in range(3))
+    mergekit_bin = shutil.which("mergekit-yaml")
+    mergelab_bin = [sys.executable, "-m", "mergelab.cli"]
+    rows = []
+    for method in args.methods:
+        cfg_path = work / f"{method}.yml"
+        cfg_path.write_text(yaml.safe_dump(config_for(method, paths)))
+        results = {}
+        for tool in ("mergelab", "mergekit"):
+            out = work / f"out-{tool}-{method}"
+            walls, peaks = [], []
+            for _ in range(args.repeats):
+                shutil.rmtree(out, ignore_errors=True)
+                if tool == "mergelab":
+                    cmd = [*mergelab_bin, "merge", str(cfg_path), "-o", str(out), "--quiet", "--device", args.device]
+                else:
+                    if mergekit_bin is None:
+                        raise SystemExit("mergekit-yaml not found: pip install mergekit==0.1.5")
+                    cmd = [mergekit_bin, str(cfg_path), str(out), "--no-write-model-card", "--no-copy-tokenizer",
+                           "--quiet", "--random-seed", "0"]
+                    if args.device != "cpu":
+                        cmd += ["--device", args.device]
+                wall, peak = run_measured(cmd)
+                walls.append(wall)
+                peaks.append(peak)
+            results[tool] = (statistics.median(walls), max(peaks))
+            print(f"  {method:16s} {tool:9s} {results[tool][0]:7.2f} s  peak RSS {results[tool][1] / 2**20:8.0f} MiB",
+                  flush=True)
+        diff = max_abs_diff(work / f"out-mergelab-{method}", work / f"out-mergekit-{method}")
+        (ml_t, ml_m), (mk_t, mk_m) = results["mergelab"], results["mergekit"]
+        rows.append({"method": method, "mergelab_s": ml_t, "mergekit_s": mk_t, "time_ratio": ml_t / mk_t,
+                     "floor_ratio": ml_t / floor, "mergelab_rss_mib": ml_m / 2**20, "mergekit_rss_mib": mk_m / 2**20,
+                     "rss_ratio": ml_m / mk_m, "max_abs_diff": diff})
+        for tool in ("mergelab", "mergekit"):
+            shutil.rmtree(work / f"out-{tool}-{method}", ignore_errors=True)
+
+    header = (f"Merging 3 models of {in_bytes / 3 / 1e9:.2f} GB each (bf16, Llama-style, sharded safetensors), "
+              f"device {args.device}, {os.cpu_count()} CPUs, torch {torch.__version__}. I/O floor (read inputs once + "
+              f"write one output, warm cache): {floor:.2f} s.\n\n")
+    table = ("| method | mergelab s | mergekit s | time mergelab/mergekit | mergelab/floor | mergelab peak RSS MiB "
+             "| mergekit peak RSS MiB | RSS mergelab/mergekit | max abs diff |\n|---|---|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        diff = "random masks differ" if r["method"] == "dare_ties" else f"{r['max_abs_diff']:.3g}"
+        table += (f"| {r['method']} | {r['mergelab_s']:.2f} | {r['mergekit_s']:.2f} | {r['time_ratio']:.2f} | "
+                  f"{r['floor_ratio']:.2f} | {r['mergelab_rss_mib']:.0f} | {r['mergekit_rss_mib']:.0f} | "
+                  f"{r['rss_ratio']:.2f} | {diff} |\n")
+    print("\n" + header + table)
+    report = args.report or Path(__file__).parent / "results" / f"vs_mergekit_{args.size}_{args.device}.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(f"# mergelab vs mergekit, {args.size} per model\n\n" + header + table)
+    (report.with_suffix(".json")).write_text(json.dumps({"floor_s": floor, "rows": rows}, indent=2))
+    print(f"wrote {report}")
+
+
+if __name__ == "__main__":
+    main()
