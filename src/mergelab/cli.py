@@ -19,7 +19,9 @@ err_console = Console(stderr=True)
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    # str(KeyError("x")) is "'x'" (quoted): print the message itself.
+    msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -29,9 +31,12 @@ def merge(
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder")],
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
     device: Annotated[str, typer.Option(help="where the math runs: cpu, cuda, cuda:1")] = "cpu",
-    max_shard_size: Annotated[str, typer.Option(help="largest output shard, in bytes or e.g. 2GB, 500MiB")] = "5GB",
-    allow_nonfinite: Annotated[bool, typer.Option(help="merge tensors that contain NaN/Inf instead of refusing")] = False,
-    no_hash: Annotated[bool, typer.Option("--no-hash", help="skip the sha256 of inputs in mergelab.json")] = False,
+    max_shard_size: Annotated[
+        str, typer.Option(help="largest output shard, in bytes or e.g. 2GB, 500MiB")] = "5GB",
+    allow_nonfinite: Annotated[
+        bool, typer.Option(help="merge tensors that contain NaN/Inf instead of refusing")] = False,
+    no_hash: Annotated[
+        bool, typer.Option("--no-hash", help="skip the sha256 of inputs in mergelab.json")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress bar")] = False,
 ) -> None:
     """Merge the checkpoints described in CONFIG into OUT."""
@@ -63,7 +68,8 @@ def methods(
                       f"  paper: {escape(m.paper)}\n  base model: {m.base}")
         table = Table("parameter", "scope", "type", "default", "meaning")
         for p in m.params:
-            table.add_row(p.name, p.scope, p.kind.__name__, "required" if p.required else repr(p.default), p.help)
+            default = "required" if p.required else repr(p.default)
+            table.add_row(p.name, p.scope, p.kind.__name__, default, p.help)
         console.print(table)
         return
     table = Table("method", "base", "parameters", "paper")

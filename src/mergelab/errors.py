@@ -28,3 +28,7 @@ class CompatibilityError(MergeLabError):
 
 class OutputExistsError(MergeLabError):
     """The output folder exists and ``overwrite`` was not given."""
+
+
+class OutputError(MergeLabError):
+    """The output could not be written (disk full, no permission); nothing was left under the output name."""

@@ -2,30 +2,27 @@
 
 Supported: a Hugging Face model folder (``model.safetensors``, sharded safetensors with
 ``model.safetensors.index.json``, ``pytorch_model.bin`` sharded or not), a single ``.safetensors`` file,
-and a PyTorch ``.pt/.pth/.bin`` state dict. Safetensors are memory-mapped and only the requested tensor
-is materialised; pickles are loaded with ``weights_only=True`` (memory-mapped where the zip format allows),
-so no pickled code ever runs.
+and a PyTorch ``.pt/.pth/.bin`` state dict. Safetensors are read one tensor at a time into fresh buffers
+(see io/safetensors_file.py for why not memory-mapped); pickles are loaded with ``weights_only=True``
+(memory-mapped where the zip format allows), so no pickled code ever runs.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from mergelab.errors import CheckpointError
+from mergelab.io.safetensors_file import SafetensorsFile
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -63,22 +60,10 @@ class CheckpointReader:
     # -- loading ------------------------------------------------------------------------------------------
     def _index(self, file: Path) -> None:
         if file.suffix == ".safetensors":
-            try:
-                handle = safe_open(str(file), framework="pt")
-                names = list(handle.keys())
-                for name in names:
-                    sl = handle.get_slice(name)
-                    dtype_name = sl.get_dtype()
-                    if dtype_name not in SAFETENSORS_DTYPES:
-                        raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {dtype_name}")
-                    self._add(name, TensorMeta(tuple(sl.get_shape()), SAFETENSORS_DTYPES[dtype_name]),
-                              handle, file)
-            except SafetensorError as exc:
-                raise CheckpointError(
-                    f"{file}: not a valid safetensors file ({exc}); it is probably truncated or corrupted: "
-                    "copy or save it again"
-                ) from None
+            handle = SafetensorsFile(file)
             self._handles.append(handle)
+            for name, entry in handle.entries.items():
+                self._add(name, TensorMeta(entry.shape, entry.dtype), handle, file)
         else:
             state = _load_pickle_state_dict(file)
             for name, tensor in state.items():
@@ -105,11 +90,7 @@ class CheckpointReader:
         where = self._where[name]
         if isinstance(where, torch.Tensor):
             return where
-        try:
-            return where.get_tensor(name)
-        except SafetensorError as exc:
-            raise CheckpointError(f"{self.path}: cannot read tensor '{name}' ({exc}); the file may be "
-                                  "truncated: copy or save it again") from None
+        return where.get(name)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._meta:
@@ -117,11 +98,20 @@ class CheckpointReader:
 
     def config(self) -> dict[str, Any]:
         """The model folder's ``config.json`` (empty if there is none)."""
-        if self.folder is None or not (self.folder / "config.json").is_file():
+        path = self.folder / "config.json" if self.folder is not None else None
+        if path is None or not path.is_file():
             return {}
-        return json.loads((self.folder / "config.json").read_text())
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
+            raise CheckpointError(f"{path}: not a valid config.json ({exc}); fix or remove it") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+        return cfg
 
     def close(self) -> None:
+        for handle in self._handles:
+            handle.close()
         self._handles.clear()
         self._where.clear()
 
@@ -137,21 +127,30 @@ class CheckpointReader:
 
 def _load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
     try:
-        try:
-            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc) and "zip" not in str(exc):
-                raise
-            obj = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols its safe unpickler may not fully support; whatever it
+            # cannot read becomes a clear error below, so the warning only adds noise before it.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            try:
+                obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc) and "zip" not in str(exc):
+                    raise
+                obj = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{file}: refused to load: the pickle contains objects other than tensors and plain containers "
-            f"(torch.load weights_only=True said: {str(exc).splitlines()[0]}). mergelab never runs pickled "
-            "code; convert the checkpoint to safetensors in an environment you trust"
+            f"({_unpickling_reason(exc)}). mergelab never runs pickled code; convert the checkpoint to "
+            "safetensors in an environment you trust"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: cannot read PyTorch checkpoint ({str(exc).splitlines()[0]}); it may be "
-                              "truncated or not a state dict") from None
+    except Exception as exc:
+        # A damaged or foreign file makes torch.load fail in many ways (RuntimeError, EOFError, OSError,
+        # KeyError for a bad legacy magic number, ...): every one of them means "cannot read this file".
+        first_line = (str(exc).splitlines() or [""])[0]
+        if isinstance(exc, KeyError) or not first_line:  # e.g. KeyError: 101, from a bad magic number
+            first_line = f"unrecognised format: {type(exc).__name__} {first_line}".strip()
+        raise CheckpointError(f"{file}: cannot read PyTorch checkpoint ({first_line}); it may be truncated "
+                              "or not a state dict") from None
     if isinstance(obj, dict):
         for key in _STATE_DICT_KEYS:
             if key in obj and isinstance(obj[key], dict) and not isinstance(obj.get(key), torch.Tensor):
@@ -160,11 +159,22 @@ def _load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
                     obj = inner
                     break
     if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{file}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise CheckpointError(f"{file}: expected a state dict (a mapping of names to tensors), "
+                              f"got {type(obj).__name__}")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{file}: entries {bad[:5]} are not tensors; save model.state_dict() instead")
     return dict(obj)
+
+
+def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
+    """The specific part of torch's weights-only refusal (e.g. "Unsupported global: GLOBAL posix.system ...").
+
+    The rest of torch's message is generic and suggests re-running with ``weights_only=False``, which is
+    exactly the arbitrary-code-execution path we refuse, so it is not repeated to the user.
+    """
+    match = re.search(r"((?:Unsupported|Trying to load)[^\n]*?)(?:\.\s|\.?$)", str(exc), re.MULTILINE)
+    return match.group(1) if match else "an object that is not a tensor or a plain container"
 
 
 def _files_in_folder(folder: Path) -> list[Path]:
@@ -172,9 +182,13 @@ def _files_in_folder(folder: Path) -> list[Path]:
         index = folder / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index}: invalid shard index ({exc}); expected a 'weight_map'") from None
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                               for v in weight_map.values()):
+                    raise TypeError("'weight_map' must map tensor names to shard file names")
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON
+                raise CheckpointError(f"{index}: invalid shard index ({exc}); expected a 'weight_map'") \
+                    from None
             files = []
             for shard in dict.fromkeys(weight_map.values()):
                 path = folder / shard
@@ -185,20 +199,26 @@ def _files_in_folder(folder: Path) -> list[Path]:
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).is_file():
             return [folder / single]
-    found = sorted(folder.glob("*.safetensors")) or sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    found = (sorted(folder.glob("*.safetensors"))
+             or sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES))
     if not found:
-        raise CheckpointError(f"{folder}: no model.safetensors, sharded index or pytorch_model.bin found in this folder")
+        raise CheckpointError(f"{folder}: no model.safetensors, sharded index or pytorch_model.bin found in "
+                              "this folder")
     return found
 
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
-    """Open a model folder or a checkpoint file. Never downloads: a hub id that is not a local path is an error."""
+    """Open a model folder or a checkpoint file.
+
+    Never downloads: a hub id that is not a local path is an error.
+    """
     p = Path(path).expanduser()
     if p.is_dir():
         return CheckpointReader(p, _files_in_folder(p), p)
     if p.is_file():
         if p.suffix != ".safetensors" and p.suffix not in _PICKLE_SUFFIXES:
-            raise CheckpointError(f"{p}: unknown checkpoint type '{p.suffix}'; use .safetensors, .bin, .pt or .pth")
+            raise CheckpointError(f"{p}: unknown checkpoint type '{p.suffix}'; use .safetensors, .bin, .pt "
+                                  "or .pth")
         return CheckpointReader(p, [p], None)
-    raise CheckpointError(f"{p}: no such file or folder (mergelab never downloads; point to a local model folder "
-                          "or checkpoint file)")
+    raise CheckpointError(f"{p}: no such file or folder (mergelab never downloads; point to a local model "
+                          "folder or checkpoint file)")

@@ -17,7 +17,8 @@ from typing import BinaryIO
 
 import torch
 
-from mergelab.io.readers import SAFETENSORS_DTYPES, TensorMeta
+from mergelab.io.readers import TensorMeta
+from mergelab.io.safetensors_file import SAFETENSORS_DTYPES
 
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
@@ -133,7 +134,8 @@ class StreamingSafetensorsWriter:
             self._file = None
         if self._next != len(self._order):
             missing = [n for _, n in self._order[self._next:]][:5]
-            raise RuntimeError(f"output incomplete: {len(self._order) - self._next} tensors not written, e.g. {missing}")
+            raise RuntimeError(f"output incomplete: {len(self._order) - self._next} tensors not written, "
+                               f"e.g. {missing}")
         names = self.plan.filenames()
         if len(names) > 1:
             total = sum(m.nbytes for m in self.plan.metas.values())

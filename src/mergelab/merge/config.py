@@ -10,9 +10,10 @@ allowed values.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
@@ -29,24 +30,42 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def _check_scalar(value: bool | int | float | str, where: str) -> None:
+    # NaN or ±inf would pass every range check (comparisons with NaN are false) and only surface much later
+    # as a non-finite merged tensor blamed on the method, so refuse them here, naming the key.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: must be a finite number, got {value!r}")
+
+
 def _check_setting(value: Any, where: str) -> Any:
     """A setting is a scalar, a list of scalars (gradient) or a list of ``{filter, value}`` conditionals."""
     if isinstance(value, (bool, int, float, str)):
+        _check_scalar(value, where)
         return value
     if isinstance(value, Mapping):
         value = [value]
     if isinstance(value, list):
         if all(isinstance(e, (bool, int, float, str)) for e in value):
+            for e in value:
+                _check_scalar(e, where)
             return value
         for entry in value:
             if not isinstance(entry, Mapping):
-                raise ValueError(f"{where}: a conditional list must hold only {{filter, value}} entries, got {entry!r}")
+                raise ValueError(f"{where}: a conditional list must hold only {{filter, value}} entries, "
+                                 f"got {entry!r}")
             extra = set(entry) - {"filter", "value"}
             if extra or "value" not in entry:
-                raise ValueError(f"{where}: conditional entries take keys 'filter' and 'value', got {sorted(entry)}")
+                raise ValueError(f"{where}: conditional entries take keys 'filter' and 'value', "
+                                 f"got {sorted(entry)}")
+            # A filter is matched as a substring of tensor names: anything but a string would fail with a
+            # TypeError deep inside the merge.
+            if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+                raise ValueError(f"{where}: 'filter' must be a string (part of a tensor name), "
+                                 f"got {entry['filter']!r}")
             _check_setting(entry["value"], where)
         return value
-    raise ValueError(f"{where}: expected a number, bool, string, gradient list or conditional list, got {value!r}")
+    raise ValueError(f"{where}: expected a number, bool, string, gradient list or conditional list, "
+                     f"got {value!r}")
 
 
 class _Strict(BaseModel):
@@ -68,11 +87,22 @@ class SliceSource(_Strict):
     layer_range: tuple[int, int]
     parameters: dict[str, Any] = Field(default_factory=dict)
 
+    # Slice parameters become the models' and the global parameters: check them the same way.
+    @field_validator("parameters")
+    @classmethod
+    def _settings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return {k: _check_setting(x, f"parameters.{k}") for k, x in v.items()}
+
 
 class SliceDefinition(_Strict):
     sources: list[SliceSource]
     parameters: dict[str, Any] = Field(default_factory=dict)
     base_model: str | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _settings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return {k: _check_setting(x, f"parameters.{k}") for k, x in v.items()}
 
 
 class MergeConfig(_Strict):
@@ -90,7 +120,11 @@ class MergeConfig(_Strict):
     @field_validator("merge_method")
     @classmethod
     def _method(cls, v: str) -> str:
-        get_method(v)  # raises KeyError listing valid names
+        # pydantic only turns ValueError into a validation error; get_method's KeyError would escape raw.
+        try:
+            get_method(v)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
         return v
 
     @field_validator("dtype", "out_dtype")
@@ -183,9 +217,11 @@ def load_config(config: str | Path | Mapping[str, Any] | MergeConfig) -> tuple[M
             raise ConfigError(f"{path}: config file not found")
         source, folder = str(path), path.parent
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not a text file
+            raise ConfigError(f"{path}: cannot read the config file ({exc})") from None
     else:
         data = dict(config)
     if not isinstance(data, dict):

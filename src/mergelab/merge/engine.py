@@ -8,9 +8,11 @@ complete; on any error the temporary folder is removed and an existing OUT_DIR i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,9 +22,16 @@ from typing import Any
 
 import torch
 import yaml
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
-from mergelab.errors import CompatibilityError, MergeLabError, OutputExistsError
+from mergelab.errors import CompatibilityError, ConfigError, MergeLabError, OutputError, OutputExistsError
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.merge.config import MergeConfig, load_config
@@ -31,11 +40,13 @@ from mergelab.merge.plan import MergePlan, nonfinite_problem, plan_merge
 from mergelab.merge.thresholds import global_threshold
 
 COPIED_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-    "spiece.model", "sentencepiece.bpe.model",
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja", "spiece.model", "sentencepiece.bpe.model",
 )
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+_HEADROOM = 1 << 20  # headers, index, config and record files written beside the tensors
 
 
 @dataclass
@@ -58,7 +69,10 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 def _resolve_device(device: str | torch.device | None) -> torch.device | None:
     if device is None or str(device) == "cpu":
         return None
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's message lists every device type it knows; ours says what to do
+        raise MergeLabError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeLabError(f"--device {device}: no CUDA device is available here; use --device cpu")
     return dev
@@ -66,33 +80,23 @@ def _resolve_device(device: str | torch.device | None) -> torch.device | None:
 
 def _global_thresholds(plan: MergePlan, device: torch.device | None) -> list[float]:
     """Per-model magnitude thresholds for TIES with ``scope: global`` (streamed, exact)."""
-    assert plan.base is not None
+    assert plan.base is not None and plan.global_densities is not None  # checked by plan_merge
     float_names = [n for n in plan.names if plan.reference.meta(n).dtype.is_floating_point]
+    where = device or "cpu"
     out = []
-    for i, (label, reader) in enumerate(zip(plan.labels, plan.models)):
-        density = float(plan.model_settings[i].get("density", plan.config.parameters.get("density", 1.0)))
-        if not isinstance(density, float):
-            raise MergeLabError(f"{label}: scope: global needs one scalar density per model")
+    for reader, density in zip(plan.models, plan.global_densities, strict=True):
 
         def stream(reader: CheckpointReader = reader) -> Iterator[torch.Tensor]:
             assert plan.base is not None
             for name in float_names:
-                yield reader.get(name).to(device or "cpu", torch.float32) - plan.base.get(name).to(device or "cpu",
-                                                                                                torch.float32)
+                yield reader.get(name).to(where, torch.float32) - plan.base.get(name).to(where, torch.float32)
         out.append(global_threshold(stream, density))
     return out
 
 
 def _copy_model_files(plan: MergePlan, tmp: Path, device_out_dtype: torch.dtype | None) -> list[str]:
     source = plan.reference.folder
-    tok = plan.config.tokenizer_source
-    if tok not in (None, "base"):
-        if tok == "union":
-            raise MergeLabError("tokenizer_source: union is not supported; use 'base' or a model path")
-        tok_dir = Path(tok)
-        source_tok = tok_dir if tok_dir.is_dir() else None
-    else:
-        source_tok = source
+    source_tok = plan.tokenizer_folder  # resolved and checked by plan_merge, before any heavy work
     copied = []
     for name in COPIED_FILES:
         src_dir = source if name in ("config.json", "generation_config.json") else source_tok
@@ -126,7 +130,95 @@ def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
         out_dir.rename(old)
     tmp.rename(out_dir)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # OUT was a file: rmtree would fail (silently) and leave it behind
+            old.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists but belongs to someone else
+        return True
+    return True
+
+
+def _remove_stale_temp(out_dir: Path) -> None:
+    """Remove ``.OUT.tmp-PID`` folders left by a merge that was killed (SIGKILL, power loss).
+
+    A killed process cannot clean up after itself; its half-written folder never carries the final name,
+    but without this it would stay beside OUT forever. Folders of live processes are left alone.
+    """
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.tmp-(\d+)$")
+    if not out_dir.parent.is_dir():
+        return
+    for entry in out_dir.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost ancestor of ``folder`` (or itself) that does not exist yet, if any."""
+    missing = None
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _remove_created(created: Path | None, folder: Path) -> None:
+    """Remove the (now empty) folders from ``folder`` up to ``created`` that this merge made."""
+    if created is None:
+        return
+    for p in (folder, *folder.parents):
+        try:
+            p.rmdir()  # only ever removes empty folders
+        except OSError:
+            return
+        if p == created:
+            return
+
+
+def _check_inputs_outside(plan: MergePlan, out: Path) -> None:
+    """Refuse an output folder that holds an input: installing the merge there would delete that input."""
+    target = out.resolve()
+    inside = sorted(str(f) for r in plan.readers for f in r.files if f.resolve().is_relative_to(target))
+    if inside:
+        raise OutputError(f"{out}: holds input checkpoint(s) {inside[:3]}; writing the merge there would "
+                          "replace them. Choose another output folder with -o")
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    """Refuse up front when the output cannot fit, rather than fail after most of the work."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:  # cannot tell: let the writer find out
+        return
+    if free < needed + _HEADROOM:
+        raise OutputError(f"{folder}: not enough disk space for the merged model: it needs about "
+                          f"{needed / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; free some space or "
+                          "choose another output folder with -o")
+
+
+def _io_error(exc: OSError, out: Path) -> OutputError:
+    hint = ""
+    if exc.errno == errno.ENOSPC:
+        hint = " The disk is full: free some space or choose another output folder with -o."
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = " Check that you may write to that folder, or choose another one with -o."
+    what = f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    return OutputError(f"{out}: the merge failed with an I/O error: {what}. Nothing was written under {out} "
+                       f"and the temporary files were removed.{hint}")
 
 
 def run_merge(
@@ -149,14 +241,30 @@ def run_merge(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
-    shard_bytes = parse_size(max_shard_size)
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise ConfigError(f"--max-shard-size: {exc}") from None
     dev = _resolve_device(device)
     plan = plan_merge(cfg, folder)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    created = _first_missing(out.parent)  # removed again if the merge fails: nothing written means nothing
+    try:
+        _check_inputs_outside(plan, out)
+        _check_free_space(out.parent, sum(m.nbytes for m in plan.out_metas.values()))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp(out)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as exc:
+        plan.close()
+        _remove_created(created, out.parent)
+        raise _io_error(exc, out) from exc
+    except BaseException:
+        plan.close()
+        _remove_created(created, out.parent)
+        raise
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-hash") if hash_inputs else None
     hashes: dict[str, Future[str]] = {}
     try:
@@ -173,7 +281,8 @@ def run_merge(
             "seed": cfg.seed,
             "parameters": cfg.parameters,
             "base_model": cfg.base_model if plan.base is not None else None,
-            "models": [{"model": label, "parameters": s} for label, s in zip(plan.labels, plan.model_settings)],
+            "models": [{"model": label, "parameters": s}
+                       for label, s in zip(plan.labels, plan.model_settings, strict=True)],
             "dtype": cfg.dtype,
             "out_dtype": cfg.out_dtype,
             "device": str(dev or "cpu"),
@@ -188,8 +297,13 @@ def run_merge(
         (tmp / "mergelab.json").write_text(json.dumps(record, indent=2) + "\n")
         files = sorted(p.name for p in tmp.iterdir())
         _install(tmp, out, overwrite)
+    except OSError as exc:  # disk full, permissions...: a message, not a traceback
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created, out.parent)
+        raise _io_error(exc, out) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created, out.parent)
         raise
     finally:
         if hasher is not None:
@@ -206,12 +320,27 @@ def _version() -> str:
 
 def _stream(plan: MergePlan, tmp: Path, cfg: MergeConfig, dev: torch.device | None, shard_bytes: int,
             allow_nonfinite: bool, show_progress: bool) -> tuple[int, int]:
-    thresholds = None
-    if plan.method.param("scope") is not None and cfg.parameters.get("scope") == "global":
-        thresholds = _global_thresholds(plan, dev)
+    thresholds = _global_thresholds(plan, dev) if plan.global_densities is not None else None
     writer = StreamingSafetensorsWriter(tmp, ShardPlan.build(plan.out_metas, shard_bytes),
                                         metadata={"format": "pt", "mergelab_method": cfg.merge_method})
     problems: list[str] = []
+    try:
+        _merge_all(plan, cfg, dev, writer, thresholds, allow_nonfinite, show_progress, problems)
+    except BaseException:
+        writer.abort()  # close the open shard; the caller removes the temporary folder
+        raise
+    if problems:
+        writer.abort()
+        raise CompatibilityError(problems)
+    writer.close()
+    return len(plan.names), sum(m.nbytes for m in plan.out_metas.values())
+
+
+def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
+               writer: StreamingSafetensorsWriter, thresholds: list[float] | None, allow_nonfinite: bool,
+               show_progress: bool, problems: list[str]) -> None:
+    """Merge and write every tensor; non-finite values are collected in ``problems`` (and nothing more is
+    merged once there is one, but every input is still scanned so that all of them are reported)."""
     base = plan.base
     total_bytes = sum(m.nbytes for m in plan.out_metas.values())
 
@@ -230,7 +359,7 @@ def _stream(plan: MergePlan, tmp: Path, cfg: MergeConfig, dev: torch.device | No
                 pending = reader_pool.submit(load, plan.names[i + 1])
             if not allow_nonfinite:
                 labelled = ([(cfg.base_model or "base", base_t)] if base_t is not None else []) + list(
-                    zip(plan.labels, tensors))
+                    zip(plan.labels, tensors, strict=True))
                 for label, t in labelled:
                     p = nonfinite_problem(label, name, t)
                     if p:
@@ -238,19 +367,20 @@ def _stream(plan: MergePlan, tmp: Path, cfg: MergeConfig, dev: torch.device | No
             if problems:  # keep scanning so every bad tensor is reported, but merge nothing more
                 bar.advance(task, plan.out_metas[name].nbytes)
                 continue
-            merged = merge_tensor(
-                plan.method, name, tensors, base=base_t, global_settings=cfg.parameters,
-                model_settings=plan.model_settings, seed=cfg.seed, num_layers=plan.num_layers,
-                model_names=plan.labels, compute_dtype=cfg.compute_dtype, device=dev, thresholds=thresholds,
-            )
+            try:
+                merged = merge_tensor(
+                    plan.method, name, tensors, base=base_t, global_settings=cfg.parameters,
+                    model_settings=plan.model_settings, seed=cfg.seed, num_layers=plan.num_layers,
+                    model_names=plan.labels, compute_dtype=cfg.compute_dtype, device=dev, thresholds=thresholds,
+                )
+            except ValueError as exc:
+                # Methods reject inputs they cannot merge (weights summing to zero, missing statistics) with
+                # ValueError; run_merge promises MergeLabError, and the message already says what to fix.
+                raise CompatibilityError([f"method '{cfg.merge_method}' cannot merge tensor '{name}': {exc}"]) \
+                    from None
             merged = merged.to(plan.out_metas[name].dtype)
             if not allow_nonfinite and (p := nonfinite_problem("merged output", name, merged)):
                 problems.append(p + f" (method '{cfg.merge_method}' produced it from finite inputs)")
                 continue
             writer.write(name, merged)
             bar.update(task, advance=plan.out_metas[name].nbytes, tensors=name[-40:])
-    if problems:
-        writer.abort()
-        raise CompatibilityError(problems)
-    writer.close()
-    return len(plan.names), total_bytes

@@ -6,6 +6,7 @@ unknown or misplaced parameter, a missing base model...), each naming the model,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ class MergePlan:
     out_metas: dict[str, TensorMeta]
     num_layers: int
     reference: CheckpointReader
+    tokenizer_folder: Path | None = None
+    """Where ``config.json``'s sibling tokenizer files are copied from (None: no tokenizer files)."""
+    global_densities: list[float] | None = None
+    """Per-model densities when TIES trims with one threshold over the whole model (``scope: global``)."""
 
     @property
     def readers(self) -> list[CheckpointReader]:
@@ -63,6 +68,9 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None) -> MergeP
         except CheckpointError as exc:
             problems.append(str(exc))
             return None
+        except OSError as exc:  # unreadable (permissions...): one more problem, not a traceback
+            problems.append(f"{path}: cannot read this checkpoint ({exc})")
+            return None
 
     entries = config.merge_models
     labels = [e.model for e in entries]
@@ -76,25 +84,43 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None) -> MergeP
     n = len(entries)
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         most = "" if method.max_models is None else f" and at most {method.max_models}"
-        problems.append(f"method '{method.name}' needs at least {method.min_models}{most} model(s) besides the base, "
-                        f"got {n}: {labels}")
+        problems.append(f"method '{method.name}' needs at least {method.min_models}{most} model(s) besides "
+                        f"the base, got {n}: {labels}")
     settings = [dict(e.parameters) for e in entries]
-    problems += check_parameter_names(method, config.parameters, dict(zip(labels, settings)))
+    problems += check_parameter_names(method, config.parameters, dict(zip(labels, settings, strict=True)))
+    # Whole-model (global) trimming needs one plain density per model and a plain scope; a gradient or a
+    # conditional would otherwise fail in the middle of the merge, after the threshold passes.
+    scope = config.parameters.get("scope") if method.param("scope") is not None else None
+    if scope is not None and not isinstance(scope, str):
+        problems.append(f"parameters.scope: must be one value, 'tensor' or 'global', not {scope!r}")
+    scope_global = scope == "global"
+    if scope_global:
+        for label, s in zip(labels, settings, strict=True):
+            if isinstance(s.get("density", config.parameters.get("density")), (list, Mapping)):
+                problems.append(f"{label}: with scope: global, 'density' must be one number per model (one "
+                                "magnitude threshold over the whole model), not a gradient or a conditional")
+    tokenizer_folder, tok_problem = _tokenizer_folder(config, config_folder)
+    if tok_problem:
+        problems.append(tok_problem)
 
     opened = [m for m in models if m is not None]
-    if problems or len(opened) != len(models):
+    # Keep comparing the checkpoints that did open, so that every problem is reported in one go; only
+    # without the base (or any model) is there nothing to compare against.
+    pairs = [(label, r) for label, r in zip(labels, models, strict=True) if r is not None]
+    if not pairs or (base is None and config.base_model is not None and method.base != "ignored"):
         for r in [base, *opened]:
             if r is not None:
                 r.close()
         raise CompatibilityError(problems)
-    reference = base if base is not None else opened[0]
+    reference = base if base is not None else pairs[0][1]
     names = reference.names
-    ref_label = config.base_model if base is not None else labels[0]
-    for label, reader in zip(labels, opened):
+    ref_label = config.base_model if base is not None else pairs[0][0]
+    for label, reader in pairs:
         missing = [x for x in names if x not in reader]
         extra = [x for x in reader.names if x not in reference]
         if missing:
-            problems.append(f"{label}: missing {len(missing)} tensor(s) that {ref_label} has, e.g. {missing[:3]}")
+            problems.append(f"{label}: missing {len(missing)} tensor(s) that {ref_label} has, "
+                            f"e.g. {missing[:3]}")
         if extra:
             problems.append(f"{label}: has {len(extra)} tensor(s) that {ref_label} lacks, e.g. {extra[:3]}; "
                             "are these the same architecture?")
@@ -103,17 +129,18 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None) -> MergeP
                 continue
             a, b = reference.meta(name), reader.meta(name)
             if a.shape != b.shape:
-                if any(h in name for h in _VOCAB_HINTS) and len(a.shape) == len(b.shape) and a.shape[1:] == b.shape[1:]:
+                same_rest = len(a.shape) == len(b.shape) and a.shape[1:] == b.shape[1:]
+                if any(h in name for h in _VOCAB_HINTS) and same_rest:
                     problems.append(
-                        f"{label}: tensor '{name}' has vocabulary size {b.shape[0]} but {ref_label} has {a.shape[0]}: "
-                        "the tokenizers differ. Resize the embeddings to one vocabulary first "
+                        f"{label}: tensor '{name}' has vocabulary size {b.shape[0]} but {ref_label} has "
+                        f"{a.shape[0]}: the tokenizers differ. Resize the embeddings to one vocabulary first "
                         "(model.resize_token_embeddings) or merge models that share a tokenizer")
                 else:
                     problems.append(f"{label}: tensor '{name}' has shape {list(b.shape)}, {ref_label} has "
                                     f"{list(a.shape)}")
             elif a.dtype.is_floating_point != b.dtype.is_floating_point:
-                problems.append(f"{label}: tensor '{name}' is {b.dtype} but {ref_label} has {a.dtype}; floating and "
-                                "integer tensors cannot be merged")
+                problems.append(f"{label}: tensor '{name}' is {b.dtype} but {ref_label} has {a.dtype}; "
+                                "floating and integer tensors cannot be merged")
     num_layers = _num_layers(reference, names)
     if config.slice_layer_range is not None and config.slice_layer_range[1] != num_layers:
         problems.append(f"slices: layer_range {list(config.slice_layer_range)} does not span the model's "
@@ -124,13 +151,21 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None) -> MergeP
         if not reference.meta(name).dtype.is_floating_point:
             continue
         try:
-            resolve_parameters(method, name, layer_position(name, num_layers), config.parameters, settings, labels)
+            resolve_parameters(method, name, layer_position(name, num_layers), config.parameters, settings,
+                               labels)
         except ValueError as exc:
             msg = str(exc)
             key = msg.split("(tensor")[0]
             if key not in seen:
                 seen.add(key)
                 problems.append(msg)
+    global_densities = None
+    if scope_global and not problems:
+        try:
+            _, per_model = resolve_parameters(method, "", 0.0, config.parameters, settings, labels)
+            global_densities = [float(p["density"]) for p in per_model]
+        except ValueError as exc:
+            problems.append(str(exc))
     if problems:
         for r in [base, *opened]:
             if r is not None:
@@ -142,11 +177,33 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None) -> MergeP
         meta = reference.meta(name)
         dtype = out_dtype if out_dtype is not None and meta.dtype.is_floating_point else meta.dtype
         out_metas[name] = TensorMeta(meta.shape, dtype)
-    return MergePlan(config, method, base, opened, labels, settings, names, out_metas, num_layers, reference)
+    if config.tokenizer_source in (None, "base"):
+        tokenizer_folder = reference.folder
+    return MergePlan(config, method, base, opened, labels, settings, names, out_metas, num_layers, reference,
+                     tokenizer_folder, global_densities)
+
+
+def _tokenizer_folder(config: MergeConfig, config_folder: Path | None) -> tuple[Path | None, str | None]:
+    """The folder tokenizer files are copied from, or a problem (checked here, before any heavy work)."""
+    tok = config.tokenizer_source
+    if tok is None or tok == "base":
+        return None, None  # the reference model's folder, known once it is opened
+    if tok == "union":
+        return None, ("tokenizer_source: 'union' (merging vocabularies) is not supported; use 'base' or the "
+                      "folder of one of the models")
+    folder = resolve_model_path(tok, config_folder)
+    if not folder.is_dir():
+        return None, (f"tokenizer_source: '{tok}' is not a model folder; use 'base' or the folder of one of "
+                      "the models (mergelab never downloads)")
+    return folder, None
 
 
 def nonfinite_problem(label: str, name: str, tensor: torch.Tensor) -> str | None:
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+    if not tensor.is_floating_point():
+        return None
+    # A float32 sum is one streaming pass with no temporary mask; NaN/Inf propagate into it. Only if it is
+    # not finite (or overflowed) is the exact elementwise check needed.
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all()):
         return None
     bad = int((~torch.isfinite(tensor)).sum())
     return (f"{label}: tensor '{name}' has {bad} NaN/Inf value(s); fix or drop this checkpoint, or pass "

@@ -1,0 +1,80 @@
+"""Helpers for the end-to-end, bad-input, fault and fuzz tests: run ``mergelab merge``, read its output."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner, Result
+
+from mergelab.cli import app
+
+
+def write_config(folder: Path, config: Mapping[str, Any], name: str = "merge.yml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    return path
+
+
+def run_cli(config: Path, out: Path, *args: str) -> Result:
+    """``mergelab merge CONFIG -o OUT -q ARGS`` in-process (monkeypatches apply)."""
+    return CliRunner().invoke(app, ["merge", str(config), "-o", str(out), "-q", *args])
+
+
+def assert_ok(result: Result) -> None:
+    assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+
+
+def leftovers(out: Path) -> list[str]:
+    """Hidden temporary or backup folders that a merge into ``out`` left beside it."""
+    if not out.parent.is_dir():
+        return []
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def assert_clean_message(result: Result) -> str:
+    """A user-facing error: non-zero exit, an ``error:`` paragraph, no traceback and no raw exception."""
+    assert result.exit_code not in (0, None), result.output
+    # CliRunner keeps an uncaught exception in result.exception; a handled error is only a SystemExit.
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    text = result.output.strip()
+    assert text.startswith("error:"), text
+    assert "Traceback" not in text and 'File "' not in text, text
+    assert "\n\n" not in text, f"message should be one block of text:\n{text}"
+    return text
+
+
+def assert_refused(result: Result, out: Path, *fragments: str) -> str:
+    """Refused with a clean message naming every fragment, and nothing written: no OUT, no temp folder."""
+    text = assert_clean_message(result)
+    for fragment in fragments:
+        assert fragment.lower() in text.lower(), f"{fragment!r} not in message:\n{text}"
+    assert not out.exists(), f"{out} was written"
+    assert leftovers(out) == [], f"left behind: {leftovers(out)}"
+    return text
+
+
+def load_output(out: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors model folder (single file or shards)."""
+    return load_output(folder)
+
+
+def save_model_folder(folder: Path, state: Mapping[str, torch.Tensor], like: Path) -> Path:
+    """A model folder holding ``state`` as ``model.safetensors``, with ``like``'s config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    shutil.copy2(like / "config.json", folder / "config.json")
+    return folder
