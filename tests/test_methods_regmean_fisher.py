@@ -114,5 +114,15 @@ def test_fisher_and_regmean_through_merge_state_dicts() -> None:
     fishers = [diagonal_fisher(m, d, seed=1) for m, d in zip(models, data)]
     merged = mergelab.merge_state_dicts(sds, "fisher", stats={k: [f[k] for f in fishers] for k in sds[0]})
     assert torch.allclose(merged["bias"], fisher_merge([sd["bias"] for sd in sds], [f["bias"] for f in fishers]))
-    with pytest.raises(ValueError, match="Fisher diagonals"):
+    with pytest.raises(ValueError, match="needs per-model statistics"):
         mergelab.merge_state_dicts(sds, "fisher")
+
+
+def test_data_aware_methods_are_refused_from_yaml(families: dict, tmp_path) -> None:  # type: ignore[type-arg]
+    from mergelab.errors import CompatibilityError
+
+    _, fts = families["gpt2"]
+    config = {"merge_method": "regmean", "models": [{"model": str(p)} for p in fts]}
+    with pytest.raises(CompatibilityError, match="needs statistics of each model"):
+        mergelab.merge(config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -343,27 +343,32 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
     merged once there is one, but every input is still scanned so that all of them are reported)."""
     base = plan.base
     total_bytes = sum(m.nbytes for m in plan.out_metas.values())
+    base_label = cfg.base_model or "base"
 
-    def load(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        return (base.get(name) if base is not None else None), [r.get(name) for r in plan.models]
+    def load(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor], list[str]]:
+        base_t = base.get(name) if base is not None else None
+        tensors = [r.get(name) for r in plan.models]
+        found: list[str] = []
+        if not allow_nonfinite:  # checked here, on the reader thread, so it overlaps the merge
+            labelled = ([(base_label, base_t)] if base_t is not None else []) + list(
+                zip(plan.labels, tensors, strict=True))
+            found = [p for label, t in labelled if (p := nonfinite_problem(label, name, t))]
+        return base_t, tensors, found
 
-    # Read the next tensor's inputs on a thread while this one merges and is written.
+    # Three stages overlap: the reader thread loads and checks tensor i+1, this thread merges tensor i, the
+    # writer thread writes tensor i-1. One item per stage keeps memory bounded.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as reader_pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as writer_pool, \
             _progress(show_progress) as bar:
         task = bar.add_task("merge", total=total_bytes, tensors="")
         pending = reader_pool.submit(load, plan.names[0]) if plan.names else None
+        written: Future[None] | None = None
         for i, name in enumerate(plan.names):
             assert pending is not None
-            base_t, tensors = pending.result()
+            base_t, tensors, found = pending.result()
             if i + 1 < len(plan.names):
                 pending = reader_pool.submit(load, plan.names[i + 1])
-            if not allow_nonfinite:
-                labelled = ([(cfg.base_model or "base", base_t)] if base_t is not None else []) + list(
-                    zip(plan.labels, tensors, strict=True))
-                for label, t in labelled:
-                    p = nonfinite_problem(label, name, t)
-                    if p:
-                        problems.append(p)
+            problems.extend(found)
             if problems:  # keep scanning so every bad tensor is reported, but merge nothing more
                 bar.advance(task, plan.out_metas[name].nbytes)
                 continue
@@ -379,8 +384,13 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                 raise CompatibilityError([f"method '{cfg.merge_method}' cannot merge tensor '{name}': {exc}"]) \
                     from None
             merged = merged.to(plan.out_metas[name].dtype)
+            del base_t, tensors
             if not allow_nonfinite and (p := nonfinite_problem("merged output", name, merged)):
                 problems.append(p + f" (method '{cfg.merge_method}' produced it from finite inputs)")
                 continue
-            writer.write(name, merged)
+            if written is not None:
+                written.result()  # re-raises a write error here, in order
+            written = writer_pool.submit(writer.write, name, merged)
             bar.update(task, advance=plan.out_metas[name].nbytes, tensors=name[-40:])
+        if written is not None:
+            written.result()

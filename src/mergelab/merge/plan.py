@@ -80,6 +80,10 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None) -> MergeP
     elif method.base == "required":
         problems.append(f"method '{method.name}' needs a base model: add 'base_model: PATH' (the model the "
                         "task vectors are taken from)")
+    if method.needs_stats:
+        problems.append(f"method '{method.name}' needs statistics of each model on its own data (see "
+                        "mergelab.statistics); it runs from the Python API: mergelab.merge_state_dicts(..., "
+                        "stats=...), not from a YAML config")
     models = [open_one(e.model) for e in entries]
     n = len(entries)
     if n < method.min_models or (method.max_models is not None and n > method.max_models):

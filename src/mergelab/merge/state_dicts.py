@@ -35,6 +35,9 @@ def merge_state_dicts(
     m = get_method(method)
     if not state_dicts:
         raise ValueError("merge_state_dicts needs at least one state dict")
+    if m.needs_stats and not stats:
+        raise ValueError(f"method '{method}' needs per-model statistics of data: pass stats={{tensor_name: "
+                         "[one per model]} (see mergelab.statistics)")
     if m.base == "required" and base is None:
         raise ValueError(f"method '{method}' needs a base model: pass base=...")
     n = len(state_dicts)

@@ -56,4 +56,5 @@ register(MergeMethod(
     paper="Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging (arXiv:2111.09832)",
     formula="θ = Σ_i w_i F_i ⊙ θ_i / Σ_i w_i F_i",
     base="ignored",
+    needs_stats=True,
 ))

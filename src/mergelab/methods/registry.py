@@ -107,6 +107,8 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     randomized: bool = False
+    needs_stats: bool = False
+    """The method needs per-model statistics of data (Fisher diagonals, Gram matrices) in ``stats``."""
     formula: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
 

@@ -56,4 +56,5 @@ register(MergeMethod(
     paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models (arXiv:2212.09849)",
     formula="Wᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ,  G̃ = α G + (1−α) diag G",
     base="ignored",
+    needs_stats=True,
 ))
