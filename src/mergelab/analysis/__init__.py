@@ -1,0 +1,1 @@
+"""Analyses of weights: magnitude statistics and averaging bounds, linear-classifier templates."""

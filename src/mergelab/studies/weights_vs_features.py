@@ -1,0 +1,333 @@
+"""Study 1 — averaging weights vs averaging features (the paper's Table 1, Fig. 3 and Fig. 7a).
+
+For each dataset × architecture zoo and each ensemble size N, compares the mean of the individuals
+(Perf Ave), the best single model, the uniform and greedy soups, the logit ensemble, the feature ensemble
+(features averaged; heads merged by weight averaging, or the first model's head) and the greedy logit and
+feature ensembles, with their cost (parameters and FLOPs per prediction). Greedy selection uses the val
+split; every accuracy reported is on the test split. Members 0..N−1 of one zoo are used for size N.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mergelab.ensemble import ensemble_logits, feature_ensemble_logits, merged_head
+from mergelab.report import FigureRef, Report, Section, Table, Verdict, write_csv
+from mergelab.report.plots import grouped_bars, line_panels
+from mergelab.report.tables import best_in_row
+from mergelab.soups import greedy_ensemble, greedy_select
+from mergelab.studies.common import (
+    ZooEval,
+    accuracy,
+    apply_options,
+    splits,
+    verdict_from_fraction,
+    write_record,
+)
+from mergelab.zoo.data import load_dataset
+from mergelab.zoo.models import ARCHS, count_parameters, flops_per_example
+from mergelab.zoo.progress import make_progress, torch_threads
+from mergelab.zoo.train import TrainConfig, Zoo, ZooSpec, train_zoos
+
+METHODS: dict[str, str] = {
+    "perf_ave": "Perf Ave",
+    "best_single": "Best single",
+    "uniform_soup": "Uniform soup",
+    "greedy_soup": "Greedy soup",
+    "logit_ensemble": "Logit ens.",
+    "feature_ensemble": "Feature ens.",
+    "feature_ensemble_first_head": "Feature ens. (1st head)",
+    "greedy_logit_ensemble": "Greedy logit ens.",
+    "greedy_feature_ensemble": "Greedy feature ens.",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    datasets: tuple[str, ...] = ("mnist5k", "animal-mnist")
+    archs: tuple[str, ...] = ("resnet8", "vgg6", "vgg6bn", "densenet8", "vit2", "linear")
+    #: architectures also trained from independent random inits (the case where soups should fail)
+    independent_archs: tuple[str, ...] = ("vgg6",)
+    ns: tuple[int, ...] = (2, 3, 5, 7, 10)
+    epochs: int = 3
+    pretrain_epochs: int = 3
+    n_train: int | None = None
+    width: int = 16
+    eval_mode: str = "eval"  # "train": BatchNorm with batch statistics at test time, as the original code
+    greedy_strict: bool = True
+    split_seed: int = 0
+    seed: int = 0
+    workers: int | None = None
+
+
+QUICK = Config(datasets=("mnist5k",), archs=("vgg6bn", "linear"), independent_archs=("vgg6bn",), ns=(2, 3, 5),
+               epochs=1, pretrain_epochs=2, n_train=1000)
+
+
+@dataclass
+class Result:
+    rows: list[dict[str, Any]]
+    report: Report
+    main_table: Table
+    zoos: list[Zoo] = field(default_factory=list)
+
+
+def zoo_label(arch: str, init: str) -> str:
+    return arch if init == "shared" else f"{arch} (indep.)"
+
+
+def zoo_specs(cfg: Config) -> list[ZooSpec]:
+    specs = []
+    for ds in cfg.datasets:
+        kind_tabular = load_dataset(ds, "val", cfg.split_seed).kind == "tabular"
+        for arch in cfg.archs:
+            if kind_tabular and ARCHS[arch].conv:
+                continue  # convolutions need images or signals; tabular sets take linear/MLP only
+            inits = ["shared"] + (["independent"] if arch in cfg.independent_archs else [])
+            for init in inits:
+                tc = TrainConfig(arch=arch, dataset=ds, init=init, epochs=cfg.epochs,  # type: ignore[arg-type]
+                                 pretrain_epochs=cfg.pretrain_epochs, n_train=cfg.n_train, width=cfg.width,
+                                 split_seed=cfg.split_seed, seed=cfg.seed)
+                specs.append(ZooSpec(tc, max(cfg.ns)))
+    return specs
+
+
+def _costs(zoo: Zoo) -> tuple[int, int, int, int]:
+    """(params, FLOPs, head params, head FLOPs) of one member."""
+    model = zoo.models[0]
+    shape = load_dataset(zoo.config.dataset, "val", zoo.config.split_seed).input_shape
+    head = model.head
+    return (count_parameters(model), flops_per_example(model, shape), count_parameters(head),
+            2 * head.in_features * head.out_features)
+
+
+def evaluate_zoo(ev: ZooEval, ns: Sequence[int], *, strict: bool = True) -> list[dict[str, Any]]:
+    """All methods for every N in ``ns`` (members 0..N−1) on one zoo; one row per (N, method)."""
+    zoo = ev.zoo
+    p, f, ph, fh = _costs(zoo)
+    val_y, test_y = ev.val.y, ev.test.y
+    val_scores = [ev.member_acc(i, "val") for i in range(len(zoo))]
+    test_scores = [ev.member_acc(i, "test") for i in range(len(zoo))]
+
+    def logit_acc(idx: Sequence[int], split: str) -> float:
+        y = val_y if split == "val" else test_y
+        return accuracy(ensemble_logits([ev.outputs(i, split).logits for i in idx]), y)
+
+    def feature_acc(idx: Sequence[int], split: str, head: str = "merged") -> float:
+        y = val_y if split == "val" else test_y
+        h = merged_head([ev.members[i].head for i in idx]) if head == "merged" else ev.members[idx[0]].head
+        return accuracy(feature_ensemble_logits([ev.outputs(i, split).features for i in idx], h), y)
+
+    rows: list[dict[str, Any]] = []
+    for n in ns:
+        if n > len(zoo):
+            continue
+        idx = list(range(n))
+
+        def add(method: str, test: float, val: float, used: int, params: int, flops: int,
+                selected: Sequence[int] | None = None, n: int = n) -> None:
+            rows.append({"N": n, "method": method, "test_acc": test, "val_acc": val, "models_used": used,
+                         "params": params, "flops": flops,
+                         "selected": " ".join(map(str, selected)) if selected is not None else ""})
+
+        add("perf_ave", float(np.mean(test_scores[:n])), float(np.mean(val_scores[:n])), 1, p, f)
+        best = max(idx, key=lambda i: (val_scores[i], -i))
+        add("best_single", test_scores[best], val_scores[best], 1, p, f, [best])
+        add("uniform_soup", ev.soup_acc(idx, "test"), ev.soup_acc(idx, "val"), n, p, f, idx)
+        g = greedy_select(val_scores[:n], lambda s: ev.soup_acc(s, "val"), strict=strict)
+        add("greedy_soup", ev.soup_acc(g.selected, "test"), g.score, len(g.selected), p, f, g.selected)
+        add("logit_ensemble", logit_acc(idx, "test"), logit_acc(idx, "val"), n, n * p, n * f, idx)
+        add("feature_ensemble", feature_acc(idx, "test"), feature_acc(idx, "val"), n,
+            n * (p - ph) + ph, n * (f - fh) + fh, idx)
+        add("feature_ensemble_first_head", feature_acc(idx, "test", "first"), feature_acc(idx, "val", "first"),
+            n, n * (p - ph) + ph, n * (f - fh) + fh, idx)
+        gl = greedy_ensemble(val_scores[:n], lambda s: logit_acc(s, "val"), strict=strict)
+        k = len(gl.selected)
+        add("greedy_logit_ensemble", logit_acc(gl.selected, "test"), gl.score, k, k * p, k * f, gl.selected)
+        gf = greedy_ensemble(val_scores[:n], lambda s: feature_acc(s, "val"), strict=strict)
+        k = len(gf.selected)
+        add("greedy_feature_ensemble", feature_acc(gf.selected, "test"), gf.score, k,
+            k * (p - ph) + ph, k * (f - fh) + fh, gf.selected)
+    return rows
+
+
+def _lookup(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, int, str], float]:
+    return {(r["dataset"], r["zoo"], r["N"], r["method"]): r["test_acc"] for r in rows}
+
+
+def main_table(rows: Sequence[dict[str, Any]], n: int) -> Table:
+    """Table 1 layout: one row per dataset × architecture, one column per method (test accuracy, %)."""
+    out = []
+    for (ds, z) in dict.fromkeys((r["dataset"], r["zoo"]) for r in rows):
+        sub = {r["method"]: r for r in rows if r["dataset"] == ds and r["zoo"] == z and r["N"] == n}
+        if not sub:
+            continue
+        row: dict[str, Any] = {"dataset": ds, "architecture": z}
+        row.update({m: sub[m]["test_acc"] for m in METHODS if m in sub})
+        row["params (soup / ens.)"] = f"{sub['uniform_soup']['params'] / 1e3:.1f}k / " \
+                                      f"{sub['logit_ensemble']['params'] / 1e3:.1f}k"
+        row["MFLOPs (soup / ens.)"] = f"{sub['uniform_soup']['flops'] / 1e6:.2f} / " \
+                                      f"{sub['logit_ensemble']['flops'] / 1e6:.2f}"
+        out.append(row)
+    return Table(f"Test accuracy (%) with N = {n} models; bold = best method in the row", out,
+                 headers={"dataset": "Dataset", "architecture": "Architecture", **METHODS},
+                 bold=best_in_row(list(METHODS)),
+                 note="Perf Ave = mean accuracy of the N individual models; greedy methods select on the val "
+                      "split. Costs are per prediction: a soup costs one model, an ensemble N.")
+
+
+def _verdicts(rows: Sequence[dict[str, Any]], ns: Sequence[int]) -> tuple[list[Verdict], dict[str, Any]]:
+    acc = _lookup(rows)
+    configs = sorted({(r["dataset"], r["zoo"], r["N"]) for r in rows})
+    shared = [c for c in configs if not c[1].endswith("(indep.)")]
+    indep = [c for c in configs if c[1].endswith("(indep.)")]
+
+    def count(pred: Any, cs: Sequence[tuple[str, str, int]]) -> tuple[int, int]:
+        return sum(1 for c in cs if pred(c)), len(cs)
+
+    def a(c: tuple[str, str, int], m: str) -> float:
+        return acc[(c[0], c[1], c[2], m)]
+
+    out = []
+    h, t = count(lambda c: a(c, "logit_ensemble") >= a(c, "uniform_soup"), configs)
+    out.append(Verdict("Logit ensemble ≥ uniform soup", verdict_from_fraction(h, t),
+                       f"logit ensemble ≥ uniform soup in {h}/{t} configs (all zoos × N)."))
+    h2, t2 = count(lambda c: a(c, "feature_ensemble") >= a(c, "uniform_soup"), configs)
+    out.append(Verdict("Averaging features (feature ensemble) ≥ averaging weights (uniform soup)",
+                       verdict_from_fraction(h2, t2), f"feature ensemble ≥ uniform soup in {h2}/{t2} configs."))
+    h3, t3 = count(lambda c: a(c, "uniform_soup") >= a(c, "perf_ave"), shared)
+    h4, t4 = count(lambda c: a(c, "uniform_soup") < a(c, "perf_ave") - 5.0, indep)
+    held = verdict_from_fraction(h3, t3) if not indep else (
+        verdict_from_fraction(h3, t3) if verdict_from_fraction(h4, t4) else None)
+    detail = f"uniform soup ≥ Perf Ave in {h3}/{t3} shared-init configs"
+    if indep:
+        detail += f"; from independent inits it falls > 5 points below Perf Ave in {h4}/{t4}"
+    out.append(Verdict("Weight averaging works for models fine-tuned from a shared start (not from "
+                       "independent inits)", held, detail + "."))
+    h5, t5 = count(lambda c: a(c, "greedy_soup") >= a(c, "perf_ave"), shared)
+    out.append(Verdict("Greedy soup ≥ Perf Ave", verdict_from_fraction(h5, t5),
+                       f"greedy soup ≥ Perf Ave in {h5}/{t5} shared-init configs (selection on val, scored on "
+                       "test: it can lose on test)."))
+    zoos = sorted({(c[0], c[1]) for c in configs})
+    lo, hi = min(ns), max(ns)
+    grows = [z for z in zoos if (*z, hi) in set(configs) and (*z, lo) in set(configs)
+             and a((*z, hi), "logit_ensemble") - a((*z, hi), "uniform_soup")
+             > a((*z, lo), "logit_ensemble") - a((*z, lo), "uniform_soup")]
+    tz = sum(1 for z in zoos if (*z, hi) in set(configs))
+    out.append(Verdict(f"The ensemble − soup gap grows with N (N = {lo} → {hi})",
+                       verdict_from_fraction(len(grows), tz),
+                       f"the gap at N = {hi} exceeds the gap at N = {lo} for {len(grows)}/{tz} zoos."))
+    lin = [c for c in configs if c[1] == "linear"]
+    if lin:
+        same = sum(1 for c in lin if abs(a(c, "logit_ensemble") - a(c, "uniform_soup")) < 1e-9)
+        out.append(Verdict("Sanity: for a linear model the uniform soup equals the logit ensemble",
+                           same == len(lin), f"identical accuracy in {same}/{len(lin)} linear configs."))
+    summary = {"ensemble_ge_soup": [h, t], "feature_ge_soup": [h2, t2], "soup_ge_perfave_shared": [h3, t3],
+               "soup_fails_indep": [h4, t4], "greedy_soup_ge_perfave": [h5, t5], "gap_grows": [len(grows), tz]}
+    return out, summary
+
+
+def _figures(rows: Sequence[dict[str, Any]], cfg: Config, out: Path, verdicts: Sequence[Verdict]
+             ) -> list[FigureRef]:
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    acc = _lookup(rows)
+    figs = []
+    for n in cfg.ns:
+        panels = {}
+        for ds in datasets:
+            zoos = list(dict.fromkeys(r["zoo"] for r in rows if r["dataset"] == ds and r["N"] == n))
+            if zoos:
+                panels[ds] = (zoos, {m: [acc[(ds, z, n, m)] for z in zoos] for m in METHODS})
+        if not panels:
+            continue
+        vals = [r["test_acc"] for r in rows if r["N"] == n]
+        low = max(0.0, min(vals) - 5)
+        path = grouped_bars(panels, out / f"fig3_bars_N{n}.png", ylabel="test accuracy (%)",
+                            title=f"Soups vs ensembles, N = {n} models per method", labels=METHODS,
+                            ylim=(low, 100))
+        pairs = [(r["dataset"], r["zoo"]) for r in rows if r["N"] == n and r["method"] == "uniform_soup"]
+        wins = sum(acc[(d, z, n, "logit_ensemble")] >= acc[(d, z, n, "uniform_soup")] for d, z in pairs)
+        figs.append(FigureRef(path, f"Fig. 3 style: test accuracy of every method for N = {n}, per "
+                                    "architecture (x axis) and dataset (panel). At this N the logit ensemble "
+                                    f"≥ the uniform soup for {wins}/{len(pairs)} architectures. "
+                                    + verdicts[0].sentence()))
+    panels2 = {}
+    for ds in datasets:
+        zoos = list(dict.fromkeys(r["zoo"] for r in rows if r["dataset"] == ds))
+        ns = [n for n in cfg.ns if any((ds, z, n, "uniform_soup") in acc for z in zoos)]
+        panels2[ds] = (ns, {z: [acc[(ds, z, n, "logit_ensemble")] - acc[(ds, z, n, "uniform_soup")] for n in ns]
+                            for z in zoos})
+    path = line_panels(panels2, out / "fig7a_gap_vs_n.png", xlabel="number of models N",
+                       ylabel="logit ensemble − uniform soup (points)", hline=0.0,
+                       title="Ensemble − soup gap vs N (> 0: the ensemble wins)")
+    grow = next(v for v in verdicts if v.claim.startswith("The ensemble − soup gap grows"))
+    figs.append(FigureRef(path, "Fig. 7a style: test-accuracy gap between the logit ensemble and the uniform "
+                                "soup as N grows, one line per architecture. " + grow.sentence()))
+    return figs
+
+
+def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.eval_mode not in ("eval", "train"):
+        raise ValueError(f"eval_mode must be 'eval' or 'train', got '{cfg.eval_mode}'")
+    specs = zoo_specs(cfg)
+    zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress)
+    rows: list[dict[str, Any]] = []
+    with make_progress(disable=not show_progress) as bar, torch_threads():
+        task = bar.add_task("evaluate soups and ensembles", total=len(zoos))
+        for zoo in zoos:
+            val, test = splits(zoo.config.dataset, cfg.split_seed)
+            ev = ZooEval(zoo, val, test, mode=cfg.eval_mode)  # type: ignore[arg-type]
+            for r in evaluate_zoo(ev, cfg.ns, strict=cfg.greedy_strict):
+                rows.append({"dataset": zoo.config.dataset, "zoo": zoo_label(zoo.config.arch, zoo.config.init),
+                             "arch": zoo.config.arch, "init": zoo.config.init, **r, "eval_mode": cfg.eval_mode,
+                             "seed": cfg.seed, "member_seeds": " ".join(map(str, zoo.member_seeds[:r["N"]]))})
+            bar.advance(task)
+    write_csv(rows, out / "weights_vs_features.csv")
+    n_main = max(n for n in cfg.ns if any(r["N"] == n for r in rows))
+    table = main_table(rows, n_main)
+    per_n = [main_table(rows, n) for n in cfg.ns if n != n_main and any(r["N"] == n for r in rows)]
+    (out / "table1.md").write_text("\n\n".join(t.to_markdown() for t in [table, *per_n]) + "\n")
+    verdicts, summary = _verdicts(rows, cfg.ns)
+    figs = _figures(rows, cfg, out, verdicts)
+    section = Section(
+        "Weights vs features: soups and ensembles (Table 1, Fig. 3, Fig. 7a)",
+        text=[
+            f"Zoos of {max(cfg.ns)} models per architecture and dataset; "
+            + ("shared init: one pre-trained start, then members fine-tuned with their own seeds for the "
+               "head, data order and augmentation" + (f"; {', '.join(cfg.independent_archs)} also from "
+                                                      "independent random inits" if cfg.independent_archs
+                                                      else ""))
+            + f". Evaluation in {cfg.eval_mode} mode; greedy selection on the val split "
+              f"({'strict' if cfg.greedy_strict else 'non-strict'} improvement); accuracies on the test split.",
+            "The uniform soup averages the weights of members 0..N−1 (mergelab.merge_state_dicts, 'linear'); "
+            "the logit ensemble averages their logits; the feature ensemble averages their penultimate "
+            "features and applies the weight-averaged heads (or the first model's head).",
+            "Fig. 3 (bars): if averaging weights were as good as averaging outputs, the blue soup bars would "
+            "match the red/orange ensemble bars. Fig. 7a (gap vs N): points above 0 mean the ensemble beats "
+            "the soup at that N.",
+        ],
+        verdicts=verdicts, tables=[table], figures=figs)
+    report = Report("Weights vs features", meta={"seed": cfg.seed, "eval_mode": cfg.eval_mode,
+                                                 "datasets": ", ".join(cfg.datasets)}).add(section)
+    write_record(out, "weights-vs-features", cfg, zoos, started, {"verdicts": summary})
+    return Result(rows, report, table, zoos)
+
+
+def run(out: Path, *, quick: bool = False, seed: int = 0, show_progress: bool = True, **options: Any) -> Path:
+    """Run the study into ``out``; returns ``out/report.html``. ``options`` are :class:`Config` fields."""
+    cfg = apply_options(QUICK if quick else Config(), {"seed": seed, **options})
+    result = build(Path(out), cfg, show_progress=show_progress)
+    report = result.report
+    (Path(out) / "report.md").write_text(report.to_markdown())
+    return report.write(Path(out) / "report.html")
+
+
+__all__ = ["METHODS", "QUICK", "Config", "Result", "build", "evaluate_zoo", "run"]

@@ -1,0 +1,293 @@
+"""Small architecture families in plain torch (no torchvision), sized for 28×28 inputs and 2 CPU cores.
+
+Every model is a :class:`ZooModel`: ``forward(x) == head(features(x))`` with ``head`` one ``nn.Linear``.
+That split is what feature ensembles need (average ``features`` over models, then apply a head).
+
+Families and depth variants (the number counts weight layers, as in the papers' names):
+
+- ``resnet8``/``resnet14``/``resnet20``: CIFAR-style ResNet with BatchNorm, 3 stages of 1/2/3 basic blocks.
+- ``vgg6``/``vgg9`` and ``vgg6bn``/``vgg9bn``: conv3×3 stacks with max-pooling, with and without BatchNorm.
+- ``densenet8``/``densenet14``: 3 dense blocks of 2/4 BN-ReLU-conv layers (growth 8) with transitions.
+- ``vit2``/``vit4``: pre-norm ViT with a class token, 2/4 encoder layers, dim max(48, 3×width) (narrower
+  ViTs do not learn in a few epochs).
+- ``linear``: one linear layer on the flattened input (the template model); ``mlp1``/``mlp2``: ReLU MLPs.
+
+Convolutional models run on images (N, 1, H, W) and on 1-D signals (N, 1, L) with the same code: the
+spatial dimensionality picks Conv1d/Conv2d. Tabular data takes only ``linear`` and ``mlp*``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class ZooModel(nn.Module):
+    """A classifier split into a feature extractor and one linear head."""
+
+    head: nn.Linear
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _ops(ndim: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module], type[nn.Module]]:
+    """(Conv, BatchNorm, MaxPool, AvgPool) for 1 or 2 spatial dimensions."""
+    if ndim == 2:
+        return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d
+    if ndim == 1:
+        return nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d
+    raise ValueError(f"convolutional models need 1-D or 2-D inputs, got {ndim} spatial dims")
+
+
+def _global_pool(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).mean(-1)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, nd: int, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        conv, bn, _, _ = _ops(nd)
+        self.conv1 = conv(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = bn(cout)
+        self.conv2 = conv(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = bn(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(conv(cin, cout, 1, stride=stride, bias=False), bn(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet(ZooModel):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, blocks: int, width: int = 16) -> None:
+        super().__init__()
+        nd = len(input_shape) - 1
+        conv, bn, _, _ = _ops(nd)
+        self.stem = nn.Sequential(conv(input_shape[0], width, 3, padding=1, bias=False), bn(width), nn.ReLU())
+        layers: list[nn.Module] = []
+        cin = width
+        for stage, mult in enumerate((1, 2, 4)):
+            for b in range(blocks):
+                stride = 2 if stage > 0 and b == 0 else 1
+                layers.append(_BasicBlock(nd, cin, width * mult, stride))
+                cin = width * mult
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return _global_pool(self.layers(self.stem(x)))
+
+
+_VGG_CFG = {6: (1, "M", 2, "M", 4, 4, "M"), 9: (1, 1, "M", 2, 2, "M", 4, 4, 4, "M")}
+
+
+class VGG(ZooModel):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, depth: int, bn: bool,
+                 width: int = 16) -> None:
+        super().__init__()
+        nd = len(input_shape) - 1
+        conv, norm, maxpool, _ = _ops(nd)
+        layers: list[nn.Module] = []
+        cin, size = input_shape[0], min(input_shape[1:])
+        for item in _VGG_CFG[depth]:
+            if item == "M":
+                if size >= 2:  # 8×8 digits run out of resolution before the last pool
+                    layers.append(maxpool(2))
+                    size //= 2
+                continue
+            cout = width * int(item)
+            layers.append(conv(cin, cout, 3, padding=1, bias=not bn))
+            if bn:
+                layers.append(norm(cout))
+            layers.append(nn.ReLU())
+            cin = cout
+        self.convs = nn.Sequential(*layers)
+        hidden = 4 * width
+        # VGG's fully connected trunk, shrunk to one hidden layer; its output is the "feature"
+        self.fc = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_global_pool(self.convs(x)))
+
+
+class _DenseLayer(nn.Module):
+    def __init__(self, nd: int, cin: int, growth: int) -> None:
+        super().__init__()
+        conv, bn, _, _ = _ops(nd)
+        self.bn = bn(cin)
+        self.conv = conv(cin, growth, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.conv(torch.relu(self.bn(x)))], dim=1)
+
+
+class DenseNet(ZooModel):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, layers_per_block: int,
+                 growth: int = 8, width: int = 16) -> None:
+        super().__init__()
+        nd = len(input_shape) - 1
+        conv, bn, _, avgpool = _ops(nd)
+        mods: list[nn.Module] = [conv(input_shape[0], width, 3, padding=1, bias=False)]
+        c, size = width, min(input_shape[1:])
+        for block in range(3):
+            for _ in range(layers_per_block):
+                mods.append(_DenseLayer(nd, c, growth))
+                c += growth
+            if block < 2:  # transition: BN-ReLU-1×1 conv halving channels, then 2× average pooling
+                mods += [bn(c), nn.ReLU(), conv(c, c // 2, 1, bias=False)]
+                c //= 2
+                if size >= 2:
+                    mods.append(avgpool(2))
+                    size //= 2
+        mods += [bn(c), nn.ReLU()]
+        self.body = nn.Sequential(*mods)
+        self.head = nn.Linear(c, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return _global_pool(self.body(x))
+
+
+class ViT(ZooModel):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, depth: int, dim: int = 48,
+                 heads: int = 4) -> None:
+        super().__init__()
+        nd = len(input_shape) - 1
+        conv, _, _, _ = _ops(nd)
+        side = min(input_shape[1:])
+        # 28×28 → 4×4 tokens of 7×7, 8×8 → 4×4 tokens of 2×2, length 40 → 10 tokens of 4: few tokens keep
+        # attention cheap and let a ViT learn from a few thousand examples
+        patch = side // 4 if side >= 16 and len(input_shape) == 3 else (4 if side >= 16 else 2)
+        tokens = math.prod(s // patch for s in input_shape[1:])
+        self.patch = conv(input_shape[0], dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        return self.norm(self.encoder(t))[:, 0]
+
+
+class Linear(ZooModel):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(math.prod(input_shape), num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+class MLP(ZooModel):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, depth: int, hidden: int = 128) -> None:
+        super().__init__()
+        dims = [math.prod(input_shape)] + [hidden] * depth
+        mods: list[nn.Module] = [nn.Flatten()]
+        for a, b in itertools.pairwise(dims):
+            mods += [nn.Linear(a, b), nn.ReLU()]
+        self.body = nn.Sequential(*mods)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+Builder = Callable[[tuple[int, ...], int, int], ZooModel]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    family: str
+    build: Builder  # (input_shape, num_classes, width) -> model
+    batchnorm: bool
+    conv: bool  # needs spatial inputs (images or signals)
+    description: str
+
+
+def _spec(name: str, family: str, build: Builder, bn: bool, conv: bool, desc: str) -> ArchSpec:
+    return ArchSpec(name, family, build, bn, conv, desc)
+
+
+#: architecture name → spec; the ``family`` groups depth variants for plots
+ARCHS: dict[str, ArchSpec] = {s.name: s for s in [
+    _spec("resnet8", "resnet", lambda s, k, w: ResNet(s, k, 1, w), True, True, "ResNet, 3×1 basic blocks, BN"),
+    _spec("resnet14", "resnet", lambda s, k, w: ResNet(s, k, 2, w), True, True, "ResNet, 3×2 basic blocks, BN"),
+    _spec("resnet20", "resnet", lambda s, k, w: ResNet(s, k, 3, w), True, True, "ResNet, 3×3 basic blocks, BN"),
+    _spec("vgg6", "vgg", lambda s, k, w: VGG(s, k, 6, False, w), False, True, "VGG, 4 conv + 2 FC, no BN"),
+    _spec("vgg9", "vgg", lambda s, k, w: VGG(s, k, 9, False, w), False, True, "VGG, 7 conv + 2 FC, no BN"),
+    _spec("vgg6bn", "vgg-bn", lambda s, k, w: VGG(s, k, 6, True, w), True, True, "VGG, 4 conv + 2 FC, BN"),
+    _spec("vgg9bn", "vgg-bn", lambda s, k, w: VGG(s, k, 9, True, w), True, True, "VGG, 7 conv + 2 FC, BN"),
+    _spec("densenet8", "densenet", lambda s, k, w: DenseNet(s, k, 2, width=w), True, True,
+          "DenseNet, 3 blocks × 2 layers, growth 8"),
+    _spec("densenet14", "densenet", lambda s, k, w: DenseNet(s, k, 4, width=w), True, True,
+          "DenseNet, 3 blocks × 4 layers, growth 8"),
+    _spec("vit2", "vit", lambda s, k, w: ViT(s, k, 2, dim=max(48, 3 * w)), False, True,
+          "ViT, 2 layers, dim max(48, 3×width)"),
+    _spec("vit4", "vit", lambda s, k, w: ViT(s, k, 4, dim=max(48, 3 * w)), False, True,
+          "ViT, 4 layers, dim max(48, 3×width)"),
+    _spec("linear", "linear", lambda s, k, w: Linear(s, k), False, False, "one linear layer (templates)"),
+    _spec("mlp1", "mlp", lambda s, k, w: MLP(s, k, 1, 8 * w), False, False, "MLP, 1 hidden layer of 8×width"),
+    _spec("mlp2", "mlp", lambda s, k, w: MLP(s, k, 2, 8 * w), False, False, "MLP, 2 hidden layers of 8×width"),
+]}
+
+
+def _init_weights(model: nn.Module) -> None:
+    """He init for convs (fan-in, ReLU): torch's default shrinks activations layer by layer, so a VGG
+    without BatchNorm barely trains in a few epochs."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv1d | nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int, *, width: int = 16) -> ZooModel:
+    """A fresh model (initialised from torch's global RNG: seed it first for reproducibility)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture '{arch}'; choose one of {sorted(ARCHS)}")
+    spec = ARCHS[arch]
+    if spec.conv and len(input_shape) < 2:
+        raise ValueError(f"'{arch}' needs image or signal inputs, got per-example shape {input_shape}; "
+                         "tabular data takes 'linear', 'mlp1' or 'mlp2'")
+    model = spec.build(tuple(input_shape), num_classes, width)
+    if spec.family != "vit":  # the ViT's patch embedding is a linear projection, not a ReLU conv
+        _init_weights(model)
+    return model
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def flops_per_example(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Forward FLOPs for one example (torch's FlopCounterMode: 2 per multiply-add of matmuls/convs).
+
+    Counted on a train-mode copy: in eval mode ``nn.TransformerEncoderLayer`` takes a fused fast path that
+    the counter does not see. Two examples (then halved) because train-mode BatchNorm needs more than one
+    value per channel.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = copy.deepcopy(model).train()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        probe(torch.zeros(2, *input_shape))
+    return int(counter.get_total_flops()) // 2

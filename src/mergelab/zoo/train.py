@@ -1,0 +1,355 @@
+"""Train model families ("zoos") of one architecture on one dataset, cached on disk by recipe hash.
+
+``init="shared"`` follows the model-soups recipe the paper uses: one model is pre-trained once (the shared
+starting point), then each member gets a freshly initialised head and is fine-tuned with its own seed for
+the head, the data order and the augmentation. ``init="independent"`` trains every member from its own
+random initialisation for the same total number of epochs — the case where weight averaging is expected
+to fail because the members are not in one linearly connected basin.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress, TaskID
+
+from mergelab.zoo.cache import cache_dir, load_entry, recipe_hash, save_entry
+from mergelab.zoo.data import Dataset, load_dataset
+from mergelab.zoo.models import ARCHS, ZooModel, build_model
+from mergelab.zoo.progress import available_cores, default_threads, make_progress, torch_threads
+
+#: bump when training code changes in a way that changes results, so stale cache entries are not reused
+TRAIN_VERSION = 3
+
+Init = Literal["shared", "independent"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a trained zoo member (hashed into the cache key)."""
+
+    arch: str
+    dataset: str
+    init: Init = "shared"
+    epochs: int = 3  # fine-tuning epochs per member (independent members get pretrain_epochs + epochs)
+    pretrain_epochs: int = 2  # epochs of the shared starting point
+    lr: float | None = None  # None: 0.1 (SGD, nesterov) or 2e-3 (AdamW for ViT and VGG without BN)
+    # shared init: members fine-tune at this × lr. Measured at demo scale, 0.3 lowered members and soups alike
+    # (a freshly initialised head needs the full lr to catch up in 2 epochs), so the default keeps the full lr
+    finetune_lr_scale: float = 1.0
+    batch_size: int = 32  # small batches: more steps per epoch, which short CPU runs need most
+    width: int = 16
+    n_train: int | None = None  # class-stratified subset of the train split (CPU budget); None = all
+    split_seed: int = 0  # which train/val/test split
+    seed: int = 0  # zoo seed: member i trains with member_seed(seed, i)
+    augment: bool = True
+    shift: int = 1  # max random translation (pixels/steps) when augmenting; ±2 slowed short runs a lot
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (2e-3 if uses_adamw(self.arch) else 0.1)
+
+
+def uses_adamw(arch: str) -> bool:
+    """Nets without normalisation layers (ViT here has LayerNorm but is a transformer; VGG without BN)
+    barely move with plain SGD in a few epochs; AdamW trains them in the same budget."""
+    return ARCHS[arch].family in ("vit", "vgg")
+
+
+def member_seed(seed: int, index: int) -> int:
+    """Seed of member ``index``: distinct across members and zoo seeds, recorded in every output."""
+    return seed * 100_003 + index + 1
+
+
+def base_seed(seed: int) -> int:
+    """Seed of the shared pre-trained starting point (never equal to a member's)."""
+    return seed * 100_003
+
+
+@dataclass
+class Zoo:
+    config: TrainConfig
+    models: list[ZooModel]
+    member_seeds: list[int]
+    base_seed: int | None
+    cache_keys: list[str]
+    histories: list[dict[str, Any]] = field(default_factory=list)
+    trained: int = 0  # how many members were trained now (the rest came from the cache)
+
+    def state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.models]
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+
+def _augment(x: torch.Tensor, kind: str, gen: torch.Generator, r: int = 1) -> torch.Tensor:
+    """Random translations by up to ``r`` pixels/steps (images, signals) or small Gaussian noise (tabular)."""
+    if kind == "tabular":
+        return x + 0.1 * torch.randn(x.shape, generator=gen)
+    nd = x.dim() - 2
+    background = float(x.amin())  # normalised zero intensity for images: pad with it, not with 0
+    padded = F.pad(x, [r] * (2 * nd), value=background)
+    shifts = torch.randint(0, 2 * r + 1, (x.shape[0], nd), generator=gen)
+    # one gather for the whole batch: each example reads its own shifted window of the padded input
+    b = torch.arange(x.shape[0])
+    rows = shifts[:, 0, None] + torch.arange(x.shape[2])
+    if nd == 1:
+        return padded[b[:, None], :, rows].transpose(1, 2).contiguous()
+    cols = shifts[:, 1, None] + torch.arange(x.shape[3])
+    return padded[b[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    lr = config.resolved_lr() * lr_scale
+    if uses_adamw(config.arch):
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data: Dataset, batch_size: int = 500) -> float:
+    was = model.training
+    model.eval()
+    correct = sum(int((model(data.x[i:i + batch_size]).argmax(1) == data.y[i:i + batch_size]).sum())
+                  for i in range(0, len(data), batch_size))
+    model.train(was)
+    return correct / max(1, len(data))
+
+
+def fit(model: ZooModel, data: Dataset, config: TrainConfig, epochs: int, seed: int,
+        progress: Progress | None = None, task: TaskID | None = None, lr_scale: float = 1.0) -> list[float]:
+    """Train in place with a cosine schedule; ``seed`` fixes the data order and the augmentation."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = _optimizer(model, config, lr_scale)
+    steps_per_epoch = (len(data) + config.batch_size - 1) // config.batch_size
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+    model.train()
+    losses: list[float] = []
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=gen)
+        total = 0.0
+        for start in range(0, len(data), config.batch_size):
+            idx = order[start:start + config.batch_size]
+            x, y = data.x[idx], data.y[idx]
+            if config.augment:
+                x = _augment(x, data.kind, gen, config.shift)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(data))
+        if progress is not None and task is not None:
+            progress.advance(task)
+    model.eval()
+    return losses
+
+
+def _recipe(config: TrainConfig, role: str, seed: int) -> dict[str, Any]:
+    return {**asdict(config), "role": role, "member_seed": seed, "version": TRAIN_VERSION}
+
+
+def _base_key(cfg: TrainConfig) -> str:
+    # the base does not depend on the members' fine-tuning epochs
+    return recipe_hash(_recipe(replace(cfg, epochs=0), "base", base_seed(cfg.seed)))
+
+
+def _member_key(cfg: TrainConfig, seed: int) -> str:
+    return recipe_hash(_recipe(cfg, "member", seed))
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One model to train; picklable so spawn workers can run it."""
+
+    key: str
+    config: TrainConfig
+    role: str  # "base" or "member"
+    seed: int
+    epochs: int
+    base_key: str | None  # a shared-init member starts from this cache entry
+
+
+def _skeleton(cfg: TrainConfig, shape: tuple[int, ...], classes: int, seed: int,
+              base_state: dict[str, torch.Tensor] | None) -> ZooModel:
+    torch.manual_seed(seed)
+    model = build_model(cfg.arch, shape, classes, width=cfg.width)
+    if base_state is not None:
+        model.load_state_dict(base_state)
+        torch.manual_seed(seed)  # the member's own head: a fresh init from its seed
+        model.head.reset_parameters()
+    return model
+
+
+def _run_job(job: _Job, root: str, threads: int) -> str:
+    """Train one model and write it to the cache (runs in a worker process or in-process)."""
+    torch.set_num_threads(threads)
+    cache = Path(root)
+    if load_entry(job.key, cache) is not None:  # another run finished it meanwhile
+        return job.key
+    cfg = job.config
+    val = load_dataset(cfg.dataset, "val", cfg.split_seed)
+    data = load_dataset(cfg.dataset, "train", cfg.split_seed).subset(cfg.n_train, seed=cfg.split_seed)
+    base = load_entry(job.base_key, cache) if job.base_key else None
+    if job.base_key and base is None:
+        raise RuntimeError(f"base model {job.base_key} missing from the cache at {cache}")
+    model = _skeleton(cfg, data.input_shape, data.num_classes, job.seed, base["state_dict"] if base else None)
+    start = time.perf_counter()
+    scale = cfg.finetune_lr_scale if job.base_key else 1.0
+    losses = fit(model, data, cfg, job.epochs, job.seed, lr_scale=scale)
+    history = {"loss": losses, "val_acc": accuracy(model, val), "seconds": time.perf_counter() - start,
+               "threads": threads}
+    save_entry(job.key, {"state_dict": model.state_dict(), "recipe": _recipe(cfg, job.role, job.seed),
+                         "history": history}, cache)
+    return job.key
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """A zoo to train: the recipe and how many members."""
+
+    config: TrainConfig
+    n_models: int
+
+
+def default_workers() -> int:
+    """``$MERGELAB_WORKERS`` or one worker per available core.
+
+    Members train in separate single-threaded processes: on a small shared machine, intra-op threading of
+    these tiny convolutions was measured 2-4× *slower* than one thread whenever another process was busy.
+    """
+    env = os.environ.get("MERGELAB_WORKERS")
+    return max(1, int(env)) if env else available_cores()
+
+
+def _load_zoo(spec: ZooSpec, root: Path) -> Zoo:
+    cfg = spec.config
+    val = load_dataset(cfg.dataset, "val", cfg.split_seed)
+    base_state = None
+    b_seed = None
+    if cfg.init == "shared":
+        b_seed = base_seed(cfg.seed)
+        entry = load_entry(_base_key(cfg), root)
+        assert entry is not None
+        base_state = entry["state_dict"]
+    models, keys, histories = [], [], []
+    for i in range(spec.n_models):
+        s = member_seed(cfg.seed, i)
+        key = _member_key(cfg, s)
+        entry = load_entry(key, root)
+        assert entry is not None, f"member {i} of {cfg.arch}/{cfg.dataset} missing after training"
+        model = _skeleton(cfg, val.input_shape, val.num_classes, s, base_state)
+        model.load_state_dict(entry["state_dict"])
+        model.eval()
+        models.append(model)
+        keys.append(key)
+        histories.append(dict(entry.get("history", {})))
+    seeds = [member_seed(cfg.seed, i) for i in range(spec.n_models)]
+    return Zoo(cfg, models, seeds, b_seed, keys, histories)
+
+
+def train_zoos(specs: Sequence[ZooSpec], *, cache: Path | None = None, workers: int | None = None,
+               progress: Progress | None = None, show_progress: bool = True) -> list[Zoo]:
+    """Train every missing model of ``specs`` (bases first, then members, ``workers`` processes in
+    parallel), then load all zoos from the cache. Cached models are never retrained.
+
+    Workers are *spawned* processes: a script that calls this at import level needs the usual
+    ``if __name__ == "__main__":`` guard (or ``workers=1`` / ``MERGELAB_WORKERS=1`` to train in-process).
+    """
+    root = cache or cache_dir()
+    n_workers = workers or default_workers()
+    threads = default_threads()
+    bases: dict[str, _Job] = {}
+    members: dict[str, _Job] = {}
+    tasks: dict[str, list[tuple[int, int]]] = {}  # job key → [(spec index, epochs)] for progress
+    for si, spec in enumerate(specs):
+        cfg = spec.config
+        if cfg.init not in ("shared", "independent"):
+            raise ValueError(f"init must be 'shared' or 'independent', got '{cfg.init}'")
+        bkey = _base_key(cfg) if cfg.init == "shared" else None
+        if bkey and load_entry(bkey, root) is None:
+            bases.setdefault(bkey, _Job(bkey, cfg, "base", base_seed(cfg.seed), cfg.pretrain_epochs, None))
+            tasks.setdefault(bkey, []).append((si, cfg.pretrain_epochs))
+        per_member = cfg.epochs if cfg.init == "shared" else cfg.epochs + cfg.pretrain_epochs
+        for i in range(spec.n_models):
+            s = member_seed(cfg.seed, i)
+            key = _member_key(cfg, s)
+            if load_entry(key, root) is None:
+                members.setdefault(key, _Job(key, cfg, "member", s, per_member, bkey))
+                tasks.setdefault(key, []).append((si, per_member))
+    own = progress is None
+    bar = progress or make_progress(disable=not show_progress)
+    with bar if own else nullcontext():
+        ids = []
+        for si, spec in enumerate(specs):
+            cfg = spec.config
+            todo = sum(ep for key, lst in tasks.items() for (sj, ep) in lst if sj == si)
+            ids.append(bar.add_task(f"train {cfg.arch}/{cfg.dataset}/{cfg.init} ×{spec.n_models}",
+                                    total=max(1, todo), completed=0 if todo else 1))
+
+        def done(key: str) -> None:
+            for si, ep in tasks.get(key, []):
+                bar.advance(ids[si], ep)
+
+        if n_workers <= 1 or len(bases) + len(members) <= 1:
+            with torch_threads(threads) as n:
+                for job in [*bases.values(), *members.values()]:
+                    done(_run_job(job, str(root), n))
+        else:
+            _run_parallel(bases, members, root, n_workers, threads, done)
+    zoos = [_load_zoo(spec, root) for spec in specs]
+    for zoo in zoos:
+        zoo.trained = sum(1 for k in zoo.cache_keys if k in members)
+    return zoos
+
+
+def _run_parallel(bases: dict[str, _Job], members: dict[str, _Job], root: Path, workers: int, threads: int,
+                  done: Any) -> None:
+    """Bases first; each member is submitted as soon as its base is in the cache."""
+    ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
+    waiting = dict(members)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        running = {pool.submit(_run_job, job, str(root), threads) for job in bases.values()}
+
+        def release() -> None:
+            for key, job in list(waiting.items()):
+                if job.base_key is None or job.base_key not in bases or job.base_key in finished:
+                    running.add(pool.submit(_run_job, job, str(root), threads))
+                    del waiting[key]
+
+        finished: set[str] = set()
+        release()
+        while running:
+            complete, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in complete:
+                running.discard(fut)
+                key = fut.result()  # re-raises a worker's error here
+                finished.add(key)
+                done(key)
+            release()
+
+
+def train_zoo(arch: str, dataset: str, n_models: int, init: Init = "shared", *,
+              config: TrainConfig | None = None, cache: Path | None = None, workers: int | None = None,
+              progress: Progress | None = None, show_progress: bool = True, **overrides: Any) -> Zoo:
+    """Train (or load from the cache) ``n_models`` members of one architecture on one dataset.
+
+    Member ``i`` depends only on the recipe and ``i`` — never on ``n_models`` — so a zoo of 10 reuses the
+    first 5 of a zoo of 5, and studies taking the first N members see nested subsets.
+    ``overrides`` are :class:`TrainConfig` fields (``epochs=``, ``n_train=``, ``seed=`` …).
+    """
+    cfg = replace(config or TrainConfig(arch=arch, dataset=dataset), arch=arch, dataset=dataset, init=init,
+                  **overrides)
+    return train_zoos([ZooSpec(cfg, n_models)], cache=cache, workers=workers, progress=progress,
+                      show_progress=show_progress)[0]

@@ -1,0 +1,47 @@
+"""Report builder: tables (CSV/Markdown/HTML) and a self-contained HTML file with every figure embedded."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import numpy as np
+
+from mergelab.report import FigureRef, Report, Section, Table, Verdict, markdown_table, write_csv
+from mergelab.report.plots import grouped_bars, heatmaps, image_grid, line_panels, scatter_panels
+from mergelab.report.tables import best_in_row, read_csv
+
+
+def test_tables(tmp_path: Path) -> None:
+    rows = [{"arch": "a", "x": 1.234, "y": 2.0}, {"arch": "b", "x": 3.0, "y": None}]
+    md = markdown_table(rows, bold=best_in_row(["x", "y"]))
+    assert md.splitlines()[0] == "| arch | x | y |"
+    assert "**2.00**" in md and "**3.00**" in md and md.count("\n") == 3
+    write_csv(rows, tmp_path / "t.csv")
+    assert read_csv(tmp_path / "t.csv")[0]["x"] == "1.234"
+    html = Table("T", rows, headers={"x": "X"}).to_html()
+    assert "<th>X</th>" in html and "3.00" in html
+
+
+def test_report_embeds_every_figure(tmp_path: Path) -> None:
+    figs = [
+        grouped_bars({"d": (["a", "b"], {"uniform_soup": [1, 2], "logit_ensemble": [2, 3]})}, tmp_path / "bars.png",
+                     ylabel="acc (%)", title="t"),
+        line_panels({"p": ([1, 2, 3], {"s": [1, 2, 3]})}, tmp_path / "lines.png", xlabel="N", ylabel="y", title="t"),
+        heatmaps({"h": np.array([[1.0, -2.0], [0.0, 3.0]])}, tmp_path / "heat.png", xticks=["1", "10"],
+                 yticks=["2", "3"], xlabel="c", ylabel="N", cbar_label="gap", title="t"),
+        scatter_panels({"c=1": ([50, 60], [55, 40])}, tmp_path / "scatter.png", xlabel="x", ylabel="y", title="t"),
+        image_grid([("r", [np.eye(3), -np.eye(3)])], tmp_path / "img.png", col_labels=["a", "b"], title="t",
+                   diverging=[True]),
+    ]
+    rep = Report("R", intro="hello").add(Section("S", text=["para"], verdicts=[Verdict("claim", True, "3/4")],
+                                                 tables=[Table("T", [{"a": 1}])],
+                                                 figures=[FigureRef(f, f"caption {f.name}") for f in figs]))
+    out = rep.write(tmp_path / "report.html")
+    text = out.read_text()
+    for f in figs:
+        assert f.name in text
+        assert base64.b64encode(f.read_bytes()).decode()[:200] in text  # embedded, not linked
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "claim" in text and "held" in text and "<table>" in text
+    assert "![bars.png](bars.png)" in rep.to_markdown()

@@ -1,0 +1,110 @@
+"""The studies end to end on tiny zoos (sklearn digits, a few hundred examples, one epoch)."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergelab.analysis.weight_stats import check_bounds, scale_state_dict
+from mergelab.soups import uniform_soup
+from mergelab.studies import DESCRIPTIONS, STUDIES, run_study
+from mergelab.studies.common import ZooEval, splits
+from mergelab.studies.weights_vs_features import METHODS
+from mergelab.zoo.train import train_zoo
+
+TRAIN = {"n_train": 300, "epochs": 1, "pretrain_epochs": 1, "width": 4, "workers": 1}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path_factory.getbasetemp() / "studies-cache"))
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _pngs_referenced(report: Path) -> None:
+    text = report.read_text()
+    pngs = sorted(p.name for p in report.parent.glob("*.png"))
+    assert pngs
+    for name in pngs:
+        assert name in text, f"{name} not in {report}"
+    assert text.count("data:image/png;base64,") == len(re.findall(r"<figure>", text)) >= len(pngs)
+
+
+def test_registry() -> None:
+    assert set(STUDIES) == set(DESCRIPTIONS) == {"weights-vs-features", "magnitude", "templates"}
+    with pytest.raises(ValueError, match="magnitude"):
+        run_study("nope", Path("/tmp/x"))
+
+
+def test_weights_vs_features_tiny(tmp_path: Path) -> None:
+    report = run_study("weights-vs-features", tmp_path, datasets=("digits",), archs=("linear", "vgg6bn"),
+                       independent_archs=("vgg6bn",), ns=(2, 3), show_progress=False, **TRAIN)
+    rows = _csv(tmp_path / "weights_vs_features.csv")
+    assert len(rows) == 3 * 2 * len(METHODS)  # (linear, vgg6bn, vgg6bn indep.) × N × methods
+    acc = {(r["zoo"], r["N"], r["method"]): float(r["test_acc"]) for r in rows}
+    val = {(r["zoo"], r["N"], r["method"]): float(r["val_acc"]) for r in rows}
+    for n in ("2", "3"):
+        assert acc[("linear", n, "uniform_soup")] == acc[("linear", n, "logit_ensemble")]
+        for z in ("linear", "vgg6bn"):
+            assert val[(z, n, "greedy_soup")] >= val[(z, n, "best_single")]
+    table = (tmp_path / "table1.md").read_text()
+    assert table.count("| digits |") == 3 * 2 and "Uniform soup" in table
+    assert (tmp_path / "fig3_bars_N2.png").exists() and (tmp_path / "fig7a_gap_vs_n.png").exists()
+    _pngs_referenced(report)
+    with pytest.raises(ValueError, match="allowed"):
+        run_study("weights-vs-features", tmp_path, no_such_option=1)
+
+
+def test_magnitude_tiny(tmp_path: Path) -> None:
+    report = run_study("magnitude", tmp_path, datasets=("digits",), archs=("linear", "vgg6"), cs=(1, 10),
+                       ns=(2, 3), show_progress=False, **TRAIN)
+    rows = _csv(tmp_path / "magnitude.csv")
+    assert len(rows) == 2 * 2 * 2 * 5  # zoos × c × N × methods
+    lin = {(r["c"], r["N"], r["method"]): float(r["test_acc"]) for r in rows if r["zoo"] == "linear"}
+    assert lin[("1", "3", "uniform_soup")] == lin[("10", "3", "uniform_soup")] == lin[("10", "3", "logit_ensemble")]
+    bounds = _csv(tmp_path / "weight_bounds.csv")
+    assert all(b["max_bound_held"] == b["checks"] and b["var_bound_held"] == b["checks"] for b in bounds)
+    _pngs_referenced(report)
+
+
+def test_scaling_by_one_changes_nothing() -> None:
+    zoo = train_zoo("vgg6bn", "digits", 2, "shared", show_progress=False, **TRAIN)
+    sd = zoo.state_dicts()[0]
+    for which in ("all", "weights"):
+        same = scale_state_dict(sd, 1.0, which=which, include_bn_stats=True)  # type: ignore[arg-type]
+        assert all(torch.equal(sd[k], same[k]) for k in sd)
+    val, test = splits("digits", 0)
+    plain = ZooEval(zoo, val, test)
+    scaled = ZooEval(zoo, val, test, transform=lambda s: scale_state_dict(s, 1.0))
+    assert plain.soup_acc([0, 1], "test") == scaled.soup_acc([0, 1], "test")
+    assert plain.member_acc(1, "val") == scaled.member_acc(1, "val")
+    ten = scale_state_dict(sd, 10.0, which="weights")
+    assert torch.equal(ten["convs.0.weight"], sd["convs.0.weight"] * 10)
+    assert torch.equal(ten["convs.1.bias"], sd["convs.1.bias"])  # BN affine bias is not a weight kernel
+    assert torch.equal(ten["convs.1.running_var"], sd["convs.1.running_var"])
+
+
+def test_bounds_hold_on_random_weights() -> None:
+    g = torch.Generator().manual_seed(0)
+    members = [{"a": torch.randn(5, 4, generator=g) * (i + 1), "b": torch.randn(7, generator=g)} for i in range(4)]
+    checks = check_bounds(members, uniform_soup(members))
+    assert [c.name for c in checks] == ["a", "b", "*"]
+    assert all(c.max_bound_holds and c.var_bound_holds for c in checks)
+
+
+def test_templates_tiny(tmp_path: Path) -> None:
+    report = run_study("templates", tmp_path, datasets=("digits",), linear_epochs=2, cnn_arch="vgg6",
+                       cnn_dataset="digits", kernels_shown=4, show_progress=False, **TRAIN)
+    names = {p.name for p in tmp_path.glob("*.png")}
+    assert names == {"fig1_templates_digits.png", "fig2_avg_templates_digits.png", "fig_conv_kernels.png"}
+    rows = _csv(tmp_path / "templates.csv")
+    assert sum(r["kind"] == "template" for r in rows) == 10
+    _pngs_referenced(report)
