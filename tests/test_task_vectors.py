@@ -1,0 +1,154 @@
+"""The task-vector study: CART sweep helper vs cart_merge, and a smoke run on a tiny synthetic suite."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from mergelab.methods import cart_merge
+from mergelab.studies.task_vector_bench import CartSweep
+from mergelab.studies.task_vectors import Plan, make_suite, run, run_suite
+from mergelab.zoo.task_suite import FinetuneRecipe, Task, TaskData, TaskSuite
+
+
+def _states(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"w": torch.randn(8, 6, generator=g), "b": torch.randn(8, generator=g),
+             "frozen": torch.ones(4, 4), "steps": torch.tensor(3)} for _ in range(n)]
+
+
+@pytest.mark.parametrize(("ratio", "lam"), [(0.0, 1.0), (1 / 6, 1.0), (0.5, 2.5), (1.0, 3.0), (0.34, -0.5)])
+def test_cart_sweep_matches_cart_merge(ratio: float, lam: float) -> None:
+    states = _states(4)
+    merged = CartSweep(states).merge(ratio, lam)
+    for name in ("w", "b", "frozen"):
+        expected = cart_merge([s[name] for s in states], rank_ratio=ratio, lambda_=lam)
+        assert_close(merged[name], expected, atol=1e-5, rtol=1e-5)
+    assert merged["steps"] is states[0]["steps"]  # non-float tensors pass through
+
+
+# ---- a tiny suite: an MLP encoder on Gaussian blobs, three tasks with different label rules -------------------
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 12)
+        self.fc2 = nn.Linear(12, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc2(torch.relu(self.fc1(x))))
+
+
+class TinySuite(TaskSuite):
+    name = "tiny"
+    feature_dim = 8
+    RULES: ClassVar[dict[str, tuple[int, ...]]] = {"sum": (0, 1), "first": (0,), "last": (5,)}
+
+    def __init__(self, cache: Path, steps: int = 20) -> None:
+        tasks = tuple(Task(n, 2, f"sign of x[{cols}]") for n, cols in self.RULES.items())
+        super().__init__(tasks, FinetuneRecipe(steps=steps, batch_size=16, lr=1e-2, probe_steps=50),
+                         seed=3, cache=cache, show_progress=False)
+
+    def build_encoder(self) -> nn.Module:
+        torch.manual_seed(123)  # the "pretrained" weights: a fixed random MLP
+        return _Encoder()
+
+    def suite_recipe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def load_split(self, task: Task, split: str) -> TaskData:
+        seed = 10 * list(self.RULES).index(task.name) + ("train", "val", "test").index(split)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn({"train": 96, "val": 48, "test": 48}[split], 6, generator=g)
+        y = (x[:, list(self.RULES[task.name])].sum(1) > 0).long()
+        return TaskData(x, y)
+
+
+def test_tiny_suite_caches_fine_tunes(tmp_path: Path) -> None:
+    first = TinySuite(tmp_path).finetuned()
+    assert all(ft.history.get("trained_now") for ft in first.values())
+    again = TinySuite(tmp_path).finetuned()
+    for name, ft in again.items():
+        assert not ft.history.get("trained_now")
+        assert ft.cache_key == first[name].cache_key
+        for k, v in ft.state.items():
+            assert torch.equal(v, first[name].state[k])
+    task = TinySuite(tmp_path).tasks[0]
+    assert TinySuite(tmp_path, steps=21).cache_key(task) != first["sum"].cache_key  # the recipe is in the key
+
+
+def test_study_smoke_on_tiny_suite(tmp_path: Path) -> None:
+    plan = Plan(ta_lambdas=(0.3, 1.0), ties_lambdas=(1.0,), dare_lambdas=(1.0,), cart_ranks=(0.25, 0.5),
+                cart_lambdas=(1.0, 2.0), interference_ratios=(0.25, 0.5, 1.0), scaling_subsets=1,
+                scaling_cart_ranks=(0.25,), scaling_cart_lambdas=(1.0,), fisher_examples=8, gram_examples=32)
+    report = run_suite(tmp_path / "out", TinySuite(tmp_path / "cache"), plan, quick=True, seed=5)
+    out = report.parent
+    html = report.read_text()
+    assert html.count("data:image/png;base64") == 4
+    for fig in ("methods", "cart_rank_sweep", "interference", "scaling"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
+    with (out / "tables" / "methods.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    names = [r["method"] for r in rows]
+    for label in ("individual fine-tuned", "pretrained (probe heads)", "weight averaging", "task arithmetic",
+                  "TIES", "DARE-TIES", "Model Stock", "Fisher", "RegMean", "CART", "logit ensemble (reference)"):
+        assert label in names
+    individual = next(r for r in rows if r["method"] == "individual fine-tuned")
+    assert float(individual["test norm. acc (%)"]) == pytest.approx(100.0)
+    record = json.loads((out / "mergelab.json").read_text())
+    assert record["seed"] == 5 and record["suite"]["seed"] == 3
+    assert set(record["selected"]) >= {"cart", "task_arithmetic"}
+    assert record["selected"]["cart"]["params"]["rank_ratio"] in (0.25, 0.5)
+    with (out / "tables" / "scaling.csv").open() as f:
+        ts = {int(r["T"]) for r in csv.DictReader(f)}
+    assert ts == {2, 3}
+    with (out / "tables" / "cart_sweep.csv").open() as f:
+        sweep = list(csv.DictReader(f))
+    # ratios 0 and 1 are weight averaging for every λ
+    ends = {round(float(r["val_norm_acc"]), 9) for r in sweep if float(r["rank_ratio"]) in (0.0, 1.0)}
+    assert len(ends) == 1
+    for stem in ("tasks", "methods", "per_task_accuracy", "cart_sweep", "interference", "scaling_summary"):
+        assert (out / "tables" / f"{stem}.md").exists()
+
+
+def test_unknown_suite_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown suite 'audio'"):
+        run(tmp_path, suite="audio")
+    with pytest.raises(ValueError, match="unknown suite"):
+        make_suite("audio", quick=True, seed=0)
+
+
+def test_make_suite_quick_is_smaller_and_lazy() -> None:
+    # building the suites loads no data and no model (the text backbone is imported on first use)
+    for name in ("vision", "text"):
+        quick_suite, quick_plan = make_suite(name, quick=True, seed=1)
+        full_suite, full_plan = make_suite(name, quick=False, seed=1)
+        assert quick_suite.seed == 1 and quick_suite.name == name
+        assert len(quick_suite.tasks) <= len(full_suite.tasks)
+        assert quick_suite.recipe.steps < full_suite.recipe.steps
+        assert len(quick_plan.cart_ranks) * len(quick_plan.cart_lambdas) < \
+            len(full_plan.cart_ranks) * len(full_plan.cart_lambdas)
+        assert not quick_suite._data
+
+
+def test_verdicts_follow_the_numbers() -> None:
+    from mergelab.analysis.interference import CurvePoint
+    from mergelab.studies.task_vectors import _verdicts
+
+    def point(centred: bool, ratio: float, value: float) -> CurvePoint:
+        return CurvePoint(centred, ratio, value, value / 2, value / 4, 0.5, 1.0, 3)
+
+    curve = [point(False, 0.1, 2.0), point(True, 0.1, 1.0), point(False, 0.5, 2.0), point(True, 0.5, 3.0)]
+    norm = {"cart": 90.0, "task_arithmetic": 85.0, "weight_averaging": 91.0}
+    peak = {"rank_ratio": 0.08, "lambda": 1.0, "val_norm_acc": 93.0, "test_norm_acc": 92.0, "wa_val": 90.0}
+    v = _verdicts(norm, peak, curve)
+    assert [x.held for x in v] == [True, False, True, None]
+    assert [x.held for x in _verdicts(norm, {**peak, "val_norm_acc": 90.5}, curve)][2] is None  # < 1 point: mixed
+    assert [x.held for x in _verdicts(norm, {**peak, "rank_ratio": 0.5}, curve)][2] is False  # peak not low
+    assert _verdicts(norm, None, curve)[2].held is None
