@@ -214,7 +214,8 @@ def main() -> None:
               f"device {args.device}, {os.cpu_count()} CPUs, torch {torch.__version__}. I/O floor (read inputs once + "
               f"write one output, warm cache): {floor:.2f} s.\n\n")
     table = ("| method | mergelab s | mergekit s | time mergelab/mergekit | mergelab/floor | mergelab peak RSS MiB "
-             "| mergekit peak RSS MiB | RSS mergelab/mergekit | max abs diff |\n|---|---|---|---|---|---|---|---|---|\n")
+             "| mergekit peak RSS MiB | RSS mergelab/mergekit | max abs diff |\n"
+             "|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
         diff = "random masks differ" if r["method"] == "dare_ties" else f"{r['max_abs_diff']:.3g}"
         table += (f"| {r['method']} | {r['mergelab_s']:.2f} | {r['mergekit_s']:.2f} | {r['time_ratio']:.2f} | "

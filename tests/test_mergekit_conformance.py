@@ -46,7 +46,8 @@ def _configs(base: Path, fts: list[Path]) -> dict[str, dict[str, Any]]:
             {"model": p, "parameters": {"weight": w}} for p, w in zip(m, (0.5, 0.7, [0.2, 1.0]))],
             "parameters": {"lambda": 0.8}, "dtype": "float32"},
         "ties": {"merge_method": "ties", "base_model": b, "models": [
-            {"model": p, "parameters": {"weight": w, "density": d}} for p, w, d in zip(m, (1.0, 0.6, 0.8), (0.3, 0.5, 0.9))],
+            {"model": p, "parameters": {"weight": w, "density": d}}
+            for p, w, d in zip(m, (1.0, 0.6, 0.8), (0.3, 0.5, 0.9))],
             "parameters": {"normalize": True}, "dtype": "float32"},
         "ties_unnormalized": {"merge_method": "ties", "base_model": b, "models": [
             {"model": p, "parameters": {"weight": 0.7, "density": 0.4}} for p in m],

@@ -1,0 +1,32 @@
+"""Permutation alignment (Git Re-Basin weight matching), BatchNorm reset and loss barriers."""
+
+from mergelab.align.barrier import PathResult, barrier_height, evaluate, interpolate, linear_path
+from mergelab.align.bn_reset import has_batchnorm, reset_bn_stats
+from mergelab.align.specs import (
+    PermutationSpec,
+    apply_permutation,
+    identity_permutation,
+    invert,
+    random_permutation,
+    spec_for,
+)
+from mergelab.align.weight_matching import MatchResult, align, weight_matching
+
+__all__ = [
+    "MatchResult",
+    "PathResult",
+    "PermutationSpec",
+    "align",
+    "apply_permutation",
+    "barrier_height",
+    "evaluate",
+    "has_batchnorm",
+    "identity_permutation",
+    "interpolate",
+    "invert",
+    "linear_path",
+    "random_permutation",
+    "reset_bn_stats",
+    "spec_for",
+    "weight_matching",
+]

@@ -1,0 +1,99 @@
+"""Loss and accuracy along the linear path θ(α) = (1 − α) θ_A + α θ_B, and the barrier height.
+
+The barrier (Frankle et al. 2020; Entezari et al. 2022) is the largest rise of the loss above the straight
+line between the endpoints' losses: ``max_α L(θ(α)) − ((1 − α) L(θ_A) + α L(θ_B))``. It is zero when the
+two models lie in one linearly connected basin. For accuracy the same gap is measured downwards.
+Interpolation goes through :func:`mergelab.merge_state_dicts` (method ``linear``), like every other merge.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mergelab import merge_state_dicts
+from mergelab.align.bn_reset import reset_bn_stats
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PathResult:
+    alphas: list[float]
+    losses: list[float]
+    accuracies: list[float]
+
+    @property
+    def loss_barrier(self) -> float:
+        return barrier_height(self.alphas, self.losses)
+
+    @property
+    def accuracy_barrier(self) -> float:
+        return barrier_height(self.alphas, [-a for a in self.accuracies])
+
+
+def barrier_height(alphas: Sequence[float], values: Sequence[float]) -> float:
+    """``max_α [v(α) − ((1 − α) v(0) + α v(1))]``, with ``alphas`` running from 0 to 1 (never negative)."""
+    if len(alphas) != len(values) or len(alphas) < 2:
+        raise ValueError("need matching alphas and values, at least the two endpoints")
+    a = np.asarray(alphas, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    line = (1 - a) * v[0] + a * v[-1]
+    return float(max(0.0, np.max(v - line)))
+
+
+def interpolate(a: StateDict, b: StateDict, alpha: float) -> dict[str, torch.Tensor]:
+    """``(1 − α) a + α b`` tensor by tensor (integer buffers such as BN counters come from ``a``).
+
+    The endpoints are returned as exact copies: a weighted average with a zero weight is exact anyway, but
+    this keeps the path's endpoints bit-identical to the models whatever the method's arithmetic.
+    """
+    if alpha == 0.0:
+        return {k: v.clone() for k, v in a.items()}
+    if alpha == 1.0:
+        return {k: (b[k] if v.is_floating_point() else v).clone() for k, v in a.items()}
+    return merge_state_dicts([a, b], "linear", weights=[1.0 - alpha, alpha])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """(mean cross-entropy in nats, accuracy in [0, 1]) in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss, correct = 0.0, 0
+    for i in range(0, x.shape[0], batch_size):
+        logits = model(x[i:i + batch_size].to(device))
+        target = y[i:i + batch_size].to(device)
+        loss += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(1) == target).sum())
+    n = max(1, x.shape[0])
+    return loss / n, correct / n
+
+
+def linear_path(model: nn.Module, a: StateDict, b: StateDict, x: torch.Tensor, y: torch.Tensor, *,
+                points: int = 25, bn_reset_x: torch.Tensor | None = None, bn_batches: int = 10,
+                seed: int = 0) -> PathResult:
+    """Loss and accuracy on (``x``, ``y``) at ``points`` evenly spaced α ∈ [0, 1].
+
+    ``model`` is a skeleton of the right architecture (its weights are not changed). With ``bn_reset_x``,
+    BatchNorm statistics are re-estimated on it at every interior point (the endpoints keep their own).
+    """
+    if points < 2:
+        raise ValueError("a path needs at least 2 points")
+    net = copy.deepcopy(model)
+    alphas = [float(v) for v in np.linspace(0.0, 1.0, points)]
+    losses, accs = [], []
+    for alpha in alphas:
+        net.load_state_dict(interpolate(a, b, alpha))
+        if bn_reset_x is not None and 0.0 < alpha < 1.0:
+            reset_bn_stats(net, bn_reset_x, num_batches=bn_batches, seed=seed)
+        loss, acc = evaluate(net, x, y)
+        losses.append(loss)
+        accs.append(acc)
+    return PathResult(alphas, losses, accs)

@@ -1,0 +1,289 @@
+"""Git Re-Basin study: do independently trained models become linearly connected after weight matching?
+
+For every architecture × dataset × seed (one job each, run through an executor): train ``n_models`` members
+from independent random initialisations, then
+
+1. measure test loss and accuracy along the linear path A → B at ``points`` values of α, for the naive
+   interpolation, after aligning B to A by weight matching, and (BatchNorm nets) after aligning and
+   re-estimating BatchNorm statistics at every point; the naive path with a BN reset too, to show that
+   the reset alone does not fix an unaligned interpolation;
+2. average the first N members (uniform soup) with and without aligning members 2..N to the first, for
+   every N in ``soup_sizes``, next to the members' mean accuracy and their logit ensemble.
+
+Writes ``path.csv``, ``barriers.csv/.md``, ``soups.csv/.md``, PNG figures, ``report.html`` and
+``mergelab.json`` (options, seeds, zoo recipes).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.align import align, has_batchnorm, linear_path, reset_bn_stats, spec_for
+from mergelab.align.barrier import evaluate
+from mergelab.ensemble import ensemble_logits
+from mergelab.executor import get_executor
+from mergelab.report import FigureRef, Report, Section, Table, Verdict
+from mergelab.report.plots import line_panels
+from mergelab.soups import uniform_soup
+from mergelab.studies.common import apply_options, write_record
+from mergelab.zoo.cache import cache_dir
+from mergelab.zoo.data import load_dataset
+from mergelab.zoo.train import train_zoo
+
+VARIANTS = ("naive", "naive+bn_reset", "aligned", "aligned+bn_reset")
+LABELS = {"naive": "naive", "naive+bn_reset": "naive + BN reset", "aligned": "aligned (weight matching)",
+          "aligned+bn_reset": "aligned + BN reset"}
+
+
+@dataclass(frozen=True)
+class RebasinConfig:
+    archs: tuple[str, ...] = ("mlp2", "vgg6", "vgg6bn", "resnet8")
+    datasets: tuple[str, ...] = ("digits", "mnist5k")
+    seeds: tuple[int, ...] = (0, 1)
+    n_models: int = 5
+    soup_sizes: tuple[int, ...] = (2, 3, 5)
+    # barriers after alignment shrink with width (Ainsworth et al. 2023, fig. 4): the full run uses twice the
+    # quick run's width
+    width: int = 32
+    epochs: int = 15  # after pretrain_epochs: independent members train pretrain_epochs + epochs in all
+    pretrain_epochs: int = 5
+    n_train: int | None = None
+    points: int = 25
+    bn_batches: int = 10  # batches of 128 training examples for each BatchNorm reset
+    n_test: int | None = None  # class-stratified test subset for the path (None: the whole test split)
+    split_seed: int = 0
+
+
+# 8×8 digits: well-trained CNNs (97-99 % test accuracy) in seconds each, so the quick run shows the effects
+# rather than the noise of under-trained models (measured: about a minute on 2 cores)
+QUICK = RebasinConfig(datasets=("digits",), seeds=(0,), n_models=3, soup_sizes=(2, 3), width=16, bn_batches=5)
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """One grid cell: everything a worker needs (picklable, no open files)."""
+
+    arch: str
+    dataset: str
+    seed: int
+    config: RebasinConfig
+    cache: str
+
+
+@dataclass
+class CellResult:
+    path: list[dict[str, Any]] = field(default_factory=list)
+    barriers: list[dict[str, Any]] = field(default_factory=list)
+    soups: list[dict[str, Any]] = field(default_factory=list)
+    zoo: dict[str, Any] = field(default_factory=dict)
+
+
+def _soup_row(model: torch.nn.Module, sds: Sequence[dict[str, torch.Tensor]], x: torch.Tensor, y: torch.Tensor,
+              bn_x: torch.Tensor | None, bn_batches: int, seed: int) -> float:
+    net = copy.deepcopy(model)
+    net.load_state_dict(uniform_soup(sds))
+    if bn_x is not None:
+        reset_bn_stats(net, bn_x, num_batches=bn_batches, seed=seed)
+    return 100.0 * evaluate(net, x, y)[1]
+
+
+def run_cell(job: CellJob) -> CellResult:
+    """Train (or load) one zoo, then measure paths and soups. Deterministic given the job."""
+    cfg = job.config
+    zoo = train_zoo(job.arch, job.dataset, cfg.n_models, "independent", cache=Path(job.cache), workers=1,
+                    show_progress=False, epochs=cfg.epochs, pretrain_epochs=cfg.pretrain_epochs, width=cfg.width,
+                    n_train=cfg.n_train, split_seed=cfg.split_seed, seed=job.seed)
+    test = load_dataset(job.dataset, "test", cfg.split_seed).subset(cfg.n_test, seed=cfg.split_seed)
+    train = load_dataset(job.dataset, "train", cfg.split_seed).subset(cfg.n_train, seed=cfg.split_seed)
+    models = zoo.models
+    sds = zoo.state_dicts()
+    spec = spec_for(models[0])
+    bn = has_batchnorm(models[0])
+    key = {"arch": job.arch, "dataset": job.dataset, "seed": job.seed}
+    out = CellResult(zoo={**key, "member_seeds": zoo.member_seeds, "cache_keys": zoo.cache_keys,
+                          "recipe": dataclasses.asdict(zoo.config)})
+
+    start = time.perf_counter()
+    b_aligned, match = align(spec, sds[0], sds[1], seed=job.seed)
+    match_seconds = time.perf_counter() - start
+    variants = {"naive": (sds[1], False), "aligned": (b_aligned, False)}
+    if bn:
+        variants = {"naive": (sds[1], False), "naive+bn_reset": (sds[1], True),
+                    "aligned": (b_aligned, False), "aligned+bn_reset": (b_aligned, True)}
+    for name, (b, reset) in variants.items():
+        res = linear_path(models[0], sds[0], b, test.x, test.y, points=cfg.points,
+                          bn_reset_x=train.x if reset else None, bn_batches=cfg.bn_batches, seed=job.seed)
+        for a, loss, acc in zip(res.alphas, res.losses, res.accuracies, strict=True):
+            out.path.append({**key, "variant": name, "alpha": a, "test_loss": loss, "test_acc": 100.0 * acc})
+        mid = len(res.alphas) // 2
+        out.barriers.append({**key, "variant": name, "loss_barrier": res.loss_barrier,
+                             "acc_barrier": 100.0 * res.accuracy_barrier, "acc_A": 100.0 * res.accuracies[0],
+                             "acc_B": 100.0 * res.accuracies[-1], "acc_mid": 100.0 * res.accuracies[mid],
+                             "match_sweeps": match.sweeps, "match_seconds": match_seconds})
+
+    # soups: members 2..N aligned to the first one (each matched to member 0 on its own)
+    aligned = [sds[0]] + [align(spec, sds[0], sd, seed=job.seed + i)[0] for i, sd in enumerate(sds[1:], start=1)]
+    member_logits = [evaluate_logits(m, test.x) for m in models]
+    for n in cfg.soup_sizes:
+        if n > len(sds):
+            continue
+        accs = [100.0 * float((lg.argmax(1) == test.y).double().mean()) for lg in member_logits[:n]]
+        ens = ensemble_logits(member_logits[:n])
+        row = {**key, "N": n, "members_mean": sum(accs) / n,
+               "ensemble": 100.0 * float((ens.argmax(1) == test.y).double().mean()),
+               "naive": _soup_row(models[0], sds[:n], test.x, test.y, None, cfg.bn_batches, job.seed),
+               "aligned": _soup_row(models[0], aligned[:n], test.x, test.y, None, cfg.bn_batches, job.seed)}
+        if bn:
+            row["naive+bn_reset"] = _soup_row(models[0], sds[:n], test.x, test.y, train.x, cfg.bn_batches, job.seed)
+            row["aligned+bn_reset"] = _soup_row(models[0], aligned[:n], test.x, test.y, train.x, cfg.bn_batches,
+                                                job.seed)
+        out.soups.append(row)
+    return out
+
+
+@torch.no_grad()
+def evaluate_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+def run_grid(config: RebasinConfig, *, seed_offset: int = 0, executor: str = "local", cache: Path | None = None,
+             show_progress: bool = True) -> list[CellResult]:
+    """Every (arch, dataset, seed) cell through the executor; results in grid order."""
+    root = str(cache or cache_dir())
+    jobs = [CellJob(a, d, s + seed_offset, config, root)
+            for a in config.archs for d in config.datasets for s in config.seeds]
+    with get_executor(executor, show_progress=show_progress) as ex:
+        return ex.map(run_cell, jobs, desc="rebasin cells")
+
+
+def _fmt_variant_table(rows: list[dict[str, Any]], value: str) -> list[dict[str, Any]]:
+    """One row per (arch, dataset, seed), one column per variant ('—' where it does not apply)."""
+    table: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in rows:
+        k = (r["arch"], r["dataset"], r["seed"])
+        row = table.setdefault(k, {"arch": k[0], "dataset": k[1], "seed": k[2], "acc A / B": (
+            f"{r['acc_A']:.1f} / {r['acc_B']:.1f}")})
+        row[LABELS[r["variant"]]] = r[value]
+    for row in table.values():
+        for v in VARIANTS:
+            row.setdefault(LABELS[v], "—")
+    return list(table.values())
+
+
+def write_outputs(out: Path, config: RebasinConfig, results: Sequence[CellResult], started: float,
+                  seed: int, executor: str) -> Path:
+    from mergelab.report.tables import write_csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    path_rows = [r for c in results for r in c.path]
+    barrier_rows = [r for c in results for r in c.barriers]
+    soup_rows = [r for c in results for r in c.soups]
+    write_csv(path_rows, out / "path.csv")
+    variant_cols = ["arch", "dataset", "seed", "acc A / B", *[LABELS[v] for v in VARIANTS]]
+    loss_table = Table("Loss barrier on the A→B path (test cross-entropy, nats; lower is better)",
+                       _fmt_variant_table(barrier_rows, "loss_barrier"), columns=variant_cols, floatfmt="{:.3f}",
+                       note="Barrier = max over α of L(θ(α)) minus the straight line between the endpoint losses. "
+                            "'—': no BatchNorm, so the BN reset does not apply.")
+    acc_table = Table("Accuracy barrier on the A→B path (test accuracy, percentage points; lower is better)",
+                      _fmt_variant_table(barrier_rows, "acc_barrier"), columns=variant_cols, floatfmt="{:.1f}")
+    soup_cols = ["arch", "dataset", "seed", "N", "members_mean", "ensemble", "naive", "aligned", "naive+bn_reset",
+                 "aligned+bn_reset"]
+    soup_table = Table("Uniform soups of N independently trained models (test accuracy, %)",
+                       [{c: r.get(c, "—") for c in soup_cols} for r in soup_rows], columns=soup_cols,
+                       floatfmt="{:.1f}", headers={"members_mean": "members (mean)", "ensemble": "logit ensemble",
+                                                   "naive": "soup", "aligned": "aligned soup",
+                                                   "naive+bn_reset": "soup + BN reset",
+                                                   "aligned+bn_reset": "aligned soup + BN reset"},
+                       note="Members 2..N are each aligned to member 1 by weight matching before averaging.")
+    loss_table.write_csv(out / "barriers.csv")
+    write_csv(barrier_rows, out / "barriers_long.csv")
+    soup_table.write_csv(out / "soups.csv")
+    (out / "barriers.md").write_text(loss_table.to_markdown() + "\n\n" + acc_table.to_markdown() + "\n")
+    (out / "soups.md").write_text(soup_table.to_markdown() + "\n")
+
+    figures = _figures(out, path_rows, soup_rows)
+    naive = {(r["arch"], r["dataset"], r["seed"]): r["loss_barrier"] for r in barrier_rows if r["variant"] == "naive"}
+    best = {}
+    for r in barrier_rows:
+        if r["variant"] != "naive":
+            k = (r["arch"], r["dataset"], r["seed"])
+            best[k] = min(best.get(k, float("inf")), r["loss_barrier"])
+    lower = sum(best[k] < naive[k] for k in naive)
+    soup_wins = sum(max(r.get("aligned", 0), r.get("aligned+bn_reset", 0)) > max(r.get("naive", 0),
+                    r.get("naive+bn_reset", 0)) for r in soup_rows)
+    verdicts = [
+        Verdict("Alignment lowers the loss barrier between independently trained models",
+                lower == len(naive) if naive else None, f"lower in {lower}/{len(naive)} cells"),
+        Verdict("Aligned soups beat naive soups", soup_wins == len(soup_rows) if soup_rows else None,
+                f"better in {soup_wins}/{len(soup_rows)} (cell, N)"),
+    ]
+    report = Report("Git Re-Basin: permutation alignment, loss barriers and aligned soups",
+                    intro="Independently trained models are interpolated linearly before and after weight "
+                          "matching (Ainsworth et al. 2023), with BatchNorm statistics re-estimated where the "
+                          "network has them (REPAIR-style reset, Jordan et al. 2023).",
+                    meta={"seed": seed, "executor": executor, "config": dataclasses.asdict(config)})
+    report.add(
+        Section("Barriers along the linear path", verdicts=verdicts[:1], tables=[loss_table, acc_table],
+                figures=figures[:2]),
+        Section("Soups of N models", verdicts=verdicts[1:], tables=[soup_table], figures=figures[2:]),
+    )
+    (out / "report.md").write_text(report.to_markdown())
+    write_record(out, "rebasin", config, [], started,
+                 extra={"seed": seed, "executor": executor, "zoos": [c.zoo for c in results]})
+    return report.write(out / "report.html")
+
+
+def _figures(out: Path, path_rows: list[dict[str, Any]], soup_rows: list[dict[str, Any]]) -> list[FigureRef]:
+    cells = list(dict.fromkeys((r["arch"], r["dataset"], r["seed"]) for r in path_rows))  # grid order
+    figs = []
+    for metric, ylabel, fname in (("test_loss", "test loss (cross-entropy, nats)", "path_loss.png"),
+                                  ("test_acc", "test accuracy (%)", "path_accuracy.png")):
+        panels = {}
+        for a, d, s in cells:
+            series: dict[str, list[float]] = {}
+            xs: list[float] = []
+            for r in path_rows:
+                if (r["arch"], r["dataset"], r["seed"]) == (a, d, s):
+                    series.setdefault(LABELS[r["variant"]], []).append(r[metric])
+                    if r["variant"] == "naive":
+                        xs.append(r["alpha"])
+            panels[f"{a} / {d} / seed {s}"] = (xs, series)
+        figs.append(FigureRef(line_panels(panels, out / fname, xlabel="interpolation weight α (0 = A, 1 = B)",
+                                          ylabel=ylabel, title=f"Linear path A→B: {ylabel}"),
+                              f"{ylabel} along θ(α) = (1−α)θ_A + αθ_B"))
+    soup_panels = {}
+    for a, d, s in dict.fromkeys((r["arch"], r["dataset"], r["seed"]) for r in soup_rows):
+        rows = [r for r in soup_rows if (r["arch"], r["dataset"], r["seed"]) == (a, d, s)]
+        series = {name: [r[col] for r in rows] for col, name in (
+            ("members_mean", "members (mean)"), ("ensemble", "logit ensemble"), ("naive", "soup"),
+            ("aligned", "aligned soup"), ("naive+bn_reset", "soup + BN reset"),
+            ("aligned+bn_reset", "aligned soup + BN reset")) if col in rows[0]}
+        soup_panels[f"{a} / {d} / seed {s}"] = ([float(r["N"]) for r in rows], series)
+    if soup_panels:
+        figs.append(FigureRef(line_panels(soup_panels, out / "soups.png", xlabel="N (models averaged)",
+                                          ylabel="test accuracy (%)", title="Uniform soups with and without alignment"),
+                              "test accuracy of uniform soups of the first N members"))
+    return figs
+
+
+def run(out: Path, *, quick: bool = False, seed: int = 0, executor: str = "local",
+        config: RebasinConfig | None = None, cache: Path | None = None, show_progress: bool = True,
+        **options: Any) -> Path:
+    """Run the study into ``out``; returns the HTML report's path. ``seed`` offsets every zoo seed.
+
+    ``options`` are :class:`RebasinConfig` fields applied on top of the quick or full grid
+    (e.g. ``archs=("mlp2",)``); ``executor`` is ``local``, ``local:N``, ``ray`` or ``ray:ADDRESS``.
+    """
+    started = time.perf_counter()
+    cfg = apply_options(config or (QUICK if quick else RebasinConfig()), options)
+    results = run_grid(cfg, seed_offset=seed, executor=executor, cache=cache, show_progress=show_progress)
+    return write_outputs(Path(out), cfg, results, started, seed, executor)
