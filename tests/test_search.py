@@ -116,3 +116,20 @@ def test_evaluator_from_a_file_next_to_the_config(tmp_path: Path) -> None:
     (tmp_path / "my_eval.py").write_text("def f(state_dict, **kw):\n    return 1.5\n")
     fn = resolve_callable("my_eval.py:f", str(tmp_path))
     assert fn({}) == 1.5
+
+
+def test_cli_search_writes_the_best_config_and_refuses_an_existing_out(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    config = make_problem(tmp_path / "problem")
+    out = tmp_path / "out"
+    args = ["search", str(config), "-o", str(out), "--generations", "1", "--population", "3", "--executor",
+            "local:0"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert (out / "best_config.yaml").is_file() and "best config" in first.output
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0

@@ -39,7 +39,8 @@ def _pngs_referenced(report: Path) -> None:
 
 
 def test_registry() -> None:
-    assert set(STUDIES) == set(DESCRIPTIONS) == {"weights-vs-features", "magnitude", "templates"}
+    assert set(STUDIES) == set(DESCRIPTIONS) == {"weights-vs-features", "magnitude", "templates", "task-vectors",
+                                                 "rebasin", "merge-search"}
     with pytest.raises(ValueError, match="magnitude"):
         run_study("nope", Path("/tmp/x"))
 
@@ -108,3 +109,9 @@ def test_templates_tiny(tmp_path: Path) -> None:
     rows = _csv(tmp_path / "templates.csv")
     assert sum(r["kind"] == "template" for r in rows) == 10
     _pngs_referenced(report)
+
+
+def test_study_rejects_an_option_it_does_not_take(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="takes no option executor"):
+        run_study("task-vectors", tmp_path / "x", quick=True, executor="ray")
+    assert not (tmp_path / "x").exists()

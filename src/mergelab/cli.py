@@ -78,12 +78,21 @@ def methods(
     console.print(table)
 
 
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        _fail(FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite"))
+
+
 @app.command()
 def study(
     name: Annotated[str, typer.Argument(help="study name; `mergelab study --list` shows them")] = "",
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("runs/study"),
     quick: Annotated[bool, typer.Option(help="reduced grid that runs in minutes")] = False,
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
+    suite: Annotated[Optional[str], typer.Option(help="task-vectors only: text or vision")] = None,  # noqa: UP045
+    executor: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="rebasin, merge-search: local (processes), local:N, ray, or ray:ADDRESS")] = None,
+    overwrite: Annotated[bool, typer.Option(help="write into an existing, non-empty OUT")] = False,
     list_: Annotated[bool, typer.Option("--list", help="list the studies")] = False,
 ) -> None:
     """Run a study; writes CSV + Markdown tables, PNG plots and report.html into OUT."""
@@ -93,8 +102,10 @@ def study(
         for key, desc in studies.DESCRIPTIONS.items():
             console.print(f"[bold]{key}[/]: {desc}")
         return
+    _refuse_existing(out, overwrite)
+    options = {k: v for k, v in {"suite": suite, "executor": executor}.items() if v is not None}
     try:
-        report = studies.run_study(name, out, quick=quick, seed=seed)
+        report = studies.run_study(name, out, quick=quick, seed=seed, **options)
     except (MergeLabError, ValueError, KeyError) as exc:
         _fail(exc)
         return
@@ -102,13 +113,38 @@ def study(
 
 
 @app.command()
+def search(
+    config: Annotated[Path, typer.Argument(help="search YAML: a merge config + search space + evaluator")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("runs/search"),
+    generations: Annotated[Optional[int], typer.Option(help="override search.generations")] = None,  # noqa: UP045
+    population: Annotated[Optional[int], typer.Option(help="override search.population")] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option(help="override search.seed")] = None,  # noqa: UP045
+    executor: Annotated[str, typer.Option(help="local (processes), local:N, ray, or ray:ADDRESS")] = "local",
+    overwrite: Annotated[bool, typer.Option(help="write into an existing, non-empty OUT")] = False,
+) -> None:
+    """CMA-ES search of per-layer merge coefficients; saves best_config.yaml that `mergelab merge` reproduces."""
+    from mergelab.search.run import run_search
+
+    _refuse_existing(out, overwrite)
+    try:
+        best = run_search(config, out, generations=generations, population=population, seed=seed,
+                          executor=executor)
+    except (MergeLabError, ValueError, KeyError, FileNotFoundError) as exc:
+        _fail(exc)
+        return
+    console.print(f"best config: {best}  (scores per generation: {best.parent / 'scores.png'})")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="write into an existing, non-empty OUT")] = False,
 ) -> None:
     """A few-minute run of the weight-averaging studies with an HTML report (the README's main job)."""
     from mergelab.studies.demo import run_demo
 
+    _refuse_existing(out, overwrite)
     report = run_demo(out, seed=seed)
     console.print(f"report: {report}")
 

@@ -9,6 +9,7 @@ errors that list the allowed ones.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ _MODULES = {
     "weights-vs-features": "mergelab.studies.weights_vs_features",
     "magnitude": "mergelab.studies.magnitude",
     "templates": "mergelab.studies.templates",
+    "task-vectors": "mergelab.studies.task_vectors",
+    "rebasin": "mergelab.studies.rebasin",
+    "merge-search": "mergelab.studies.multitask_search",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -26,12 +30,25 @@ DESCRIPTIONS: dict[str, str] = {
                  "max-norm and variance bounds of averaging (Fig. 4, 7b, 7c).",
     "templates": "Linear-classifier weights as class templates, averaged templates of classes i and i+5, and "
                  "first-layer conv kernels (Fig. 1, Fig. 2).",
+    "task-vectors": "CART vs weight averaging, task arithmetic, TIES, DARE-TIES, Model Stock, Fisher, RegMean on "
+                    "all-MiniLM-L6-v2 (--suite text) or a ViT multi-task suite (--suite vision): rank × λ sweep, "
+                    "interference I(k) and reconstruction error R(k), accuracy vs number of tasks.",
+    "rebasin": "Git Re-Basin weight matching: loss/accuracy barriers along A→B (naive, aligned, + BatchNorm reset) "
+               "and uniform soups of independently trained models with and without alignment.",
+    "merge-search": "CMA-ES search of per-layer task-arithmetic weights on a multi-task suite, against the best "
+                    "hand-tuned λ (validation drives the search, test is reported).",
 }
 
 
 def _runner(name: str) -> Callable[..., Path]:
     def run(out: Path, *, quick: bool = False, seed: int = 0, **options: Any) -> Path:
         module = importlib.import_module(_MODULES[name])  # lazy: importing studies stays cheap
+        params = inspect.signature(module.run).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        unknown = sorted(k for k in options if k not in params and not takes_any)
+        if unknown:
+            allowed = sorted(k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+            raise ValueError(f"study '{name}' takes no option {', '.join(unknown)}; its options: {', '.join(allowed)}")
         return module.run(Path(out), quick=quick, seed=seed, **options)
 
     run.__name__ = name.replace("-", "_")
