@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from mergelab.executor import LocalExecutor, get_executor
 from mergelab.studies.rebasin import RebasinConfig, run_grid
@@ -47,3 +48,16 @@ def test_ray_executor_returns_the_same_table_as_the_local_one(tmp_path: Path) ->
         ray.shutdown()
     assert _cells(remote) == _cells(local)
     assert len(local) == 2 and len(local[1].path) == 4 * TINY.points  # vgg6bn: naive/aligned × BN reset or not
+
+
+def test_zoo_training_through_executors_gives_the_same_models(tmp_path: Path) -> None:
+    from mergelab.zoo.train import train_zoo
+
+    tiny = {"n_train": 200, "epochs": 1, "pretrain_epochs": 1, "width": 4, "batch_size": 50}
+    direct = train_zoo("vgg6bn", "digits", 2, "shared", cache=tmp_path / "a", workers=1, show_progress=False,
+                       **tiny)
+    pooled = train_zoo("vgg6bn", "digits", 2, "shared", cache=tmp_path / "b", executor="local:2",
+                       show_progress=False, **tiny)
+    assert pooled.trained == 2 and pooled.cache_keys == direct.cache_keys
+    for a, b in zip(direct.state_dicts(), pooled.state_dicts(), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -54,6 +54,7 @@ class Config:
     split_seed: int = 0
     seed: int = 0
     workers: int | None = None
+    executor: str | None = None  # train the zoos as executor jobs: local, local:N, ray, ray:ADDRESS
 
 
 QUICK = Config(archs=("vgg6bn", "linear"), cs=(1, 10, 50, 110), ns=(2, 3, 5), epochs=1, pretrain_epochs=2,
@@ -237,7 +238,7 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
                                  pretrain_epochs=cfg.pretrain_epochs, n_train=cfg.n_train, width=cfg.width,
                                  split_seed=cfg.split_seed, seed=cfg.seed), max(cfg.ns))
              for d in cfg.datasets for a in cfg.archs]
-    zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress)
+    zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress, executor=cfg.executor)
     n = cfg.scatter_n or max(cfg.ns)
     rows: list[dict[str, Any]] = []
     bounds: list[dict[str, Any]] = []

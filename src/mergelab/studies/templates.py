@@ -41,6 +41,7 @@ class Config:
     split_seed: int = 0
     seed: int = 0
     workers: int | None = None
+    executor: str | None = None  # train the zoos as executor jobs: local, local:N, ray, ray:ADDRESS
 
 
 QUICK = Config(datasets=("mnist5k",), linear_epochs=2, cnn_arch="vgg6bn", epochs=1, pretrain_epochs=2,
@@ -98,7 +99,7 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     specs = [_linear_spec(cfg, ds) for ds in cfg.datasets] + [_cnn_spec(cfg, "shared"), _cnn_spec(cfg, "independent")]
-    zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress)
+    zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress, executor=cfg.executor)
     lin_zoos, cnn_shared, cnn_indep = zoos[:len(cfg.datasets)], zoos[-2], zoos[-1]
     figs: list[FigureRef] = []
     rows: list[dict[str, Any]] = []

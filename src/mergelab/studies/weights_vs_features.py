@@ -64,6 +64,7 @@ class Config:
     split_seed: int = 0
     seed: int = 0
     workers: int | None = None
+    executor: str | None = None  # train the zoos as executor jobs: local, local:N, ray, ray:ADDRESS
 
 
 QUICK = Config(datasets=("mnist5k",), archs=("vgg6bn", "linear"), independent_archs=("vgg6bn",), ns=(2, 3, 5),
@@ -278,7 +279,7 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
     if cfg.eval_mode not in ("eval", "train"):
         raise ValueError(f"eval_mode must be 'eval' or 'train', got '{cfg.eval_mode}'")
     specs = zoo_specs(cfg)
-    zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress)
+    zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress, executor=cfg.executor)
     rows: list[dict[str, Any]] = []
     with make_progress(disable=not show_progress) as bar, torch_threads():
         task = bar.add_task("evaluate soups and ensembles", total=len(zoos))

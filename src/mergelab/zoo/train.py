@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -260,9 +260,15 @@ def _load_zoo(spec: ZooSpec, root: Path) -> Zoo:
 
 
 def train_zoos(specs: Sequence[ZooSpec], *, cache: Path | None = None, workers: int | None = None,
-               progress: Progress | None = None, show_progress: bool = True) -> list[Zoo]:
+               progress: Progress | None = None, show_progress: bool = True, executor: str | None = None
+               ) -> list[Zoo]:
     """Train every missing model of ``specs`` (bases first, then members, ``workers`` processes in
     parallel), then load all zoos from the cache. Cached models are never retrained.
+
+    ``executor`` (``local``, ``local:N``, ``ray``, ``ray:ADDRESS``; see :mod:`mergelab.executor`) runs the
+    trainings as independent jobs instead, bases in one round and members in the next; every job trains
+    with the same thread count, so the models are the same whichever executor trained them. Ray workers
+    must see the same cache folder (a shared file system on a real cluster).
 
     Workers are *spawned* processes: a script that calls this at import level needs the usual
     ``if __name__ == "__main__":`` guard (or ``workers=1`` / ``MERGELAB_WORKERS=1`` to train in-process).
@@ -288,6 +294,14 @@ def train_zoos(specs: Sequence[ZooSpec], *, cache: Path | None = None, workers: 
             if load_entry(key, root) is None:
                 members.setdefault(key, _Job(key, cfg, "member", s, per_member, bkey))
                 tasks.setdefault(key, []).append((si, per_member))
+    if executor is not None:
+        from mergelab.executor import get_executor
+
+        with get_executor(executor, threads_per_job=threads, show_progress=show_progress) as ex:
+            for label, phase in (("pre-train shared bases", bases), ("train zoo members", members)):
+                if phase:
+                    ex.map(_run_task, [_TrainTask(job, str(root)) for job in phase.values()], desc=label)
+        return _load_zoos(specs, root, members)
     own = progress is None
     bar = progress or make_progress(disable=not show_progress)
     with bar if own else nullcontext():
@@ -308,10 +322,26 @@ def train_zoos(specs: Sequence[ZooSpec], *, cache: Path | None = None, workers: 
                     done(_run_job(job, str(root), n))
         else:
             _run_parallel(bases, members, root, n_workers, threads, done)
+    return _load_zoos(specs, root, members)
+
+
+def _load_zoos(specs: Sequence[ZooSpec], root: Path, trained: Mapping[str, object]) -> list[Zoo]:
     zoos = [_load_zoo(spec, root) for spec in specs]
     for zoo in zoos:
-        zoo.trained = sum(1 for k in zoo.cache_keys if k in members)
+        zoo.trained = sum(1 for k in zoo.cache_keys if k in trained)
     return zoos
+
+
+@dataclass(frozen=True)
+class _TrainTask:
+    """One training as an executor job (picklable; the thread count is set by the executor)."""
+
+    job: _Job
+    root: str
+
+
+def _run_task(task: _TrainTask) -> str:
+    return _run_job(task.job, task.root, torch.get_num_threads())
 
 
 def _run_parallel(bases: dict[str, _Job], members: dict[str, _Job], root: Path, workers: int, threads: int,
@@ -342,7 +372,8 @@ def _run_parallel(bases: dict[str, _Job], members: dict[str, _Job], root: Path, 
 
 def train_zoo(arch: str, dataset: str, n_models: int, init: Init = "shared", *,
               config: TrainConfig | None = None, cache: Path | None = None, workers: int | None = None,
-              progress: Progress | None = None, show_progress: bool = True, **overrides: Any) -> Zoo:
+              progress: Progress | None = None, show_progress: bool = True, executor: str | None = None,
+              **overrides: Any) -> Zoo:
     """Train (or load from the cache) ``n_models`` members of one architecture on one dataset.
 
     Member ``i`` depends only on the recipe and ``i`` — never on ``n_models`` — so a zoo of 10 reuses the
@@ -352,4 +383,4 @@ def train_zoo(arch: str, dataset: str, n_models: int, init: Init = "shared", *,
     cfg = replace(config or TrainConfig(arch=arch, dataset=dataset), arch=arch, dataset=dataset, init=init,
                   **overrides)
     return train_zoos([ZooSpec(cfg, n_models)], cache=cache, workers=workers, progress=progress,
-                      show_progress=show_progress)[0]
+                      show_progress=show_progress, executor=executor)[0]
