@@ -361,14 +361,20 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as writer_pool, \
             _progress(show_progress) as bar:
         task = bar.add_task("merge", total=total_bytes, tensors="")
+        # Reading ahead holds two tensor names' inputs at once. Where two of the largest tensors follow one
+        # another (lm_head and embed_tokens sort side by side), the next one is read after this one is
+        # merged instead, so the peak stays at one largest tensor per input plus the method's work space.
+        sizes = [plan.out_metas[n].nbytes for n in plan.names]
+        budget = max(sizes, default=0)
         pending = reader_pool.submit(load, plan.names[0]) if plan.names else None
         written: Future[None] | None = None
         for i, name in enumerate(plan.names):
             assert pending is not None
             base_t, tensors, found = pending.result()
-            if i + 1 < len(plan.names):
-                pending = reader_pool.submit(load, plan.names[i + 1])
             problems.extend(found)
+            read_after_merge = i + 1 < len(plan.names) and sizes[i] + sizes[i + 1] > budget and not problems
+            if i + 1 < len(plan.names) and not read_after_merge:
+                pending = reader_pool.submit(load, plan.names[i + 1])
             if problems:  # keep scanning so every bad tensor is reported, but merge nothing more
                 bar.advance(task, plan.out_metas[name].nbytes)
                 continue
@@ -385,6 +391,8 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                     from None
             merged = merged.to(plan.out_metas[name].dtype)
             del base_t, tensors
+            if read_after_merge:
+                pending = reader_pool.submit(load, plan.names[i + 1])
             if not allow_nonfinite and (p := nonfinite_problem("merged output", name, merged)):
                 problems.append(p + f" (method '{cfg.merge_method}' produced it from finite inputs)")
                 continue

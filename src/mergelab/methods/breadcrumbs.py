@@ -21,7 +21,7 @@ def breadcrumbs_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
     """Keep the ``density`` fraction of each task vector after removing its top ``gamma`` fraction by
     magnitude, then task arithmetic (or TIES election with ``consensus``)."""
     def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
-        return delta * outlier_mask(delta, densities[i], gammas[i])
+        return delta.masked_fill_(~outlier_mask(delta, densities[i], gammas[i]), 0)
     return generalized_task_arithmetic(base, tensors, weights, sparsify=trim, consensus=consensus,
                                        normalize=normalize, lambda_=lambda_)
 

@@ -34,12 +34,14 @@ def dare_sparsifier(densities: Sequence[float], seed: int, *, rescale: bool = Tr
         if density <= 0:
             return torch.zeros_like(delta)
         mask = bernoulli_mask(delta.shape, density, generator_for(seed, i), device=delta.device)
-        kept = delta * mask
+        before = delta.abs().sum() if rescale and rescale_mode == "l1" else None
+        kept = delta.masked_fill_(~mask, 0)  # in place on the caller's fresh copy (see Sparsifier)
+        del mask
         if not rescale:
             return kept
-        if rescale_mode == "density":
+        if before is None:
             return kept.div_(density)
-        before, after = delta.abs().sum(), kept.abs().sum()
+        after = kept.abs().sum()
         if before < 1e-7 or after < 1e-7:
             return kept
         return kept.mul_(before / after)

@@ -1,7 +1,7 @@
 """Masks that sparsify task vectors: magnitude top-k (TIES), random drop (DARE), outlier trim (Breadcrumbs).
 
 Masks are exact in count: ties at the threshold are broken by flat index, so the result is deterministic
-and keeps exactly ``k`` entries like a sort would, at the O(n) cost of ``kthvalue`` instead of a sort.
+and keeps exactly ``k`` entries like a sort would, at the O(n) cost of a selection instead of a sort.
 """
 
 from __future__ import annotations
@@ -9,25 +9,46 @@ from __future__ import annotations
 import torch
 
 
+def _float_flat(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1)
+    return flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+
+
+def _kth_largest(scratch: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a 1-D tensor that the caller owns: it may be reordered in place.
+
+    On the CPU, numpy's in-place introselect: the same order statistic as ``torch.kthvalue`` without its
+    copy and int64 index per entry (3× the tensor). Elsewhere ``topk`` (``kthvalue`` lacks CUDA kernels
+    for some dtypes).
+    """
+    n = scratch.numel()
+    if scratch.device.type == "cpu":
+        values = scratch.detach().numpy()
+        values.partition(n - k)
+        return torch.tensor(values[n - k], dtype=scratch.dtype)
+    return torch.topk(scratch, k, sorted=False).values.min()
+
+
+def _mask_at(work: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly ``k`` entries of 1-D ``work``: those above ``threshold``, then ties in flat-index order."""
+    mask = work > threshold
+    missing = k - int(torch.count_nonzero(mask))  # a bool sum would materialise int64 per entry
+    if missing > 0:
+        ties = torch.nonzero(work == threshold).reshape(-1)[:missing]
+        mask[ties] = True
+    return mask
+
+
 def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest entries of ``magnitude`` (any shape), ties broken by flat index."""
-    flat = magnitude.reshape(-1)
-    n = flat.numel()
+    n = magnitude.numel()
     if k >= n:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
-    work = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
-    if work.device.type == "cpu":
-        threshold = torch.kthvalue(work, n - k + 1).values
-    else:  # kthvalue has no CUDA kernel for every dtype; topk does
-        threshold = torch.topk(work, k, sorted=False).values.min()
-    mask = work > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        ties = torch.nonzero(work == threshold).reshape(-1)[:missing]
-        mask[ties] = True
-    return mask.reshape(magnitude.shape)
+    work = _float_flat(magnitude)
+    threshold = _kth_largest(work.clone() if work.device.type == "cpu" else work, k)
+    return _mask_at(work, threshold, k).reshape(magnitude.shape)
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -40,7 +61,12 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
         return torch.ones_like(delta, dtype=torch.bool)
     if density <= 0 or n == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
-    return topk_mask(delta.abs(), max(1, int(density * n)))
+    k = max(1, int(density * n))
+    if k >= n:
+        return torch.ones_like(delta, dtype=torch.bool)
+    # |δ| is recomputed rather than kept beside the selection's scratch copy: one tensor of memory less
+    threshold = _kth_largest(_float_flat(delta.abs()), k)
+    return _mask_at(_float_flat(delta.abs()), threshold, k).reshape(delta.shape)
 
 
 def threshold_mask(delta: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -17,9 +17,12 @@ from typing import Literal
 import torch
 
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
-"""``(model_index, delta) -> sparsified delta``; must return the same result when called twice."""
+"""``(model_index, delta) -> sparsified delta``. ``delta`` is a fresh tensor owned by the caller: a
+sparsifier may (and, to save memory, should) modify and return it in place."""
 
 Consensus = Literal["sum", "count"]
+
+_CHUNK = 1 << 20  # entries per chunk of the element-wise steps (4 MiB of float32)
 
 
 def _compute_dtype(base: torch.Tensor) -> torch.dtype:
@@ -41,16 +44,17 @@ def generalized_task_arithmetic(
     if not tensors:
         return base.clone()
     dtype = _compute_dtype(base)
-    base_c = base.to(dtype)
 
     def weighted_delta(i: int) -> torch.Tensor:
-        delta = tensors[i].to(dtype) - base_c
+        delta = tensors[i].to(dtype, copy=True, memory_format=torch.contiguous_format)
+        for d, b in zip(delta.view(-1).split(_CHUNK), base.reshape(-1).split(_CHUNK), strict=True):
+            d.sub_(b)  # by chunks: a mixed-dtype sub_ would convert the whole base first
         if sparsify is not None:
             delta = sparsify(i, delta)
         return delta.mul_(weights[i])
 
     if consensus is None:
-        mixed = torch.zeros_like(base_c)
+        mixed = torch.zeros_like(base, dtype=dtype)
         for i in range(len(tensors)):
             mixed += weighted_delta(i)
         divisor: torch.Tensor | float = float(sum(weights))
@@ -60,7 +64,7 @@ def generalized_task_arithmetic(
         # Pass 1 elects the sign. Sparsification (a sort-like top-k, or a random draw) is the costly
         # step, so each sparsified delta is kept compactly (mask + kept values: 1 + 4·density bytes per
         # entry instead of 4) for pass 2 rather than recomputed.
-        elected = torch.zeros_like(base_c)
+        elected = torch.zeros_like(base, dtype=dtype)
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i in range(len(tensors)):
             wd = weighted_delta(i)
@@ -68,23 +72,55 @@ def generalized_task_arithmetic(
             if sparsify is not None:
                 nonzero = wd != 0
                 kept.append((nonzero, wd[nonzero]))
-        majority = torch.where(elected >= 0, 1.0, -1.0).to(dtype)
+            del wd
+        positive = (elected >= 0).reshape(-1)
         del elected
-        mixed = torch.zeros_like(base_c)
-        div = torch.zeros_like(base_c)
-        for i in range(len(tensors)):
-            if sparsify is not None:
-                nonzero, values = kept[i]
-                wd = torch.zeros_like(base_c).masked_scatter_(nonzero, values)
-            else:
-                wd = weighted_delta(i)
-            agree = wd.sign() == majority
-            mixed += wd * agree
-            div += agree.to(dtype) * weights[i]
-        div[div == 0] = 1
-        divisor = div
-    if normalize:
+        mixed = _disjoint_sum(base, tensors, weights, kept if sparsify is not None else None, positive,
+                              dtype, normalize)
+        divisor = 1.0
+    if normalize and consensus is None:
         mixed /= divisor
     if lambda_ != 1:
         mixed *= lambda_
-    return (base_c + mixed).to(base.dtype)
+    return mixed.add_(base).to(base.dtype)
+
+
+
+def _disjoint_sum(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                  kept: list[tuple[torch.Tensor, torch.Tensor]] | None, positive: torch.Tensor,
+                  dtype: torch.dtype, normalize: bool) -> torch.Tensor:
+    """Pass 2 of the sign election: Σ_i w_i δ_i where sgn δ_i agrees with the elected sign (``positive``:
+    elected ≥ 0), divided entry-wise by Σ_i w_i [agree] when ``normalize``.
+
+    Every step is element-wise, so it runs over flat chunks: only the result is tensor-sized, which keeps
+    the peak of TIES/DARE-TIES near the inputs plus two tensors. Chunking changes no bit of the result.
+    """
+    n = base.numel()
+    mixed = torch.zeros(n, dtype=dtype, device=base.device)
+    base_flat = base.reshape(-1)
+    flats = [t.reshape(-1) for t in tensors] if kept is None else []
+    masks = [nz.reshape(-1) for nz, _ in kept] if kept is not None else []
+    starts = list(range(0, n, _CHUNK))
+    # where each chunk's kept values begin in model i's compact value list
+    offsets = [[0, *torch.tensor([int(torch.count_nonzero(c)) for c in m.split(_CHUNK)]).cumsum(0).tolist()]
+               for m in masks]
+    for c, a in enumerate(starts):
+        b = min(n, a + _CHUNK)
+        pos = positive[a:b]
+        acc = mixed[a:b]
+        div = torch.zeros(b - a, dtype=dtype, device=base.device) if normalize else None
+        for i, w in enumerate(weights):
+            if kept is not None:
+                wd = torch.zeros(b - a, dtype=dtype, device=base.device).masked_scatter_(
+                    masks[i][a:b], kept[i][1][offsets[i][c]:offsets[i][c + 1]])
+            else:
+                wd = flats[i][a:b].to(dtype, copy=True).sub_(base_flat[a:b]).mul_(w)
+            # sign(wd) == elected sign (+1 where elected >= 0, else −1); zeros never agree
+            agree = torch.where(pos, wd > 0, wd < 0)
+            acc += wd.mul_(agree)
+            if div is not None:
+                div.add_(agree, alpha=w)
+        if div is not None:
+            div[div == 0] = 1
+            acc /= div
+    return mixed.reshape(base.shape)

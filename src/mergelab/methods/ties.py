@@ -26,10 +26,10 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
     """
     if thresholds is not None:
         def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
-            return delta * threshold_mask(delta, thresholds[i])
+            return delta.masked_fill_(~threshold_mask(delta, thresholds[i]), 0)
     else:
         def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
-            return delta * magnitude_mask(delta, densities[i])
+            return delta.masked_fill_(~magnitude_mask(delta, densities[i]), 0)
     return generalized_task_arithmetic(base, tensors, weights, sparsify=trim, consensus=consensus,
                                        normalize=normalize, lambda_=lambda_)
 
