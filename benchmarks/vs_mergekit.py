@@ -1,9 +1,9 @@
 """mergelab against mergekit on the same merges, in the same run: wall time, peak RSS, output equality.
 
-    python benchmarks/vs_mergekit.py --size 0.5GB            # 3 models of ~0.5 GB each, bf16, sharded
+    python benchmarks/vs_mergekit.py --size 0.5GB            # 3 models of ~0.5 GB each, bf16
     python benchmarks/vs_mergekit.py --size 2GB --methods linear ties
 
-Builds random Llama-style checkpoints (a base and two fine-tunes = base + small noise, bf16, sharded
+Builds random Llama-style checkpoints (a base and two fine-tunes = base + small noise, bf16, 1 GB shards of
 safetensors) once under --work, then for each method runs `mergelab merge` and `mergekit-yaml` as
 subprocesses with the same YAML, sampling the RSS of each process tree every 20 ms. The I/O floor is the
 time to read every input file once and write one output of the merged size, measured in the same run.
@@ -210,7 +210,7 @@ def main() -> None:
         for tool in ("mergelab", "mergekit"):
             shutil.rmtree(work / f"out-{tool}-{method}", ignore_errors=True)
 
-    header = (f"Merging 3 models of {in_bytes / 3 / 1e9:.2f} GB each (bf16, Llama-style, sharded safetensors), "
+    header = (f"Merging 3 models of {in_bytes / 3 / 1e9:.2f} GB each (bf16, Llama-style, safetensors in 1 GB shards), "
               f"device {args.device}, {os.cpu_count()} CPUs, torch {torch.__version__}. I/O floor (read inputs once + "
               f"write one output, warm cache): {floor:.2f} s.\n\n")
     table = ("| method | mergelab s | mergekit s | time mergelab/mergekit | mergelab/floor | mergelab peak RSS MiB "

@@ -205,6 +205,18 @@ def _friendly(exc: ValidationError, source: str) -> ConfigError:
     return ConfigError(f"{source}: invalid merge config:\n" + "\n".join(f"  - {x}" for x in lines))
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The parsed YAML at ``path``; a missing, unreadable or invalid file is a :class:`ConfigError`."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not a text file
+        raise ConfigError(f"{path}: cannot read the {what} ({exc})") from None
+
+
 def load_config(config: str | Path | Mapping[str, Any] | MergeConfig) -> tuple[MergeConfig, Path | None]:
     """Parse a YAML path, a dict or a :class:`MergeConfig`; returns it and the YAML's folder (if any)."""
     if isinstance(config, MergeConfig):
@@ -213,15 +225,8 @@ def load_config(config: str | Path | Mapping[str, Any] | MergeConfig) -> tuple[M
     source = "config"
     if isinstance(config, (str, Path)):
         path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
         source, folder = str(path), path.parent
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not a text file
-            raise ConfigError(f"{path}: cannot read the config file ({exc})") from None
+        data = read_yaml(path, "config file")
     else:
         data = dict(config)
     if not isinstance(data, dict):

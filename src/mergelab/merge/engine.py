@@ -1,7 +1,8 @@
 """Run a planned merge: stream tensors from every input, merge each with the method, write the result.
 
-Memory: one tensor name is in flight at a time (plus the next one being read ahead on a thread), so peak
-memory is about (models + 2) × the largest tensor; shards are written tensor by tensor (io.writer), never
+Memory: one tensor name is in flight at a time (plus the next one being read ahead on a thread, unless two
+of the largest tensors meet), so peak memory is about (models + 2) × the largest tensor plus the method's
+work space; shards are written tensor by tensor (io.writer), never
 buffered. Safety: everything goes to a hidden temporary folder beside OUT_DIR, renamed into place only when
 complete; on any error the temporary folder is removed and an existing OUT_DIR is left untouched.
 """

@@ -31,11 +31,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import ConfigError
-from mergelab.merge.config import MergeConfig, load_config, resolve_model_path
+from mergelab.merge.config import MergeConfig, load_config, read_yaml, resolve_model_path
 
 
 class _Strict(BaseModel):
@@ -123,13 +122,8 @@ def load_search_config(path: str | Path | Mapping[str, Any]) -> tuple[SearchConf
     source = "search config"
     if isinstance(path, (str, Path)):
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: search config not found")
         source, folder = str(p), p.parent
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        data = read_yaml(p, "search config")
     else:
         data = dict(path)
     if not isinstance(data, dict):
