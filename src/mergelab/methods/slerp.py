@@ -21,18 +21,23 @@ def slerp_merge(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: 
     if v0.shape != v1.shape:
         raise ValueError(f"slerp_merge: shapes differ {tuple(v0.shape)} vs {tuple(v1.shape)}")
     dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
-    a, b = v0.to(dtype), v1.to(dtype)
+    # a is our own copy (the result is built in it); b may alias v1 and is only read
+    a = v0.to(dtype, copy=True, memory_format=torch.contiguous_format)
+    b = v1.to(dtype)
     norm_a = float(torch.linalg.vector_norm(a))
     norm_b = float(torch.linalg.vector_norm(b))
     norm_a = norm_a if norm_a > eps else 1.0
     norm_b = norm_b if norm_b > eps else 1.0
-    dot = float((a / norm_a).mul(b / norm_b).sum().clamp(-1, 1)) if a.numel() else 1.0
+    # <a/|a|, b/|b|> without materialising the normalised tensors (memory: two tensors, not five)
+    dot = min(1.0, max(-1.0, float(torch.dot(a.reshape(-1), b.reshape(-1))) / (norm_a * norm_b))) \
+        if a.numel() else 1.0
     if abs(dot) > dot_threshold:
-        out = (1 - t) * a + t * b
+        c0, c1 = 1 - t, t
     else:
         theta = math.acos(dot)
         sin_theta = math.sin(theta)
-        out = (math.sin((1 - t) * theta) / sin_theta) * a + (math.sin(t * theta) / sin_theta) * b
+        c0, c1 = math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+    out = a.mul_(c0).add_(b, alpha=c1)
     return out.to(v0.dtype)
 
 
