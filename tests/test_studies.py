@@ -115,3 +115,17 @@ def test_study_rejects_an_option_it_does_not_take(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="takes no option executor"):
         run_study("task-vectors", tmp_path / "x", quick=True, executor="ray")
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_study_refuses_a_wrong_option_and_an_existing_out(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    wrong = CliRunner().invoke(app, ["study", "task-vectors", "--out", str(tmp_path / "a"), "--executor", "ray"])
+    assert wrong.exit_code == 2 and "takes no option executor" in wrong.output
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep.txt").write_text("mine")
+    busy = CliRunner().invoke(app, ["study", "templates", "--quick", "--out", str(tmp_path / "b")])
+    assert busy.exit_code == 2 and "--overwrite" in busy.output
+    assert (tmp_path / "b" / "keep.txt").read_text() == "mine"

@@ -14,7 +14,7 @@ all-MiniLM-L6-v2 fine-tuned on four offline text tasks). Encoders are merged, ev
 4. Accuracy vs the number of merged tasks T.
 
 Writes CSV + Markdown tables, PNG figures, ``report.html``/``report.md`` and ``mergelab.json`` into OUT.
-CLI (to wire): ``mergelab study task-vectors --suite vision|text --out DIR [--quick] [--seed N]`` calling
+CLI: ``mergelab study task-vectors --suite vision|text --out DIR [--quick] [--seed N]`` calling
 ``run(out, suite=..., quick=..., seed=...)``.
 """
 
