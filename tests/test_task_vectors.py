@@ -152,3 +152,24 @@ def test_verdicts_follow_the_numbers() -> None:
     assert [x.held for x in _verdicts(norm, {**peak, "val_norm_acc": 90.5}, curve)][2] is None  # < 1 point: mixed
     assert [x.held for x in _verdicts(norm, {**peak, "rank_ratio": 0.5}, curve)][2] is False  # peak not low
     assert _verdicts(norm, None, curve)[2].held is None
+
+
+def test_task_vector_search_beats_or_matches_its_start_and_reproduces(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergelab.studies import task_vector_search as tvs
+    from mergelab.studies.task_vector_bench import MergeBench
+
+    bench = MergeBench(TinySuite(tmp_path / "cache"), seed=0)
+    monkeypatch.setattr(tvs, "_bench", lambda suite, quick, seed: bench)  # in-process executor sees it
+    report = tvs.run(tmp_path / "out", suite="vision", quick=True, executor="local:0", generations=2,
+                     population=4, lambdas=(0.3, 1.0), show_progress=False)
+    out = report.parent
+    record = json.loads((out / "search" / "search.json").read_text())
+    assert record["reproduced_bitwise"] is True and record["evaluations"] == 1 + 2 * 4
+    assert record["best"]["score"] >= record["initial"]["score"]
+    with (out / "results.csv").open() as f:
+        _pretrained, hand, start, found = list(csv.DictReader(f))
+    assert "hand-tuned" in hand["method"] and "CMA-ES" in found["method"]
+    # the search starts from the hand-tuned merge: same validation score through both paths
+    assert float(start["val"]) == pytest.approx(float(hand["val"]), abs=1e-9)
+    assert "data:image/png;base64" in report.read_text()

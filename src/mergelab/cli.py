@@ -89,9 +89,10 @@ def study(
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("runs/study"),
     quick: Annotated[bool, typer.Option(help="reduced grid that runs in minutes")] = False,
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
-    suite: Annotated[Optional[str], typer.Option(help="task-vectors only: text or vision")] = None,  # noqa: UP045
+    suite: Annotated[Optional[str], typer.Option(help="task-vectors, task-vector-search: text or vision")] = None,  # noqa: UP045
     executor: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        help="rebasin, merge-search: local (processes), local:N, ray, or ray:ADDRESS")] = None,
+        help="rebasin, merge-search, task-vector-search, and zoo training: local (processes), local:N, ray, "
+             "or ray:ADDRESS")] = None,
     overwrite: Annotated[bool, typer.Option(help="write into an existing, non-empty OUT")] = False,
     list_: Annotated[bool, typer.Option("--list", help="list the studies")] = False,
 ) -> None:

@@ -21,6 +21,7 @@ _MODULES = {
     "task-vectors": "mergelab.studies.task_vectors",
     "rebasin": "mergelab.studies.rebasin",
     "merge-search": "mergelab.studies.multitask_search",
+    "task-vector-search": "mergelab.studies.task_vector_search",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -37,6 +38,8 @@ DESCRIPTIONS: dict[str, str] = {
                "and uniform soups of independently trained models with and without alignment.",
     "merge-search": "CMA-ES search of per-layer task-arithmetic weights on a multi-task suite, against the best "
                     "hand-tuned λ (validation drives the search, test is reported).",
+    "task-vector-search": "CMA-ES per-block task-arithmetic weights on the task-vectors suite (--suite vision|text), "
+                          "against the best hand-tuned λ.",
 }
 
 
