@@ -73,7 +73,7 @@ def run(out: Path, *, suite: str = "vision", quick: bool = False, seed: int = 0,
     sel = bench.select("task_arithmetic", tasks, [{"lambda": float(lam)} for lam in lambdas])
     best_lam = float(sel.params["lambda"])
     hand = {"val": bench.mean_normalised(sel.val, "val"), "test": bench.mean_normalised(sel.test, "test")}
-    gens = generations if generations is not None else (4 if quick else 10)
+    gens = generations if generations is not None else (4 if quick else 15)
     pop = population if population is not None else (6 if quick else 8)
     kwargs: dict[str, Any] = {"suite": suite, "quick": quick, "seed": seed}
     config = {
@@ -83,7 +83,8 @@ def run(out: Path, *, suite: str = "vision", quick: bool = False, seed: int = 0,
                   "models": [{"model": paths[t], "parameters": {"weight": best_lam}} for t in tasks],
                   "parameters": {"lambda": 1.0}},
         "search": {"groups": "blocks",
-                   "parameters": [{"name": "weight", "low": 0.0, "high": max(1.0, 3 * best_lam)}],
+                   # the range scales with λ: CMA-ES steps are a fraction of it, and a λ near 0 needs fine steps
+                   "parameters": [{"name": "weight", "low": 0.0, "high": min(2.0, 4 * best_lam)}],
                    "population": pop, "generations": gens, "sigma0": 0.2, "seed": seed},
         "evaluator": {"callable": "mergelab.studies.task_vector_search:evaluate",
                       "kwargs": {**kwargs, "split": "val"}, "test_kwargs": {**kwargs, "split": "test"},
