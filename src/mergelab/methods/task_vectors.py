@@ -46,9 +46,7 @@ def generalized_task_arithmetic(
     dtype = _compute_dtype(base)
 
     def weighted_delta(i: int) -> torch.Tensor:
-        delta = tensors[i].to(dtype, copy=True, memory_format=torch.contiguous_format)
-        for d, b in zip(delta.view(-1).split(_CHUNK), base.reshape(-1).split(_CHUNK), strict=True):
-            d.sub_(b)  # by chunks: a mixed-dtype sub_ would convert the whole base first
+        delta = _delta(tensors[i], base, dtype)
         if sparsify is not None:
             delta = sparsify(i, delta)
         return delta.mul_(weights[i])
@@ -57,9 +55,9 @@ def generalized_task_arithmetic(
         mixed = torch.zeros_like(base, dtype=dtype)
         for i in range(len(tensors)):
             mixed += weighted_delta(i)
-        divisor: torch.Tensor | float = float(sum(weights))
-        if abs(divisor) < 1e-8:
-            divisor = 1.0
+        if normalize:
+            divisor = float(sum(weights))
+            mixed /= divisor if abs(divisor) >= 1e-8 else 1.0
     else:
         # Pass 1 elects the sign. Sparsification (a sort-like top-k, or a random draw) is the costly
         # step, so each sparsified delta is kept compactly (mask + kept values: 1 + 4·density bytes per
@@ -77,13 +75,21 @@ def generalized_task_arithmetic(
         del elected
         mixed = _disjoint_sum(base, tensors, weights, kept if sparsify is not None else None, positive,
                               dtype, normalize)
-        divisor = 1.0
-    if normalize and consensus is None:
-        mixed /= divisor
     if lambda_ != 1:
         mixed *= lambda_
     return mixed.add_(base).to(base.dtype)
 
+
+def _delta(tensor: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor − base`` in ``dtype``, as a fresh contiguous tensor the caller owns.
+
+    Subtracted chunk by chunk: a mixed-dtype ``sub_`` (bf16 base into a float32 delta) would first convert
+    the whole base, one more tensor of memory.
+    """
+    delta = tensor.to(dtype, copy=True, memory_format=torch.contiguous_format)
+    for d, b in zip(delta.view(-1).split(_CHUNK), base.reshape(-1).split(_CHUNK), strict=True):
+        d.sub_(b)
+    return delta
 
 
 def _disjoint_sum(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
@@ -114,7 +120,7 @@ def _disjoint_sum(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: 
                 wd = torch.zeros(b - a, dtype=dtype, device=base.device).masked_scatter_(
                     masks[i][a:b], kept[i][1][offsets[i][c]:offsets[i][c + 1]])
             else:
-                wd = flats[i][a:b].to(dtype, copy=True).sub_(base_flat[a:b]).mul_(w)
+                wd = _delta(flats[i][a:b], base_flat[a:b], dtype).mul_(w)
             # sign(wd) == elected sign (+1 where elected >= 0, else −1); zeros never agree
             agree = torch.where(pos, wd > 0, wd < 0)
             acc += wd.mul_(agree)
