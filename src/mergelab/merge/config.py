@@ -205,6 +205,18 @@ def _friendly(exc: ValidationError, source: str) -> ConfigError:
     return ConfigError(f"{source}: invalid merge config:\n" + "\n".join(f"  - {x}" for x in lines))
 
 
+def read_config_source(config: str | Path | Mapping[str, Any], what: str) -> tuple[Any, str, Path | None]:
+    """(parsed data, the name errors give it, the YAML's folder) of a YAML path or an in-memory mapping.
+
+    Errors name a file by its path and a mapping by ``what``; a missing, unreadable or invalid file is a
+    :class:`ConfigError`.
+    """
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        return read_yaml(path, f"{what} file"), str(path), path.parent
+    return dict(config), what, None
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """The parsed YAML at ``path``; a missing, unreadable or invalid file is a :class:`ConfigError`."""
     if not path.is_file():
@@ -221,14 +233,7 @@ def load_config(config: str | Path | Mapping[str, Any] | MergeConfig) -> tuple[M
     """Parse a YAML path, a dict or a :class:`MergeConfig`; returns it and the YAML's folder (if any)."""
     if isinstance(config, MergeConfig):
         return config, None
-    folder = None
-    source = "config"
-    if isinstance(config, (str, Path)):
-        path = Path(config)
-        source, folder = str(path), path.parent
-        data = read_yaml(path, "config file")
-    else:
-        data = dict(config)
+    data, source, folder = read_config_source(config, "config")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     if "merge_method" in data and isinstance(data["merge_method"], str):

@@ -34,7 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import ConfigError
-from mergelab.merge.config import MergeConfig, load_config, read_yaml, resolve_model_path
+from mergelab.merge.config import MergeConfig, load_config, read_config_source, resolve_model_path
 
 
 class _Strict(BaseModel):
@@ -118,14 +118,7 @@ def absolute_merge_config(merge: Mapping[str, Any], folder: Path | None) -> dict
 
 def load_search_config(path: str | Path | Mapping[str, Any]) -> tuple[SearchConfig, MergeConfig, Path | None]:
     """(search config with absolute model paths, the validated merge config, the YAML's folder)."""
-    folder: Path | None = None
-    source = "search config"
-    if isinstance(path, (str, Path)):
-        p = Path(path)
-        source, folder = str(p), p.parent
-        data = read_yaml(p, "search config")
-    else:
-        data = dict(path)
+    data, source, folder = read_config_source(path, "search config")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with keys merge, search, evaluator")
     try:
