@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -18,9 +18,33 @@ from mergelab.ensemble import EvalMode, Outputs, model_outputs
 from mergelab.soups import uniform_soup
 from mergelab.zoo.data import Dataset, load_dataset
 from mergelab.zoo.models import ZooModel
-from mergelab.zoo.train import Zoo
+from mergelab.zoo.train import TrainConfig, Zoo, ZooSpec
 
 C = TypeVar("C")
+
+
+class TrainingRecipe(Protocol):
+    """The training fields a study's Config shares with the others (same values → same cached zoos)."""
+
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def pretrain_epochs(self) -> int: ...
+    @property
+    def n_train(self) -> int | None: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def split_seed(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+
+
+def zoo_spec(cfg: TrainingRecipe, arch: str, dataset: str, init: str, n_models: int) -> ZooSpec:
+    """``n_models`` members of ``arch`` on ``dataset`` trained with the study's recipe."""
+    return ZooSpec(TrainConfig(arch=arch, dataset=dataset, init=init,  # type: ignore[arg-type]
+                               epochs=cfg.epochs, pretrain_epochs=cfg.pretrain_epochs, n_train=cfg.n_train,
+                               width=cfg.width, split_seed=cfg.split_seed, seed=cfg.seed), n_models)
 
 
 def apply_options(config: C, options: Mapping[str, Any]) -> C:

@@ -24,11 +24,19 @@ from mergelab.ensemble import ensemble_logits, feature_ensemble_logits, merged_h
 from mergelab.report import FigureRef, Report, Section, Table, Verdict, write_csv
 from mergelab.report.plots import heatmaps, line_panels, scatter_panels
 from mergelab.soups import greedy_select, uniform_soup
-from mergelab.studies.common import ZooEval, accuracy, apply_options, splits, verdict_from_fraction, write_record
+from mergelab.studies.common import (
+    ZooEval,
+    accuracy,
+    apply_options,
+    splits,
+    verdict_from_fraction,
+    write_record,
+    zoo_spec,
+)
 from mergelab.studies.weights_vs_features import zoo_label
 from mergelab.zoo.models import ARCHS
 from mergelab.zoo.progress import make_progress, torch_threads
-from mergelab.zoo.train import TrainConfig, Zoo, ZooSpec, train_zoos
+from mergelab.zoo.train import Zoo, train_zoos
 
 METHODS = {"perf_ave": "Perf Ave", "uniform_soup": "Uniform soup", "greedy_soup": "Greedy soup",
            "logit_ensemble": "Logit ens.", "feature_ensemble": "Feature ens."}
@@ -234,10 +242,7 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.which not in ("all", "weights"):
         raise ValueError(f"which must be 'all' or 'weights', got '{cfg.which}'")
-    specs = [ZooSpec(TrainConfig(arch=a, dataset=d, init=cfg.init, epochs=cfg.epochs,  # type: ignore[arg-type]
-                                 pretrain_epochs=cfg.pretrain_epochs, n_train=cfg.n_train, width=cfg.width,
-                                 split_seed=cfg.split_seed, seed=cfg.seed), max(cfg.ns))
-             for d in cfg.datasets for a in cfg.archs]
+    specs = [zoo_spec(cfg, a, d, cfg.init, max(cfg.ns)) for d in cfg.datasets for a in cfg.archs]
     zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress, executor=cfg.executor)
     n = cfg.scatter_n or max(cfg.ns)
     rows: list[dict[str, Any]] = []

@@ -20,7 +20,7 @@ from mergelab.analysis.templates import class_means, cosine_matrix, first_conv_k
 from mergelab.report import FigureRef, Report, Section, Table, Verdict, write_csv
 from mergelab.report.plots import image_grid
 from mergelab.soups import uniform_soup
-from mergelab.studies.common import apply_options, write_record
+from mergelab.studies.common import apply_options, write_record, zoo_spec
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.models import ZooModel
 from mergelab.zoo.train import TrainConfig, Zoo, ZooSpec, train_zoos
@@ -69,9 +69,7 @@ def _linear_spec(cfg: Config, ds: str) -> ZooSpec:
 
 
 def _cnn_spec(cfg: Config, init: str) -> ZooSpec:
-    return ZooSpec(TrainConfig(arch=cfg.cnn_arch, dataset=cfg.cnn_dataset, init=init,  # type: ignore[arg-type]
-                               epochs=cfg.epochs, pretrain_epochs=cfg.pretrain_epochs, n_train=cfg.n_train,
-                               width=cfg.width, split_seed=cfg.split_seed, seed=cfg.seed), 2)
+    return zoo_spec(cfg, cfg.cnn_arch, cfg.cnn_dataset, init, 2)
 
 
 def _kernel_rows(zoo: Zoo, label: str, k: int) -> tuple[list[tuple[str, list[np.ndarray]]], dict[str, float]]:

@@ -29,11 +29,12 @@ from mergelab.studies.common import (
     splits,
     verdict_from_fraction,
     write_record,
+    zoo_spec,
 )
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.models import ARCHS, count_parameters, flops_per_example
 from mergelab.zoo.progress import make_progress, torch_threads
-from mergelab.zoo.train import TrainConfig, Zoo, ZooSpec, train_zoos
+from mergelab.zoo.train import Zoo, ZooSpec, train_zoos
 
 METHODS: dict[str, str] = {
     "perf_ave": "Perf Ave",
@@ -91,11 +92,7 @@ def zoo_specs(cfg: Config) -> list[ZooSpec]:
             if kind_tabular and ARCHS[arch].conv:
                 continue  # convolutions need images or signals; tabular sets take linear/MLP only
             inits = ["shared"] + (["independent"] if arch in cfg.independent_archs else [])
-            for init in inits:
-                tc = TrainConfig(arch=arch, dataset=ds, init=init, epochs=cfg.epochs,  # type: ignore[arg-type]
-                                 pretrain_epochs=cfg.pretrain_epochs, n_train=cfg.n_train, width=cfg.width,
-                                 split_seed=cfg.split_seed, seed=cfg.seed)
-                specs.append(ZooSpec(tc, max(cfg.ns)))
+            specs.extend(zoo_spec(cfg, arch, ds, init, max(cfg.ns)) for init in inits)
     return specs
 
 
