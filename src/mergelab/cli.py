@@ -40,8 +40,10 @@ def merge(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress bar")] = False,
 ) -> None:
     """Merge the checkpoints described in CONFIG into OUT."""
+    from mergelab.merge.allocator import recycle_freed_memory
     from mergelab.merge.engine import run_merge
 
+    recycle_freed_memory()
     try:
         result = run_merge(config, out, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
                            allow_nonfinite=allow_nonfinite, progress=not quiet, hash_inputs=not no_hash)

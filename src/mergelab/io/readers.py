@@ -92,6 +92,13 @@ class CheckpointReader:
             return where
         return where.get(name)
 
+    def get_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Entries ``[start, stop)`` of the flattened tensor ``name``; safetensors read only those bytes."""
+        where = self._where[name]
+        if isinstance(where, torch.Tensor):
+            return where.reshape(-1)[start:stop]
+        return where.get_flat(name, start, stop)
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._meta:
             yield name, self.get(name)

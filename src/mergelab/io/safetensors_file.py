@@ -90,14 +90,26 @@ class SafetensorsFile:
 
     def get(self, name: str) -> torch.Tensor:
         e = self.entries[name]
-        buf = torch.empty(e.nbytes, dtype=torch.uint8)
-        if e.nbytes:
+        return self._read(name, e.start, e.nbytes).view(e.dtype).reshape(e.shape)
+
+    def get_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Entries ``[start, stop)`` of the flattened tensor, reading only their bytes."""
+        e = self.entries[name]
+        size = e.dtype.itemsize
+        if not 0 <= start <= stop <= e.nbytes // size:
+            raise IndexError(f"{self.path}: range [{start}, {stop}) outside tensor '{name}' of "
+                             f"{e.nbytes // size} entries")
+        return self._read(name, e.start + start * size, (stop - start) * size).view(e.dtype)
+
+    def _read(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
             with self._lock:
-                self._file.seek(e.start)
+                self._file.seek(offset)
                 got = self._file.readinto(memoryview(buf.numpy()))
-            if got != e.nbytes:
-                raise self._bad(f"tensor '{name}' could be read only partly ({got} of {e.nbytes} bytes)")
-        return buf.view(e.dtype).reshape(e.shape)
+            if got != nbytes:
+                raise self._bad(f"tensor '{name}' could be read only partly ({got} of {nbytes} bytes)")
+        return buf
 
     def close(self) -> None:
         self._file.close()

@@ -101,6 +101,7 @@ class StreamingSafetensorsWriter:
         self._next = 0
         self._file: BinaryIO | None = None
         self._shard = -1
+        self._partial = 0  # bytes of the current tensor written so far (write_part)
         self.bytes_written = 0
 
     def _open_shard(self, index: int) -> None:
@@ -111,22 +112,44 @@ class StreamingSafetensorsWriter:
         self._file.write(self.plan.header(index, self.metadata))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the whole tensor ``name``."""
+        meta = self._expect(name)
+        if self._partial or tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+            raise RuntimeError(f"tensor '{name}' is {tuple(tensor.shape)} {tensor.dtype}, planned {meta.shape} "
+                               f"{meta.dtype}" + (" (and partly written already)" if self._partial else ""))
+        self._put(meta, tensor)
+
+    def write_part(self, name: str, part: torch.Tensor) -> None:
+        """Write the next entries of the flattened tensor ``name``; the tensor is done when its parts add up.
+
+        Lets a merge stream a large tensor in pieces, so that neither it nor its inputs are ever whole in
+        memory.
+        """
+        meta = self._expect(name)
+        if part.dtype != meta.dtype or self._partial + part.numel() * part.element_size() > meta.nbytes:
+            raise RuntimeError(f"part of tensor '{name}' ({part.numel()} × {part.dtype}) does not fit: "
+                               f"{self._partial} of {meta.nbytes} bytes written, planned {meta.dtype}")
+        self._put(meta, part)
+
+    def _expect(self, name: str) -> TensorMeta:
         if self._next >= len(self._order):
             raise RuntimeError(f"tensor '{name}' was not planned for this output")
         shard, expected = self._order[self._next]
         if name != expected:
             raise RuntimeError(f"tensor '{name}' written out of order; expected '{expected}'")
-        meta = self.plan.metas[name]
-        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
-            raise RuntimeError(f"tensor '{name}' is {tuple(tensor.shape)} {tensor.dtype}, planned {meta.shape} "
-                               f"{meta.dtype}")
         if shard != self._shard:
             self._open_shard(shard)
+        return self.plan.metas[name]
+
+    def _put(self, meta: TensorMeta, tensor: torch.Tensor) -> None:
         assert self._file is not None
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._file.write(memoryview(data))
-        self.bytes_written += meta.nbytes
-        self._next += 1
+        self._partial += data.nbytes
+        self.bytes_written += data.nbytes
+        if self._partial == meta.nbytes:
+            self._next += 1
+            self._partial = 0
 
     def close(self) -> list[Path]:
         if self._file is not None:

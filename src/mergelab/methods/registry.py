@@ -109,6 +109,10 @@ class MergeMethod:
     randomized: bool = False
     needs_stats: bool = False
     """The method needs per-model statistics of data (Fisher diagonals, Gram matrices) in ``stats``."""
+    elementwise: bool = False
+    """Each merged entry depends only on the inputs' entries at the same position (no norms, thresholds or
+    random streams over the whole tensor), so merging any flat slice of the inputs gives exactly that slice
+    of the merged tensor. The engine then streams large tensors in pieces (tests check the equality)."""
     formula: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
 

@@ -1,0 +1,191 @@
+"""Element-wise methods stream large tensors in flat pieces: same bytes out, bounded reads, NaN counts summed.
+
+Also the I/O pieces that make it possible (flat-range reads, part-wise writes), the fast non-finite check
+and the allocator tuning of the CLI.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cli_helpers import assert_ok, assert_refused, load_folder, run_cli, save_model_folder, write_config
+from mergelab.io.readers import TensorMeta, open_checkpoint
+from mergelab.io.safetensors_file import SafetensorsFile
+from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, write_state_dict
+from mergelab.merge import engine
+from mergelab.merge.core import merge_tensor
+from mergelab.merge.plan import count_nonfinite
+from mergelab.methods import all_methods
+
+Families = dict[str, tuple[Path, list[Path]]]
+ELEMENTWISE = [m for m in all_methods() if m.elementwise]
+
+
+def _config(method: str, base: Path, models: list[Path], **extra: Any) -> dict[str, Any]:
+    return {"merge_method": method, "base_model": str(base),
+            "models": [{"model": str(p), "parameters": {"weight": 0.3 + 0.2 * i}} for i, p in enumerate(models)],
+            **extra}
+
+
+def _merge(tmp_path: Path, config: dict[str, Any], name: str, *args: str) -> Path:
+    out = tmp_path / name
+    assert_ok(run_cli(write_config(tmp_path, config, f"{name}.yml"), out, *args))
+    return out
+
+
+def test_elementwise_registry_is_linear_and_task_arithmetic() -> None:
+    # a method flagged by mistake would be merged piece by piece with wrong results: keep the list explicit
+    assert sorted(m.name for m in ELEMENTWISE) == ["linear", "task_arithmetic"]
+
+
+@pytest.mark.parametrize("method", [m.name for m in ELEMENTWISE])
+def test_elementwise_flag_holds_for_the_function(method: str) -> None:
+    """Merging flat slices gives exactly the slices of the whole merge, for odd slice sizes."""
+    m = next(x for x in ELEMENTWISE if x.name == method)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(13, 11, generator=g).to(torch.bfloat16)
+    tensors = [base + 0.1 * torch.randn(13, 11, generator=g).to(torch.bfloat16) for _ in range(3)]
+    settings = [{"weight": w} for w in (0.2, 0.5, 0.9)]
+
+    def run(ts: list[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+        return merge_tensor(m, "model.layers.0.mlp.up_proj.weight", ts, base=b, global_settings={},
+                            model_settings=settings, seed=0, num_layers=1)
+
+    whole = run(tensors, base).reshape(-1)
+    flat = [t.reshape(-1) for t in tensors]
+    pieces = [run([t[a:a + 5] for t in flat], base.reshape(-1)[a:a + 5]) for a in range(0, base.numel(), 5)]
+    assert torch.equal(torch.cat(pieces), whole)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+@pytest.mark.parametrize("extra", [{}, {"out_dtype": "bfloat16"}], ids=["float32", "bf16-out"])
+def test_streamed_in_pieces_same_bytes_as_whole(families: Families, sharded_family: tuple[Path, list[Path]],
+                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+                                                extra: dict[str, Any]) -> None:
+    for arch, (base, fts) in {"llama": families["llama"], "sharded": sharded_family}.items():
+        config = _config(method, base, fts, **extra)
+        monkeypatch.setattr(engine, "_PIECE_ENTRIES", 1 << 40)
+        whole = _merge(tmp_path, config, f"{arch}-whole", "--max-shard-size", "30KB")
+        monkeypatch.setattr(engine, "_PIECE_ENTRIES", 7)  # pieces cross rows and end mid-row
+        pieces = _merge(tmp_path, config, f"{arch}-pieces", "--max-shard-size", "30KB")
+        files = sorted(p.name for p in whole.glob("*.safetensors"))
+        assert len(files) >= 2 and files == sorted(p.name for p in pieces.glob("*.safetensors"))
+        for f in files:
+            assert (whole / f).read_bytes() == (pieces / f).read_bytes(), (arch, f)
+
+
+def test_pieces_bound_every_read_and_only_for_elementwise_methods(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, fts = families["llama"]
+    largest = max(m.nbytes for m in (open_checkpoint(base).meta(n) for n in open_checkpoint(base).names))
+    reads: list[int] = []
+    real_read = SafetensorsFile._read
+
+    def spy(self: SafetensorsFile, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        reads.append(nbytes)
+        return real_read(self, name, offset, nbytes)
+
+    monkeypatch.setattr(SafetensorsFile, "_read", spy)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 64)
+    _merge(tmp_path, _config("linear", base, fts), "linear")
+    assert reads and max(reads) == 64 * 4  # float32 inputs: no read larger than one piece
+    reads.clear()
+    _merge(tmp_path, {**_config("ties", base, fts), "parameters": {"density": 0.5}}, "ties")
+    assert max(reads) == largest  # TIES needs whole tensors (a per-tensor top-k)
+
+
+def test_nonfinite_counts_are_summed_over_the_pieces_of_a_tensor(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, fts = families["llama"]
+    state = load_folder(fts[0])
+    name = "model.embed_tokens.weight"
+    state[name][0, 0] = float("nan")
+    state[name][-1, -1] = float("inf")  # far apart: different pieces
+    bad = save_model_folder(tmp_path / "bad", state, fts[0])
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 16)
+    out = tmp_path / "out"
+    text = assert_refused(run_cli(write_config(tmp_path, _config("linear", base, [bad, fts[1]])), out),
+                          out, f"{bad}: tensor '{name}' has 2 NaN/Inf value(s)")
+    assert text.count("NaN/Inf value(s)") == 1
+
+
+# -- the I/O underneath ---------------------------------------------------------------------------------------
+def test_flat_reads_match_whole_tensors(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    state = {"a": torch.randn(5, 7, generator=g), "b": torch.randn(9, generator=g).to(torch.bfloat16),
+             "c": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    write_state_dict(tmp_path / "st", state)
+    torch.save(state, tmp_path / "model.bin")
+    for path in (tmp_path / "st", tmp_path / "model.bin"):
+        reader = open_checkpoint(path)
+        for name, t in state.items():
+            flat = t.reshape(-1)
+            for a, b in ((0, flat.numel()), (3, 4), (2, 2), (flat.numel() - 1, flat.numel())):
+                got = reader.get_flat(name, a, b)
+                assert got.dtype == t.dtype and torch.equal(got, flat[a:b]), (path.name, name, a, b)
+        reader.close()
+    f = SafetensorsFile(tmp_path / "st" / "model.safetensors")
+    with pytest.raises(IndexError, match="'a'"):
+        f.get_flat("a", 30, 36)
+    f.close()
+
+
+def test_writer_parts_make_the_same_file_and_are_checked(tmp_path: Path) -> None:
+    t = torch.randn(6, 5)
+    metas = {"x": TensorMeta((6, 5), torch.float32), "y": TensorMeta((2,), torch.float32)}
+    write_state_dict(tmp_path / "whole", {"x": t, "y": torch.ones(2)})
+    (tmp_path / "parts").mkdir()
+    w = StreamingSafetensorsWriter(tmp_path / "parts", ShardPlan.build(metas, 1 << 30))
+    for a in range(0, 30, 7):
+        w.write_part("x", t.reshape(-1)[a:a + 7])
+    w.write("y", torch.ones(2))
+    w.close()
+    assert (tmp_path / "parts" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+    (tmp_path / "bad").mkdir()
+    w = StreamingSafetensorsWriter(tmp_path / "bad", ShardPlan.build(metas, 1 << 30))
+    with pytest.raises(RuntimeError, match="does not fit"):
+        w.write_part("x", torch.zeros(31))
+    with pytest.raises(RuntimeError, match="does not fit"):
+        w.write_part("x", torch.zeros(3, dtype=torch.float64))
+    w.write_part("x", torch.zeros(10))
+    with pytest.raises(RuntimeError, match="partly written"):
+        w.write("x", t)
+    with pytest.raises(RuntimeError, match="out of order"):
+        w.write_part("y", torch.zeros(1))
+    with pytest.raises(RuntimeError, match="output incomplete"):
+        w.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                                   torch.float8_e4m3fn])
+def test_count_nonfinite_is_exact(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(2)
+    # float8_e4m3fn has no infinity (casting one saturates): only NaN there
+    values = [float("nan")] * 3 if dtype == torch.float8_e4m3fn else [float("nan"), float("inf"), -float("inf")]
+    for bad in (0, 1, 5):
+        t = torch.randn(1000, generator=g)
+        where = torch.randperm(1000, generator=g)[:bad]
+        t[where] = torch.tensor(values).repeat(2)[:bad]
+        t = t.to(dtype)
+        assert count_nonfinite(t) == int((~torch.isfinite(t.float())).sum()) == bad
+    assert count_nonfinite(torch.empty(0, dtype=dtype)) == 0
+    big = torch.finfo(dtype).max
+    assert count_nonfinite(torch.tensor([big, -big], dtype=dtype)) == 0  # large but finite
+    assert count_nonfinite(torch.arange(5)) == 0
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_allocator_tuning_applies_under_glibc() -> None:
+    # in a child process: the setting is process-wide and permanent
+    code = "from mergelab.merge.allocator import recycle_freed_memory as r; print(r())"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "True"
