@@ -119,6 +119,34 @@ def run_measured(cmd: list[str]) -> tuple[float, int]:
     return wall, peak
 
 
+_ENGINE_ONLY = """
+import sys, time
+from mergelab.merge.allocator import recycle_freed_memory
+from mergelab.merge.engine import run_merge
+recycle_freed_memory()  # as the CLI does
+start = time.perf_counter()
+run_merge(sys.argv[1], sys.argv[2], progress=False, device=sys.argv[3])
+print(time.perf_counter() - start)
+"""
+
+
+def engine_seconds(cfg_path: Path, out: Path, device: str) -> float:
+    """Seconds of ``run_merge`` alone, timed inside a fresh process: the CLI's wall time less the start of
+    Python and the import of torch (which every torch-based tool pays, ~3 s on a 2-core machine)."""
+    shutil.rmtree(out, ignore_errors=True)
+    done = subprocess.run([sys.executable, "-c", _ENGINE_ONLY, str(cfg_path), str(out), device],
+                          capture_output=True, text=True, check=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def import_seconds() -> float:
+    """Wall seconds of ``python -c 'import torch'``: the part of any torch tool's time no engine can cut."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    return time.perf_counter() - start
+
+
 def io_floor(paths: list[Path], out_bytes: int, scratch: Path) -> float:
     """Seconds to read every input file once and write ``out_bytes`` (the floor for a streamed merge)."""
     start = time.perf_counter()
@@ -175,6 +203,7 @@ def main() -> None:
     out_bytes = sum(f.stat().st_size for f in paths[0].glob("*.safetensors"))
     io_floor(paths, 0, work / "scratch")  # warm the page cache once
     floor = statistics.median(io_floor(paths, out_bytes, work / "scratch") for _ in range(3))
+    torch_import = statistics.median(import_seconds() for _ in range(3))
     mergekit_bin = shutil.which("mergekit-yaml")
     mergelab_bin = [sys.executable, "-m", "mergelab.cli"]
     rows = []
@@ -200,32 +229,41 @@ def main() -> None:
                 walls.append(wall)
                 peaks.append(peak)
             results[tool] = (statistics.median(walls), max(peaks))
+            if tool == "mergelab":
+                scratch_out = work / f"out-engine-{method}"
+                engine = statistics.median(engine_seconds(cfg_path, scratch_out, args.device)
+                                           for _ in range(args.repeats))
             print(f"  {method:16s} {tool:9s} {results[tool][0]:7.2f} s  peak RSS {results[tool][1] / 2**20:8.0f} MiB",
                   flush=True)
         diff = max_abs_diff(work / f"out-mergelab-{method}", work / f"out-mergekit-{method}")
         (ml_t, ml_m), (mk_t, mk_m) = results["mergelab"], results["mergekit"]
         rows.append({"method": method, "mergelab_s": ml_t, "mergekit_s": mk_t, "time_ratio": ml_t / mk_t,
-                     "floor_ratio": ml_t / floor, "mergelab_rss_mib": ml_m / 2**20, "mergekit_rss_mib": mk_m / 2**20,
+                     "floor_ratio": ml_t / floor, "engine_s": engine, "engine_floor_ratio": engine / floor,
+                     "mergelab_rss_mib": ml_m / 2**20, "mergekit_rss_mib": mk_m / 2**20,
                      "rss_ratio": ml_m / mk_m, "max_abs_diff": diff})
         for tool in ("mergelab", "mergekit"):
             shutil.rmtree(work / f"out-{tool}-{method}", ignore_errors=True)
 
     header = (f"Merging 3 models of {in_bytes / 3 / 1e9:.2f} GB each (bf16, Llama-style, safetensors in 1 GB shards), "
               f"device {args.device}, {os.cpu_count()} CPUs, torch {torch.__version__}. I/O floor (read inputs once + "
-              f"write one output, warm cache): {floor:.2f} s.\n\n")
-    table = ("| method | mergelab s | mergekit s | time mergelab/mergekit | mergelab/floor | mergelab peak RSS MiB "
-             "| mergekit peak RSS MiB | RSS mergelab/mergekit | max abs diff |\n"
-             "|---|---|---|---|---|---|---|---|---|\n")
+              f"write one output, warm cache): {floor:.2f} s. `import torch` alone: {torch_import:.2f} s. "
+              "*engine* = `run_merge` timed inside the process (no interpreter start or imports), inputs "
+              "hashed (sha256) as by default.\n\n")
+    table = ("| method | mergelab s | mergekit s | time mergelab/mergekit | mergelab/floor | engine s | engine/floor "
+             "| mergelab peak RSS MiB | mergekit peak RSS MiB | RSS mergelab/mergekit | max abs diff |\n"
+             "|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
         diff = "random masks differ" if r["method"] == "dare_ties" else f"{r['max_abs_diff']:.3g}"
         table += (f"| {r['method']} | {r['mergelab_s']:.2f} | {r['mergekit_s']:.2f} | {r['time_ratio']:.2f} | "
-                  f"{r['floor_ratio']:.2f} | {r['mergelab_rss_mib']:.0f} | {r['mergekit_rss_mib']:.0f} | "
+                  f"{r['floor_ratio']:.2f} | {r['engine_s']:.2f} | {r['engine_floor_ratio']:.2f} | "
+                  f"{r['mergelab_rss_mib']:.0f} | {r['mergekit_rss_mib']:.0f} | "
                   f"{r['rss_ratio']:.2f} | {diff} |\n")
     print("\n" + header + table)
     report = args.report or Path(__file__).parent / "results" / f"vs_mergekit_{args.size}_{args.device}.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(f"# mergelab vs mergekit, {args.size} per model\n\n" + header + table)
-    (report.with_suffix(".json")).write_text(json.dumps({"floor_s": floor, "rows": rows}, indent=2))
+    summary = {"floor_s": floor, "torch_import_s": torch_import, "rows": rows}
+    (report.with_suffix(".json")).write_text(json.dumps(summary, indent=2))
     print(f"wrote {report}")
 
 
