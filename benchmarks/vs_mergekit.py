@@ -132,7 +132,7 @@ print(time.perf_counter() - start)
 
 def engine_seconds(cfg_path: Path, out: Path, device: str) -> float:
     """Seconds of ``run_merge`` alone, timed inside a fresh process: the CLI's wall time less the start of
-    Python and the import of torch (which every torch-based tool pays, ~3 s on a 2-core machine)."""
+    Python and the import of torch (which every torch-based tool pays; see ``import_seconds``)."""
     shutil.rmtree(out, ignore_errors=True)
     done = subprocess.run([sys.executable, "-c", _ENGINE_ONLY, str(cfg_path), str(out), device],
                           capture_output=True, text=True, check=True)
@@ -229,12 +229,10 @@ def main() -> None:
                 walls.append(wall)
                 peaks.append(peak)
             results[tool] = (statistics.median(walls), max(peaks))
-            if tool == "mergelab":
-                scratch_out = work / f"out-engine-{method}"
-                engine = statistics.median(engine_seconds(cfg_path, scratch_out, args.device)
-                                           for _ in range(args.repeats))
             print(f"  {method:16s} {tool:9s} {results[tool][0]:7.2f} s  peak RSS {results[tool][1] / 2**20:8.0f} MiB",
                   flush=True)
+        engine = statistics.median(engine_seconds(cfg_path, work / f"out-engine-{method}", args.device)
+                                   for _ in range(args.repeats))
         diff = max_abs_diff(work / f"out-mergelab-{method}", work / f"out-mergekit-{method}")
         (ml_t, ml_m), (mk_t, mk_m) = results["mergelab"], results["mergekit"]
         rows.append({"method": method, "mergelab_s": ml_t, "mergekit_s": mk_t, "time_ratio": ml_t / mk_t,

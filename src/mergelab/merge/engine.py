@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -379,7 +380,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
     total_bytes = sum(m.nbytes for m in plan.out_metas.values())
     base_label = cfg.base_model or "base"
     # (label, tensor name) -> NaN/Inf count, summed over the pieces of a tensor
-    nonfinite: dict[tuple[str, str], int] = {}
+    nonfinite: Counter[tuple[str, str]] = Counter()
     produced = "merged output"
 
     def load(piece: _Piece) -> tuple[torch.Tensor | None, list[torch.Tensor], list[tuple[str, int]]]:
@@ -414,7 +415,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             assert pending is not None
             base_t, tensors, found = pending.result()
             for label, n in found:
-                nonfinite[label, piece.name] = nonfinite.get((label, piece.name), 0) + n
+                nonfinite[label, piece.name] += n
             has_next = i + 1 < len(pieces)
             read_after_merge = has_next and piece.nbytes + pieces[i + 1].nbytes > budget and not nonfinite
             if has_next and not read_after_merge:
@@ -438,7 +439,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             if read_after_merge:
                 pending = reader_pool.submit(load, pieces[i + 1])
             if not allow_nonfinite and (n := count_nonfinite(merged)):
-                nonfinite[produced, piece.name] = nonfinite.get((produced, piece.name), 0) + n
+                nonfinite[produced, piece.name] += n
                 continue
             if written is not None:
                 written.result()  # re-raises a write error here, in order
