@@ -30,9 +30,6 @@ from mergelab.zoo.progress import available_cores, make_progress
 J = TypeVar("J")
 R = TypeVar("R")
 
-EXECUTORS = ("local", "ray")
-
-
 def run_job(fn: Callable[[J], R], job: J, threads: int) -> R:
     """Run one job with a fixed number of torch threads (results of reductions can depend on it)."""
     old = torch.get_num_threads()

@@ -88,9 +88,6 @@ class SearchSpace:
             out.append(v)
         return out
 
-    def to_unit(self, values: Sequence[float]) -> list[float]:
-        return [(v - d.param.low) / (d.param.high - d.param.low) for d, v in zip(self.dims, values, strict=True)]
-
     def merge_config(self, x: Sequence[float]) -> dict[str, Any]:
         """The merge config (a plain dict, as it will be written to YAML) for candidate ``x``."""
         cfg = copy.deepcopy(self.merge)

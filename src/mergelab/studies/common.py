@@ -18,6 +18,7 @@ from mergelab.ensemble import EvalMode, Outputs, model_outputs
 from mergelab.soups import uniform_soup
 from mergelab.zoo.data import Dataset, load_dataset
 from mergelab.zoo.models import ZooModel
+from mergelab.zoo.task_suite import accuracy_pct
 from mergelab.zoo.train import TrainConfig, Zoo, ZooSpec
 
 C = TypeVar("C")
@@ -68,11 +69,6 @@ def apply_options(config: C, options: Mapping[str, Any]) -> C:
     return dataclasses.replace(config, **clean)  # type: ignore[type-var]
 
 
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy in percent."""
-    return 100.0 * float((logits.argmax(1) == y).double().mean())
-
-
 @dataclass
 class ZooEval:
     """Evaluates one zoo: member outputs once per split, soups memoised by the set of members averaged.
@@ -119,7 +115,7 @@ class ZooEval:
         return self._outputs[key]
 
     def member_acc(self, i: int, split: str) -> float:
-        return accuracy(self.outputs(i, split).logits, self.data(split).y)
+        return accuracy_pct(self.outputs(i, split).logits, self.data(split).y)
 
     def soup_model(self, members: Sequence[int]) -> ZooModel:
         model = copy.deepcopy(self._members[0])
@@ -133,7 +129,7 @@ class ZooEval:
         return self._soups[key]
 
     def soup_acc(self, members: Sequence[int], split: str) -> float:
-        return accuracy(self.soup_outputs(members, split).logits, self.data(split).y)
+        return accuracy_pct(self.soup_outputs(members, split).logits, self.data(split).y)
 
 
 def splits(dataset: str, split_seed: int) -> tuple[Dataset, Dataset]:
@@ -156,10 +152,6 @@ def write_record(out: Path, study: str, config: Any, zoos: Sequence[Zoo], starte
     path = out / "mergelab.json"
     path.write_text(json.dumps(record, indent=2, default=str))
     return path
-
-
-def fraction(hits: int, total: int) -> str:
-    return f"{hits}/{total}"
 
 
 def verdict_from_fraction(hits: int, total: int, *, majority: float = 0.75) -> bool | None:

@@ -26,7 +26,6 @@ from mergelab.report.plots import heatmaps, line_panels, scatter_panels
 from mergelab.soups import greedy_select, uniform_soup
 from mergelab.studies.common import (
     ZooEval,
-    accuracy,
     apply_options,
     splits,
     verdict_from_fraction,
@@ -36,6 +35,7 @@ from mergelab.studies.common import (
 from mergelab.studies.weights_vs_features import zoo_label
 from mergelab.zoo.models import ARCHS
 from mergelab.zoo.progress import make_progress, torch_threads
+from mergelab.zoo.task_suite import accuracy_pct
 from mergelab.zoo.train import Zoo, train_zoos
 
 METHODS = {"perf_ave": "Perf Ave", "uniform_soup": "Uniform soup", "greedy_soup": "Greedy soup",
@@ -100,8 +100,8 @@ def evaluate_scaled(ev: ZooEval, ns: Sequence[int], batch_size: int, scatter_n: 
         for method, acc in [("perf_ave", float(np.mean(test_scores[:n]))),
                             ("uniform_soup", ev.soup_acc(idx, "test")),
                             ("greedy_soup", ev.soup_acc(g.selected, "test")),
-                            ("logit_ensemble", accuracy(logits, ev.test.y)),
-                            ("feature_ensemble", accuracy(feats, ev.test.y))]:
+                            ("logit_ensemble", accuracy_pct(logits, ev.test.y)),
+                            ("feature_ensemble", accuracy_pct(feats, ev.test.y))]:
             rows.append({"N": n, "method": method, "test_acc": acc})
     idx = list(range(min(scatter_n, n_all)))
     soup_logits = ev.soup_outputs(idx, "test").logits
@@ -109,8 +109,8 @@ def evaluate_scaled(ev: ZooEval, ns: Sequence[int], batch_size: int, scatter_n: 
     y = ev.test.y
     per_soup, per_ens = [], []
     for s in range(0, len(y), batch_size):
-        per_soup.append(accuracy(soup_logits[s:s + batch_size], y[s:s + batch_size]))
-        per_ens.append(accuracy(ens_logits[s:s + batch_size], y[s:s + batch_size]))
+        per_soup.append(accuracy_pct(soup_logits[s:s + batch_size], y[s:s + batch_size]))
+        per_ens.append(accuracy_pct(ens_logits[s:s + batch_size], y[s:s + batch_size]))
     return rows, (per_soup, per_ens)
 
 

@@ -31,6 +31,7 @@ from mergelab.search.run import run_search
 from mergelab.studies.common import apply_options
 from mergelab.zoo.data import Dataset, load_dataset
 from mergelab.zoo.models import MLP
+from mergelab.zoo.task_suite import accuracy_pct
 from mergelab.zoo.train import TrainConfig, fit
 
 TASKS = ("animals", "mnist-rot90", "mnist-perm")
@@ -128,7 +129,7 @@ def evaluate(state_dict: dict[str, torch.Tensor], suite: str, split: str = "val"
         model.load_state_dict({**{k: v for k, v in state_dict.items() if k.startswith("body.")},
                                **{f"head.{k}": v for k, v in heads[task].items()}})
         d = _eval_data(task, split)
-        out[f"acc[{task}]"] = 100.0 * float((model(d.x).argmax(1) == d.y).double().mean())
+        out[f"acc[{task}]"] = accuracy_pct(model(d.x), d.y)
     out["score"] = sum(out[f"acc[{t}]"] for t in tasks) / len(tasks)
     return out
 
@@ -165,8 +166,8 @@ def run(out: Path, *, quick: bool = False, seed: int = 0, executor: str = "local
         rows.append({"method": f"fine-tuned on {task} (own task only)", f"val acc[{task}]": val["score"],
                      f"test acc[{task}]": test["score"]})
     # hand-tuned: one λ for all task vectors and layers, picked on validation
-    sweep = [(lam, evaluate(merge_to_state_dict(_ta_config(suite, lam)), suite_s, "val"),
-              evaluate(merge_to_state_dict(_ta_config(suite, lam)), suite_s, "test")) for lam in cfg.lambdas]
+    sweep = [(lam, *(evaluate(merged, suite_s, split) for split in ("val", "test")))
+             for lam in cfg.lambdas for merged in [merge_to_state_dict(_ta_config(suite, lam))]]
     best_lam, best_val, best_test = max(sweep, key=lambda s: s[1]["score"])
     rows.append({"method": f"task arithmetic, best hand-tuned λ = {best_lam}", **_prefixed(best_val, "val"),
                  **_prefixed(best_test, "test")})

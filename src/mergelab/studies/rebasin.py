@@ -36,6 +36,7 @@ from mergelab.soups import uniform_soup
 from mergelab.studies.common import apply_options, write_record
 from mergelab.zoo.cache import cache_dir
 from mergelab.zoo.data import load_dataset
+from mergelab.zoo.task_suite import accuracy_pct
 from mergelab.zoo.train import train_zoo
 
 VARIANTS = ("naive", "naive+bn_reset", "aligned", "aligned+bn_reset")
@@ -135,10 +136,10 @@ def run_cell(job: CellJob) -> CellResult:
     for n in cfg.soup_sizes:
         if n > len(sds):
             continue
-        accs = [100.0 * float((lg.argmax(1) == test.y).double().mean()) for lg in member_logits[:n]]
+        accs = [accuracy_pct(lg, test.y) for lg in member_logits[:n]]
         ens = ensemble_logits(member_logits[:n])
         row = {**key, "N": n, "members_mean": sum(accs) / n,
-               "ensemble": 100.0 * float((ens.argmax(1) == test.y).double().mean()),
+               "ensemble": accuracy_pct(ens, test.y),
                "naive": _soup_row(models[0], sds[:n], test.x, test.y, None, cfg.bn_batches, job.seed),
                "aligned": _soup_row(models[0], aligned[:n], test.x, test.y, None, cfg.bn_batches, job.seed)}
         if bn:

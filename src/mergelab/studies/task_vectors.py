@@ -40,8 +40,6 @@ from mergelab.studies.task_vector_bench import METHODS, MergeBench, Selection
 from mergelab.zoo.progress import make_progress, torch_threads
 from mergelab.zoo.task_suite import FinetuneRecipe, TaskSuite
 
-DESCRIPTION = ("CART vs task arithmetic, TIES, DARE, Model Stock, Fisher, RegMean on a real pretrained "
-               "transformer (--suite text) or a ViT multi-task suite (--suite vision); rank/λ sweeps, I(k)/R(k)")
 SUITES = ("vision", "text")
 
 

@@ -24,7 +24,6 @@ from mergelab.report.tables import best_in_row
 from mergelab.soups import greedy_ensemble, greedy_select
 from mergelab.studies.common import (
     ZooEval,
-    accuracy,
     apply_options,
     splits,
     verdict_from_fraction,
@@ -34,6 +33,7 @@ from mergelab.studies.common import (
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.models import ARCHS, count_parameters, flops_per_example
 from mergelab.zoo.progress import make_progress, torch_threads
+from mergelab.zoo.task_suite import accuracy_pct
 from mergelab.zoo.train import Zoo, ZooSpec, train_zoos
 
 METHODS: dict[str, str] = {
@@ -115,12 +115,12 @@ def evaluate_zoo(ev: ZooEval, ns: Sequence[int], *, strict: bool = True) -> list
 
     def logit_acc(idx: Sequence[int], split: str) -> float:
         y = val_y if split == "val" else test_y
-        return accuracy(ensemble_logits([ev.outputs(i, split).logits for i in idx]), y)
+        return accuracy_pct(ensemble_logits([ev.outputs(i, split).logits for i in idx]), y)
 
     def feature_acc(idx: Sequence[int], split: str, head: str = "merged") -> float:
         y = val_y if split == "val" else test_y
         h = merged_head([ev.members[i].head for i in idx]) if head == "merged" else ev.members[idx[0]].head
-        return accuracy(feature_ensemble_logits([ev.outputs(i, split).features for i in idx], h), y)
+        return accuracy_pct(feature_ensemble_logits([ev.outputs(i, split).features for i in idx], h), y)
 
     rows: list[dict[str, Any]] = []
     for n in ns:

@@ -35,7 +35,15 @@ from torch import nn
 from mergelab.zoo.cache import load_entry, recipe_hash, save_entry
 from mergelab.zoo.data import Dataset, load_dataset
 from mergelab.zoo.progress import make_progress, torch_threads
-from mergelab.zoo.task_suite import FinetuneRecipe, Task, TaskData, TaskSuite, _batches, _schedule
+from mergelab.zoo.task_suite import (
+    FinetuneRecipe,
+    Task,
+    TaskData,
+    TaskSuite,
+    _batches,
+    _schedule,
+    accuracy_pct,
+)
 
 
 class _Block(nn.Module):
@@ -209,7 +217,7 @@ class VisionSuite(TaskSuite):
         model.eval()
         val = load_dataset(PRETRAIN_DATASET, "val", c.split_seed)
         with torch.no_grad():
-            val_acc = 100.0 * float((model(val.x).argmax(1) == val.y).double().mean())
+            val_acc = accuracy_pct(model(val.x), val.y)
         history = {"val_acc": val_acc, "seconds": round(time.perf_counter() - start, 2), "seed": self.seed}
         state = {k: v.detach().clone() for k, v in enc.state_dict().items()}
         save_entry(key, {"state_dict": state, "history": history}, self.cache)
