@@ -38,6 +38,11 @@ def merge(
     no_hash: Annotated[
         bool, typer.Option("--no-hash", help="skip the sha256 of inputs in mergelab.json")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress bar")] = False,
+    take_missing_from: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--take-missing-from", metavar="base",
+        help="tensors some models lack (buffers such as position_ids): take them from the base")] = None,
+    no_model_card: Annotated[
+        bool, typer.Option("--no-model-card", help="do not write a model card README.md into OUT")] = False,
 ) -> None:
     """Merge the checkpoints described in CONFIG into OUT."""
     from mergelab.merge.allocator import recycle_freed_memory
@@ -46,7 +51,8 @@ def merge(
     recycle_freed_memory()
     try:
         result = run_merge(config, out, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
-                           allow_nonfinite=allow_nonfinite, progress=not quiet, hash_inputs=not no_hash)
+                           allow_nonfinite=allow_nonfinite, progress=not quiet, hash_inputs=not no_hash,
+                           take_missing_from=take_missing_from, model_card=not no_model_card)
     except (MergeLabError, ValueError, KeyError) as exc:
         _fail(exc)
         return

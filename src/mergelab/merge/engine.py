@@ -40,6 +40,8 @@ from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.merge.config import MergeConfig, load_config
 from mergelab.merge.core import merge_tensor
+from mergelab.merge.extra_files import copy_extra_files
+from mergelab.merge.model_card import library_name, render_model_card
 from mergelab.merge.plan import MergePlan, count_nonfinite, nonfinite_message, plan_merge
 from mergelab.merge.thresholds import global_threshold
 
@@ -118,7 +120,7 @@ def _copy_model_files(plan: MergePlan, tmp: Path, device_out_dtype: torch.dtype 
         else:
             shutil.copy2(src_dir / name, tmp / name)
         copied.append(name)
-    return copied
+    return copied + copy_extra_files(source, source_tok, tmp, copied)
 
 
 def _progress(enabled: bool) -> Progress:
@@ -239,11 +241,14 @@ def run_merge(
     allow_nonfinite: bool = False,
     progress: bool = True,
     hash_inputs: bool = True,
+    take_missing_from: str | None = None,
+    model_card: bool = True,
 ) -> MergeResult:
     """Merge the checkpoints described by ``config`` into the folder ``out_dir``.
 
     Raises :class:`~mergelab.errors.MergeLabError` subclasses with actionable messages; on any error no
-    ``out_dir`` is created and an existing one is left as it was.
+    ``out_dir`` is created and an existing one is left as it was. ``take_missing_from="base"`` serves tensors
+    a model lacks from the base (and leaves out those only a model has); ``model_card`` writes README.md.
     """
     cfg, folder = load_config(config)
     out = Path(out_dir)
@@ -254,7 +259,7 @@ def run_merge(
     except ValueError as exc:
         raise ConfigError(f"--max-shard-size: {exc}") from None
     dev = _resolve_device(device)
-    plan = plan_merge(cfg, folder)
+    plan = plan_merge(cfg, folder, take_missing_from=take_missing_from)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     created = _first_missing(out.parent)  # removed again if the merge fails: nothing written means nothing
     try:
@@ -300,9 +305,14 @@ def run_merge(
             "copied_files": copied,
             "inputs_sha256": {k: v.result() for k, v in hashes.items()},
         }
-        (tmp / "mergelab_config.yml").write_text(
-            yaml.safe_dump(cfg.model_dump(exclude_none=True, exclude={"slices"}), sort_keys=False))
+        if plan.taken_from_base or plan.dropped:
+            record["taken_from_base"], record["dropped"] = plan.taken_from_base, plan.dropped
+        config_yaml = yaml.safe_dump(cfg.model_dump(exclude_none=True, exclude={"slices"}), sort_keys=False)
+        (tmp / "mergelab_config.yml").write_text(config_yaml)
         (tmp / "mergelab.json").write_text(json.dumps(record, indent=2) + "\n")
+        if model_card:
+            (tmp / "README.md").write_text(render_model_card(record, config_yaml, library=library_name(tmp),
+                                                             name=cfg.name), encoding="utf-8")
         files = sorted(p.name for p in tmp.iterdir())
         _install(tmp, out, overwrite)
     except OSError as exc:  # disk full, permissions...: a message, not a traceback

@@ -6,15 +6,18 @@ unknown or misplaced parameter, a missing base model...), each naming the model,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mergelab.errors import CheckpointError, CompatibilityError
-from mergelab.io.readers import CheckpointReader, TensorMeta, open_checkpoint
+from mergelab.io.borrow import borrow_missing
+from mergelab.io.models import open_model
+from mergelab.io.readers import CheckpointReader, TensorMeta
 from mergelab.merge.config import MergeConfig, resolve_model_path
 from mergelab.merge.params import check_parameter_names, layer_index, layer_position, resolve_parameters
 from mergelab.methods import MergeMethod, get_method
@@ -39,6 +42,10 @@ class MergePlan:
     """Where ``config.json``'s sibling tokenizer files are copied from (None: no tokenizer files)."""
     global_densities: list[float] | None = None
     """Per-model densities when TIES trims with one threshold over the whole model (``scope: global``)."""
+    taken_from_base: dict[str, list[str]] = field(default_factory=dict)
+    """``--take-missing-from base``: per model, the tensors it lacked and the base supplied."""
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+    """``--take-missing-from base``: per model, its tensors the base lacks (left out of the output)."""
 
     @property
     def readers(self) -> list[CheckpointReader]:
@@ -58,13 +65,14 @@ def _num_layers(reference: CheckpointReader, names: list[str]) -> int:
     return max(indices) + 1 if indices else 1
 
 
-def plan_merge(config: MergeConfig, config_folder: Path | None = None) -> MergePlan:
+def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
+               take_missing_from: str | None = None) -> MergePlan:
     method = get_method(config.merge_method)
     problems: list[str] = []
 
     def open_one(path: str) -> CheckpointReader | None:
         try:
-            return open_checkpoint(resolve_model_path(path, config_folder))
+            return open_model(path, lambda p: resolve_model_path(p, config_folder))
         except CheckpointError as exc:
             problems.append(str(exc))
             return None
@@ -119,15 +127,32 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None) -> MergeP
     reference = base if base is not None else pairs[0][1]
     names = reference.names
     ref_label = config.base_model if base is not None else pairs[0][0]
+    taken: dict[str, list[str]] = {}
+    dropped: dict[str, list[str]] = {}
+    if take_missing_from not in (None, "base"):
+        problems.append(f"--take-missing-from {take_missing_from}: the only source is 'base'")
+    elif take_missing_from is not None and base is None:
+        problems.append(f"--take-missing-from {take_missing_from}: needs a base_model (and a method that uses "
+                        f"one; '{method.name}' {'ignores' if method.base == 'ignored' else 'was given'} none)")
     for label, reader in pairs:
         missing = [x for x in names if x not in reader]
         extra = [x for x in reader.names if x not in reference]
+        if take_missing_from == "base" and base is not None:
+            if missing:
+                taken[label] = borrow_missing(reader, base, missing)
+            if extra:
+                dropped[label] = extra
+            missing, extra = [], []
+        fix = " or pass --take-missing-from base to copy them from the base" if base is not None else ""
         if missing:
             problems.append(f"{label}: missing {len(missing)} tensor(s) that {ref_label} has, "
-                            f"e.g. {missing[:3]}")
+                            f"e.g. {missing[:3]}{_buffer_hint(missing, fix)}")
         if extra:
             problems.append(f"{label}: has {len(extra)} tensor(s) that {ref_label} lacks, e.g. {extra[:3]}; "
-                            "are these the same architecture?")
+                            + (f"these look like buffers saved by another library version: pass "
+                               f"--take-missing-from base to leave them out, as {ref_label} does"
+                               if base is not None and all(_is_buffer(x) for x in extra)
+                               else "are these the same architecture?"))
         for name in names:
             if name not in reader:
                 continue
@@ -184,7 +209,23 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None) -> MergeP
     if config.tokenizer_source in (None, "base"):
         tokenizer_folder = reference.folder
     return MergePlan(config, method, base, opened, labels, settings, names, out_metas, num_layers, reference,
-                     tokenizer_folder, global_densities)
+                     tokenizer_folder, global_densities, taken, dropped)
+
+
+# Tensors that are state but not trained parameters: saved by some library versions and not others.
+_BUFFER_NAMES = re.compile(r"(position_ids|inv_freq|rotary_emb|cos_cached|sin_cached|masked_bias|attn\.bias|"
+                           r"\.mask$|num_batches_tracked|token_type_ids)")
+
+
+def _is_buffer(name: str) -> bool:
+    return _BUFFER_NAMES.search(name) is not None
+
+
+def _buffer_hint(missing: list[str], fix: str) -> str:
+    if all(_is_buffer(x) for x in missing):
+        return f"; these are buffers that some library versions do not save: save the model again{fix}"
+    return f"; is this the same architecture?{fix}" if fix else ""
+
 
 
 def _tokenizer_folder(config: MergeConfig, config_folder: Path | None) -> tuple[Path | None, str | None]:

@@ -1,0 +1,56 @@
+"""Models named by Hugging Face Hub id (``org/name``, optionally ``org/name@revision``), found in the local cache.
+
+mergelab never downloads: an id resolves only to a snapshot already in the Hugging Face cache
+(``$HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``), through ``huggingface_hub`` with
+``local_files_only=True``. Anything else is a clear error that says how to get the files there.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mergelab.errors import CheckpointError
+
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+
+
+def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` if ``spec`` has the form of a Hub id, else None."""
+    m = _HUB_ID.match(spec)
+    if m is None or spec.startswith(("./", "../")) or spec.endswith((".safetensors", ".bin", ".pt", ".pth")):
+        return None
+    return m.group("repo"), m.group("rev")
+
+
+def resolve_hub_id(spec: str) -> Path:
+    """The local snapshot folder of the Hub id ``spec``; :class:`CheckpointError` if it is not cached."""
+    parsed = parse_hub_id(spec)
+    if parsed is None:
+        raise CheckpointError(f"{spec}: not a Hub id (expected org/name or org/name@revision)")
+    repo, revision = parsed
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        raise CheckpointError(f"{spec}: no such file or folder, and huggingface_hub (needed to look it up in the "
+                              "Hugging Face cache) is not installed: pip install huggingface_hub") from None
+    try:
+        folder = snapshot_download(repo, revision=revision, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as exc:
+        rev = f" at revision '{revision}'" if revision else ""
+        raise CheckpointError(
+            f"{spec}: no such file or folder, and Hub model '{repo}'{rev} is not in the local Hugging Face cache "
+            f"({_cache_dir()}). mergelab never downloads: fetch it first, e.g. `huggingface-cli download "
+            f"{repo}" + (f" --revision {revision}" if revision else "") + "`, or point to a local folder"
+            f" ({type(exc).__name__})") from None
+    return Path(str(folder))
+
+
+def _cache_dir() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - checked by the caller
+        return "~/.cache/huggingface/hub"
