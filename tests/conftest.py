@@ -16,9 +16,13 @@ from tiny_models import make_family
 
 @pytest.fixture(scope="session")
 def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[Path]]]:
-    """Tiny Llama-, GPT-2- and BERT-style families (base + 3 fine-tunes), saved once per session."""
+    """Tiny Llama-, Mistral-, Qwen2-, GPT-2- and BERT-style families (base + 3 fine-tunes), saved once per
+    session."""
     root = tmp_path_factory.mktemp("families")
-    return {arch: make_family(root, arch) for arch in ("llama", "gpt2", "bert")}
+    # Mistral and Qwen2 get their own seeds: with Llama's they would hold the same numbers as the Llama family
+    seeds = {"mistral": 1, "qwen2": 2}
+    return {arch: make_family(root, arch, seed=seeds.get(arch, 0))
+            for arch in ("llama", "mistral", "qwen2", "gpt2", "bert")}
 
 
 @pytest.fixture(scope="session")

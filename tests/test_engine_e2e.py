@@ -211,11 +211,17 @@ def _method_cases(base: Path, fts: list[Path]) -> dict[str, dict[str, Any]]:
         "model_stock": dict(method="model_stock", params={}, models=m, per_model=[{}] * 3, base=base),
         "cart": dict(method="cart", params={"rank_ratio": 0.25, "lambda": 1.2}, models=m,
                      per_model=[{}] * 3, base=base),
+        "della": dict(method="della", params={"lambda": 0.9}, models=m,
+                      per_model=[{"density": 0.5, "epsilon": 0.2, "weight": 0.7}] * 3, base=base),
+        "della_linear": dict(method="della_linear", params={"rescale_mode": "l1"}, models=m,
+                             per_model=[{"density": [0.3, 0.7], "epsilon": 0.1, "weight": 0.5}] * 3, base=base),
+        "sce": dict(method="sce", params={"select_topk": 0.4}, models=m, per_model=[{}] * 3, base=base),
     }
 
 
 @pytest.mark.parametrize("case", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-                                  "breadcrumbs_ties", "slerp", "model_stock", "cart"])
+                                  "breadcrumbs_ties", "slerp", "model_stock", "cart", "della", "della_linear",
+                                  "sce"])
 def test_every_method_end_to_end(families: Families, tmp_path: Path, case: str) -> None:
     base, fts = families["llama"]
     c = _method_cases(base, fts)[case]

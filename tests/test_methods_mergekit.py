@@ -1,7 +1,8 @@
 """Side-by-side checks against mergekit 0.1.5 (a dev dependency, never a runtime one) on random tensors.
 
 Only deterministic settings: DARE's random masks come from different generators, so it is compared at
-density 1 only. Random float tensors have no magnitude ties, so top-k masks agree exactly.
+density 1 only; DELLA is compared with mergekit's ``torch.bernoulli`` fed our seeded draws. Random float
+tensors have no magnitude ties, so top-k masks agree exactly.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from torch.testing import assert_close
 from mergelab.methods import (
     breadcrumbs_merge,
     dare_merge,
+    della_merge,
     linear_merge,
     model_stock_merge,
+    sce_merge,
     slerp_merge,
     task_arithmetic_merge,
     ties_merge,
 )
+from mergelab.methods.sparsify import generator_for
 
 registry = pytest.importorskip("mergekit.merge_methods.registry")
 TensorGroup = pytest.importorskip("mergekit.merge_methods.base").TensorGroup
@@ -79,3 +83,63 @@ def test_slerp(t: float) -> None:
 def test_model_stock(n: int, filter_wise: bool) -> None:
     assert_close(model_stock_merge(BASE, MODELS[:n], filter_wise=filter_wise),
                  _mk("model_stock", MODELS[:n], BASE, filter_wise=filter_wise))
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _exact(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert ours.dtype == theirs.dtype
+    assert torch.equal(ours, theirs), (ours.double() - theirs.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (17,), (4, 3, 5)])
+@pytest.mark.parametrize(("name", "consensus", "normalize"), [("della", "sum", True), ("della_linear", None, False)])
+def test_della_with_our_coins(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], name: str,
+                              consensus: str | None, normalize: bool) -> None:
+    # mergekit flips torch.bernoulli(p) per model in model order; fed our per-model generators, it must draw
+    # the same masks: same keep probabilities (rows = dim 1, 1-D as one row), same coin rule u < p
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(*shape, generator=g)
+    models = [base + 0.5 * torch.randn(*shape, generator=g) for _ in range(3)]
+    dens, eps, seed = [0.3, 0.5, 0.8], [0.1, 0.2, 0.15], 123
+    gens = iter([generator_for(seed, i) for i in range(3)])
+    monkeypatch.setattr(torch, "bernoulli",
+                        lambda p: (torch.rand(p.shape, generator=next(gens), dtype=torch.float32) < p).to(p.dtype))
+    theirs = _mk(name, models, base, weight=W, density=dens, epsilon=eps, **{"lambda": 1.3})
+    monkeypatch.undo()
+    ours = della_merge(base, models, W, dens, eps, seed=seed, consensus=consensus, normalize=normalize,  # type: ignore[arg-type]
+                       lambda_=1.3, rescale_mode="l1")
+    _exact(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_della_half_inputs_match_mergekit_in_float32(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    # Half-precision inputs: our task-vector core computes in float32, so we equal mergekit run on the float32
+    # copies, rounded. (mergekit on the half tensors computes in half; tests/test_mergekit_conformance.py.)
+    base, models = BASE.to(dtype), [m.to(dtype) for m in MODELS]
+    dens, eps = [0.4, 0.5, 0.6], [0.2, 0.2, 0.2]
+    gens = iter([generator_for(9, i) for i in range(3)])
+    monkeypatch.setattr(torch, "bernoulli",
+                        lambda p: (torch.rand(p.shape, generator=next(gens), dtype=torch.float32) < p).to(p.dtype))
+    theirs = _mk("della", [m.float() for m in models], base.float(), weight=W, density=dens, epsilon=eps)
+    monkeypatch.undo()
+    _exact(della_merge(base, models, W, dens, eps, seed=9, rescale_mode="l1"), theirs.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("shape", [(6, 10), (17,), (4, 3, 5)])
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1, 0.0])
+def test_sce_same_bits_in_every_dtype(dtype: torch.dtype, shape: tuple[int, ...], select_topk: float) -> None:
+    g = torch.Generator().manual_seed(42)
+    base = torch.randn(*shape, generator=g)
+    models = [(base + 0.5 * torch.randn(*shape, generator=g)).to(dtype) for _ in range(3)]
+    base = base.to(dtype)
+    _exact(sce_merge(base, models, select_topk=select_topk), _mk("sce", models, base, select_topk=select_topk))
+
+
+def test_sce_two_models_and_tiny_deltas() -> None:
+    # two models (variance ties are common), and deltas so small that mergekit's 1e-6 guard makes weights uniform
+    _exact(sce_merge(BASE, MODELS[:2], select_topk=0.5), _mk("sce", MODELS[:2], BASE, select_topk=0.5))
+    tiny = [BASE + 1e-4 * (m - BASE) for m in MODELS]
+    _exact(sce_merge(BASE, tiny, select_topk=0.7), _mk("sce", tiny, BASE, select_topk=0.7))

@@ -9,7 +9,7 @@ from mergelab.methods import MergeMethod, Param, all_methods, get_method, list_m
 from mergelab.methods.registry import REQUIRED, TensorInputs
 
 EXPECTED = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-            "breadcrumbs_ties", "slerp", "model_stock", "cart"}
+            "breadcrumbs_ties", "slerp", "model_stock", "cart", "della", "della_linear", "sce"}
 
 
 def test_expected_methods_registered() -> None:
@@ -122,3 +122,36 @@ def test_registered_density_bounds() -> None:
         assert p is not None
         with pytest.raises(ValueError, match="density"):
             p.validate(1.2, name)
+
+
+def test_tools_column_names_mergelab_and_the_peers() -> None:
+    assert get_method("cart").tools == "mergelab only"
+    assert get_method("ties").tools == "mergelab, mergekit, FusionBench"
+    assert get_method("sce").tools == "mergelab, mergekit"
+    with pytest.raises(ValueError, match="unknown tools"):
+        MergeMethod(name="x", adapter=lambda x: x.tensors[0], function=lambda: None, params=(), summary="",
+                    paper="", also_in=("mergekit", "peft"))
+
+
+def test_mergekit_flag_agrees_with_mergekits_registry() -> None:
+    # a method flagged "mergekit" exists there under that name, and every mergekit name we also have is flagged
+    mk = pytest.importorskip("mergekit.merge_methods.registry")
+    theirs = {m.spec.name for m in mk.registered_methods()}
+    ours = {m.name for m in all_methods()}
+    flagged = {m.name for m in all_methods() if "mergekit" in m.also_in}
+    assert flagged <= theirs
+    assert ours & theirs == flagged
+
+
+def test_methods_cli_shows_the_tools_column() -> None:
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    result = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    header = next(line for line in result.output.splitlines() if "method" in line and "paper" in line)
+    assert "tools" in header
+    assert "mergelab only" in result.output and "mergelab, mergekit, FusionBench" in result.output
+    one = CliRunner().invoke(app, ["methods", "della"])
+    assert one.exit_code == 0 and "tools: mergelab, mergekit" in one.output

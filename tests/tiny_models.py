@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("llama", "gpt2", "bert")
+ARCHS = ("llama", "mistral", "qwen2", "gpt2", "bert")
 
 
 def _config(arch: str, vocab: int = 64):  # type: ignore[no-untyped-def]
@@ -14,6 +14,14 @@ def _config(arch: str, vocab: int = 64):  # type: ignore[no-untyped-def]
 
     if arch == "llama":
         return tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                              tie_word_embeddings=False)
+    if arch == "mistral":
+        return tf.MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                sliding_window=None, tie_word_embeddings=False)
+    if arch == "qwen2":  # q/k/v projections carry biases, unlike Llama's and Mistral's
+        return tf.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                               tie_word_embeddings=False)
     if arch == "gpt2":
@@ -32,7 +40,8 @@ def make_family(root: Path, arch: str, n_models: int = 3, *, seed: int = 0, voca
 
     torch.manual_seed(seed)
     cfg = _config(arch, vocab)
-    cls = {"llama": tf.LlamaForCausalLM, "gpt2": tf.GPT2LMHeadModel, "bert": tf.BertModel}[arch]
+    cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+           "gpt2": tf.GPT2LMHeadModel, "bert": tf.BertModel}[arch]
     base = cls(cfg).eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     base_dir = root / f"{arch}-base"

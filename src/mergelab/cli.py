@@ -73,16 +73,16 @@ def methods(
             _fail(exc)
             return
         console.print(f"[bold]{m.name}[/]: {escape(m.summary)}\n  formula: {escape(m.formula)}\n"
-                      f"  paper: {escape(m.paper)}\n  base model: {m.base}")
+                      f"  paper: {escape(m.paper)}\n  base model: {m.base}\n  tools: {m.tools}")
         table = Table("parameter", "scope", "type", "default", "meaning")
         for p in m.params:
             default = "required" if p.required else repr(p.default)
             table.add_row(p.name, p.scope, p.kind.__name__, default, p.help)
         console.print(table)
         return
-    table = Table("method", "base", "parameters", "paper")
+    table = Table("method", "base", "parameters", "tools", "paper")
     for m in all_methods():
-        table.add_row(m.name, m.base, ", ".join(p.name for p in m.params), m.paper)
+        table.add_row(m.name, m.base, ", ".join(p.name for p in m.params), m.tools, m.paper)
     console.print(table)
 
 

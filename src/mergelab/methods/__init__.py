@@ -4,10 +4,12 @@ from mergelab.methods import (  # noqa: F401  (importing registers the methods)
     breadcrumbs,
     cart,
     dare,
+    della,
     fisher,
     linear,
     model_stock,
     regmean,
+    sce,
     slerp,
     task_arithmetic,
     ties,
@@ -15,6 +17,7 @@ from mergelab.methods import (  # noqa: F401  (importing registers the methods)
 from mergelab.methods.breadcrumbs import breadcrumbs_merge
 from mergelab.methods.cart import cart_merge
 from mergelab.methods.dare import dare_merge
+from mergelab.methods.della import della_merge
 from mergelab.methods.fisher import fisher_merge
 from mergelab.methods.linear import linear_merge
 from mergelab.methods.model_stock import model_stock_merge
@@ -28,6 +31,7 @@ from mergelab.methods.registry import (
     register,
 )
 from mergelab.methods.regmean import regmean_merge
+from mergelab.methods.sce import sce_merge
 from mergelab.methods.slerp import slerp_merge
 from mergelab.methods.task_arithmetic import task_arithmetic_merge
 from mergelab.methods.ties import ties_merge
@@ -40,6 +44,7 @@ __all__ = [
     "breadcrumbs_merge",
     "cart_merge",
     "dare_merge",
+    "della_merge",
     "fisher_merge",
     "get_method",
     "linear_merge",
@@ -47,6 +52,7 @@ __all__ = [
     "model_stock_merge",
     "register",
     "regmean_merge",
+    "sce_merge",
     "slerp_merge",
     "task_arithmetic_merge",
     "ties_merge",

@@ -51,11 +51,13 @@ def _params() -> tuple[Param, ...]:
 _PAPER = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
 register(MergeMethod(
     name="breadcrumbs", adapter=_adapter(None), function=breadcrumbs_merge, params=_params(),
+    also_in=("mergekit",),
     summary="Drop the largest (γ) and smallest task-vector entries, keep a density fraction, sum.",
     paper=_PAPER, formula="θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i),  m_i keeps ranks (γ, γ+density] by |δ_i|",
 ))
 register(MergeMethod(
     name="breadcrumbs_ties", adapter=_adapter("sum"), function=breadcrumbs_merge, params=_params(),
+    also_in=("mergekit",),
     summary="Breadcrumbs sparsification followed by TIES sign election.",
     paper=_PAPER,
     formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̂_i)=s] δ̂_i,  s = sgn Σ_i w_i δ̂_i,  δ̂_i = m_i ⊙ δ_i "

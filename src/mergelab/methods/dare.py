@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
-from mergelab.methods.sparsify import bernoulli_mask, generator_for
+from mergelab.methods.sparsify import bernoulli_mask, generator_for, match_l1
 from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
 
 
@@ -41,10 +41,7 @@ def dare_sparsifier(densities: Sequence[float], seed: int, *, rescale: bool = Tr
             return kept
         if before is None:
             return kept.div_(density)
-        after = kept.abs().sum()
-        if before < 1e-7 or after < 1e-7:
-            return kept
-        return kept.mul_(before / after)
+        return match_l1(kept, before)
     return drop
 
 
@@ -87,12 +84,14 @@ _PAPER = "Yu et al. 2024, Language Models are Super Mario (DARE) (arXiv:2311.030
 
 register(MergeMethod(
     name="dare_linear", adapter=_adapter(None), function=dare_merge, params=_params(False),
+    also_in=("mergekit", "FusionBench"),
     summary="Randomly drop task-vector entries (keep prob. p), rescale by 1/p, then task arithmetic.",
     paper=_PAPER, randomized=True,
     formula="θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i) / p_i,  m_i ~ Bernoulli(p_i)",
 ))
 register(MergeMethod(
     name="dare_ties", adapter=_adapter("sum"), function=dare_merge, params=_params(False),
+    also_in=("mergekit", "FusionBench"),
     summary="DARE drop-and-rescale followed by TIES sign election and disjoint merge.",
     paper=_PAPER + "; Yadav et al. 2023, TIES (arXiv:2306.01708)", randomized=True,
     formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̃_i)=γ] δ̃_i,  γ = sgn Σ_i w_i δ̃_i,  δ̃_i = m_i ⊙ δ_i / p_i "

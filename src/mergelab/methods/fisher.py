@@ -46,6 +46,7 @@ def _adapter(x: TensorInputs) -> torch.Tensor:
 
 register(MergeMethod(
     name="fisher",
+    also_in=("FusionBench",),
     adapter=_adapter,
     function=fisher_merge,
     params=(

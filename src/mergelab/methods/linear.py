@@ -47,6 +47,7 @@ def _adapter(x: TensorInputs) -> torch.Tensor:
 
 register(MergeMethod(
     name="linear",
+    also_in=("mergekit", "FusionBench"),
     adapter=_adapter,
     function=linear_merge,
     params=(

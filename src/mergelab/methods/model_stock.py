@@ -50,6 +50,7 @@ def _adapter(x: TensorInputs) -> torch.Tensor:
 
 register(MergeMethod(
     name="model_stock",
+    also_in=("mergekit", "FusionBench"),
     adapter=_adapter,
     function=model_stock_merge,
     params=(Param("filter_wise", bool, False, help="one ratio per output row instead of per tensor"),),

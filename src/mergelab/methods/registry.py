@@ -16,6 +16,8 @@ from typing import Any, Literal
 import torch
 
 REQUIRED: Any = object()
+PEER_TOOLS = ("mergekit", "FusionBench")
+"""Tools compared against: mergekit 0.1.5 (arcee-ai/mergekit) and FusionBench 0.2.33 (tanganke/fusion_bench)."""
 BasePolicy = Literal["required", "optional", "ignored"]
 
 
@@ -115,6 +117,20 @@ class MergeMethod:
     of the merged tensor. The engine then streams large tensors in pieces (tests check the equality)."""
     formula: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    also_in: tuple[str, ...] = ()
+    """Other tools that have this method under this name or a documented equivalent (names from
+    :data:`PEER_TOOLS`); empty when only mergelab has it. ``mergelab methods`` shows it as a column."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.also_in) - set(PEER_TOOLS)
+        if unknown:
+            raise ValueError(f"method '{self.name}': also_in names unknown tools {sorted(unknown)}; "
+                             f"known: {list(PEER_TOOLS)}")
+
+    @property
+    def tools(self) -> str:
+        """Which tools have the method, for tables: ``mergelab only`` or ``mergelab, mergekit, ...``."""
+        return ", ".join(("mergelab", *self.also_in)) if self.also_in else "mergelab only"
 
     @property
     def global_params(self) -> dict[str, Param]:

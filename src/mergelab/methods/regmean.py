@@ -49,6 +49,7 @@ def _adapter(x: TensorInputs) -> torch.Tensor:
 
 register(MergeMethod(
     name="regmean",
+    also_in=("FusionBench",),
     adapter=_adapter,
     function=regmean_merge,
     params=(Param("alpha", float, 0.9, low=0.0, high=1.0, help="scale of the Gram matrices' off-diagonal"),),

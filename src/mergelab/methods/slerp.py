@@ -48,6 +48,7 @@ def _adapter(x: TensorInputs) -> torch.Tensor:
 
 register(MergeMethod(
     name="slerp",
+    also_in=("mergekit", "FusionBench"),
     adapter=_adapter,
     function=slerp_merge,
     params=(

@@ -92,16 +92,29 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     return keep_upto & ~drop_top
 
 
-def bernoulli_mask(shape: torch.Size, density: float, generator: torch.Generator,
+def bernoulli_mask(shape: torch.Size, density: float | torch.Tensor, generator: torch.Generator,
                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """Random keep-mask with keep probability ``density``, drawn on the CPU from ``generator``.
+    """Random keep-mask with keep probability ``density`` (a number, or one float32 probability per entry,
+    as DELLA's), drawn on the CPU from ``generator``: entry ``j`` is kept when ``u_j < p_j``, ``u ~ U[0, 1)``.
 
-    Drawn on the CPU so that the same seed gives the same mask on every device.
+    Drawn on the CPU (torch's uniform kernel there is serial) so that the same seed gives the same mask on
+    every device and thread count.
     """
-    if density >= 1:
+    if isinstance(density, (int, float)) and density >= 1:
         return torch.ones(shape, dtype=torch.bool, device=device)
     draws = torch.rand(shape, generator=generator, dtype=torch.float32)
+    if isinstance(density, torch.Tensor):
+        return draws.to(density.device) < density
     return (draws < density).to(device)
+
+
+def match_l1(kept: torch.Tensor, before: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale the sparsified ``kept`` in place so that its L1 norm is ``before`` (the unsparsified delta's), as
+    mergekit's ``rescale`` does; left as is when either norm is below ``eps`` (mergekit's guard)."""
+    after = kept.abs().sum()
+    if before < eps or after < eps:
+        return kept
+    return kept.mul_(before / after)
 
 
 def generator_for(seed: int, index: int) -> torch.Generator:

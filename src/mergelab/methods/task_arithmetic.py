@@ -27,6 +27,7 @@ def _adapter(x: TensorInputs) -> torch.Tensor:
 
 register(MergeMethod(
     name="task_arithmetic",
+    also_in=("mergekit", "FusionBench"),
     adapter=_adapter,
     function=task_arithmetic_merge,
     params=(

@@ -48,6 +48,7 @@ def _adapter(x: TensorInputs) -> torch.Tensor:
 
 register(MergeMethod(
     name="ties",
+    also_in=("mergekit", "FusionBench"),
     adapter=_adapter,
     function=ties_merge,
     params=(

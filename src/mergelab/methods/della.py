@@ -1,0 +1,140 @@
+"""DELLA: drop task-vector entries with magnitude-aware probabilities (MagPrune), rescale, then merge.
+
+Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling", 2024
+(arXiv:2406.11617).
+
+MagPrune ranks the entries of each row of a task vector by magnitude and keeps the larger ones with a higher
+probability. The keep probabilities are mergekit's: ``density − ε`` for the smallest entry of a row up to
+``density + ε`` for the largest, linear in the rank, so their mean is ``density`` (the paper states the same
+linear rule for the drop probabilities). A "row" is dim 1 of the tensor as in mergekit (each output row of a
+2-D weight; a 1-D tensor is one row).
+
+Survivors are rescaled as in the paper, each by ``1 / p_j`` with ``p_j`` its own keep probability
+(``E[δ̃] = δ``); mergekit instead scales the whole tensor to the delta's L1 norm — ``rescale_mode: l1``
+gives that rule. Masks come from the same seeded CPU generators as DARE's (one per tensor and model), so a
+seed gives the same merge on every device, thread count and tensor order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.sparsify import bernoulli_mask, generator_for, match_l1
+from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
+
+
+def check_epsilon(density: float, epsilon: float) -> None:
+    """Keep probabilities ``density ± epsilon`` must lie inside (0, 1), as mergekit requires."""
+    if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        most = min(density, 1 - density)
+        raise ValueError(f"della: keep probabilities density ± epsilon must lie inside (0, 1), got density "
+                         f"{density} and epsilon {epsilon}; use an epsilon below {most:.4g}")
+
+
+def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probability of every entry of ``delta`` (float32, same shape).
+
+    Per row (dim 1; a 1-D tensor is one row) of ``n`` entries, the entry of magnitude rank ``r`` (0 for the
+    smallest, ties in index order) gets ``(density − ε) + 2ε · r / (n − 1)``. A row of one entry gets
+    ``density`` (mergekit's formula divides 0 by 0 there and fails).
+    """
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    n = rows.shape[1] if rows.dim() > 1 else 1
+    if rows.numel() == 0 or n == 1:
+        return torch.full(delta.shape, density, dtype=torch.float32, device=delta.device)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.argsort(order, dim=1, stable=True).to(torch.float32)
+    del order
+    # the same operations in the same order as mergekit, so the probabilities are the same floats
+    rank_norm = (ranks / (n - 1)).clamp_(0, 1)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(delta.shape)
+
+
+def della_sparsifier(densities: Sequence[float], epsilons: Sequence[float], seed: int, *, rescale: bool = True,
+                     rescale_mode: str = "density") -> Sparsifier:
+    """MagPrune for model ``i``: keep entry ``j`` with probability ``p_j`` (:func:`magprune_probabilities`),
+    then rescale survivors by ``1 / p_j`` (``"density"``, the paper) or by ``‖δ‖₁ / ‖m ⊙ δ‖₁`` (``"l1"``,
+    mergekit)."""
+    if rescale_mode not in ("density", "l1"):
+        raise ValueError(f"rescale_mode must be 'density' or 'l1', got {rescale_mode!r}")
+    for density, epsilon in zip(densities, epsilons, strict=True):
+        check_epsilon(density, epsilon)
+
+    def drop(i: int, delta: torch.Tensor) -> torch.Tensor:
+        density = densities[i]
+        if density >= 1:
+            return delta
+        if density <= 0:
+            return delta.zero_()
+        probs = magprune_probabilities(delta, density, epsilons[i])
+        mask = bernoulli_mask(delta.shape, probs, generator_for(seed, i))
+        before = delta.abs().sum() if rescale and rescale_mode == "l1" else None
+        kept = delta.masked_fill_(~mask, 0)  # in place on the caller's fresh copy (see Sparsifier)
+        del mask
+        if not rescale:
+            return kept
+        if before is None:
+            return kept.div_(probs.to(kept.dtype))
+        return match_l1(kept, before)
+    return drop
+
+
+def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                densities: Sequence[float], epsilons: Sequence[float], *, seed: int,
+                consensus: Consensus | None = "sum", normalize: bool = True, lambda_: float = 1.0,
+                rescale: bool = True, rescale_mode: str = "density") -> torch.Tensor:
+    """DELLA on one tensor: ``δ̃_i = m_i ⊙ δ_i / p_i`` with ``m_i ~ Bernoulli(p_i)`` and ``p_i`` from the
+    magnitude ranks of ``δ_i`` (MagPrune), then TIES' sign election and disjoint mean (``consensus="sum"``,
+    della) or task arithmetic (``consensus=None``, della_linear)."""
+    sparsify = della_sparsifier(densities, epsilons, seed, rescale=rescale, rescale_mode=rescale_mode)
+    return generalized_task_arithmetic(base, tensors, weights, sparsify=sparsify, consensus=consensus,
+                                       normalize=normalize, lambda_=lambda_)
+
+
+def _params(normalize_default: bool) -> tuple[Param, ...]:
+    return (
+        Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),
+        Param("density", float, 1.0, scope="model", low=0.0, high=1.0, help="mean keep probability"),
+        Param("epsilon", float, 0.15, scope="model", low=0.0, high=0.5,
+              help="keep probabilities run from density − epsilon (smallest |δ|) to density + epsilon"),
+        Param("lambda", float, 1.0, help="global scale of the merged task vector"),
+        Param("normalize", bool, normalize_default, help="divide by the (agreeing) weights"),
+        Param("rescale", bool, True, help="rescale kept entries"),
+        Param("rescale_mode", str, "density", choices=("density", "l1"),
+              help="divide each kept entry by its keep probability (paper) or match the delta's L1 norm "
+                   "(mergekit)"),
+        Param("int8_mask", bool, False, help="accepted for mergekit compatibility; masks are boolean here"),
+    )
+
+
+def _adapter(consensus: Consensus | None):
+    def adapt(x: TensorInputs) -> torch.Tensor:
+        assert x.base is not None
+        mp = x.model_params
+        return della_merge(
+            x.base, x.tensors, [p["weight"] for p in mp], [p["density"] for p in mp], [p["epsilon"] for p in mp],
+            seed=x.seed, consensus=consensus, normalize=x.params["normalize"], lambda_=x.params["lambda"],
+            rescale=x.params["rescale"], rescale_mode=x.params["rescale_mode"],
+        )
+    return adapt
+
+
+_PAPER = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
+_DROP = "m_i ~ Bernoulli(p_i), p_ij = density − ε + 2ε rank_j / (n − 1) by |δ_ij| within its row"
+
+register(MergeMethod(
+    name="della", adapter=_adapter("sum"), function=della_merge, params=_params(True),
+    summary="Magnitude-ranked random drop (MagPrune), rescale, then TIES sign election and disjoint mean.",
+    paper=_PAPER + "; Yadav et al. 2023, TIES (arXiv:2306.01708)", randomized=True, also_in=("mergekit",),
+    formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̃_i)=γ] δ̃_i / Σ_i w_i [sgn(δ̃_i)=γ],  γ = sgn Σ_i w_i δ̃_i,  "
+            f"δ̃_i = m_i ⊙ δ_i / p_i,  {_DROP}",
+))
+register(MergeMethod(
+    name="della_linear", adapter=_adapter(None), function=della_merge, params=_params(False),
+    summary="Magnitude-ranked random drop (MagPrune), rescale, then task arithmetic.",
+    paper=_PAPER, randomized=True, also_in=("mergekit",),
+    formula=f"θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i) / p_i,  {_DROP}",
+))
