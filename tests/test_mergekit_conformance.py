@@ -138,7 +138,7 @@ def _max_abs_diff(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
 def test_new_methods_same_tensors_as_mergekit(families: dict[str, tuple[Path, list[Path]]], tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch, case: str, arch: str,
                                               dtype: str) -> None:
-    import mergelab.methods.della as della
+    import mergelab.methods.dare as dare
 
     if dtype != "float32" and case in HALF_PRECISION_GAP:
         pytest.xfail("mergekit computes DELLA in the config's dtype, mergelab in float32 (see HALF_PRECISION_GAP)")
@@ -147,7 +147,7 @@ def test_new_methods_same_tensors_as_mergekit(families: dict[str, tuple[Path, li
     config = _new_configs(base, fts, dtype)[case]
     # mergekit draws DELLA's coins with torch.bernoulli(probs), we with a seeded generator: replace both
     monkeypatch.setattr(torch, "bernoulli", lambda p: _hash_coin(p.shape, p).to(p.dtype))
-    monkeypatch.setattr(della, "bernoulli_mask", lambda shape, p, generator, device="cpu": _hash_coin(shape, p))
+    monkeypatch.setattr(dare, "bernoulli_mask", lambda shape, p, generator, device="cpu": _hash_coin(shape, p))
     ours = _mergelab_merge(config, tmp_path / "mergelab")
     theirs = _mergekit_merge(config, tmp_path / "mergekit")
     assert set(ours) == set(theirs)

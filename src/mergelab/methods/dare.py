@@ -11,7 +11,7 @@ the delta; ``rescale_mode: l1`` reproduces that. The mask comes from a seeded CP
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -19,11 +19,15 @@ from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
 from mergelab.methods.sparsify import bernoulli_mask, generator_for, match_l1
 from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
 
+KeepProbability = Callable[[int, torch.Tensor], "float | torch.Tensor"]
+"""``(model_index, delta) -> keep probability``: one number (DARE) or one float32 value per entry (DELLA)."""
 
-def dare_sparsifier(densities: Sequence[float], seed: int, *, rescale: bool = True,
-                    rescale_mode: str = "density") -> Sparsifier:
-    """Keep each entry of model ``i``'s delta with probability ``p_i = densities[i]``, then rescale the kept
-    ones by ``1 / p_i`` (``"density"``, unbiased) or by ``‖δ‖₁ / ‖m ⊙ δ‖₁`` (``"l1"``, mergekit)."""
+
+def random_drop_sparsifier(densities: Sequence[float], keep_probability: KeepProbability, seed: int, *,
+                           rescale: bool = True, rescale_mode: str = "density") -> Sparsifier:
+    """Keep entry ``j`` of model ``i``'s delta with probability ``p_ij = keep_probability(i, δ_i)`` (a coin
+    from the seeded generator of (tensor, model)), then rescale the kept ones by ``1 / p_ij`` (``"density"``,
+    unbiased) or by ``‖δ‖₁ / ‖m ⊙ δ‖₁`` (``"l1"``, mergekit). ``densities[i]`` of 1 keeps, 0 drops all."""
     if rescale_mode not in ("density", "l1"):
         raise ValueError(f"rescale_mode must be 'density' or 'l1', got {rescale_mode!r}")
 
@@ -33,16 +37,25 @@ def dare_sparsifier(densities: Sequence[float], seed: int, *, rescale: bool = Tr
             return delta
         if density <= 0:
             return torch.zeros_like(delta)
-        mask = bernoulli_mask(delta.shape, density, generator_for(seed, i), device=delta.device)
+        p = keep_probability(i, delta)
+        mask = bernoulli_mask(delta.shape, p, generator_for(seed, i), device=delta.device)
         before = delta.abs().sum() if rescale and rescale_mode == "l1" else None
         kept = delta.masked_fill_(~mask, 0)  # in place on the caller's fresh copy (see Sparsifier)
         del mask
         if not rescale:
             return kept
         if before is None:
-            return kept.div_(density)
+            return kept.div_(p.to(kept.dtype) if isinstance(p, torch.Tensor) else p)
         return match_l1(kept, before)
     return drop
+
+
+def dare_sparsifier(densities: Sequence[float], seed: int, *, rescale: bool = True,
+                    rescale_mode: str = "density") -> Sparsifier:
+    """Keep each entry of model ``i``'s delta with probability ``p_i = densities[i]``, then rescale the kept
+    ones by ``1 / p_i`` (``"density"``, unbiased) or by ``‖δ‖₁ / ‖m ⊙ δ‖₁`` (``"l1"``, mergekit)."""
+    return random_drop_sparsifier(densities, lambda i, _: densities[i], seed, rescale=rescale,
+                                  rescale_mode=rescale_mode)
 
 
 def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
@@ -56,17 +69,24 @@ def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
                                        normalize=normalize, lambda_=lambda_)
 
 
-def _params(normalize_default: bool) -> tuple[Param, ...]:
+def random_drop_params(normalize_default: bool, *, density_help: str, rescale_help: str,
+                       extra: tuple[Param, ...] = ()) -> tuple[Param, ...]:
+    """Parameters of the drop-and-rescale methods (DARE, DELLA), with a method's ``extra`` ones."""
     return (
         Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),
-        Param("density", float, 1.0, scope="model", low=0.0, high=1.0, help="keep probability p"),
+        Param("density", float, 1.0, scope="model", low=0.0, high=1.0, help=density_help),
+        *extra,
         Param("lambda", float, 1.0, help="global scale of the merged task vector"),
         Param("normalize", bool, normalize_default, help="divide by the (agreeing) weights"),
         Param("rescale", bool, True, help="rescale kept entries"),
-        Param("rescale_mode", str, "density", choices=("density", "l1"),
-              help="divide by p (paper) or match the delta's L1 norm (mergekit)"),
+        Param("rescale_mode", str, "density", choices=("density", "l1"), help=rescale_help),
         Param("int8_mask", bool, False, help="accepted for mergekit compatibility; masks are boolean here"),
     )
+
+
+def _params(normalize_default: bool) -> tuple[Param, ...]:
+    return random_drop_params(normalize_default, density_help="keep probability p",
+                              rescale_help="divide by p (paper) or match the delta's L1 norm (mergekit)")
 
 
 def _adapter(consensus: Consensus | None):

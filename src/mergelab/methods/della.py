@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mergelab.methods.dare import random_drop_params, random_drop_sparsifier
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
-from mergelab.methods.sparsify import bernoulli_mask, generator_for, match_l1
 from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
 
 
@@ -58,28 +58,11 @@ def della_sparsifier(densities: Sequence[float], epsilons: Sequence[float], seed
     """MagPrune for model ``i``: keep entry ``j`` with probability ``p_j`` (:func:`magprune_probabilities`),
     then rescale survivors by ``1 / p_j`` (``"density"``, the paper) or by ``‖δ‖₁ / ‖m ⊙ δ‖₁`` (``"l1"``,
     mergekit)."""
-    if rescale_mode not in ("density", "l1"):
-        raise ValueError(f"rescale_mode must be 'density' or 'l1', got {rescale_mode!r}")
     for density, epsilon in zip(densities, epsilons, strict=True):
         check_epsilon(density, epsilon)
-
-    def drop(i: int, delta: torch.Tensor) -> torch.Tensor:
-        density = densities[i]
-        if density >= 1:
-            return delta
-        if density <= 0:
-            return delta.zero_()
-        probs = magprune_probabilities(delta, density, epsilons[i])
-        mask = bernoulli_mask(delta.shape, probs, generator_for(seed, i))
-        before = delta.abs().sum() if rescale and rescale_mode == "l1" else None
-        kept = delta.masked_fill_(~mask, 0)  # in place on the caller's fresh copy (see Sparsifier)
-        del mask
-        if not rescale:
-            return kept
-        if before is None:
-            return kept.div_(probs.to(kept.dtype))
-        return match_l1(kept, before)
-    return drop
+    return random_drop_sparsifier(
+        densities, lambda i, delta: magprune_probabilities(delta, densities[i], epsilons[i]), seed,
+        rescale=rescale, rescale_mode=rescale_mode)
 
 
 def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
@@ -95,19 +78,12 @@ def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
 
 
 def _params(normalize_default: bool) -> tuple[Param, ...]:
-    return (
-        Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),
-        Param("density", float, 1.0, scope="model", low=0.0, high=1.0, help="mean keep probability"),
-        Param("epsilon", float, 0.15, scope="model", low=0.0, high=0.5,
-              help="keep probabilities run from density − epsilon (smallest |δ|) to density + epsilon"),
-        Param("lambda", float, 1.0, help="global scale of the merged task vector"),
-        Param("normalize", bool, normalize_default, help="divide by the (agreeing) weights"),
-        Param("rescale", bool, True, help="rescale kept entries"),
-        Param("rescale_mode", str, "density", choices=("density", "l1"),
-              help="divide each kept entry by its keep probability (paper) or match the delta's L1 norm "
-                   "(mergekit)"),
-        Param("int8_mask", bool, False, help="accepted for mergekit compatibility; masks are boolean here"),
-    )
+    epsilon = Param("epsilon", float, 0.15, scope="model", low=0.0, high=0.5,
+                    help="keep probabilities run from density − epsilon (smallest |δ|) to density + epsilon")
+    return random_drop_params(
+        normalize_default, density_help="mean keep probability", extra=(epsilon,),
+        rescale_help="divide each kept entry by its keep probability (paper) or match the delta's L1 norm "
+                     "(mergekit)")
 
 
 def _adapter(consensus: Consensus | None):
