@@ -35,50 +35,57 @@ def _mergelab_merge(config: dict[str, Any], out: Path) -> dict[str, torch.Tensor
     return tensors
 
 
-def _configs(base: Path, fts: list[Path]) -> dict[str, dict[str, Any]]:
+def _configs(base: Path, fts: list[Path], dtype: str = "float32") -> dict[str, dict[str, Any]]:
     b, m = str(base), [str(p) for p in fts]
     gradient = [{"filter": "mlp", "value": [0.1, 0.9]}, {"filter": "self_attn", "value": 0.3}, {"value": 0.5}]
     return {
         "linear": {"merge_method": "linear", "models": [
             {"model": m[0], "parameters": {"weight": 0.2}}, {"model": m[1], "parameters": {"weight": [0.3, 0.9]}},
-            {"model": m[2], "parameters": {"weight": 0.5}}], "dtype": "float32"},
+            {"model": m[2], "parameters": {"weight": 0.5}}], "dtype": dtype},
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": b, "models": [
             {"model": p, "parameters": {"weight": w}} for p, w in zip(m, (0.5, 0.7, [0.2, 1.0]))],
-            "parameters": {"lambda": 0.8}, "dtype": "float32"},
+            "parameters": {"lambda": 0.8}, "dtype": dtype},
         "ties": {"merge_method": "ties", "base_model": b, "models": [
             {"model": p, "parameters": {"weight": w, "density": d}}
             for p, w, d in zip(m, (1.0, 0.6, 0.8), (0.3, 0.5, 0.9))],
-            "parameters": {"normalize": True}, "dtype": "float32"},
+            "parameters": {"normalize": True}, "dtype": dtype},
         "ties_unnormalized": {"merge_method": "ties", "base_model": b, "models": [
             {"model": p, "parameters": {"weight": 0.7, "density": 0.4}} for p in m],
-            "parameters": {"normalize": False, "lambda": 1.3}, "dtype": "float32"},
+            "parameters": {"normalize": False, "lambda": 1.3}, "dtype": dtype},
         "dare_linear": {"merge_method": "dare_linear", "base_model": b, "models": [
-            {"model": p, "parameters": {"weight": 0.4, "density": 1.0}} for p in m], "dtype": "float32"},
+            {"model": p, "parameters": {"weight": 0.4, "density": 1.0}} for p in m], "dtype": dtype},
         "slerp": {"merge_method": "slerp", "base_model": b, "models": [{"model": b}, {"model": m[0]}],
-                  "parameters": {"t": gradient}, "dtype": "float32"},
+                  "parameters": {"t": gradient}, "dtype": dtype},
         "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": b, "models": [
             {"model": p, "parameters": {"weight": 0.5, "density": 0.6, "gamma": 0.05}} for p in m],
-            "dtype": "float32"},
+            "dtype": dtype},
+        "model_stock": {"merge_method": "model_stock", "base_model": b, "models": [{"model": p} for p in m],
+                        "dtype": dtype},
     }
 
 
-CASES = ["linear", "task_arithmetic", "ties", "ties_unnormalized", "dare_linear", "slerp", "breadcrumbs"]
+CASES = ["linear", "task_arithmetic", "ties", "ties_unnormalized", "dare_linear", "slerp", "breadcrumbs",
+         "model_stock"]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("case", CASES)
 def test_same_tensors_as_mergekit(families: dict[str, tuple[Path, list[Path]]], tmp_path: Path, arch: str,
-                                  case: str) -> None:
+                                  case: str, dtype: str) -> None:
+    """mergekit computes in the config's ``dtype``; so do we, so half-precision merges agree bit for bit
+    (sign votes and top-k boundaries of TIES flip when one side computes in float32)."""
     base, fts = families[arch]
-    config = _configs(base, fts)[case]
+    config = _configs(base, fts, dtype)[case]
     ours = _mergelab_merge(config, tmp_path / "mergelab")
     theirs = _mergekit_merge(config, tmp_path / "mergekit")
     assert set(ours) == set(theirs)
     for name in ours:
         assert ours[name].shape == theirs[name].shape, name
+        assert ours[name].dtype == theirs[name].dtype, name
         diff = (ours[name].double() - theirs[name].double()).abs().max().item()
-        assert diff <= 1e-5, f"{case}/{arch}: {name} differs by {diff}"
+        assert diff == 0.0, f"{case}/{arch}: {name} differs by {diff}"
     # the merge is not a no-op: it moved away from the base
     base_t = load_file(str(base / "model.safetensors"))
     assert any(not torch.equal(ours[n], base_t[n]) for n in ours if ours[n].is_floating_point())

@@ -143,3 +143,35 @@ def test_sce_two_models_and_tiny_deltas() -> None:
     _exact(sce_merge(BASE, MODELS[:2], select_topk=0.5), _mk("sce", MODELS[:2], BASE, select_topk=0.5))
     tiny = [BASE + 1e-4 * (m - BASE) for m in MODELS]
     _exact(sce_merge(BASE, tiny, select_topk=0.7), _mk("sce", tiny, BASE, select_topk=0.7))
+# -- half precision: mergekit computes in the inputs' (the config's) dtype, and so do we, bit for bit -------
+HALF_BASE = (torch.randn(64, 48, generator=G) * 0.02)
+# deltas rounded to few distinct magnitudes: many ties at every top-k boundary, as half precision has
+HALF_MODELS = [HALF_BASE + torch.round(torch.randn(64, 48, generator=G) * 8) / 400 for _ in range(3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp",
+                                  "model_stock"])
+def test_half_precision_bit_for_bit(case: str, dtype: torch.dtype) -> None:
+    base = HALF_BASE.to(dtype)
+    models = [m.to(dtype) for m in HALF_MODELS]
+    dens, gam, w = [0.3, 0.55, 0.8], [0.05, 0.1, 0.0], [0.6, 1.0, 0.35]
+    if case == "task_arithmetic":
+        ours = task_arithmetic_merge(base, models, w, lambda_=0.7, normalize=True, dtype=dtype)
+        theirs = _mk(case, models, base, weight=w, normalize=True, **{"lambda": 0.7})
+    elif case == "ties":
+        ours = ties_merge(base, models, w, dens, lambda_=1.3, dtype=dtype)
+        theirs = _mk("ties", models, base, weight=w, density=dens, **{"lambda": 1.3})
+    elif case.startswith("breadcrumbs"):
+        consensus = "sum" if case == "breadcrumbs_ties" else None
+        ours = breadcrumbs_merge(base, models, w, dens, gam, consensus=consensus,  # type: ignore[arg-type]
+                                 dtype=dtype)
+        theirs = _mk(case, models, base, weight=w, density=dens, gamma=gam)
+    elif case == "slerp":
+        ours = slerp_merge(0.35, base, models[0])
+        theirs = _mk("slerp", [models[0]], base, t=0.35)
+    else:
+        ours = model_stock_merge(base, models, dtype=dtype)
+        theirs = _mk("model_stock", models, base)
+    assert ours.dtype == theirs.dtype == dtype
+    assert torch.equal(ours, theirs)

@@ -59,5 +59,6 @@ def merge_tensor(
         seed=tensor_seed(seed, name),
         stats=stats,
         thresholds=thresholds,
+        dtype=compute_dtype,
     )
     return method.adapter(inputs)

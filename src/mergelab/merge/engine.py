@@ -303,6 +303,7 @@ def run_merge(
             "tensors": result[0],
             "bytes": result[1],
             "copied_files": copied,
+            "warnings": plan.warnings,
             "inputs_sha256": {k: v.result() for k, v in hashes.items()},
         }
         if plan.taken_from_base or plan.dropped:

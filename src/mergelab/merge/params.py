@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from mergelab.methods import all_methods
 from mergelab.methods.registry import MergeMethod, Param
 
 _LAYER_PATTERN = re.compile(
@@ -98,9 +99,18 @@ def resolve_parameters(method: MergeMethod, tensor_name: str, t: float, global_s
     return params, per_model
 
 
+def _per_model_elsewhere(method: MergeMethod, key: str) -> bool:
+    """Whether ``key`` is a per-model parameter of some other method (``weight`` on slerp, say)."""
+    return method.param(key) is None and any(key in m.model_params for m in all_methods())
+
+
 def check_parameter_names(method: MergeMethod, global_settings: Mapping[str, Any],
                           model_settings: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Problems with parameter names: unknown to the method, or per-model ones given globally by mistake."""
+    """Problems with parameter names: unknown to the method, or per-model ones given globally by mistake.
+
+    A per-model parameter that only other methods use is not a problem but an :func:`unused_parameters`
+    warning, as mergekit ignores it (its own tests give slerp and model_stock models a ``weight``).
+    """
     problems = []
     valid = ", ".join(p.name for p in method.params) or "(none)"
     for key in global_settings:
@@ -110,7 +120,15 @@ def check_parameter_names(method: MergeMethod, global_settings: Mapping[str, Any
     model_valid = ", ".join(method.model_params) or "(none)"
     for model, settings in model_settings.items():
         for key in settings:
-            if key not in method.model_params:
+            if key not in method.model_params and not _per_model_elsewhere(method, key):
                 problems.append(f"models[{model}].parameters: '{key}' is not a per-model parameter of "
                                 f"'{method.name}'; per-model parameters: {model_valid}")
     return problems
+
+
+def unused_parameters(method: MergeMethod, model_settings: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Warnings for per-model parameters ``method`` does not use but other methods do: ignored."""
+    return [f"models[{model}].parameters: '{key}' is not used by '{method.name}' and is ignored (as "
+            "mergekit does); remove it to silence this warning"
+            for model, settings in model_settings.items() for key in settings
+            if key not in method.model_params and _per_model_elsewhere(method, key)]

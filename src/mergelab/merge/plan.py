@@ -6,6 +6,7 @@ unknown or misplaced parameter, a missing base model...), each naming the model,
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,9 +20,16 @@ from mergelab.io.borrow import borrow_missing
 from mergelab.io.models import open_model
 from mergelab.io.readers import CheckpointReader, TensorMeta
 from mergelab.merge.config import MergeConfig, resolve_model_path
-from mergelab.merge.params import check_parameter_names, layer_index, layer_position, resolve_parameters
+from mergelab.merge.params import (
+    check_parameter_names,
+    layer_index,
+    layer_position,
+    resolve_parameters,
+    unused_parameters,
+)
 from mergelab.methods import MergeMethod, get_method
 
+log = logging.getLogger(__name__)
 _VOCAB_HINTS = ("embed", "lm_head", "wte", "word_embeddings", "shared.weight", "output.weight")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -46,6 +54,8 @@ class MergePlan:
     """``--take-missing-from base``: per model, the tensors it lacked and the base supplied."""
     dropped: dict[str, list[str]] = field(default_factory=dict)
     """``--take-missing-from base``: per model, its tensors the base lacks (left out of the output)."""
+    warnings: list[str] = field(default_factory=list)
+    """What the merge ignores (per-model parameters the method does not use): logged and recorded."""
 
     @property
     def readers(self) -> list[CheckpointReader]:
@@ -99,7 +109,9 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
         problems.append(f"method '{method.name}' needs at least {method.min_models}{most} model(s) besides "
                         f"the base, got {n}: {labels}")
     settings = [dict(e.parameters) for e in entries]
-    problems += check_parameter_names(method, config.parameters, dict(zip(labels, settings, strict=True)))
+    named_settings = dict(zip(labels, settings, strict=True))
+    problems += check_parameter_names(method, config.parameters, named_settings)
+    warnings = unused_parameters(method, named_settings)
     # Whole-model (global) trimming needs one plain density per model and a plain scope; a gradient or a
     # conditional would otherwise fail in the middle of the merge, after the threshold passes.
     scope = config.parameters.get("scope") if method.param("scope") is not None else None
@@ -208,8 +220,10 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
         out_metas[name] = TensorMeta(meta.shape, dtype)
     if config.tokenizer_source in (None, "base"):
         tokenizer_folder = reference.folder
+    for warning in warnings:
+        log.warning(warning)
     return MergePlan(config, method, base, opened, labels, settings, names, out_metas, num_layers, reference,
-                     tokenizer_folder, global_densities, taken, dropped)
+                     tokenizer_folder, global_densities, taken, dropped, warnings)
 
 
 # Tensors that are state but not trained parameters: saved by some library versions and not others.

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from mergelab.merge.core import merge_tensor
-from mergelab.merge.params import check_parameter_names, layer_index
+from mergelab.merge.params import check_parameter_names, layer_index, unused_parameters
 from mergelab.methods import get_method
+
+log = logging.getLogger(__name__)
 
 
 def merge_state_dicts(
@@ -54,6 +57,8 @@ def merge_state_dicts(
             p.setdefault("weight", float(w))
     settings = dict(parameters or {})
     problems = check_parameter_names(m, settings, dict(enumerate(per_model)))
+    for warning in unused_parameters(m, dict(enumerate(per_model))):
+        log.warning(warning)
     keys = list(state_dicts[0].keys())
     for i, sd in enumerate(state_dicts[1:], start=1):
         if set(sd) != set(keys):

@@ -17,13 +17,15 @@ from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
 
 def breadcrumbs_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                       densities: Sequence[float], gammas: Sequence[float], *, lambda_: float = 1.0,
-                      normalize: bool = False, consensus: Consensus | None = None) -> torch.Tensor:
+                      normalize: bool = False, consensus: Consensus | None = None,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
     """Keep the ``density`` fraction of each task vector after removing its top ``gamma`` fraction by
-    magnitude, then task arithmetic (or TIES election with ``consensus``)."""
+    magnitude, then task arithmetic (or TIES election with ``consensus``), computed in ``dtype``
+    (float32 when None)."""
     def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
         return delta.masked_fill_(~outlier_mask(delta, densities[i], gammas[i]), 0)
     return generalized_task_arithmetic(base, tensors, weights, sparsify=trim, consensus=consensus,
-                                       normalize=normalize, lambda_=lambda_)
+                                       normalize=normalize, lambda_=lambda_, dtype=dtype)
 
 
 def _adapter(consensus: Consensus | None):
@@ -32,7 +34,7 @@ def _adapter(consensus: Consensus | None):
         mp = x.model_params
         return breadcrumbs_merge(x.base, x.tensors, [p["weight"] for p in mp], [p["density"] for p in mp],
                                  [p["gamma"] for p in mp], lambda_=x.params["lambda"],
-                                 normalize=x.params["normalize"], consensus=consensus)
+                                 normalize=x.params["normalize"], consensus=consensus, dtype=x.dtype)
     return adapt
 
 

@@ -61,12 +61,13 @@ def dare_sparsifier(densities: Sequence[float], seed: int, *, rescale: bool = Tr
 def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                densities: Sequence[float], *, seed: int, consensus: Consensus | None = None,
                normalize: bool = False, lambda_: float = 1.0, rescale: bool = True,
-               rescale_mode: str = "density") -> torch.Tensor:
+               rescale_mode: str = "density", dtype: torch.dtype | None = None) -> torch.Tensor:
     """DARE on one tensor: ``δ̃_i = m_i ⊙ δ_i / p_i`` with ``m_i ~ Bernoulli(p_i)``, ``p_i = density``,
-    then task arithmetic (``consensus=None``, dare_linear) or TIES' sign election (``"sum"``, dare_ties)."""
+    then task arithmetic (``consensus=None``, dare_linear) or TIES' sign election (``"sum"``, dare_ties),
+    computed in ``dtype`` (float32 when None)."""
     sparsify = dare_sparsifier(densities, seed, rescale=rescale, rescale_mode=rescale_mode)
     return generalized_task_arithmetic(base, tensors, weights, sparsify=sparsify, consensus=consensus,
-                                       normalize=normalize, lambda_=lambda_)
+                                       normalize=normalize, lambda_=lambda_, dtype=dtype)
 
 
 def random_drop_params(normalize_default: bool, *, density_help: str, rescale_help: str,
@@ -95,7 +96,7 @@ def _adapter(consensus: Consensus | None):
         return dare_merge(
             x.base, x.tensors, [p["weight"] for p in x.model_params], [p["density"] for p in x.model_params],
             seed=x.seed, consensus=consensus, normalize=x.params["normalize"], lambda_=x.params["lambda"],
-            rescale=x.params["rescale"], rescale_mode=x.params["rescale_mode"],
+            rescale=x.params["rescale"], rescale_mode=x.params["rescale_mode"], dtype=x.dtype,
         )
     return adapt
 

@@ -13,15 +13,16 @@ from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
 
 
 def model_stock_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
-                      filter_wise: bool = False) -> torch.Tensor:
+                      filter_wise: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``θ = t·θ_avg + (1−t)·θ_0`` with ``t = N cos φ / (1 + (N−1) cos φ)``.
 
     ``cos φ`` is the mean pairwise cosine between the task vectors ``θ_i − θ_0`` (per row when
-    ``filter_wise``), as mergekit does for N > 2.
+    ``filter_wise``), as mergekit does for N > 2. Computed in ``dtype`` (mergekit's arithmetic dtype;
+    float32 when None, float64 for float64 inputs).
     """
     if len(tensors) < 2:
         raise ValueError("model_stock needs a base model and at least two other models")
-    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    dtype = dtype or (torch.float64 if base.dtype == torch.float64 else torch.float32)
     w0 = base.to(dtype)
     if filter_wise:
         flat = (lambda x: x.unsqueeze(0)) if w0.dim() == 1 else (lambda x: x.reshape(x.shape[0], -1))
@@ -45,7 +46,7 @@ def model_stock_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
 
 def _adapter(x: TensorInputs) -> torch.Tensor:
     assert x.base is not None
-    return model_stock_merge(x.base, x.tensors, filter_wise=x.params["filter_wise"])
+    return model_stock_merge(x.base, x.tensors, filter_wise=x.params["filter_wise"], dtype=x.dtype)
 
 
 register(MergeMethod(

@@ -81,7 +81,9 @@ class TensorInputs:
     parameters, ``params`` the resolved global ones. ``seed`` is derived by the engine from the merge seed
     and the tensor name, so random methods are reproducible and independent of tensor order.
     ``stats`` carries precomputed statistics for data-aware methods (Fisher, RegMean), and
-    ``thresholds`` per-model magnitude thresholds for global-scope sparsification.
+    ``thresholds`` per-model magnitude thresholds for global-scope sparsification. ``dtype`` is the
+    config's arithmetic dtype (mergekit's ``dtype``; None: the method's own choice, float32 for the
+    task-vector methods); methods that compute in it as mergekit does pass it on.
     """
 
     name: str
@@ -92,6 +94,7 @@ class TensorInputs:
     seed: int = 0
     stats: Sequence[Any] | None = None
     thresholds: Sequence[float] | None = None
+    dtype: torch.dtype | None = None
 
 
 Adapter = Callable[[TensorInputs], torch.Tensor]

@@ -14,15 +14,18 @@ from mergelab.methods.task_vectors import generalized_task_arithmetic
 
 
 def task_arithmetic_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], *,
-                          lambda_: float = 1.0, normalize: bool = False) -> torch.Tensor:
-    """``θ_base + λ Σ_i w_i (θ_i − θ_base)`` (divided by ``Σ w_i`` when ``normalize``)."""
-    return generalized_task_arithmetic(base, tensors, weights, normalize=normalize, lambda_=lambda_)
+                          lambda_: float = 1.0, normalize: bool = False,
+                          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``θ_base + λ Σ_i w_i (θ_i − θ_base)`` (divided by ``Σ w_i`` when ``normalize``), computed in
+    ``dtype`` (float32 when None)."""
+    return generalized_task_arithmetic(base, tensors, weights, normalize=normalize, lambda_=lambda_,
+                                       dtype=dtype)
 
 
 def _adapter(x: TensorInputs) -> torch.Tensor:
     assert x.base is not None
     return task_arithmetic_merge(x.base, x.tensors, [p["weight"] for p in x.model_params],
-                                 lambda_=x.params["lambda"], normalize=x.params["normalize"])
+                                 lambda_=x.params["lambda"], normalize=x.params["normalize"], dtype=x.dtype)
 
 
 register(MergeMethod(

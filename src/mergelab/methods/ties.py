@@ -16,13 +16,16 @@ from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
 
 def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                densities: Sequence[float], *, lambda_: float = 1.0, normalize: bool = True,
-               consensus: Consensus = "sum", thresholds: Sequence[float] | None = None) -> torch.Tensor:
+               consensus: Consensus = "sum", thresholds: Sequence[float] | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
     """TIES on one tensor.
 
     1. trim: keep the ``densities[i]`` fraction of largest-magnitude entries of each task vector
        (or, for global scope, the entries at or above ``thresholds[i]``, computed over the whole model);
     2. elect: per entry, the sign of ``Σ_i w_i δ̂_i`` (``consensus="sum"``, the paper) or of the sign count;
     3. disjoint merge: average (``normalize``) only the weighted entries that agree with the elected sign.
+
+    ``dtype`` is the arithmetic dtype (float32 when None; see ``generalized_task_arithmetic``).
     """
     if thresholds is not None:
         def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
@@ -31,7 +34,7 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
         def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
             return delta.masked_fill_(~magnitude_mask(delta, densities[i]), 0)
     return generalized_task_arithmetic(base, tensors, weights, sparsify=trim, consensus=consensus,
-                                       normalize=normalize, lambda_=lambda_)
+                                       normalize=normalize, lambda_=lambda_, dtype=dtype)
 
 
 def _adapter(x: TensorInputs) -> torch.Tensor:
@@ -42,7 +45,7 @@ def _adapter(x: TensorInputs) -> torch.Tensor:
     return ties_merge(
         x.base, x.tensors, [p["weight"] for p in x.model_params], [p["density"] for p in x.model_params],
         lambda_=x.params["lambda"], normalize=x.params["normalize"], consensus=x.params["consensus"],
-        thresholds=x.thresholds if x.params["scope"] == "global" else None,
+        thresholds=x.thresholds if x.params["scope"] == "global" else None, dtype=x.dtype,
     )
 
 
