@@ -143,6 +143,8 @@ def test_sce_two_models_and_tiny_deltas() -> None:
     _exact(sce_merge(BASE, MODELS[:2], select_topk=0.5), _mk("sce", MODELS[:2], BASE, select_topk=0.5))
     tiny = [BASE + 1e-4 * (m - BASE) for m in MODELS]
     _exact(sce_merge(BASE, tiny, select_topk=0.7), _mk("sce", tiny, BASE, select_topk=0.7))
+
+
 # -- half precision: mergekit computes in the inputs' (the config's) dtype, and so do we, bit for bit -------
 HALF_BASE = (torch.randn(64, 48, generator=G) * 0.02)
 # deltas rounded to few distinct magnitudes: many ties at every top-k boundary, as half precision has

@@ -68,13 +68,15 @@ def della_sparsifier(densities: Sequence[float], epsilons: Sequence[float], seed
 def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                 densities: Sequence[float], epsilons: Sequence[float], *, seed: int,
                 consensus: Consensus | None = "sum", normalize: bool = True, lambda_: float = 1.0,
-                rescale: bool = True, rescale_mode: str = "density") -> torch.Tensor:
+                rescale: bool = True, rescale_mode: str = "density",
+                dtype: torch.dtype | None = None) -> torch.Tensor:
     """DELLA on one tensor: ``δ̃_i = m_i ⊙ δ_i / p_i`` with ``m_i ~ Bernoulli(p_i)`` and ``p_i`` from the
     magnitude ranks of ``δ_i`` (MagPrune), then TIES' sign election and disjoint mean (``consensus="sum"``,
-    della) or task arithmetic (``consensus=None``, della_linear)."""
+    della) or task arithmetic (``consensus=None``, della_linear), computed in ``dtype`` (float32 when None).
+    """
     sparsify = della_sparsifier(densities, epsilons, seed, rescale=rescale, rescale_mode=rescale_mode)
     return generalized_task_arithmetic(base, tensors, weights, sparsify=sparsify, consensus=consensus,
-                                       normalize=normalize, lambda_=lambda_)
+                                       normalize=normalize, lambda_=lambda_, dtype=dtype)
 
 
 def _params(normalize_default: bool) -> tuple[Param, ...]:
@@ -93,7 +95,7 @@ def _adapter(consensus: Consensus | None):
         return della_merge(
             x.base, x.tensors, [p["weight"] for p in mp], [p["density"] for p in mp], [p["epsilon"] for p in mp],
             seed=x.seed, consensus=consensus, normalize=x.params["normalize"], lambda_=x.params["lambda"],
-            rescale=x.params["rescale"], rescale_mode=x.params["rescale_mode"],
+            rescale=x.params["rescale"], rescale_mode=x.params["rescale_mode"], dtype=x.dtype,
         )
     return adapt
 
