@@ -216,12 +216,22 @@ def _method_cases(base: Path, fts: list[Path]) -> dict[str, dict[str, Any]]:
         "della_linear": dict(method="della_linear", params={"rescale_mode": "l1"}, models=m,
                              per_model=[{"density": [0.3, 0.7], "epsilon": 0.1, "weight": 0.5}] * 3, base=base),
         "sce": dict(method="sce", params={"select_topk": 0.4}, models=m, per_model=[{}] * 3, base=base),
+        "nuslerp": dict(method="nuslerp", params={"nuslerp_flatten": False}, models=m[:2],
+                        per_model=[{"weight": 0.3}, {"weight": [0.2, 0.9]}], base=base),
+        "nuslerp_no_base": dict(method="nuslerp", params={}, models=m[:2],
+                                per_model=[{"weight": 1.0}, {"weight": 2.0}], base=None),
+        "multislerp": dict(method="multislerp", params={}, models=m,
+                           per_model=[{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}], base=base),
+        "karcher": dict(method="karcher", params={"max_iter": 20}, models=m, per_model=[{}] * 3, base=base),
+        "nearswap": dict(method="nearswap", params={"t": 0.01}, models=m[:1], per_model=[{}], base=base),
+        "arcee_fusion": dict(method="arcee_fusion", params={}, models=m[1:2], per_model=[{}], base=base),
     }
 
 
 @pytest.mark.parametrize("case", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
                                   "breadcrumbs_ties", "slerp", "model_stock", "cart", "della", "della_linear",
-                                  "sce"])
+                                  "sce", "nuslerp", "nuslerp_no_base", "multislerp", "karcher", "nearswap",
+                                  "arcee_fusion"])
 def test_every_method_end_to_end(families: Families, tmp_path: Path, case: str) -> None:
     base, fts = families["llama"]
     c = _method_cases(base, fts)[case]

@@ -12,11 +12,16 @@ import torch
 from torch.testing import assert_close
 
 from mergelab.methods import (
+    arcee_fusion_merge,
     breadcrumbs_merge,
     dare_merge,
     della_merge,
+    karcher_merge,
     linear_merge,
     model_stock_merge,
+    multislerp_merge,
+    nearswap_merge,
+    nuslerp_merge,
     sce_merge,
     slerp_merge,
     task_arithmetic_merge,
@@ -177,3 +182,62 @@ def test_half_precision_bit_for_bit(case: str, dtype: torch.dtype) -> None:
         theirs = _mk("model_stock", models, base)
     assert ours.dtype == theirs.dtype == dtype
     assert torch.equal(ours, theirs)
+
+
+def _inputs(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(*shape, generator=g)
+    models = [(base + 0.5 * torch.randn(*shape, generator=g)).to(dtype) for _ in range(3)]
+    return base.to(dtype), models
+
+
+SHAPES = [(6, 10), (17,), (4, 3, 5)]
+DTYPES = [torch.float32, *HALF]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize(("row_wise", "flatten"), [(False, True), (False, False), (True, False)])
+def test_nuslerp_same_bits(dtype: torch.dtype, shape: tuple[int, ...], with_base: bool, row_wise: bool,
+                           flatten: bool) -> None:
+    base, models = _inputs(dtype, shape, 3)
+    b = base if with_base else None
+    _exact(nuslerp_merge(models[:2], [0.3, 0.9], base=b, row_wise=row_wise, flatten=flatten),
+           _mk("nuslerp", models[:2], b, weight=[0.3, 0.9], nuslerp_row_wise=row_wise, nuslerp_flatten=flatten))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_multislerp_same_bits(dtype: torch.dtype, shape: tuple[int, ...], with_base: bool, n: int) -> None:
+    base, models = _inputs(dtype, shape, 4)
+    b = base if with_base else None
+    weights = [0.2, 0.5, 0.3][:n]
+    _exact(multislerp_merge(models[:n], weights, base=b), _mk("multislerp", models[:n], b, weight=weights))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_karcher_same_bits(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    base, models = _inputs(dtype, shape, 5)
+    _exact(karcher_merge(models), _mk("karcher", models, None))
+    # with a base, mergekit averages it as one more input (its karcher ignores which one is the base)
+    _exact(karcher_merge([base, *models], max_iter=4, tol=1e-4), _mk("karcher", models, base, max_iter=4, tol=1e-4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("t", [0.0, 0.1, 0.5, 2.0])
+def test_nearswap_same_bits(dtype: torch.dtype, shape: tuple[int, ...], t: float) -> None:
+    base, models = _inputs(dtype, shape, 6)
+    _exact(nearswap_merge(base, models[0], t), _mk("nearswap", [models[0]], base, t=t))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [*SHAPES, (40, 64)])
+def test_arcee_fusion_same_bits(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    # mergekit returns float32 for half inputs (its mask is float32); its writer then casts to the dtype
+    base, models = _inputs(dtype, shape, 7)
+    _exact(arcee_fusion_merge(base, models[0]), _mk("arcee_fusion", [models[0]], base).to(dtype))

@@ -1,26 +1,36 @@
 """Merge methods: one file per method, each a pure function on aligned tensors, registered by name."""
 
 from mergelab.methods import (  # noqa: F401  (importing registers the methods)
+    arcee_fusion,
     breadcrumbs,
     cart,
     dare,
     della,
     fisher,
+    karcher,
     linear,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
     regmean,
     sce,
     slerp,
     task_arithmetic,
     ties,
 )
+from mergelab.methods.arcee_fusion import arcee_fusion_merge
 from mergelab.methods.breadcrumbs import breadcrumbs_merge
 from mergelab.methods.cart import cart_merge
 from mergelab.methods.dare import dare_merge
 from mergelab.methods.della import della_merge
 from mergelab.methods.fisher import fisher_merge
+from mergelab.methods.karcher import karcher_merge
 from mergelab.methods.linear import linear_merge
 from mergelab.methods.model_stock import model_stock_merge
+from mergelab.methods.multislerp import multislerp_merge
+from mergelab.methods.nearswap import nearswap_merge
+from mergelab.methods.nuslerp import nuslerp_merge
 from mergelab.methods.registry import (
     MergeMethod,
     Param,
@@ -41,15 +51,20 @@ __all__ = [
     "Param",
     "TensorInputs",
     "all_methods",
+    "arcee_fusion_merge",
     "breadcrumbs_merge",
     "cart_merge",
     "dare_merge",
     "della_merge",
     "fisher_merge",
     "get_method",
+    "karcher_merge",
     "linear_merge",
     "list_methods",
     "model_stock_merge",
+    "multislerp_merge",
+    "nearswap_merge",
+    "nuslerp_merge",
     "register",
     "regmean_merge",
     "sce_merge",

@@ -33,6 +33,16 @@ def _kth_largest(scratch: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scratch, k, sorted=False).values.min()
 
 
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest entry (1-based) of ``values`` (any shape; left untouched), as a 0-d tensor.
+
+    Half-precision values are selected in float32, which holds each of them exactly.
+    """
+    flat = values.reshape(-1)
+    work = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat.clone()
+    return _kth_largest(work, k)
+
+
 def _mask_at(work: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
     """Exactly the ``k`` largest entries of 1-D ``work`` that mergekit keeps: those above ``threshold``,
     then, when not every entry equal to it fits, the tied ones in ``torch.argsort``'s order."""
