@@ -39,8 +39,20 @@ def test_one_dimensional_tensor_is_one_row_and_single_entries_get_density() -> N
     assert_close(p3, torch.tensor([[[0.4, 0.6], [0.6, 0.4]]]))
 
 
-def test_equal_magnitudes_are_ranked_in_index_order() -> None:
-    assert_close(magprune_probabilities(torch.tensor([1.0, -1.0, 1.0]), 0.5, 0.2), torch.tensor([0.3, 0.5, 0.7]))
+def test_equal_magnitudes_take_distinct_ranks_in_argsorts_order() -> None:
+    # as mergekit: tied magnitudes still get ranks 0, 1, 2 (probabilities 0.3, 0.5, 0.7), in torch.argsort's order
+    delta = torch.tensor([1.0, -1.0, 1.0])
+    p = magprune_probabilities(delta, 0.5, 0.2)
+    assert sorted(p.tolist()) == pytest.approx([0.3, 0.5, 0.7])
+    order = torch.argsort(delta.abs().reshape(1, -1), dim=1)
+    assert_close(p, 0.3 + 0.2 * order.argsort(dim=1).reshape(-1).float())
+
+
+def test_probabilities_computed_in_mergekits_dtype() -> None:
+    # float16 deltas: float32 (mergekit upcasts); bfloat16: bfloat16, where ranks above 256 round
+    assert magprune_probabilities(torch.randn(4, 8).half(), 0.5, 0.1).dtype == torch.float32
+    p = magprune_probabilities(torch.randn(1000).bfloat16(), 0.5, 0.1)
+    assert p.dtype == torch.bfloat16 and len(set(p.tolist())) < 1000
 
 
 def test_kept_entries_divided_by_their_own_keep_probability() -> None:

@@ -119,9 +119,27 @@ def test_della_with_our_coins(monkeypatch: pytest.MonkeyPatch, shape: tuple[int,
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_della_half_inputs_match_mergekit_in_float32(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
-    # Half-precision inputs: our task-vector core computes in float32, so we equal mergekit run on the float32
-    # copies, rounded. (mergekit on the half tensors computes in half; tests/test_mergekit_conformance.py.)
+@pytest.mark.parametrize(("name", "consensus", "normalize"), [("della", "sum", True), ("della_linear", None, False)])
+def test_della_in_half_precision_same_bits(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, name: str,
+                                           consensus: str | None, normalize: bool) -> None:
+    # computed in the half dtype (the config's): ties among half-precision magnitudes ranked by mergekit's
+    # argsort, bf16 probabilities, float16 rescaled in float32 — the same bits as mergekit
+    base, models = HALF_BASE.to(dtype), [m.to(dtype) for m in HALF_MODELS]
+    dens, eps = [0.4, 0.5, 0.6], [0.2, 0.3, 0.1]
+    gens = iter([generator_for(9, i) for i in range(3)])
+    monkeypatch.setattr(torch, "bernoulli",
+                        lambda p: (torch.rand(p.shape, generator=next(gens), dtype=torch.float32) < p).to(p.dtype))
+    theirs = _mk(name, models, base, weight=W, density=dens, epsilon=eps)
+    monkeypatch.undo()
+    _exact(della_merge(base, models, W, dens, eps, seed=9, consensus=consensus, normalize=normalize,  # type: ignore[arg-type]
+                       rescale_mode="l1", dtype=dtype), theirs)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_della_half_inputs_without_dtype_match_mergekit_in_float32(monkeypatch: pytest.MonkeyPatch,
+                                                                   dtype: torch.dtype) -> None:
+    # Without a dtype our task-vector core computes in float32, so we equal mergekit run on the float32
+    # copies, rounded.
     base, models = BASE.to(dtype), [m.to(dtype) for m in MODELS]
     dens, eps = [0.4, 0.5, 0.6], [0.2, 0.2, 0.2]
     gens = iter([generator_for(9, i) for i in range(3)])
@@ -140,7 +158,8 @@ def test_sce_same_bits_in_every_dtype(dtype: torch.dtype, shape: tuple[int, ...]
     base = torch.randn(*shape, generator=g)
     models = [(base + 0.5 * torch.randn(*shape, generator=g)).to(dtype) for _ in range(3)]
     base = base.to(dtype)
-    _exact(sce_merge(base, models, select_topk=select_topk), _mk("sce", models, base, select_topk=select_topk))
+    _exact(sce_merge(base, models, select_topk=select_topk, dtype=dtype),
+           _mk("sce", models, base, select_topk=select_topk))
 
 
 def test_sce_two_models_and_tiny_deltas() -> None:
@@ -203,7 +222,7 @@ def test_nuslerp_same_bits(dtype: torch.dtype, shape: tuple[int, ...], with_base
                            flatten: bool) -> None:
     base, models = _inputs(dtype, shape, 3)
     b = base if with_base else None
-    _exact(nuslerp_merge(models[:2], [0.3, 0.9], base=b, row_wise=row_wise, flatten=flatten),
+    _exact(nuslerp_merge(models[:2], [0.3, 0.9], base=b, row_wise=row_wise, flatten=flatten, dtype=dtype),
            _mk("nuslerp", models[:2], b, weight=[0.3, 0.9], nuslerp_row_wise=row_wise, nuslerp_flatten=flatten))
 
 
@@ -215,16 +234,17 @@ def test_multislerp_same_bits(dtype: torch.dtype, shape: tuple[int, ...], with_b
     base, models = _inputs(dtype, shape, 4)
     b = base if with_base else None
     weights = [0.2, 0.5, 0.3][:n]
-    _exact(multislerp_merge(models[:n], weights, base=b), _mk("multislerp", models[:n], b, weight=weights))
+    _exact(multislerp_merge(models[:n], weights, base=b, dtype=dtype), _mk("multislerp", models[:n], b, weight=weights))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_karcher_same_bits(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     base, models = _inputs(dtype, shape, 5)
-    _exact(karcher_merge(models), _mk("karcher", models, None))
+    _exact(karcher_merge(models, dtype=dtype), _mk("karcher", models, None))
     # with a base, mergekit averages it as one more input (its karcher ignores which one is the base)
-    _exact(karcher_merge([base, *models], max_iter=4, tol=1e-4), _mk("karcher", models, base, max_iter=4, tol=1e-4))
+    _exact(karcher_merge([base, *models], max_iter=4, tol=1e-4, dtype=dtype),
+           _mk("karcher", models, base, max_iter=4, tol=1e-4))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -232,7 +252,7 @@ def test_karcher_same_bits(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
 @pytest.mark.parametrize("t", [0.0, 0.1, 0.5, 2.0])
 def test_nearswap_same_bits(dtype: torch.dtype, shape: tuple[int, ...], t: float) -> None:
     base, models = _inputs(dtype, shape, 6)
-    _exact(nearswap_merge(base, models[0], t), _mk("nearswap", [models[0]], base, t=t))
+    _exact(nearswap_merge(base, models[0], t, dtype=dtype), _mk("nearswap", [models[0]], base, t=t))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -240,4 +260,4 @@ def test_nearswap_same_bits(dtype: torch.dtype, shape: tuple[int, ...], t: float
 def test_arcee_fusion_same_bits(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     # mergekit returns float32 for half inputs (its mask is float32); its writer then casts to the dtype
     base, models = _inputs(dtype, shape, 7)
-    _exact(arcee_fusion_merge(base, models[0]), _mk("arcee_fusion", [models[0]], base).to(dtype))
+    _exact(arcee_fusion_merge(base, models[0], dtype=dtype), _mk("arcee_fusion", [models[0]], base).to(dtype))

@@ -4,7 +4,8 @@ Arcee AI 2025, "Arcee Fusion" (no paper; mergekit's reference is https://arcee.a
 (arXiv:2403.13257). The importance of entry ``j`` is
 ``|θ_1 − θ_0|_j · KL(softmax(θ_1) ‖ softmax(θ_0))`` of its row (softmax over the last dim; a 1-D tensor is one
 row); entries whose importance reaches ``median + 1.5 · IQR`` (Tukey's outlier fence over the tensor) take the
-other model's value, the rest keep the base's. Computed in the inputs' dtype with mergekit's operations.
+other model's value, the rest keep the base's. Computed in the config's ``dtype`` with mergekit's operations
+(float32 without one).
 
 mergekit estimates the quartiles of tensors over 1,000,000 entries from a random sample (unseeded); here they
 are the exact order statistics at the same positions, for every size: the same on tensors up to 1e6 entries,
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from mergelab.methods.registry import MergeMethod, TensorInputs, register
 from mergelab.methods.sparsify import kth_largest
+from mergelab.methods.task_vectors import arithmetic_dtype
 
 _QUARTILES = (0.25, 0.5, 0.75)
 
@@ -39,18 +41,22 @@ def order_statistics(values: torch.Tensor, quantiles: tuple[float, ...]) -> list
     return [kth_largest(flat, n - pos).to(values.dtype) for pos in positions]
 
 
-def arcee_fusion_merge(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """``θ_0 + (θ_1 − θ_0) ⊙ [I ≥ Q2 + 1.5 (Q3 − Q1)]``, ``I`` = :func:`fusion_importance`, ``Q`` its quartiles."""
+def arcee_fusion_merge(base: torch.Tensor, other: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``θ_0 + (θ_1 − θ_0) ⊙ [I ≥ Q2 + 1.5 (Q3 − Q1)]``, ``I`` = :func:`fusion_importance`, ``Q`` its quartiles;
+    computed in ``dtype`` (the config's; float32 when None, float64 stays), returned in the base's dtype."""
+    out_dtype = base.dtype
+    dtype = arithmetic_dtype(base, dtype)
+    base, other = base.to(dtype), other.to(dtype)
     importance = fusion_importance(base, other)
     q1, median, q3 = order_statistics(importance, _QUARTILES)
     mask = (importance >= median + 1.5 * (q3 - q1)).float()
     del importance
-    return (base + (other - base) * mask).to(base.dtype)
+    return (base + (other - base) * mask).to(out_dtype)
 
 
 def _adapter(x: TensorInputs) -> torch.Tensor:
     assert x.base is not None and len(x.tensors) == 1
-    return arcee_fusion_merge(x.base, x.tensors[0])
+    return arcee_fusion_merge(x.base, x.tensors[0], dtype=x.dtype)
 
 
 register(MergeMethod(

@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
-from mergelab.methods.sparsify import bernoulli_mask, generator_for, match_l1
+from mergelab.methods.sparsify import bernoulli_mask, drop_work_dtype, generator_for, match_l1
 from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
 
 KeepProbability = Callable[[int, torch.Tensor], "float | torch.Tensor"]
-"""``(model_index, delta) -> keep probability``: one number (DARE) or one float32 value per entry (DELLA)."""
+"""``(model_index, delta) -> keep probability``: one number (DARE) or one value per entry (DELLA)."""
 
 
 def random_drop_sparsifier(densities: Sequence[float], keep_probability: KeepProbability, seed: int, *,
@@ -39,14 +39,15 @@ def random_drop_sparsifier(densities: Sequence[float], keep_probability: KeepPro
             return torch.zeros_like(delta)
         p = keep_probability(i, delta)
         mask = bernoulli_mask(delta.shape, p, generator_for(seed, i), device=delta.device)
-        before = delta.abs().sum() if rescale and rescale_mode == "l1" else None
-        kept = delta.masked_fill_(~mask, 0)  # in place on the caller's fresh copy (see Sparsifier)
-        del mask
         if not rescale:
-            return kept
-        if before is None:
-            return kept.div_(p.to(kept.dtype) if isinstance(p, torch.Tensor) else p)
-        return match_l1(kept, before)
+            return delta.masked_fill_(~mask, 0)  # in place on the caller's fresh copy (see Sparsifier)
+        # rescaled in mergekit's working dtype (float16 deltas in float32), then rounded back, as mergekit does
+        work = delta.to(drop_work_dtype(delta.dtype))
+        before = work.abs().sum() if rescale_mode == "l1" else None
+        kept = work.masked_fill_(~mask, 0)
+        del mask
+        kept = kept.div_(p) if before is None else match_l1(kept, before)
+        return kept if kept.dtype == delta.dtype else delta.copy_(kept)
     return drop
 
 

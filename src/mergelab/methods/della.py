@@ -12,7 +12,9 @@ linear rule for the drop probabilities). A "row" is dim 1 of the tensor as in me
 Survivors are rescaled as in the paper, each by ``1 / p_j`` with ``p_j`` its own keep probability
 (``E[δ̃] = δ``); mergekit instead scales the whole tensor to the delta's L1 norm — ``rescale_mode: l1``
 gives that rule. Masks come from the same seeded CPU generators as DARE's (one per tensor and model), so a
-seed gives the same merge on every device, thread count and tensor order.
+seed gives the same merge on every device, thread count and tensor order. In the config's ``dtype`` the
+probabilities, ties and rescaling follow mergekit's, so that with the same coins the merge is mergekit's bit
+for bit, float16 and bfloat16 included (tests/test_mergekit_conformance.py replaces both tools' coins).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from mergelab.methods.dare import random_drop_params, random_drop_sparsifier
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.sparsify import drop_work_dtype
 from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
 
 
@@ -35,22 +38,28 @@ def check_epsilon(density: float, epsilon: float) -> None:
 
 
 def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """Keep probability of every entry of ``delta`` (float32, same shape).
+    """Keep probability of every entry of ``delta`` (same shape; in :func:`drop_work_dtype`, like mergekit).
 
     Per row (dim 1; a 1-D tensor is one row) of ``n`` entries, the entry of magnitude rank ``r`` (0 for the
-    smallest, ties in index order) gets ``(density − ε) + 2ε · r / (n − 1)``. A row of one entry gets
-    ``density`` (mergekit's formula divides 0 by 0 there and fails).
+    smallest) gets ``(density − ε) + 2ε · r / (n − 1)``. Tied magnitudes are ranked in the order of the same
+    CPU ``torch.argsort`` mergekit calls, and the formula runs in mergekit's dtype (bfloat16 for bfloat16
+    deltas, where ranks above 256 round), so half-precision merges draw on the same probabilities. A row of
+    one entry gets ``density`` (mergekit's formula divides 0 by 0 there and fails).
     """
+    work = drop_work_dtype(delta.dtype)
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     n = rows.shape[1] if rows.dim() > 1 else 1
     if rows.numel() == 0 or n == 1:
-        return torch.full(delta.shape, density, dtype=torch.float32, device=delta.device)
-    order = torch.argsort(rows.abs(), dim=1, stable=True)
-    ranks = torch.argsort(order, dim=1, stable=True).to(torch.float32)
+        return torch.full(delta.shape, density, dtype=work, device=delta.device)
+    # sorted on the CPU whatever the device: CUDA orders ties differently (see sparsify._sorted_range)
+    order = torch.argsort(rows.abs().cpu(), dim=1)
+    ranks = order.argsort(dim=1).to(work) + 1
     del order
-    # the same operations in the same order as mergekit, so the probabilities are the same floats
-    rank_norm = (ranks / (n - 1)).clamp_(0, 1)
-    return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(delta.shape)
+    # mergekit's operations in mergekit's order, so that the probabilities are the same numbers
+    lowest = ranks.min(dim=1, keepdim=True).values
+    highest = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - lowest) / (highest - lowest)).clamp(0, 1)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(delta.shape).to(delta.device)
 
 
 def della_sparsifier(densities: Sequence[float], epsilons: Sequence[float], seed: int, *, rescale: bool = True,

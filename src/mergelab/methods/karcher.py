@@ -5,7 +5,8 @@ merging, Wang, Ye & Yin 2026, "Functionality-Oriented LLM Merging on the Fisherâ
 (arXiv:2603.04972), as implemented in mergekit. Each tensor is split into its norm and its direction; the
 directions' weighted Karcher mean is found by fixed-point iteration (log map, average, exp map) and scaled by
 the weighted mean norm. The weights are uniform; a base model, when given, is one more point (mergekit adds
-it to the inputs). Computed in the inputs' dtype with norms in float32, as mergekit does (the same bits).
+it to the inputs). Computed in the config's ``dtype`` with norms in float32, as mergekit does (the same bits;
+float32 without a ``dtype``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.task_vectors import arithmetic_dtype
 
 
 def karcher_mean(tensors: Sequence[torch.Tensor], alphas: Sequence[float], *, max_iter: int = 10,
@@ -61,18 +63,23 @@ def karcher_mean(tensors: Sequence[torch.Tensor], alphas: Sequence[float], *, ma
     return scale * mean
 
 
-def karcher_merge(tensors: Sequence[torch.Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
-    """Karcher mean of ``tensors`` with uniform weights (see :func:`karcher_mean`)."""
+def karcher_merge(tensors: Sequence[torch.Tensor], *, max_iter: int = 10, tol: float = 1e-5,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Karcher mean of ``tensors`` with uniform weights (see :func:`karcher_mean`), computed in ``dtype`` (the
+    config's; float32 when None, float64 stays; norms in float32 as in mergekit), returned in the inputs' dtype."""
     if not tensors:
         raise ValueError("karcher needs at least one model")
     if len(tensors) == 1:
         return tensors[0]
-    return karcher_mean(tensors, [1.0 / len(tensors)] * len(tensors), max_iter=max_iter, tol=tol)
+    out_dtype = tensors[0].dtype
+    dtype = arithmetic_dtype(tensors[0], dtype)
+    points = [t.to(dtype) for t in tensors]
+    return karcher_mean(points, [1.0 / len(points)] * len(points), max_iter=max_iter, tol=tol).to(out_dtype)
 
 
 def _adapter(x: TensorInputs) -> torch.Tensor:
     points = [*x.tensors, x.base] if x.base is not None else list(x.tensors)
-    return karcher_merge(points, max_iter=x.params["max_iter"], tol=x.params["tol"])
+    return karcher_merge(points, max_iter=x.params["max_iter"], tol=x.params["tol"], dtype=x.dtype)
 
 
 register(MergeMethod(

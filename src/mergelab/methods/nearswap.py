@@ -3,7 +3,7 @@
 alchemonaut 2024, the merge behind https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001 (no paper),
 as implemented in mergekit (arXiv:2403.13257). Per entry, the other model's weight is ``t / |θ_1 − θ_0|``
 clipped to [0, 1]: entries that differ by at most ``t`` are swapped in fully, larger differences less and less.
-Element-wise, computed in the inputs' dtype with mergekit's operations (the same bits).
+Element-wise, computed in the config's ``dtype`` with mergekit's operations (the same bits; float32 without one).
 """
 
 from __future__ import annotations
@@ -11,17 +11,23 @@ from __future__ import annotations
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.task_vectors import arithmetic_dtype
 
 
-def nearswap_merge(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
-    """``θ = w θ_1 + (1 − w) θ_0`` with ``w = clip(t / max(|θ_1 − θ_0|, 1e-6), 0, 1)`` entry by entry."""
+def nearswap_merge(base: torch.Tensor, other: torch.Tensor, t: float, *,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``θ = w θ_1 + (1 − w) θ_0`` with ``w = clip(t / max(|θ_1 − θ_0|, 1e-6), 0, 1)`` entry by entry, computed
+    in ``dtype`` (the config's; float32 when None, float64 stays), returned in the base's dtype."""
+    out_dtype = base.dtype
+    dtype = arithmetic_dtype(base, dtype)
+    base, other = base.to(dtype), other.to(dtype)
     weight = (t / torch.abs(base - other).clamp(min=1e-6)).clamp(min=0, max=1)
-    return weight * other + (1 - weight) * base
+    return (weight * other + (1 - weight) * base).to(out_dtype)
 
 
 def _adapter(x: TensorInputs) -> torch.Tensor:
     assert x.base is not None and len(x.tensors) == 1
-    return nearswap_merge(x.base, x.tensors[0], x.params["t"])
+    return nearswap_merge(x.base, x.tensors[0], x.params["t"], dtype=x.dtype)
 
 
 register(MergeMethod(

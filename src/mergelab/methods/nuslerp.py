@@ -4,7 +4,8 @@ mergekit's ``nuslerp`` (Goddard et al., mergekit, arXiv:2403.13257), SLERP as in
 with quaternion curves", SIGGRAPH 1985. Unlike ``slerp``, the two models are weighted (``t = w_1 / (w_0 + w_1)``),
 a base model is optional — with one, the *task vectors* ``θ_i − θ_0`` are interpolated and added back to it —
 and the angle can be taken per row (``nuslerp_flatten: false``; columns with ``nuslerp_row_wise``) instead of
-over the whole tensor. Computed in the inputs' dtype with mergekit's operations (the same bits).
+over the whole tensor. Computed in the config's ``dtype`` with mergekit's operations (the same bits; float32
+without one).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.task_vectors import arithmetic_dtype
 
 
 def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int = -1, flatten: bool = False,
@@ -40,22 +42,27 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int = -1, flat
 
 
 def nuslerp_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, base: torch.Tensor | None = None,
-                  row_wise: bool = False, flatten: bool = True) -> torch.Tensor:
+                  row_wise: bool = False, flatten: bool = True, dtype: torch.dtype | None = None) -> torch.Tensor:
     """NuSLERP of exactly two models at ``t = w_1 / (w_0 + w_1)`` (0.5 when the weights sum to ~0); with a
-    ``base``, ``θ_0 + nuslerp(t, θ_1 − θ_0, θ_2 − θ_0)``. Rows are the last dim, columns with ``row_wise``."""
+    ``base``, ``θ_0 + nuslerp(t, θ_1 − θ_0, θ_2 − θ_0)``. Rows are the last dim, columns with ``row_wise``.
+    Computed in ``dtype`` (the config's; float32 when None, float64 stays), returned in the inputs' dtype."""
     if len(tensors) != 2 or len(weights) != 2:
         raise ValueError(f"nuslerp merges exactly two models besides the base, got {len(tensors)}")
+    out_dtype = tensors[0].dtype
+    dtype = arithmetic_dtype(tensors[0], dtype)
+    a, b = tensors[0].to(dtype), tensors[1].to(dtype)
     total = sum(weights)
     t = 0.5 if abs(total) < 1e-6 else weights[1] / total
     dim = 0 if row_wise else -1
     if base is None:
-        return nuslerp(t, tensors[0], tensors[1], dim=dim, flatten=flatten)
-    return base + nuslerp(t, tensors[0] - base, tensors[1] - base, dim=dim, flatten=flatten)
+        return nuslerp(t, a, b, dim=dim, flatten=flatten).to(out_dtype)
+    base = base.to(dtype)
+    return (base + nuslerp(t, a - base, b - base, dim=dim, flatten=flatten)).to(out_dtype)
 
 
 def _adapter(x: TensorInputs) -> torch.Tensor:
     return nuslerp_merge(x.tensors, [p["weight"] for p in x.model_params], base=x.base,
-                         row_wise=x.params["nuslerp_row_wise"], flatten=x.params["nuslerp_flatten"])
+                         row_wise=x.params["nuslerp_row_wise"], flatten=x.params["nuslerp_flatten"], dtype=x.dtype)
 
 
 register(MergeMethod(

@@ -9,7 +9,7 @@ Wan et al., "FuseChat: Knowledge Fusion of Chat Models", 2024 (arXiv:2408.07990)
 3. **Erase**: per entry, drop the ``δ̂_i`` whose sign differs from that of ``Σ_i δ̂_i`` (TIES' election).
 4. ``θ = θ_0 + Σ_i η_i c_i δ̂_i / Σ_i η_i c_i`` with ``c_i`` the agreement mask.
 
-As in mergekit, everything is computed in the inputs' dtype (the config's ``dtype``), with mergekit's
+Computed in the config's ``dtype`` with mergekit's operations (float32 without one), with mergekit's
 guards: uniform weights when ``Σ_j mean(δ̂_j²) < 1e-6`` and a divisor clamped at 1e-6, and mergekit's
 selection (``torch.topk``), so that ties in half precision pick the same entries.
 """
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.task_vectors import arithmetic_dtype
 
 
 def sce_select_mask(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -51,11 +52,16 @@ def sce_weights(task_vectors: torch.Tensor) -> torch.Tensor:
     return energy / total
 
 
-def sce_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: float = 1.0) -> torch.Tensor:
-    """SCE on one tensor: ``θ_0 + Σ_i η_i c_i δ̂_i / Σ_i η_i c_i`` (see the module docstring)."""
+def sce_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: float = 1.0,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """SCE on one tensor: ``θ_0 + Σ_i η_i c_i δ̂_i / Σ_i η_i c_i`` (see the module docstring), computed in
+    ``dtype`` (the config's; float32 when None, float64 stays) and returned in the base's dtype."""
     if not tensors:
         return base.clone()
-    task_vectors = torch.stack([t - base for t in tensors], dim=0)
+    out_dtype = base.dtype
+    dtype = arithmetic_dtype(base, dtype)
+    base = base.to(dtype)
+    task_vectors = torch.stack([t.to(dtype) - base for t in tensors], dim=0)
     if select_topk < 1:
         task_vectors.mul_(sce_select_mask(task_vectors, select_topk))
     # TIES' election on the unweighted sum; a zero entry never agrees
@@ -66,12 +72,12 @@ def sce_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_top
     erased = agree * weights
     del agree
     merged = (task_vectors * erased).sum(dim=0)
-    return base + merged / erased.sum(dim=0).clamp(min=1e-6)
+    return (base + merged / erased.sum(dim=0).clamp(min=1e-6)).to(out_dtype)
 
 
 def _adapter(x: TensorInputs) -> torch.Tensor:
     assert x.base is not None
-    return sce_merge(x.base, x.tensors, select_topk=x.params["select_topk"])
+    return sce_merge(x.base, x.tensors, select_topk=x.params["select_topk"], dtype=x.dtype)
 
 
 register(MergeMethod(

@@ -152,6 +152,12 @@ def bernoulli_mask(shape: torch.Size, density: float | torch.Tensor, generator: 
     return (draws < density).to(device)
 
 
+def drop_work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype mergekit's random drops (DARE, DELLA) compute probabilities and rescaling in on the CPU:
+    float32 for float16 (torch has no float16 Bernoulli there), the delta's own dtype otherwise."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def match_l1(kept: torch.Tensor, before: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale the sparsified ``kept`` in place so that its L1 norm is ``before`` (the unsparsified delta's), as
     mergekit's ``rescale`` does; left as is when either norm is below ``eps`` (mergekit's guard)."""
