@@ -40,9 +40,9 @@ def _merge(tmp_path: Path, config: dict[str, Any], name: str, *args: str) -> Pat
     return out
 
 
-def test_elementwise_registry_is_linear_and_task_arithmetic() -> None:
+def test_elementwise_registry_is_linear_task_arithmetic_and_nearswap() -> None:
     # a method flagged by mistake would be merged piece by piece with wrong results: keep the list explicit
-    assert sorted(m.name for m in ELEMENTWISE) == ["linear", "task_arithmetic"]
+    assert sorted(m.name for m in ELEMENTWISE) == ["linear", "nearswap", "task_arithmetic"]
 
 
 @pytest.mark.parametrize("method", [m.name for m in ELEMENTWISE])
@@ -51,11 +51,13 @@ def test_elementwise_flag_holds_for_the_function(method: str) -> None:
     m = next(x for x in ELEMENTWISE if x.name == method)
     g = torch.Generator().manual_seed(0)
     base = torch.randn(13, 11, generator=g).to(torch.bfloat16)
-    tensors = [base + 0.1 * torch.randn(13, 11, generator=g).to(torch.bfloat16) for _ in range(3)]
-    settings = [{"weight": w} for w in (0.2, 0.5, 0.9)]
+    n = 3 if m.max_models is None else m.max_models
+    tensors = [base + 0.1 * torch.randn(13, 11, generator=g).to(torch.bfloat16) for _ in range(n)]
+    settings = [{"weight": w} for w in (0.2, 0.5, 0.9)] if "weight" in m.model_params else [{}] * n
+    global_settings = {"t": 0.05} if method == "nearswap" else {}
 
     def run(ts: list[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
-        return merge_tensor(m, "model.layers.0.mlp.up_proj.weight", ts, base=b, global_settings={},
+        return merge_tensor(m, "model.layers.0.mlp.up_proj.weight", ts, base=b, global_settings=global_settings,
                             model_settings=settings, seed=0, num_layers=1)
 
     whole = run(tensors, base).reshape(-1)
