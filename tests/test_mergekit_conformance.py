@@ -61,11 +61,18 @@ def _configs(base: Path, fts: list[Path], dtype: str = "float32") -> dict[str, d
             "dtype": dtype},
         "model_stock": {"merge_method": "model_stock", "base_model": b, "models": [{"model": p} for p in m],
                         "dtype": dtype},
+        "ties_rescale": {"merge_method": "ties", "base_model": b, "models": [
+            {"model": p, "parameters": {"weight": w, "density": d}}
+            for p, w, d in zip(m, (1.0, 0.6, 0.8), (0.3, 0.5, 0.9))],
+            "parameters": {"rescale": True}, "dtype": dtype},
+        "breadcrumbs_ties_rescale": {"merge_method": "breadcrumbs_ties", "base_model": b, "models": [
+            {"model": p, "parameters": {"weight": 0.5, "density": 0.6, "gamma": 0.05}} for p in m],
+            "parameters": {"rescale": True}, "dtype": dtype},
     }
 
 
 CASES = ["linear", "task_arithmetic", "ties", "ties_unnormalized", "dare_linear", "slerp", "breadcrumbs",
-         "model_stock"]
+         "model_stock", "ties_rescale", "breadcrumbs_ties_rescale"]
 
 
 @pytest.mark.slow

@@ -77,7 +77,7 @@ def test_breadcrumbs_ties_elects_sign() -> None:
     assert_close(out, BASE - 2 * _only([7, 5, 9, 2, 8]))
     out = get_method("breadcrumbs_ties").adapter(TensorInputs(
         name="w", tensors=models, model_params=[{"weight": 1.0, "density": 0.5, "gamma": 0.2}] * 2,
-        params={"lambda": 1.0, "normalize": False, "int8_mask": False}, base=BASE))
+        params={"lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False}, base=BASE))
     assert_close(out, BASE - 2 * _only([7, 5, 9, 2, 8]))
 
 
@@ -87,5 +87,11 @@ def test_adapter_default_gamma_matches_mergekit() -> None:
     assert param is not None and param.default == 0.01 and param.scope == "model"
     x = TensorInputs(name="w", tensors=[BASE + DELTA],
                      model_params=[{"weight": 1.0, "density": 0.5, "gamma": 0.2}],
-                     params={"lambda": 1.0, "normalize": False, "int8_mask": False}, base=BASE)
+                     params={"lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False}, base=BASE)
     assert_close(m.adapter(x), BASE + _only([7, 5, 9, 2, 8]))
+
+
+def test_rescale_restores_each_sparsified_task_vector_l1_norm() -> None:
+    # density 0.5, gamma 0.2 keeps |δ| 0.8, 0.7, 0.6, 0.5, 0.4 (sum 3.0) of ‖δ‖₁ = 5.5 → × 5.5/3
+    out = breadcrumbs_merge(BASE, [BASE + DELTA], [1.0], [0.5], [0.2], rescale=True) - BASE
+    assert_close(out, _only([7, 5, 9, 2, 8]) * (5.5 / 3.0))

@@ -175,9 +175,9 @@ HALF_BASE = (torch.randn(64, 48, generator=G) * 0.02)
 HALF_MODELS = [HALF_BASE + torch.round(torch.randn(64, 48, generator=G) * 8) / 400 for _ in range(3)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp",
-                                  "model_stock"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["task_arithmetic", "ties", "ties_rescale", "breadcrumbs", "breadcrumbs_ties",
+                                  "breadcrumbs_rescale", "breadcrumbs_ties_rescale", "slerp", "model_stock"])
 def test_half_precision_bit_for_bit(case: str, dtype: torch.dtype) -> None:
     base = HALF_BASE.to(dtype)
     models = [m.to(dtype) for m in HALF_MODELS]
@@ -185,14 +185,17 @@ def test_half_precision_bit_for_bit(case: str, dtype: torch.dtype) -> None:
     if case == "task_arithmetic":
         ours = task_arithmetic_merge(base, models, w, lambda_=0.7, normalize=True, dtype=dtype)
         theirs = _mk(case, models, base, weight=w, normalize=True, **{"lambda": 0.7})
-    elif case == "ties":
-        ours = ties_merge(base, models, w, dens, lambda_=1.3, dtype=dtype)
-        theirs = _mk("ties", models, base, weight=w, density=dens, **{"lambda": 1.3})
+    elif case.startswith("ties"):
+        rescale = case == "ties_rescale"
+        ours = ties_merge(base, models, w, dens, lambda_=1.3, rescale=rescale, dtype=dtype)
+        theirs = _mk("ties", models, base, weight=w, density=dens, rescale=rescale, **{"lambda": 1.3})
     elif case.startswith("breadcrumbs"):
-        consensus = "sum" if case == "breadcrumbs_ties" else None
+        consensus = "sum" if case.startswith("breadcrumbs_ties") else None
+        rescale = case.endswith("rescale")
         ours = breadcrumbs_merge(base, models, w, dens, gam, consensus=consensus,  # type: ignore[arg-type]
-                                 dtype=dtype)
-        theirs = _mk(case, models, base, weight=w, density=dens, gamma=gam)
+                                 rescale=rescale, dtype=dtype)
+        theirs = _mk(case.removesuffix("_rescale"), models, base, weight=w, density=dens, gamma=gam,
+                     rescale=rescale)
     elif case == "slerp":
         ours = slerp_merge(0.35, base, models[0])
         theirs = _mk("slerp", [models[0]], base, t=0.35)

@@ -140,7 +140,8 @@ def _inputs(scope: str, thresholds: list[float] | None) -> TensorInputs:
     return TensorInputs(
         name="model.layers.0.mlp.weight", tensors=MODELS,
         model_params=[{"weight": 1.0, "density": 0.5}] * 3,
-        params={"lambda": 1.0, "normalize": True, "consensus": "sum", "scope": scope, "int8_mask": False},
+        params={"lambda": 1.0, "normalize": True, "consensus": "sum", "scope": scope, "rescale": False,
+                "int8_mask": False},
         base=BASE, thresholds=thresholds,
     )
 
@@ -185,3 +186,13 @@ def test_matches_independent_stacked_reference() -> None:
     expected = base + 0.8 * (stacked * agree).sum(0) / (w * agree).sum(0).clamp_min(1e-30).where(
         (w * agree).sum(0) != 0, torch.ones(()))
     assert_close(ties_merge(base, models, weights, densities, lambda_=0.8), expected)
+
+
+def test_rescale_restores_each_trimmed_task_vector_l1_norm() -> None:
+    # one model, density 0.5: D = [4, -1, 0.5, 2] keeps 4 and 2; ‖D‖₁ = 7.5, ‖kept‖₁ = 6 → × 1.25
+    base = torch.zeros(4, dtype=torch.float64)
+    delta = _t([[4.0, -1.0, 0.5, 2.0]])[0]
+    out = ties_merge(base, [delta], [1.0], [0.5], rescale=True)
+    assert_close(out, torch.tensor([5.0, 0.0, 0.0, 2.5], dtype=torch.float64))
+    assert_close(ties_merge(base, [delta], [1.0], [0.5]), torch.tensor([4.0, 0.0, 0.0, 2.0],
+                                                                       dtype=torch.float64))

@@ -11,19 +11,21 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
-from mergelab.methods.sparsify import outlier_mask
+from mergelab.methods.sparsify import match_l1, outlier_mask
 from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
 
 
 def breadcrumbs_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                       densities: Sequence[float], gammas: Sequence[float], *, lambda_: float = 1.0,
-                      normalize: bool = False, consensus: Consensus | None = None,
+                      normalize: bool = False, consensus: Consensus | None = None, rescale: bool = False,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
     """Keep the ``density`` fraction of each task vector after removing its top ``gamma`` fraction by
-    magnitude, then task arithmetic (or TIES election with ``consensus``), computed in ``dtype``
-    (float32 when None)."""
+    magnitude (scaled back to its L1 norm with ``rescale``, as mergekit can), then task arithmetic (or
+    TIES election with ``consensus``), computed in ``dtype`` (float32 when None)."""
     def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
-        return delta.masked_fill_(~outlier_mask(delta, densities[i], gammas[i]), 0)
+        before = delta.abs().sum() if rescale else None
+        kept = delta.masked_fill_(~outlier_mask(delta, densities[i], gammas[i]), 0)
+        return match_l1(kept, before) if before is not None else kept
     return generalized_task_arithmetic(base, tensors, weights, sparsify=trim, consensus=consensus,
                                        normalize=normalize, lambda_=lambda_, dtype=dtype)
 
@@ -34,7 +36,8 @@ def _adapter(consensus: Consensus | None):
         mp = x.model_params
         return breadcrumbs_merge(x.base, x.tensors, [p["weight"] for p in mp], [p["density"] for p in mp],
                                  [p["gamma"] for p in mp], lambda_=x.params["lambda"],
-                                 normalize=x.params["normalize"], consensus=consensus, dtype=x.dtype)
+                                 normalize=x.params["normalize"], consensus=consensus,
+                                 rescale=x.params["rescale"], dtype=x.dtype)
     return adapt
 
 
@@ -46,6 +49,7 @@ def _params() -> tuple[Param, ...]:
               help="fraction of largest entries dropped"),
         Param("lambda", float, 1.0, help="global scale of the merged task vector"),
         Param("normalize", bool, False, help="divide by the (agreeing) weights"),
+        Param("rescale", bool, False, help="scale each sparsified task vector back to its L1 norm (mergekit)"),
         Param("int8_mask", bool, False, help="accepted for mergekit compatibility; masks are boolean here"),
     )
 

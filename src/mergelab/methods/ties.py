@@ -10,29 +10,33 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
-from mergelab.methods.sparsify import magnitude_mask, threshold_mask
+from mergelab.methods.sparsify import magnitude_mask, match_l1, threshold_mask
 from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
 
 
 def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                densities: Sequence[float], *, lambda_: float = 1.0, normalize: bool = True,
                consensus: Consensus = "sum", thresholds: Sequence[float] | None = None,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
+               rescale: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
     """TIES on one tensor.
 
     1. trim: keep the ``densities[i]`` fraction of largest-magnitude entries of each task vector
-       (or, for global scope, the entries at or above ``thresholds[i]``, computed over the whole model);
+       (or, for global scope, the entries at or above ``thresholds[i]``, computed over the whole model),
+       scaled back to the task vector's L1 norm with ``rescale`` (mergekit's option);
     2. elect: per entry, the sign of ``Σ_i w_i δ̂_i`` (``consensus="sum"``, the paper) or of the sign count;
     3. disjoint merge: average (``normalize``) only the weighted entries that agree with the elected sign.
 
     ``dtype`` is the arithmetic dtype (float32 when None; see ``generalized_task_arithmetic``).
     """
-    if thresholds is not None:
-        def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
-            return delta.masked_fill_(~threshold_mask(delta, thresholds[i]), 0)
-    else:
-        def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
-            return delta.masked_fill_(~magnitude_mask(delta, densities[i]), 0)
+    def keep(i: int, delta: torch.Tensor) -> torch.Tensor:
+        if thresholds is not None:
+            return threshold_mask(delta, thresholds[i])
+        return magnitude_mask(delta, densities[i])
+
+    def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
+        before = delta.abs().sum() if rescale else None
+        kept = delta.masked_fill_(~keep(i, delta), 0)
+        return match_l1(kept, before) if before is not None else kept
     return generalized_task_arithmetic(base, tensors, weights, sparsify=trim, consensus=consensus,
                                        normalize=normalize, lambda_=lambda_, dtype=dtype)
 
@@ -45,7 +49,8 @@ def _adapter(x: TensorInputs) -> torch.Tensor:
     return ties_merge(
         x.base, x.tensors, [p["weight"] for p in x.model_params], [p["density"] for p in x.model_params],
         lambda_=x.params["lambda"], normalize=x.params["normalize"], consensus=x.params["consensus"],
-        thresholds=x.thresholds if x.params["scope"] == "global" else None, dtype=x.dtype,
+        thresholds=x.thresholds if x.params["scope"] == "global" else None, rescale=x.params["rescale"],
+        dtype=x.dtype,
     )
 
 
@@ -63,6 +68,7 @@ register(MergeMethod(
         Param("consensus", str, "sum", choices=("sum", "count"), help="sign election rule"),
         Param("scope", str, "tensor", choices=("tensor", "global"),
               help="trim per tensor (mergekit) or with one magnitude threshold per model (paper)"),
+        Param("rescale", bool, False, help="scale each trimmed task vector back to its L1 norm (mergekit)"),
         Param("int8_mask", bool, False, help="accepted for mergekit compatibility; masks are boolean here"),
     ),
     summary="Trim each task vector to its top-k entries, elect a sign per entry, average those that agree.",
