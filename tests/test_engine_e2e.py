@@ -325,12 +325,15 @@ def test_slices_spanning_whole_model(families: Families, tmp_path: Path) -> None
     assert set(x) == set(y) and all(torch.equal(x[n], y[n]) for n in x)
 
 
-@pytest.mark.parametrize(("layer_range", "fragment"), [([0, 2], "does not span"), ([1, 3], "layer_range")])
-def test_partial_slice_is_a_clear_error(families: Families, tmp_path: Path, layer_range: list[int],
-                                        fragment: str) -> None:
+@pytest.mark.parametrize(("ranges", "fragment"), [([[0, 5]] * 3, "goes past its 3 layers"),
+                                                   ([[0, 2], [1, 3], [0, 1]], "same number of layers"),
+                                                   ([[2, 2]] * 3, "is empty")])
+def test_impossible_slice_is_a_clear_error(families: Families, tmp_path: Path, ranges: list[list[int]],
+                                           fragment: str) -> None:
+    """Partial and layer-stacking slices merge (tests/test_mergekit_conformance.py); these cannot."""
     _, fts = families["llama"]
     config = {"merge_method": "linear", "slices": [{"sources": [
-        {"model": str(p), "layer_range": layer_range} for p in fts]}]}
+        {"model": str(p), "layer_range": r} for p, r in zip(fts, ranges)]}]}
     out = tmp_path / "out"
     assert_refused(run_cli(write_config(tmp_path, config), out), out, fragment, "layer_range")
 

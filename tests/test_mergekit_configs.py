@@ -86,3 +86,40 @@ def test_weight_on_slerp_and_model_stock_is_ignored_with_a_warning(
     assert any(f"'weight' is not used by '{method}'" in r.getMessage() for r in caplog.records)
     record = json.loads((tmp_path / "weighted" / "mergelab.json").read_text())
     assert record["warnings"] == result.record["warnings"] and len(record["warnings"]) == len(chosen)
+
+
+# -- layer-stacking slices ---------------------------------------------------------------------------------
+def test_frankenmerge_loads_with_the_stacked_layers(families: Families, tmp_path: Path) -> None:
+    """Layers 0-1 of one fine-tune then layers 1-2 of another: a 4-layer Llama that transformers loads, each
+    layer the source layer it was taken from, embeddings from the first slice and the head from the last."""
+    import transformers
+
+    _, fts = families["llama"]
+    config = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(fts[0]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(fts[1]), "layer_range": [1, 3]}]}]}
+    out = tmp_path / "out"
+    assert_ok(run_cli(write_config(tmp_path, config), out))
+    merged, a, b = load_output(out), load_folder(fts[0]), load_folder(fts[1])
+    for out_layer, (src, layer) in enumerate([(a, 0), (a, 1), (b, 1), (b, 2)]):
+        for name in (n for n in src if n.startswith(f"model.layers.{layer}.")):
+            assert torch.equal(merged[name.replace(f".{layer}.", f".{out_layer}.", 1)], src[name]), name
+    assert torch.equal(merged["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(merged["lm_head.weight"], b["lm_head.weight"])
+    assert torch.equal(merged["model.norm.weight"], b["model.norm.weight"])
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == 4
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+
+
+def test_slice_without_the_base_is_a_clear_error(families: Families, tmp_path: Path) -> None:
+    from cli_helpers import assert_refused
+
+    base, fts = families["llama"]
+    config = {"merge_method": "slerp", "base_model": str(base), "parameters": {"t": 0.5}, "slices": [
+        {"sources": [{"model": str(fts[0]), "layer_range": [0, 2]}, {"model": str(fts[1]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(fts[0]), "layer_range": [2, 3]}, {"model": str(fts[1]), "layer_range": [2, 3]}]}]}
+    out = tmp_path / "out"
+    assert_refused(run_cli(write_config(tmp_path, config), out), out,
+                   f"slices[0]: base_model '{base}' is not among this slice's sources", "layer_range")

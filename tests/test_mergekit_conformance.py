@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,54 @@ def _configs(base: Path, fts: list[Path], dtype: str = "float32") -> dict[str, d
             {"model": p, "parameters": {"weight": 0.5, "density": 0.6, "gamma": 0.05}} for p in m],
             "parameters": {"rescale": True}, "dtype": dtype},
     }
+
+
+def _slice_configs(fts: list[Path], arch: str, dtype: str) -> dict[str, dict[str, Any]]:
+    """Layer-stacking slices (frankenmerges) on 3-layer models, as mergekit's examples write them."""
+    m = [str(p) for p in fts]
+    out_proj = "o_proj" if arch == "llama" else "c_proj"
+
+    def one(model: str, layers: list[int], **params: Any) -> dict[str, Any]:
+        return {"sources": [{"model": model, "layer_range": layers, **({"parameters": params} if params else {})}]}
+
+    return {
+        # orcamini-platy-44layer.yml: the first layers of one model, then later layers of another
+        "stack": {"merge_method": "passthrough", "dtype": dtype,
+                  "slices": [one(m[0], [0, 2]), one(m[1], [1, 3])]},
+        # gpt2-small.yml: a partial slice of one model
+        "partial": {"merge_method": "passthrough", "dtype": dtype, "slices": [one(m[0], [0, 2])]},
+        # a duplicated block with its output projections scaled down
+        "scale": {"merge_method": "passthrough", "dtype": dtype, "slices": [
+            one(m[0], [0, 3]), one(m[1], [2, 3], scale=[{"filter": out_proj, "value": 0.0}, {"value": 0.5}])]},
+        # slerp per slice, gradients over each slice, the base among every slice's sources
+        "slerp_slices": {"merge_method": "slerp", "base_model": m[0], "dtype": dtype, "parameters": {"t": [0.2, 0.8]},
+                         "slices": [{"sources": [{"model": m[0], "layer_range": [0, 2]},
+                                                 {"model": m[1], "layer_range": [1, 3]}]},
+                                    {"sources": [{"model": m[0], "layer_range": [2, 3]},
+                                                 {"model": m[2], "layer_range": [0, 1]}],
+                                     "parameters": {"t": 0.6}}]},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("case", ["stack", "partial", "scale", "slerp_slices"])
+def test_slices_same_tensors_and_layer_count_as_mergekit(families: dict[str, tuple[Path, list[Path]]],
+                                                          tmp_path: Path, arch: str, case: str, dtype: str) -> None:
+    _, fts = families[arch]
+    config = _slice_configs(fts, arch, dtype)[case]
+    ours = _mergelab_merge(config, tmp_path / "mergelab")
+    theirs = _mergekit_merge(config, tmp_path / "mergekit")
+    assert set(ours) == set(theirs)  # renumbered layers, embeddings and head from the first and last slice
+    for name in ours:
+        assert ours[name].dtype == theirs[name].dtype, name
+        assert torch.equal(ours[name], theirs[name]), name
+    key = "num_hidden_layers" if arch == "llama" else "n_layer"
+    ours_cfg = json.loads((tmp_path / "mergelab" / "config.json").read_text())
+    theirs_cfg = json.loads((tmp_path / "mergekit" / "config.json").read_text())
+    assert ours_cfg[key] == theirs_cfg[key] == sum(
+        s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in config["slices"])
 
 
 CASES = ["linear", "task_arithmetic", "ties", "ties_unnormalized", "dare_linear", "slerp", "breadcrumbs",

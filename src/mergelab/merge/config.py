@@ -144,16 +144,18 @@ class MergeConfig(_Strict):
         if self.slices is not None:
             if self.models is not None:
                 raise ValueError("give either 'models' or 'slices', not both")
-            if len(self.slices) != 1:
-                raise ValueError("only one slice spanning whole models is supported (layer-stacking "
-                                 "'frankenmerges' are not); use 'models' instead")
+            if not self.slices or any(not sl.sources for sl in self.slices):
+                raise ValueError("slices: every slice needs at least one entry in 'sources'")
             sl = self.slices[0]
             ranges = {s.layer_range for s in sl.sources}
-            if len(ranges) != 1 or next(iter(ranges))[0] != 0:
-                raise ValueError("slices: every source must use the same layer_range [0, num_layers]")
+            whole = len(self.slices) == 1 and len(ranges) == 1 and next(iter(ranges))[0] == 0
+            # The whole-model form (mergekit's usual SLERP config) is merged like 'models'; layer-stacking
+            # slices keep their own parameters per slice (merge/slices.py) and list the first slice's sources
+            # here only so that the method's checks (base, number of models) see one slice's inputs.
             self.models = [ModelEntry(model=s.model, parameters=s.parameters) for s in sl.sources]
-            self.parameters = {**self.parameters, **sl.parameters}
-            self.base_model = sl.base_model or self.base_model
+            if whole:
+                self.parameters = {**self.parameters, **sl.parameters}
+                self.base_model = sl.base_model or self.base_model
         if not self.models:
             raise ValueError("'models' must list at least one model")
         return self

@@ -38,7 +38,9 @@ def merge_tensor(
     device: torch.device | None = None,
     stats: Sequence[Any] | None = None,
     thresholds: Sequence[float] | None = None,
+    t: float | None = None,
 ) -> torch.Tensor:
+    """Merge the tensors of one name; ``t`` is the gradient position (None: from the layer index)."""
     reference = base if base is not None else tensors[0]
     if not reference.is_floating_point():
         return passthrough(base, tensors)
@@ -48,7 +50,8 @@ def merge_tensor(
             x = x.to(device, non_blocking=True)
         return x.to(compute_dtype) if compute_dtype is not None else x
 
-    t = layer_position(name, num_layers)
+    if t is None:
+        t = layer_position(name, num_layers)
     params, per_model = resolve_parameters(method, name, t, global_settings, model_settings, model_names)
     inputs = TensorInputs(
         name=name,

@@ -112,10 +112,12 @@ def _copy_model_files(plan: MergePlan, tmp: Path, device_out_dtype: torch.dtype 
         src_dir = source if name in ("config.json", "generation_config.json") else source_tok
         if src_dir is None or not (src_dir / name).is_file():
             continue
-        if name == "config.json" and device_out_dtype is not None:
+        if name == "config.json" and (device_out_dtype is not None or plan.config_updates):
             cfg = json.loads((src_dir / name).read_text())
-            key = "dtype" if "dtype" in cfg else "torch_dtype"
-            cfg[key] = _DTYPE_NAMES.get(device_out_dtype, str(device_out_dtype))
+            if device_out_dtype is not None:
+                key = "dtype" if "dtype" in cfg else "torch_dtype"
+                cfg[key] = _DTYPE_NAMES.get(device_out_dtype, str(device_out_dtype))
+            cfg.update(plan.config_updates)  # e.g. the layer count of layer-stacking slices
             (tmp / name).write_text(json.dumps(cfg, indent=2) + "\n")
         else:
             shutil.copy2(src_dir / name, tmp / name)
@@ -435,10 +437,12 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                 bar.advance(task, piece.nbytes)
                 continue
             try:
+                shared, per_model, t = plan.settings_for(piece.name)
                 merged = merge_tensor(
-                    plan.method, piece.name, tensors, base=base_t, global_settings=cfg.parameters,
-                    model_settings=plan.model_settings, seed=cfg.seed, num_layers=plan.num_layers,
+                    plan.method, piece.name, tensors, base=base_t, global_settings=shared,
+                    model_settings=per_model, seed=cfg.seed, num_layers=plan.num_layers,
                     model_names=plan.labels, compute_dtype=cfg.compute_dtype, device=dev, thresholds=thresholds,
+                    t=t,
                 )
             except ValueError as exc:
                 # Methods reject inputs they cannot merge (weights summing to zero, missing statistics) with

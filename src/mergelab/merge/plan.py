@@ -27,6 +27,7 @@ from mergelab.merge.params import (
     resolve_parameters,
     unused_parameters,
 )
+from mergelab.merge.slices import SlicePlan, is_frankenmerge, plan_slices
 from mergelab.methods import MergeMethod, get_method
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,25 @@ class MergePlan:
     """``--take-missing-from base``: per model, its tensors the base lacks (left out of the output)."""
     warnings: list[str] = field(default_factory=list)
     """What the merge ignores (per-model parameters the method does not use): logged and recorded."""
+    owned: list[CheckpointReader] = field(default_factory=list)
+    """Readers behind the layer-stacking views in ``base``/``models`` (merge/slices.py), closed with the plan."""
+    tensor_settings: dict[str, tuple[dict[str, Any], list[dict[str, Any]], float]] | None = None
+    """Layer-stacking slices: per output tensor, (global settings, per-model settings, gradient position)."""
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    """Keys of the output ``config.json`` that differ from the reference's (the layer count of slices)."""
+
+    def settings_for(self, name: str) -> tuple[Mapping[str, Any], list[dict[str, Any]], float | None]:
+        """(global settings, per-model settings, gradient position or None: from the layer index)."""
+        if self.tensor_settings is not None and name in self.tensor_settings:
+            return self.tensor_settings[name]
+        return self.config.parameters, self.model_settings, None
 
     @property
     def readers(self) -> list[CheckpointReader]:
         return ([self.base] if self.base is not None else []) + self.models
 
     def close(self) -> None:
-        for r in self.readers:
+        for r in [*self.readers, *self.owned]:
             r.close()
 
 
@@ -90,10 +103,25 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
             problems.append(f"{path}: cannot read this checkpoint ({exc})")
             return None
 
+    def open_quietly(path: str) -> CheckpointReader | None:
+        try:
+            return open_model(path, lambda p: resolve_model_path(p, config_folder))
+        except (CheckpointError, OSError):
+            return None
+
     entries = config.merge_models
     labels = [e.model for e in entries]
     base: CheckpointReader | None = None
-    if method.base != "ignored" and config.base_model is not None:
+    sliced: SlicePlan | None = None
+    if is_frankenmerge(config, open_quietly):
+        sliced = plan_slices(config, method, open_one, problems)
+        if sliced is None:
+            raise CompatibilityError(problems)
+        base = sliced.base
+        if base is None and method.base == "required":
+            problems.append(f"method '{method.name}' needs a base model: add 'base_model: PATH' and give it a "
+                            "source in every slice")
+    elif method.base != "ignored" and config.base_model is not None:
         base = open_one(config.base_model)
     elif method.base == "required":
         problems.append(f"method '{method.name}' needs a base model: add 'base_model: PATH' (the model the "
@@ -102,13 +130,17 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
         problems.append(f"method '{method.name}' needs statistics of each model on its own data (see "
                         "mergelab.statistics); it runs from the Python API: mergelab.merge_state_dicts(..., "
                         "stats=...), not from a YAML config")
-    models = [open_one(e.model) for e in entries]
-    n = len(entries)
+    if sliced is not None:
+        models: list[CheckpointReader | None] = list(sliced.models)
+        labels = sliced.labels
+    else:
+        models = [open_one(e.model) for e in entries]
+    n = len(models)
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         most = "" if method.max_models is None else f" and at most {method.max_models}"
         problems.append(f"method '{method.name}' needs at least {method.min_models}{most} model(s) besides "
                         f"the base, got {n}: {labels}")
-    settings = [dict(e.parameters) for e in entries]
+    settings = sliced.settings if sliced is not None else [dict(e.parameters) for e in entries]
     named_settings = dict(zip(labels, settings, strict=True))
     problems += check_parameter_names(method, config.parameters, named_settings)
     warnings = unused_parameters(method, named_settings)
@@ -118,6 +150,8 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
     if scope is not None and not isinstance(scope, str):
         problems.append(f"parameters.scope: must be one value, 'tensor' or 'global', not {scope!r}")
     scope_global = scope == "global"
+    if scope_global and sliced is not None:
+        problems.append("parameters.scope: 'global' needs whole models; with layer-stacking slices use 'tensor'")
     if scope_global:
         for label, s in zip(labels, settings, strict=True):
             if isinstance(s.get("density", config.parameters.get("density")), (list, Mapping)):
@@ -131,8 +165,9 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
     # Keep comparing the checkpoints that did open, so that every problem is reported in one go; only
     # without the base (or any model) is there nothing to compare against.
     pairs = [(label, r) for label, r in zip(labels, models, strict=True) if r is not None]
-    if not pairs or (base is None and config.base_model is not None and method.base != "ignored"):
-        for r in [base, *opened]:
+    if not pairs or (base is None and config.base_model is not None and method.base != "ignored"
+                     and sliced is None):
+        for r in [base, *opened, *(sliced.underlying if sliced else [])]:
             if r is not None:
                 r.close()
         raise CompatibilityError(problems)
@@ -183,17 +218,16 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
                 problems.append(f"{label}: tensor '{name}' is {b.dtype} but {ref_label} has {a.dtype}; "
                                 "floating and integer tensors cannot be merged")
     num_layers = _num_layers(reference, names)
-    if config.slice_layer_range is not None and config.slice_layer_range[1] != num_layers:
-        problems.append(f"slices: layer_range {list(config.slice_layer_range)} does not span the model's "
-                        f"{num_layers} layers; only whole-model slices are supported")
+    tensor_settings = sliced.tensor_settings if sliced is not None else None
     # Resolve every tensor's parameters now, so that a bad value fails before anything is read.
     seen: set[str] = set()
     for name in names:
         if not reference.meta(name).dtype.is_floating_point:
             continue
+        shared, per_model, t = (tensor_settings[name] if tensor_settings is not None
+                                else (config.parameters, settings, layer_position(name, num_layers)))
         try:
-            resolve_parameters(method, name, layer_position(name, num_layers), config.parameters, settings,
-                               labels)
+            resolve_parameters(method, name, t, shared, per_model, labels)
         except ValueError as exc:
             msg = str(exc)
             key = msg.split("(tensor")[0]
@@ -208,7 +242,7 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
         except ValueError as exc:
             problems.append(str(exc))
     if problems:
-        for r in [base, *opened]:
+        for r in [base, *opened, *(sliced.underlying if sliced else [])]:
             if r is not None:
                 r.close()
         raise CompatibilityError(problems)
@@ -223,7 +257,9 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
     for warning in warnings:
         log.warning(warning)
     return MergePlan(config, method, base, opened, labels, settings, names, out_metas, num_layers, reference,
-                     tokenizer_folder, global_densities, taken, dropped, warnings)
+                     tokenizer_folder, global_densities, taken, dropped, warnings,
+                     sliced.underlying if sliced else [], tensor_settings,
+                     sliced.config_updates if sliced else {})
 
 
 # Tensors that are state but not trained parameters: saved by some library versions and not others.

@@ -13,6 +13,7 @@ from mergelab.methods import (  # noqa: F401  (importing registers the methods)
     multislerp,
     nearswap,
     nuslerp,
+    passthrough,
     regmean,
     sce,
     slerp,
@@ -31,6 +32,7 @@ from mergelab.methods.model_stock import model_stock_merge
 from mergelab.methods.multislerp import multislerp_merge
 from mergelab.methods.nearswap import nearswap_merge
 from mergelab.methods.nuslerp import nuslerp_merge
+from mergelab.methods.passthrough import passthrough_merge
 from mergelab.methods.registry import (
     MergeMethod,
     Param,
@@ -65,6 +67,7 @@ __all__ = [
     "multislerp_merge",
     "nearswap_merge",
     "nuslerp_merge",
+    "passthrough_merge",
     "register",
     "regmean_merge",
     "sce_merge",

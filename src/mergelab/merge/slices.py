@@ -1,0 +1,246 @@
+"""Layer-stacking ``slices`` (frankenmerges), as mergekit plans them.
+
+Output layers are numbered in slice order: slice ``s`` contributes ``layer_range[1] − layer_range[0]``
+layers, and output layer ``o`` of that slice is merged from layer ``layer_range[0] + (o − offset)`` of each of
+its sources. Tensors outside the layer stack come from the first slice's sources (embeddings) or the last
+slice's (final norm, LM head), and ``config.json``'s layer count becomes the total. Gradients run over each
+slice (``t = i / (L_s − 1)``), and a parameter is looked up in the source's ``parameters``, then the
+slice's, then the top-level block (mergekit's precedence).
+
+The engine merges one output name at a time across inputs of the same name; here each *source position*
+``j`` (the j-th source of every slice, the base model's source set apart) becomes one :class:`SlicedReader`
+that serves output names from the right model and layer, so the streaming engine needs no special case.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mergelab.io.readers import CheckpointReader, TensorMeta
+from mergelab.merge.config import MergeConfig, SliceDefinition, SliceSource
+from mergelab.merge.params import layer_index
+from mergelab.methods import MergeMethod
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# Tensors outside the layer stack that follow it (mergekit's "post weights"); the others precede it.
+_POST = re.compile(r"(^|\.)(lm_head|norm|ln_f|final_layer_norm|final_layernorm|pooler|score|classifier)(\.|$)")
+_INDEX = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks|block)\.)(\d+)(\.)")
+
+
+def is_frankenmerge(config: MergeConfig, open_one: Callable[[str], CheckpointReader | None]) -> bool:
+    """Slices other than one slice whose sources all span the whole model (mergekit's usual SLERP config,
+    merged like ``models``)."""
+    if not config.slices:
+        return False
+    if len(config.slices) > 1:
+        return True
+    ranges = {s.layer_range for s in config.slices[0].sources}
+    if len(ranges) != 1 or next(iter(ranges))[0] != 0:
+        return True
+    reader = open_one(config.slices[0].sources[0].model)
+    if reader is None:
+        return False  # the plan reports why it cannot be opened
+    try:
+        return next(iter(ranges))[1] != _layer_count(reader)
+    finally:
+        reader.close()
+
+
+def renumbered(name: str, layer: int) -> str:
+    """``name`` with its layer index replaced by ``layer`` (``model.layers.3.mlp`` → ``model.layers.7.mlp``)."""
+    return _INDEX.sub(lambda m: f"{m.group(1)}{layer}{m.group(3)}", name, count=1)
+
+
+class SlicedReader:
+    """A read-only view that serves output tensor names from (reader, input name) pairs."""
+
+    def __init__(self, label: str, parts: dict[str, tuple[CheckpointReader, str]], reference: CheckpointReader,
+                 config_updates: Mapping[str, Any]) -> None:
+        self.label = label
+        self._parts = parts
+        self.path = reference.path
+        self.folder = reference.folder
+        self._reference = reference
+        self._config_updates = dict(config_updates)
+        readers = {id(r): r for r, _ in parts.values()}
+        self.files = sorted({f for r in readers.values() for f in r.files})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._parts)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._parts
+
+    def meta(self, name: str) -> TensorMeta:
+        reader, source = self._parts[name]
+        return reader.meta(source)
+
+    def get(self, name: str) -> torch.Tensor:
+        reader, source = self._parts[name]
+        return reader.get(source)
+
+    def get_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        reader, source = self._parts[name]
+        return reader.get_flat(source, start, stop)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._parts:
+            yield name, self.get(name)
+
+    def config(self) -> dict[str, Any]:
+        return {**self._reference.config(), **self._config_updates}
+
+    def close(self) -> None:  # the underlying readers belong to the plan and are closed there
+        pass
+
+
+@dataclass
+class SlicePlan:
+    base: SlicedReader | None
+    models: list[SlicedReader]
+    labels: list[str]
+    settings: list[dict[str, Any]]
+    """Per source position: every per-model setting any slice gives it (for name checks only)."""
+    underlying: list[CheckpointReader]
+    num_layers: int
+    tensor_settings: dict[str, tuple[dict[str, Any], list[dict[str, Any]], float]] = field(default_factory=dict)
+    """Per output tensor: (global settings, per-model settings, t) with mergekit's precedence."""
+    config_updates: dict[str, Any] = field(default_factory=dict)
+
+
+def _split(sl: SliceDefinition, base_model: str | None) -> tuple[SliceSource | None, list[SliceSource]]:
+    base = next((s for s in sl.sources if base_model is not None and s.model == base_model), None)
+    return base, [s for s in sl.sources if s is not base]
+
+
+def plan_slices(config: MergeConfig, method: MergeMethod, open_one: Callable[[str], CheckpointReader | None],
+                problems: list[str]) -> SlicePlan | None:
+    """Map every output tensor of a frankenmerge to its sources; None (with ``problems``) if impossible."""
+    assert config.slices is not None
+    uses_base = method.base != "ignored"
+    readers: dict[str, CheckpointReader | None] = {}
+    for sl in config.slices:
+        for src in sl.sources:
+            if src.model not in readers:
+                readers[src.model] = open_one(src.model)
+    underlying = [r for r in readers.values() if r is not None]
+    splits = []
+    for i, sl in enumerate(config.slices):
+        base_model = (sl.base_model or config.base_model) if uses_base else None
+        base_src, others = _split(sl, base_model)
+        if base_model is not None and base_src is None and method.base == "required":
+            problems.append(f"slices[{i}]: base_model '{base_model}' is not among this slice's sources; add it "
+                            "with the layer_range its layers come from")
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+        if len(lengths) != 1:
+            problems.append(f"slices[{i}]: every source must span the same number of layers, got layer_range "
+                            f"{[list(s.layer_range) for s in sl.sources]}")
+        for s in sl.sources:
+            if s.layer_range[0] < 0 or s.layer_range[1] <= s.layer_range[0]:
+                problems.append(f"slices[{i}]: layer_range {list(s.layer_range)} of '{s.model}' is empty or "
+                                "negative; write [first, last + 1]")
+        splits.append((base_src, others))
+    counts = {len(others) for _, others in splits}
+    if len(counts) != 1:
+        problems.append("slices: every slice must have the same number of sources (besides the base), got "
+                        f"{[len(o) for _, o in splits]}; mergelab merges the j-th sources of the slices together")
+    has_base = {b is not None for b, _ in splits}
+    if len(has_base) != 1:
+        problems.append("slices: give the base model a source in every slice or in none")
+    if problems or any(r is None for r in readers.values()):
+        return None
+    for model, reader in readers.items():
+        assert reader is not None
+        layers = _layer_count(reader)
+        for i, sl in enumerate(config.slices):
+            for s in sl.sources:
+                if s.model == model and s.layer_range[1] > layers:
+                    problems.append(f"slices[{i}]: layer_range {list(s.layer_range)} of '{model}' goes past its "
+                                    f"{layers} layers")
+    if problems:
+        return None
+    k = counts.pop()
+    with_base = has_base.pop()
+    positions = ([None] if with_base else []) + list(range(k))  # None: the base's source
+    parts: dict[int | None, dict[str, tuple[CheckpointReader, str]]] = {p: {} for p in positions}
+    tensor_settings: dict[str, tuple[dict[str, Any], list[dict[str, Any]], float]] = {}
+
+    def source_of(sl_index: int, position: int | None) -> SliceSource:
+        base_src, others = splits[sl_index]
+        src = base_src if position is None else others[position]
+        assert src is not None
+        return src
+
+    def settings(sl_index: int, t: float) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+        sl = config.slices[sl_index]  # type: ignore[index]
+        shared = {**config.parameters, **sl.parameters}
+        return shared, [{**shared, **source_of(sl_index, j).parameters} for j in range(k)], t
+
+    def add(out_name: str, sl_index: int, in_layer_offset: int | None) -> None:
+        for p in positions:
+            src = source_of(sl_index, p)
+            reader = readers[src.model]
+            assert reader is not None
+            name = out_name if in_layer_offset is None else renumbered(out_name, src.layer_range[0] + in_layer_offset)
+            parts[p][out_name] = (reader, name)
+
+    first, last = source_of(0, positions[-1]), source_of(len(config.slices) - 1, positions[-1])
+    first_reader, last_reader = readers[first.model], readers[last.model]
+    assert first_reader is not None and last_reader is not None
+    for name in first_reader.names:
+        if layer_index(name) is None and not _POST.search(name):
+            add(name, 0, None)
+            tensor_settings[name] = settings(0, 0.0)
+    offset = 0
+    for i in range(len(config.slices)):
+        src0 = source_of(i, positions[-1])
+        reader0 = readers[src0.model]
+        assert reader0 is not None
+        length = src0.layer_range[1] - src0.layer_range[0]
+        for idx in range(length):
+            t = idx / (length - 1) if length > 1 else 1.0
+            for name in reader0.names:
+                if layer_index(name) == src0.layer_range[0] + idx:
+                    out_name = renumbered(name, offset + idx)
+                    add(out_name, i, idx)
+                    tensor_settings[out_name] = settings(i, t)
+        offset += length
+    for name in last_reader.names:
+        if layer_index(name) is None and _POST.search(name):
+            add(name, len(config.slices) - 1, None)
+            tensor_settings[name] = settings(len(config.slices) - 1, 0.0)
+    key = next((x for x in _LAYER_KEYS if isinstance(first_reader.config().get(x), int)), "num_hidden_layers")
+    updates = {key: offset}
+    missing = [(p, out, src) for p in positions for out, (r, src) in parts[p].items() if src not in r]
+    for p, out, src in missing[:3]:
+        problems.append(f"slices: output tensor '{out}' needs '{src}', which "
+                        f"{source_of(0, p).model if p is not None else 'the base'} lacks")
+    if problems:
+        return None
+
+    def label(p: int | None) -> str:
+        models = list(dict.fromkeys(source_of(i, p).model for i in range(len(config.slices))))
+        return "+".join(models)
+
+    views = {p: SlicedReader(label(p), parts[p], readers[source_of(0, p).model], updates)  # type: ignore[arg-type]
+             for p in positions}
+    all_settings = [{key: v for i in range(len(config.slices)) for key, v in source_of(i, j).parameters.items()}
+                    for j in range(k)]
+    return SlicePlan(views[None] if with_base else None, [views[j] for j in range(k)], [label(j) for j in range(k)],
+                     all_settings, underlying, offset, tensor_settings, updates)
+
+
+def _layer_count(reader: CheckpointReader) -> int:
+    cfg = reader.config()
+    for key in _LAYER_KEYS:
+        if isinstance(cfg.get(key), int):
+            return int(cfg[key])
+    indices = [i for i in (layer_index(n) for n in reader.names) if i is not None]
+    return max(indices) + 1 if indices else 0
+
