@@ -40,9 +40,9 @@ def _merge(tmp_path: Path, config: dict[str, Any], name: str, *args: str) -> Pat
     return out
 
 
-def test_elementwise_registry_is_linear_task_arithmetic_and_nearswap() -> None:
+def test_elementwise_registry_is_linear_task_arithmetic_nearswap_and_passthrough() -> None:
     # a method flagged by mistake would be merged piece by piece with wrong results: keep the list explicit
-    assert sorted(m.name for m in ELEMENTWISE) == ["linear", "nearswap", "task_arithmetic"]
+    assert sorted(m.name for m in ELEMENTWISE) == ["linear", "nearswap", "passthrough", "task_arithmetic"]
 
 
 @pytest.mark.parametrize("method", [m.name for m in ELEMENTWISE])
