@@ -59,6 +59,29 @@ def merge(
     console.print(f"wrote {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) to {result.out_dir}")
 
 
+@app.command("extract-lora")
+def extract_lora(
+    base: Annotated[str, typer.Argument(help="base model: folder, file or cached Hub id")],
+    tuned: Annotated[str, typer.Argument(help="the fine-tune of BASE to express as a LoRA adapter")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder (a PEFT adapter)")],
+    rank: Annotated[int, typer.Option(help="LoRA rank r (clamped per matrix to its smaller side)")] = 16,
+    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress bar")] = False,
+) -> None:
+    """Write a PEFT LoRA adapter from the truncated SVD of TUNED − BASE, loadable by peft."""
+    from mergelab.lora_extract import extract_lora as run
+
+    try:
+        result = run(base, tuned, out, rank=rank, overwrite=overwrite, progress=not quiet)
+    except (MergeLabError, ValueError, KeyError) as exc:
+        _fail(exc)
+        return
+    worst = max((e["relative_error"] for e in result.errors.values()), default=0.0)
+    console.print(f"wrote a rank-{rank} LoRA of {result.modules} modules to {result.out_dir} (largest relative "
+                  f"error {worst:.3g}); {len(result.not_captured)} delta(s) LoRA cannot hold (biases, norms) are "
+                  "listed in its mergelab.json")
+
+
 @app.command()
 def methods(
     name: Annotated[Optional[str], typer.Argument(help="show one method's parameters")] = None,  # noqa: UP045
