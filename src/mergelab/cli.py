@@ -2,20 +2,77 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from mergelab.errors import MergeLabError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+def _flags_untyped(params: list[Any]) -> list[Any]:
+    # Typer labels every option with its type, flags included (`--help <bool>`); a flag takes no value.
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_untyped(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_untyped(super().get_params(ctx))
+
+
+app = typer.Typer(cls=_Group, add_completion=True, no_args_is_help=True,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Merge neural networks in weight space, compare with ensembles, explain why it works.")
 console = Console()
 err_console = Console(stderr=True)
+log = logging.getLogger("mergelab")
+
+Verbose = Annotated[int, typer.Option("-v", "--verbose", count=True, metavar="", show_default=False,
+                                      help="more log messages (-vv: debug)")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="only errors: no progress bar, no notes")]
+
+
+def _flag(help: str, *names: str) -> Any:
+    return typer.Option(*names, help=help)
+
+
+def _logging(verbose: int, quiet: bool) -> None:
+    """-q: errors only; default: warnings (notes such as tensors taken from the base); -v: info; -vv: debug."""
+    from rich.logging import RichHandler
+
+    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    log.setLevel(level)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from mergelab import __version__
+
+        console.print(f"mergelab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Merge neural networks in weight space, compare with ensembles, explain why it works."""
 
 
 def _fail(exc: Exception) -> None:
@@ -25,26 +82,46 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-@app.command()
+@app.command(cls=_Command)
 def merge(
     config: Annotated[Path, typer.Argument(help="YAML merge config (mergekit format for shared methods)")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="output folder")],
-    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="output folder (not needed with --dry-run)")  # noqa: UP045
+                   ] = None,
+    overwrite: Annotated[bool, _flag("replace OUT if it exists")] = False,
     device: Annotated[str, typer.Option(help="where the math runs: cpu, cuda, cuda:1")] = "cpu",
     max_shard_size: Annotated[
         str, typer.Option(help="largest output shard, in bytes or e.g. 2GB, 500MiB")] = "5GB",
-    allow_nonfinite: Annotated[
-        bool, typer.Option(help="merge tensors that contain NaN/Inf instead of refusing")] = False,
-    no_hash: Annotated[
-        bool, typer.Option("--no-hash", help="skip the sha256 of inputs in mergelab.json")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress bar")] = False,
+    allow_nonfinite: Annotated[bool, _flag("merge tensors that contain NaN/Inf instead of refusing")] = False,
+    no_hash: Annotated[bool, _flag("skip the sha256 of inputs in mergelab.json", "--no-hash")] = False,
     take_missing_from: Annotated[Optional[str], typer.Option(  # noqa: UP045
         "--take-missing-from", metavar="base",
         help="tensors some models lack (buffers such as position_ids): take them from the base")] = None,
-    no_model_card: Annotated[
-        bool, typer.Option("--no-model-card", help="do not write a model card README.md into OUT")] = False,
+    no_model_card: Annotated[bool, _flag("do not write a model card README.md into OUT", "--no-model-card")] = False,
+    dry_run: Annotated[bool, _flag("check the config and print the plan (tensors, shards, size, estimated "
+                                   "memory and time); write nothing", "--dry-run")] = False,
+    evaluate: Annotated[bool, _flag("after merging, run `mergelab eval OUT` (exit 1 if it fails)", "--eval")
+                        ] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Merge the checkpoints described in CONFIG into OUT."""
+    _logging(verbose, quiet)
+    if dry_run:
+        from mergelab.merge.dry_run import summarize_merge
+
+        try:
+            summary = summarize_merge(config, max_shard_size=max_shard_size, take_missing_from=take_missing_from)
+        except (MergeLabError, ValueError, KeyError) as exc:
+            _fail(exc)
+            return
+        table = Table("plan", "", show_header=False)
+        for key, value in summary.rows():
+            table.add_row(key, escape(value))
+        console.print(table)
+        return
+    if out is None:
+        _fail(ValueError("missing option '-o' / '--out': the folder to write the merged model to"))
+        return
     from mergelab.merge.allocator import recycle_freed_memory
     from mergelab.merge.engine import run_merge
 
@@ -57,18 +134,22 @@ def merge(
         _fail(exc)
         return
     console.print(f"wrote {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) to {result.out_dir}")
+    if evaluate:
+        _evaluate(result.out_dir)
 
 
-@app.command("extract-lora")
+@app.command("extract-lora", cls=_Command)
 def extract_lora(
     base: Annotated[str, typer.Argument(help="base model: folder, file or cached Hub id")],
     tuned: Annotated[str, typer.Argument(help="the fine-tune of BASE to express as a LoRA adapter")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder (a PEFT adapter)")],
     rank: Annotated[int, typer.Option(help="LoRA rank r (clamped per matrix to its smaller side)")] = 16,
-    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress bar")] = False,
+    overwrite: Annotated[bool, _flag("replace OUT if it exists")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Write a PEFT LoRA adapter from the truncated SVD of TUNED − BASE, loadable by peft."""
+    _logging(verbose, quiet)
     from mergelab.lora_extract import extract_lora as run
 
     try:
@@ -82,11 +163,68 @@ def extract_lora(
                   "listed in its mergelab.json")
 
 
-@app.command()
+def _evaluate(out: Path) -> None:
+    from mergelab.sanity_eval import evaluate_merge
+
+    try:
+        report = evaluate_merge(out)
+    except (MergeLabError, ValueError, KeyError) as exc:
+        _fail(exc)
+        return
+    what = "perplexity on the bundled text" if report.kind == "perplexity" else "mean cosine with the merged model"
+    table = Table("model", what)
+    if report.kind == "perplexity":
+        table.add_row("merged", f"{report.merged:.4g}")
+    for label, value in report.inputs.items():
+        table.add_row(escape(label), f"{value:.4g}")
+    console.print(table)
+    for note in report.notes:
+        log.warning(note)
+    console.print(("[green]ok[/]: " if report.ok else "[bold red]failed[/]: ") + escape(report.verdict))
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command("eval", cls=_Command)
+def eval_(
+    out: Annotated[Path, typer.Argument(help="a folder written by `mergelab merge`")],
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Sanity-check a merged model against its inputs: perplexity (causal LMs) or embedding agreement."""
+    _logging(verbose, quiet)
+    _evaluate(out)
+
+
+@app.command("example-models", cls=_Command)
+def example_models(
+    folder: Annotated[Path, typer.Argument(help="where to write base/, ft-a/, ft-b/, ft-c/ and *.yml")],
+    seed: Annotated[int, typer.Option(help="seed of the weights and the fine-tunes' noise")] = 0,
+    overwrite: Annotated[bool, _flag("replace existing base/, ft-a/... and example configs")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Write a tiny base model, three fine-tunes and the example configs (examples/) that run on them."""
+    from mergelab.example_models import write_example_models
+
+    _logging(verbose, quiet)
+    try:
+        paths = write_example_models(folder, seed=seed, overwrite=overwrite)
+    except (MergeLabError, ValueError) as exc:
+        _fail(exc)
+        return
+    console.print(f"wrote {', '.join(p.name for p in paths)} and the example configs under {folder}; try: "
+                  f"mergelab merge {folder / 'ties.yml'} -o merged --eval")
+
+
+@app.command(cls=_Command)
 def methods(
     name: Annotated[Optional[str], typer.Argument(help="show one method's parameters")] = None,  # noqa: UP045
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """List the merge methods with their parameters and papers."""
+    _logging(verbose, quiet)
     from mergelab.methods import all_methods, get_method
 
     if name is not None:
@@ -114,20 +252,24 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
         _fail(FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite"))
 
 
-@app.command()
+@app.command(cls=_Command)
 def study(
     name: Annotated[str, typer.Argument(help="study name; `mergelab study --list` shows them")] = "",
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("runs/study"),
-    quick: Annotated[bool, typer.Option(help="reduced grid that runs in minutes")] = False,
+    quick: Annotated[bool, _flag("reduced grid that runs in minutes")] = False,
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
-    suite: Annotated[Optional[str], typer.Option(help="task-vectors, task-vector-search: text or vision")] = None,  # noqa: UP045
+    suite: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="task-vectors, task-vector-search: text or vision (default: vision)")] = None,
     executor: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="rebasin, merge-search, task-vector-search, and zoo training: local (processes), local:N, ray, "
              "or ray:ADDRESS")] = None,
-    overwrite: Annotated[bool, typer.Option(help="write into an existing, non-empty OUT")] = False,
-    list_: Annotated[bool, typer.Option("--list", help="list the studies")] = False,
+    overwrite: Annotated[bool, _flag("write into an existing, non-empty OUT")] = False,
+    list_: Annotated[bool, _flag("list the studies", "--list")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Run a study; writes CSV + Markdown tables, PNG plots and report.html into OUT."""
+    _logging(verbose, quiet)
     from mergelab import studies
 
     if list_ or not name:
@@ -144,7 +286,7 @@ def study(
     console.print(f"report: {report}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def search(
     config: Annotated[Path, typer.Argument(help="search YAML: a merge config + search space + evaluator")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("runs/search"),
@@ -152,9 +294,12 @@ def search(
     population: Annotated[Optional[int], typer.Option(help="override search.population")] = None,  # noqa: UP045
     seed: Annotated[Optional[int], typer.Option(help="override search.seed")] = None,  # noqa: UP045
     executor: Annotated[str, typer.Option(help="local (processes), local:N, ray, or ray:ADDRESS")] = "local",
-    overwrite: Annotated[bool, typer.Option(help="write into an existing, non-empty OUT")] = False,
+    overwrite: Annotated[bool, _flag("write into an existing, non-empty OUT")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """CMA-ES search of per-layer merge coefficients; saves best_config.yaml that `mergelab merge` reproduces."""
+    _logging(verbose, quiet)
     from mergelab.search.run import run_search
 
     _refuse_existing(out, overwrite)
@@ -167,13 +312,16 @@ def search(
     console.print(f"best config: {best}  (scores per generation: {best.parent / 'scores.png'})")
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="write into an existing, non-empty OUT")] = False,
+    overwrite: Annotated[bool, _flag("write into an existing, non-empty OUT")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """A few-minute run of the weight-averaging studies with an HTML report (the README's main job)."""
+    _logging(verbose, quiet)
     from mergelab.studies.demo import run_demo
 
     _refuse_existing(out, overwrite)
@@ -182,4 +330,4 @@ def demo(
 
 
 if __name__ == "__main__":
-    app()
+    app(prog_name="mergelab")

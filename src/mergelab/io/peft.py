@@ -199,5 +199,5 @@ def fold_lora(reader: CheckpointReader, adapter: Path) -> CheckpointReader:
                                                            f" (and {len(problems) - 3} more)")
                               + ". Use the base model it was trained on")
     reader.files.append(weights_file)
-    reader.path = Path(f"{reader.path}+{adapter}")
+    reader.path = Path(f"{reader.path.absolute()}+{adapter.absolute()}")
     return reader

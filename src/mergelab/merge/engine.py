@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -57,6 +58,7 @@ _HEADROOM = 1 << 20  # headers, index, config and record files written beside th
 # in cache between the conversion and the sums (a weighted sum of three bf16 inputs ran 3× slower in pieces
 # of 4 Mi entries, 6× in pieces of 16 Mi), large enough that per-piece Python overhead stays small.
 _PIECE_ENTRIES = 1 << 20
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -262,6 +264,11 @@ def run_merge(
         raise ConfigError(f"--max-shard-size: {exc}") from None
     dev = _resolve_device(device)
     plan = plan_merge(cfg, folder, take_missing_from=take_missing_from)
+    log.info("%s: %d tensors from %d input(s) into %s", cfg.merge_method, len(plan.names), len(plan.readers), out)
+    for label, names in plan.taken_from_base.items():
+        log.warning("%s lacks %d tensor(s), taken from the base: %s", label, len(names), ", ".join(names[:5]))
+    for label, names in plan.dropped.items():
+        log.warning("%s has %d tensor(s) the base lacks, left out: %s", label, len(names), ", ".join(names[:5]))
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     created = _first_missing(out.parent)  # removed again if the merge fails: nothing written means nothing
     try:
@@ -307,6 +314,8 @@ def run_merge(
             "copied_files": copied,
             "warnings": plan.warnings,
             "inputs_sha256": {k: v.result() for k, v in hashes.items()},
+            "input_paths": {label: str(r.path.absolute()) for label, r in zip(
+                ([cfg.base_model] if plan.base is not None else []) + plan.labels, plan.readers, strict=True)},
         }
         if plan.taken_from_base or plan.dropped:
             record["taken_from_base"], record["dropped"] = plan.taken_from_base, plan.dropped

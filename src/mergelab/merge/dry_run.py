@@ -1,0 +1,95 @@
+"""``mergelab merge --dry-run``: the plan, checked, without reading any tensor data.
+
+The estimates follow the engine's memory model (engine.py's docstring) and this project's CPU benchmark
+(``benchmarks/results/cpu_0.5GB.md``, 2 cores, 3 × 0.51 GB bf16 inputs, median of 3 runs): linear 5.2 s and
+task arithmetic 6.3 s for 1.53 GB of input, TIES 22.7 s, DARE-TIES 17.9 s, SLERP 5.7 s for 1.02 GB. They are
+orders of magnitude for planning, not promises: disks, cores and dtypes change them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergelab.errors import ConfigError
+from mergelab.io.writer import ShardPlan, parse_size
+from mergelab.merge.config import MergeConfig, load_config
+from mergelab.merge.engine import _PIECE_ENTRIES
+from mergelab.merge.plan import plan_merge
+
+# Seconds per GB of input on the benchmark machine (see the module docstring).
+_SECONDS_PER_GB = {"linear": 3.4, "task_arithmetic": 4.1, "ties": 14.8, "dare_ties": 11.7, "slerp": 5.6}
+_DEFAULT_SECONDS_PER_GB = 15.0  # methods not benchmarked: about TIES' cost (two passes, sorting)
+_TORCH_BASELINE = 300 * 2**20  # resident size of Python + torch before any tensor (measured ~290 MiB)
+
+
+@dataclass
+class MergeSummary:
+    method: str
+    inputs: list[str]
+    tensors: int
+    merged_tensors: int
+    shards: int
+    output_bytes: int
+    input_bytes: int
+    largest_tensor: str
+    largest_bytes: int
+    peak_memory_bytes: int
+    seconds: float
+    taken_from_base: dict[str, list[str]]
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [
+            ("method", self.method),
+            ("inputs", ", ".join(self.inputs)),
+            ("tensors", f"{self.tensors} ({self.merged_tensors} merged, the rest copied)"),
+            ("output", f"{_size(self.output_bytes)} in {self.shards} shard(s)"),
+            ("input read", _size(self.input_bytes)),
+            ("largest tensor", f"{self.largest_tensor} ({_size(self.largest_bytes)})"),
+            ("peak memory (estimate)", f"about {_size(self.peak_memory_bytes)}"),
+            ("time on 2 CPU cores (estimate)", f"about {self.seconds:.2g} s"),
+            *([("taken from the base", "; ".join(f"{k}: {len(v)} tensor(s)" for k, v in
+                                                  self.taken_from_base.items()))] if self.taken_from_base else []),
+        ]
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} B"
+
+
+def summarize_merge(config: str | Path | dict[str, Any] | MergeConfig, *, max_shard_size: int | str = "5GB",
+                    take_missing_from: str | None = None) -> MergeSummary:
+    """Plan the merge of ``config`` (every check a real merge makes) and estimate its cost."""
+    cfg, folder = load_config(config)
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise ConfigError(f"--max-shard-size: {exc}") from None
+    plan = plan_merge(cfg, folder, take_missing_from=take_missing_from)
+    try:
+        metas = plan.out_metas
+        shards = ShardPlan.build(metas, shard_bytes)
+        largest = max(metas, key=lambda n: metas[n].nbytes)
+        in_meta = plan.reference.meta(largest)
+        n_inputs = len(plan.readers)
+        input_bytes = sum(r.meta(n).nbytes for r in plan.readers for n in plan.names if n in r)
+        unit = in_meta.nbytes
+        if plan.method.elementwise:
+            unit = min(unit, _PIECE_ENTRIES * in_meta.dtype.itemsize)
+        numel = unit // in_meta.dtype.itemsize
+        # (inputs + 2) pieces in flight (reader thread, merge, writer thread) plus float32 work space: one
+        # accumulator for element-wise methods, about three tensors' worth for the sparsifying ones.
+        work = numel * 4 * (1 if plan.method.elementwise else 3)
+        peak = _TORCH_BASELINE + (n_inputs + 2) * unit + work
+        seconds = input_bytes / 1e9 * _SECONDS_PER_GB.get(cfg.merge_method, _DEFAULT_SECONDS_PER_GB)
+        merged = sum(1 for n in plan.names if plan.reference.meta(n).dtype.is_floating_point)
+        labels = ([f"{cfg.base_model} (base)"] if plan.base is not None else []) + plan.labels
+        return MergeSummary(cfg.merge_method, labels, len(plan.names), merged, len(shards.shards),
+                            sum(m.nbytes for m in metas.values()), input_bytes, largest, metas[largest].nbytes,
+                            peak, seconds, plan.taken_from_base)
+    finally:
+        plan.close()
