@@ -96,6 +96,16 @@ def test_real_minilm_with_lora_merges_into_a_working_sentence_transformer(minilm
     assert front["tags"] == ["merge", "mergelab"] and front["library_name"] == "sentence-transformers"
     assert front["base_model"][0] == str(base) and "ties" in card and "density: 0.5" in card
 
+    # `mergelab eval`: the encoder path (embedding agreement with each input, the adapter folded again)
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(out)], env={"COLUMNS": "200"})
+    print(result.output)
+    assert result.exit_code == 0, result.output
+    assert "mean cosine" in result.output and str(adapter) in result.output
+
 
 # -- LoRA folding against peft's merge_and_unload --------------------------------------------------------
 def _peft_merged_state(base: Path, adapter: Path, cls: type) -> dict[str, torch.Tensor]:
