@@ -21,7 +21,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 _SKIPPED_FOLDERS = {"onnx", "openvino", "coreml", "tf_model", "flax_model", ".git", ".cache", "__pycache__"}
 _SKIPPED_FILES = {"README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json",
                   "tf_model.h5.index.json", "mergelab.json", "mergelab_config.yml", ".gitattributes", ".gitignore",
-                  "adapter_config.json"}
+                  "adapter_config.json", "mergelab_example.json"}
 _TOKENIZER_LIKE = re.compile(r"(tokenizer|vocab|merges\.txt|special_tokens|added_tokens|chat_template|"
                              r"spiece|sentencepiece|\.model$|\.tiktoken$)", re.IGNORECASE)
 
