@@ -17,11 +17,11 @@ from mergelab.align import (
     linear_path,
     random_permutation,
     reset_bn_stats,
-    spec_for,
     weight_matching,
 )
 from mergelab.align.weight_matching import objective
 from mergelab.zoo.models import build_model
+from mergelab.zoo.permutation_specs import spec_for
 
 CASES = [("mlp2", (1, 8, 8)), ("vgg6", (1, 8, 8)), ("vgg6bn", (1, 8, 8)), ("resnet8", (1, 8, 8)),
          ("resnet14", (1, 16)), ("vgg9bn", (1, 12, 12))]
@@ -165,3 +165,17 @@ def test_weight_matching_on_gpu_matches_cpu() -> None:
     cpu = weight_matching(spec, sd, shuffled, seed=0)
     gpu = weight_matching(spec, sd, shuffled, seed=0, device="cuda")
     assert all(torch.equal(cpu.perm[p], gpu.perm[p]) for p in cpu.perm)
+
+
+def test_interpolate_is_the_linear_merge_bit_for_bit() -> None:
+    """align/ depends on torch only, so it interpolates itself; it must match the engine's linear method."""
+    from mergelab.merge.state_dicts import merge_state_dicts
+
+    a = _model("vgg6bn", (1, 8, 8), seed=0).state_dict()
+    b = _model("vgg6bn", (1, 8, 8), seed=1).state_dict()
+    for alpha in (0.1, 0.3, 0.5, 0.77):
+        ours = interpolate(a, b, alpha)
+        ref = merge_state_dicts([a, b], "linear", weights=[1.0 - alpha, alpha])
+        assert ours.keys() == ref.keys()
+        assert all(torch.equal(ours[k], ref[k]) and ours[k].dtype == ref[k].dtype for k in ref)
+

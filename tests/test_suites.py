@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from mergelab.zoo.primitives import shift_augment
 from mergelab.zoo.task_suite import FinetuneRecipe
 from mergelab.zoo.text_suite import (
     MeanPoolEncoder,
@@ -20,7 +21,7 @@ from mergelab.zoo.text_suite import (
     TextTaskDef,
     stratified_splits,
 )
-from mergelab.zoo.vision_suite import VISION_TASKS, PatchViT, VisionConfig, VisionSuite, shift_augment
+from mergelab.zoo.vision_suite import VISION_TASKS, PatchViT, VisionConfig, VisionSuite
 
 
 # ---- vision ------------------------------------------------------------------------------------------------
@@ -38,6 +39,17 @@ def test_shift_augment_is_seeded_and_keeps_shape() -> None:
     a = shift_augment(x, torch.Generator().manual_seed(1))
     b = shift_augment(x, torch.Generator().manual_seed(1))
     assert a.shape == x.shape and torch.equal(a, b)
+
+
+def test_batched_shift_equals_the_per_example_crop_cached_vision_models_were_trained_with() -> None:
+    """The vision suite used a per-example loop; the shared batched gather must give the same pixels and
+    consume the generator the same way, or the cached fine-tunes would no longer match their recipe."""
+    x = torch.randn(7, 1, 28, 28)
+    gen = torch.Generator().manual_seed(3)
+    padded = torch.nn.functional.pad(x, [2] * 4, value=float(x.amin()))
+    shifts = torch.randint(0, 5, (7, 2), generator=gen)
+    loop = torch.stack([padded[i, :, a:a + 28, b:b + 28] for i, (a, b) in enumerate(shifts.tolist())])
+    assert torch.equal(shift_augment(x, torch.Generator().manual_seed(3), 2), loop)
 
 
 @pytest.fixture(scope="module")

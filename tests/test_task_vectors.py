@@ -13,8 +13,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from mergelab.methods import cart_merge
-from mergelab.studies.task_vector_bench import CartSweep
 from mergelab.studies.task_vectors import Plan, make_suite, run, run_suite
+from mergelab.studies.task_vectors.bench import CartSweep
 from mergelab.zoo.task_suite import FinetuneRecipe, Task, TaskData, TaskSuite
 
 
@@ -92,8 +92,8 @@ def test_study_smoke_on_tiny_suite(tmp_path: Path) -> None:
     html = report.read_text()
     assert html.count("data:image/png;base64") == 4
     for fig in ("methods", "cart_rank_sweep", "interference", "scaling"):
-        assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
-    with (out / "tables" / "methods.csv").open() as f:
+        assert (out / f"{fig}.png").stat().st_size > 1000
+    with (out / "methods.csv").open() as f:
         rows = list(csv.DictReader(f))
     names = [r["method"] for r in rows]
     for label in ("individual fine-tuned", "pretrained (probe heads)", "weight averaging", "task arithmetic",
@@ -105,16 +105,16 @@ def test_study_smoke_on_tiny_suite(tmp_path: Path) -> None:
     assert record["seed"] == 5 and record["suite"]["seed"] == 3
     assert set(record["selected"]) >= {"cart", "task_arithmetic"}
     assert record["selected"]["cart"]["params"]["rank_ratio"] in (0.25, 0.5)
-    with (out / "tables" / "scaling.csv").open() as f:
+    with (out / "scaling.csv").open() as f:
         ts = {int(r["T"]) for r in csv.DictReader(f)}
     assert ts == {2, 3}
-    with (out / "tables" / "cart_sweep.csv").open() as f:
+    with (out / "cart_sweep.csv").open() as f:
         sweep = list(csv.DictReader(f))
     # ratios 0 and 1 are weight averaging for every λ
     ends = {round(float(r["val_norm_acc"]), 9) for r in sweep if float(r["rank_ratio"]) in (0.0, 1.0)}
     assert len(ends) == 1
     for stem in ("tasks", "methods", "per_task_accuracy", "cart_sweep", "interference", "scaling_summary"):
-        assert (out / "tables" / f"{stem}.md").exists()
+        assert (out / f"{stem}.md").exists()
 
 
 def test_unknown_suite_is_an_error(tmp_path: Path) -> None:
@@ -139,7 +139,7 @@ def test_make_suite_quick_is_smaller_and_lazy() -> None:
 
 def test_verdicts_follow_the_numbers() -> None:
     from mergelab.analysis.interference import CurvePoint
-    from mergelab.studies.task_vectors import _verdicts
+    from mergelab.studies.task_vectors.study import _verdicts
 
     def point(centred: bool, ratio: float, value: float) -> CurvePoint:
         return CurvePoint(centred, ratio, value, value / 2, value / 4, 0.5, 1.0, 3)
@@ -156,8 +156,8 @@ def test_verdicts_follow_the_numbers() -> None:
 
 def test_task_vector_search_beats_or_matches_its_start_and_reproduces(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from mergelab.studies import task_vector_search as tvs
-    from mergelab.studies.task_vector_bench import MergeBench
+    from mergelab.studies.task_vectors import search as tvs
+    from mergelab.studies.task_vectors.bench import MergeBench
 
     bench = MergeBench(TinySuite(tmp_path / "cache"), seed=0)
     monkeypatch.setattr(tvs, "_bench", lambda suite, quick, seed: bench)  # in-process executor sees it

@@ -1,14 +1,8 @@
 """mergelab: merge neural networks in weight space, compare merging with ensembling, show why it works."""
 
-from importlib.metadata import PackageNotFoundError, version
-
+from mergelab._version import __version__
 from mergelab.merge.state_dicts import merge_state_dicts
 from mergelab.methods import get_method, list_methods
-
-try:  # one source of truth: the version in pyproject.toml, as installed
-    __version__ = version("mergelab")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = ["__version__", "get_method", "list_methods", "merge", "merge_state_dicts"]
 

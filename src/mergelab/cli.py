@@ -247,11 +247,6 @@ def methods(
     console.print(table)
 
 
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        _fail(FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite"))
-
-
 @app.command(cls=_Command)
 def study(
     name: Annotated[str, typer.Argument(help="study name; `mergelab study --list` shows them")] = "",
@@ -276,10 +271,9 @@ def study(
         for key, desc in studies.DESCRIPTIONS.items():
             console.print(f"[bold]{key}[/]: {desc}")
         return
-    _refuse_existing(out, overwrite)
     options = {k: v for k, v in {"suite": suite, "executor": executor}.items() if v is not None}
     try:
-        report = studies.run_study(name, out, quick=quick, seed=seed, **options)
+        report = studies.run_study(name, out, quick=quick, seed=seed, overwrite=overwrite, **options)
     except (MergeLabError, ValueError, KeyError) as exc:
         _fail(exc)
         return
@@ -302,10 +296,9 @@ def search(
     _logging(verbose, quiet)
     from mergelab.search.run import run_search
 
-    _refuse_existing(out, overwrite)
     try:
         best = run_search(config, out, generations=generations, population=population, seed=seed,
-                          executor=executor)
+                          executor=executor, overwrite=overwrite)
     except (MergeLabError, ValueError, KeyError, FileNotFoundError) as exc:
         _fail(exc)
         return
@@ -324,8 +317,11 @@ def demo(
     _logging(verbose, quiet)
     from mergelab.studies.demo import run_demo
 
-    _refuse_existing(out, overwrite)
-    report = run_demo(out, seed=seed)
+    try:
+        report = run_demo(out, seed=seed, overwrite=overwrite)
+    except MergeLabError as exc:
+        _fail(exc)
+        return
     console.print(f"report: {report}")
 
 

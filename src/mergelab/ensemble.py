@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
-from mergelab import merge_state_dicts
+from mergelab.merge.state_dicts import merge_state_dicts
 
 EvalMode = Literal["eval", "train"]
 HeadChoice = Literal["merged", "first"]

@@ -23,21 +23,15 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
-import torch
-
-from mergelab.zoo.progress import available_cores, make_progress
+from mergelab.runtime import available_cores, fixed_threads, make_progress
 
 J = TypeVar("J")
 R = TypeVar("R")
 
 def run_job(fn: Callable[[J], R], job: J, threads: int) -> R:
     """Run one job with a fixed number of torch threads (results of reductions can depend on it)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with fixed_threads(threads):
         return fn(job)
-    finally:
-        torch.set_num_threads(old)
 
 
 class Executor(Protocol):

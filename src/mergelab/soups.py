@@ -11,14 +11,13 @@ combination *strictly* improves (``strict=False`` keeps ties, as the original so
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from mergelab import merge_state_dicts
-
-StateDict = Mapping[str, torch.Tensor]
+from mergelab.merge.state_dicts import merge_state_dicts
+from mergelab.types import StateDict
 
 
 @dataclass

@@ -4,11 +4,11 @@ from mergelab.align.barrier import PathResult, barrier_height, evaluate, interpo
 from mergelab.align.bn_reset import has_batchnorm, reset_bn_stats
 from mergelab.align.specs import (
     PermutationSpec,
+    SpecBuilder,
     apply_permutation,
     identity_permutation,
     invert,
     random_permutation,
-    spec_for,
 )
 from mergelab.align.weight_matching import MatchResult, align, weight_matching
 
@@ -16,6 +16,7 @@ __all__ = [
     "MatchResult",
     "PathResult",
     "PermutationSpec",
+    "SpecBuilder",
     "align",
     "apply_permutation",
     "barrier_height",
@@ -27,6 +28,5 @@ __all__ = [
     "linear_path",
     "random_permutation",
     "reset_bn_stats",
-    "spec_for",
     "weight_matching",
 ]

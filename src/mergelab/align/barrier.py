@@ -9,7 +9,7 @@ Interpolation goes through :func:`mergelab.merge_state_dicts` (method ``linear``
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,10 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergelab import merge_state_dicts
 from mergelab.align.bn_reset import reset_bn_stats
-
-StateDict = Mapping[str, torch.Tensor]
+from mergelab.types import StateDict
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,17 @@ def interpolate(a: StateDict, b: StateDict, alpha: float) -> dict[str, torch.Ten
         return {k: v.clone() for k, v in a.items()}
     if alpha == 1.0:
         return {k: (b[k] if v.is_floating_point() else v).clone() for k, v in a.items()}
-    return merge_state_dicts([a, b], "linear", weights=[1.0 - alpha, alpha])
+    out = {}
+    for k, va in a.items():
+        if not va.is_floating_point():
+            out[k] = va.clone()
+            continue
+        # the arithmetic of mergelab.methods.linear (float32 accumulator, divide by the weights' sum), so a
+        # path point equals merge_state_dicts([a, b], "linear", weights=[1 − α, α]) bit for bit
+        acc = torch.zeros(va.shape, dtype=torch.float64 if va.dtype == torch.float64 else torch.float32)
+        acc.add_(va, alpha=1.0 - alpha).add_(b[k], alpha=alpha).div_((1.0 - alpha) + alpha)
+        out[k] = acc.to(va.dtype)
+    return out
 
 
 @torch.no_grad()

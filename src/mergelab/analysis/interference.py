@@ -35,15 +35,14 @@ Everything here is a pure function of tensors; one SVD per (matrix, task) serves
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from mergelab.methods.cart import rank_from_ratio
-
-StateDict = Mapping[str, torch.Tensor]
+from mergelab.types import StateDict
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,19 @@ in the paper's Fig. 2) superimposes two patterns — the picture of why merging 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
-from mergelab.zoo.data import Dataset
+
+class Dataset(Protocol):
+    """What :func:`class_means` reads (a :class:`mergelab.zoo.data.Dataset` fits; analysis never imports the zoo)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    norm: tuple[float, float]
 
 
 def class_means(data: Dataset, *, pixels: bool = True) -> torch.Tensor:

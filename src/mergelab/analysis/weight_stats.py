@@ -12,13 +12,14 @@ which is why merging is sensitive to weight magnitude while ensembling (averagin
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-StateDict = Mapping[str, torch.Tensor]
+from mergelab.types import StateDict
+
 Which = Literal["all", "weights"]
 
 BN_STATS = ("running_mean", "running_var")

@@ -45,6 +45,7 @@ from mergelab.merge.extra_files import copy_extra_files
 from mergelab.merge.model_card import library_name, render_model_card
 from mergelab.merge.plan import MergePlan, count_nonfinite, nonfinite_message, plan_merge
 from mergelab.merge.thresholds import global_threshold
+from mergelab.runtime import make_progress
 
 COPIED_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -128,9 +129,9 @@ def _copy_model_files(plan: MergePlan, tmp: Path, device_out_dtype: torch.dtype 
 
 
 def _progress(enabled: bool) -> Progress:
-    return Progress(
+    return make_progress(
         TextColumn("[bold]merging"), BarColumn(), TextColumn("{task.fields[tensors]}"), MofNCompleteColumn(),
-        TransferSpeedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False,
+        TransferSpeedColumn(), TimeRemainingColumn(), disable=not enabled,
     )
 
 
@@ -343,7 +344,7 @@ def run_merge(
 
 
 def _version() -> str:
-    from mergelab import __version__
+    from mergelab._version import __version__
 
     return __version__
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergelab.report.markdown import md_inline
+
 Row = Mapping[str, Any]
 
 
@@ -100,9 +102,10 @@ class Table:
                     text = f"<b>{text}</b>"
                 cells.append(f"<td{cls}>{text}</td>")
             body.append("<tr>" + "".join(cells) + "</tr>")
-        note = f'<p class="note">{html.escape(self.note)}</p>' if self.note else ""
-        return (f'<div class="table"><p class="caption">{html.escape(self.title)}</p><table><thead><tr>{head}'
-                f'</tr></thead><tbody>{"".join(body)}</tbody></table>{note}</div>')
+        note = f'<p class="note">{md_inline(self.note)}</p>' if self.note else ""
+        # the scroll box keeps a wide table from widening the page on a phone: it scrolls on its own
+        return (f'<div class="table"><p class="caption">{md_inline(self.title)}</p><div class="scroll"><table>'
+                f'<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>{note}</div>')
 
     def write_csv(self, path: Path) -> Path:
         return write_csv(self.rows, path, self.columns)

@@ -27,6 +27,7 @@ import yaml
 from mergelab.executor import get_executor
 from mergelab.report.plots import line_panels
 from mergelab.report.tables import write_csv
+from mergelab.runtime import prepare_output
 from mergelab.search.config import load_search_config
 from mergelab.search.evaluate import (
     CandidateJob,
@@ -62,6 +63,13 @@ def _cma_strategy(x0: list[float], sigma0: float, population: int | None, seed: 
     return cma.CMAEvolutionStrategy(x0, sigma0, opts)
 
 
+#: the line under ``scores.png`` wherever a report shows it
+SCORES_HOW_TO_READ = ("x = CMA-ES generation, y = validation score: the best candidate so far, the best and the "
+                      "mean of each generation; the dashed line is the starting config. A best-so-far line above "
+                      "the dashed line means the search found a better merge on validation (test is reported "
+                      "separately).")
+
+
 def _plot(history: list[dict[str, Any]], path: Path, initial: float, ylabel: str) -> Path:
     gens = sorted({int(h["generation"]) for h in history if h["generation"] > 0})
     best_so_far, gen_best, gen_mean = [], [], []
@@ -81,10 +89,11 @@ def _plot(history: list[dict[str, Any]], path: Path, initial: float, ylabel: str
 
 def run_search(config_path: Path | str, out: Path | str, *, generations: int | None = None,
                population: int | None = None, seed: int | None = None, executor: str = "local",
-               show_progress: bool = True) -> Path:
+               overwrite: bool = False, show_progress: bool = True) -> Path:
     """Search, save the best config and merge; returns the path of ``best_config.yaml``.
 
-    ``generations``, ``population`` and ``seed`` override the YAML's ``search`` section when given.
+    ``generations``, ``population`` and ``seed`` override the YAML's ``search`` section when given. A
+    non-empty ``out`` is refused (:class:`~mergelab.errors.OutputExistsError`) unless ``overwrite``.
     """
     from mergelab.merge.engine import run_merge
 
@@ -97,8 +106,7 @@ def run_search(config_path: Path | str, out: Path | str, *, generations: int | N
     space, x0 = build_space(cfg, merge_cfg)
     folder_s = str(folder.resolve()) if folder is not None else None
     resolve_callable(cfg.evaluator.callable, folder_s)  # fail now, not in a worker after minutes
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output(out, overwrite)
 
     def job(x: list[float], kwargs: dict[str, Any] | None = None) -> CandidateJob:
         return CandidateJob(space.merge_config(x), cfg.evaluator.callable,
@@ -169,4 +177,4 @@ def _cma_version() -> str:
     return str(cma.__version__)
 
 
-__all__ = ["SearchSpace", "dump_config", "run_search"]
+__all__ = ["SCORES_HOW_TO_READ", "SearchSpace", "dump_config", "run_search"]

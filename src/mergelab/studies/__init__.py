@@ -1,7 +1,7 @@
 """Reproducible studies; each writes CSV + Markdown + PNG + a self-contained ``report.html`` into ``out``.
 
-``run_study(name, out, quick=..., seed=..., **options)`` runs one by name; ``STUDIES`` maps names to their
-``run`` functions and ``DESCRIPTIONS`` gives one line each (for CLI help). Options are the fields of the
+``run_study(name, out, quick=..., seed=..., overwrite=..., **options)`` runs one by name; ``STUDIES`` maps
+names to their ``run`` functions and ``DESCRIPTIONS`` gives one line each (for CLI help). Options are the fields of the
 study's ``Config`` dataclass (e.g. ``archs=("vgg6", "linear")``, ``eval_mode="train"``); unknown options are
 errors that list the allowed ones.
 """
@@ -21,7 +21,7 @@ _MODULES = {
     "task-vectors": "mergelab.studies.task_vectors",
     "rebasin": "mergelab.studies.rebasin",
     "merge-search": "mergelab.studies.multitask_search",
-    "task-vector-search": "mergelab.studies.task_vector_search",
+    "task-vector-search": "mergelab.studies.task_vectors.search",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -44,7 +44,7 @@ DESCRIPTIONS: dict[str, str] = {
 
 
 def _runner(name: str) -> Callable[..., Path]:
-    def run(out: Path, *, quick: bool = False, seed: int = 0, **options: Any) -> Path:
+    def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, **options: Any) -> Path:
         module = importlib.import_module(_MODULES[name])  # lazy: importing studies stays cheap
         params = inspect.signature(module.run).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -52,22 +52,24 @@ def _runner(name: str) -> Callable[..., Path]:
         if unknown:
             allowed = sorted(k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
             raise ValueError(f"study '{name}' takes no option {', '.join(unknown)}; its options: {', '.join(allowed)}")
-        return module.run(Path(out), quick=quick, seed=seed, **options)
+        return module.run(Path(out), quick=quick, seed=seed, overwrite=overwrite, **options)
 
     run.__name__ = name.replace("-", "_")
     run.__doc__ = DESCRIPTIONS[name]
     return run
 
 
-#: study name → ``run(out, *, quick=False, seed=0, **options) -> Path`` (the report path)
+#: study name → ``run(out, *, quick=False, seed=0, overwrite=False, **options) -> Path`` (the report path)
 STUDIES: dict[str, Callable[..., Path]] = {name: _runner(name) for name in _MODULES}
 
 
-def run_study(name: str, out: Path, *, quick: bool = False, seed: int = 0, **options: Any) -> Path:
-    """Run study ``name`` into ``out`` and return the path of its ``report.html``."""
+def run_study(name: str, out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False,
+              **options: Any) -> Path:
+    """Run study ``name`` into ``out`` and return the path of its ``report.html``. A non-empty ``out`` is
+    refused (:class:`~mergelab.errors.OutputExistsError`) unless ``overwrite``."""
     if name not in STUDIES:
         raise ValueError(f"unknown study '{name}'; choose one of {sorted(STUDIES)}")
-    return STUDIES[name](Path(out), quick=quick, seed=seed, **options)
+    return STUDIES[name](Path(out), quick=quick, seed=seed, overwrite=overwrite, **options)
 
 
 __all__ = ["DESCRIPTIONS", "STUDIES", "run_study"]

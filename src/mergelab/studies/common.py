@@ -1,4 +1,17 @@
-"""Shared pieces of the studies: option handling, per-zoo evaluation with memoised soups, run records."""
+"""The study skeleton and what studies share.
+
+Every study has quick and full settings (a frozen ``Config`` dataclass and its ``QUICK`` variant), a
+``build(out, cfg, show_progress=...)`` that computes and draws into ``out`` and returns a :class:`StudyResult`,
+and one writer, :func:`write_outputs`, that lays every study's folder out the same way::
+
+    OUT/report.html      self-contained report (figures embedded)
+    OUT/report.md        the same report as Markdown
+    OUT/mergelab.json    the run record (schema: :func:`study_record`)
+    OUT/<table>.csv|.md  each table: full-precision CSV, and Markdown for Table objects
+    OUT/*.png            figures (150 dpi), referenced by both reports
+
+:func:`run_config` is the whole ``run`` of a study: refuse an existing output, apply options, build, write.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +26,14 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from mergelab import __version__
+from mergelab._version import __version__
 from mergelab.ensemble import EvalMode, Outputs, model_outputs
+from mergelab.report import FigureRef, Report, Table, write_csv
+from mergelab.runtime import prepare_output
 from mergelab.soups import uniform_soup
 from mergelab.zoo.data import Dataset, load_dataset
 from mergelab.zoo.models import ZooModel
-from mergelab.zoo.task_suite import accuracy_pct
+from mergelab.zoo.primitives import accuracy_pct
 from mergelab.zoo.train import TrainConfig, Zoo, ZooSpec
 
 C = TypeVar("C")
@@ -136,22 +151,89 @@ def splits(dataset: str, split_seed: int) -> tuple[Dataset, Dataset]:
     return load_dataset(dataset, "val", split_seed), load_dataset(dataset, "test", split_seed)
 
 
+def _val_acc_pct(history: Mapping[str, Any]) -> float | None:
+    if "val_acc_pct" in history:
+        return float(history["val_acc_pct"])
+    # cache entries written before the accuracy scale was unified hold a fraction (same models: no retraining)
+    return 100.0 * float(history["val_acc"]) if "val_acc" in history else None
+
+
 def zoo_record(zoo: Zoo) -> dict[str, Any]:
     """What made a zoo (for mergelab.json): recipe, seeds, cache keys, per-member validation accuracy."""
     return {"recipe": dataclasses.asdict(zoo.config), "member_seeds": zoo.member_seeds,
             "base_seed": zoo.base_seed, "cache_keys": zoo.cache_keys,
-            "val_acc_at_training": [h.get("val_acc") for h in zoo.histories], "trained_now": zoo.trained}
+            "val_acc_pct_at_training": [_val_acc_pct(h) for h in zoo.histories], "trained_now": zoo.trained}
 
 
-def write_record(out: Path, study: str, config: Any, zoos: Sequence[Zoo], started: float,
-                 extra: Mapping[str, Any] | None = None) -> Path:
-    """``mergelab.json``: study, version, options, seeds, zoo recipes, wall time."""
-    record = {"study": study, "mergelab_version": __version__, "torch": torch.__version__,
-              "config": dataclasses.asdict(config), "zoos": [zoo_record(z) for z in zoos],
-              "wall_seconds": round(time.perf_counter() - started, 2), **(extra or {})}
-    path = out / "mergelab.json"
-    path.write_text(json.dumps(record, indent=2, default=str))
-    return path
+#: a table to write under a file name: ``stem`` (a Table: CSV + Markdown), ``stem.md`` (one or several Tables,
+#: one Markdown file) or ``stem.csv`` (a Table or raw rows: full-precision CSV)
+TableOutput = Table | Sequence[Table] | Sequence[Mapping[str, Any]]
+
+
+@dataclass
+class StudyResult:
+    """What a study's ``build`` returns: the report, the tables to write by file stem, the zoos it used
+    (recorded with their recipes) and extra fields for ``mergelab.json``."""
+
+    report: Report
+    tables: dict[str, TableOutput] = field(default_factory=dict)
+    zoos: list[Zoo] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def explain(figures: Sequence[FigureRef], how_to_read: Mapping[str, str]) -> list[FigureRef]:
+    """Give every figure its "how to read this figure" line, looked up by the start of its file name."""
+    for f in figures:
+        f.how_to_read = next(text for prefix, text in how_to_read.items() if f.path.name.startswith(prefix))
+    return list(figures)
+
+
+def study_record(study: str, config: Any, *, quick: bool, seed: int, started: float,
+                 zoos: Sequence[Zoo] = (), extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The one schema of a study's ``mergelab.json``: study, versions, quick, seed, options, zoo recipes,
+    wall time, then the study's own fields."""
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)  # type: ignore[arg-type]
+    return {"study": study, "mergelab_version": __version__, "torch": torch.__version__, "quick": quick,
+            "seed": seed, "config": cfg, "zoos": [zoo_record(z) for z in zoos],
+            "wall_seconds": round(time.perf_counter() - started, 2), **(extra or {})}
+
+
+def write_outputs(out: Path, report: Report, tables: Mapping[str, TableOutput], record: Mapping[str, Any]
+                  ) -> Path:
+    """Write every study's outputs the same way (layout in the module docstring); returns report.html."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        stem, _, ext = name.rpartition(".") if name.endswith((".csv", ".md")) else (name, "", "")
+        tabs = [table] if isinstance(table, Table) else list(table)
+        if ext in ("", "csv"):
+            if isinstance(table, Table):
+                table.write_csv(out / f"{stem}.csv")
+            elif not all(isinstance(t, Table) for t in tabs) or not tabs:
+                write_csv(tabs, out / f"{stem}.csv")  # type: ignore[arg-type]
+        if ext in ("", "md") and tabs and all(isinstance(t, Table) for t in tabs):
+            (out / f"{stem}.md").write_text("\n\n".join(t.to_markdown() for t in tabs) + "\n")  # type: ignore[union-attr]
+    if record.get("quick"):
+        report.quick = True
+    missing = [f.path.name for f in report.figures if not f.how_to_read.strip()]
+    if missing:  # every study's figures say how to read them (issue 15); a new figure without it is a bug
+        raise ValueError(f"figure(s) without a 'how to read this figure' line: {', '.join(missing)}")
+    (out / "report.md").write_text(report.to_markdown(out))
+    (out / "mergelab.json").write_text(json.dumps(record, indent=2, default=str))
+    return report.write(out / "report.html")
+
+
+def run_config(study: str, out: Path | str, build: Callable[..., StudyResult], config: C, *, quick: bool,
+               seed: int, overwrite: bool = False, show_progress: bool = True,
+               options: Mapping[str, Any] | None = None) -> Path:
+    """A study's whole ``run``: refuse an existing output, apply ``options`` to ``config`` (the quick or full
+    settings), build, write; returns the path of report.html."""
+    started = time.perf_counter()
+    cfg = apply_options(config, {"seed": seed, **(options or {})})  # bad options fail before anything is written
+    folder = prepare_output(out, overwrite)
+    result = build(folder, cfg, show_progress=show_progress)
+    record = study_record(study, cfg, quick=quick, seed=seed, started=started, zoos=result.zoos,
+                          extra=result.extra)
+    return write_outputs(folder, result.report, result.tables, record)
 
 
 def verdict_from_fraction(hits: int, total: int, *, majority: float = 0.75) -> bool | None:

@@ -7,7 +7,6 @@ well under a minute.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 import time
@@ -18,9 +17,10 @@ from rich.table import Table as RichTable
 
 from mergelab.report.html import combined
 from mergelab.report.tables import Table
+from mergelab.runtime import console
 from mergelab.studies import magnitude, templates, weights_vs_features
+from mergelab.studies.common import prepare_output, study_record, write_outputs
 from mergelab.studies.weights_vs_features import METHODS
-from mergelab.zoo.progress import console
 from mergelab.zoo.train import train_zoos
 
 #: the shared training recipe of the demo: MNIST-5k, 2,000 training images, 3 + 2 epochs, half-width convs
@@ -66,36 +66,40 @@ def _print_table(table: Table) -> None:
     out.print("  ".join(f"{_SHORT[c]} = {METHODS[c]}" for c in cols), style="dim")
 
 
-def run_demo(out: Path, *, seed: int = 0, show_progress: bool = True) -> Path:
+def run_demo(out: Path, *, seed: int = 0, overwrite: bool = False, show_progress: bool = True) -> Path:
     """Run the reduced studies into ``out`` (sub-folders per study) and write ``out/report.html``."""
     started = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(out, overwrite)
     wvf, mag, tpl = demo_configs(seed)
     # every zoo of the three studies in one batch: bases first, then members, both cores busy
     specs = weights_vs_features.zoo_specs(wvf) + [templates._linear_spec(tpl, d) for d in tpl.datasets]
     train_zoos(specs, show_progress=show_progress)
     trained = time.perf_counter() - started
-    r1 = weights_vs_features.build(out / "weights_vs_features", wvf, show_progress=show_progress)
-    r2 = magnitude.build(out / "magnitude", mag, show_progress=show_progress)
-    r3 = templates.build(out / "templates", tpl, show_progress=show_progress)
-    for r, sub in ((r1, "weights_vs_features"), (r2, "magnitude"), (r3, "templates")):
-        r.report.write(out / sub / "report.html")
+    parts = (("weights-vs-features", weights_vs_features, wvf), ("magnitude", magnitude, mag),
+             ("templates", templates, tpl))
+    results = []
+    for name, module, cfg in parts:
+        sub = out / name.replace("-", "_")
+        t0 = time.perf_counter()
+        result = module.build(sub, cfg, show_progress=show_progress)  # type: ignore[attr-defined]
+        write_outputs(sub, result.report, result.tables, study_record(
+            name, cfg, quick=True, seed=seed, started=t0, zoos=result.zoos, extra=result.extra))
+        results.append(result)
     wall = time.perf_counter() - started
     report = combined(
-        "mergelab demo — Rethinking weight-averaged model merging, at CPU scale", [r1.report, r2.report, r3.report],
+        "mergelab demo — Rethinking weight-averaged model merging, at CPU scale", [r.report for r in results],
         intro="Three analyses of 'Rethinking Weight-Averaged Model-merging' on real offline data (MNIST-5k, "
               "Animal-MNIST), reduced to run in minutes on a laptop CPU: (1) averaging weights vs averaging "
               "features and outputs, (2) sensitivity of merging to weight magnitude, (3) weights as templates. "
               "Each section states whether the paper's claim held on this run. Full-size runs: "
               "`mergelab study NAME --out DIR`.",
         meta={"seed": seed, "training recipe": RECIPE, "wall time (s)": round(wall, 1),
-              "training time (s)": round(trained, 1),
-              "configs": {"weights-vs-features": dataclasses.asdict(wvf), "magnitude": dataclasses.asdict(mag),
-                          "templates": dataclasses.asdict(tpl)}})
-    (out / "report.md").write_text(report.to_markdown())
-    path = report.write(out / "report.html")
-    _print_table(r1.main_table)
+              "training time (s)": round(trained, 1)})
+    record = {"study": "demo", "quick": True, "seed": seed, "training_seconds": round(trained, 2),
+              "wall_seconds": round(wall, 2), "parts": {name: name.replace("-", "_") + "/mergelab.json"
+                                                        for name, _, _ in parts}}
+    path = write_outputs(out, report, {}, record)
+    _print_table(results[0].main_table)
     for s in report.sections:
         for v in s.verdicts:
             mark = {True: "[green]held[/green]", False: "[red]did not hold[/red]", None: "[yellow]mixed[/yellow]"}

@@ -26,17 +26,18 @@ from typing import Any
 
 import torch
 
-from mergelab.align import align, has_batchnorm, linear_path, reset_bn_stats, spec_for
+from mergelab.align import align, has_batchnorm, linear_path, reset_bn_stats
 from mergelab.align.barrier import evaluate
 from mergelab.ensemble import ensemble_logits
 from mergelab.executor import get_executor
 from mergelab.report import FigureRef, Report, Section, Table, Verdict
 from mergelab.report.plots import line_panels
 from mergelab.soups import uniform_soup
-from mergelab.studies.common import apply_options, write_record
+from mergelab.studies.common import StudyResult, apply_options, explain, prepare_output, study_record, write_outputs
 from mergelab.zoo.cache import cache_dir
 from mergelab.zoo.data import load_dataset
-from mergelab.zoo.task_suite import accuracy_pct
+from mergelab.zoo.permutation_specs import spec_for
+from mergelab.zoo.primitives import accuracy_pct
 from mergelab.zoo.train import train_zoo
 
 VARIANTS = ("naive", "naive+bn_reset", "aligned", "aligned+bn_reset")
@@ -180,15 +181,12 @@ def _fmt_variant_table(rows: list[dict[str, Any]], value: str) -> list[dict[str,
     return list(table.values())
 
 
-def write_outputs(out: Path, config: RebasinConfig, results: Sequence[CellResult], started: float,
-                  seed: int, executor: str) -> Path:
-    from mergelab.report.tables import write_csv
-
-    out.mkdir(parents=True, exist_ok=True)
+def build_report(out: Path, config: RebasinConfig, results: Sequence[CellResult], seed: int, executor: str
+                 ) -> StudyResult:
+    """Tables, figures (drawn into ``out``) and verdicts of a finished grid."""
     path_rows = [r for c in results for r in c.path]
     barrier_rows = [r for c in results for r in c.barriers]
     soup_rows = [r for c in results for r in c.soups]
-    write_csv(path_rows, out / "path.csv")
     variant_cols = ["arch", "dataset", "seed", "acc A / B", *[LABELS[v] for v in VARIANTS]]
     loss_table = Table("Loss barrier on the A→B path (test cross-entropy, nats; lower is better)",
                        _fmt_variant_table(barrier_rows, "loss_barrier"), columns=variant_cols, floatfmt="{:.3f}",
@@ -205,11 +203,6 @@ def write_outputs(out: Path, config: RebasinConfig, results: Sequence[CellResult
                                                    "naive+bn_reset": "soup + BN reset",
                                                    "aligned+bn_reset": "aligned soup + BN reset"},
                        note="Members 2..N are each aligned to member 1 by weight matching before averaging.")
-    loss_table.write_csv(out / "barriers.csv")
-    write_csv(barrier_rows, out / "barriers_long.csv")
-    soup_table.write_csv(out / "soups.csv")
-    (out / "barriers.md").write_text(loss_table.to_markdown() + "\n\n" + acc_table.to_markdown() + "\n")
-    (out / "soups.md").write_text(soup_table.to_markdown() + "\n")
 
     figures = _figures(out, path_rows, soup_rows)
     naive = {(r["arch"], r["dataset"], r["seed"]): r["loss_barrier"] for r in barrier_rows if r["variant"] == "naive"}
@@ -231,16 +224,15 @@ def write_outputs(out: Path, config: RebasinConfig, results: Sequence[CellResult
                     intro="Independently trained models are interpolated linearly before and after weight "
                           "matching (Ainsworth et al. 2023), with BatchNorm statistics re-estimated where the "
                           "network has them (REPAIR-style reset, Jordan et al. 2023).",
-                    meta={"seed": seed, "executor": executor, "config": dataclasses.asdict(config)})
+                    meta={"seed": seed, "executor": executor})
     report.add(
         Section("Barriers along the linear path", verdicts=verdicts[:1], tables=[loss_table, acc_table],
                 figures=figures[:2]),
         Section("Soups of N models", verdicts=verdicts[1:], tables=[soup_table], figures=figures[2:]),
     )
-    (out / "report.md").write_text(report.to_markdown())
-    write_record(out, "rebasin", config, [], started,
-                 extra={"seed": seed, "executor": executor, "zoos": [c.zoo for c in results]})
-    return report.write(out / "report.html")
+    tables = {"path.csv": path_rows, "barriers.csv": loss_table, "barriers.md": [loss_table, acc_table],
+              "barriers_long.csv": barrier_rows, "soups": soup_table}
+    return StudyResult(report, tables, extra={"executor": executor, "zoos": [c.zoo for c in results]})
 
 
 def _figures(out: Path, path_rows: list[dict[str, Any]], soup_rows: list[dict[str, Any]]) -> list[FigureRef]:
@@ -273,12 +265,23 @@ def _figures(out: Path, path_rows: list[dict[str, Any]], soup_rows: list[dict[st
         figs.append(FigureRef(line_panels(soup_panels, out / "soups.png", xlabel="N (models averaged)",
                                           ylabel="test accuracy (%)", title="Uniform soups with and without alignment"),
                               "test accuracy of uniform soups of the first N members"))
-    return figs
+    return explain(figs, {
+        "path_loss": "one panel per (architecture, dataset, seed); x = α from model A (0) to model B (1), y = test "
+                     "loss along the straight line between their weights, one line per variant (legend). A bump in "
+                     "the middle is the loss barrier; the lower and flatter the line, the better the two models "
+                     "are connected. Compare 'aligned' with 'naive' (alignment) and '+ BN reset' with the same "
+                     "line without it (the BatchNorm reset).",
+        "path_accuracy": "as the loss figure, with test accuracy (%) on the y axis: a dip in the middle is the "
+                         "accuracy barrier.",
+        "soups": "one panel per (architecture, dataset, seed); x = models averaged N, y = test accuracy (%). "
+                 "Compare the aligned soup with the naive soup under the same BatchNorm treatment, and both with "
+                 "the members' mean and their logit ensemble.",
+    })
 
 
 def run(out: Path, *, quick: bool = False, seed: int = 0, executor: str = "local",
-        config: RebasinConfig | None = None, cache: Path | None = None, show_progress: bool = True,
-        **options: Any) -> Path:
+        config: RebasinConfig | None = None, cache: Path | None = None, overwrite: bool = False,
+        show_progress: bool = True, **options: Any) -> Path:
     """Run the study into ``out``; returns the HTML report's path. ``seed`` offsets every zoo seed.
 
     ``options`` are :class:`RebasinConfig` fields applied on top of the quick or full grid
@@ -286,5 +289,8 @@ def run(out: Path, *, quick: bool = False, seed: int = 0, executor: str = "local
     """
     started = time.perf_counter()
     cfg = apply_options(config or (QUICK if quick else RebasinConfig()), options)
+    folder = prepare_output(out, overwrite)
     results = run_grid(cfg, seed_offset=seed, executor=executor, cache=cache, show_progress=show_progress)
-    return write_outputs(Path(out), cfg, results, started, seed, executor)
+    result = build_report(folder, cfg, results, seed, executor)
+    record = study_record("rebasin", cfg, quick=quick, seed=seed, started=started, extra=result.extra)
+    return write_outputs(folder, result.report, result.tables, record)

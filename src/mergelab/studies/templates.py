@@ -8,7 +8,6 @@ so their average keeps the pattern; kernels of independently trained CNNs differ
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,10 @@ import numpy as np
 import torch
 
 from mergelab.analysis.templates import class_means, cosine_matrix, first_conv_kernels, linear_templates, template_match
-from mergelab.report import FigureRef, Report, Section, Table, Verdict, write_csv
+from mergelab.report import FigureRef, Report, Section, Table, Verdict
 from mergelab.report.plots import image_grid
 from mergelab.soups import uniform_soup
-from mergelab.studies.common import apply_options, write_record, zoo_spec
+from mergelab.studies.common import StudyResult, explain, run_config, zoo_spec
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.models import ZooModel
 from mergelab.zoo.train import TrainConfig, Zoo, ZooSpec, train_zoos
@@ -49,11 +48,9 @@ QUICK = Config(datasets=("mnist5k",), linear_epochs=2, cnn_arch="vgg6bn", epochs
 
 
 @dataclass
-class Result:
-    rows: list[dict[str, Any]]
-    report: Report
-    table: Table
-    zoos: list[Zoo] = field(default_factory=list)
+class Result(StudyResult):
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    table: Table | None = None
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -94,8 +91,6 @@ def _soup_of(zoo: Zoo) -> ZooModel:
 
 
 def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
-    started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     specs = [_linear_spec(cfg, ds) for ds in cfg.datasets] + [_cnn_spec(cfg, "shared"), _cnn_spec(cfg, "independent")]
     zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress, executor=cfg.executor)
     lin_zoos, cnn_shared, cnn_indep = zoos[:len(cfg.datasets)], zoos[-2], zoos[-1]
@@ -171,6 +166,18 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
         and kstat_s["soup_norm_ratio"] > kstat_i["soup_norm_ratio"],
         f"kernel cosine A·B {kstat_s['kernel_cosine_AB']:.2f} vs {kstat_i['kernel_cosine_AB']:.2f}; soup keeps "
         f"{kstat_s['soup_norm_ratio'] * 100:.0f}% vs {kstat_i['soup_norm_ratio'] * 100:.0f}% of the kernel norm."))
+    explain(figs, {
+        "fig1_templates": "top row: each class's mean training image (grey scale); bottom row: the linear "
+                          "classifier's weight row for that class reshaped to the image (red = positive weight, "
+                          "blue = negative, white = 0). A template that looks like its class mean is a template.",
+        "fig2_avg_templates": "each column pairs class i with class i+5: rows 1 and 2 are their templates, row 3 "
+                              "their average, all on one colour scale (red positive, blue negative). The average "
+                              "shows both shapes at once, faded: what averaging unrelated weights does.",
+        "fig_conv_kernels": "each small square is one 3×3 first-layer kernel (red positive, blue negative, one "
+                            "scale for all rows); columns are the same kernel index in every row. Compare model A, "
+                            "model B and their soup: shared-start kernels match and survive averaging, "
+                            "independent ones differ and fade.",
+    })
     # each figure's caption ends with the verdict on the claim it illustrates
     for f in figs:
         if f.path.name.startswith("fig1_templates_"):
@@ -183,13 +190,11 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
     rows += [{"dataset": cfg.cnn_dataset, "kind": f"{cfg.cnn_arch} first-layer kernels ({init})", "class": "",
               "cos_own_mean": st["kernel_cosine_AB"], "cos_other_mean": st["soup_norm_ratio"]}
              for init, st in (("shared", kstat_s), ("independent", kstat_i))]
-    write_csv(rows, out / "templates.csv")
     trows = [r for r in rows if r["kind"] == "template"]
     table = Table("Cosine of each template with its own centred class mean vs the mean over the other classes",
                   trows, columns=["dataset", "class", "cos_own_mean", "cos_other_mean"],
                   headers={"dataset": "Dataset", "class": "Class", "cos_own_mean": "own class",
                            "cos_other_mean": "other classes (mean)"})
-    (out / "templates.md").write_text(table.to_markdown() + "\n")
     section = Section(
         "Weights as templates (Fig. 1, Fig. 2) and first-layer kernels",
         text=["Linear classifiers (softmax regression, no augmentation) trained on "
@@ -200,13 +205,12 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
               "does the same for a CNN's first layer, with and without a shared starting point."],
         verdicts=verdicts, tables=[table], figures=figs)
     report = Report("Weights as templates", meta={"seed": cfg.seed}).add(section)
-    write_record(out, "templates", cfg, zoos, started,
-                 {"kernels": {"shared": kstat_s, "independent": kstat_i}})
-    return Result(rows, report, table, zoos)
+    return Result(report, {"templates.csv": rows, "templates.md": table}, zoos,
+                  {"kernels": {"shared": kstat_s, "independent": kstat_i}}, rows=rows, table=table)
 
 
-def run(out: Path, *, quick: bool = False, seed: int = 0, show_progress: bool = True, **options: Any) -> Path:
-    cfg = apply_options(QUICK if quick else Config(), {"seed": seed, **options})
-    result = build(Path(out), cfg, show_progress=show_progress)
-    (Path(out) / "report.md").write_text(result.report.to_markdown())
-    return result.report.write(Path(out) / "report.html")
+def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, show_progress: bool = True,
+        **options: Any) -> Path:
+    """Run the study into ``out``; returns ``out/report.html``. ``options`` are :class:`Config` fields."""
+    return run_config("templates", out, build, QUICK if quick else Config(), quick=quick, seed=seed,
+                      overwrite=overwrite, show_progress=show_progress, options=options)

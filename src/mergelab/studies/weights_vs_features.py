@@ -9,7 +9,6 @@ split; every accuracy reported is on the test split. Members 0..N−1 of one zoo
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,22 +17,23 @@ from typing import Any
 import numpy as np
 
 from mergelab.ensemble import ensemble_logits, feature_ensemble_logits, merged_head
-from mergelab.report import FigureRef, Report, Section, Table, Verdict, write_csv
+from mergelab.report import FigureRef, Report, Section, Table, Verdict
 from mergelab.report.plots import grouped_bars, line_panels
 from mergelab.report.tables import best_in_row
+from mergelab.runtime import make_progress, torch_threads
 from mergelab.soups import greedy_ensemble, greedy_select
 from mergelab.studies.common import (
+    StudyResult,
     ZooEval,
-    apply_options,
+    explain,
+    run_config,
     splits,
     verdict_from_fraction,
-    write_record,
     zoo_spec,
 )
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.models import ARCHS, count_parameters, flops_per_example
-from mergelab.zoo.progress import make_progress, torch_threads
-from mergelab.zoo.task_suite import accuracy_pct
+from mergelab.zoo.primitives import accuracy_pct
 from mergelab.zoo.train import Zoo, ZooSpec, train_zoos
 
 METHODS: dict[str, str] = {
@@ -73,11 +73,9 @@ QUICK = Config(datasets=("mnist5k",), archs=("vgg6bn", "linear"), independent_ar
 
 
 @dataclass
-class Result:
-    rows: list[dict[str, Any]]
-    report: Report
-    main_table: Table
-    zoos: list[Zoo] = field(default_factory=list)
+class Result(StudyResult):
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    main_table: Table | None = None
 
 
 def zoo_label(arch: str, init: str) -> str:
@@ -244,11 +242,9 @@ def _figures(rows: Sequence[dict[str, Any]], cfg: Config, out: Path, verdicts: S
                 panels[ds] = (zoos, {m: [acc[(ds, z, n, m)] for z in zoos] for m in METHODS})
         if not panels:
             continue
-        vals = [r["test_acc"] for r in rows if r["N"] == n]
-        low = max(0.0, min(vals) - 5)
         path = grouped_bars(panels, out / f"fig3_bars_N{n}.png", ylabel="test accuracy (%)",
                             title=f"Soups vs ensembles, N = {n} models per method", labels=METHODS,
-                            ylim=(low, 100))
+                            ylim=(0, 100))
         pairs = [(r["dataset"], r["zoo"]) for r in rows if r["N"] == n and r["method"] == "uniform_soup"]
         wins = sum(acc[(d, z, n, "logit_ensemble")] >= acc[(d, z, n, "uniform_soup")] for d, z in pairs)
         figs.append(FigureRef(path, f"Fig. 3 style: test accuracy of every method for N = {n}, per "
@@ -267,12 +263,18 @@ def _figures(rows: Sequence[dict[str, Any]], cfg: Config, out: Path, verdicts: S
     grow = next(v for v in verdicts if v.claim.startswith("The ensemble − soup gap grows"))
     figs.append(FigureRef(path, "Fig. 7a style: test-accuracy gap between the logit ensemble and the uniform "
                                 "soup as N grows, one line per architecture. " + grow.sentence()))
-    return figs
+    return explain(figs, {
+        "fig3_bars": "one group of bars per architecture, one bar per method (colours in the legend below the "
+                     "plot), height = test accuracy from 0 to 100 %. Blue bars are soups (one model's cost), red and "
+                     "orange bars ensembles (N models' cost); a soup bar as tall as the ensemble bars means averaging "
+                     "weights loses nothing.",
+        "fig7a_gap": "one line per architecture; y = logit-ensemble accuracy minus uniform-soup accuracy in points, "
+                     "x = number of models averaged. Above the dashed zero line the ensemble wins; a line that rises "
+                     "with N means the soup falls further behind as more models are averaged.",
+    })
 
 
 def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
-    started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.eval_mode not in ("eval", "train"):
         raise ValueError(f"eval_mode must be 'eval' or 'train', got '{cfg.eval_mode}'")
     specs = zoo_specs(cfg)
@@ -288,11 +290,9 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
                              "arch": zoo.config.arch, "init": zoo.config.init, **r, "eval_mode": cfg.eval_mode,
                              "seed": cfg.seed, "member_seeds": " ".join(map(str, zoo.member_seeds[:r["N"]]))})
             bar.advance(task)
-    write_csv(rows, out / "weights_vs_features.csv")
     n_main = max(n for n in cfg.ns if any(r["N"] == n for r in rows))
     table = main_table(rows, n_main)
     per_n = [main_table(rows, n) for n in cfg.ns if n != n_main and any(r["N"] == n for r in rows)]
-    (out / "table1.md").write_text("\n\n".join(t.to_markdown() for t in [table, *per_n]) + "\n")
     verdicts, summary = _verdicts(rows, cfg.ns)
     figs = _figures(rows, cfg, out, verdicts)
     section = Section(
@@ -315,17 +315,15 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
         verdicts=verdicts, tables=[table], figures=figs)
     report = Report("Weights vs features", meta={"seed": cfg.seed, "eval_mode": cfg.eval_mode,
                                                  "datasets": ", ".join(cfg.datasets)}).add(section)
-    write_record(out, "weights-vs-features", cfg, zoos, started, {"verdicts": summary})
-    return Result(rows, report, table, zoos)
+    return Result(report, {"weights_vs_features.csv": rows, "table1.md": [table, *per_n]}, zoos, {"verdicts": summary},
+                  rows=rows, main_table=table)
 
 
-def run(out: Path, *, quick: bool = False, seed: int = 0, show_progress: bool = True, **options: Any) -> Path:
+def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, show_progress: bool = True,
+        **options: Any) -> Path:
     """Run the study into ``out``; returns ``out/report.html``. ``options`` are :class:`Config` fields."""
-    cfg = apply_options(QUICK if quick else Config(), {"seed": seed, **options})
-    result = build(Path(out), cfg, show_progress=show_progress)
-    report = result.report
-    (Path(out) / "report.md").write_text(report.to_markdown())
-    return report.write(Path(out) / "report.html")
+    return run_config("weights-vs-features", out, build, QUICK if quick else Config(), quick=quick, seed=seed,
+                      overwrite=overwrite, show_progress=show_progress, options=options)
 
 
 __all__ = ["METHODS", "QUICK", "Config", "Result", "build", "evaluate_zoo", "run"]

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
+from mergelab.runtime import make_progress, torch_threads
 from mergelab.statistics import diagonal_fisher, input_grams
+from mergelab.types import StateDict
 from mergelab.zoo.cache import cache_dir, load_entry, recipe_hash, save_entry
-from mergelab.zoo.progress import make_progress, torch_threads
+from mergelab.zoo.primitives import accuracy_pct, train_steps
 
-StateDict = dict[str, torch.Tensor]
 SPLITS = ("train", "val", "test")
 
 #: bump when suite training changes in a way that changes results (invalidates cached fine-tunes)
@@ -265,17 +266,9 @@ class TaskSuite(ABC):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, r.steps, r.warmup))
         data = self.data(task.name, "train")
         gen = torch.Generator().manual_seed(seed)
-        losses: list[float] = []
         job = bar.add_task(f"fine-tune {self.name}/{task.name}", total=r.steps)
-        for idx in _batches(len(data), r.batch_size, r.steps, gen):
-            x = self.augment(data.x[idx], gen)
-            loss = F.cross_entropy(model(x), data.y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            bar.advance(job)
+        losses = train_steps(model, opt, sched, data.x, data.y, _batches(len(data), r.batch_size, r.steps, gen),
+                             augment=lambda x: self.augment(x, gen), on_step=lambda: bar.advance(job))
         pre = self.pretrained_state()
         changed = {k: v.detach().clone() for k, v in encoder.state_dict().items()
                    if v.is_floating_point() and not torch.equal(v, pre[k])}
@@ -330,10 +323,6 @@ class TaskSuite(ABC):
                                   if t.name in self._finetuned else {})}
                       for t in self.tasks},
         }
-
-
-def accuracy_pct(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return 100.0 * float((logits.argmax(1) == y).double().mean())
 
 
 def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterator[torch.Tensor]:

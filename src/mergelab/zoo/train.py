@@ -9,24 +9,21 @@ to fail because the members are not in one linearly connected basin.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from rich.progress import Progress, TaskID
 
+from mergelab.executor import Executor, get_executor
+from mergelab.runtime import available_cores, default_threads
 from mergelab.zoo.cache import cache_dir, load_entry, recipe_hash, save_entry
 from mergelab.zoo.data import Dataset, load_dataset
 from mergelab.zoo.models import ARCHS, ZooModel, build_model
-from mergelab.zoo.progress import available_cores, default_threads, make_progress, torch_threads
+from mergelab.zoo.primitives import accuracy_pct, predict_logits, shift_augment, train_steps
 
 #: bump when training code changes in a way that changes results, so stale cache entries are not reused
 TRAIN_VERSION = 3
@@ -96,17 +93,7 @@ def _augment(x: torch.Tensor, kind: str, gen: torch.Generator, r: int = 1) -> to
     """Random translations by up to ``r`` pixels/steps (images, signals) or small Gaussian noise (tabular)."""
     if kind == "tabular":
         return x + 0.1 * torch.randn(x.shape, generator=gen)
-    nd = x.dim() - 2
-    background = float(x.amin())  # normalised zero intensity for images: pad with it, not with 0
-    padded = F.pad(x, [r] * (2 * nd), value=background)
-    shifts = torch.randint(0, 2 * r + 1, (x.shape[0], nd), generator=gen)
-    # one gather for the whole batch: each example reads its own shifted window of the padded input
-    b = torch.arange(x.shape[0])
-    rows = shifts[:, 0, None] + torch.arange(x.shape[2])
-    if nd == 1:
-        return padded[b[:, None], :, rows].transpose(1, 2).contiguous()
-    cols = shifts[:, 1, None] + torch.arange(x.shape[3])
-    return padded[b[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    return shift_augment(x, gen, r)
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig, lr_scale: float = 1.0) -> torch.optim.Optimizer:
@@ -116,42 +103,25 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig, lr_scale: float = 1.
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, data: Dataset, batch_size: int = 500) -> float:
-    was = model.training
-    model.eval()
-    correct = sum(int((model(data.x[i:i + batch_size]).argmax(1) == data.y[i:i + batch_size]).sum())
-                  for i in range(0, len(data), batch_size))
-    model.train(was)
-    return correct / max(1, len(data))
-
-
-def fit(model: ZooModel, data: Dataset, config: TrainConfig, epochs: int, seed: int,
-        progress: Progress | None = None, task: TaskID | None = None, lr_scale: float = 1.0) -> list[float]:
-    """Train in place with a cosine schedule; ``seed`` fixes the data order and the augmentation."""
+def fit(model: ZooModel, data: Dataset, config: TrainConfig, epochs: int, seed: int, lr_scale: float = 1.0
+        ) -> list[float]:
+    """Train in place with a cosine schedule; ``seed`` fixes the data order and the augmentation. Returns the
+    mean training loss of every epoch."""
     gen = torch.Generator().manual_seed(seed)
     opt = _optimizer(model, config, lr_scale)
     steps_per_epoch = (len(data) + config.batch_size - 1) // config.batch_size
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+    augment = (lambda x: _augment(x, data.kind, gen, config.shift)) if config.augment else None
     model.train()
     losses: list[float] = []
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=gen)
+        batches = [order[start:start + config.batch_size] for start in range(0, len(data), config.batch_size)]
         total = 0.0
-        for start in range(0, len(data), config.batch_size):
-            idx = order[start:start + config.batch_size]
-            x, y = data.x[idx], data.y[idx]
-            if config.augment:
-                x = _augment(x, data.kind, gen, config.shift)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
+        for loss, idx in zip(train_steps(model, opt, sched, data.x, data.y, batches, augment=augment), batches,
+                             strict=True):
+            total += loss * len(idx)
         losses.append(total / len(data))
-        if progress is not None and task is not None:
-            progress.advance(task)
     model.eval()
     return losses
 
@@ -208,7 +178,8 @@ def _run_job(job: _Job, root: str, threads: int) -> str:
     start = time.perf_counter()
     scale = cfg.finetune_lr_scale if job.base_key else 1.0
     losses = fit(model, data, cfg, job.epochs, job.seed, lr_scale=scale)
-    history = {"loss": losses, "val_acc": accuracy(model, val), "seconds": time.perf_counter() - start,
+    history = {"loss": losses, "val_acc_pct": accuracy_pct(predict_logits(model, val.x), val.y),
+               "seconds": time.perf_counter() - start,
                "threads": threads}
     save_entry(job.key, {"state_dict": model.state_dict(), "recipe": _recipe(cfg, job.role, job.seed),
                          "history": history}, cache)
@@ -260,69 +231,48 @@ def _load_zoo(spec: ZooSpec, root: Path) -> Zoo:
 
 
 def train_zoos(specs: Sequence[ZooSpec], *, cache: Path | None = None, workers: int | None = None,
-               progress: Progress | None = None, show_progress: bool = True, executor: str | None = None
-               ) -> list[Zoo]:
-    """Train every missing model of ``specs`` (bases first, then members, ``workers`` processes in
-    parallel), then load all zoos from the cache. Cached models are never retrained.
+               show_progress: bool = True, executor: Executor | str | None = None) -> list[Zoo]:
+    """Train every missing model of ``specs`` as executor jobs (shared bases in one round, then the
+    members), then load all zoos from the cache. Cached models are never retrained.
 
-    ``executor`` (``local``, ``local:N``, ``ray``, ``ray:ADDRESS``; see :mod:`mergelab.executor`) runs the
-    trainings as independent jobs instead, bases in one round and members in the next; every job trains
-    with the same thread count, so the models are the same whichever executor trained them. Ray workers
-    must see the same cache folder (a shared file system on a real cluster).
-
-    Workers are *spawned* processes: a script that calls this at import level needs the usual
-    ``if __name__ == "__main__":`` guard (or ``workers=1`` / ``MERGELAB_WORKERS=1`` to train in-process).
+    ``executor`` is an open :class:`~mergelab.executor.Executor` or a spec (``local``, ``local:N``, ``ray``,
+    ``ray:ADDRESS``; see :mod:`mergelab.executor`); by default ``workers`` local processes (default
+    :func:`default_workers`; one worker trains in this process). Every job trains with the same thread
+    count, so the models are the same whichever executor trained them. Ray workers must see the same cache
+    folder (a shared file system on a real cluster). Local workers are *spawned* processes: a script that
+    calls this at import level needs the usual ``if __name__ == "__main__":`` guard.
     """
     root = cache or cache_dir()
-    n_workers = workers or default_workers()
-    threads = default_threads()
     bases: dict[str, _Job] = {}
     members: dict[str, _Job] = {}
-    tasks: dict[str, list[tuple[int, int]]] = {}  # job key → [(spec index, epochs)] for progress
-    for si, spec in enumerate(specs):
+    for spec in specs:
         cfg = spec.config
         if cfg.init not in ("shared", "independent"):
             raise ValueError(f"init must be 'shared' or 'independent', got '{cfg.init}'")
         bkey = _base_key(cfg) if cfg.init == "shared" else None
         if bkey and load_entry(bkey, root) is None:
             bases.setdefault(bkey, _Job(bkey, cfg, "base", base_seed(cfg.seed), cfg.pretrain_epochs, None))
-            tasks.setdefault(bkey, []).append((si, cfg.pretrain_epochs))
         per_member = cfg.epochs if cfg.init == "shared" else cfg.epochs + cfg.pretrain_epochs
         for i in range(spec.n_models):
             s = member_seed(cfg.seed, i)
             key = _member_key(cfg, s)
             if load_entry(key, root) is None:
                 members.setdefault(key, _Job(key, cfg, "member", s, per_member, bkey))
-                tasks.setdefault(key, []).append((si, per_member))
-    if executor is not None:
-        from mergelab.executor import get_executor
-
-        with get_executor(executor, threads_per_job=threads, show_progress=show_progress) as ex:
-            for label, phase in (("pre-train shared bases", bases), ("train zoo members", members)):
-                if phase:
-                    ex.map(_run_task, [_TrainTask(job, str(root)) for job in phase.values()], desc=label)
-        return _load_zoos(specs, root, members)
-    own = progress is None
-    bar = progress or make_progress(disable=not show_progress)
-    with bar if own else nullcontext():
-        ids = []
-        for si, spec in enumerate(specs):
-            cfg = spec.config
-            todo = sum(ep for key, lst in tasks.items() for (sj, ep) in lst if sj == si)
-            ids.append(bar.add_task(f"train {cfg.arch}/{cfg.dataset}/{cfg.init} ×{spec.n_models}",
-                                    total=max(1, todo), completed=0 if todo else 1))
-
-        def done(key: str) -> None:
-            for si, ep in tasks.get(key, []):
-                bar.advance(ids[si], ep)
-
-        if n_workers <= 1 or len(bases) + len(members) <= 1:
-            with torch_threads(threads) as n:
-                for job in [*bases.values(), *members.values()]:
-                    done(_run_job(job, str(root), n))
+    if bases or members:
+        if executor is None or isinstance(executor, str):
+            n = workers or default_workers()
+            spec_text = executor or f"local:{n if n > 1 and len(bases) + len(members) > 1 else 0}"
+            with get_executor(spec_text, threads_per_job=default_threads(), show_progress=show_progress) as ex:
+                _train_jobs(ex, bases, members, root)
         else:
-            _run_parallel(bases, members, root, n_workers, threads, done)
+            _train_jobs(executor, bases, members, root)
     return _load_zoos(specs, root, members)
+
+
+def _train_jobs(ex: Executor, bases: Mapping[str, _Job], members: Mapping[str, _Job], root: Path) -> None:
+    for label, phase in (("pre-train shared bases", bases), ("train zoo members", members)):
+        if phase:
+            ex.map(_run_task, [_TrainTask(job, str(root)) for job in phase.values()], desc=label)
 
 
 def _load_zoos(specs: Sequence[ZooSpec], root: Path, trained: Mapping[str, object]) -> list[Zoo]:
@@ -344,36 +294,9 @@ def _run_task(task: _TrainTask) -> str:
     return _run_job(task.job, task.root, torch.get_num_threads())
 
 
-def _run_parallel(bases: dict[str, _Job], members: dict[str, _Job], root: Path, workers: int, threads: int,
-                  done: Any) -> None:
-    """Bases first; each member is submitted as soon as its base is in the cache."""
-    ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
-    waiting = dict(members)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        running = {pool.submit(_run_job, job, str(root), threads) for job in bases.values()}
-
-        def release() -> None:
-            for key, job in list(waiting.items()):
-                if job.base_key is None or job.base_key not in bases or job.base_key in finished:
-                    running.add(pool.submit(_run_job, job, str(root), threads))
-                    del waiting[key]
-
-        finished: set[str] = set()
-        release()
-        while running:
-            complete, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in complete:
-                running.discard(fut)
-                key = fut.result()  # re-raises a worker's error here
-                finished.add(key)
-                done(key)
-            release()
-
-
 def train_zoo(arch: str, dataset: str, n_models: int, init: Init = "shared", *,
               config: TrainConfig | None = None, cache: Path | None = None, workers: int | None = None,
-              progress: Progress | None = None, show_progress: bool = True, executor: str | None = None,
-              **overrides: Any) -> Zoo:
+              show_progress: bool = True, executor: Executor | str | None = None, **overrides: Any) -> Zoo:
     """Train (or load from the cache) ``n_models`` members of one architecture on one dataset.
 
     Member ``i`` depends only on the recipe and ``i`` — never on ``n_models`` — so a zoo of 10 reuses the
@@ -382,5 +305,5 @@ def train_zoo(arch: str, dataset: str, n_models: int, init: Init = "shared", *,
     """
     cfg = replace(config or TrainConfig(arch=arch, dataset=dataset), arch=arch, dataset=dataset, init=init,
                   **overrides)
-    return train_zoos([ZooSpec(cfg, n_models)], cache=cache, workers=workers, progress=progress,
-                      show_progress=show_progress, executor=executor)[0]
+    return train_zoos([ZooSpec(cfg, n_models)], cache=cache, workers=workers, show_progress=show_progress,
+                      executor=executor)[0]

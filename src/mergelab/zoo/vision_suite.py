@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mergelab.runtime import make_progress, torch_threads
 from mergelab.zoo.cache import load_entry, recipe_hash, save_entry
 from mergelab.zoo.data import Dataset, load_dataset
-from mergelab.zoo.progress import make_progress, torch_threads
+from mergelab.zoo.primitives import accuracy_pct, shift_augment, train_steps
 from mergelab.zoo.task_suite import (
     FinetuneRecipe,
     Task,
@@ -42,7 +43,6 @@ from mergelab.zoo.task_suite import (
     TaskSuite,
     _batches,
     _schedule,
-    accuracy_pct,
 )
 
 
@@ -123,6 +123,8 @@ VISION_TASKS: dict[str, VisionTaskDef] = {
 }
 
 PRETRAIN_DATASET = "animal-mnist"
+#: random translation (pixels) of pretraining and fine-tuning inputs
+SHIFT = 2
 
 
 @dataclass(frozen=True)
@@ -140,14 +142,6 @@ class VisionConfig:
     n_val: int | None = 400
     n_test: int | None = 800
     split_seed: int = 0
-
-
-def shift_augment(x: torch.Tensor, gen: torch.Generator, r: int = 2) -> torch.Tensor:
-    """Random translation by up to ``r`` pixels per example, padding with the image's background value."""
-    padded = F.pad(x, [r] * 4, value=float(x.amin()))
-    shifts = torch.randint(0, 2 * r + 1, (x.shape[0], 2), generator=gen)
-    h, w = x.shape[2], x.shape[3]
-    return torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(shifts.tolist())])
 
 
 class VisionSuite(TaskSuite):
@@ -207,13 +201,8 @@ class VisionSuite(TaskSuite):
         start = time.perf_counter()
         with torch_threads(self.threads), make_progress(disable=not self.show_progress) as bar:
             job = bar.add_task(f"pretrain ViT on {PRETRAIN_DATASET}", total=c.pretrain_steps)
-            for idx in _batches(len(data), c.pretrain_batch, c.pretrain_steps, gen):
-                loss = F.cross_entropy(model(shift_augment(data.x[idx], gen)), data.y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.advance(job)
+            train_steps(model, opt, sched, data.x, data.y, _batches(len(data), c.pretrain_batch, c.pretrain_steps, gen),
+                        augment=lambda x: shift_augment(x, gen, SHIFT), on_step=lambda: bar.advance(job))
         model.eval()
         val = load_dataset(PRETRAIN_DATASET, "val", c.split_seed)
         with torch.no_grad():
@@ -235,7 +224,7 @@ class VisionSuite(TaskSuite):
         return TaskData(x.contiguous(), y.clone())
 
     def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return shift_augment(x, gen)
+        return shift_augment(x, gen, SHIFT)
 
     def record(self) -> dict[str, Any]:
         return {**super().record(), "pretrain": getattr(self, "pretrain_record", None)}

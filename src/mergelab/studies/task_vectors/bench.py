@@ -23,7 +23,9 @@ from mergelab import merge_state_dicts
 from mergelab.analysis.interference import Spectrum, low_rank_sum, spectrum, task_matrices
 from mergelab.ensemble import ensemble_logits
 from mergelab.methods.cart import rank_from_ratio
-from mergelab.zoo.task_suite import StateDict, TaskSuite, accuracy_pct
+from mergelab.types import StateDict
+from mergelab.zoo.primitives import accuracy_pct
+from mergelab.zoo.task_suite import TaskSuite
 
 Params = dict[str, Any]
 

@@ -25,9 +25,10 @@ import yaml
 from safetensors.torch import save_file
 
 from mergelab.report import FigureRef, Report, Section, Table, Verdict
-from mergelab.search.run import run_search
-from mergelab.studies.task_vector_bench import MergeBench
-from mergelab.studies.task_vectors import SUITES, make_suite
+from mergelab.search.run import SCORES_HOW_TO_READ, run_search
+from mergelab.studies.common import prepare_output, study_record, write_outputs
+from mergelab.studies.task_vectors.bench import MergeBench
+from mergelab.studies.task_vectors.study import SUITES, make_suite
 
 DEFAULT_LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 
@@ -60,12 +61,12 @@ def _export(bench: MergeBench, folder: Path) -> dict[str, str]:
 
 def run(out: Path, *, suite: str = "vision", quick: bool = False, seed: int = 0, executor: str = "local",
         generations: int | None = None, population: int | None = None,
-        lambdas: Sequence[float] = DEFAULT_LAMBDAS, show_progress: bool = True) -> Path:
+        lambdas: Sequence[float] = DEFAULT_LAMBDAS, overwrite: bool = False, show_progress: bool = True) -> Path:
     """Hand-tuned task arithmetic vs CMA-ES per-block weights on ``suite``; returns report.html."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite '{suite}'; choose one of {list(SUITES)}")
     started = time.perf_counter()
-    out = Path(out)
+    out = prepare_output(out, overwrite)
     bench = _bench(suite, quick, seed)
     paths = _export(bench, out / "models")
     tasks = bench.tasks
@@ -86,7 +87,7 @@ def run(out: Path, *, suite: str = "vision", quick: bool = False, seed: int = 0,
                    # the range scales with λ: CMA-ES steps are a fraction of it, and a λ near 0 needs fine steps
                    "parameters": [{"name": "weight", "low": 0.0, "high": min(2.0, 4 * best_lam)}],
                    "population": pop, "generations": gens, "sigma0": 0.2, "seed": seed},
-        "evaluator": {"callable": "mergelab.studies.task_vector_search:evaluate",
+        "evaluator": {"callable": "mergelab.studies.task_vectors.search:evaluate",
                       "kwargs": {**kwargs, "split": "val"}, "test_kwargs": {**kwargs, "split": "test"},
                       "label": "mean normalised validation accuracy (%)"},
     }
@@ -108,20 +109,19 @@ def run(out: Path, *, suite: str = "vision", quick: bool = False, seed: int = 0,
     table = Table(f"Mean normalised accuracy over the {len(tasks)} tasks of the {suite} suite (%)", rows,
                   columns=["method", "val", "test"], floatfmt="{:.2f}",
                   note="λ and the searched weights are chosen on validation; test is reported only.")
-    table.write_csv(out / "results.csv")
-    (out / "results.md").write_text(table.to_markdown() + "\n")
     gain_val, gain_test = found["val"] - hand["val"], found["test"] - hand["test"]
     verdict = Verdict("Per-block CMA-ES search beats the best hand-tuned task arithmetic",
                       gain_val > 0 and gain_test > 0,
                       f"validation {gain_val:+.2f} points, test {gain_test:+.2f} points")
     report = Report(f"Merge search on the {suite} task-vector suite", intro=__doc__.split("\n\n")[1],
-                    meta={"suite": suite, "quick": quick, "seed": seed, "executor": executor,
-                          "lambda_trace": sel.trace, "best_config": str(best_yaml),
-                          "wall_seconds": round(time.perf_counter() - started, 1)})
+                    meta={"suite": suite, "seed": seed, "executor": executor, "best config": str(best_yaml)})
     report.add(Section("Results", verdicts=[verdict], tables=[table],
-                       figures=[FigureRef(out / "search" / "scores.png", "validation score per CMA-ES generation")]))
-    (out / "report.md").write_text(report.to_markdown())
-    return report.write(out / "report.html")
+                       figures=[FigureRef(out / "search" / "scores.png", "validation score per CMA-ES generation",
+                                          SCORES_HOW_TO_READ)]))
+    settings = {"suite": suite, "generations": gens, "population": pop, "lambdas": list(lambdas)}
+    record_ = study_record("task-vector-search", settings, quick=quick, seed=seed, started=started,
+                           extra={"executor": executor, "best_config": str(best_yaml), "lambda_trace": sel.trace})
+    return write_outputs(out, report, {"results": table}, record_)
 
 
 __all__ = ["evaluate", "run"]

@@ -21,7 +21,6 @@ CLI: ``mergelab study task-vectors --suite vision|text --out DIR [--quick] [--se
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from collections.abc import Callable
@@ -30,14 +29,12 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from mergelab import __version__
 from mergelab.analysis.interference import interference_curves
 from mergelab.report import FigureRef, Report, Section, Table, Verdict
-from mergelab.studies import task_vector_plots as plots
-from mergelab.studies.task_vector_bench import METHODS, MergeBench, Selection
-from mergelab.zoo.progress import make_progress, torch_threads
+from mergelab.runtime import make_progress, torch_threads
+from mergelab.studies.common import prepare_output, study_record, write_outputs
+from mergelab.studies.task_vectors import plots
+from mergelab.studies.task_vectors.bench import METHODS, MergeBench, Selection
 from mergelab.zoo.task_suite import FinetuneRecipe, TaskSuite
 
 SUITES = ("vision", "text")
@@ -110,16 +107,17 @@ def make_suite(name: str, *, quick: bool, seed: int) -> tuple[TaskSuite, Plan]:
     raise ValueError(f"unknown suite '{name}'; choose one of {list(SUITES)}")
 
 
-def run(out: Path, *, suite: str = "vision", quick: bool = False, seed: int = 0) -> Path:
+def run(out: Path, *, suite: str = "vision", quick: bool = False, seed: int = 0, overwrite: bool = False) -> Path:
     """Run the study on the named suite; returns the path of ``report.html``."""
+    prepare_output(out, overwrite)  # before minutes of fine-tuning
     suite_obj, plan = make_suite(suite, quick=quick, seed=seed)
-    return run_suite(out, suite_obj, plan, quick=quick, seed=seed)
+    return run_suite(out, suite_obj, plan, quick=quick, seed=seed, overwrite=True)
 
 
-def run_suite(out: Path, suite: TaskSuite, plan: Plan, *, quick: bool = False, seed: int = 0) -> Path:
+def run_suite(out: Path, suite: TaskSuite, plan: Plan, *, quick: bool = False, seed: int = 0,
+              overwrite: bool = False) -> Path:
     """The study on any :class:`TaskSuite` (tests pass a tiny one)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(out, overwrite)
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -232,13 +230,7 @@ def _label(name: str) -> str:
                                                          "individual": "individual fine-tuned"}.get(name, name)
 
 
-def _write_table(table: Table, folder: Path, stem: str) -> Table:
-    table.write_csv(folder / f"{stem}.csv")
-    (folder / f"{stem}.md").write_text(table.to_markdown() + "\n")
-    return table
-
-
-def _main_tables(bench: MergeBench, sel: dict[str, Selection], folder: Path) -> tuple[Table, Table, Table]:
+def _main_tables(bench: MergeBench, sel: dict[str, Selection]) -> tuple[Table, Table, Table]:
     tasks = bench.tasks
     ind_test, ind_val = bench.individual("test"), bench.individual("val")
     rows, per_task, per_task_norm = [], [], []
@@ -253,14 +245,11 @@ def _main_tables(bench: MergeBench, sel: dict[str, Selection], folder: Path) -> 
                      "val norm. acc (%)": bench.mean_normalised(val, "val")})
         per_task.append({"method": _label(name), **{t: test[t] for t in tasks}})
         per_task_norm.append({"method": _label(name), **{t: norm_test[t] for t in tasks}})
-    main = _write_table(Table("Mean accuracy over tasks (test); normalised = merged / fine-tuned accuracy per task",
-                              rows, columns=["method", "chosen on val", "test acc (%)", "test norm. acc (%)",
-                                             "val norm. acc (%)"],
-                              note="hyper-parameters chosen by mean normalised validation accuracy"),
-                        folder, "methods")
-    breakdown = _write_table(Table("Per-task test accuracy (%)", per_task), folder, "per_task_accuracy")
-    breakdown_norm = _write_table(Table("Per-task normalised test accuracy (% of fine-tuned)", per_task_norm),
-                                  folder, "per_task_normalised")
+    main = Table("Mean accuracy over tasks (test); normalised = merged / fine-tuned accuracy per task", rows,
+                 columns=["method", "chosen on val", "test acc (%)", "test norm. acc (%)", "val norm. acc (%)"],
+                 note="hyper-parameters chosen by mean normalised validation accuracy")
+    breakdown = Table("Per-task test accuracy (%)", per_task)
+    breakdown_norm = Table("Per-task normalised test accuracy (% of fine-tuned)", per_task_norm)
     return main, breakdown, breakdown_norm
 
 
@@ -268,9 +257,7 @@ def _write(out: Path, bench: MergeBench, plan: Plan, sel: dict[str, Selection], 
            curve: list[Any], scaling_rows: list[dict[str, Any]], *, quick: bool, seed: int,
            timings: dict[str, float], started: float) -> Path:
     suite = bench.suite
-    tables, figures = out / "tables", out / "figures"
-    tables.mkdir(exist_ok=True)
-    figures.mkdir(exist_ok=True)
+    figures = out
     tasks = bench.tasks
     ft = suite.finetuned()
     setup_rows = [{"task": t, "classes": suite.task(t).num_classes, "train": len(suite.data(t, "train")),
@@ -278,18 +265,16 @@ def _write(out: Path, bench: MergeBench, plan: Plan, sel: dict[str, Selection], 
                    "pretrained+probe test acc (%)": sel["pretrained"].test[t],
                    "fine-tuned test acc (%)": bench.individual("test")[t], "seed": ft[t].seed,
                    "description": suite.task(t).description} for t in tasks]
-    setup = _write_table(Table("Tasks", setup_rows), tables, "tasks")
-    main, breakdown, breakdown_norm = _main_tables(bench, sel, tables)
+    setup = Table("Tasks", setup_rows)
+    main, breakdown, breakdown_norm = _main_tables(bench, sel)
 
     test_norm = {n: bench.mean_normalised(s.test, "test") for n, s in sel.items()}
     fig_main = plots.method_bars(test_norm, {n: _label(n) for n in test_norm}, figures / "methods.png",
                                  title=f"{suite.name} suite, T = {len(tasks)} tasks: merged encoders, per-task heads")
 
-    sweep_table = _write_table(Table("CART rank × λ sweep (mean normalised accuracy, %)", sweep,
-                                     columns=["rank_ratio", "lambda", "val_norm_acc", "test_norm_acc",
-                                              "best_lambda_for_rank"],
-                                     note="rank ratio 0 and 1 are weight averaging for every λ"),
-                               tables, "cart_sweep")
+    sweep_table = Table("CART rank × λ sweep (mean normalised accuracy, %)", sweep,
+                        columns=["rank_ratio", "lambda", "val_norm_acc", "test_norm_acc", "best_lambda_for_rank"],
+                        note="rank ratio 0 and 1 are weight averaging for every λ")
     curves: dict[str, tuple[list[float], list[float]]] = {}
     for lam in plan.cart_lambdas:
         pts = sorted((r["rank_ratio"], r) for r in sweep if r["lambda"] == lam)
@@ -309,8 +294,7 @@ def _write(out: Path, bench: MergeBench, plan: Plan, sel: dict[str, Selection], 
         peak = {**peak, "wa_val": best_rows[0]["val_norm_acc"]}
 
     curve_rows = [dataclasses.asdict(p) for p in curve]
-    curve_table = _write_table(Table("Row-space interference I(k) and reconstruction error R(k)", curve_rows,
-                                     floatfmt="{:.4f}"), tables, "interference")
+    curve_table = Table("Row-space interference I(k) and reconstruction error R(k)", curve_rows, floatfmt="{:.4f}")
     ratios = sorted({p.ratio for p in curve})
     kinds = (("uncentred θ_t − θ_0", False), ("centred θ_t − θ_avg", True))
     series = {
@@ -323,8 +307,7 @@ def _write(out: Path, bench: MergeBench, plan: Plan, sel: dict[str, Selection], 
                                         title=f"{suite.name} suite: centred vs uncentred task matrices")
 
     ts = sorted({r["T"] for r in scaling_rows})
-    scaling_table = _write_table(Table("Accuracy vs number of merged tasks T (per subset)", scaling_rows),
-                                 tables, "scaling")
+    scaling_table = Table("Accuracy vs number of merged tasks T (per subset)", scaling_rows)
     summary: dict[str, list[float]] = {}
     summary_rows = []
     for name in [n for n in (*METHODS, "logit_ensemble") if n != "pretrained"]:
@@ -334,8 +317,7 @@ def _write(out: Path, bench: MergeBench, plan: Plan, sel: dict[str, Selection], 
             ys.append(sum(vals) / len(vals))
         summary[name] = ys
         summary_rows.append({"method": _label(name), **{f"T={t}": y for t, y in zip(ts, ys)}})
-    scaling_summary = _write_table(Table("Mean normalised test accuracy vs T (mean over subsets)", summary_rows),
-                                   tables, "scaling_summary")
+    scaling_summary = Table("Mean normalised test accuracy vs T (mean over subsets)", summary_rows)
     fig_scaling = plots.scaling(ts, summary, {n: _label(n) for n in summary}, figures / "scaling.png",
                                 title=f"{suite.name} suite: merging more tasks")
 
@@ -344,32 +326,43 @@ def _write(out: Path, bench: MergeBench, plan: Plan, sel: dict[str, Selection], 
                     intro=("Encoders fine-tuned per task from one pretrained encoder are merged; each task keeps "
                            "its own linear head (fitted on pretrained features, frozen during fine-tuning). "
                            "Normalised accuracy = merged accuracy / the task's fine-tuned accuracy."),
-                    meta={"suite": suite.name, "quick": quick, "seed": seed, "mergelab": __version__,
-                          "wall seconds": round(time.perf_counter() - started, 1)})
+                    meta={"suite": suite.name, "seed": seed})
     report.add(
         Section("Setup", text=[_setup_text(suite, plan)], tables=[setup]),
         Section("Merging methods side by side", text=[_METHODS_TEXT], verdicts=verdicts[:2],
                 tables=[main, breakdown, breakdown_norm],
-                figures=[FigureRef(fig_main, "mean normalised test accuracy per method")]),
+                figures=[FigureRef(fig_main, "mean normalised test accuracy per method",
+                                          "one bar per method, length = test accuracy averaged over tasks as a "
+                                          "percentage of each task's fine-tuned model (100 % = as good as the "
+                                          "specialists). The logit ensemble is a reference, not a merge.")]),
         Section("CART: rank × λ", verdicts=verdicts[2:3], tables=[sweep_table],
-                figures=[FigureRef(fig_sweep, "CART normalised accuracy vs rank ratio, one line per λ; "
+                figures=[FigureRef(fig_sweep, how_to_read=(
+                    "x = rank kept, as a fraction of full rank (0 and 1 are weight averaging), y = normalised accuracy "
+                    "(%), one line per λ; horizontal lines: task arithmetic and weight averaging. The paper's claim is "
+                    "a bell that peaks at 8–12 % of full rank, above both lines."), caption="CART normalised "
+                                          "accuracy vs rank ratio, one line per λ; "
                                               "horizontal lines: task arithmetic and weight averaging (test)")]),
         Section("Interference I(k) and reconstruction error R(k)", text=[_INTERFERENCE_TEXT],
                 verdicts=verdicts[3:], tables=[curve_table],
-                figures=[FigureRef(fig_int, "I(k)/(T(T−1)) with top-k and with whole-spectrum normalised singular "
+                figures=[FigureRef(fig_int, how_to_read=(
+                    "x = rank ratio k / min(m, n); left and middle: interference I(k) (lower = task subspaces overlap "
+                    "less), right: reconstruction error R(k)/R(0) (lower = rank k keeps more of the task vectors). "
+                    "Centring (orange) should lower I(k) at every rank."), caption="I(k)/(T(T−1)) with top-k and with "
+                                          "whole-spectrum normalised singular "
                                             "values, and R(k)/R(0); means over the 2-D encoder weights")]),
         Section("Scaling with the number of tasks", text=[_SCALING_TEXT], tables=[scaling_summary, scaling_table],
-                figures=[FigureRef(fig_scaling, "mean normalised test accuracy vs T (mean over task subsets)")]),
+                figures=[FigureRef(fig_scaling, "mean normalised test accuracy vs T (mean over task subsets)",
+                                             "x = number of tasks merged T, y = normalised test accuracy (%), mean "
+                                             "over the task subsets, one line per method. Lines that fall less as T "
+                                             "grows suffer less from interference between tasks.")]),
     )
-    (out / "report.md").write_text(report.to_markdown())
-    path = report.write(out / "report.html")
-    record = {"study": "task-vectors", "mergelab_version": __version__, "torch": torch.__version__,
-              "quick": quick, "seed": seed, "plan": dataclasses.asdict(plan), "suite": suite.record(),
-              "selected": {n: {"params": s.params, "val_trace": s.trace} for n, s in sel.items()},
-              "cart_peak": peak, "dare_seed": seed, "timings_seconds": timings,
-              "wall_seconds": round(time.perf_counter() - started, 2)}
-    (out / "mergelab.json").write_text(json.dumps(record, indent=2, default=str))
-    return path
+    tables = {"tasks": setup, "methods": main, "per_task_accuracy": breakdown, "per_task_normalised": breakdown_norm,
+              "cart_sweep": sweep_table, "interference": curve_table, "scaling": scaling_table,
+              "scaling_summary": scaling_summary}
+    record = study_record("task-vectors", plan, quick=quick, seed=seed, started=started, extra={
+        "suite": suite.record(), "selected": {n: {"params": s.params, "val_trace": s.trace} for n, s in sel.items()},
+        "cart_peak": peak, "dare_seed": seed, "timings_seconds": timings})
+    return write_outputs(out, report, tables, record)
 
 
 _INTERFERENCE_TEXT = (
