@@ -1,21 +1,51 @@
 """Matplotlib figures for the studies: PNG, 150 dpi, axis labels with units, legends.
 
 Figures are built on ``matplotlib.figure.Figure`` directly (Agg canvas), never through pyplot, so they work
-headless and never touch a user's interactive backend or global figure state.
+headless and never touch a user's interactive backend or global figure state. Every figure is drawn under
+one type scale (:data:`STYLE`, applied with ``rc_context``, never globally) and puts its legend outside the
+data; the HTML report shows figures at the page width and full size on a click.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 DPI = 150
+#: one type scale for every figure (points): titles 11, labels 10, ticks and legends 9, cell labels 8
+STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
+         "legend.fontsize": 9, "figure.titlesize": 12}
+CELL_FONT = 8
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def styled(fn: F) -> F:
+    """Draw under :data:`STYLE` (a context: the caller's matplotlib settings are untouched)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with rc_context(STYLE):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def legend_below(fig: Figure, axes: Sequence[Any], ncols: int = 4) -> None:
+    """One legend for the whole figure, under the panels (never on the data), each label once."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, h)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(ncols, len(seen)))
 #: fixed colours per method, so every figure of every study uses the same legend
 METHOD_COLORS: dict[str, str] = {
     "perf_ave": "#9e9e9e",
@@ -47,6 +77,7 @@ def _grid(n: int, max_cols: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+@styled
 def grouped_bars(panels: Mapping[str, tuple[Sequence[str], Mapping[str, Sequence[float]]]], path: Path, *,
                  ylabel: str, title: str, labels: Mapping[str, str] | None = None,
                  ylim: tuple[float, float] | None = None) -> Path:
@@ -68,12 +99,12 @@ def grouped_bars(panels: Mapping[str, tuple[Sequence[str], Mapping[str, Sequence
         if ylim:
             ax.set_ylim(*ylim)
         ax.grid(axis="y", alpha=0.3)
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncols=min(5, len(names)), fontsize=8)
+    legend_below(fig, axes[:1], ncols=5)
     fig.suptitle(title)
     return save(fig, path)
 
 
+@styled
 def line_panels(panels: Mapping[str, tuple[Sequence[float], Mapping[str, Sequence[float]]]], path: Path, *,
                 xlabel: str, ylabel: str, title: str, labels: Mapping[str, str] | None = None,
                 hline: float | None = None, logx: bool = False, max_cols: int = 3) -> Path:
@@ -95,32 +126,34 @@ def line_panels(panels: Mapping[str, tuple[Sequence[float], Mapping[str, Sequenc
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
+    legend_below(fig, axes[:len(panels)])
     fig.suptitle(title)
     return save(fig, path)
 
 
+@styled
 def heatmaps(panels: Mapping[str, np.ndarray], path: Path, *, xticks: Sequence[str], yticks: Sequence[str],
              xlabel: str, ylabel: str, cbar_label: str, title: str, max_cols: int = 3) -> Path:
     """Diverging heat maps centred on 0 (blue < 0 < red), one per key, values printed in the cells."""
     rows, cols = _grid(len(panels), max_cols)
-    fig = new_figure(max(4.5, 0.5 * len(xticks) + 1.5) * cols, (0.45 * len(yticks) + 1.6) * rows + 0.5)
+    # cells large enough for their printed values at CELL_FONT
+    fig = new_figure(max(4.5, 0.6 * len(xticks) + 1.8) * cols, (0.55 * len(yticks) + 1.8) * rows + 0.5)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     lim = max(1e-9, max(float(np.nanmax(np.abs(m))) for m in panels.values()))
     norm = TwoSlopeNorm(vmin=-lim, vcenter=0.0, vmax=lim)
     im = None
     for ax, (name, mat) in zip(axes, panels.items(), strict=False):
         im = ax.imshow(mat, cmap="RdBu_r", norm=norm, aspect="auto")
-        ax.set_xticks(range(len(xticks)), xticks, fontsize=7)
-        ax.set_yticks(range(len(yticks)), yticks, fontsize=8)
+        ax.set_xticks(range(len(xticks)), xticks)
+        ax.set_yticks(range(len(yticks)), yticks)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(name)
         for (i, j), v in np.ndenumerate(mat):
             text = f"{v:.0f}" if abs(v) >= 9.95 else f"{v:.1f}"
-            ax.text(j, i, "0" if text in ("-0.0", "0.0") else text, ha="center", va="center", fontsize=6,
+            ax.text(j, i, "0" if text in ("-0.0", "0.0") else text, ha="center", va="center", fontsize=CELL_FONT,
                     color="white" if abs(v) > 0.6 * lim else "black")
     for ax in axes[len(panels):]:
         ax.set_visible(False)
@@ -130,6 +163,7 @@ def heatmaps(panels: Mapping[str, np.ndarray], path: Path, *, xticks: Sequence[s
     return save(fig, path)
 
 
+@styled
 def scatter_panels(panels: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path, *,
                    xlabel: str, ylabel: str, title: str, max_cols: int = 4, lim: tuple[float, float] = (0, 100),
                    point_label: str = "one test batch") -> Path:
@@ -143,17 +177,18 @@ def scatter_panels(panels: Mapping[str, tuple[Sequence[float], Sequence[float]]]
         ax.set_xlim(*lim)
         ax.set_ylim(*lim)
         ax.set_aspect("equal")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    axes[0].legend(fontsize=7, loc="upper left")
+    legend_below(fig, axes[:1])
     fig.suptitle(title)
     return save(fig, path)
 
 
+@styled
 def image_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], path: Path, *, col_labels: Sequence[str],
                title: str, diverging: Sequence[bool] | None = None, cbar_labels: Sequence[str] | None = None,
                cell: float = 1.05, share_scale: bool = False) -> Path:
@@ -179,10 +214,10 @@ def image_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], path: Path, *, 
             else:
                 ax.set_visible(False)
             if r == 0 and c < len(col_labels):
-                ax.set_title(col_labels[c], fontsize=7)
-        axes[r, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+                ax.set_title(col_labels[c], fontsize=CELL_FONT)
+        axes[r, 0].set_ylabel(label, fontsize=CELL_FONT, rotation=0, ha="right", va="center")
         if im is not None:
             fig.colorbar(im, ax=list(axes[r, :]), shrink=0.8, pad=0.01,
                          label=(cbar_labels[r] if cbar_labels else ("weight" if div else "pixel")))
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title)
     return save(fig, path)

@@ -234,11 +234,3 @@ def run_config(study: str, out: Path | str, build: Callable[..., StudyResult], c
     record = study_record(study, cfg, quick=quick, seed=seed, started=started, zoos=result.zoos,
                           extra=result.extra)
     return write_outputs(folder, result.report, result.tables, record)
-
-
-def verdict_from_fraction(hits: int, total: int, *, majority: float = 0.75) -> bool | None:
-    """Held when at least ``majority`` of the configurations agree, failed when at most 1 − majority."""
-    if total == 0:
-        return None
-    share = hits / total
-    return True if share >= majority else (False if share <= 1 - majority else None)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table as RichTable
 
 from mergelab.report.html import combined
@@ -102,7 +103,7 @@ def run_demo(out: Path, *, seed: int = 0, overwrite: bool = False, show_progress
     _print_table(results[0].main_table)
     for s in report.sections:
         for v in s.verdicts:
-            mark = {True: "[green]held[/green]", False: "[red]did not hold[/red]", None: "[yellow]mixed[/yellow]"}
-            console.print(f"• {v.claim}: {mark[v.held]} — {v.detail}")
+            colour = "dim" if v.kind == "check" else {True: "green", False: "red", None: "yellow"}[v.held]
+            console.print(f"• {escape(v.claim)}: [{colour}]{v.word}[/{colour}] — {escape(v.detail)}")
     console.print(f"report: {path}  ({wall:.0f} s)")
     return path

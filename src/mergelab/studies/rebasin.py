@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergelab.align import align, has_batchnorm, linear_path, reset_bn_stats
@@ -34,10 +35,11 @@ from mergelab.report import FigureRef, Report, Section, Table, Verdict
 from mergelab.report.plots import line_panels
 from mergelab.soups import uniform_soup
 from mergelab.studies.common import StudyResult, apply_options, explain, prepare_output, study_record, write_outputs
+from mergelab.studies.verdict import Difference, claim_verdict, paired_difference
 from mergelab.zoo.cache import cache_dir
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.permutation_specs import spec_for
-from mergelab.zoo.primitives import accuracy_pct
+from mergelab.zoo.primitives import accuracy_pct, predict_logits
 from mergelab.zoo.train import train_zoo
 
 VARIANTS = ("naive", "naive+bn_reset", "aligned", "aligned+bn_reset")
@@ -86,15 +88,18 @@ class CellResult:
     barriers: list[dict[str, Any]] = field(default_factory=list)
     soups: list[dict[str, Any]] = field(default_factory=list)
     zoo: dict[str, Any] = field(default_factory=dict)
+    #: (N, soup variant) → each test example's 0/1 score, for the verdicts' paired bootstrap
+    soup_correct: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
 
 def _soup_row(model: torch.nn.Module, sds: Sequence[dict[str, torch.Tensor]], x: torch.Tensor, y: torch.Tensor,
-              bn_x: torch.Tensor | None, bn_batches: int, seed: int) -> float:
+              bn_x: torch.Tensor | None, bn_batches: int, seed: int) -> tuple[float, torch.Tensor]:
+    """Test accuracy (%) of the uniform soup of ``sds`` and each test example's 0/1 score."""
     net = copy.deepcopy(model)
     net.load_state_dict(uniform_soup(sds))
     if bn_x is not None:
         reset_bn_stats(net, bn_x, num_batches=bn_batches, seed=seed)
-    return 100.0 * evaluate(net, x, y)[1]
+    return 100.0 * evaluate(net, x, y)[1], (predict_logits(net, x, 1000).argmax(1) == y).double()
 
 
 def run_cell(job: CellJob) -> CellResult:
@@ -133,28 +138,21 @@ def run_cell(job: CellJob) -> CellResult:
 
     # soups: members 2..N aligned to the first one (each matched to member 0 on its own)
     aligned = [sds[0]] + [align(spec, sds[0], sd, seed=job.seed + i)[0] for i, sd in enumerate(sds[1:], start=1)]
-    member_logits = [evaluate_logits(m, test.x) for m in models]
+    member_logits = [predict_logits(m, test.x, 1000) for m in models]
     for n in cfg.soup_sizes:
         if n > len(sds):
             continue
         accs = [accuracy_pct(lg, test.y) for lg in member_logits[:n]]
         ens = ensemble_logits(member_logits[:n])
-        row = {**key, "N": n, "members_mean": sum(accs) / n,
-               "ensemble": accuracy_pct(ens, test.y),
-               "naive": _soup_row(models[0], sds[:n], test.x, test.y, None, cfg.bn_batches, job.seed),
-               "aligned": _soup_row(models[0], aligned[:n], test.x, test.y, None, cfg.bn_batches, job.seed)}
+        row = {**key, "N": n, "members_mean": sum(accs) / n, "ensemble": accuracy_pct(ens, test.y)}
+        soups = {"naive": (sds[:n], None), "aligned": (aligned[:n], None)}
         if bn:
-            row["naive+bn_reset"] = _soup_row(models[0], sds[:n], test.x, test.y, train.x, cfg.bn_batches, job.seed)
-            row["aligned+bn_reset"] = _soup_row(models[0], aligned[:n], test.x, test.y, train.x, cfg.bn_batches,
-                                                job.seed)
+            soups.update({"naive+bn_reset": (sds[:n], train.x), "aligned+bn_reset": (aligned[:n], train.x)})
+        for variant, (members, bn_x) in soups.items():
+            row[variant], out.soup_correct[(n, variant)] = _soup_row(models[0], members, test.x, test.y, bn_x,
+                                                                    cfg.bn_batches, job.seed)
         out.soups.append(row)
     return out
-
-
-@torch.no_grad()
-def evaluate_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
 def run_grid(config: RebasinConfig, *, seed_offset: int = 0, executor: str = "local", cache: Path | None = None,
@@ -205,34 +203,66 @@ def build_report(out: Path, config: RebasinConfig, results: Sequence[CellResult]
                        note="Members 2..N are each aligned to member 1 by weight matching before averaging.")
 
     figures = _figures(out, path_rows, soup_rows)
-    naive = {(r["arch"], r["dataset"], r["seed"]): r["loss_barrier"] for r in barrier_rows if r["variant"] == "naive"}
-    best = {}
-    for r in barrier_rows:
-        if r["variant"] != "naive":
-            k = (r["arch"], r["dataset"], r["seed"])
-            best[k] = min(best.get(k, float("inf")), r["loss_barrier"])
-    lower = sum(best[k] < naive[k] for k in naive)
-    soup_wins = sum(max(r.get("aligned", 0), r.get("aligned+bn_reset", 0)) > max(r.get("naive", 0),
-                    r.get("naive+bn_reset", 0)) for r in soup_rows)
-    verdicts = [
-        Verdict("Alignment lowers the loss barrier between independently trained models",
-                lower == len(naive) if naive else None, f"lower in {lower}/{len(naive)} cells"),
-        Verdict("Aligned soups beat naive soups", soup_wins == len(soup_rows) if soup_rows else None,
-                f"better in {soup_wins}/{len(soup_rows)} (cell, N)"),
-    ]
+    verdicts = _verdicts(barrier_rows, results)
     report = Report("Git Re-Basin: permutation alignment, loss barriers and aligned soups",
                     intro="Independently trained models are interpolated linearly before and after weight "
                           "matching (Ainsworth et al. 2023), with BatchNorm statistics re-estimated where the "
                           "network has them (REPAIR-style reset, Jordan et al. 2023).",
                     meta={"seed": seed, "executor": executor})
     report.add(
-        Section("Barriers along the linear path", verdicts=verdicts[:1], tables=[loss_table, acc_table],
+        Section("Barriers along the linear path", verdicts=verdicts[:2], tables=[loss_table, acc_table],
                 figures=figures[:2]),
-        Section("Soups of N models", verdicts=verdicts[1:], tables=[soup_table], figures=figures[2:]),
+        Section("Soups of N models", verdicts=verdicts[2:], tables=[soup_table], figures=figures[2:]),
     )
     tables = {"path.csv": path_rows, "barriers.csv": loss_table, "barriers.md": [loss_table, acc_table],
               "barriers_long.csv": barrier_rows, "soups": soup_table}
-    return StudyResult(report, tables, extra={"executor": executor, "zoos": [c.zoo for c in results]})
+    return StudyResult(report, tables, extra={"executor": executor, "zoos": [c.zoo for c in results],
+                                              "verdicts": {v.claim: v.word for v in verdicts}})
+
+
+def _seed_difference(pairs: Sequence[tuple[float, float]]) -> Difference:
+    """First minus second over seeds, with ±2 standard errors; one seed leaves it unresolved (no spread)."""
+    d = np.array([a - b for a, b in pairs], dtype=np.float64)
+    half = 2 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
+    return Difference(float(d.mean()), float(d.mean() - half), float(d.mean() + half), 0, len(d))
+
+
+def _verdicts(barrier_rows: Sequence[dict[str, Any]], results: Sequence[CellResult]) -> list[Verdict]:
+    """Alignment and the BatchNorm reset credited separately: each compared with the same other treatment."""
+    barrier = {(r["arch"], r["dataset"], r["seed"], r["variant"]): r["loss_barrier"] for r in barrier_rows}
+    cells = sorted({(a, d) for a, d, _, _ in barrier})
+
+    def barrier_diffs(better: str, worse: str) -> list[Difference]:
+        out = []
+        for a, d in cells:
+            pairs = [(barrier[(a, d, s, worse)], barrier[(a, d, s, better)]) for (a2, d2, s, v) in barrier
+                     if (a2, d2, v) == (a, d, better) and (a, d, s, worse) in barrier]
+            if pairs:
+                out.append(_seed_difference(pairs))  # > 0: ``better`` has the lower barrier
+        return out
+
+    def soup_diffs(better: str, worse: str) -> list[Difference]:
+        return [paired_difference(c.soup_correct[(n, better)], c.soup_correct[(n, worse)], seed=n)
+                for c in results for (n, v) in c.soup_correct if v == better and (n, worse) in c.soup_correct]
+
+    barrier_paper = "Ainsworth et al. 2023 (Git Re-Basin): after weight matching, wide enough models show (near) zero "
+    return [
+        claim_verdict("Weight matching lowers the loss barrier (aligned vs naive, same BatchNorm treatment)",
+                      barrier_diffs("aligned", "naive") + barrier_diffs("aligned+bn_reset", "naive+bn_reset"),
+                      what="(architecture, dataset, BN treatment) cells, over seeds", unit="nats of barrier",
+                      paper=barrier_paper + "loss barrier, e.g. MLPs on MNIST"),
+        claim_verdict("Resetting BatchNorm statistics lowers the barrier of the aligned path (aligned + BN reset "
+                      "vs aligned)", barrier_diffs("aligned+bn_reset", "aligned"), what="BatchNorm cells, over seeds",
+                      unit="nats of barrier",
+                      paper="Jordan et al. 2023 (REPAIR): interpolated BatchNorm nets need their statistics "
+                            "re-estimated; the reset removes most of the remaining barrier"),
+        claim_verdict("Aligned soups beat naive soups (same BatchNorm treatment)",
+                      soup_diffs("aligned", "naive") + soup_diffs("aligned+bn_reset", "naive+bn_reset"),
+                      what="(cell, N, BN treatment)", paper=barrier_paper + "barrier, so their average works"),
+        claim_verdict("Resetting BatchNorm statistics improves aligned soups (aligned + BN reset vs aligned)",
+                      soup_diffs("aligned+bn_reset", "aligned"), what="BatchNorm (cell, N)",
+                      paper="Jordan et al. 2023 (REPAIR)"),
+    ]
 
 
 def _figures(out: Path, path_rows: list[dict[str, Any]], soup_rows: list[dict[str, Any]]) -> list[FigureRef]:

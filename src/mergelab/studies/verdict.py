@@ -60,11 +60,12 @@ def paired_difference(correct_a: torch.Tensor | np.ndarray, correct_b: torch.Ten
     d = a - b  # (seeds, examples)
     s, n = d.shape
     rng = np.random.default_rng(seed)
-    boots = np.empty(n_boot)
-    for i in range(n_boot):
-        rows = rng.integers(0, s, s) if s > 1 else np.zeros(1, dtype=np.int64)
-        cols = rng.integers(0, n, n)
-        boots[i] = d[np.ix_(rows, cols)].mean()
+    if s == 1:  # one draw matrix for all resamples: 2,000 × n indices, about 40 ms for n = 1,000
+        boots = d[0][rng.integers(0, n, (n_boot, n))].mean(1)
+    else:
+        boots = np.empty(n_boot)
+        for i in range(n_boot):
+            boots[i] = d[np.ix_(rng.integers(0, s, s), rng.integers(0, n, n))].mean()
     tail = (1 - level) / 2
     low, high = np.quantile(boots, [tail, 1 - tail])
     return Difference(100.0 * float(d.mean()), 100.0 * float(low), 100.0 * float(high), n, s)
@@ -80,7 +81,7 @@ def compare(diff: Difference) -> Outcome:
 
 
 def claim_verdict(claim: str, diffs: Sequence[Difference], *, paper: str = "", what: str = "configurations",
-                  majority: float = 0.75) -> Verdict:
+                  unit: str = "points", majority: float = 0.75) -> Verdict:
     """"A beats B" over several configurations.
 
     Held when at least ``majority`` of them show A resolved better; did not hold when at least ``majority``
@@ -102,9 +103,13 @@ def claim_verdict(claim: str, diffs: Sequence[Difference], *, paper: str = "", w
     mean = float(np.mean([d.mean for d in diffs]))
     seeds = max(d.n_seeds for d in diffs)
     examples = min(d.n_examples for d in diffs)
-    detail = (f"A resolved better in {better}/{n} {what}, worse in {worse}, not resolved in {tie} (95 % paired "
-              f"bootstrap CI over ≥ {examples} test examples{f' and {seeds} seeds' if seeds > 1 else ''}); mean "
-              f"difference {mean:+.1f} points.")
+    if examples:
+        basis = f"95 % paired bootstrap CI over ≥ {examples} test examples"
+        basis += f" and {seeds} seeds" if seeds > 1 else ""
+    else:
+        basis = f"±2 standard errors over {seeds} seed(s); a single seed resolves nothing"
+    detail = (f"the claimed side resolved better in {better}/{n} {what}, worse in {worse}, not resolved in {tie} "
+              f"({basis}); mean difference {mean:+.2f} {unit}.")
     return Verdict(claim, held, detail, paper=paper, undecided=undecided)
 
 

@@ -9,12 +9,13 @@ split; every accuracy reported is on the test split. Members 0..N−1 of one zoo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from mergelab.ensemble import ensemble_logits, feature_ensemble_logits, merged_head
 from mergelab.report import FigureRef, Report, Section, Table, Verdict
@@ -28,9 +29,9 @@ from mergelab.studies.common import (
     explain,
     run_config,
     splits,
-    verdict_from_fraction,
     zoo_spec,
 )
+from mergelab.studies.verdict import Difference, check, claim_verdict, paired_difference
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.models import ARCHS, count_parameters, flops_per_example
 from mergelab.zoo.primitives import accuracy_pct
@@ -103,8 +104,16 @@ def _costs(zoo: Zoo) -> tuple[int, int, int, int]:
             2 * head.in_features * head.out_features)
 
 
-def evaluate_zoo(ev: ZooEval, ns: Sequence[int], *, strict: bool = True) -> list[dict[str, Any]]:
-    """All methods for every N in ``ns`` (members 0..N−1) on one zoo; one row per (N, method)."""
+#: methods whose per-example test correctness is kept for the verdicts' bootstrap
+COMPARED = ("perf_ave", "uniform_soup", "greedy_soup", "logit_ensemble", "feature_ensemble")
+
+
+def evaluate_zoo(ev: ZooEval, ns: Sequence[int], *, strict: bool = True,
+                 correct: dict[tuple[int, str], torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """All methods for every N in ``ns`` (members 0..N−1) on one zoo; one row per (N, method).
+
+    ``correct`` (when given) receives, per (N, method) of :data:`COMPARED`, each test example's score
+    (1 right, 0 wrong; Perf Ave: the share of members right) for the verdicts' paired bootstrap."""
     zoo = ev.zoo
     p, f, ph, fh = _costs(zoo)
     val_y, test_y = ev.val.y, ev.test.y
@@ -150,6 +159,17 @@ def evaluate_zoo(ev: ZooEval, ns: Sequence[int], *, strict: bool = True) -> list
         k = len(gf.selected)
         add("greedy_feature_ensemble", feature_acc(gf.selected, "test"), gf.score, k,
             k * (p - ph) + ph, k * (f - fh) + fh, gf.selected)
+        if correct is not None:
+            def hits(logits: torch.Tensor) -> torch.Tensor:
+                return (logits.argmax(1) == test_y).double()
+
+            correct[(n, "perf_ave")] = torch.stack([hits(ev.outputs(i, "test").logits) for i in idx]).mean(0)
+            correct[(n, "uniform_soup")] = hits(ev.soup_outputs(idx, "test").logits)
+            correct[(n, "greedy_soup")] = hits(ev.soup_outputs(g.selected, "test").logits)
+            correct[(n, "logit_ensemble")] = hits(ensemble_logits([ev.outputs(i, "test").logits for i in idx]))
+            head = merged_head([ev.members[i].head for i in idx])
+            correct[(n, "feature_ensemble")] = hits(
+                feature_ensemble_logits([ev.outputs(i, "test").features for i in idx], head))
     return rows
 
 
@@ -178,54 +198,57 @@ def main_table(rows: Sequence[dict[str, Any]], n: int) -> Table:
                       "split. Costs are per prediction: a soup costs one model, an ensemble N.")
 
 
-def _verdicts(rows: Sequence[dict[str, Any]], ns: Sequence[int]) -> tuple[list[Verdict], dict[str, Any]]:
-    acc = _lookup(rows)
-    configs = sorted({(r["dataset"], r["zoo"], r["N"]) for r in rows})
-    shared = [c for c in configs if not c[1].endswith("(indep.)")]
+Key = tuple[str, str, int]  # (dataset, zoo label, N)
+
+
+def _verdicts(rows: Sequence[dict[str, Any]], ns: Sequence[int],
+              correct: Mapping[tuple[str, str, int, str], torch.Tensor]) -> tuple[list[Verdict], dict[str, Any]]:
+    """The paper's claims as resolved comparisons (paired bootstrap over test examples), the identity as a check."""
+    configs: list[Key] = sorted({(r["dataset"], r["zoo"], r["N"]) for r in rows})
+    shared = [c for c in configs if not c[1].endswith("(indep.)") and c[1] != "linear"]
     indep = [c for c in configs if c[1].endswith("(indep.)")]
+    nonlinear = [c for c in configs if c[1] != "linear"]
 
-    def count(pred: Any, cs: Sequence[tuple[str, str, int]]) -> tuple[int, int]:
-        return sum(1 for c in cs if pred(c)), len(cs)
+    def diff(c: Key, a: str, b: str) -> Difference:
+        return paired_difference(correct[(*c, a)], correct[(*c, b)], seed=c[2])
 
-    def a(c: tuple[str, str, int], m: str) -> float:
-        return acc[(c[0], c[1], c[2], m)]
-
-    out = []
-    h, t = count(lambda c: a(c, "logit_ensemble") >= a(c, "uniform_soup"), configs)
-    out.append(Verdict("Logit ensemble ≥ uniform soup", verdict_from_fraction(h, t),
-                       f"logit ensemble ≥ uniform soup in {h}/{t} configs (all zoos × N)."))
-    h2, t2 = count(lambda c: a(c, "feature_ensemble") >= a(c, "uniform_soup"), configs)
-    out.append(Verdict("Averaging features (feature ensemble) ≥ averaging weights (uniform soup)",
-                       verdict_from_fraction(h2, t2), f"feature ensemble ≥ uniform soup in {h2}/{t2} configs."))
-    h3, t3 = count(lambda c: a(c, "uniform_soup") >= a(c, "perf_ave"), shared)
-    h4, t4 = count(lambda c: a(c, "uniform_soup") < a(c, "perf_ave") - 5.0, indep)
-    held = verdict_from_fraction(h3, t3) if not indep else (
-        verdict_from_fraction(h3, t3) if verdict_from_fraction(h4, t4) else None)
-    detail = f"uniform soup ≥ Perf Ave in {h3}/{t3} shared-init configs"
+    out = [
+        claim_verdict("Averaging outputs beats averaging weights: logit ensemble > uniform soup",
+                      [diff(c, "logit_ensemble", "uniform_soup") for c in nonlinear], what="zoo × N configurations",
+                      paper="Tab. 1, Fig. 3: ensembles above the uniform soup (the linear model, where they are "
+                            "the same function, is a check below, not evidence)"),
+        claim_verdict("Averaging features beats averaging weights: feature ensemble > uniform soup",
+                      [diff(c, "feature_ensemble", "uniform_soup") for c in nonlinear], what="zoo × N configurations",
+                      paper="Tab. 1, Fig. 3: feature ensembles above the uniform soup"),
+        claim_verdict("Uniform soup of shared-start fine-tunes > the mean of its members (Perf Ave)",
+                      [diff(c, "uniform_soup", "perf_ave") for c in shared], what="shared-start configurations",
+                      paper="Tab. 1: the soup is below Perf Ave on 5 of 7 datasets (the model-soups claim; the "
+                            "Rethinking paper's own table mostly does not show it)"),
+        claim_verdict("Greedy soup > Perf Ave (greedy selection on val, scored on test)",
+                      [diff(c, "greedy_soup", "perf_ave") for c in shared], what="shared-start configurations",
+                      paper="model soups (Wortsman et al. 2022): the greedy soup is never worse than the best "
+                            "single model on held-out data"),
+    ]
     if indep:
-        detail += f"; from independent inits it falls > 5 points below Perf Ave in {h4}/{t4}"
-    out.append(Verdict("Weight averaging works for models fine-tuned from a shared start (not from "
-                       "independent inits)", held, detail + "."))
-    h5, t5 = count(lambda c: a(c, "greedy_soup") >= a(c, "perf_ave"), shared)
-    out.append(Verdict("Greedy soup ≥ Perf Ave", verdict_from_fraction(h5, t5),
-                       f"greedy soup ≥ Perf Ave in {h5}/{t5} shared-init configs (selection on val, scored on "
-                       "test: it can lose on test)."))
-    zoos = sorted({(c[0], c[1]) for c in configs})
+        out.append(claim_verdict("Soups of independently trained models fall below their members: Perf Ave > "
+                                 "uniform soup", [diff(c, "perf_ave", "uniform_soup") for c in indep],
+                                 what="independent-init configurations",
+                                 paper="no shared basin, so weight averaging fails (the paper's motivation)"))
     lo, hi = min(ns), max(ns)
-    grows = [z for z in zoos if (*z, hi) in set(configs) and (*z, lo) in set(configs)
-             and a((*z, hi), "logit_ensemble") - a((*z, hi), "uniform_soup")
-             > a((*z, lo), "logit_ensemble") - a((*z, lo), "uniform_soup")]
-    tz = sum(1 for z in zoos if (*z, hi) in set(configs))
-    out.append(Verdict(f"The ensemble − soup gap grows with N (N = {lo} → {hi})",
-                       verdict_from_fraction(len(grows), tz),
-                       f"the gap at N = {hi} exceeds the gap at N = {lo} for {len(grows)}/{tz} zoos."))
+    grow = []
+    for d, z in sorted({(c[0], c[1]) for c in nonlinear}):
+        if (d, z, lo, "uniform_soup") in correct and (d, z, hi, "uniform_soup") in correct and lo != hi:
+            gap_hi = correct[(d, z, hi, "logit_ensemble")] - correct[(d, z, hi, "uniform_soup")]
+            gap_lo = correct[(d, z, lo, "logit_ensemble")] - correct[(d, z, lo, "uniform_soup")]
+            grow.append(paired_difference(gap_hi, gap_lo, seed=hi))
+    out.append(claim_verdict(f"The ensemble − soup gap grows with N (N = {lo} → {hi})", grow, what="zoos",
+                             paper="Fig. 7a: the gap widens as more models are combined"))
     lin = [c for c in configs if c[1] == "linear"]
     if lin:
-        same = sum(1 for c in lin if abs(a(c, "logit_ensemble") - a(c, "uniform_soup")) < 1e-9)
-        out.append(Verdict("Sanity: for a linear model the uniform soup equals the logit ensemble",
-                           same == len(lin), f"identical accuracy in {same}/{len(lin)} linear configs."))
-    summary = {"ensemble_ge_soup": [h, t], "feature_ge_soup": [h2, t2], "soup_ge_perfave_shared": [h3, t3],
-               "soup_fails_indep": [h4, t4], "greedy_soup_ge_perfave": [h5, t5], "gap_grows": [len(grows), tz]}
+        same = sum(1 for c in lin if torch.equal(correct[(*c, "logit_ensemble")], correct[(*c, "uniform_soup")]))
+        out.append(check("For a linear model the uniform soup is the logit ensemble (the same function)", same,
+                         len(lin), "identical predictions on every test example"))
+    summary = {v.claim: {"outcome": v.word, "detail": v.detail} for v in out}
     return out, summary
 
 
@@ -249,8 +272,8 @@ def _figures(rows: Sequence[dict[str, Any]], cfg: Config, out: Path, verdicts: S
         wins = sum(acc[(d, z, n, "logit_ensemble")] >= acc[(d, z, n, "uniform_soup")] for d, z in pairs)
         figs.append(FigureRef(path, f"Fig. 3 style: test accuracy of every method for N = {n}, per "
                                     "architecture (x axis) and dataset (panel). At this N the logit ensemble "
-                                    f"≥ the uniform soup for {wins}/{len(pairs)} architectures. "
-                                    + verdicts[0].sentence()))
+                                    f"scores at least the uniform soup's accuracy for {wins}/{len(pairs)} "
+                                    "architectures (before any uncertainty). " + verdicts[0].sentence()))
     panels2 = {}
     for ds in datasets:
         zoos = list(dict.fromkeys(r["zoo"] for r in rows if r["dataset"] == ds))
@@ -280,12 +303,17 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
     specs = zoo_specs(cfg)
     zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress, executor=cfg.executor)
     rows: list[dict[str, Any]] = []
+    correct: dict[tuple[str, str, int, str], torch.Tensor] = {}
     with make_progress(disable=not show_progress) as bar, torch_threads():
         task = bar.add_task("evaluate soups and ensembles", total=len(zoos))
         for zoo in zoos:
             val, test = splits(zoo.config.dataset, cfg.split_seed)
             ev = ZooEval(zoo, val, test, mode=cfg.eval_mode)  # type: ignore[arg-type]
-            for r in evaluate_zoo(ev, cfg.ns, strict=cfg.greedy_strict):
+            per_zoo: dict[tuple[int, str], torch.Tensor] = {}
+            label = zoo_label(zoo.config.arch, zoo.config.init)
+            zoo_rows = evaluate_zoo(ev, cfg.ns, strict=cfg.greedy_strict, correct=per_zoo)
+            correct.update({(zoo.config.dataset, label, n, m): v for (n, m), v in per_zoo.items()})
+            for r in zoo_rows:
                 rows.append({"dataset": zoo.config.dataset, "zoo": zoo_label(zoo.config.arch, zoo.config.init),
                              "arch": zoo.config.arch, "init": zoo.config.init, **r, "eval_mode": cfg.eval_mode,
                              "seed": cfg.seed, "member_seeds": " ".join(map(str, zoo.member_seeds[:r["N"]]))})
@@ -293,7 +321,7 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
     n_main = max(n for n in cfg.ns if any(r["N"] == n for r in rows))
     table = main_table(rows, n_main)
     per_n = [main_table(rows, n) for n in cfg.ns if n != n_main and any(r["N"] == n for r in rows)]
-    verdicts, summary = _verdicts(rows, cfg.ns)
+    verdicts, summary = _verdicts(rows, cfg.ns, correct)
     figs = _figures(rows, cfg, out, verdicts)
     section = Section(
         "Weights vs features: soups and ensembles (Table 1, Fig. 3, Fig. 7a)",

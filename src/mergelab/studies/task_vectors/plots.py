@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-from mergelab.report.plots import new_figure, save
+from mergelab.report.plots import CELL_FONT, legend_below, new_figure, save, styled
 
 #: fixed colours so every figure uses the same legend for a method
 COLORS = {
@@ -18,6 +18,7 @@ COLORS = {
 }
 
 
+@styled
 def method_bars(values: Mapping[str, float], labels: Mapping[str, str], path: Path, *, title: str) -> Path:
     """Horizontal bars of mean normalised test accuracy per method, with the 100 % line (fine-tuned)."""
     names = list(values)
@@ -27,17 +28,18 @@ def method_bars(values: Mapping[str, float], labels: Mapping[str, str], path: Pa
     ax.barh(y, [values[n] for n in names], color=[COLORS.get(n, "#444444") for n in names],
             label="mean over tasks (test)")
     for yi, n in zip(y, names):
-        ax.text(values[n] + 0.5, yi, f"{values[n]:.1f}", va="center", fontsize=8)
+        ax.text(values[n] + 0.5, yi, f"{values[n]:.1f}", va="center", fontsize=CELL_FONT)
     ax.axvline(100.0, color="black", lw=0.8, ls="--", label="individual fine-tuned = 100 %")
     ax.set_yticks(y, [labels.get(n, n) for n in names])
     ax.invert_yaxis()
     ax.set_xlabel("normalised accuracy (% of each task's fine-tuned accuracy)")
     ax.set_xlim(0, max(110.0, max(values.values()) + 8))
-    fig.legend(fontsize=7, loc="outside lower center", ncols=2)
+    legend_below(fig, [ax], ncols=2)
     ax.set_title(title)
     return save(fig, path)
 
 
+@styled
 def rank_sweep(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], baselines: Mapping[str, float],
                path: Path, *, title: str, ylabel: str) -> Path:
     """CART accuracy vs rank ratio, one line per λ (and split), baselines as horizontal lines."""
@@ -61,11 +63,12 @@ def rank_sweep(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], ba
     ax.set_xlabel("rank k of each low-rank centred task matrix (% of full rank, symlog scale)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncols=2)
+    legend_below(fig, [ax], ncols=3)
     ax.set_title(title)
     return save(fig, path)
 
 
+@styled
 def interference_panels(ratios: Sequence[float], series: Mapping[str, Mapping[str, Sequence[float]]],
                         path: Path, *, title: str) -> Path:
     """One panel per measure (I(k)/(T(T−1)) with top-k and whole-spectrum normalisation, R(k)/R(0)) vs rank
@@ -83,14 +86,15 @@ def interference_panels(ratios: Sequence[float], series: Mapping[str, Mapping[st
         ax.set_xscale("symlog", linthresh=2.0)
         ax.set_xlim(0, 105)
         ax.set_xlabel("rank k (% of full rank, symlog scale)")
-        ax.set_ylabel(ylabels[panel], fontsize=8)
+        ax.set_ylabel(ylabels[panel], fontsize=CELL_FONT)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    legend_below(fig, list(axes))
     fig.suptitle(title)
     return save(fig, path)
 
 
+@styled
 def scaling(ts: Sequence[int], series: Mapping[str, Sequence[float]], labels: Mapping[str, str], path: Path, *,
             title: str) -> Path:
     """Mean normalised test accuracy vs number of merged tasks T, one line per method."""
@@ -102,6 +106,6 @@ def scaling(ts: Sequence[int], series: Mapping[str, Sequence[float]], labels: Ma
     ax.set_xlabel("number of merged tasks T (count)")
     ax.set_ylabel("normalised accuracy (% of fine-tuned, test)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncols=2)
+    legend_below(fig, [ax], ncols=3)
     ax.set_title(title)
     return save(fig, path)

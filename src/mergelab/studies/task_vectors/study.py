@@ -347,7 +347,8 @@ def _write(out: Path, bench: MergeBench, plan: Plan, sel: dict[str, Selection], 
                 figures=[FigureRef(fig_int, how_to_read=(
                     "x = rank ratio k / min(m, n); left and middle: interference I(k) (lower = task subspaces overlap "
                     "less), right: reconstruction error R(k)/R(0) (lower = rank k keeps more of the task vectors). "
-                    "Centring (orange) should lower I(k) at every rank."), caption="I(k)/(T(T−1)) with top-k and with "
+                    "The centred lines (red) should lie below the uncentred ones (orange) at every rank."),
+                    caption="I(k)/(T(T−1)) with top-k and with "
                                           "whole-spectrum normalised singular "
                                             "values, and R(k)/R(0); means over the 2-D encoder weights")]),
         Section("Scaling with the number of tasks", text=[_SCALING_TEXT], tables=[scaling_summary, scaling_table],
@@ -395,23 +396,37 @@ def _setup_text(suite: TaskSuite, plan: Plan) -> str:
             f"Suite seed {suite.seed}.")
 
 
+_RECORD = ("CART (Choi et al., arXiv:2412.12153), CLIP ViT-B/32 on 8 tasks, normalised accuracy: CART 93.6 %, task "
+           "arithmetic about 76 %, TIES about 80 %")
+_PEAK = ("CART: accuracy vs rank is bell-shaped with its peak at 8–12 % of full rank, above weight averaging at "
+         "both ends")
+_CENTRING = "CART Sec. 3: centred task matrices (θ_t − θ_avg) interfere less in their top-k row spaces than θ_t − θ_0"
+
+
 def _verdicts(test_norm: dict[str, float], peak: dict[str, Any] | None, curve: list[Any]) -> list[Verdict]:
     cart, ta, wa = test_norm["cart"], test_norm["task_arithmetic"], test_norm["weight_averaging"]
     out = [
-        Verdict("CART beats task arithmetic", cart > ta, f"CART {cart:.1f} % vs task arithmetic {ta:.1f} % (test)"),
-        Verdict("CART beats weight averaging", cart > wa, f"CART {cart:.1f} % vs weight averaging {wa:.1f} % (test)"),
+        Verdict("CART beats task arithmetic", cart > ta, f"CART {cart:.1f} % vs task arithmetic {ta:.1f} % (test; "
+                "no confidence interval is computed for this study yet: differences of a couple of points are "
+                "within the noise of these test sets)", paper=_RECORD),
+        Verdict("CART beats weight averaging", cart > wa, f"CART {cart:.1f} % vs weight averaging {wa:.1f} % (test)",
+                paper=_RECORD),
     ]
     if peak is None:
-        out.append(Verdict("accuracy vs rank peaks at a low rank (paper: ~8–12 %)", None, "no interior rank swept"))
+        out.append(Verdict("accuracy vs rank is bell-shaped, peaking at a low rank", None, "no interior rank swept",
+                           paper=_PEAK))
     else:
         # a peak less than one point above the weight-averaging ends is within split noise here: "mixed"
         gain = peak["val_norm_acc"] - peak["wa_val"]
-        held = None if 0 < gain < 1.0 and peak["rank_ratio"] <= 0.25 else (peak["rank_ratio"] <= 0.25 and gain >= 1.0)
+        # the paper's peak is 8–12 %; the nearest grid points (4 %, 16 %) still count, 25 % or more does not
+        low_rank = 0.04 <= peak["rank_ratio"] <= 0.16
+        held = None if 0 < gain < 1.0 and low_rank else (low_rank and gain >= 1.0)
         out.append(Verdict(
-            "accuracy vs rank is bell-shaped with its peak at a low rank (paper: ~8–12 %)", held,
+            "accuracy vs rank is bell-shaped, peaking at a low rank", held,
             f"validation peak at rank ratio {100 * peak['rank_ratio']:g} % (λ={peak['lambda']:g}): "
             f"{peak['val_norm_acc']:.1f} % val ({gain:+.1f} points over weight averaging), "
-            f"{peak.get('test_norm_acc', float('nan')):.1f} % test; ratio 0 % and 100 % are weight averaging"))
+            f"{peak.get('test_norm_acc', float('nan')):.1f} % test; ratio 0 % and 100 % are weight averaging",
+            paper=_PEAK))
     ratios = sorted({p.ratio for p in curve if p.ratio > 0})
     counts = []
     for attr in ("mean_interference", "mean_interference_full_norm"):
@@ -419,7 +434,7 @@ def _verdicts(test_norm: dict[str, float], peak: dict[str, Any] | None, curve: l
         counts.append(sum(pairs[(r, True)] < pairs[(r, False)] for r in ratios))
     lower = counts[0]
     held = True if lower == len(ratios) else (False if lower == 0 else None)
-    out.append(Verdict("centring lowers row-space interference I(k) at every rank", held,
+    out.append(Verdict("centring lowers row-space interference I(k) at every rank", held, paper=_CENTRING, detail=
                        f"centred below uncentred at {lower}/{len(ratios)} rank ratios (top-k normalised σ̃), "
                        f"{counts[1]}/{len(ratios)} with whole-spectrum normalisation"))
     return out

@@ -1,0 +1,65 @@
+"""Verdict rules: a difference counts only beyond its bootstrap CI; identities and theorems are checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mergelab.studies.verdict import NO_DIFFERENCE, Difference, check, claim_verdict, compare, paired_difference
+
+
+def _correct(acc: float, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random(n) < acc).astype(float)
+
+
+def test_identical_predictions_give_a_zero_width_interval() -> None:
+    a = _correct(0.8, 500, 0)
+    d = paired_difference(a, a)
+    assert d.mean == d.low == d.high == 0.0 and compare(d) == "tie"
+
+
+def test_difference_is_in_points_and_its_interval_covers_the_mean() -> None:
+    a = np.array([1, 1, 1, 1, 0, 0, 0, 0, 1, 1], dtype=float)  # 60 %
+    b = np.array([1, 1, 0, 0, 0, 0, 0, 0, 1, 1], dtype=float)  # 40 %
+    d = paired_difference(torch.tensor(a), torch.tensor(b))
+    assert d.mean == pytest.approx(20.0) and d.low <= 20.0 <= d.high and d.n_examples == 10
+
+
+def test_a_few_points_on_a_small_test_set_are_not_resolved_but_are_on_a_large_one() -> None:
+    small_a, small_b = _correct(0.82, 100, 1), _correct(0.80, 100, 2)
+    large_a = np.concatenate([np.ones(9000), np.zeros(1000)])  # 90 %
+    large_b = large_a.copy()
+    large_b[:300] = 0  # 87 %: wrong where A is right, 300 of 10,000 examples
+    assert compare(paired_difference(large_a, large_b)) == "better"
+    assert compare(paired_difference(large_b, large_a)) == "worse"
+    assert compare(paired_difference(small_a, small_b)) == "tie"
+
+
+def test_seeds_widen_the_interval_when_they_disagree() -> None:
+    a = np.stack([_correct(0.9, 400, s) for s in range(3)])
+    b_same = np.stack([_correct(0.9, 400, s + 10) for s in range(3)])
+    b_mixed = np.stack([np.zeros(400), np.ones(400), _correct(0.9, 400, 99)])
+    narrow, wide = paired_difference(a, b_same), paired_difference(a, b_mixed)
+    assert wide.n_seeds == 3 and (wide.high - wide.low) > (narrow.high - narrow.low)
+
+
+def test_claim_held_only_when_most_differences_are_resolved_in_its_direction() -> None:
+    win, tie, loss = Difference(5, 2, 8, 1000), Difference(1, -2, 4, 100), Difference(-5, -8, -2, 1000)
+    assert claim_verdict("A beats B", [win, win, win, tie], paper="Tab. 1").held is True
+    lost = claim_verdict("A beats B", [loss, loss, loss, win])
+    assert lost.held is False and lost.word == "did not hold"
+    small = claim_verdict("A beats B", [tie, tie, tie, win])
+    assert small.held is None and small.word == NO_DIFFERENCE
+    mixed = claim_verdict("A beats B", [win, win, loss, tie])
+    assert mixed.held is None and mixed.word == "mixed"
+    assert "Tab. 1" in claim_verdict("A beats B", [win], paper="Tab. 1").paper
+    assert claim_verdict("A beats B", []).held is None
+
+
+def test_identities_are_checks_not_claims() -> None:
+    ok = check("linear soup = logit ensemble", 4, 4)
+    bad = check("averaging bound", 3, 4)
+    assert ok.kind == bad.kind == "check" and ok.held is True and bad.held is False
+    assert ok.word == "check passed" and "4/4" in ok.detail
