@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from mergelab import merge_state_dicts
 from mergelab.analysis.interference import Spectrum, low_rank_sum, spectrum, task_matrices
 from mergelab.ensemble import ensemble_logits
+from mergelab.merge.state_dicts import merge_state_dicts
 from mergelab.methods.cart import rank_from_ratio
 from mergelab.types import StateDict
 from mergelab.zoo.primitives import accuracy_pct
