@@ -89,17 +89,17 @@ class CellResult:
     soups: list[dict[str, Any]] = field(default_factory=list)
     zoo: dict[str, Any] = field(default_factory=dict)
     #: (N, soup variant) → each test example's 0/1 score, for the verdicts' paired bootstrap
-    soup_correct: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    soup_correct: dict[tuple[int, str], list[int]] = field(default_factory=dict)
 
 
 def _soup_row(model: torch.nn.Module, sds: Sequence[dict[str, torch.Tensor]], x: torch.Tensor, y: torch.Tensor,
-              bn_x: torch.Tensor | None, bn_batches: int, seed: int) -> tuple[float, torch.Tensor]:
+              bn_x: torch.Tensor | None, bn_batches: int, seed: int) -> tuple[float, list[int]]:
     """Test accuracy (%) of the uniform soup of ``sds`` and each test example's 0/1 score."""
     net = copy.deepcopy(model)
     net.load_state_dict(uniform_soup(sds))
     if bn_x is not None:
         reset_bn_stats(net, bn_x, num_batches=bn_batches, seed=seed)
-    return 100.0 * evaluate(net, x, y)[1], (predict_logits(net, x, 1000).argmax(1) == y).double()
+    return 100.0 * evaluate(net, x, y)[1], (predict_logits(net, x, 1000).argmax(1) == y).int().tolist()
 
 
 def run_cell(job: CellJob) -> CellResult:

@@ -46,7 +46,8 @@ def _as_matrix(x: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
     return a[None, :] if a.ndim == 1 else a
 
 
-def paired_difference(correct_a: torch.Tensor | np.ndarray, correct_b: torch.Tensor | np.ndarray, *,
+def paired_difference(correct_a: torch.Tensor | np.ndarray | Sequence[float],
+                      correct_b: torch.Tensor | np.ndarray | Sequence[float], *,
                       n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Difference:
     """Bootstrap CI of mean(correct_a) − mean(correct_b) in points.
 
