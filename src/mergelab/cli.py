@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand
 
 from mergelab.errors import MergeLabError
+from mergelab.terminal import GuardedGroup, console, err_console, plain, print_error
 
 
 def _flags_untyped(params: list[Any]) -> list[Any]:
@@ -28,16 +28,14 @@ class _Command(TyperCommand):
         return _flags_untyped(super().get_params(ctx))
 
 
-class _Group(TyperGroup):
+class _Group(GuardedGroup):  # every exception becomes one error paragraph (mergelab.terminal)
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_untyped(super().get_params(ctx))
 
 
-app = typer.Typer(cls=_Group, add_completion=True, no_args_is_help=True,
+app = typer.Typer(cls=_Group, add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Merge neural networks in weight space, compare with ensembles, explain why it works.")
-console = Console()
-err_console = Console(stderr=True)
 log = logging.getLogger("mergelab")
 
 Verbose = Annotated[int, typer.Option("-v", "--verbose", count=True, metavar="", show_default=False,
@@ -71,15 +69,15 @@ def _show_version(value: bool) -> None:
 def main(
     version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
                                           help="print the version and exit")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error (also MERGELAB_DEBUG=1)")]
+    = False,
 ) -> None:
     """Merge neural networks in weight space, compare with ensembles, explain why it works."""
 
 
 def _fail(exc: Exception) -> None:
-    # str(KeyError("x")) is "'x'" (quoted): print the message itself.
-    msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+    """Print a refusal as one error paragraph and exit with its code (2 for usage/config mistakes)."""
+    raise typer.Exit(code=print_error(exc))
 
 
 @app.command(cls=_Command)
@@ -133,7 +131,7 @@ def merge(
     except (MergeLabError, ValueError, KeyError) as exc:
         _fail(exc)
         return
-    console.print(f"wrote {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) to {result.out_dir}")
+    console.print(f"wrote {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) to {plain(result.out_dir)}")
     if evaluate:
         _evaluate(result.out_dir)
 
@@ -158,7 +156,7 @@ def extract_lora(
         _fail(exc)
         return
     worst = max((e["relative_error"] for e in result.errors.values()), default=0.0)
-    console.print(f"wrote a rank-{rank} LoRA of {result.modules} modules to {result.out_dir} (largest relative "
+    console.print(f"wrote a rank-{rank} LoRA of {result.modules} modules to {plain(result.out_dir)} (largest relative "
                   f"error {worst:.3g}); {len(result.not_captured)} delta(s) LoRA cannot hold (biases, norms) are "
                   "listed in its mergelab.json")
 
@@ -213,8 +211,8 @@ def example_models(
     except (MergeLabError, ValueError) as exc:
         _fail(exc)
         return
-    console.print(f"wrote {', '.join(p.name for p in paths)} and the example configs under {folder}; try: "
-                  f"mergelab merge {folder / 'ties.yml'} -o merged --eval")
+    console.print(f"wrote {plain(', '.join(p.name for p in paths))} and the example configs under {plain(folder)}; "
+                  f"try: mergelab merge {plain(folder / 'ties.yml')} -o merged --eval")
 
 
 @app.command(cls=_Command)
@@ -277,7 +275,7 @@ def study(
     except (MergeLabError, ValueError, KeyError) as exc:
         _fail(exc)
         return
-    console.print(f"report: {report}")
+    console.print(f"report: {plain(report)}")
 
 
 @app.command(cls=_Command)
@@ -302,7 +300,7 @@ def search(
     except (MergeLabError, ValueError, KeyError, FileNotFoundError) as exc:
         _fail(exc)
         return
-    console.print(f"best config: {best}  (scores per generation: {best.parent / 'scores.png'})")
+    console.print(f"best config: {plain(best)}  (scores per generation: {plain(best.parent / 'scores.png')})")
 
 
 @app.command(cls=_Command)
@@ -322,7 +320,7 @@ def demo(
     except MergeLabError as exc:
         _fail(exc)
         return
-    console.print(f"report: {report}")
+    console.print(f"report: {plain(report)}")
 
 
 if __name__ == "__main__":

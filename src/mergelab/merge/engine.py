@@ -130,7 +130,9 @@ def _copy_model_files(plan: MergePlan, tmp: Path, device_out_dtype: torch.dtype 
 
 def _progress(enabled: bool) -> Progress:
     return make_progress(
-        TextColumn("[bold]merging"), BarColumn(), TextColumn("{task.fields[tensors]}"), MofNCompleteColumn(),
+        TextColumn("[bold]merging"), BarColumn(),
+        TextColumn("{task.fields[tensors]}", markup=False),  # tensor names are user text, not rich markup
+        MofNCompleteColumn(),
         TransferSpeedColumn(), TimeRemainingColumn(), disable=not enabled,
     )
 
