@@ -91,3 +91,39 @@ def test_adapter() -> None:
                      params={"filter_wise": False}, base=BASE)
     assert_close(m.adapter(x), torch.tensor([2.0, 1.0 + math.sqrt(3) / 3], dtype=torch.float64))
     assert m.min_models == 2
+
+
+# -- the singular ratio: guarded as mergekit does, warned outside [0, 1] ----------------------------------
+def test_opposing_task_vectors_at_the_singularity_keep_the_base() -> None:
+    # δ2 = −δ1: cos φ = −1, 1 + (N−1) cos φ = 0 → no finite t: the base is kept (mergekit's guard)
+    d = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    assert_close(model_stock_merge(BASE, [BASE + d, BASE - 3 * d]), BASE)
+    # three models with mean cosine −1/2: δ = e1, (−½, √3/2), (−½, −√3/2) (120° apart) → denominator 0
+    r = math.sqrt(3) / 2
+    deltas = [torch.tensor(v, dtype=torch.float64) for v in ([1.0, 0.0], [-0.5, r], [-0.5, -r])]
+    assert_close(model_stock_merge(BASE, [BASE + x for x in deltas]), BASE)
+
+
+def test_ratio_outside_unit_interval_is_merged_by_the_formula_and_warned() -> None:
+    # cos φ = −0.9 for two models: t = 2(−0.9) / (1 − 0.9) = −18: far from the base, so it must be said
+    phi = math.acos(-0.9)
+    d1 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    d2 = torch.tensor([math.cos(phi), math.sin(phi)], dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"t = -18 is outside \[0, 1\]"):
+        out = model_stock_merge(BASE, [BASE + d1, BASE + d2])
+    assert_close(out, BASE - 18 * (d1 + d2) / 2)
+
+
+def test_ratio_inside_unit_interval_does_not_warn(recwarn: pytest.WarningsRecorder) -> None:
+    model_stock_merge(BASE, [BASE + torch.tensor([2.0, 0.0]).double(), BASE + torch.tensor([1.0, 1.0]).double()])
+    assert not recwarn.list
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("shape", [(), (0,), (0, 3), (3, 0), (2, 0, 4)])
+def test_scalar_and_empty_tensors(shape: tuple[int, ...], filter_wise: bool) -> None:
+    base = torch.full(shape, 2.0)
+    out = model_stock_merge(base, [base + 1, base + 1], filter_wise=filter_wise)
+    assert out.shape == base.shape and out.dtype == base.dtype
+    if base.numel():  # identical task vectors: t = 1, the average
+        assert_close(out, base + 1)

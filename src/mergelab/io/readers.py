@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from mergelab.errors import CheckpointError
-from mergelab.io.safetensors_file import SafetensorsFile
+from mergelab.io.safetensors_file import SAFETENSORS_DTYPES, SafetensorsFile, is_safetensors
 
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+READABLE_DTYPES = frozenset(SAFETENSORS_DTYPES.values())  # what the writer can write back
 
 
 @dataclass(frozen=True)
@@ -47,19 +48,29 @@ class CheckpointReader:
     folder whose ``config.json`` and tokenizer files can be copied to the output.
     """
 
-    def __init__(self, path: Path, files: list[Path], folder: Path | None) -> None:
+    def __init__(self, path: Path, files: list[Path], folder: Path | None,
+                 weight_map: dict[str, str] | None = None) -> None:
         self.path = path
         self.files = files
         self.folder = folder
         self._meta: dict[str, TensorMeta] = {}
         self._where: dict[str, Any] = {}
         self._handles: list[Any] = []
-        for file in files:
-            self._index(file)
+        self._file_of: dict[str, Path] = {}
+        try:
+            for file in files:
+                self._index(file)
+            if weight_map is not None:
+                self._check_weight_map(weight_map)
+            if not self._meta:
+                raise CheckpointError(f"{path}: holds no tensors; there is nothing to merge")
+        except BaseException:
+            self.close()
+            raise
 
     # -- loading ------------------------------------------------------------------------------------------
     def _index(self, file: Path) -> None:
-        if file.suffix == ".safetensors":
+        if _holds_safetensors(file):
             handle = SafetensorsFile(file)
             self._handles.append(handle)
             for name, entry in handle.entries.items():
@@ -74,6 +85,24 @@ class CheckpointReader:
             raise CheckpointError(f"{file}: tensor '{name}' appears in more than one file of {self.path}")
         self._meta[name] = meta
         self._where[name] = where
+        self._file_of[name] = file
+
+    def _check_weight_map(self, weight_map: dict[str, str]) -> None:
+        """The index and the shards must agree: a listed tensor that no shard holds would be dropped from the
+        merge, and one a shard holds but the index does not list is one the index's readers never see."""
+        where = self.folder if self.folder is not None else self.path
+        for name, shard in weight_map.items():
+            found = self._file_of.get(name)
+            if found is None:
+                raise CheckpointError(f"{where}: the shard index lists tensor '{name}' in '{shard}', but no shard "
+                                      "holds it; the checkpoint is incomplete: copy or save it again")
+            if self.folder is not None and found != self.folder / shard:
+                raise CheckpointError(f"{where}: the shard index lists tensor '{name}' in '{shard}', but it is "
+                                      f"in '{found.name}'; fix or regenerate the index")
+        unlisted = [n for n in self._meta if n not in weight_map]
+        if unlisted:
+            raise CheckpointError(f"{where}: shard(s) hold {len(unlisted)} tensor(s) that the shard index does not "
+                                  f"list, e.g. {unlisted[:3]}; fix or regenerate the index")
 
     # -- API ----------------------------------------------------------------------------------------------
     @property
@@ -171,6 +200,14 @@ def _load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{file}: entries {bad[:5]} are not tensors; save model.state_dict() instead")
+    for name, tensor in obj.items():
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type != "cpu":
+            what = "quantized" if tensor.is_quantized else f"{tensor.layout} on {tensor.device}"
+            raise CheckpointError(f"{file}: tensor '{name}' is a {what} tensor; mergelab merges dense tensors: "
+                                  "save a dense state dict (tensor.to_dense(), dequantize()) first")
+        if tensor.dtype not in READABLE_DTYPES:
+            raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {tensor.dtype}; mergelab reads "
+                                  f"{', '.join(sorted(str(d).removeprefix('torch.') for d in READABLE_DTYPES))}")
     return dict(obj)
 
 
@@ -184,34 +221,67 @@ def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
     return match.group(1) if match else "an object that is not a tensor or a plain container"
 
 
-def _files_in_folder(folder: Path) -> list[Path]:
+def _holds_safetensors(file: Path) -> bool:
+    """Read as safetensors or as a PyTorch pickle? By content first (a ``.bin`` may hold safetensors, and a
+    ``.safetensors`` a zip or pickle, which is then loaded with weights_only), by the name otherwise."""
+    if is_safetensors(file):
+        return True
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    looks_pickled = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch zip / pickle protocol 2+
+    return file.suffix == ".safetensors" and not looks_pickled
+
+
+def _shard_path(folder: Path, shard: str, index: Path) -> Path:
+    """``folder / shard``, refusing a name that leaves the folder (``../x``, ``/abs``): an index must not
+    make mergelab read (and hash into the record) files outside the model it describes. Checked on the name,
+    not the resolved path, so that shards which are symlinks (the Hugging Face cache) still work."""
+    parts = Path(shard).parts
+    # a backslash is a folder separator where the index may have been written (Windows)
+    if not parts or Path(shard).is_absolute() or ".." in parts or "\\" in shard:
+        raise CheckpointError(f"{index}: shard '{shard}' is not a file name inside {folder}; an index may only "
+                              "name files in its own folder")
+    return folder / shard
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("'weight_map' must map tensor names to shard file names")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:  # ValueError: bad JSON
+        raise CheckpointError(f"{index}: invalid shard index ({type(exc).__name__}: {exc}); expected a "
+                              "'weight_map'") from None
+    if not weight_map:
+        raise CheckpointError(f"{index}: the shard index lists no tensors ('weight_map' is empty); there is "
+                              "nothing to merge")
+    return weight_map
+
+
+def _files_in_folder(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                if not isinstance(weight_map, dict) or not all(isinstance(v, str)
-                                                               for v in weight_map.values()):
-                    raise TypeError("'weight_map' must map tensor names to shard file names")
-            except (OSError, ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON
-                raise CheckpointError(f"{index}: invalid shard index ({exc}); expected a 'weight_map'") \
-                    from None
-            files = []
+            weight_map = _read_weight_map(index)
+            files: dict[Path, None] = {}  # "x" and "./x" are one file
             for shard in dict.fromkeys(weight_map.values()):
-                path = folder / shard
+                path = _shard_path(folder, shard, index)
                 if not path.is_file():
                     raise CheckpointError(f"{index}: lists shard '{shard}', which is missing from {folder}")
-                files.append(path)
-            return files
+                files[path] = None
+            return list(files), weight_map
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).is_file():
-            return [folder / single]
+            return [folder / single], None
     found = (sorted(folder.glob("*.safetensors"))
              or sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES))
     if not found:
         raise CheckpointError(f"{folder}: no model.safetensors, sharded index or pytorch_model.bin found in "
                               "this folder")
-    return found
+    return found, None
 
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
@@ -221,9 +291,10 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
     """
     p = Path(path).expanduser()
     if p.is_dir():
-        return CheckpointReader(p, _files_in_folder(p), p)
+        files, weight_map = _files_in_folder(p)
+        return CheckpointReader(p, files, p, weight_map)
     if p.is_file():
-        if p.suffix != ".safetensors" and p.suffix not in _PICKLE_SUFFIXES:
+        if p.suffix != ".safetensors" and p.suffix not in _PICKLE_SUFFIXES and not is_safetensors(p):
             raise CheckpointError(f"{p}: unknown checkpoint type '{p.suffix}'; use .safetensors, .bin, .pt "
                                   "or .pth")
         return CheckpointReader(p, [p], None)

@@ -9,7 +9,6 @@ the file size when the file is opened, so a truncated or corrupt file fails befo
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +17,18 @@ from typing import BinaryIO
 import torch
 
 from mergelab.errors import CheckpointError
+from mergelab.io.safetensors_header import MAX_HEADER, HeaderError, header_length, parse_header
 
+# Every dtype of the format that torch can hold; the sub-byte ones (F4, F6_*) are packed several to a byte
+# and cannot be read tensor by tensor here: they are refused by name (see safetensors_header.FORMAT_DTYPES).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "C64": torch.complex64,
 }
-_MAX_HEADER = 100 * 2**20  # the format's own limit
+_MAX_DIM = 2**63 - 1  # torch sizes are int64
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,21 @@ class _Entry:
     shape: tuple[int, ...]
     start: int
     nbytes: int
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether the file starts like a safetensors file (a plausible header length, then a JSON object),
+    whatever its name: a ``.bin`` holding safetensors is read as safetensors, not unpickled."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= min(size - 8, MAX_HEADER) and head[8:].lstrip(b" \t\r\n")[:1] == b"{"
 
 
 class SafetensorsFile:
@@ -50,42 +69,27 @@ class SafetensorsFile:
             raise
 
     def _bad(self, why: str) -> CheckpointError:
-        return CheckpointError(f"{self.path}: not a valid safetensors file: {why}. It is probably truncated or "
+        return CheckpointError(f"{self.path}: not a valid safetensors file: {why}. The safetensors library refuses "
+                               "it too; if the file was copied or downloaded, it is probably truncated or "
                                "corrupted: copy or save it again")
 
     def _parse(self, size: int) -> dict[str, _Entry]:
-        if size < 8:
-            raise self._bad(f"only {size} bytes long")
-        n = int.from_bytes(self._file.read(8), "little")
-        if n > min(size - 8, _MAX_HEADER):
-            raise self._bad(f"header length {n} does not fit in the file's {size} bytes")
         try:
-            header = json.loads(self._file.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise self._bad(f"header is not valid JSON ({exc})") from None
-        if not isinstance(header, dict):
-            raise self._bad("header is not a JSON object")
+            n = header_length(self._file.read(8), size)
+            header, _ = parse_header(self._file.read(n), size)
+        except HeaderError as exc:
+            raise self._bad(str(exc)) from None
         data_start = 8 + n
         entries: dict[str, _Entry] = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise self._bad(f"tensor '{name}' has a malformed header entry {info!r}") from None
-            numel = 1
-            for d in shape:
-                numel *= d
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
-            if end - begin != nbytes or begin < 0:
-                raise self._bad(f"tensor '{name}' claims bytes [{begin}, {end}) but {shape} {info['dtype']} needs "
-                                f"{nbytes}")
-            if data_start + end > size:
-                raise self._bad(f"tensor '{name}' ends at byte {data_start + end} but the file has {size} bytes")
-            entries[name] = _Entry(dtype, shape, data_start + begin, nbytes)
+        for name, e in header.items():
+            dtype = SAFETENSORS_DTYPES.get(e.dtype)
+            if dtype is None:
+                raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype {e.dtype} (packed "
+                                      "sub-byte floats cannot be merged); convert it to BF16 or F32 first")
+            if any(d > _MAX_DIM for d in e.shape):
+                raise CheckpointError(f"{self.path}: tensor '{name}' has shape {list(e.shape)}, beyond what torch "
+                                      "can hold (sizes up to 2^63 - 1)")
+            entries[name] = _Entry(dtype, e.shape, data_start + e.begin, e.end - e.begin)
         return entries
 
     def get(self, name: str) -> torch.Tensor:

@@ -5,11 +5,16 @@ Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 20
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+
+# mergekit's guard: where 1 + (N−1) cos φ is this close to zero there is no finite estimate of t, and the
+# base is kept (t = 0) instead of amplifying opposing task vectors without bound.
+SINGULAR = 1e-6
 
 
 def model_stock_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
@@ -17,16 +22,22 @@ def model_stock_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     """``θ = t·θ_avg + (1−t)·θ_0`` with ``t = N cos φ / (1 + (N−1) cos φ)``.
 
     ``cos φ`` is the mean pairwise cosine between the task vectors ``θ_i − θ_0`` (per row when
-    ``filter_wise``), as mergekit does for N > 2. Computed in ``dtype`` (mergekit's arithmetic dtype;
-    float32 when None, float64 for float64 inputs).
+    ``filter_wise``), as mergekit does for N > 2, in ``dtype`` (mergekit's arithmetic dtype; float32 when
+    None, float64 for float64 inputs). Where ``|1 + (N−1) cos φ| < 1e-6`` the base is kept (mergekit's
+    guard); a ``t`` outside [0, 1] (task vectors at an obtuse mean angle: the merge moves away from the
+    models' average, and |t| grows without bound as cos φ nears −1/(N−1)) is merged as the formula says but
+    warned about. Empty tensors are returned as the base.
     """
     if len(tensors) < 2:
         raise ValueError("model_stock needs a base model and at least two other models")
+    if base.numel() == 0:
+        return base.clone()
     dtype = dtype or (torch.float64 if base.dtype == torch.float64 else torch.float32)
     w0 = base.to(dtype)
-    if filter_wise:
-        flat = (lambda x: x.unsqueeze(0)) if w0.dim() == 1 else (lambda x: x.reshape(x.shape[0], -1))
-    else:
+    if filter_wise and w0.dim() >= 2:
+        def flat(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(x.shape[0], -1)
+    else:  # one ratio for the tensor (a 1-D or 0-dim tensor is one row, as in mergekit)
         def flat(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(1, -1)
     offsets = [flat(t.to(dtype) - w0) for t in tensors]
@@ -38,7 +49,17 @@ def model_stock_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
             cosines.append(cos.clamp(-1, 1))
     cos_phi = torch.stack(cosines).mean(dim=0)
     n = len(tensors)
-    ratio = (n * cos_phi) / (1 + (n - 1) * cos_phi)
+    denominator = 1 + (n - 1) * cos_phi
+    singular = denominator.abs() < SINGULAR
+    ratio = torch.where(singular, torch.zeros_like(cos_phi),
+                        (n * cos_phi) / torch.where(singular, torch.ones_like(denominator), denominator))
+    low, high = float(ratio.min()), float(ratio.max())
+    if low < 0 or high > 1:
+        warnings.warn(f"model_stock: interpolation ratio t = {low:.3g}" + (f"..{high:.3g}" if high != low else "")
+                      + f" is outside [0, 1] for a tensor of shape {list(base.shape)}: its task vectors point in "
+                      "opposing directions (mean cos φ < 0), so the merge moves away from their average and "
+                      "|t| grows without bound as cos φ nears −1/(N−1). Check that every model was fine-tuned "
+                      "from this base, or use another method", stacklevel=2)
     avg = sum(flat(t.to(dtype)) for t in tensors) / n
     merged = ratio.unsqueeze(-1) * avg + (1 - ratio.unsqueeze(-1)) * flat(w0)
     return merged.reshape(base.shape).to(base.dtype)
