@@ -37,9 +37,18 @@ def test_normalize_divides_by_weight_sum() -> None:
                  BASE + 2 * (expected - BASE))
 
 
-def test_normalize_with_zero_weight_sum_does_not_divide() -> None:
-    # mergekit's rule: |Σ w| < 1e-8 → divisor 1
-    assert_close(task_arithmetic_merge(BASE, [T1, T2], [1.0, -1.0], normalize=True), BASE + D1 - D2)
+def test_normalize_with_zero_weight_sum_is_refused_like_linear() -> None:
+    # One rule for every normalised sum (methods/weighting.py). mergekit silently skips the division when
+    # |Σ w| < 1e-8, which returns the unnormalised sum: a different merge than the config asks for.
+    with pytest.raises(ValueError, match="sum to zero"):
+        task_arithmetic_merge(BASE, [T1, T2], [1.0, -1.0], normalize=True)
+    with pytest.raises(ValueError, match="sum to zero"):
+        task_arithmetic_merge(BASE, [T1, T2, T1], [0.1, 0.2, -0.3], normalize=True)  # 5.6e-17, not 0
+
+
+def test_normalize_with_one_tiny_weight_divides_by_it() -> None:
+    # w δ / w = δ: a tiny weight is a legitimate divisor (the old absolute threshold skipped it)
+    assert_close(task_arithmetic_merge(BASE, [T1], [1e-9], normalize=True), T1)
 
 
 def test_negative_weight_subtracts_task_vector() -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -48,7 +49,11 @@ def merge_tensor(
     def prepare(x: torch.Tensor) -> torch.Tensor:
         if device is not None:
             x = x.to(device, non_blocking=True)
-        return x.to(compute_dtype) if compute_dtype is not None else x
+        if compute_dtype is not None:
+            return x.to(compute_dtype)
+        # torch refuses to promote float8 in arithmetic ("Promotion for Float8 Types is not supported"):
+        # methods compute on float32 copies, and the engine casts the result back to the output dtype
+        return x.float() if x.dtype in FLOAT8_DTYPES else x
 
     if t is None:
         t = layer_position(name, num_layers)
@@ -64,4 +69,35 @@ def merge_tensor(
         thresholds=thresholds,
         dtype=compute_dtype,
     )
-    return method.adapter(inputs)
+    if method.elementwise or (inputs.base if inputs.base is not None else inputs.tensors[0]).device.type != "cpu":
+        merged = method.adapter(inputs)
+    else:
+        with one_thread():
+            merged = method.adapter(inputs)
+    # float8 inputs were computed on float32 copies (see prepare): the result is in the inputs' dtype again
+    return merged.to(reference.dtype) if compute_dtype is None and reference.dtype in FLOAT8_DTYPES else merged
+
+
+FLOAT8_DTYPES = frozenset({torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu, torch.float8_e4m3fnuz,
+                           torch.float8_e5m2fnuz})
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the enclosed torch ops on one CPU thread, so that their result does not depend on the thread count.
+
+    A reduction (norm, dot, sum) or a LAPACK call (SVD) splits its work by the number of threads and adds the
+    partial results in that order: SLERP, Model Stock and CART gave results differing in the last bits
+    between 1 and 2 threads (tests/test_determinism.py). Element-wise methods are exact on any thread count
+    and keep their threads. The setting is process-wide (measured: another thread sees it too); what runs
+    beside the merge (reading, the NaN/Inf scan by min/max) gives the same result on any thread count.
+    """
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.weighting import weight_sum
 
 
 def low_rank(matrix: torch.Tensor, rank: int) -> torch.Tensor:
@@ -46,9 +47,7 @@ def cart_merge(tensors: Sequence[torch.Tensor], *, rank_ratio: float = 0.1, lamb
     ws = [1.0] * len(tensors) if weights is None else [float(w) for w in weights]
     if len(ws) != len(tensors):
         raise ValueError(f"got {len(tensors)} tensors but {len(ws)} weights")
-    total = sum(ws)
-    if abs(total) <= 1e-12 * sum(abs(w) for w in ws):
-        raise ValueError("cart_merge: weights sum to zero")
+    total = weight_sum(ws, "cart_merge")
     avg = torch.zeros(first.shape, dtype=dtype, device=first.device)
     for t, w in zip(tensors, ws, strict=True):
         avg.add_(t.to(dtype), alpha=w / total)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.weighting import weight_sum
 
 
 def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *,
@@ -32,11 +33,7 @@ def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float] | Non
     for tensor, weight in zip(tensors, weights, strict=True):
         out.add_(tensor, alpha=weight)  # mixed-dtype add upcasts in the kernel: no temporary copy
     if normalize:
-        total = sum(weights)
-        # relative test: 0.1 + 0.2 - 0.3 is 5.6e-17, not 0, and dividing by it gives garbage
-        if abs(total) <= 1e-12 * sum(abs(w) for w in weights):
-            raise ValueError("linear_merge: weights sum to zero; set normalize: false or change the weights")
-        out.div_(total)
+        out.div_(weight_sum(weights, "linear_merge"))
     return out.to(first.dtype)
 
 

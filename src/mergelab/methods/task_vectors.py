@@ -24,6 +24,8 @@ from typing import Literal
 
 import torch
 
+from mergelab.methods.weighting import weight_sum
+
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
 """``(model_index, delta) -> sparsified delta``. ``delta`` is a fresh tensor owned by the caller: a
 sparsifier may (and, to save memory, should) modify and return it in place."""
@@ -83,8 +85,8 @@ def generalized_task_arithmetic(
         mixed = total.to(dtype)
         del total
         if normalize:
-            divisor = rounded(math.fsum(weights), dtype)
-            mixed /= divisor if abs(divisor) >= 1e-8 else 1.0
+            weight_sum(weights, "normalize")  # the one rule: weights summing to zero are refused
+            mixed /= rounded(math.fsum(weights), dtype)
     else:
         # Pass 1 elects the sign. Sparsification (a sort-like top-k, or a random draw) is the costly
         # step, so each sparsified delta is kept compactly (mask + kept values: 1 + 4·density bytes per
