@@ -18,8 +18,8 @@ from mergelab.methods import MergeMethod, all_methods
 from mergelab.methods.registry import REQUIRED
 
 SHAPES = [(), (0,), (0, 3), (3, 0), (7,), (4, 6)]
-FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu,
-          torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
+FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2,
+          torch.float8_e8m0fnu, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
 PASSTHROUGH = [torch.int64, torch.int8, torch.uint16, torch.uint32, torch.uint64, torch.bool, torch.complex64]
 METHODS = [m for m in all_methods() if not m.needs_stats]
 
