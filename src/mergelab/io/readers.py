@@ -167,12 +167,16 @@ def _load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
             # torch warns about pickle protocols its safe unpickler may not fully support; whatever it
             # cannot read becomes a clear error below, so the warning only adds noise before it.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            try:
-                obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc) and "zip" not in str(exc):
-                    raise
-                obj = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            if file.suffix == ".safetensors":  # torch.load would hand a path so named to safetensors
+                with open(file, "rb") as f:
+                    obj = torch.load(f, map_location="cpu", weights_only=True)
+            else:
+                try:
+                    obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:
+                    if "mmap" not in str(exc) and "zip" not in str(exc):
+                        raise
+                    obj = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{file}: refused to load: the pickle contains objects other than tensors and plain containers "

@@ -36,12 +36,14 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from mergelab.errors import CompatibilityError, ConfigError, MergeLabError, OutputError, OutputExistsError
+from mergelab.errors import CompatibilityError, ConfigError, OutputError, OutputExistsError, UsageError
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.merge.config import MergeConfig, load_config
 from mergelab.merge.core import merge_tensor
 from mergelab.merge.extra_files import copy_extra_files
+from mergelab.merge.install import check_replaces_nothing_owned, exists
+from mergelab.merge.install import install as _install
 from mergelab.merge.model_card import library_name, render_model_card
 from mergelab.merge.plan import MergePlan, count_nonfinite, nonfinite_message, plan_merge
 from mergelab.merge.thresholds import global_threshold
@@ -82,12 +84,20 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 def _resolve_device(device: str | torch.device | None) -> torch.device | None:
     if device is None or str(device) == "cpu":
         return None
+    hint = "use cpu, cuda or cuda:N"
     try:
         dev = torch.device(device)
-    except RuntimeError:  # torch's message lists every device type it knows; ours says what to do
-        raise MergeLabError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeLabError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    except (RuntimeError, TypeError):  # torch's message lists every device type it knows; ours says what to do
+        raise UsageError(f"--device {device}: not a device name; {hint}") from None
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":  # meta, mps, xla...: tensors there cannot be merged and written by this engine
+        raise UsageError(f"--device {device}: mergelab merges on the CPU or a CUDA GPU; {hint}")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
@@ -108,7 +118,7 @@ def _global_thresholds(plan: MergePlan, device: torch.device | None) -> list[flo
 
 
 def _copy_model_files(plan: MergePlan, tmp: Path, device_out_dtype: torch.dtype | None) -> list[str]:
-    source = plan.reference.folder
+    source = plan.files_folder
     source_tok = plan.tokenizer_folder  # resolved and checked by plan_merge, before any heavy work
     copied = []
     for name in COPIED_FILES:
@@ -135,22 +145,6 @@ def _progress(enabled: bool) -> Progress:
         MofNCompleteColumn(),
         TransferSpeedColumn(), TimeRemainingColumn(), disable=not enabled,
     )
-
-
-def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished temporary folder into place; with ``overwrite``, swap out the old one last."""
-    old = None
-    if out_dir.exists():
-        if not overwrite:
-            raise OutputExistsError(f"{out_dir} exists; pass --overwrite to replace it")
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:  # OUT was a file: rmtree would fail (silently) and leave it behind
-            old.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -203,13 +197,17 @@ def _remove_created(created: Path | None, folder: Path) -> None:
             return
 
 
-def _check_inputs_outside(plan: MergePlan, out: Path) -> None:
-    """Refuse an output folder that holds an input: installing the merge there would delete that input."""
-    target = out.resolve()
-    inside = sorted(str(f) for r in plan.readers for f in r.files if f.resolve().is_relative_to(target))
-    if inside:
-        raise OutputError(f"{out}: holds input checkpoint(s) {inside[:3]}; writing the merge there would "
-                          "replace them. Choose another output folder with -o")
+def _protected(plan: MergePlan, config: object, config_folder: Path | None) -> list[tuple[str, Path]]:
+    """Everything the user owns that a merge reads: OUT may be none of these, nor hold any of them."""
+    owned: list[tuple[str, Path]] = [("input checkpoint", f) for r in plan.readers for f in r.files]
+    owned += [("input model", r.path) for r in plan.readers]
+    owned += [(what, p) for what, p in (("the folder config.json is copied from", plan.files_folder),
+                                        ("tokenizer source", plan.tokenizer_folder),
+                                        ("the config's folder", config_folder)) if p is not None]
+    if isinstance(config, (str, Path)):
+        owned.append(("the config file", Path(config)))
+    owned.append(("the working directory", Path.cwd()))
+    return owned
 
 
 def _check_free_space(folder: Path, needed: int) -> None:
@@ -259,7 +257,7 @@ def run_merge(
     """
     cfg, folder = load_config(config)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
+    if exists(out) and not overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
     try:
         shard_bytes = parse_size(max_shard_size)
@@ -275,7 +273,7 @@ def run_merge(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     created = _first_missing(out.parent)  # removed again if the merge fails: nothing written means nothing
     try:
-        _check_inputs_outside(plan, out)
+        check_replaces_nothing_owned(out, _protected(plan, config, folder))
         _check_free_space(out.parent, sum(m.nbytes for m in plan.out_metas.values()))
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp(out)

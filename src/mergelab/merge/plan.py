@@ -63,6 +63,9 @@ class MergePlan:
     """Layer-stacking slices: per output tensor, (global settings, per-model settings, gradient position)."""
     config_updates: dict[str, Any] = field(default_factory=dict)
     """Keys of the output ``config.json`` that differ from the reference's (the layer count of slices)."""
+    files_folder: Path | None = None
+    """Where ``config.json`` is copied from: the base model's folder (also for methods that do not merge the
+    base, like linear), else the first model's."""
 
     def settings_for(self, name: str) -> tuple[Mapping[str, Any], list[dict[str, Any]], float | None]:
         """(global settings, per-model settings, gradient position or None: from the layer index)."""
@@ -79,13 +82,24 @@ class MergePlan:
             r.close()
 
 
-def _num_layers(reference: CheckpointReader, names: list[str]) -> int:
+def _num_layers(reference: CheckpointReader, names: list[str]) -> tuple[int, str | None]:
+    """The layer count that places gradients (from config.json, else from the tensor names), or a problem
+    when config.json's count cannot hold the tensors' layer indices (gradients would run past their end)."""
     cfg = reference.config()
-    for key in _LAYER_KEYS:
-        if isinstance(cfg.get(key), int):
-            return int(cfg[key])
     indices = [i for i in (layer_index(n) for n in names) if i is not None]
-    return max(indices) + 1 if indices else 1
+    from_tensors = max(indices) + 1 if indices else 1
+    for key in _LAYER_KEYS:
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        if type(value) is not int or value < 1:
+            return from_tensors, f"{reference.folder}/config.json: '{key}' is {value!r}, not a positive integer"
+        if value < from_tensors:
+            last = next(n for n in names if layer_index(n) == from_tensors - 1)
+            return value, (f"{reference.folder}/config.json: '{key}' is {value}, but tensor '{last}' belongs "
+                                  f"to layer {from_tensors - 1}; fix config.json")
+        return value, None
+    return from_tensors, None
 
 
 def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
@@ -160,6 +174,15 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
     tokenizer_folder, tok_problem = _tokenizer_folder(config, config_folder)
     if tok_problem:
         problems.append(tok_problem)
+    files_folder = None
+    if method.base == "ignored" and config.base_model is not None:
+        unmerged_base = resolve_model_path(config.base_model, config_folder)
+        if not unmerged_base.exists():
+            problems.append(f"base_model: {config.base_model}: no such file or folder; '{method.name}' does not "
+                            "merge the base, but copies its config.json and tokenizer files (mergelab never "
+                            "downloads)")
+        elif unmerged_base.is_dir():
+            files_folder = unmerged_base
 
     opened = [m for m in models if m is not None]
     # Keep comparing the checkpoints that did open, so that every problem is reported in one go; only
@@ -217,7 +240,9 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
             elif a.dtype.is_floating_point != b.dtype.is_floating_point:
                 problems.append(f"{label}: tensor '{name}' is {b.dtype} but {ref_label} has {a.dtype}; "
                                 "floating and integer tensors cannot be merged")
-    num_layers = _num_layers(reference, names)
+    num_layers, layers_problem = _num_layers(reference, names)
+    if layers_problem and sliced is None:  # layer-stacking slices renumber layers (config_updates)
+        problems.append(layers_problem)
     tensor_settings = sliced.tensor_settings if sliced is not None else None
     # Resolve every tensor's parameters now, so that a bad value fails before anything is read.
     seen: set[str] = set()
@@ -252,14 +277,15 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
         meta = reference.meta(name)
         dtype = out_dtype if out_dtype is not None and meta.dtype.is_floating_point else meta.dtype
         out_metas[name] = TensorMeta(meta.shape, dtype)
+    files_folder = files_folder or reference.folder
     if config.tokenizer_source in (None, "base"):
-        tokenizer_folder = reference.folder
+        tokenizer_folder = files_folder
     for warning in warnings:
         log.warning(warning)
     return MergePlan(config, method, base, opened, labels, settings, names, out_metas, num_layers, reference,
                      tokenizer_folder, global_densities, taken, dropped, warnings,
                      sliced.underlying if sliced else [], tensor_settings,
-                     sliced.config_updates if sliced else {})
+                     sliced.config_updates if sliced else {}, files_folder)
 
 
 # Tensors that are state but not trained parameters: saved by some library versions and not others.
@@ -275,7 +301,6 @@ def _buffer_hint(missing: list[str], fix: str) -> str:
     if all(_is_buffer(x) for x in missing):
         return f"; these are buffers that some library versions do not save: save the model again{fix}"
     return f"; is this the same architecture?{fix}" if fix else ""
-
 
 
 def _tokenizer_folder(config: MergeConfig, config_folder: Path | None) -> tuple[Path | None, str | None]:

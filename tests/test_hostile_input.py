@@ -1,0 +1,253 @@
+"""Hostile or odd inputs to ``mergelab merge``: never a silent wrong merge, never a lost file, never a traceback.
+
+Each test is one class of attack from issue 11; the checks go through the CLI (exit code, one ``error:``
+paragraph, nothing written) unless the point is the library function itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cli_helpers import (
+    assert_clean_message,
+    assert_ok,
+    assert_refused,
+    leftovers,
+    load_folder,
+    load_output,
+    run_cli,
+    save_model_folder,
+    write_config,
+)
+
+Families = dict[str, tuple[Path, list[Path]]]
+
+
+def _linear(models: list[Path], **extra: Any) -> dict[str, Any]:
+    return {"merge_method": "linear", "models": [{"model": str(p)} for p in models], **extra}
+
+
+def _ties(base: Path, models: list[Path], **extra: Any) -> dict[str, Any]:
+    return {"merge_method": "ties", "base_model": str(base),
+            "models": [{"model": str(p), "parameters": {"density": 0.5}} for p in models], **extra}
+
+
+def _refuse(tmp_path: Path, config: dict[str, Any], *fragments: str, code: int | None = None) -> str:
+    out = tmp_path / "out"
+    result = run_cli(write_config(tmp_path, config), out)
+    text = assert_refused(result, out, *fragments)
+    if code is not None:
+        assert result.exit_code == code, (result.exit_code, text)
+    return text
+
+
+def _sharded_copy(src: Path, dst: Path, weight_map_edit: Any = None) -> Path:
+    """``src``'s tensors split into two shards plus an index, optionally with an edited weight map."""
+    state = load_folder(src)
+    names = sorted(state)
+    half = len(names) // 2
+    dst.mkdir(parents=True)
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for file, part in shards.items():
+        save_file({n: state[n].contiguous() for n in part}, str(dst / file))
+    weight_map = {n: f for f, part in shards.items() for n in part}
+    if weight_map_edit is not None:
+        weight_map = weight_map_edit(weight_map)
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy2(src / "config.json", dst / "config.json")
+    return dst
+
+
+# -- merges with nothing in them ---------------------------------------------------------------------------
+def test_empty_weight_map_is_refused(families: Families, tmp_path: Path) -> None:
+    _, fts = families["llama"]
+    empty = _sharded_copy(fts[0], tmp_path / "empty", lambda wm: {})
+    _refuse(tmp_path, _linear([empty, fts[1]]), str(empty), "lists no tensors", code=1)
+
+
+def test_checkpoint_with_zero_tensors_is_refused(families: Families, tmp_path: Path) -> None:
+    _, fts = families["llama"]
+    nothing = tmp_path / "nothing.safetensors"
+    save_file({}, str(nothing))
+    _refuse(tmp_path, _linear([nothing, fts[1]]), str(nothing), "holds no tensors")
+
+
+# -- shard indexes ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("escape", ["../elsewhere/x.safetensors", "ABSOLUTE", "sub/../../x.safetensors",
+                                    "..\\x.safetensors"])
+def test_shard_paths_must_stay_inside_the_model_folder(families: Families, tmp_path: Path, escape: str) -> None:
+    _, fts = families["llama"]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    save_file({"model.norm.weight": torch.ones(32)}, str(outside / "x.safetensors"))
+    target = str(outside / "x.safetensors") if escape == "ABSOLUTE" else escape
+
+    def redirect(wm: dict[str, str]) -> dict[str, str]:
+        wm["model.norm.weight"] = target
+        return wm
+    model = _sharded_copy(fts[0], tmp_path / "model" / "evil", redirect)
+    _refuse(tmp_path, _linear([model, fts[1]]), f"shard '{target}' is not a file name inside")
+
+
+def test_tensor_listed_in_the_index_but_in_no_shard_is_refused(families: Families, tmp_path: Path) -> None:
+    _, fts = families["llama"]
+
+    def phantom(wm: dict[str, str]) -> dict[str, str]:
+        return {**wm, "model.layers.9.mlp.up_proj.weight": "model-00001-of-00002.safetensors"}
+    model = _sharded_copy(fts[0], tmp_path / "phantom", phantom)
+    _refuse(tmp_path, _linear([model, fts[1]]), "model.layers.9.mlp.up_proj.weight", "no shard holds it")
+
+
+def test_index_and_shards_that_disagree_are_refused(families: Families, tmp_path: Path) -> None:
+    _, fts = families["llama"]
+
+    def swapped(wm: dict[str, str]) -> dict[str, str]:
+        return {**wm, "lm_head.weight": "model-00002-of-00002.safetensors"
+                if wm["lm_head.weight"].startswith("model-00001") else "model-00001-of-00002.safetensors"}
+    _refuse(tmp_path, _linear([_sharded_copy(fts[0], tmp_path / "swapped", swapped), fts[1]]),
+            "lm_head.weight", "but it is in")
+
+    def unlisted(wm: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in wm.items() if k != "model.norm.weight"}
+    _refuse(tmp_path, _linear([_sharded_copy(fts[0], tmp_path / "unlisted", unlisted), fts[1]]),
+            "model.norm.weight", "does not list")
+
+
+# -- files named for another format -------------------------------------------------------------------------
+def test_safetensors_file_named_bin_is_read_as_safetensors(families: Families, tmp_path: Path) -> None:
+    _, fts = families["llama"]
+    folder = tmp_path / "renamed"
+    folder.mkdir()
+    shutil.copy2(fts[0] / "model.safetensors", folder / "pytorch_model.bin")
+    shutil.copy2(fts[0] / "config.json", folder / "config.json")
+    lone = tmp_path / "weights.bin"
+    shutil.copy2(fts[1] / "model.safetensors", lone)
+    out = tmp_path / "out"
+    assert_ok(run_cli(write_config(tmp_path, _linear([folder, lone])), out))
+    reference = tmp_path / "reference"
+    assert_ok(run_cli(write_config(tmp_path, _linear(fts[:2]), "ref.yml"), reference))
+    a, b = load_output(out), load_output(reference)
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_pickle_named_safetensors_is_loaded_safely(families: Families, tmp_path: Path) -> None:
+    _, fts = families["llama"]
+    disguised = tmp_path / "model.safetensors"
+    torch.save(load_folder(fts[0]), disguised)
+    assert_ok(run_cli(write_config(tmp_path, _linear([disguised, fts[1]])), tmp_path / "out"))
+
+
+# -- --overwrite never replaces what the user owns ------------------------------------------------------------
+def _copy_family(families: Families, tmp_path: Path) -> tuple[Path, list[Path]]:
+    base, fts = families["llama"]
+    shutil.copytree(base, tmp_path / "base")
+    for i, p in enumerate(fts):
+        shutil.copytree(p, tmp_path / f"ft{i}")
+    return tmp_path / "base", [tmp_path / f"ft{i}" for i in range(len(fts))]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("victim", ["tokenizer_source", "config folder", "config file", "linear base",
+                                    "parent of an input", "symlink to an input", "working directory"])
+def test_overwrite_never_replaces_an_input_config_or_tokenizer(families: Families, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, victim: str) -> None:
+    base, fts = _copy_family(families, tmp_path / "models")
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text("{}")
+    config_dir = tmp_path / "configs"
+    config = _ties(base, fts, tokenizer_source=str(tokenizer))
+    if victim == "linear base":
+        config = {**_linear(fts), "base_model": str(base)}
+    config_path = write_config(config_dir, config)
+    out = {"tokenizer_source": tokenizer, "config folder": config_dir, "config file": config_path,
+           "linear base": base, "parent of an input": tmp_path / "models", "symlink to an input": tmp_path / "link",
+           "working directory": tmp_path / "models"}[victim]
+    if victim == "symlink to an input":
+        out.symlink_to(fts[1])
+    if victim == "working directory":
+        monkeypatch.chdir(out)
+    before = {p: _snapshot(p) for p in (tmp_path / "models", tokenizer, config_dir)}
+    result = run_cli(config_path, out, "--overwrite")
+    text = assert_clean_message(result)
+    assert "writing the merge there would replace" in text and str(out) in text
+    assert {p: _snapshot(p) for p in before} == before
+    assert leftovers(out) == []
+
+
+def test_overwriting_a_symlinked_output_replaces_the_link_not_its_target(families: Families,
+                                                                          tmp_path: Path) -> None:
+    base, fts = families["llama"]
+    target = tmp_path / "somewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    out = tmp_path / "out"
+    out.symlink_to(target)
+    result = run_cli(write_config(tmp_path, _ties(base, fts)), out, "--overwrite")
+    assert_ok(result)
+    assert "was a symbolic link to" in result.output and "left as it was" in result.output
+    assert not out.is_symlink() and (out / "model.safetensors").is_file()
+    assert (target / "keep.txt").read_text() == "mine" and sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+    assert leftovers(out) == [], "no stray .old entry"
+
+
+def test_dangling_symlink_output_needs_overwrite_and_is_replaced(families: Families, tmp_path: Path) -> None:
+    base, fts = families["llama"]
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "gone")
+    config = write_config(tmp_path, _ties(base, fts))
+    assert "--overwrite" in assert_clean_message(run_cli(config, out))
+    assert_ok(run_cli(config, out, "--overwrite"))
+    assert (out / "model.safetensors").is_file() and leftovers(out) == []
+
+
+# -- linear's base_model ---------------------------------------------------------------------------------------
+def test_linear_copies_config_and_tokenizer_from_its_base_model(families: Families, tmp_path: Path) -> None:
+    base_src, fts = families["llama"]
+    base = tmp_path / "base"
+    shutil.copytree(base_src, base)
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "marker": "from the base"}))
+    (base / "tokenizer.json").write_text('{"from": "base"}')
+    out = tmp_path / "out"
+    assert_ok(run_cli(write_config(tmp_path, {**_linear(fts), "base_model": str(base)}), out))
+    assert json.loads((out / "config.json").read_text())["marker"] == "from the base"
+    assert (out / "tokenizer.json").read_text() == '{"from": "base"}'
+    merged, first = load_output(out), load_folder(fts[0])
+    assert set(merged) == set(first)  # the base is not merged: linear ignores it for the weights
+
+
+def test_linear_with_a_missing_base_model_is_refused(families: Families, tmp_path: Path) -> None:
+    _, fts = families["llama"]
+    _refuse(tmp_path, {**_linear(fts), "base_model": str(tmp_path / "no-base")}, "base_model", "no-base",
+            "no such file or folder")
+
+
+# -- layer counts that disagree with the tensors ----------------------------------------------------------------
+def test_num_layers_smaller_than_the_tensors_is_refused(families: Families, tmp_path: Path) -> None:
+    base_src, fts = families["llama"]
+    base = save_model_folder(tmp_path / "base", load_folder(base_src), base_src)
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    config = _ties(base, fts, parameters={"lambda": [0.5, 1.0]})
+    _refuse(tmp_path, config, "num_hidden_layers", "model.layers.2")
+
+
+# -- devices ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["meta", "cuda:99", "[bold]x:smile:", "mps"])
+def test_unusable_devices_are_refused_with_a_usage_error(families: Families, tmp_path: Path, device: str) -> None:
+    base, fts = families["llama"]
+    out = tmp_path / "out"
+    result = run_cli(write_config(tmp_path, _ties(base, fts)), out, "--device", device)
+    text = assert_refused(result, out, f"--device {device}")
+    assert result.exit_code == 2, text
