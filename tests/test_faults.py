@@ -107,6 +107,39 @@ def test_sigkill_mid_merge_leaves_nothing_under_the_final_name(tmp_path: Path) -
     assert all(torch.isfinite(t).all() for t in merged.values())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
+def test_sigterm_sighup_and_sigint_clean_up_and_exit_128_plus_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    """Timeouts, batch schedulers and container stops send SIGTERM, a closed terminal SIGHUP: the merge stops
+    as for Ctrl-C, removes its temporary folder, installs nothing and exits like a killed job (128 + N)."""
+    base, fts = _big_family(tmp_path / "family", n_models=2)
+    config = write_config(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base),
+                                     "models": [{"model": str(p), "parameters": {"weight": 0.4}} for p in fts]})
+    out = tmp_path / "merged"
+    throttled_cli = ("import sys, time; from mergelab.io.writer import StreamingSafetensorsWriter as W; "
+                     "write = W.write; W.write = lambda self, n, t: (time.sleep(0.02), write(self, n, t))[1]; "
+                     "from mergelab.cli import app; sys.argv[0] = 'mergelab'; app()")
+    proc = subprocess.Popen([sys.executable, "-c", throttled_cli, "merge", str(config), "-o", str(out), "-q",
+                             "--max-shard-size", "2MB"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tmp = tmp_path / f".merged.tmp-{proc.pid}"
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp.glob("*.safetensors"))) < 2:
+            assert proc.poll() is None, f"merge ended before the signal: {proc.stderr.read()!r}"
+            assert time.monotonic() < deadline, "the merge never started writing"
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    message = stderr.decode()
+    assert proc.returncode == 128 + sig, (proc.returncode, message)
+    assert message.startswith("error:") and "Traceback" not in message, message
+    assert not out.exists() and leftovers(out) == [], leftovers(out)
+
+
 def test_stale_temp_folders_of_dead_merges_are_removed(families: Families, tmp_path: Path) -> None:
     base, fts = families["llama"]
     out = tmp_path / "out"

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import ConfigError
 from mergelab.methods import get_method, list_methods
+from mergelab.safe_yaml import load_yaml
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -45,6 +45,9 @@ def _check_setting(value: Any, where: str) -> Any:
     if isinstance(value, Mapping):
         value = [value]
     if isinstance(value, list):
+        if not value:  # would silently mean "the default" (evaluate_setting finds no value in it)
+            raise ValueError(f"{where}: an empty list is not a value; give a number, a gradient list "
+                             "[start, ..., end] or conditional entries")
         if all(isinstance(e, (bool, int, float, str)) for e in value):
             for e in value:
                 _check_scalar(e, where)
@@ -158,6 +161,11 @@ class MergeConfig(_Strict):
                 self.base_model = sl.base_model or self.base_model
         if not self.models:
             raise ValueError("'models' must list at least one model")
+        listed = [m.model for m in self.models]
+        twice = sorted({m for m in listed if listed.count(m) > 1})
+        if twice:  # which entry's parameters would count? (per-model checks would see only the last)
+            raise ValueError(f"model {twice[0]!r} is listed more than once; list each model once (a larger "
+                             "weight counts it more)")
         return self
 
     # -- derived ------------------------------------------------------------------------------------------
@@ -224,11 +232,10 @@ def read_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not a text file
         raise ConfigError(f"{path}: cannot read the {what} ({exc})") from None
+    return load_yaml(text, str(path))  # duplicate keys, alias bombs and deep nesting refused (safe_yaml.py)
 
 
 def load_config(config: str | Path | Mapping[str, Any] | MergeConfig) -> tuple[MergeConfig, Path | None]:
