@@ -19,8 +19,11 @@ import torch
 
 from mergelab.io.readers import TensorMeta
 from mergelab.io.safetensors_file import SAFETENSORS_DTYPES
+from mergelab.io.safetensors_header import FORMAT_DTYPES
 
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# The library's Dtype enum order (smallest element first): it writes tensors in the reverse of this order.
+_LIBRARY_ORDER = {name: rank for rank, name in enumerate(FORMAT_DTYPES)}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
@@ -69,14 +72,24 @@ class ShardPlan:
             return ["model.safetensors"]
         return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
+    def layout(self, index: int) -> dict[str, int]:
+        """Each tensor's byte offset in shard ``index``'s data area, laid out as the safetensors library does:
+        by dtype from the largest element to the smallest (then by name), so that with the data area starting
+        8-byte aligned every tensor starts at a multiple of its element size, and a reader may view the bytes
+        as the dtype in place. The engine still writes tensors in its own order (the writer seeks)."""
+        order = sorted(self.shards[index].names, key=lambda n: (-_LIBRARY_ORDER[DTYPE_NAMES[self.metas[n].dtype]], n))
+        offsets, offset = {}, 0
+        for name in order:
+            offsets[name] = offset
+            offset += self.metas[name].nbytes
+        return offsets
+
     def header(self, index: int, metadata: Mapping[str, str]) -> bytes:
         entries: dict[str, object] = {"__metadata__": dict(metadata)}
-        offset = 0
-        for name in self.shards[index].names:
+        for name, offset in self.layout(index).items():
             meta = self.metas[name]
             entries[name] = {"dtype": DTYPE_NAMES[meta.dtype], "shape": list(meta.shape),
                              "data_offsets": [offset, offset + meta.nbytes]}
-            offset += meta.nbytes
         raw = json.dumps(entries, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
         return len(raw).to_bytes(8, "little") + raw
@@ -102,6 +115,7 @@ class StreamingSafetensorsWriter:
         self._file: BinaryIO | None = None
         self._shard = -1
         self._partial = 0  # bytes of the current tensor written so far (write_part)
+        self._offsets: dict[str, int] = {}  # tensor -> file offset of its data, in the open shard
         self.bytes_written = 0
 
     def _open_shard(self, index: int) -> None:
@@ -109,7 +123,9 @@ class StreamingSafetensorsWriter:
             self._file.close()
         self._shard = index
         self._file = open(self.folder / self.plan.filenames()[index], "wb")  # noqa: SIM115 (closed in close())
-        self._file.write(self.plan.header(index, self.metadata))
+        header = self.plan.header(index, self.metadata)
+        self._file.write(header)
+        self._offsets = {name: len(header) + offset for name, offset in self.plan.layout(index).items()}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the whole tensor ``name``."""
@@ -139,6 +155,9 @@ class StreamingSafetensorsWriter:
             raise RuntimeError(f"tensor '{name}' written out of order; expected '{expected}'")
         if shard != self._shard:
             self._open_shard(shard)
+        if self._partial == 0:
+            assert self._file is not None
+            self._file.seek(self._offsets[name])
         return self.plan.metas[name]
 
     def _put(self, meta: TensorMeta, tensor: torch.Tensor) -> None:
