@@ -251,3 +251,17 @@ def test_unusable_devices_are_refused_with_a_usage_error(families: Families, tmp
     result = run_cli(write_config(tmp_path, _ties(base, fts)), out, "--device", device)
     text = assert_refused(result, out, f"--device {device}")
     assert result.exit_code == 2, text
+
+
+# -- non-finite inputs let through to a method that cannot take them ---------------------------------------------
+def test_nonfinite_input_allowed_into_an_svd_is_a_clean_error_naming_the_tensor(families: Families,
+                                                                                  tmp_path: Path) -> None:
+    base, fts = families["llama"]
+    state = load_folder(fts[0])
+    state["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    nan = save_model_folder(tmp_path / "nan", state, fts[0])
+    config = {"merge_method": "cart", "base_model": str(base), "models": [{"model": str(p)} for p in [nan, *fts[1:]]]}
+    out = tmp_path / "out"
+    result = run_cli(write_config(tmp_path, config), out, "--allow-nonfinite")
+    assert_refused(result, out, "method 'cart' cannot merge tensor 'model.layers.0.mlp.up_proj.weight'")
+    assert result.exit_code == 1

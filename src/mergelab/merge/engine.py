@@ -454,11 +454,15 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                     model_names=plan.labels, compute_dtype=cfg.compute_dtype, device=dev, thresholds=thresholds,
                     t=t,
                 )
-            except ValueError as exc:
+            except (ValueError, RuntimeError, ArithmeticError) as exc:
                 # Methods reject inputs they cannot merge (weights summing to zero, missing statistics) with
-                # ValueError; run_merge promises MergeLabError, and the message already says what to fix.
+                # ValueError, whose message says what to fix; torch fails with RuntimeError (an SVD of
+                # non-finite values let through by --allow-nonfinite, a GPU out of memory). run_merge
+                # promises MergeLabError, naming the tensor.
+                why = str(exc) if isinstance(exc, ValueError) else \
+                    f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
                 raise CompatibilityError([f"method '{cfg.merge_method}' cannot merge tensor '{piece.name}': "
-                                          f"{exc}"]) from None
+                                          f"{why}"]) from None
             merged = merged.to(plan.out_metas[piece.name].dtype)
             del base_t, tensors
             if read_after_merge:
