@@ -1,0 +1,102 @@
+"""No traceback ever reaches the terminal: one ``error:`` paragraph, exit 2 for usage/config, 1 at run time.
+
+``--debug`` (or ``MERGELAB_DEBUG=1``) adds the traceback. User text in messages prints literally: rich
+markup (``[red]``, ``[/]``) and emoji codes (``:smile:``) in paths and names are not interpreted.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from cli_helpers import assert_clean_message, assert_ok, load_output, run_cli, write_config
+from mergelab.cli import app
+from mergelab.errors import CheckpointError, ConfigError
+from mergelab.merge import engine
+
+Families = dict[str, tuple[Path, list[Path]]]
+
+
+def _boom(exc: BaseException):  # type: ignore[no-untyped-def]
+    def run_merge(*args: object, **kwargs: object) -> None:
+        raise exc
+    return run_merge
+
+
+@pytest.mark.parametrize(("exc", "code", "fragment"), [
+    (ConfigError("merge.yml: unknown key 'x'"), 2, "unknown key 'x'"),
+    (CheckpointError("a.safetensors: truncated"), 1, "a.safetensors: truncated"),
+    (TypeError("unsupported operand"), 1, "unexpected TypeError: unsupported operand"),
+    (ZeroDivisionError("division by zero"), 1, "unexpected ZeroDivisionError"),
+    (MemoryError(), 1, "out of memory"),
+    (PermissionError(13, "Permission denied", "/x/out"), 1, "/x/out: Permission denied"),
+    (RecursionError("maximum recursion depth exceeded"), 1, "unexpected RecursionError"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_any_exception_becomes_one_paragraph_with_its_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                exc: BaseException, code: int, fragment: str) -> None:
+    monkeypatch.setattr(engine, "run_merge", _boom(exc))
+    result = run_cli(write_config(tmp_path, {"merge_method": "linear"}), tmp_path / "out")
+    text = assert_clean_message(result)
+    assert result.exit_code == code and fragment in text, (result.exit_code, text)
+    if code == 1 and not isinstance(exc, (CheckpointError, MemoryError, OSError)):
+        assert "--debug" in text  # an unexpected error says how to get the traceback
+
+
+@pytest.mark.parametrize("how", ["--debug", "MERGELAB_DEBUG"])
+def test_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    monkeypatch.setattr(engine, "run_merge", _boom(TypeError("unsupported operand")))
+    config = write_config(tmp_path, {"merge_method": "linear"})
+    args = ["merge", str(config), "-o", str(tmp_path / "out"), "-q"]
+    if how == "--debug":
+        result = CliRunner().invoke(app, ["--debug", *args])
+    else:
+        result = CliRunner().invoke(app, args, env={"MERGELAB_DEBUG": "1"})
+    assert result.exit_code == 1
+    assert "Traceback (most recent call last)" in result.output and "error: unexpected TypeError" in result.output
+
+
+def test_usage_errors_exit_2(families: Families, tmp_path: Path) -> None:
+    _, fts = families["llama"]
+    config = write_config(tmp_path, {"merge_method": "linear", "models": [{"model": str(p)} for p in fts]})
+    assert run_cli(config, tmp_path / "out", "--device", "potato").exit_code == 2
+    assert run_cli(config, tmp_path / "out", "--max-shard-size", "lots").exit_code == 2
+    assert CliRunner().invoke(app, ["merge"]).exit_code == 2  # missing argument: typer's own usage error
+
+
+def test_markup_and_emoji_codes_in_user_text_print_literally(families: Families, tmp_path: Path) -> None:
+    folder = tmp_path / "[red]model[/]:smile:"
+    result = run_cli(write_config(tmp_path, {"merge_method": "linear", "models": [{"model": str(folder)}]}),
+                     tmp_path / "out")
+    text = assert_clean_message(result)
+    assert "[red]model[/]:smile:" in text.replace("\n", ""), text
+
+
+def test_tensor_names_with_markup_merge_with_the_progress_bar_on(tmp_path: Path) -> None:
+    """The progress bar shows tensor names: as markup, "[/]" would raise mid-merge (a traceback)."""
+    models = []
+    for i in range(2):
+        path = tmp_path / f"m{i}.safetensors"
+        save_file({"[/]": torch.full((4,), float(i)), "[bold]x:smile:": torch.ones(2)}, str(path))
+        models.append({"model": str(path)})
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["merge", str(write_config(tmp_path, {"merge_method": "linear",
+                                                                             "models": models})), "-o", str(out)])
+    assert_ok(result)
+    assert torch.equal(load_output(out)["[/]"], torch.full((4,), 0.5))
+
+
+def test_warnings_print_as_one_line_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def warn_twice(*args: object, **kwargs: object) -> None:
+        for _ in range(2):
+            warnings.warn("model_stock: t = -3 is outside [0, 1]", UserWarning, stacklevel=1)
+        raise ConfigError("stop here")
+    monkeypatch.setattr(engine, "run_merge", warn_twice)
+    result = run_cli(write_config(tmp_path, {"merge_method": "linear"}), tmp_path / "out")
+    assert result.output.count("warning: model_stock: t = -3 is outside [0, 1]") == 1, result.output
+    assert "UserWarning" not in result.output and ".py:" not in result.output
