@@ -265,3 +265,28 @@ def test_nonfinite_input_allowed_into_an_svd_is_a_clean_error_naming_the_tensor(
     result = run_cli(write_config(tmp_path, config), out, "--allow-nonfinite")
     assert_refused(result, out, "method 'cart' cannot merge tensor 'model.layers.0.mlp.up_proj.weight'")
     assert result.exit_code == 1
+
+
+# -- odd pickles and paths --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", [3, "__metadata__", ("a", "b")])
+def test_pickled_state_dict_keys_that_cannot_be_tensor_names_are_refused(families: Families, tmp_path: Path,
+                                                                         key: object) -> None:
+    _, fts = families["llama"]
+    odd = tmp_path / "odd.pt"
+    torch.save({**load_folder(fts[0]), key: torch.ones(2)}, odd)
+    _refuse(tmp_path, _linear([odd, fts[1]]), str(odd), "not tensor names")
+
+
+def test_sparse_tensor_in_a_pickle_is_refused(families: Families, tmp_path: Path) -> None:
+    _, fts = families["llama"]
+    odd = tmp_path / "sparse.pt"
+    torch.save({**load_folder(fts[0]), "model.norm.weight": torch.ones(32).to_sparse()}, odd)
+    _refuse(tmp_path, _linear([odd, fts[1]]), str(odd), "model.norm.weight", "dense")
+
+
+def test_a_nul_byte_in_a_model_path_is_a_clean_error(families: Families, tmp_path: Path) -> None:
+    _, fts = families["llama"]
+    config = tmp_path / "nul.yml"
+    config.write_text(f'merge_method: linear\nmodels:\n  - model: "{fts[0]}\\0x"\n  - model: {fts[1]}\n')
+    out = tmp_path / "out"
+    assert_refused(run_cli(config, out), out, "llama-ft0", "no such file or folder")

@@ -56,7 +56,7 @@ def describe(exc: BaseException) -> tuple[str, int]:
                 "installed", exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted; the temporary files of this run were removed and no output was installed", 130
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
         return ("out of memory; close other programs, use a smaller --max-shard-size or fewer models at a "
                 "time, or a machine with more memory", 1)
     if isinstance(exc, OSError):

@@ -139,7 +139,7 @@ class CheckpointReader:
             return {}
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
+        except (OSError, ValueError, RecursionError) as exc:  # bad JSON, not UTF-8, nested too deeply
             raise CheckpointError(f"{path}: not a valid config.json ({exc}); fix or remove it") from None
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
@@ -201,6 +201,10 @@ def _load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{file}: expected a state dict (a mapping of names to tensors), "
                               f"got {type(obj).__name__}")
+    odd_keys = [k for k in obj if not isinstance(k, str) or k == "__metadata__"]
+    if odd_keys:  # the safetensors output names tensors by strings, and "__metadata__" is the format's own
+        raise CheckpointError(f"{file}: state dict keys {odd_keys[:5]!r} are not tensor names (strings other than "
+                              "'__metadata__'); save model.state_dict() instead")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{file}: entries {bad[:5]} are not tensors; save model.state_dict() instead")

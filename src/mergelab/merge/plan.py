@@ -113,7 +113,7 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
         except CheckpointError as exc:
             problems.append(str(exc))
             return None
-        except OSError as exc:  # unreadable (permissions...): one more problem, not a traceback
+        except (OSError, ValueError) as exc:  # unreadable (permissions, a NUL in the path): a problem, not a traceback
             problems.append(f"{path}: cannot read this checkpoint ({exc})")
             return None
 
