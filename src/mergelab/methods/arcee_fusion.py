@@ -45,6 +45,8 @@ def arcee_fusion_merge(base: torch.Tensor, other: torch.Tensor, *, dtype: torch.
     """``θ_0 + (θ_1 − θ_0) ⊙ [I ≥ Q2 + 1.5 (Q3 − Q1)]``, ``I`` = :func:`fusion_importance`, ``Q`` its quartiles;
     computed in ``dtype`` (the config's; float32 when None, float64 stays), returned in the base's dtype."""
     out_dtype = base.dtype
+    if base.numel() == 0:  # no quartiles of nothing: an empty tensor is the (empty) base
+        return base.clone()
     dtype = arithmetic_dtype(base, dtype)
     base, other = base.to(dtype), other.to(dtype)
     importance = fusion_importance(base, other)
