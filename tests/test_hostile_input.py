@@ -290,3 +290,41 @@ def test_a_nul_byte_in_a_model_path_is_a_clean_error(families: Families, tmp_pat
     config.write_text(f'merge_method: linear\nmodels:\n  - model: "{fts[0]}\\0x"\n  - model: {fts[1]}\n')
     out = tmp_path / "out"
     assert_refused(run_cli(config, out), out, "llama-ft0", "no such file or folder")
+
+
+# -- files copied beside the weights ------------------------------------------------------------------------------
+def test_links_out_of_the_model_folder_are_not_copied_into_the_merge(families: Families, tmp_path: Path) -> None:
+    """A model folder whose tokenizer.json (or any extra file) links to a private file must not smuggle that
+    file into the merged model the user will share."""
+    base_src, fts = families["llama"]
+    secret = tmp_path / "home" / ".ssh" / "id_rsa"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("PRIVATE KEY")
+    base = tmp_path / "base"
+    shutil.copytree(base_src, base)
+    (base / "tokenizer.json").symlink_to(secret)
+    (base / "notes.txt").symlink_to(secret)
+    (base / "inside.txt").write_text("fine")
+    (base / "alias.txt").symlink_to(base / "inside.txt")  # a link inside the folder is fine
+    out = tmp_path / "out"
+    result = run_cli(write_config(tmp_path, _ties(base, fts)), out)
+    assert_ok(result)
+    assert "outside the model folder" in result.output
+    assert not any("PRIVATE KEY" in p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
+    assert (out / "inside.txt").read_text() == "fine" and (out / "alias.txt").read_text() == "fine"
+
+
+def test_hugging_face_cache_links_into_blobs_are_copied(families: Families, tmp_path: Path) -> None:
+    base_src, fts = families["llama"]
+    entry = tmp_path / "hub" / "models--org--base"
+    snapshot = entry / "snapshots" / "abc123"
+    (entry / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in base_src.iterdir():
+        shutil.copy2(f, entry / "blobs" / f.name)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / f.name)
+    (entry / "blobs" / "tok").write_text('{"tokenizer": 1}')
+    (snapshot / "tokenizer.json").symlink_to(Path("../../blobs/tok"))
+    out = tmp_path / "out"
+    assert_ok(run_cli(write_config(tmp_path, _ties(snapshot, fts)), out))
+    assert (out / "tokenizer.json").read_text() == '{"tokenizer": 1}'

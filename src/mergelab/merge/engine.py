@@ -41,7 +41,7 @@ from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.merge.config import MergeConfig, load_config
 from mergelab.merge.core import merge_tensor
-from mergelab.merge.extra_files import copy_extra_files
+from mergelab.merge.extra_files import copy_extra_files, refuse_outside
 from mergelab.merge.install import check_replaces_nothing_owned, exists
 from mergelab.merge.install import install as _install
 from mergelab.merge.model_card import library_name, render_model_card
@@ -123,7 +123,7 @@ def _copy_model_files(plan: MergePlan, tmp: Path, device_out_dtype: torch.dtype 
     copied = []
     for name in COPIED_FILES:
         src_dir = source if name in ("config.json", "generation_config.json") else source_tok
-        if src_dir is None or not (src_dir / name).is_file():
+        if src_dir is None or not (src_dir / name).is_file() or refuse_outside(src_dir / name, src_dir):
             continue
         if name == "config.json" and (device_out_dtype is not None or plan.config_updates):
             cfg = json.loads((src_dir / name).read_text())

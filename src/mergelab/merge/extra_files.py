@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -38,6 +39,29 @@ def _wanted(rel: Path) -> bool:
     return not (name in _SKIPPED_FILES or name.startswith(".") or name.lower().endswith(WEIGHT_SUFFIXES))
 
 
+def stays_inside(path: Path, folder: Path) -> bool:
+    """Whether the file ``path`` of the model folder ``folder`` is really inside it once links are followed.
+
+    A model folder is someone else's: its ``tokenizer.json`` may be a symbolic link to ``~/.ssh/id_rsa``, and
+    copying it would put that file into the merged model the user then shares. Allowed targets are the folder
+    itself and, for a Hugging Face cache snapshot (``models--org--name/snapshots/REV/``), that entry's
+    ``blobs/``, where the hub's own links point.
+    """
+    real = path.resolve()
+    if real.is_relative_to(folder.resolve()):
+        return True
+    return folder.parent.name == "snapshots" and real.is_relative_to(folder.parent.parent.resolve() / "blobs")
+
+
+def refuse_outside(path: Path, folder: Path) -> bool:
+    """:func:`stays_inside`, warning (once per file) when it does not: such a file is not copied."""
+    if stays_inside(path, folder):
+        return False
+    warnings.warn(f"{path} is a link to {path.resolve()}, outside the model folder {folder}: not copied to the "
+                  "merged model (copy it yourself if you trust it)", stacklevel=2)
+    return True
+
+
 def copy_extra_files(model_folder: Path | None, tokenizer_folder: Path | None, dest: Path,
                      already: Iterable[str]) -> list[str]:
     """Copy the non-weight files of ``model_folder`` (and tokenizer-like ones of ``tokenizer_folder``) to
@@ -55,7 +79,7 @@ def copy_extra_files(model_folder: Path | None, tokenizer_folder: Path | None, d
         for path in sorted(folder.rglob("*")):
             rel = path.relative_to(folder)
             key = rel.as_posix()
-            if not path.is_file() or key in done or not _wanted(rel) or not keep(rel):
+            if not path.is_file() or key in done or not _wanted(rel) or not keep(rel) or refuse_outside(path, folder):
                 continue
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
