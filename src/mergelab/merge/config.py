@@ -163,7 +163,9 @@ class MergeConfig(_Strict):
             raise ValueError("'models' must list at least one model")
         listed = [m.model for m in self.models]
         twice = sorted({m for m in listed if listed.count(m) > 1})
-        if twice:  # which entry's parameters would count? (per-model checks would see only the last)
+        # which entry's parameters would count? (per-model checks saw only the last); slice sources may
+        # legitimately take two layer ranges of one model
+        if twice and self.slices is None:
             raise ValueError(f"model {twice[0]!r} is listed more than once; list each model once (a larger "
                              "weight counts it more)")
         return self
