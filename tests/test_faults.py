@@ -60,29 +60,40 @@ def _big_family(root: Path, n_models: int = 3, hidden: int = 256, layers: int = 
     return folders[0], folders[1:]
 
 
-# -- SIGKILL ---------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_sigkill_mid_merge_leaves_nothing_under_the_final_name(tmp_path: Path) -> None:
-    base, fts = _big_family(tmp_path / "family")
+def _merge_caught_writing(tmp_path: Path, delay: float, n_models: int = 3) -> tuple[subprocess.Popen[bytes], Path,
+                                                                                    Path, Path]:
+    """(process, its temporary folder, OUT, config) of the real CLI in a child process, returned once it is
+    writing shards (one complete, the next under way). Each tensor write is held back ``delay`` seconds so
+    that, however fast the machine, the merge is still writing when the test's signal lands."""
+    base, fts = _big_family(tmp_path / "family", n_models=n_models)
     config = write_config(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base),
                                      "models": [{"model": str(p), "parameters": {"weight": 0.4}} for p in fts]})
     out = tmp_path / "merged"
-    # The real CLI in a child process, each tensor write held back 10 ms so that, however fast the machine,
-    # the merge is still writing when the random kill lands.
     throttled_cli = ("import sys, time; from mergelab.io.writer import StreamingSafetensorsWriter as W; "
-                     "write = W.write; W.write = lambda self, n, t: (time.sleep(0.01), write(self, n, t))[1]; "
+                     f"write = W.write; W.write = lambda self, n, t: (time.sleep({delay}), write(self, n, t))[1]; "
                      "from mergelab.cli import app; sys.argv[0] = 'mergelab'; app()")
     args = [sys.executable, "-c", throttled_cli, "merge", str(config), "-o", str(out), "-q",
             "--max-shard-size", "2MB"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     tmp = tmp_path / f".merged.tmp-{proc.pid}"
     try:
-        # Wait until shards are being written (one complete, the next under way), then kill at a random point.
         deadline = time.monotonic() + 120
         while len(list(tmp.glob("*.safetensors"))) < 2:
-            assert proc.poll() is None, f"merge ended before it could be killed: {proc.stderr.read()!r}"
+            assert proc.poll() is None, f"merge ended before the signal: {proc.stderr.read()!r}"
             assert time.monotonic() < deadline, "the merge never started writing"
             time.sleep(0.005)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, tmp, out, config
+
+
+# -- SIGKILL ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigkill_mid_merge_leaves_nothing_under_the_final_name(tmp_path: Path) -> None:
+    proc, tmp, out, config = _merge_caught_writing(tmp_path, delay=0.01)
+    try:
         time.sleep(random.uniform(0.0, 0.1))  # >= 0.3 s of throttled writes are still to come
         assert proc.poll() is None, "merge finished before the kill; make the family bigger"
         proc.send_signal(signal.SIGKILL)
@@ -112,22 +123,9 @@ def test_sigkill_mid_merge_leaves_nothing_under_the_final_name(tmp_path: Path) -
 def test_sigterm_sighup_and_sigint_clean_up_and_exit_128_plus_signal(tmp_path: Path, sig: signal.Signals) -> None:
     """Timeouts, batch schedulers and container stops send SIGTERM, a closed terminal SIGHUP: the merge stops
     as for Ctrl-C, removes its temporary folder, installs nothing and exits like a killed job (128 + N)."""
-    base, fts = _big_family(tmp_path / "family", n_models=2)
-    config = write_config(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base),
-                                     "models": [{"model": str(p), "parameters": {"weight": 0.4}} for p in fts]})
-    out = tmp_path / "merged"
-    throttled_cli = ("import sys, time; from mergelab.io.writer import StreamingSafetensorsWriter as W; "
-                     "write = W.write; W.write = lambda self, n, t: (time.sleep(0.02), write(self, n, t))[1]; "
-                     "from mergelab.cli import app; sys.argv[0] = 'mergelab'; app()")
-    proc = subprocess.Popen([sys.executable, "-c", throttled_cli, "merge", str(config), "-o", str(out), "-q",
-                             "--max-shard-size", "2MB"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    tmp = tmp_path / f".merged.tmp-{proc.pid}"
+    proc, tmp, out, _ = _merge_caught_writing(tmp_path, delay=0.02, n_models=2)
+    assert tmp.is_dir()
     try:
-        deadline = time.monotonic() + 120
-        while len(list(tmp.glob("*.safetensors"))) < 2:
-            assert proc.poll() is None, f"merge ended before the signal: {proc.stderr.read()!r}"
-            assert time.monotonic() < deadline, "the merge never started writing"
-            time.sleep(0.005)
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
