@@ -123,3 +123,84 @@ def test_slice_without_the_base_is_a_clear_error(families: Families, tmp_path: P
     out = tmp_path / "out"
     assert_refused(run_cli(write_config(tmp_path, config), out), out,
                    f"slices[0]: base_model '{base}' is not among this slice's sources", "layer_range")
+
+
+# -- multi-stage merges (mergekit-multi) --------------------------------------------------------------------
+def _two_stages(base: Path, fts: list[Path]) -> list[dict[str, object]]:
+    return [
+        {"name": "soup", "merge_method": "linear", "dtype": "float32",
+         "models": [{"model": str(fts[0]), "parameters": {"weight": 0.3}}, {"model": str(fts[1])}]},
+        {"merge_method": "ties", "base_model": str(base), "dtype": "float16",
+         "models": [{"model": "soup", "parameters": {"density": 0.5}},
+                    {"model": str(fts[2]), "parameters": {"density": 0.7, "weight": 0.6}}]},
+    ]
+
+
+def test_multi_stage_merge_feeds_a_named_stage_into_the_next(families: Families, tmp_path: Path) -> None:
+    """The final (unnamed) stage reads the 'soup' stage's output: same bytes as running the two by hand."""
+    import yaml
+
+    base, fts = families["llama"]
+    first, second = _two_stages(base, fts)
+    path = tmp_path / "multi.yml"
+    path.write_text(yaml.safe_dump_all([second, first], sort_keys=False))  # order in the file does not matter
+    assert_ok(run_cli(path, tmp_path / "out"))
+    mergelab.merge({k: v for k, v in first.items() if k != "name"}, tmp_path / "soup", progress=False)
+    by_hand = {**second, "models": [{"model": str(tmp_path / "soup"), "parameters": {"density": 0.5}},
+                                    second["models"][1]]}  # type: ignore[index]
+    mergelab.merge(by_hand, tmp_path / "by_hand", progress=False)
+    x, y = load_output(tmp_path / "out"), load_output(tmp_path / "by_hand")
+    assert set(x) == set(y) and all(torch.equal(x[n], y[n]) for n in x)
+    assert all(t.dtype == torch.float16 for t in x.values())
+    assert [p.name for p in tmp_path.iterdir() if ".stages" in p.name] == []  # temporary intermediates removed
+    kept = tmp_path / "kept"
+    mergelab.merge(path, tmp_path / "out2", progress=False, intermediate_dir=kept)
+    assert (kept / "soup" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("edit", "fragment"), [
+    (lambda a, b: (a, {**b, "name": "soup"}), "used twice"),
+    (lambda a, b: ({**a, "models": [{"model": "final"}, *a["models"][1:]]}, {**b, "name": "final"}), "cycle"),
+    (lambda a, b: ({k: v for k, v in a.items() if k != "name"}, b), "more than one document has no 'name'"),
+])
+def test_multi_stage_mistakes_are_clear_errors(families: Families, tmp_path: Path, edit, fragment: str) -> None:  # type: ignore[no-untyped-def]
+    import yaml
+
+    from cli_helpers import assert_refused
+
+    base, fts = families["llama"]
+    path = tmp_path / "multi.yml"
+    path.write_text(yaml.safe_dump_all(list(edit(*_two_stages(base, fts))), sort_keys=False))
+    assert_refused(run_cli(path, tmp_path / "out"), tmp_path / "out", fragment)
+
+
+# -- tokenizers ---------------------------------------------------------------------------------------------
+def _with_vocab(src: Path, dst: Path, tokens: list[str]) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    return dst
+
+
+def test_same_size_different_vocabulary_is_refused(families: Families, tmp_path: Path) -> None:
+    """Two models with 64-row embeddings whose tokenizers swap two ids: rows 3 and 4 are different tokens in
+    each, so an index-wise merge would mix them; refused, naming the token. Same vocabulary: merged."""
+    from cli_helpers import assert_refused
+
+    _, fts = families["gpt2"]
+    tokens = [f"tok{i}" for i in range(64)]
+    swapped = [*tokens[:3], tokens[4], tokens[3], *tokens[5:]]
+    a = _with_vocab(fts[0], tmp_path / "a", tokens)
+    b = _with_vocab(fts[1], tmp_path / "b", swapped)
+    same = _with_vocab(fts[2], tmp_path / "same", tokens)
+    config = {"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}]}
+    out = tmp_path / "out"
+    assert_refused(run_cli(write_config(tmp_path, config), out), out,
+                   "numbers tokens differently", "token 'tok3' is id 3", "but 4 in", "share a tokenizer")
+    config = {"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(same)}]}
+    assert_ok(run_cli(write_config(tmp_path, config), out))
+    # a tokenizer_source whose vocabulary differs from the rows being merged is refused the same way
+    config = {**config, "tokenizer_source": str(b)}
+    assert_refused(run_cli(write_config(tmp_path, config), tmp_path / "out2"), tmp_path / "out2",
+                   f"tokenizer_source {b}", "numbers tokens differently")

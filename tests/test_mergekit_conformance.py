@@ -228,3 +228,33 @@ def test_new_methods_same_tensors_as_mergekit(families: dict[str, tuple[Path, li
     assert diff <= (1e-5 if dtype == "float32" else 0.0), f"{case}/{arch}/{dtype}: {where} differs by {diff}"
     base_t = load_file(str(base / "model.safetensors"))
     assert any(not torch.equal(ours[n].float(), base_t[n].float()) for n in ours if ours[n].is_floating_point())
+
+
+@pytest.mark.slow
+def test_multi_stage_same_tensors_as_mergekit_multi(families: dict[str, tuple[Path, list[Path]]],
+                                                    tmp_path: Path) -> None:
+    """A named linear stage fed into a float16 TIES stage: the same bits as ``mergekit-multi``."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    base, fts = families["llama"]
+    stages = [
+        {"name": "soup", "merge_method": "linear", "dtype": "float32",
+         "models": [{"model": str(fts[0]), "parameters": {"weight": 0.3}},
+                    {"model": str(fts[1]), "parameters": {"weight": 1.0}}]},
+        {"merge_method": "ties", "base_model": str(base), "dtype": "float16",
+         "models": [{"model": "soup", "parameters": {"density": 0.5, "weight": 1.0}},
+                    {"model": str(fts[2]), "parameters": {"density": 0.7, "weight": 0.6}}]},
+    ]
+    path = tmp_path / "multi.yml"
+    path.write_text(yaml.safe_dump_all(stages, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "mergekit.scripts.multimerge", str(path), "--intermediate-dir",
+                    str(tmp_path / "mk-stages"), "--out-path", str(tmp_path / "mergekit"), "--no-write-model-card",
+                    "--no-copy-tokenizer"], check=True, capture_output=True)
+    result = mergelab.merge(path, tmp_path / "mergelab", progress=False, hash_inputs=False)
+    ours = {k: v for f in result.files if f.suffix == ".safetensors" for k, v in load_file(f).items()}
+    theirs = {k: v for f in (tmp_path / "mergekit").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert set(ours) == set(theirs)
+    assert all(ours[n].dtype == theirs[n].dtype == torch.float16 and torch.equal(ours[n], theirs[n]) for n in ours)

@@ -46,6 +46,7 @@ from mergelab.merge.install import check_replaces_nothing_owned, exists
 from mergelab.merge.install import install as _install
 from mergelab.merge.model_card import library_name, render_model_card
 from mergelab.merge.plan import MergePlan, count_nonfinite, nonfinite_message, plan_merge
+from mergelab.merge.stages import read_stage_documents, run_stages
 from mergelab.merge.thresholds import global_threshold
 from mergelab.runtime import make_progress
 
@@ -248,6 +249,7 @@ def run_merge(
     hash_inputs: bool = True,
     take_missing_from: str | None = None,
     model_card: bool = True,
+    intermediate_dir: str | Path | None = None,
 ) -> MergeResult:
     """Merge the checkpoints described by ``config`` into the folder ``out_dir``.
 
@@ -255,6 +257,15 @@ def run_merge(
     ``out_dir`` is created and an existing one is left as it was. ``take_missing_from="base"`` serves tensors
     a model lacks from the base (and leaves out those only a model has); ``model_card`` writes README.md.
     """
+    if isinstance(config, (str, Path)) and (docs := read_stage_documents(Path(config))) is not None:
+        # several YAML documents: a multi-stage merge (merge/stages.py), each stage one run_merge
+        def run_one(stage: dict[str, Any], target: Path) -> MergeResult:
+            return run_merge(stage, target, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
+                             allow_nonfinite=allow_nonfinite, progress=progress, hash_inputs=hash_inputs,
+                             take_missing_from=take_missing_from, model_card=model_card)
+        if Path(out_dir).exists() and not overwrite:
+            raise OutputExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+        return run_stages(Path(config), docs, Path(out_dir), intermediate_dir=intermediate_dir, run_one=run_one)
     cfg, folder = load_config(config)
     out = Path(out_dir)
     if exists(out) and not overwrite:

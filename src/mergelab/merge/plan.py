@@ -28,6 +28,7 @@ from mergelab.merge.params import (
     unused_parameters,
 )
 from mergelab.merge.slices import SlicePlan, is_frankenmerge, plan_slices
+from mergelab.merge.vocab import vocabulary_mismatch
 from mergelab.methods import MergeMethod, get_method
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,12 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
             elif a.dtype.is_floating_point != b.dtype.is_floating_point:
                 problems.append(f"{label}: tensor '{name}' is {b.dtype} but {ref_label} has {a.dtype}; "
                                 "floating and integer tensors cannot be merged")
+    if not any("vocabulary size" in p for p in problems):
+        tokenizers = [(ref_label, reference.folder)] + [(label, r.folder) for label, r in pairs if r is not reference]
+        if tokenizer_folder is not None:
+            tokenizers.append((f"tokenizer_source {config.tokenizer_source}", tokenizer_folder))
+        if (mismatch := vocabulary_mismatch(tokenizers)) is not None:
+            problems.append(mismatch)
     num_layers, layers_problem = _num_layers(reference, names)
     if layers_problem and sliced is None:  # layer-stacking slices renumber layers (config_updates)
         problems.append(layers_problem)
