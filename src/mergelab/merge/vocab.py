@@ -40,18 +40,19 @@ def vocabulary(folder: Path | None) -> dict[str, int] | None:
 
 
 def vocabulary_mismatch(labelled: list[tuple[str, Path | None]]) -> str | None:
-    """A problem when two inputs' tokenizers number tokens differently, naming a token that moved."""
+    """A problem when two inputs' tokenizers give a shared token different ids, naming one."""
     known = [(label, v) for label, folder in labelled if (v := vocabulary(folder)) is not None]
     if len(known) < 2:
         return None
     ref_label, ref = known[0]
     for label, vocab in known[1:]:
-        if vocab == ref:
+        # tokens only one side has (a chat model's added tokens, say) do not move any row; a shared token
+        # with two ids does
+        moved = next(((t, i, vocab[t]) for t, i in sorted(ref.items(), key=lambda x: x[1])
+                      if t in vocab and vocab[t] != i), None)
+        if moved is None:
             continue
-        moved = next(((t, i, vocab.get(t)) for t, i in sorted(ref.items(), key=lambda x: x[1]) if vocab.get(t) != i),
-                     None)
-        example = (f"token {moved[0]!r} is id {moved[1]} in {ref_label} but {moved[2]} in {label}" if moved
-                   else f"{label} has {len(vocab) - len(ref)} more token(s)")
+        example = f"token {moved[0]!r} is id {moved[1]} in {ref_label} but {moved[2]} in {label}"
         return (f"{label}: its tokenizer numbers tokens differently from {ref_label} ({example}), so merging "
                 "embedding/LM-head rows by index would mix different tokens. Merge models that share a tokenizer "
                 "(tokenizer_source: union, which aligns rows by token, is not supported yet)")
