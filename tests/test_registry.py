@@ -9,7 +9,8 @@ from mergelab.methods import MergeMethod, Param, all_methods, get_method, list_m
 from mergelab.methods.registry import REQUIRED, TensorInputs
 
 EXPECTED = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-            "breadcrumbs_ties", "slerp", "model_stock", "cart", "della", "della_linear", "sce"}
+            "breadcrumbs_ties", "slerp", "model_stock", "cart", "della", "della_linear", "sce",
+            "tsv", "iso_c", "iso_cts"}
 
 
 def test_expected_methods_registered() -> None:

@@ -7,6 +7,8 @@ from mergelab.methods import (  # noqa: F401  (importing registers the methods)
     dare,
     della,
     fisher,
+    iso_c,
+    iso_cts,
     karcher,
     linear,
     model_stock,
@@ -19,6 +21,7 @@ from mergelab.methods import (  # noqa: F401  (importing registers the methods)
     slerp,
     task_arithmetic,
     ties,
+    tsv,
 )
 from mergelab.methods.arcee_fusion import arcee_fusion_merge
 from mergelab.methods.breadcrumbs import breadcrumbs_merge
@@ -26,6 +29,8 @@ from mergelab.methods.cart import cart_merge
 from mergelab.methods.dare import dare_merge
 from mergelab.methods.della import della_merge
 from mergelab.methods.fisher import fisher_merge
+from mergelab.methods.iso_c import iso_c_merge
+from mergelab.methods.iso_cts import iso_cts_merge
 from mergelab.methods.karcher import karcher_merge
 from mergelab.methods.linear import linear_merge
 from mergelab.methods.model_stock import model_stock_merge
@@ -47,6 +52,7 @@ from mergelab.methods.sce import sce_merge
 from mergelab.methods.slerp import slerp_merge
 from mergelab.methods.task_arithmetic import task_arithmetic_merge
 from mergelab.methods.ties import ties_merge
+from mergelab.methods.tsv import tsv_merge
 
 __all__ = [
     "MergeMethod",
@@ -60,6 +66,8 @@ __all__ = [
     "della_merge",
     "fisher_merge",
     "get_method",
+    "iso_c_merge",
+    "iso_cts_merge",
     "karcher_merge",
     "linear_merge",
     "list_methods",
@@ -74,4 +82,5 @@ __all__ = [
     "slerp_merge",
     "task_arithmetic_merge",
     "ties_merge",
+    "tsv_merge",
 ]

@@ -1,0 +1,86 @@
+"""Shared linear algebra of the SVD-family merges (TSV-M, Iso-C, Iso-CTS): task vectors in a working dtype,
+SVDs that give the same bytes on any thread count, and the orthogonal (polar) factor of a matrix.
+
+Determinism: MKL's SVD takes a different blocked path for each thread count, so the same matrix gave
+different last bits with 1 and 2 threads (measured here, torch 2.13 CPU: a 256×128 float32 matrix differs,
+64×64 does not), and the merged bytes with it. :func:`one_thread` runs the decompositions and products of
+one tensor on a single intra-op thread; a single-threaded SVD gave identical bytes whether the process had
+1 or 2 threads. It costs speed on large matrices, never correctness.
+
+Sign and rotation conventions: every result here is built from products ``U f(Σ) Vᵀ`` (or ``P_U Σ P_Vᵀ`` with
+polar factors), which do not change when a singular pair (u_i, v_i) flips sign together, nor when the
+vectors of a repeated singular value rotate together; so no sign convention is imposed on the SVD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+
+def working_dtype(*tensors: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    """float64 if the config asks for it or any input is float64, else float32: LAPACK has no half-precision
+    SVD, so float16/bfloat16 (and float8) inputs are decomposed in float32 and rounded once at the end."""
+    if dtype == torch.float64 or any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's intra-op work on one thread (module docstring), restoring the old count afterwards."""
+    old = torch.get_num_threads()
+    if old == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float] | None,
+                 dtype: torch.dtype) -> list[torch.Tensor]:
+    """``w_t (θ_t − θ_0)`` in ``dtype`` for every model (``weights=None``: all 1)."""
+    ws = [1.0] * len(tensors) if weights is None else [float(w) for w in weights]
+    if len(ws) != len(tensors):
+        raise ValueError(f"got {len(tensors)} tensors but {len(ws)} weights")
+    if not tensors:
+        raise ValueError("need at least one model besides the base")
+    b = base.to(dtype)
+    return [(t.to(dtype) - b).mul_(w) for t, w in zip(tensors, ws, strict=True)]
+
+
+def numerical_rank(s: torch.Tensor, shape: Sequence[int]) -> int:
+    """Singular values above ``max(m, n) · eps · σ_max`` (numpy's ``matrix_rank`` rule); ``s`` descending."""
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    tol = max(shape) * torch.finfo(s.dtype).eps * float(s[0])
+    return int((s > tol).sum())
+
+
+def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthogonal factor ``U_r V_rᵀ`` of ``matrix = U Σ Vᵀ`` over its ``r`` non-zero singular values.
+
+    For a matrix of full column (or row) rank it is the polar factor, the closest matrix with orthonormal
+    columns (rows) — the Procrustes solution TSV-M and Iso-CTS use to decorrelate stacked singular vectors.
+    Where the matrix is rank-deficient, the singular vectors of the zero singular values are arbitrary (LAPACK
+    picks any basis), so they are left out: the result is then the unique partial isometry with the
+    matrix's row and column spaces, and it does not depend on the LAPACK build.
+    """
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    r = numerical_rank(s, matrix.shape)
+    return u[:, :r] @ vh[:r]
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-``rank`` singular triplets ``(U_k, σ_k, V_kᵀ)`` of a 2-D tensor, without those whose singular
+    value is numerically zero: their vectors are arbitrary, and stacked with other tasks' vectors they
+    would change the orthogonal factor (a rank-1 task vector with ``rank=2`` turned a hand-worked TSV-M
+    example into a LAPACK-dependent one)."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    k = max(0, min(rank, numerical_rank(s, matrix.shape)))
+    return u[:, :k], s[:k], vh[:k]
