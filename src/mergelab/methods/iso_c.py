@@ -15,7 +15,10 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
-from mergelab.methods.spectral import numerical_rank, one_thread, task_vectors, working_dtype
+from mergelab.methods.spectral import merge_task_matrices, numerical_rank
+
+ISO_PAPER = ("Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
+             "Subspaces, ICML (arXiv:2502.04959)")
 
 
 def iso_c_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *,
@@ -27,16 +30,12 @@ def iso_c_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
     left out (:func:`~mergelab.methods.spectral.polar_factor`); full-rank sums, the case of real fine-tunes,
     are exactly the paper's formula. Computed in float32 (float64 for float64 inputs or ``dtype``).
     """
-    work = working_dtype(base, *tensors, dtype=dtype)
-    with one_thread():
-        taus = task_vectors(base, tensors, weights, work)
-        if base.dim() != 2:
-            merged = torch.stack(taus).mean(0)
-        else:
-            u, s, vh = torch.linalg.svd(torch.stack(taus).sum(0), full_matrices=False)
-            r = numerical_rank(s, base.shape)
-            merged = s.mean() * (u[:, :r] @ vh[:r])
-        return (base.to(work) + lambda_ * merged).to(base.dtype)
+    def merge_matrix(taus: list[torch.Tensor]) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(torch.stack(taus).sum(0), full_matrices=False)
+        r = numerical_rank(s, base.shape)
+        return s.mean() * (u[:, :r] @ vh[:r])
+
+    return merge_task_matrices(base, tensors, weights, merge_matrix, lambda_=lambda_, dtype=dtype)
 
 
 def _adapter(x: TensorInputs) -> torch.Tensor:
@@ -56,8 +55,7 @@ register(MergeMethod(
     ),
     summary="Task arithmetic's summed task matrix with its singular values replaced by their mean "
             "(a flat spectrum).",
-    paper="Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
-          "Subspaces, ICML (arXiv:2502.04959)",
+    paper=ISO_PAPER,
     also_in=("FusionBench",),
     formula="θ = θ_0 + λ σ̄ U Vᵀ, U diag(σ) Vᵀ = Σ_t w_t τ_t, σ̄ = mean σ; θ_0 + λ mean τ_t on non-2-D tensors",
 ))

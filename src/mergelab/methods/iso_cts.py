@@ -16,8 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
+from mergelab.methods.iso_c import ISO_PAPER
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
-from mergelab.methods.spectral import one_thread, polar_factor, task_vectors, truncated_svd, working_dtype
+from mergelab.methods.spectral import merge_task_matrices, polar_factor, truncated_svd
 
 
 def iso_cts_split(shape: Sequence[int], tasks: int, common_space_fraction: float) -> tuple[int, int]:
@@ -44,26 +45,21 @@ def iso_cts_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: 
     factors, ``σ̄`` the mean of the ``c + T s`` stacked singular values. With ``common_space_fraction=1``
     this is Iso-C. Computed in float32 (float64 for float64 inputs or ``dtype``).
     """
-    work = working_dtype(base, *tensors, dtype=dtype)
-    with one_thread():
-        taus = task_vectors(base, tensors, weights, work)
-        if base.dim() != 2:
-            merged = torch.stack(taus).mean(0)
-        else:
-            common, per_task = iso_cts_split(base.shape, len(taus), common_space_fraction)
-            u_c, s_c, vh_c = truncated_svd(torch.stack(taus).sum(0), common)
-            us, ss, vhs = [u_c], [s_c], [vh_c]
-            if per_task > 0:
-                for tau in taus:
-                    u_t, s_t, vh_t = truncated_svd(tau - u_c @ (u_c.T @ tau), per_task)
-                    us.append(u_t)
-                    ss.append(s_t)
-                    vhs.append(vh_t)
-            # over all c + T s slots, as in the paper: numerically zero triplets that truncated_svd leaves out
-            # (a task without s directions outside the common subspace) count as zeros
-            sigma_mean = torch.cat(ss).sum() / max(1, common + per_task * len(taus))
-            merged = sigma_mean * (polar_factor(torch.cat(us, dim=1)) @ polar_factor(torch.cat(vhs, dim=0)))
-        return (base.to(work) + lambda_ * merged).to(base.dtype)
+    def merge_matrix(taus: list[torch.Tensor]) -> torch.Tensor:
+        common, per_task = iso_cts_split(base.shape, len(taus), common_space_fraction)
+        u_c, s_c, vh_c = truncated_svd(torch.stack(taus).sum(0), common)
+        us, ss, vhs = [u_c], [s_c], [vh_c]
+        for tau in taus if per_task > 0 else []:
+            u_t, s_t, vh_t = truncated_svd(tau - u_c @ (u_c.T @ tau), per_task)
+            us.append(u_t)
+            ss.append(s_t)
+            vhs.append(vh_t)
+        # over all c + T s slots, as in the paper: numerically zero triplets that truncated_svd leaves out
+        # (a task without s directions outside the common subspace) count as zeros
+        sigma_mean = torch.cat(ss).sum() / max(1, common + per_task * len(taus))
+        return sigma_mean * (polar_factor(torch.cat(us, dim=1)) @ polar_factor(torch.cat(vhs, dim=0)))
+
+    return merge_task_matrices(base, tensors, weights, merge_matrix, lambda_=lambda_, dtype=dtype)
 
 
 def _adapter(x: TensorInputs) -> torch.Tensor:
@@ -85,8 +81,7 @@ register(MergeMethod(
     ),
     summary="Iso-C in the top singular subspace of the summed task matrix plus each task's own top "
             "directions outside it, orthogonalised, with a flat spectrum.",
-    paper="Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
-          "Subspaces, ICML (arXiv:2502.04959)",
+    paper=ISO_PAPER,
     also_in=("FusionBench",),
     formula="θ = θ_0 + λ σ̄ U⊥ V⊥ᵀ, U = [top-c of Σ τ_t, top-s of (I − U_c U_cᵀ) τ_t per task], "
             "σ̄ = mean of the stacked σ; θ_0 + λ mean τ_t on non-2-D tensors",

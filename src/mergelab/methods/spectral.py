@@ -14,7 +14,7 @@ vectors of a repeated singular value rotate together; so no sign convention is i
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -84,3 +84,16 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     k = max(0, min(rank, numerical_rank(s, matrix.shape)))
     return u[:, :k], s[:k], vh[:k]
+
+
+def merge_task_matrices(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float] | None,
+                        merge_matrix: Callable[[list[torch.Tensor]], torch.Tensor], *, lambda_: float,
+                        dtype: torch.dtype | None) -> torch.Tensor:
+    """``θ_0 + λ merge_matrix([τ_1 … τ_T])`` on 2-D weights and ``θ_0 + λ (1/T) Σ_t τ_t`` on other tensors
+    (the rule of the SVD-family papers' code), ``τ_t = w_t (θ_t − θ_0)`` in :func:`working_dtype`, on one
+    thread; the result has the base's dtype."""
+    work = working_dtype(base, *tensors, dtype=dtype)
+    with one_thread():
+        taus = task_vectors(base, tensors, weights, work)
+        merged = merge_matrix(taus) if base.dim() == 2 else torch.stack(taus).mean(0)
+        return (base.to(work) + lambda_ * merged).to(base.dtype)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
-from mergelab.methods.spectral import one_thread, polar_factor, task_vectors, truncated_svd, working_dtype
+from mergelab.methods.spectral import merge_task_matrices, polar_factor, truncated_svd
 
 
 def tsv_rank(shape: Sequence[int], tasks: int, rank_ratio: float | None = None) -> int:
@@ -37,19 +37,15 @@ def tsv_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequ
     vectors (:func:`tsv_rank`). Computed in float32 (float64 for float64 inputs or ``dtype``); the
     result has the base's dtype.
     """
-    work = working_dtype(base, *tensors, dtype=dtype)
-    with one_thread():
-        taus = task_vectors(base, tensors, weights, work)
-        if base.dim() != 2:
-            merged = torch.stack(taus).mean(0)
-        else:
-            k = tsv_rank(base.shape, len(taus), rank_ratio)
-            parts = [truncated_svd(tau, k) for tau in taus]
-            u = torch.cat([p[0] for p in parts], dim=1)  # m × Tk
-            s = torch.cat([p[1] for p in parts])
-            vh = torch.cat([p[2] for p in parts], dim=0)  # Tk × n
-            merged = (polar_factor(u) * s) @ polar_factor(vh)
-        return (base.to(work) + lambda_ * merged).to(base.dtype)
+    def merge_matrix(taus: list[torch.Tensor]) -> torch.Tensor:
+        k = tsv_rank(base.shape, len(taus), rank_ratio)
+        parts = [truncated_svd(tau, k) for tau in taus]
+        u = torch.cat([p[0] for p in parts], dim=1)  # m × Tk
+        s = torch.cat([p[1] for p in parts])
+        vh = torch.cat([p[2] for p in parts], dim=0)  # Tk × n
+        return (polar_factor(u) * s) @ polar_factor(vh)
+
+    return merge_task_matrices(base, tensors, weights, merge_matrix, lambda_=lambda_, dtype=dtype)
 
 
 def _adapter(x: TensorInputs) -> torch.Tensor:
