@@ -12,6 +12,7 @@ from torch.testing import assert_close
 from mergelab import merge_state_dicts
 from mergelab.methods import get_method, iso_c_merge, iso_cts_merge, tsv_merge
 from mergelab.methods.iso_cts import iso_cts_split
+from mergelab.methods.registry import TensorInputs
 from mergelab.methods.spectral import numerical_rank, polar_factor
 from mergelab.methods.tsv import tsv_rank
 
@@ -232,6 +233,20 @@ def test_adapters_pass_weights_and_parameters(name: str) -> None:
     got = merge_state_dicts(fts, name, base=base, weights=[0.5, 2.0], parameters={"lambda": 0.7})
     for key in base:
         assert_close(got[key], MERGES[name](base[key], [f[key] for f in fts], [0.5, 2.0], lambda_=0.7))
+
+
+@pytest.mark.parametrize("name", sorted(MERGES))
+def test_config_dtype_float64_computes_in_float64(name: str) -> None:
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(9, 7, generator=g)
+    fts = [base + torch.randn(9, 7, generator=g) for _ in range(3)]
+    m = get_method(name)
+    params = {p.name: p.default for p in m.global_params.values()}
+    x = TensorInputs(name="w", tensors=fts, model_params=[{"weight": 1.0}] * 3, params=params, base=base,
+                     dtype=torch.float64)
+    expected = MERGES[name](base.double(), [f.double() for f in fts]).float()
+    assert torch.equal(m.adapter(x), expected)
+    assert torch.equal(MERGES[name](base, fts, dtype=torch.float64), expected)
 
 
 def test_registered_names_and_defaults() -> None:
