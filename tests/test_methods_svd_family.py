@@ -87,6 +87,18 @@ def test_tsv_counts_a_direction_shared_by_all_tasks_once() -> None:
     assert_close(tsv_merge(torch.zeros(3, 3, dtype=F64), [tau, tau]), tau)
 
 
+def test_tsv_turns_a_nearly_shared_direction_into_orthogonal_ones_at_full_strength() -> None:
+    # the flip side (the polar factor is discontinuous at duplicates; FusionBench's code does the same):
+    # 4 e1 e2ᵀ and 4 u vᵀ with u, v within 1e-6 of e1, e2. Procrustes pushes both pairs of singular vectors
+    # 90° apart, so the result has two singular values of 4 where the exactly shared case above has one
+    zero = torch.zeros(4, 4, dtype=F64)
+    delta = 1e-6
+    u = (_e(0) + delta * _e(2)) / math.sqrt(1 + delta**2)
+    v = (_e(1) + delta * _e(3)) / math.sqrt(1 + delta**2)
+    got = tsv_merge(zero, [4 * _outer(_e(0), _e(1)), 4 * _outer(u, v)])
+    assert_close(torch.linalg.svdvals(got), torch.tensor([4.0, 4.0, 0.0, 0.0], dtype=F64), atol=1e-6, rtol=0)
+
+
 def test_tsv_rotates_two_oblique_directions_symmetrically_apart() -> None:
     # τ1 = 3 u1 e3ᵀ, τ2 = 2 u2 e4ᵀ with u1 = (1, 0), u2 at 60°: the closest orthonormal pair to [u1, u2]
     # keeps their bisector (30°) and sits ±45° around it, at −15° and 75°; V = [e3, e4] is orthonormal already
