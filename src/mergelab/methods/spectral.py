@@ -1,11 +1,10 @@
-"""Shared linear algebra of the SVD-family merges (TSV-M, Iso-C, Iso-CTS): task vectors in a working dtype,
-SVDs that give the same bytes on any thread count, and the orthogonal (polar) factor of a matrix.
+"""Shared linear algebra of the SVD-family merges (TSV-M, Iso-C, Iso-CTS): task vectors in a working dtype
+and the orthogonal (polar) factor of a matrix.
 
-Determinism: MKL's SVD takes a different blocked path for each thread count, so the same matrix gave
-different last bits with 1 and 2 threads (measured here, torch 2.13 CPU: a 256×128 float32 matrix differs,
-64×64 does not), and the merged bytes with it. :func:`one_thread` runs the decompositions and products of
-one tensor on a single intra-op thread; a single-threaded SVD gave identical bytes whether the process had
-1 or 2 threads. It costs speed on large matrices, never correctness.
+Determinism: MKL's SVD takes a different blocked path for each thread count (measured here, torch 2.13 CPU:
+a 256×128 float32 matrix gave different last bits on 1 and 2 threads, 64×64 did not). The engine runs every
+non-element-wise method on one thread (:func:`mergelab.merge.core.one_thread`); call these functions inside
+that context to get the same bytes outside the engine.
 
 Sign and rotation conventions: every result here is built from products ``U f(Σ) Vᵀ`` (or ``P_U Σ P_Vᵀ`` with
 polar factors), which do not change when a singular pair (u_i, v_i) flips sign together, nor when the
@@ -14,8 +13,7 @@ vectors of a repeated singular value rotate together; so no sign convention is i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,20 +24,6 @@ def working_dtype(*tensors: torch.Tensor, dtype: torch.dtype | None = None) -> t
     if dtype == torch.float64 or any(t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch's intra-op work on one thread (module docstring), restoring the old count afterwards."""
-    old = torch.get_num_threads()
-    if old == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float] | None,
@@ -90,10 +74,9 @@ def merge_task_matrices(base: torch.Tensor, tensors: Sequence[torch.Tensor], wei
                         merge_matrix: Callable[[list[torch.Tensor]], torch.Tensor], *, lambda_: float,
                         dtype: torch.dtype | None) -> torch.Tensor:
     """``θ_0 + λ merge_matrix([τ_1 … τ_T])`` on 2-D weights and ``θ_0 + λ (1/T) Σ_t τ_t`` on other tensors
-    (the rule of the SVD-family papers' code), ``τ_t = w_t (θ_t − θ_0)`` in :func:`working_dtype`, on one
-    thread; the result has the base's dtype."""
+    (the rule of the SVD-family papers' code), ``τ_t = w_t (θ_t − θ_0)`` in :func:`working_dtype`; the
+    result has the base's dtype."""
     work = working_dtype(base, *tensors, dtype=dtype)
-    with one_thread():
-        taus = task_vectors(base, tensors, weights, work)
-        merged = merge_matrix(taus) if base.dim() == 2 else torch.stack(taus).mean(0)
-        return (base.to(work) + lambda_ * merged).to(base.dtype)
+    taus = task_vectors(base, tensors, weights, work)
+    merged = merge_matrix(taus) if base.dim() == 2 else torch.stack(taus).mean(0)
+    return (base.to(work) + lambda_ * merged).to(base.dtype)
