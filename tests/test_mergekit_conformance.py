@@ -258,3 +258,32 @@ def test_multi_stage_same_tensors_as_mergekit_multi(families: dict[str, tuple[Pa
     theirs = {k: v for f in (tmp_path / "mergekit").glob("*.safetensors") for k, v in load_file(f).items()}
     assert set(ours) == set(theirs)
     assert all(ours[n].dtype == theirs[n].dtype == torch.float16 and torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+# mergekit's basic-merge tests write every config the same way: two models with `weight` 0.6 and 0.4, a third as
+# base_model, dtype bfloat16 — `weight` included where the method has no use for it (sce, karcher): mergekit
+# ignores it, we ignore it with a warning.
+BASIC_STYLE = {"della": {"density": 0.66}, "della_linear": {"density": 0.66}, "sce": {"select_topk": 0.5},
+               "nuslerp": {}, "multislerp": {}, "karcher": {}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(BASIC_STYLE))
+def test_mergekit_basic_merge_style_configs(families: dict[str, tuple[Path, list[Path]]], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    import mergelab.methods.dare as dare
+
+    _, fts = families["llama"]
+    config = {"merge_method": method, "base_model": str(fts[2]), "dtype": "bfloat16",
+              "models": [{"model": str(fts[0]), "parameters": {"weight": 0.6}},
+                         {"model": str(fts[1]), "parameters": {"weight": 0.4}}],
+              "parameters": BASIC_STYLE[method]}
+    monkeypatch.setattr(torch, "bernoulli", lambda p: _hash_coin(p.shape, p).to(p.dtype))
+    monkeypatch.setattr(dare, "bernoulli_mask", lambda shape, p, generator, device="cpu": _hash_coin(shape, p))
+    if method.startswith("della"):
+        config["parameters"] = {**config["parameters"], "rescale_mode": "l1"}  # mergekit's rescaling
+    ours = _mergelab_merge(config, tmp_path / "mergelab")
+    theirs = _mergekit_merge(config, tmp_path / "mergekit")
+    assert set(ours) == set(theirs)
+    diff, where = _max_abs_diff(ours, theirs)
+    assert diff == 0.0, f"{method}: {where} differs by {diff}"
