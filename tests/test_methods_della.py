@@ -165,3 +165,11 @@ def test_memory_of_the_sparsifier_is_a_few_tensors() -> None:
     out = della_sparsifier([0.5], [0.2], seed=1)(0, delta)
     assert out.data_ptr() == delta.data_ptr()
     assert math.isfinite(float(out.abs().sum()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_same_seed_same_merge_on_cuda() -> None:
+    # coins drawn and ties ranked on the CPU: the device changes only reduction rounding
+    cpu = della_merge(BASE, MODELS, W, [0.4] * 3, [0.2] * 3, seed=7)
+    gpu = della_merge(BASE.cuda(), [m.cuda() for m in MODELS], W, [0.4] * 3, [0.2] * 3, seed=7)
+    assert_close(gpu.cpu(), cpu)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -86,3 +87,13 @@ def test_adapter_and_registration() -> None:
     x = TensorInputs(name="w", tensors=[D1, D2], model_params=[{}, {}],
                      params={"select_topk": 0.5, "int8_mask": False}, base=BASE)
     assert_close(m.adapter(x), sce_merge(BASE, [D1, D2], select_topk=0.5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_same_selection_on_cuda() -> None:
+    # bf16 variances tie; the selection runs on the CPU, so the GPU keeps the same entries
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(64, 48, generator=g).to(torch.bfloat16)
+    models = [(base.float() + 0.05 * torch.randn(64, 48, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    tvs = torch.stack([m - base for m in models])
+    assert torch.equal(sce_select_mask(tvs.cuda(), 0.3).cpu(), sce_select_mask(tvs, 0.3))

@@ -34,13 +34,14 @@ def sce_select_mask(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor
         return torch.zeros(shape, dtype=torch.bool, device=task_vectors.device)
     var = torch.var(task_vectors, dim=0, unbiased=False)
     k = int(int(torch.count_nonzero(var)) * fraction)
-    mask = torch.zeros(var.numel(), dtype=torch.bool, device=var.device)
+    mask = torch.zeros(var.numel(), dtype=torch.bool)
     if k > 0:
         # torch.topk, as mergekit: in float16/bfloat16 many variances tie at the cut (2 of 60 entries in a
-        # bf16 test tensor), and only the same selection rule picks the same entries. On the CPU it picks the
-        # same ones on any thread count (tests/test_methods_sce.py).
-        mask[torch.topk(var.abs().reshape(-1), k).indices] = True
-    return mask.reshape(shape)
+        # bf16 test tensor), and only the same selection rule picks the same entries. Taken on the CPU whatever
+        # the device (CUDA's topk orders ties differently), where it picks the same ones on any thread count
+        # (tests/test_methods_sce.py).
+        mask[torch.topk(var.abs().reshape(-1).cpu(), k).indices] = True
+    return mask.reshape(shape).to(var.device)
 
 
 def sce_weights(task_vectors: torch.Tensor) -> torch.Tensor:
