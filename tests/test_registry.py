@@ -130,7 +130,7 @@ def test_tools_column_names_mergelab_and_the_peers() -> None:
     assert get_method("ties").tools == "mergelab, mergekit, FusionBench"
     assert get_method("sce").tools == "mergelab, mergekit"
     with pytest.raises(ValueError, match="unknown tools"):
-        MergeMethod(name="x", adapter=lambda x: x.tensors[0], function=lambda: None, params=(), summary="",
+        MergeMethod(name="x", function=lambda: None, params=(), summary="",
                     paper="", also_in=("mergekit", "peft"))
 
 
@@ -156,3 +156,57 @@ def test_methods_cli_shows_the_tools_column() -> None:
     assert "mergelab only" in result.output and "mergelab, mergekit, FusionBench" in result.output
     one = CliRunner().invoke(app, ["methods", "della"])
     assert one.exit_code == 0 and "tools: mergelab, mergekit" in one.output
+
+
+def _toy(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *, lambda_: float = 1.0,
+         consensus: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Records what it was called with, in the tensor it returns."""
+    _toy.calls.append({"weights": weights, "lambda_": lambda_, "consensus": consensus, "dtype": dtype})  # type: ignore[attr-defined]
+    return base + lambda_ * sum(w * (t - base) for w, t in zip(weights, tensors, strict=True))
+
+
+def test_adapter_is_derived_from_the_param_declarations() -> None:
+    # global params fill their name (lambda → lambda_), per-model ones the plural with one value per model,
+    # `fixed` keywords are the registration's, inputs fill the parameters named after them; int8_mask-style
+    # params with arg=None are accepted and not passed
+    _toy.calls = []  # type: ignore[attr-defined]
+    m = MergeMethod(name="toy", function=_toy, summary="", paper="", fixed={"consensus": "sum"},
+                    params=(Param("weight", float, 1.0, scope="model"), Param("lambda", float, 1.0),
+                            Param("int8_mask", bool, False, arg=None)))
+    base, a, b = torch.zeros(2), torch.ones(2), 2 * torch.ones(2)
+    x = TensorInputs(name="w", tensors=[a, b], model_params=[{"weight": 0.5}, {"weight": 0.25}],
+                     params={"lambda": 2.0, "int8_mask": True}, base=base)
+    assert torch.equal(m.adapter(x), torch.full((2,), 2.0))  # 2 · (0.5 · 1 + 0.25 · 2)
+    assert _toy.calls == [{"weights": [0.5, 0.25], "lambda_": 2.0, "consensus": "sum", "dtype": None}]  # type: ignore[attr-defined]
+
+
+def test_a_declaration_that_does_not_fit_the_function_is_refused_at_registration() -> None:
+    with pytest.raises(ValueError, match=r"_toy has no parameter \['alpha'\]"):
+        MergeMethod(name="toy", function=_toy, summary="", paper="", params=(Param("alpha", float, 1.0),))
+    with pytest.raises(ValueError, match=r"nothing fills _toy's \['weights'\]"):
+        MergeMethod(name="toy", function=_toy, summary="", paper="", params=())
+    with pytest.raises(ValueError, match="no parameter"):
+        MergeMethod(name="toy", function=_toy, summary="", paper="", fixed={"typo": 1},
+                    params=(Param("weight", float, 1.0, scope="model"),))
+
+
+def test_one_model_methods_see_the_other_model_and_scalar_model_params() -> None:
+    # passthrough's `tensor` is the one model and its per-model `scale` a number, not a list
+    x = TensorInputs(name="w", tensors=[torch.ones(2)], model_params=[{"scale": 3.0}], params={})
+    assert torch.equal(get_method("passthrough").adapter(x), torch.full((2,), 3.0))
+    two = TensorInputs(name="w", tensors=[torch.ones(2)] * 2, model_params=[{"scale": 3.0}] * 2, params={})
+    with pytest.raises(ValueError, match="exactly one model besides the base"):
+        get_method("passthrough").adapter(two)
+
+
+def test_missing_statistics_and_base_are_clear_errors_naming_the_tensor() -> None:
+    x = TensorInputs(name="layers.0.w", tensors=[torch.ones(2)] * 2, model_params=[{"weight": 1.0}] * 2,
+                     params={"eps": 1e-8, "lambda": 1.0, "normalize": False})
+    with pytest.raises(ValueError, match=r"fisher needs per-model statistics.*tensor 'layers.0.w'"):
+        get_method("fisher").adapter(x)
+    with pytest.raises(ValueError, match=r"task_arithmetic needs a base for tensor 'layers.0.w'"):
+        get_method("task_arithmetic").adapter(x)
+    # regmean without Grams for a tensor (not a linear layer's weight) is the plain mean
+    assert torch.equal(get_method("regmean").adapter(
+        TensorInputs(name="b", tensors=[torch.ones(2), 3 * torch.ones(2)], model_params=[{}] * 2,
+                     params={"alpha": 0.9})), torch.full((2,), 2.0))

@@ -20,7 +20,9 @@ from mergelab.io.readers import TensorMeta, open_checkpoint
 from mergelab.io.safetensors_file import SafetensorsFile
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, write_state_dict
 from mergelab.merge import engine
+from mergelab.merge import params as params_module
 from mergelab.merge.core import merge_tensor
+from mergelab.merge.params import resolve_parameters
 from mergelab.merge.plan import count_nonfinite
 from mergelab.methods import all_methods
 
@@ -56,9 +58,11 @@ def test_elementwise_flag_holds_for_the_function(method: str) -> None:
     settings = [{"weight": w} for w in (0.2, 0.5, 0.9)] if "weight" in m.model_params else [{}] * n
     global_settings = {"t": 0.05} if method == "nearswap" else {}
 
+    name = "model.layers.0.mlp.up_proj.weight"
+    params = resolve_parameters(m, name, 0.0, global_settings, settings)
+
     def run(ts: list[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
-        return merge_tensor(m, "model.layers.0.mlp.up_proj.weight", ts, base=b, global_settings=global_settings,
-                            model_settings=settings, seed=0, num_layers=1)
+        return merge_tensor(m, name, ts, base=b, params=params, seed=0)
 
     whole = run(tensors, base).reshape(-1)
     flat = [t.reshape(-1) for t in tensors]
@@ -191,3 +195,24 @@ def test_allocator_tuning_applies_under_glibc() -> None:
     code = "from mergelab.merge.allocator import recycle_freed_memory as r; print(r())"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "True"
+
+
+def test_parameters_are_resolved_once_per_tensor_however_many_pieces(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # plan_merge resolves each tensor's parameters once; the engine merges every piece with those values
+    base, fts = families["llama"]
+    calls: list[str] = []
+    real = params_module._resolve
+
+    def spy(param: Any, scopes: Any, tensor_name: str, t: float, where: str) -> Any:
+        calls.append(tensor_name)
+        return real(param, scopes, tensor_name, t, where)
+
+    monkeypatch.setattr(params_module, "_resolve", spy)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 7)
+    _merge(tmp_path, _config("linear", base, fts), "linear")
+    reader = open_checkpoint(base)
+    floating = [n for n in reader.names if reader.meta(n).dtype.is_floating_point]
+    per_tensor = 1 + len(fts)  # linear: 'normalize' once, 'weight' per model
+    assert sorted(set(calls)) == sorted(floating)
+    assert len(calls) == per_tensor * len(floating)  # before: once per piece, 18,456 calls instead of 120

@@ -1,15 +1,16 @@
-"""Merge one tensor name: resolve parameters, call the method's adapter. Shared by the engine and the API."""
+"""Merge one tensor name with parameters resolved for it: call the method's adapter. Shared by the engine and the
+API, which resolve each tensor's parameters once (merge/plan.py, merge/state_dicts.py)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from mergelab.merge.params import layer_position, resolve_parameters
+from mergelab.merge.params import ResolvedParams
 from mergelab.methods.registry import MergeMethod, TensorInputs
 
 
@@ -30,18 +31,15 @@ def merge_tensor(
     tensors: Sequence[torch.Tensor],
     *,
     base: torch.Tensor | None,
-    global_settings: Mapping[str, Any],
-    model_settings: Sequence[Mapping[str, Any]],
+    params: ResolvedParams | None,
     seed: int,
-    num_layers: int,
-    model_names: Sequence[str] | None = None,
     compute_dtype: torch.dtype | None = None,
     device: torch.device | None = None,
     stats: Sequence[Any] | None = None,
     thresholds: Sequence[float] | None = None,
-    t: float | None = None,
 ) -> torch.Tensor:
-    """Merge the tensors of one name; ``t`` is the gradient position (None: from the layer index)."""
+    """Merge the tensors of one name (or one flat piece of them) with ``params``, resolved for that name
+    (:func:`~mergelab.merge.params.resolve_parameters`; None only for a tensor that is not floating point)."""
     reference = base if base is not None else tensors[0]
     if not reference.is_floating_point():
         return passthrough(base, tensors)
@@ -55,14 +53,13 @@ def merge_tensor(
         # methods compute on float32 copies, and the engine casts the result back to the output dtype
         return x.float() if x.dtype in FLOAT8_DTYPES else x
 
-    if t is None:
-        t = layer_position(name, num_layers)
-    params, per_model = resolve_parameters(method, name, t, global_settings, model_settings, model_names)
+    if params is None:
+        raise ValueError(f"tensor '{name}': no parameters were resolved for this floating-point tensor")
     inputs = TensorInputs(
         name=name,
         tensors=[prepare(x) for x in tensors],
-        model_params=per_model,
-        params=params,
+        model_params=params.model_params,
+        params=params.params,
         base=prepare(base) if base is not None else None,
         seed=tensor_seed(seed, name),
         stats=stats,

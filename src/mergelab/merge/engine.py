@@ -458,12 +458,9 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                 bar.advance(task, piece.nbytes)
                 continue
             try:
-                shared, per_model, t = plan.settings_for(piece.name)
                 merged = merge_tensor(
-                    plan.method, piece.name, tensors, base=base_t, global_settings=shared,
-                    model_settings=per_model, seed=cfg.seed, num_layers=plan.num_layers,
-                    model_names=plan.labels, compute_dtype=cfg.compute_dtype, device=dev, thresholds=thresholds,
-                    t=t,
+                    plan.method, piece.name, tensors, base=base_t, params=plan.params.get(piece.name),
+                    seed=cfg.seed, compute_dtype=cfg.compute_dtype, device=dev, thresholds=thresholds,
                 )
             except (ValueError, RuntimeError, ArithmeticError) as exc:
                 # Methods reject inputs they cannot merge (weights summing to zero, missing statistics) with

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from mergelab.methods import all_methods
 from mergelab.methods.registry import MergeMethod, Param
@@ -82,9 +82,16 @@ def _resolve(param: Param, scopes: Sequence[Mapping[str, Any]], tensor_name: str
     return param.default
 
 
+class ResolvedParams(NamedTuple):
+    """A method's parameter values for one tensor: ``params`` the global ones, ``model_params[i]`` model i's."""
+
+    params: dict[str, Any]
+    model_params: list[dict[str, Any]]
+
+
 def resolve_parameters(method: MergeMethod, tensor_name: str, t: float, global_settings: Mapping[str, Any],
                        model_settings: Sequence[Mapping[str, Any]], model_names: Sequence[str] | None = None,
-                       ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                       ) -> ResolvedParams:
     """Global and per-model parameter values for one tensor."""
     params = {p.name: _resolve(p, [global_settings], tensor_name, t, f"parameters (tensor {tensor_name})")
               for p in method.global_params.values()}
@@ -96,7 +103,7 @@ def resolve_parameters(method: MergeMethod, tensor_name: str, t: float, global_s
                              f"{label} (tensor {tensor_name})")
             for p in method.model_params.values()
         })
-    return params, per_model
+    return ResolvedParams(params, per_model)
 
 
 def _per_model_elsewhere(method: MergeMethod, key: str) -> bool:

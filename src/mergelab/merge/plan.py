@@ -21,6 +21,7 @@ from mergelab.io.models import open_model
 from mergelab.io.readers import CheckpointReader, TensorMeta
 from mergelab.merge.config import MergeConfig, resolve_model_path
 from mergelab.merge.params import (
+    ResolvedParams,
     check_parameter_names,
     layer_index,
     layer_position,
@@ -60,19 +61,13 @@ class MergePlan:
     """What the merge ignores (per-model parameters the method does not use): logged and recorded."""
     owned: list[CheckpointReader] = field(default_factory=list)
     """Readers behind the layer-stacking views in ``base``/``models`` (merge/slices.py), closed with the plan."""
-    tensor_settings: dict[str, tuple[dict[str, Any], list[dict[str, Any]], float]] | None = None
-    """Layer-stacking slices: per output tensor, (global settings, per-model settings, gradient position)."""
     config_updates: dict[str, Any] = field(default_factory=dict)
     """Keys of the output ``config.json`` that differ from the reference's (the layer count of slices)."""
     files_folder: Path | None = None
     """Where ``config.json`` is copied from: the base model's folder (also for methods that do not merge the
     base, like linear), else the first model's."""
-
-    def settings_for(self, name: str) -> tuple[Mapping[str, Any], list[dict[str, Any]], float | None]:
-        """(global settings, per-model settings, gradient position or None: from the layer index)."""
-        if self.tensor_settings is not None and name in self.tensor_settings:
-            return self.tensor_settings[name]
-        return self.config.parameters, self.model_settings, None
+    params: dict[str, ResolvedParams] = field(default_factory=dict)
+    """Every floating-point tensor's parameters, resolved once here; the engine merges every piece with them."""
 
     @property
     def readers(self) -> list[CheckpointReader]:
@@ -251,7 +246,8 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
     if layers_problem and sliced is None:  # layer-stacking slices renumber layers (config_updates)
         problems.append(layers_problem)
     tensor_settings = sliced.tensor_settings if sliced is not None else None
-    # Resolve every tensor's parameters now, so that a bad value fails before anything is read.
+    # Resolve every tensor's parameters once, now, so that a bad value fails before anything is read.
+    resolved: dict[str, ResolvedParams] = {}
     seen: set[str] = set()
     for name in names:
         if not reference.meta(name).dtype.is_floating_point:
@@ -259,7 +255,7 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
         shared, per_model, t = (tensor_settings[name] if tensor_settings is not None
                                 else (config.parameters, settings, layer_position(name, num_layers)))
         try:
-            resolve_parameters(method, name, t, shared, per_model, labels)
+            resolved[name] = resolve_parameters(method, name, t, shared, per_model, labels)
         except ValueError as exc:
             msg = str(exc)
             key = msg.split("(tensor")[0]
@@ -291,8 +287,8 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
         log.warning(warning)
     return MergePlan(config, method, base, opened, labels, settings, names, out_metas, num_layers, reference,
                      tokenizer_folder, global_densities, taken, dropped, warnings,
-                     sliced.underlying if sliced else [], tensor_settings,
-                     sliced.config_updates if sliced else {}, files_folder)
+                     sliced.underlying if sliced else [], sliced.config_updates if sliced else {}, files_folder,
+                     resolved)
 
 
 # Tensors that are state but not trained parameters: saved by some library versions and not others.

@@ -9,7 +9,13 @@ from typing import Any
 import torch
 
 from mergelab.merge.core import merge_tensor
-from mergelab.merge.params import check_parameter_names, layer_index, unused_parameters
+from mergelab.merge.params import (
+    check_parameter_names,
+    layer_index,
+    layer_position,
+    resolve_parameters,
+    unused_parameters,
+)
 from mergelab.methods import get_method
 
 log = logging.getLogger(__name__)
@@ -74,11 +80,12 @@ def merge_state_dicts(
     dev = torch.device(device) if device is not None else None
     out: dict[str, torch.Tensor] = {}
     for name in keys:
-        merged = merge_tensor(
-            m, name, [sd[name] for sd in state_dicts],
-            base=base[name] if base is not None and m.base != "ignored" else None,
-            global_settings=settings, model_settings=per_model, seed=seed, num_layers=num_layers,
-            device=dev, stats=stats.get(name) if stats else None,
-        )
+        tensors = [sd[name] for sd in state_dicts]
+        base_t = base[name] if base is not None and m.base != "ignored" else None
+        floating = (base_t if base_t is not None else tensors[0]).is_floating_point()
+        params = resolve_parameters(m, name, layer_position(name, num_layers), settings, per_model) \
+            if floating else None
+        merged = merge_tensor(m, name, tensors, base=base_t, params=params, seed=seed, device=dev,
+                              stats=stats.get(name) if stats else None)
         out[name] = merged.detach().to("cpu")
     return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mergelab.methods.registry import MergeMethod, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, register
 from mergelab.methods.sparsify import kth_largest
 from mergelab.methods.task_vectors import arithmetic_dtype
 
@@ -56,14 +56,9 @@ def arcee_fusion_merge(base: torch.Tensor, other: torch.Tensor, *, dtype: torch.
     return (base + (other - base) * mask).to(out_dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    assert x.base is not None and len(x.tensors) == 1
-    return arcee_fusion_merge(x.base, x.tensors[0], dtype=x.dtype)
-
 
 register(MergeMethod(
     name="arcee_fusion",
-    adapter=_adapter,
     function=arcee_fusion_merge,
     params=(),
     summary="Keep the base except where the other model's change is an outlier in |Δ| · KL of its row.",

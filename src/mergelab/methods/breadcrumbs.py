@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.sparsify import match_l1, outlier_mask
 from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
 
@@ -30,16 +30,6 @@ def breadcrumbs_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
                                        normalize=normalize, lambda_=lambda_, dtype=dtype)
 
 
-def _adapter(consensus: Consensus | None):
-    def adapt(x: TensorInputs) -> torch.Tensor:
-        assert x.base is not None
-        mp = x.model_params
-        return breadcrumbs_merge(x.base, x.tensors, [p["weight"] for p in mp], [p["density"] for p in mp],
-                                 [p["gamma"] for p in mp], lambda_=x.params["lambda"],
-                                 normalize=x.params["normalize"], consensus=consensus,
-                                 rescale=x.params["rescale"], dtype=x.dtype)
-    return adapt
-
 
 def _params() -> tuple[Param, ...]:
     return (
@@ -50,19 +40,19 @@ def _params() -> tuple[Param, ...]:
         Param("lambda", float, 1.0, help="global scale of the merged task vector"),
         Param("normalize", bool, False, help="divide by the (agreeing) weights"),
         Param("rescale", bool, False, help="scale each sparsified task vector back to its L1 norm (mergekit)"),
-        Param("int8_mask", bool, False, help="accepted for mergekit compatibility; masks are boolean here"),
+        Param("int8_mask", bool, False, arg=None, help="accepted for mergekit compatibility; masks are boolean here"),
     )
 
 
 _PAPER = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
 register(MergeMethod(
-    name="breadcrumbs", adapter=_adapter(None), function=breadcrumbs_merge, params=_params(),
+    name="breadcrumbs", function=breadcrumbs_merge, params=_params(),
     also_in=("mergekit",),
     summary="Drop the largest (γ) and smallest task-vector entries, keep a density fraction, sum.",
     paper=_PAPER, formula="θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i),  m_i keeps ranks (γ, γ+density] by |δ_i|",
 ))
 register(MergeMethod(
-    name="breadcrumbs_ties", adapter=_adapter("sum"), function=breadcrumbs_merge, params=_params(),
+    name="breadcrumbs_ties", function=breadcrumbs_merge, params=_params(), fixed={"consensus": "sum"},
     also_in=("mergekit",),
     summary="Breadcrumbs sparsification followed by TIES sign election.",
     paper=_PAPER,

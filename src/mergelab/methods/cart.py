@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.weighting import weight_sum
 
 
@@ -33,13 +33,23 @@ def rank_from_ratio(shape: torch.Size | Sequence[int], ratio: float) -> int:
 
 
 def cart_merge(tensors: Sequence[torch.Tensor], *, rank_ratio: float = 0.1, lambda_: float = 1.0,
-               weights: Sequence[float] | None = None, low_rank_this: bool = True) -> torch.Tensor:
+               weights: Sequence[float] | None = None, low_rank_this: bool = True,
+               base: torch.Tensor | None = None, include_base: bool = False, low_rank_filter: str | None = None,
+               name: str = "") -> torch.Tensor:
     """``θ_avg + λ Σ_t (N w_t / Σ_s w_s) SVD_k(θ_t − θ_avg)`` on 2-D weights, ``θ_avg`` elsewhere.
 
     ``θ_avg = Σ_t w_t θ_t / Σ_t w_t`` and ``k = rank_from_ratio((m, n), rank_ratio)``; with uniform
     weights the factor is 1 (the paper's formula). The factor makes the weighted centred task vectors sum
     to zero, so at full rank the result is ``θ_avg`` for any λ, with or without weights.
+    With ``include_base`` the ``base`` is one more model of weight 1; ``low_rank_filter`` (``'|'``-separated
+    substrings) limits the low-rank term to tensors whose ``name`` contains one of them.
     """
+    if include_base and base is not None:
+        tensors = [base, *tensors]
+        if weights is not None:
+            weights = [1.0, *weights]
+    if low_rank_filter is not None:
+        low_rank_this = low_rank_this and any(part in name for part in low_rank_filter.split("|"))
     if not tensors:
         raise ValueError("cart_merge needs at least one tensor")
     first = tensors[0]
@@ -60,20 +70,9 @@ def cart_merge(tensors: Sequence[torch.Tensor], *, rank_ratio: float = 0.1, lamb
     return (avg + lambda_ * correction).to(first.dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    tensors = list(x.tensors) if x.base is None or not x.params["include_base"] else [x.base, *x.tensors]
-    weights = [p["weight"] for p in x.model_params]
-    if len(tensors) > len(weights):
-        weights = [1.0, *weights]
-    pattern = x.params["low_rank_filter"]
-    selected = pattern is None or any(part in x.name for part in pattern.split("|"))
-    return cart_merge(tensors, rank_ratio=x.params["rank_ratio"], lambda_=x.params["lambda"], weights=weights,
-                      low_rank_this=selected)
-
 
 register(MergeMethod(
     name="cart",
-    adapter=_adapter,
     function=cart_merge,
     params=(
         Param("weight", float, 1.0, scope="model", help="weight of this model in θ_avg"),

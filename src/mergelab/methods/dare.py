@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.sparsify import bernoulli_mask, drop_work_dtype, generator_for, match_l1
 from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
 
@@ -82,7 +82,7 @@ def random_drop_params(normalize_default: bool, *, density_help: str, rescale_he
         Param("normalize", bool, normalize_default, help="divide by the (agreeing) weights"),
         Param("rescale", bool, True, help="rescale kept entries"),
         Param("rescale_mode", str, "density", choices=("density", "l1"), help=rescale_help),
-        Param("int8_mask", bool, False, help="accepted for mergekit compatibility; masks are boolean here"),
+        Param("int8_mask", bool, False, arg=None, help="accepted for mergekit compatibility; masks are boolean here"),
     )
 
 
@@ -91,28 +91,18 @@ def _params(normalize_default: bool) -> tuple[Param, ...]:
                               rescale_help="divide by p (paper) or match the delta's L1 norm (mergekit)")
 
 
-def _adapter(consensus: Consensus | None):
-    def adapt(x: TensorInputs) -> torch.Tensor:
-        assert x.base is not None
-        return dare_merge(
-            x.base, x.tensors, [p["weight"] for p in x.model_params], [p["density"] for p in x.model_params],
-            seed=x.seed, consensus=consensus, normalize=x.params["normalize"], lambda_=x.params["lambda"],
-            rescale=x.params["rescale"], rescale_mode=x.params["rescale_mode"], dtype=x.dtype,
-        )
-    return adapt
-
 
 _PAPER = "Yu et al. 2024, Language Models are Super Mario (DARE) (arXiv:2311.03099)"
 
 register(MergeMethod(
-    name="dare_linear", adapter=_adapter(None), function=dare_merge, params=_params(False),
+    name="dare_linear", function=dare_merge, params=_params(False),
     also_in=("mergekit", "FusionBench"),
     summary="Randomly drop task-vector entries (keep prob. p), rescale by 1/p, then task arithmetic.",
     paper=_PAPER, randomized=True,
     formula="θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i) / p_i,  m_i ~ Bernoulli(p_i)",
 ))
 register(MergeMethod(
-    name="dare_ties", adapter=_adapter("sum"), function=dare_merge, params=_params(False),
+    name="dare_ties", function=dare_merge, params=_params(False), fixed={"consensus": "sum"},
     also_in=("mergekit", "FusionBench"),
     summary="DARE drop-and-rescale followed by TIES sign election and disjoint merge.",
     paper=_PAPER + "; Yadav et al. 2023, TIES (arXiv:2306.01708)", randomized=True,

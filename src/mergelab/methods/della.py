@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.dare import random_drop_params, random_drop_sparsifier
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.sparsify import drop_work_dtype
 from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
 
@@ -97,30 +97,19 @@ def _params(normalize_default: bool) -> tuple[Param, ...]:
                      "(mergekit)")
 
 
-def _adapter(consensus: Consensus | None):
-    def adapt(x: TensorInputs) -> torch.Tensor:
-        assert x.base is not None
-        mp = x.model_params
-        return della_merge(
-            x.base, x.tensors, [p["weight"] for p in mp], [p["density"] for p in mp], [p["epsilon"] for p in mp],
-            seed=x.seed, consensus=consensus, normalize=x.params["normalize"], lambda_=x.params["lambda"],
-            rescale=x.params["rescale"], rescale_mode=x.params["rescale_mode"], dtype=x.dtype,
-        )
-    return adapt
-
 
 _PAPER = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
 _DROP = "m_i ~ Bernoulli(p_i), p_ij = density − ε + 2ε rank_j / (n − 1) by |δ_ij| within its row"
 
 register(MergeMethod(
-    name="della", adapter=_adapter("sum"), function=della_merge, params=_params(True),
+    name="della", function=della_merge, params=_params(True),
     summary="Magnitude-ranked random drop (MagPrune), rescale, then TIES sign election and disjoint mean.",
     paper=_PAPER + "; Yadav et al. 2023, TIES (arXiv:2306.01708)", randomized=True, also_in=("mergekit",),
     formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̃_i)=γ] δ̃_i / Σ_i w_i [sgn(δ̃_i)=γ],  γ = sgn Σ_i w_i δ̃_i,  "
             f"δ̃_i = m_i ⊙ δ_i / p_i,  {_DROP}",
 ))
 register(MergeMethod(
-    name="della_linear", adapter=_adapter(None), function=della_merge, params=_params(False),
+    name="della_linear", function=della_merge, params=_params(False), fixed={"consensus": None},
     summary="Magnitude-ranked random drop (MagPrune), rescale, then task arithmetic.",
     paper=_PAPER, randomized=True, also_in=("mergekit",),
     formula=f"θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i) / p_i,  {_DROP}",

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 
 
 def fisher_merge(tensors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor],
@@ -37,18 +37,12 @@ def fisher_merge(tensors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor
     return (num / den).to(first.dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    if x.stats is None:
-        raise ValueError(f"fisher needs per-model Fisher diagonals for tensor '{x.name}': compute them with "
-                         "mergelab.statistics.diagonal_fisher and pass stats=... to merge_state_dicts")
-    return fisher_merge(x.tensors, x.stats, [p["weight"] for p in x.model_params], eps=x.params["eps"])
-
 
 register(MergeMethod(
     name="fisher",
     also_in=("FusionBench",),
-    adapter=_adapter,
     function=fisher_merge,
+    inputs={"fishers": "stats"},
     params=(
         Param("weight", float, 1.0, scope="model", help="scale of this model's Fisher"),
         Param("eps", float, 1e-8, low=0.0, help="floor of the Fisher diagonal"),

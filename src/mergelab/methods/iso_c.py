@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.spectral import merge_task_matrices, numerical_rank
 
 ISO_PAPER = ("Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
@@ -38,15 +38,9 @@ def iso_c_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
     return merge_task_matrices(base, tensors, weights, merge_matrix, lambda_=lambda_, dtype=dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    assert x.base is not None
-    return iso_c_merge(x.base, x.tensors, [p["weight"] for p in x.model_params], lambda_=x.params["lambda"],
-                       dtype=x.dtype)
-
 
 register(MergeMethod(
     name="iso_c",
-    adapter=_adapter,
     function=iso_c_merge,
     params=(
         Param("weight", float, 1.0, scope="model", help="scale of this model's task vector in the sum"),

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.iso_c import ISO_PAPER
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.spectral import merge_task_matrices, polar_factor, truncated_svd
 
 
@@ -62,15 +62,9 @@ def iso_cts_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: 
     return merge_task_matrices(base, tensors, weights, merge_matrix, lambda_=lambda_, dtype=dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    assert x.base is not None
-    return iso_cts_merge(x.base, x.tensors, [p["weight"] for p in x.model_params], lambda_=x.params["lambda"],
-                         common_space_fraction=x.params["common_space_fraction"], dtype=x.dtype)
-
 
 register(MergeMethod(
     name="iso_cts",
-    adapter=_adapter,
     function=iso_cts_merge,
     params=(
         Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),

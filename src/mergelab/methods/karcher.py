@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.task_vectors import arithmetic_dtype
 
 
@@ -63,10 +63,13 @@ def karcher_mean(tensors: Sequence[torch.Tensor], alphas: Sequence[float], *, ma
     return scale * mean
 
 
-def karcher_merge(tensors: Sequence[torch.Tensor], *, max_iter: int = 10, tol: float = 1e-5,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Karcher mean of ``tensors`` with uniform weights (see :func:`karcher_mean`), computed in ``dtype`` (the
-    config's; float32 when None, float64 stays; norms in float32 as in mergekit), returned in the inputs' dtype."""
+def karcher_merge(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None, max_iter: int = 10,
+                  tol: float = 1e-5, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Karcher mean of ``tensors`` (and ``base``, counted as one more point, as mergekit does) with uniform
+    weights (see :func:`karcher_mean`), computed in ``dtype`` (the config's; float32 when None, float64 stays;
+    norms in float32 as in mergekit), returned in the inputs' dtype."""
+    if base is not None:
+        tensors = [*tensors, base]
     if not tensors:
         raise ValueError("karcher needs at least one model")
     if len(tensors) == 1:
@@ -77,14 +80,9 @@ def karcher_merge(tensors: Sequence[torch.Tensor], *, max_iter: int = 10, tol: f
     return karcher_mean(points, [1.0 / len(points)] * len(points), max_iter=max_iter, tol=tol).to(out_dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    points = [*x.tensors, x.base] if x.base is not None else list(x.tensors)
-    return karcher_merge(points, max_iter=x.params["max_iter"], tol=x.params["tol"], dtype=x.dtype)
-
 
 register(MergeMethod(
     name="karcher",
-    adapter=_adapter,
     function=karcher_merge,
     params=(
         Param("max_iter", int, 10, low=1, help="most fixed-point steps"),

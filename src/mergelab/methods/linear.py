@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.weighting import weight_sum
 
 
@@ -37,15 +37,10 @@ def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float] | Non
     return out.to(first.dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    return linear_merge(list(x.tensors), [p["weight"] for p in x.model_params],
-                        normalize=x.params["normalize"])
-
 
 register(MergeMethod(
     name="linear",
     also_in=("mergekit", "FusionBench"),
-    adapter=_adapter,
     function=linear_merge,
     params=(
         Param("weight", float, 1.0, scope="model", help="mixing weight of this model"),

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 
 # mergekit's guard: where 1 + (N−1) cos φ is this close to zero there is no finite estimate of t, and the
 # base is kept (t = 0) instead of amplifying opposing task vectors without bound.
@@ -65,15 +65,10 @@ def model_stock_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     return merged.reshape(base.shape).to(base.dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    assert x.base is not None
-    return model_stock_merge(x.base, x.tensors, filter_wise=x.params["filter_wise"], dtype=x.dtype)
-
 
 register(MergeMethod(
     name="model_stock",
     also_in=("mergekit", "FusionBench"),
-    adapter=_adapter,
     function=model_stock_merge,
     params=(Param("filter_wise", bool, False, help="one ratio per output row instead of per tensor"),),
     summary="Average of fine-tuned models pulled towards the base by a ratio from their mutual angle.",

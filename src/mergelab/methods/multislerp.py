@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.task_vectors import arithmetic_dtype
 
 
@@ -67,14 +67,9 @@ def multislerp_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], 
     return (out + base if base is not None else out).to(out_dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    return multislerp_merge(x.tensors, [p["weight"] for p in x.model_params], base=x.base,
-                            normalize_weights=x.params["normalize_weights"], eps=x.params["eps"], dtype=x.dtype)
-
 
 register(MergeMethod(
     name="multislerp",
-    adapter=_adapter,
     function=multislerp_merge,
     params=(
         Param("weight", float, 1.0, scope="model", help="weight of this model in the spherical mean"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.task_vectors import arithmetic_dtype
 
 
@@ -25,14 +25,9 @@ def nearswap_merge(base: torch.Tensor, other: torch.Tensor, t: float, *,
     return (weight * other + (1 - weight) * base).to(out_dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    assert x.base is not None and len(x.tensors) == 1
-    return nearswap_merge(x.base, x.tensors[0], x.params["t"], dtype=x.dtype)
-
 
 register(MergeMethod(
     name="nearswap",
-    adapter=_adapter,
     function=nearswap_merge,
     params=(Param("t", float, low=0.0, help="distance below which the other model's entry replaces the base's"),),
     summary="Per entry, move the base towards the other model by t / |θ_1 − θ_0| (fully where they are close).",

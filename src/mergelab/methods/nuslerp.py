@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.task_vectors import arithmetic_dtype
 
 
@@ -60,19 +60,16 @@ def nuslerp_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, 
     return (base + nuslerp(t, a - base, b - base, dim=dim, flatten=flatten)).to(out_dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    return nuslerp_merge(x.tensors, [p["weight"] for p in x.model_params], base=x.base,
-                         row_wise=x.params["nuslerp_row_wise"], flatten=x.params["nuslerp_flatten"], dtype=x.dtype)
-
 
 register(MergeMethod(
     name="nuslerp",
-    adapter=_adapter,
     function=nuslerp_merge,
     params=(
         Param("weight", float, 1.0, scope="model", help="relative weight: t = w_1 / (w_0 + w_1)"),
-        Param("nuslerp_flatten", bool, True, help="one angle over the whole tensor (else one per row)"),
-        Param("nuslerp_row_wise", bool, False, help="without flatten: one angle per column instead of per row"),
+        Param("nuslerp_flatten", bool, True, arg="flatten",
+              help="one angle over the whole tensor (else one per row)"),
+        Param("nuslerp_row_wise", bool, False, arg="row_wise",
+              help="without flatten: one angle per column instead of per row"),
     ),
     summary="Weighted SLERP of two models, or of their task vectors around an optional base, per tensor or row.",
     paper="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); "

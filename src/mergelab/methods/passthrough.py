@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 
 
 def passthrough_merge(tensor: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -16,15 +16,11 @@ def passthrough_merge(tensor: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return tensor if scale == 1.0 else tensor * scale
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    assert len(x.tensors) == 1
-    return passthrough_merge(x.tensors[0], x.model_params[0]["scale"])
-
 
 register(MergeMethod(
     name="passthrough",
-    adapter=_adapter,
     function=passthrough_merge,
+    inputs={"tensor": "other"},
     params=(Param("scale", float, 1.0, scope="model", help="factor applied to the copied tensor"),),
     summary="Copy one model's tensors (optionally scaled): with slices, stack layers of several models.",
     paper="mergekit (arXiv:2403.13257), passthrough and layer-stacking slices",

@@ -4,13 +4,18 @@ Every method is a pure function on aligned tensors (``ties_merge``, ``slerp_merg
 adds what the engine and the CLI need around it: the parameters it takes (global or per model), whether
 it needs a base model, how many inputs it accepts and the paper it comes from. An *adapter* turns one
 :class:`TensorInputs` (the tensors of one name from every model, parameters already resolved for that
-name) into a call of the pure function, so the engine never knows a method's signature.
+name) into a call of the pure function, so the engine never knows a method's signature. The adapter is
+derived from the declarations (:func:`derive_adapter`): each :class:`Param` fills the function's keyword
+of the same name, and the inputs fill the parameters named after them (``base``, ``tensors``...).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+import keyword
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -37,10 +42,24 @@ class Param:
     choices: tuple[Any, ...] | None = None
     low: float | None = None
     high: float | None = None
+    arg: str | None = ""
+    """The keyword of the method's function this parameter fills. ``""``: derived from the name (see
+    :meth:`keyword`); ``None``: accepted for mergekit compatibility and not passed on (``int8_mask``)."""
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    def keyword(self, one_model: bool) -> str | None:
+        """The function's keyword: the name (``lambda`` → ``lambda_``); a per-model parameter fills the
+        plural with one value per model (``density`` → ``densities``), or, for a method of exactly one
+        model (``one_model``), the name with that model's value."""
+        if self.arg != "":
+            return self.arg
+        name = self.name
+        if self.scope == "model" and not one_model:
+            name = name[:-1] + "ies" if name.endswith("y") else name + "s"
+        return name + "_" if keyword.iskeyword(name) else name
 
     def validate(self, value: Any, where: str) -> Any:
         """Coerce ``value`` to this parameter's type or raise ``ValueError`` naming ``where``."""
@@ -96,14 +115,64 @@ class TensorInputs:
     thresholds: Sequence[float] | None = None
     dtype: torch.dtype | None = None
 
+    @property
+    def other(self) -> torch.Tensor:
+        """The one non-base model of a two-model method (slerp, nearswap, passthrough...)."""
+        if len(self.tensors) != 1:
+            raise ValueError(f"tensor {self.name}: this method takes exactly one model besides the base, "
+                             f"got {len(self.tensors)}")
+        return self.tensors[0]
+
 
 Adapter = Callable[[TensorInputs], torch.Tensor]
+INPUTS = ("base", "tensors", "other", "seed", "dtype", "stats", "thresholds", "name")
+"""What an adapter can hand a method's function, by parameter name (attributes of :class:`TensorInputs`)."""
+
+
+def derive_adapter(method: MergeMethod) -> Adapter:
+    """The adapter of ``method``, from its declarations: its function's parameters are filled by name with
+    the inputs (:data:`INPUTS`, renamed by ``method.inputs``: slerp's ``v0`` is the base), the resolved
+    parameters (:meth:`Param.keyword`) and ``method.fixed``. An input that is None is left to the function's
+    default; a function parameter that nothing fills, or a parameter that fills nothing, is an error at
+    registration, not in the middle of a merge."""
+    signature = inspect.signature(method.function)
+    one_model = method.max_models == 1
+    sources = {method.inputs.get(arg, arg): arg for arg in signature.parameters}
+    inputs = {sources[k]: k for k in INPUTS if k in sources}
+    params = {p.keyword(one_model): p for p in method.params if p.keyword(one_model) is not None}
+    unknown = sorted((set(params) | set(method.fixed)) - set(signature.parameters))
+    if unknown:
+        raise ValueError(f"method '{method.name}': {method.function.__name__} has no parameter {unknown}")
+    unfilled = [arg for arg, p in signature.parameters.items() if p.default is inspect.Parameter.empty
+                and arg not in inputs and arg not in params and arg not in method.fixed]
+    if unfilled:
+        raise ValueError(f"method '{method.name}': nothing fills {method.function.__name__}'s {unfilled}")
+    optional = {arg for arg, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+
+    def adapt(x: TensorInputs) -> torch.Tensor:
+        kwargs: dict[str, Any] = dict(method.fixed)
+        for arg, source in inputs.items():
+            value = getattr(x, source)
+            if value is None and arg not in optional:
+                what = "per-model statistics of data (see mergelab.statistics; pass stats=... to " \
+                    "merge_state_dicts)" if source == "stats" else f"a {source}"
+                raise ValueError(f"{method.name} needs {what} for tensor '{x.name}'")
+            if value is not None:
+                kwargs[arg] = value
+        for arg, p in params.items():
+            if p.scope == "global":
+                kwargs[arg] = x.params[p.name]
+            elif one_model:
+                kwargs[arg] = x.model_params[0][p.name]
+            else:
+                kwargs[arg] = [mp[p.name] for mp in x.model_params]
+        return method.function(**kwargs)
+    return adapt
 
 
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
-    adapter: Adapter
     function: Callable[..., torch.Tensor]
     params: tuple[Param, ...]
     summary: str
@@ -123,12 +192,21 @@ class MergeMethod:
     also_in: tuple[str, ...] = ()
     """Other tools that have this method under this name or a documented equivalent (names from
     :data:`PEER_TOOLS`); empty when only mergelab has it. ``mergelab methods`` shows it as a column."""
+    fixed: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """Keywords this registration fixes (``dare_ties`` is ``dare_merge`` with ``consensus="sum"``)."""
+    inputs: Mapping[str, str] = field(default_factory=dict, hash=False)
+    """Function parameters named otherwise than the input they take (slerp: ``{"v0": "base"}``)."""
+    adapter: Adapter = field(init=False, repr=False, hash=False, compare=False)
+    """Derived from the declarations when the method is made (:func:`derive_adapter`)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.also_in) - set(PEER_TOOLS)
         if unknown:
             raise ValueError(f"method '{self.name}': also_in names unknown tools {sorted(unknown)}; "
                              f"known: {list(PEER_TOOLS)}")
+        object.__setattr__(self, "fixed", MappingProxyType(dict(self.fixed)))
+        object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
+        object.__setattr__(self, "adapter", derive_adapter(self))
 
     @property
     def tools(self) -> str:

@@ -14,15 +14,16 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 
 
-def regmean_merge(tensors: Sequence[torch.Tensor], grams: Sequence[torch.Tensor | None], *,
+def regmean_merge(tensors: Sequence[torch.Tensor], grams: Sequence[torch.Tensor | None] | None = None, *,
                   alpha: float = 0.9) -> torch.Tensor:
-    """``Wᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ`` for 2-D weights with Grams; the mean otherwise."""
+    """``Wᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ`` for 2-D weights with Grams; the mean otherwise (no ``grams``, or a
+    None among them: a tensor that is not a linear layer's weight has none)."""
     first = tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    if first.dim() != 2 or any(g is None for g in grams):
+    if first.dim() != 2 or grams is None or any(g is None for g in grams):
         return (sum(t.to(dtype) for t in tensors) / len(tensors)).to(first.dtype)
     if len(grams) != len(tensors):
         raise ValueError(f"got {len(tensors)} weights but {len(grams)} Gram matrices")
@@ -42,16 +43,12 @@ def regmean_merge(tensors: Sequence[torch.Tensor], grams: Sequence[torch.Tensor 
     return merged_t.T.to(first.dtype).contiguous()
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    grams = list(x.stats) if x.stats is not None else [None] * len(x.tensors)
-    return regmean_merge(x.tensors, grams, alpha=x.params["alpha"])
-
 
 register(MergeMethod(
     name="regmean",
     also_in=("FusionBench",),
-    adapter=_adapter,
     function=regmean_merge,
+    inputs={"grams": "stats"},
     params=(Param("alpha", float, 0.9, low=0.0, high=1.0, help="scale of the Gram matrices' off-diagonal"),),
     summary="Closed-form least-squares merge of linear layers from each model's input Gram matrices.",
     paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models (arXiv:2212.09849)",

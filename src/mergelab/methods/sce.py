@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.task_vectors import arithmetic_dtype
 
 
@@ -76,19 +76,14 @@ def sce_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_top
     return (base + merged / erased.sum(dim=0).clamp(min=1e-6)).to(out_dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    assert x.base is not None
-    return sce_merge(x.base, x.tensors, select_topk=x.params["select_topk"], dtype=x.dtype)
-
 
 register(MergeMethod(
     name="sce",
-    adapter=_adapter,
     function=sce_merge,
     params=(
         Param("select_topk", float, 1.0, low=0.0, high=1.0,
               help="fraction of entries kept: those whose task vectors vary most across the models"),
-        Param("int8_mask", bool, False, help="accepted for mergekit compatibility; masks are boolean here"),
+        Param("int8_mask", bool, False, arg=None, help="accepted for mergekit compatibility; masks are boolean here"),
     ),
     summary="Keep high-variance entries, weight each model by its task vector's energy, erase minority signs.",
     paper="Wan et al. 2024, FuseChat (SCE) (arXiv:2408.07990)",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 
 _CHUNK = 1 << 20  # entries per chunk of the float32 work: bounded scratch for any tensor size
 
@@ -57,16 +57,12 @@ def slerp_merge(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: 
     return out.reshape(v0.shape)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    assert x.base is not None and len(x.tensors) == 1
-    return slerp_merge(x.params["t"], x.base, x.tensors[0], dot_threshold=x.params["dot_threshold"])
-
 
 register(MergeMethod(
     name="slerp",
     also_in=("mergekit", "FusionBench"),
-    adapter=_adapter,
     function=slerp_merge,
+    inputs={"v0": "base", "v1": "other"},
     params=(
         Param("t", float, help="interpolation factor: 0 gives the base model, 1 the other"),
         Param("dot_threshold", float, 0.9995, low=0.0, high=1.0,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.task_vectors import generalized_task_arithmetic
 
 
@@ -22,16 +22,10 @@ def task_arithmetic_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], w
                                        dtype=dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    assert x.base is not None
-    return task_arithmetic_merge(x.base, x.tensors, [p["weight"] for p in x.model_params],
-                                 lambda_=x.params["lambda"], normalize=x.params["normalize"], dtype=x.dtype)
-
 
 register(MergeMethod(
     name="task_arithmetic",
     also_in=("mergekit", "FusionBench"),
-    adapter=_adapter,
     function=task_arithmetic_merge,
     params=(
         Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),

@@ -6,10 +6,11 @@ Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIP
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.sparsify import magnitude_mask, match_l1, threshold_mask
 from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
 
@@ -17,7 +18,8 @@ from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
 def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                densities: Sequence[float], *, lambda_: float = 1.0, normalize: bool = True,
                consensus: Consensus = "sum", thresholds: Sequence[float] | None = None,
-               rescale: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+               rescale: bool = False, dtype: torch.dtype | None = None,
+               scope: Literal["tensor", "global"] | None = None) -> torch.Tensor:
     """TIES on one tensor.
 
     1. trim: keep the ``densities[i]`` fraction of largest-magnitude entries of each task vector
@@ -26,8 +28,16 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
     2. elect: per entry, the sign of ``Σ_i w_i δ̂_i`` (``consensus="sum"``, the paper) or of the sign count;
     3. disjoint merge: average (``normalize``) only the weighted entries that agree with the elected sign.
 
-    ``dtype`` is the arithmetic dtype (float32 when None; see ``generalized_task_arithmetic``).
+    ``dtype`` is the arithmetic dtype (float32 when None; see ``generalized_task_arithmetic``). ``scope``
+    (the config's) says which trim applies: ``"tensor"`` ignores ``thresholds``, ``"global"`` requires them
+    (silently falling back to per-tensor top-k would be another method); None: thresholds when given.
     """
+    if scope == "global" and thresholds is None:
+        raise ValueError("ties with scope: global needs per-model magnitude thresholds computed over the "
+                         "whole model, and none were given")
+    if scope == "tensor":
+        thresholds = None
+
     def keep(i: int, delta: torch.Tensor) -> torch.Tensor:
         if thresholds is not None:
             return threshold_mask(delta, thresholds[i])
@@ -41,23 +51,10 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
                                        normalize=normalize, lambda_=lambda_, dtype=dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    assert x.base is not None
-    if x.params["scope"] == "global" and x.thresholds is None:
-        raise ValueError(f"ties with scope: global needs per-model magnitude thresholds computed over the "
-                         f"whole model, and none were given for tensor {x.name}")
-    return ties_merge(
-        x.base, x.tensors, [p["weight"] for p in x.model_params], [p["density"] for p in x.model_params],
-        lambda_=x.params["lambda"], normalize=x.params["normalize"], consensus=x.params["consensus"],
-        thresholds=x.thresholds if x.params["scope"] == "global" else None, rescale=x.params["rescale"],
-        dtype=x.dtype,
-    )
-
 
 register(MergeMethod(
     name="ties",
     also_in=("mergekit", "FusionBench"),
-    adapter=_adapter,
     function=ties_merge,
     params=(
         Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),
@@ -69,7 +66,7 @@ register(MergeMethod(
         Param("scope", str, "tensor", choices=("tensor", "global"),
               help="trim per tensor (mergekit) or with one magnitude threshold per model (paper)"),
         Param("rescale", bool, False, help="scale each trimmed task vector back to its L1 norm (mergekit)"),
-        Param("int8_mask", bool, False, help="accepted for mergekit compatibility; masks are boolean here"),
+        Param("int8_mask", bool, False, arg=None, help="accepted for mergekit compatibility; masks are boolean here"),
     ),
     summary="Trim each task vector to its top-k entries, elect a sign per entry, average those that agree.",
     paper="Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",

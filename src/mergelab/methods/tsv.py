@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.spectral import merge_task_matrices, polar_factor, truncated_svd
 
 
@@ -48,16 +48,10 @@ def tsv_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequ
     return merge_task_matrices(base, tensors, weights, merge_matrix, lambda_=lambda_, dtype=dtype)
 
 
-def _adapter(x: TensorInputs) -> torch.Tensor:
-    assert x.base is not None
-    return tsv_merge(x.base, x.tensors, [p["weight"] for p in x.model_params], lambda_=x.params["lambda"],
-                     rank_ratio=x.params["rank_ratio"], dtype=x.dtype)
-
 
 register(MergeMethod(
     name="tsv",
     aliases=("tsv_m",),
-    adapter=_adapter,
     function=tsv_merge,
     params=(
         Param("weight", float, 1.0, scope="model", help="scale of this model's task vector before its SVD"),
