@@ -56,7 +56,6 @@ def arcee_fusion_merge(base: torch.Tensor, other: torch.Tensor, *, dtype: torch.
     return (base + (other - base) * mask).to(out_dtype)
 
 
-
 register(MergeMethod(
     name="arcee_fusion",
     function=arcee_fusion_merge,

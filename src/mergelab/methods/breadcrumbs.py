@@ -30,7 +30,6 @@ def breadcrumbs_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
                                        normalize=normalize, lambda_=lambda_, dtype=dtype)
 
 
-
 def _params() -> tuple[Param, ...]:
     return (
         Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),

@@ -70,7 +70,6 @@ def cart_merge(tensors: Sequence[torch.Tensor], *, rank_ratio: float = 0.1, lamb
     return (avg + lambda_ * correction).to(first.dtype)
 
 
-
 register(MergeMethod(
     name="cart",
     function=cart_merge,

@@ -91,7 +91,6 @@ def _params(normalize_default: bool) -> tuple[Param, ...]:
                               rescale_help="divide by p (paper) or match the delta's L1 norm (mergekit)")
 
 
-
 _PAPER = "Yu et al. 2024, Language Models are Super Mario (DARE) (arXiv:2311.03099)"
 
 register(MergeMethod(

@@ -97,7 +97,6 @@ def _params(normalize_default: bool) -> tuple[Param, ...]:
                      "(mergekit)")
 
 
-
 _PAPER = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
 _DROP = "m_i ~ Bernoulli(p_i), p_ij = density − ε + 2ε rank_j / (n − 1) by |δ_ij| within its row"
 

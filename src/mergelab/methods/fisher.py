@@ -37,7 +37,6 @@ def fisher_merge(tensors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor
     return (num / den).to(first.dtype)
 
 
-
 register(MergeMethod(
     name="fisher",
     also_in=("FusionBench",),

@@ -17,6 +17,8 @@ import torch
 from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.spectral import merge_task_matrices, numerical_rank
 
+ISO_LAMBDA = Param("lambda", float, 1.0,
+                   help="scale α of the flattened task matrix (the paper picks it on validation data)")
 ISO_PAPER = ("Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
              "Subspaces, ICML (arXiv:2502.04959)")
 
@@ -38,14 +40,12 @@ def iso_c_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
     return merge_task_matrices(base, tensors, weights, merge_matrix, lambda_=lambda_, dtype=dtype)
 
 
-
 register(MergeMethod(
     name="iso_c",
     function=iso_c_merge,
     params=(
         Param("weight", float, 1.0, scope="model", help="scale of this model's task vector in the sum"),
-        Param("lambda", float, 1.0,
-              help="scale α of the flattened task matrix (the paper picks it on validation data)"),
+        ISO_LAMBDA,
     ),
     summary="Task arithmetic's summed task matrix with its singular values replaced by their mean "
             "(a flat spectrum).",

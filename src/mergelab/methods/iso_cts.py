@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.iso_c import ISO_PAPER
+from mergelab.methods.iso_c import ISO_LAMBDA, ISO_PAPER
 from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.spectral import merge_task_matrices, polar_factor, truncated_svd
 
@@ -62,14 +62,12 @@ def iso_cts_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: 
     return merge_task_matrices(base, tensors, weights, merge_matrix, lambda_=lambda_, dtype=dtype)
 
 
-
 register(MergeMethod(
     name="iso_cts",
     function=iso_cts_merge,
     params=(
         Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),
-        Param("lambda", float, 1.0,
-              help="scale α of the flattened task matrix (the paper picks it on validation data)"),
+        ISO_LAMBDA,
         Param("common_space_fraction", float, 0.8, low=0.0, high=1.0,
               help="share of min(m, n) given to the common subspace of the summed task matrix (paper: 0.8)"),
     ),

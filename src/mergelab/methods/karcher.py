@@ -80,7 +80,6 @@ def karcher_merge(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None 
     return karcher_mean(points, [1.0 / len(points)] * len(points), max_iter=max_iter, tol=tol).to(out_dtype)
 
 
-
 register(MergeMethod(
     name="karcher",
     function=karcher_merge,

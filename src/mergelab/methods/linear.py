@@ -37,7 +37,6 @@ def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float] | Non
     return out.to(first.dtype)
 
 
-
 register(MergeMethod(
     name="linear",
     also_in=("mergekit", "FusionBench"),

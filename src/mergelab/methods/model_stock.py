@@ -65,7 +65,6 @@ def model_stock_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     return merged.reshape(base.shape).to(base.dtype)
 
 
-
 register(MergeMethod(
     name="model_stock",
     also_in=("mergekit", "FusionBench"),

@@ -67,7 +67,6 @@ def multislerp_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], 
     return (out + base if base is not None else out).to(out_dtype)
 
 
-
 register(MergeMethod(
     name="multislerp",
     function=multislerp_merge,

@@ -25,7 +25,6 @@ def nearswap_merge(base: torch.Tensor, other: torch.Tensor, t: float, *,
     return (weight * other + (1 - weight) * base).to(out_dtype)
 
 
-
 register(MergeMethod(
     name="nearswap",
     function=nearswap_merge,

@@ -60,7 +60,6 @@ def nuslerp_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, 
     return (base + nuslerp(t, a - base, b - base, dim=dim, flatten=flatten)).to(out_dtype)
 
 
-
 register(MergeMethod(
     name="nuslerp",
     function=nuslerp_merge,

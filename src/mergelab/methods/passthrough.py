@@ -16,7 +16,6 @@ def passthrough_merge(tensor: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return tensor if scale == 1.0 else tensor * scale
 
 
-
 register(MergeMethod(
     name="passthrough",
     function=passthrough_merge,

@@ -43,7 +43,6 @@ def regmean_merge(tensors: Sequence[torch.Tensor], grams: Sequence[torch.Tensor 
     return merged_t.T.to(first.dtype).contiguous()
 
 
-
 register(MergeMethod(
     name="regmean",
     also_in=("FusionBench",),

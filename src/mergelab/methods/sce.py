@@ -76,7 +76,6 @@ def sce_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_top
     return (base + merged / erased.sum(dim=0).clamp(min=1e-6)).to(out_dtype)
 
 
-
 register(MergeMethod(
     name="sce",
     function=sce_merge,

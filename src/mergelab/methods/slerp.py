@@ -57,7 +57,6 @@ def slerp_merge(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: 
     return out.reshape(v0.shape)
 
 
-
 register(MergeMethod(
     name="slerp",
     also_in=("mergekit", "FusionBench"),

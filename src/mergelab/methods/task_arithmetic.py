@@ -22,7 +22,6 @@ def task_arithmetic_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], w
                                        dtype=dtype)
 
 
-
 register(MergeMethod(
     name="task_arithmetic",
     also_in=("mergekit", "FusionBench"),

@@ -51,7 +51,6 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
                                        normalize=normalize, lambda_=lambda_, dtype=dtype)
 
 
-
 register(MergeMethod(
     name="ties",
     also_in=("mergekit", "FusionBench"),

@@ -48,7 +48,6 @@ def tsv_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequ
     return merge_task_matrices(base, tensors, weights, merge_matrix, lambda_=lambda_, dtype=dtype)
 
 
-
 register(MergeMethod(
     name="tsv",
     aliases=("tsv_m",),
