@@ -13,7 +13,7 @@ from mergelab.analysis.weight_stats import check_bounds, scale_state_dict
 from mergelab.soups import uniform_soup
 from mergelab.studies import DESCRIPTIONS, STUDIES, run_study
 from mergelab.studies.common import ZooEval, splits
-from mergelab.studies.weights_vs_features import METHODS
+from mergelab.studies.weights_vs_features import BN_METHODS, METHODS
 from mergelab.zoo.train import train_zoo
 
 TRAIN = {"n_train": 300, "epochs": 1, "pretrain_epochs": 1, "width": 4, "workers": 1}
@@ -47,15 +47,29 @@ def test_registry() -> None:
 
 def test_weights_vs_features_tiny(tmp_path: Path) -> None:
     report = run_study("weights-vs-features", tmp_path, datasets=("digits",), archs=("linear", "vgg6bn"),
-                       independent_archs=("vgg6bn",), ns=(2, 3), show_progress=False, **TRAIN)
+                       independent_archs=("vgg6bn",), ns=(2, 3), n_seeds=2, show_progress=False, **TRAIN)
     rows = _csv(tmp_path / "weights_vs_features.csv")
-    assert len(rows) == 3 * 2 * len(METHODS)  # (linear, vgg6bn, vgg6bn indep.) × N × methods
+    # (linear, vgg6bn, vgg6bn indep.) × N × methods, the BN-reset soups only for the two BN zoos
+    assert len(rows) == 3 * 2 * len(METHODS) - 2 * len(BN_METHODS)
+    assert {r["seeds"] for r in rows} == {"2"}
+    per_seed = _csv(tmp_path / "weights_vs_features_per_seed.csv")
+    assert len(per_seed) == 2 * len(rows) and {r["seed"] for r in per_seed} == {"0", "1"}
     acc = {(r["zoo"], r["N"], r["method"]): float(r["test_acc"]) for r in rows}
     val = {(r["zoo"], r["N"], r["method"]): float(r["val_acc"]) for r in rows}
+    picks = {(r["seed"], r["zoo"], r["N"], r["method"]): r["selected"] for r in per_seed}
     for n in ("2", "3"):
         assert acc[("linear", n, "uniform_soup")] == acc[("linear", n, "logit_ensemble")]
+        assert ("linear", n, "uniform_soup_bn_reset") not in acc
         for z in ("linear", "vgg6bn"):
             assert val[(z, n, "greedy_soup")] >= val[(z, n, "best_single")]
+            for s in ("0", "1"):  # the paper's greedy ensemble ensembles exactly the greedy soup's picks
+                assert picks[(s, z, n, "soup_picks_logit_ensemble")] == picks[(s, z, n, "greedy_soup")]
+        assert ("vgg6bn", n, "uniform_soup_bn_reset") in acc
+    versus = (tmp_path / "soup_vs_perf_ave.md").read_text()
+    assert "5/7" in versus and "| ours, digits | vgg6bn |" in versus
+    gaps = _csv(tmp_path / "gap_vs_n.csv")
+    assert all(float(g["ci_low"]) <= float(g["gap"]) <= float(g["ci_high"]) for g in gaps)
+    assert {g["seeds"] for g in gaps} == {"2"}
     table = (tmp_path / "table1.md").read_text()
     assert table.count("| digits |") == 3 * 2 and "Uniform soup" in table
     assert (tmp_path / "fig3_bars_N2.png").exists() and (tmp_path / "fig7a_gap_vs_n.png").exists()

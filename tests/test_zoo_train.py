@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelab.zoo.train import member_seed, train_zoo
+from mergelab.zoo.cache import recipe_hash
+from mergelab.zoo.train import TRAIN_VERSION, TrainConfig, _member_key, member_seed, train_zoo
 
 TINY = {"n_train": 200, "epochs": 1, "pretrain_epochs": 1, "width": 4, "batch_size": 50}
 
@@ -51,3 +52,25 @@ def test_shared_vs_independent_init(cache: Path) -> None:
 def test_bad_init_rejected(cache: Path) -> None:
     with pytest.raises(ValueError, match="shared"):
         train_zoo("linear", "digits", 1, "random", workers=1, show_progress=False, **TINY)  # type: ignore[arg-type]
+
+
+def test_members_keep_the_base_head_for_adamw_families_and_reset_it_for_bn_ones(cache: Path) -> None:
+    # zero fine-tuning epochs: a member is exactly its starting point
+    start = {**TINY, "epochs": 0}
+    vgg = train_zoo("vgg6", "digits", 2, "shared", workers=1, show_progress=False, **start)
+    assert _same(vgg.models[0], vgg.models[1])  # both are the base, head included
+    bn = train_zoo("vgg6bn", "digits", 2, "shared", workers=1, show_progress=False, **start)
+    assert torch.equal(bn.models[0].convs[0].weight, bn.models[1].convs[0].weight)
+    assert not torch.equal(bn.models[0].head.weight, bn.models[1].head.weight)  # fresh heads from their seeds
+    forced = train_zoo("vgg6", "digits", 2, "shared", workers=1, show_progress=False, member_head="reset", **start)
+    assert not torch.equal(forced.models[0].head.weight, forced.models[1].head.weight)
+    with pytest.raises(ValueError, match="member_head"):
+        train_zoo("vgg6", "digits", 1, "shared", workers=1, show_progress=False, member_head="new", **start)
+
+
+def test_a_reset_head_recipe_keeps_the_cache_key_it_had_before_the_head_policy() -> None:
+    cfg = TrainConfig(arch="vgg6bn", dataset="digits")
+    old = {k: v for k, v in vars(cfg).items() if k != "member_head"}
+    assert _member_key(cfg, 7) == recipe_hash({**old, "role": "member", "member_seed": 7, "version": TRAIN_VERSION})
+    keep = TrainConfig(arch="vgg6", dataset="digits")
+    assert _member_key(keep, 7) != _member_key(TrainConfig(arch="vgg6", dataset="digits", member_head="reset"), 7)

@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from mergelab._version import __version__
+from mergelab.align.bn_reset import reset_bn_stats
 from mergelab.ensemble import EvalMode, Outputs, model_outputs
 from mergelab.report import FigureRef, Report, Table, write_csv
 from mergelab.runtime import prepare_output
@@ -89,7 +90,8 @@ class ZooEval:
     """Evaluates one zoo: member outputs once per split, soups memoised by the set of members averaged.
 
     ``transform`` maps each member's state dict before anything is computed (the magnitude study scales
-    weights there); soups average the transformed state dicts.
+    weights there); soups average the transformed state dicts. ``bn_reset_x`` (training inputs) lets soups be
+    evaluated after re-estimating their BatchNorm statistics on it (``bn_reset=True``), as REPAIR does.
     """
 
     zoo: Zoo
@@ -97,10 +99,13 @@ class ZooEval:
     test: Dataset
     mode: EvalMode = "eval"
     transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    bn_reset_x: torch.Tensor | None = None
+    bn_reset_seed: int = 0
+    bn_reset_batches: int = 10
     _state_dicts: list[dict[str, torch.Tensor]] = field(default_factory=list)
     _members: list[ZooModel] = field(default_factory=list)
     _outputs: dict[tuple[str, int], Outputs] = field(default_factory=dict)
-    _soups: dict[tuple[str, frozenset[int]], Outputs] = field(default_factory=dict)
+    _soups: dict[tuple[str, frozenset[int], bool], Outputs] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         sds = self.zoo.state_dicts()
@@ -132,19 +137,25 @@ class ZooEval:
     def member_acc(self, i: int, split: str) -> float:
         return accuracy_pct(self.outputs(i, split).logits, self.data(split).y)
 
-    def soup_model(self, members: Sequence[int]) -> ZooModel:
+    def soup_model(self, members: Sequence[int], *, bn_reset: bool = False) -> ZooModel:
         model = copy.deepcopy(self._members[0])
         model.load_state_dict(uniform_soup([self._state_dicts[i] for i in members]))
+        if bn_reset:
+            if self.bn_reset_x is None:
+                raise ValueError("a BN reset needs training inputs: pass bn_reset_x to ZooEval")
+            reset_bn_stats(model, self.bn_reset_x, num_batches=self.bn_reset_batches,
+                           seed=self.bn_reset_seed)
         return model
 
-    def soup_outputs(self, members: Sequence[int], split: str) -> Outputs:
-        key = (split, frozenset(members))
+    def soup_outputs(self, members: Sequence[int], split: str, *, bn_reset: bool = False) -> Outputs:
+        key = (split, frozenset(members), bn_reset)
         if key not in self._soups:
-            self._soups[key] = model_outputs(self.soup_model(sorted(members)), self.data(split).x, mode=self.mode)
+            model = self.soup_model(sorted(members), bn_reset=bn_reset)
+            self._soups[key] = model_outputs(model, self.data(split).x, mode=self.mode)
         return self._soups[key]
 
-    def soup_acc(self, members: Sequence[int], split: str) -> float:
-        return accuracy_pct(self.soup_outputs(members, split).logits, self.data(split).y)
+    def soup_acc(self, members: Sequence[int], split: str, *, bn_reset: bool = False) -> float:
+        return accuracy_pct(self.soup_outputs(members, split, bn_reset=bn_reset).logits, self.data(split).y)
 
 
 def splits(dataset: str, split_seed: int) -> tuple[Dataset, Dataset]:

@@ -31,7 +31,7 @@ RECIPE = {"n_train": 2000, "pretrain_epochs": 3, "epochs": 2, "width": 8}
 def demo_configs(seed: int = 0) -> tuple[weights_vs_features.Config, magnitude.Config, templates.Config]:
     wvf = weights_vs_features.Config(datasets=("mnist5k",), archs=("resnet8", "vgg6", "vgg6bn", "densenet8", "vit2",
                                                                     "linear"),
-                                     independent_archs=("vgg6",), ns=(2, 3, 5, 7), seed=seed, **RECIPE)
+                                     independent_archs=("vgg6",), ns=(2, 3, 5, 7), seed=seed, n_seeds=1, **RECIPE)
     mag = magnitude.Config(datasets=("mnist5k",), archs=("vgg6", "vgg6bn", "linear"),
                            cs=(1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110), ns=(2, 3, 5, 7), seed=seed,
                            **RECIPE)
@@ -48,20 +48,21 @@ def demo_configs(seed: int = 0) -> tuple[weights_vs_features.Config, magnitude.C
 
 _SHORT = {"perf_ave": "PerfAve", "best_single": "Best", "uniform_soup": "Soup", "greedy_soup": "G.soup",
           "logit_ensemble": "Logit", "feature_ensemble": "Feat", "feature_ensemble_first_head": "Feat1",
-          "greedy_logit_ensemble": "G.logit", "greedy_feature_ensemble": "G.feat"}
+          "greedy_logit_ensemble": "G.logit", "greedy_feature_ensemble": "G.feat",
+          "soup_picks_logit_ensemble": "P.logit", "uniform_soup_bn_reset": "Soup+BN"}
 
 
 def _print_table(table: Table) -> None:
     """The main table on stdout, short headers so it fits 100 columns (legend underneath)."""
     rt = RichTable(title=table.title, title_style="bold")
-    cols = [m for m in METHODS if any(m in r for r in table.rows)]
+    cols = [m for m in METHODS if m in _SHORT and any(m in r for r in table.rows)]
     rt.add_column("architecture", no_wrap=True)
     for c in cols:
         rt.add_column(_SHORT[c], justify="right")
     for r in table.rows:
-        best = max(float(r[m]) for m in cols)
-        rt.add_row(str(r["architecture"]), *[f"[bold]{r[c]:.1f}[/bold]" if r[c] == best else f"{r[c]:.1f}"
-                                             for c in cols])
+        best = max(float(r[m]) for m in cols if m in r)
+        rt.add_row(str(r["architecture"]), *["" if c not in r else f"[bold]{r[c]:.1f}[/bold]" if r[c] == best
+                                             else f"{r[c]:.1f}" for c in cols])
     out = Console(width=max(110, Console().width))
     out.print(rt)
     out.print("  ".join(f"{_SHORT[c]} = {METHODS[c]}" for c in cols), style="dim")
