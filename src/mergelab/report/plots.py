@@ -57,6 +57,10 @@ METHOD_COLORS: dict[str, str] = {
     "feature_ensemble_first_head": "#fdae6b",
     "greedy_logit_ensemble": "#9467bd",
     "greedy_feature_ensemble": "#c5b0d5",
+    "uniform_soup_bn_reset": "#17becf",
+    "greedy_soup_bn_reset": "#9edae5",
+    "soup_picks_logit_ensemble": "#8c564b",
+    "soup_picks_feature_ensemble": "#c49c94",
 }
 
 

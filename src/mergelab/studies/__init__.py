@@ -22,6 +22,7 @@ _MODULES = {
     "rebasin": "mergelab.studies.rebasin",
     "merge-search": "mergelab.studies.multitask_search",
     "task-vector-search": "mergelab.studies.task_vectors.search",
+    "cross-dataset": "mergelab.studies.cross_dataset",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -40,6 +41,8 @@ DESCRIPTIONS: dict[str, str] = {
                     "hand-tuned λ (validation drives the search, test is reported).",
     "task-vector-search": "CMA-ES per-block task-arithmetic weights on the task-vectors suite (--suite vision|text), "
                           "against the best hand-tuned λ.",
+    "cross-dataset": "Models fine-tuned on two different datasets from one start: uniform soup vs logit/feature "
+                     "ensembles, each scored on both datasets (Tab. 3).",
 }
 
 

@@ -59,6 +59,10 @@ class TrainConfig:
     #: scramble features that no BN renormalises. vit2: 72.0/68.0/71.4 vs 72.6/72.6/75.8 %. vgg6bn and resnet8
     #: lose nothing with a fresh head (94.6/94.4/94.8 vs 95.0/95.2/94.2 %), so they keep the head's diversity.
     member_head: str = "auto"
+    #: shared init: pre-train the shared start on this dataset instead of ``dataset`` (same input shape and
+    #: classes); members then fine-tune on ``dataset``. Merging models trained on different datasets from one
+    #: start (the Rethinking paper's Tab. 3) pairs a zoo on A with a zoo on B whose base_dataset is A.
+    base_dataset: str | None = None
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (2e-3 if uses_adamw(self.arch) else 0.1)
@@ -148,12 +152,19 @@ def _recipe(config: TrainConfig, role: str, seed: int) -> dict[str, Any]:
     del recipe["member_head"]
     if role == "member" and config.init == "shared" and config.resolved_member_head() == "keep":
         recipe["member_head"] = "keep"
+    if recipe.pop("base_dataset") is not None:  # hashed only when set: older entries keep their keys
+        recipe["base_dataset"] = config.base_dataset
     return recipe
+
+
+def base_config(cfg: TrainConfig) -> TrainConfig:
+    """The recipe of ``cfg``'s shared start (trained on ``base_dataset`` when it is set)."""
+    return replace(cfg, dataset=cfg.base_dataset, base_dataset=None) if cfg.base_dataset else cfg
 
 
 def _base_key(cfg: TrainConfig) -> str:
     # the base does not depend on the members' fine-tuning epochs
-    return recipe_hash(_recipe(replace(cfg, epochs=0), "base", base_seed(cfg.seed)))
+    return recipe_hash(_recipe(replace(base_config(cfg), epochs=0), "base", base_seed(cfg.seed)))
 
 
 def _member_key(cfg: TrainConfig, seed: int) -> str:
@@ -271,9 +282,16 @@ def train_zoos(specs: Sequence[ZooSpec], *, cache: Path | None = None, workers: 
         cfg = spec.config
         if cfg.init not in ("shared", "independent"):
             raise ValueError(f"init must be 'shared' or 'independent', got '{cfg.init}'")
+        if cfg.base_dataset:
+            a, b = (load_dataset(d, "val", cfg.split_seed) for d in (cfg.base_dataset, cfg.dataset))
+            if (a.input_shape, a.num_classes) != (b.input_shape, b.num_classes):
+                raise ValueError(f"base_dataset '{cfg.base_dataset}' has inputs {a.input_shape} and {a.num_classes} "
+                                 f"classes but '{cfg.dataset}' has {b.input_shape} and {b.num_classes}: a shared "
+                                 "start needs the same; pick datasets of one shape")
         bkey = _base_key(cfg) if cfg.init == "shared" else None
         if bkey and load_entry(bkey, root) is None:
-            bases.setdefault(bkey, _Job(bkey, cfg, "base", base_seed(cfg.seed), cfg.pretrain_epochs, None))
+            bases.setdefault(bkey, _Job(bkey, base_config(cfg), "base", base_seed(cfg.seed), cfg.pretrain_epochs,
+                                        None))
         per_member = cfg.epochs if cfg.init == "shared" else cfg.epochs + cfg.pretrain_epochs
         for i in range(spec.n_models):
             s = member_seed(cfg.seed, i)

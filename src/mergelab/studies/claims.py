@@ -1,0 +1,47 @@
+"""One table layout for a paper's claims beside ours (issue 14): the claim, the paper's number, ours with its
+95 % CI, the setting, the regime checks that say whether the setting can show the claim, and the verdict.
+
+Each study fills one :class:`ClaimRow` per claim from the :class:`~mergelab.report.html.Verdict` that
+:func:`~mergelab.studies.verdict.claim_verdict` gave it, so the table can never say more than the verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mergelab.report import Table, Verdict
+from mergelab.studies.verdict import Difference
+
+
+@dataclass(frozen=True)
+class ClaimRow:
+    verdict: Verdict
+    paper_number: str
+    ours: Sequence[Difference]  # the resolved comparisons behind the verdict
+    setting: str
+    regime: str  # what was checked about the setting (members learned, test size, …) and what it showed
+
+    def as_row(self) -> dict[str, str]:
+        if self.ours:
+            mean = sum(d.mean for d in self.ours) / len(self.ours)
+            lo, hi = min(d.low for d in self.ours), max(d.high for d in self.ours)
+            seeds = max(d.n_seeds for d in self.ours)
+            ours = (f"{mean:+.1f} points (CIs from {lo:+.1f} to {hi:+.1f} over {len(self.ours)} configuration(s), "
+                    f"{seeds} seed(s))")
+        else:
+            ours = "not measured"
+        return {"claim": self.verdict.claim, "paper": self.paper_number, "ours": ours, "setting": self.setting,
+                "regime": self.regime, "verdict": self.verdict.word}
+
+
+def claims_table(rows: Sequence[ClaimRow], title: str = "The paper's claims beside ours") -> Table:
+    return Table(title, [r.as_row() for r in rows],
+                 headers={"claim": "Claim", "paper": "Paper", "ours": "Ours: difference [95 % CI range]",
+                          "setting": "Setting", "regime": "Regime checks", "verdict": "Verdict"},
+                 note="Ours: the mean of the compared difference over configurations, with the lowest lower and "
+                      "highest upper bound of their 95 % paired-bootstrap CIs (test examples and seeds). A claim "
+                      "is held only when the difference exceeds its uncertainty in most configurations.")
+
+
+__all__ = ["ClaimRow", "claims_table"]
