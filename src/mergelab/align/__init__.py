@@ -1,6 +1,14 @@
 """Permutation alignment (Git Re-Basin weight matching), BatchNorm reset and loss barriers."""
 
-from mergelab.align.barrier import PathResult, barrier_height, evaluate, interpolate, linear_path
+from mergelab.align.barrier import (
+    PathResult,
+    barrier_height,
+    barrier_heights,
+    evaluate,
+    interpolate,
+    linear_path,
+    path_example_losses,
+)
 from mergelab.align.bn_reset import has_batchnorm, reset_bn_stats
 from mergelab.align.specs import (
     PermutationSpec,
@@ -20,12 +28,14 @@ __all__ = [
     "align",
     "apply_permutation",
     "barrier_height",
+    "barrier_heights",
     "evaluate",
     "has_batchnorm",
     "identity_permutation",
     "interpolate",
     "invert",
     "linear_path",
+    "path_example_losses",
     "random_permutation",
     "reset_bn_stats",
     "weight_matching",

@@ -105,3 +105,30 @@ def linear_path(model: nn.Module, a: StateDict, b: StateDict, x: torch.Tensor, y
         losses.append(loss)
         accs.append(acc)
     return PathResult(alphas, losses, accs)
+
+
+@torch.no_grad()
+def path_example_losses(model: nn.Module, a: StateDict, b: StateDict, x: torch.Tensor, y: torch.Tensor,
+                        alphas: Sequence[float], *, bn_reset_x: torch.Tensor | None = None, bn_batches: int = 10,
+                        seed: int = 0, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each test example's cross-entropy and 0/1 correctness at every α: two ``(len(alphas), examples)``
+    tensors, for a bootstrap of the barrier over test examples (its mean over examples is :func:`linear_path`'s
+    loss). BatchNorm statistics are re-estimated on ``bn_reset_x`` at interior points, as there."""
+    net = copy.deepcopy(model)
+    losses, correct = [], []
+    for alpha in alphas:
+        net.load_state_dict(interpolate(a, b, float(alpha)))
+        if bn_reset_x is not None and 0.0 < alpha < 1.0:
+            reset_bn_stats(net, bn_reset_x, num_batches=bn_batches, seed=seed)
+        net.eval()
+        logits = torch.cat([net(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+        losses.append(F.cross_entropy(logits, y, reduction="none").double())
+        correct.append((logits.argmax(1) == y).double())
+    return torch.stack(losses), torch.stack(correct)
+
+
+def barrier_heights(alphas: Sequence[float], curves: np.ndarray) -> np.ndarray:
+    """:func:`barrier_height` of every row of ``curves`` (shape ``(..., len(alphas))``) at once."""
+    a = np.asarray(alphas, dtype=np.float64)
+    line = (1 - a) * curves[..., :1] + a * curves[..., -1:]
+    return np.maximum(0.0, (curves - line).max(-1))

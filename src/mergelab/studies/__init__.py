@@ -23,6 +23,7 @@ _MODULES = {
     "merge-search": "mergelab.studies.multitask_search",
     "task-vector-search": "mergelab.studies.task_vectors.search",
     "cross-dataset": "mergelab.studies.cross_dataset",
+    "mode-connectivity": "mergelab.studies.mode_connectivity",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -43,6 +44,8 @@ DESCRIPTIONS: dict[str, str] = {
                           "against the best hand-tuned λ.",
     "cross-dataset": "Models fine-tuned on two different datasets from one start: uniform soup vs logit/feature "
                      "ensembles, each scored on both datasets (Tab. 3).",
+    "mode-connectivity": "Loss barriers on the linear path between shared-start fine-tunes, independent runs and "
+                         "independent runs aligned by weight matching, with and without a BN reset.",
 }
 
 

@@ -21,14 +21,16 @@ class ClaimRow:
     ours: Sequence[Difference]  # the resolved comparisons behind the verdict
     setting: str
     regime: str  # what was checked about the setting (members learned, test size, …) and what it showed
+    unit: str = "points"
 
     def as_row(self) -> dict[str, str]:
         if self.ours:
             mean = sum(d.mean for d in self.ours) / len(self.ours)
             lo, hi = min(d.low for d in self.ours), max(d.high for d in self.ours)
             seeds = max(d.n_seeds for d in self.ours)
-            ours = (f"{mean:+.1f} points (CIs from {lo:+.1f} to {hi:+.1f} over {len(self.ours)} configuration(s), "
-                    f"{seeds} seed(s))")
+            fmt = "{:+.1f}" if self.unit == "points" else "{:+.3f}"
+            ours = (f"{fmt.format(mean)} {self.unit} (CIs from {fmt.format(lo)} to {fmt.format(hi)} over "
+                    f"{len(self.ours)} configuration(s), {seeds} seed(s))")
         else:
             ours = "not measured"
         return {"claim": self.verdict.claim, "paper": self.paper_number, "ours": ours, "setting": self.setting,
