@@ -24,6 +24,7 @@ _MODULES = {
     "task-vector-search": "mergelab.studies.task_vectors.search",
     "cross-dataset": "mergelab.studies.cross_dataset",
     "mode-connectivity": "mergelab.studies.mode_connectivity",
+    "swa": "mergelab.studies.swa",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -46,6 +47,8 @@ DESCRIPTIONS: dict[str, str] = {
                      "ensembles, each scored on both datasets (Tab. 3).",
     "mode-connectivity": "Loss barriers on the linear path between shared-start fine-tunes, independent runs and "
                          "independent runs aligned by weight matching, with and without a BN reset.",
+    "swa": "Stochastic weight averaging (constant or cyclic lr, BN update) vs the last checkpoint, conventional "
+           "training and soups of independent runs.",
 }
 
 

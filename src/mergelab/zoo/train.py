@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -122,14 +122,19 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig, lr_scale: float = 1.
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
-def fit(model: ZooModel, data: Dataset, config: TrainConfig, epochs: int, seed: int, lr_scale: float = 1.0
-        ) -> list[float]:
-    """Train in place with a cosine schedule; ``seed`` fixes the data order and the augmentation. Returns the
-    mean training loss of every epoch."""
+Schedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
+
+
+def fit(model: ZooModel, data: Dataset, config: TrainConfig, epochs: int, seed: int, lr_scale: float = 1.0, *,
+        schedule: Schedule | None = None, on_step: Callable[[], None] | None = None) -> list[float]:
+    """Train in place with a cosine schedule (or ``schedule(optimizer, total_steps)``); ``seed`` fixes the data
+    order and the augmentation; ``on_step`` runs after every step (SWA snapshots). Returns the mean training
+    loss of every epoch."""
     gen = torch.Generator().manual_seed(seed)
     opt = _optimizer(model, config, lr_scale)
     steps_per_epoch = (len(data) + config.batch_size - 1) // config.batch_size
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+    total_steps = max(1, epochs * steps_per_epoch)
+    sched = schedule(opt, total_steps) if schedule else torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
     augment = (lambda x: _augment(x, data.kind, gen, config.shift)) if config.augment else None
     model.train()
     losses: list[float] = []
@@ -137,8 +142,8 @@ def fit(model: ZooModel, data: Dataset, config: TrainConfig, epochs: int, seed: 
         order = torch.randperm(len(data), generator=gen)
         batches = [order[start:start + config.batch_size] for start in range(0, len(data), config.batch_size)]
         total = 0.0
-        for loss, idx in zip(train_steps(model, opt, sched, data.x, data.y, batches, augment=augment), batches,
-                             strict=True):
+        for loss, idx in zip(train_steps(model, opt, sched, data.x, data.y, batches, augment=augment,
+                                         on_step=on_step), batches, strict=True):
             total += loss * len(idx)
         losses.append(total / len(data))
     model.eval()
@@ -165,6 +170,15 @@ def base_config(cfg: TrainConfig) -> TrainConfig:
 def _base_key(cfg: TrainConfig) -> str:
     # the base does not depend on the members' fine-tuning epochs
     return recipe_hash(_recipe(replace(base_config(cfg), epochs=0), "base", base_seed(cfg.seed)))
+
+
+def shared_start(cfg: TrainConfig, cache: Path | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of ``cfg``'s shared start, from the cache (train the shared zoo first)."""
+    entry = load_entry(_base_key(cfg), cache or cache_dir())
+    if entry is None:
+        raise RuntimeError(f"the shared start of {cfg.arch}/{cfg.dataset} (seed {cfg.seed}) is not in the cache: "
+                           "train its shared zoo first (train_zoos)")
+    return entry["state_dict"]
 
 
 def _member_key(cfg: TrainConfig, seed: int) -> str:
