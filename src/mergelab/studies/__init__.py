@@ -25,6 +25,7 @@ _MODULES = {
     "cross-dataset": "mergelab.studies.cross_dataset",
     "mode-connectivity": "mergelab.studies.mode_connectivity",
     "swa": "mergelab.studies.swa",
+    "vit-soups": "mergelab.studies.vit_soups",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -49,6 +50,8 @@ DESCRIPTIONS: dict[str, str] = {
                          "independent runs aligned by weight matching, with and without a BN reset.",
     "swa": "Stochastic weight averaging (constant or cyclic lr, BN update) vs the last checkpoint, conventional "
            "training and soups of independent runs.",
+    "vit-soups": "ViT soups for N = 2…10, plain and behind an input layer that members share or each re-draw (the "
+                 "paper's random wrapper, Tab. 9).",
 }
 
 

@@ -10,6 +10,8 @@ Families and depth variants (the number counts weight layers, as in the papers' 
 - ``densenet8``/``densenet14``: 3 dense blocks of 2/4 BN-ReLU-conv layers (growth 8) with transitions.
 - ``vit2``/``vit4``: pre-norm ViT with a class token, 2/4 encoder layers, dim max(48, 3×width) (narrower
   ViTs do not learn in a few epochs).
+- ``vit2-in``/``vit2-randin``: ``vit2`` behind a 3×3 conv input layer, shared by zoo members or re-drawn by
+  each (the Rethinking paper's random-input wrapper for ViT soups).
 - ``linear``: one linear layer on the flattened input (the template model); ``mlp1``/``mlp2``: ReLU MLPs.
 
 Convolutional models run on images (N, 1, H, W) and on 1-D signals (N, 1, L) with the same code: the
@@ -187,6 +189,24 @@ class ViT(ZooModel):
         return self.norm(self.encoder(t))[:, 0]
 
 
+class InputLayerViT(ZooModel):
+    """A ViT behind a 3×3 convolution from the input's channels to 3 (the Rethinking paper's wrapper for its
+    ViT soups, Tab. 9: a random input layer in front of a pre-trained ViT). With the ``vit2-randin`` spec every
+    zoo member re-draws this layer from its own seed, so members share the ViT but not their first layer."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, depth: int, dim: int = 48) -> None:
+        super().__init__()
+        nd = len(input_shape) - 1
+        conv, _, _, _ = _ops(nd)
+        self.input_layer = conv(input_shape[0], 3, 3, padding=1)
+        self.vit = ViT((3, *input_shape[1:]), num_classes, depth, dim=dim)
+        del self.vit.head  # the wrapper owns the head (one ``head`` key in the state dict)
+        self.head = nn.Linear(dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit.features(self.input_layer(x))
+
+
 class Linear(ZooModel):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
@@ -221,6 +241,8 @@ class ArchSpec:
     batchnorm: bool
     conv: bool  # needs spatial inputs (images or signals)
     description: str
+    #: modules a shared-start member re-initialises from its own seed after loading the start
+    fresh_per_member: tuple[str, ...] = ()
 
 
 def _spec(name: str, family: str, build: Builder, bn: bool, conv: bool, desc: str) -> ArchSpec:
@@ -244,6 +266,11 @@ ARCHS: dict[str, ArchSpec] = {s.name: s for s in [
           "ViT, 2 layers, dim max(48, 3×width)"),
     _spec("vit4", "vit", lambda s, k, w: ViT(s, k, 4, dim=max(48, 3 * w)), False, True,
           "ViT, 4 layers, dim max(48, 3×width)"),
+    ArchSpec("vit2-in", "vit", lambda s, k, w: InputLayerViT(s, k, 2, dim=max(48, 3 * w)), False, True,
+             "ViT, 2 layers, behind a 3×3 conv input layer shared by zoo members"),
+    ArchSpec("vit2-randin", "vit", lambda s, k, w: InputLayerViT(s, k, 2, dim=max(48, 3 * w)), False, True,
+             "ViT, 2 layers, behind a 3×3 conv input layer each zoo member re-draws (the paper's wrapper)",
+             fresh_per_member=("input_layer",)),
     _spec("linear", "linear", lambda s, k, w: Linear(s, k), False, False, "one linear layer (templates)"),
     _spec("mlp1", "mlp", lambda s, k, w: MLP(s, k, 1, 8 * w), False, False, "MLP, 1 hidden layer of 8×width"),
     _spec("mlp2", "mlp", lambda s, k, w: MLP(s, k, 2, 8 * w), False, False, "MLP, 2 hidden layers of 8×width"),

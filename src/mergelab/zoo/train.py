@@ -203,6 +203,11 @@ def _skeleton(cfg: TrainConfig, shape: tuple[int, ...], classes: int, seed: int,
     model = build_model(cfg.arch, shape, classes, width=cfg.width)
     if base_state is not None:
         model.load_state_dict(base_state)
+        fresh = ARCHS[cfg.arch].fresh_per_member
+        if fresh:  # layers the member does not share with the start (the paper's random ViT input layer)
+            torch.manual_seed(seed)
+            for name in fresh:
+                model.get_submodule(name).reset_parameters()
         if cfg.resolved_member_head() == "reset":
             torch.manual_seed(seed)  # the member's own head: a fresh init from its seed
             model.head.reset_parameters()
