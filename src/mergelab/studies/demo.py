@@ -94,7 +94,9 @@ def run_demo(out: Path, *, seed: int = 0, overwrite: bool = False, show_progress
               "Animal-MNIST), reduced to run in minutes on a laptop CPU: (1) averaging weights vs averaging "
               "features and outputs, (2) sensitivity of merging to weight magnitude, (3) weights as templates. "
               "Each section states whether the paper's claim held on this run. Full-size runs: "
-              "`mergelab study NAME --out DIR`.",
+              "`mergelab study NAME --out DIR`. The paper's other claims have their own study reports, each with "
+              "a claims table (the paper's number, ours with CIs over 3 seeds, the setting, a verdict): "
+              "`cross-dataset` (Tab. 3), `vit-soups` (Tab. 9), `swa` and `mode-connectivity`.",
         meta={"seed": seed, "training recipe": RECIPE, "wall time (s)": round(wall, 1),
               "training time (s)": round(trained, 1)})
     record = {"study": "demo", "quick": True, "seed": seed, "training_seconds": round(trained, 2),
