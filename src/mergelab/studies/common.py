@@ -57,6 +57,28 @@ class TrainingRecipe(Protocol):
     def seed(self) -> int: ...
 
 
+@dataclass(frozen=True)
+class ZooRecipe:
+    """The fields of a study that trains shared-start zoos over several zoo seeds (the weights-vs-features
+    recipe: 2,000 training images, a 3-epoch start, 2 fine-tuning epochs, half-width convs, 3 seeds), so the
+    studies built on it share cached models."""
+
+    epochs: int = 2
+    pretrain_epochs: int = 3
+    n_train: int | None = 2000
+    width: int = 8
+    n_seeds: int = 3
+    split_seed: int = 0
+    seed: int = 0
+    workers: int | None = None
+    executor: str | None = None  # local, local:N, ray, ray:ADDRESS
+
+    def zoo_seeds(self) -> list[int]:
+        if self.n_seeds < 1:
+            raise ValueError(f"n_seeds must be at least 1, got {self.n_seeds}")
+        return list(range(self.seed, self.seed + self.n_seeds))
+
+
 def zoo_spec(cfg: TrainingRecipe, arch: str, dataset: str, init: str, n_models: int) -> ZooSpec:
     """``n_models`` members of ``arch`` on ``dataset`` trained with the study's recipe."""
     return ZooSpec(TrainConfig(arch=arch, dataset=dataset, init=init,  # type: ignore[arg-type]

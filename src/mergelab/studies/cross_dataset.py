@@ -25,7 +25,7 @@ from mergelab.report.plots import grouped_bars
 from mergelab.runtime import make_progress, torch_threads
 from mergelab.soups import uniform_soup
 from mergelab.studies.claims import ClaimRow, claims_table
-from mergelab.studies.common import StudyResult, explain, run_config
+from mergelab.studies.common import StudyResult, ZooRecipe, explain, run_config
 from mergelab.studies.verdict import claim_verdict, paired_difference
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.train import TrainConfig, Zoo, ZooSpec, train_zoos
@@ -35,19 +35,10 @@ METHODS = {"model_1": "Model 1 (trained on A)", "model_2": "Model 2 (trained on 
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ZooRecipe):
     #: dataset pairs "A:B" of one input shape and class count; the shared start is pre-trained on A
     pairs: tuple[str, ...] = ("mnist5k:animal-mnist",)
     archs: tuple[str, ...] = ("vgg6bn", "resnet8", "vgg6")
-    n_seeds: int = 3
-    epochs: int = 2
-    pretrain_epochs: int = 3
-    n_train: int | None = 2000
-    width: int = 8
-    split_seed: int = 0
-    seed: int = 0
-    workers: int | None = None
-    executor: str | None = None
 
 
 QUICK = Config(archs=("vgg6bn",), n_seeds=2, epochs=1, pretrain_epochs=2, n_train=1000)
@@ -66,7 +57,7 @@ def zoo_specs(cfg: Config) -> list[tuple[str, str, str, int, ZooSpec, ZooSpec]]:
     for pair in cfg.pairs:
         a, b = _pair(pair)
         for arch in cfg.archs:
-            for s in range(cfg.seed, cfg.seed + cfg.n_seeds):
+            for s in cfg.zoo_seeds():
                 base = TrainConfig(arch=arch, dataset=a, epochs=cfg.epochs, pretrain_epochs=cfg.pretrain_epochs,
                                    n_train=cfg.n_train, width=cfg.width, split_seed=cfg.split_seed, seed=s)
                 other = replace(base, dataset=b, base_dataset=a)
@@ -140,8 +131,6 @@ def _figure(scores: Scores, cells: Sequence[tuple[str, str, str]], out: Path) ->
 
 
 def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
-    if cfg.n_seeds < 1:
-        raise ValueError(f"n_seeds must be at least 1, got {cfg.n_seeds}")
     jobs = zoo_specs(cfg)
     zoos = train_zoos([s for j in jobs for s in j[4:]], workers=cfg.workers, show_progress=show_progress,
                       executor=cfg.executor)

@@ -30,7 +30,7 @@ from mergelab.report import FigureRef, Report, Section, Table
 from mergelab.report.plots import line_panels
 from mergelab.runtime import make_progress, torch_threads
 from mergelab.studies.claims import ClaimRow, claims_table
-from mergelab.studies.common import StudyResult, explain, run_config, zoo_spec
+from mergelab.studies.common import StudyResult, ZooRecipe, explain, run_config, zoo_spec
 from mergelab.studies.verdict import Difference, claim_verdict
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.permutation_specs import spec_for
@@ -40,23 +40,13 @@ VARIANTS = {"shared": "shared start", "independent": "independent", "aligned": "
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ZooRecipe):
     datasets: tuple[str, ...] = ("mnist5k",)
     #: VGG and ResNet only: weight matching needs a permutation spec (zoo/permutation_specs.py)
     archs: tuple[str, ...] = ("vgg6", "vgg6bn", "resnet8")
-    n_seeds: int = 3
     points: int = 11
     bn_reset_batches: int = 10
     n_boot: int = 1000
-    # the weights-vs-features recipe, so the shared and vgg6 independent zoos come from its cache
-    epochs: int = 2
-    pretrain_epochs: int = 3
-    n_train: int | None = 2000
-    width: int = 8
-    split_seed: int = 0
-    seed: int = 0
-    workers: int | None = None
-    executor: str | None = None
 
 
 QUICK = Config(archs=("vgg6bn",), n_seeds=2, points=5, epochs=1, pretrain_epochs=2, n_train=1000)
@@ -99,9 +89,9 @@ def barrier_difference(alphas: Sequence[float], worse: np.ndarray, better: np.nd
 
 
 def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
-    if cfg.n_seeds < 1 or cfg.points < 3:
-        raise ValueError(f"need n_seeds ≥ 1 and points ≥ 3, got {cfg.n_seeds} and {cfg.points}")
-    seeds = list(range(cfg.seed, cfg.seed + cfg.n_seeds))
+    if cfg.points < 3:
+        raise ValueError(f"a path needs points ≥ 3, got {cfg.points}")
+    seeds = cfg.zoo_seeds()
     grid = [(d, a, s) for d in cfg.datasets for a in cfg.archs for s in seeds]
     specs = [zoo_spec(replace(cfg, seed=s), a, d, init, 2) for d, a, s in grid for init in ("shared", "independent")]
     zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress, executor=cfg.executor)

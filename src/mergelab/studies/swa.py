@@ -27,7 +27,7 @@ from mergelab.report.plots import grouped_bars
 from mergelab.runtime import make_progress, torch_threads
 from mergelab.soups import uniform_soup
 from mergelab.studies.claims import ClaimRow, claims_table
-from mergelab.studies.common import StudyResult, explain, run_config, zoo_spec
+from mergelab.studies.common import StudyResult, ZooRecipe, explain, run_config, zoo_spec
 from mergelab.studies.verdict import claim_verdict, paired_difference
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.models import ZooModel
@@ -43,25 +43,14 @@ METHODS = {"swa_constant": "SWA (constant lr)", "last_constant": "last checkpoin
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ZooRecipe):
     datasets: tuple[str, ...] = ("mnist5k",)
     archs: tuple[str, ...] = ("vgg6bn", "resnet8")
-    n_seeds: int = 3
     n_soup: int = 3  # members in the soups of independent and of shared-start runs
     snapshot_every: int = 16  # steps between SWA snapshots (the cyclic schedule's cycle); 63 steps per epoch
     lr_constant: float = 0.5  # × the recipe's lr (0.1 for SGD nets)
     lr_cycle: tuple[float, float] = (1.0, 0.05)  # × the recipe's lr, start and end of every cycle
     bn_reset_batches: int = 10
-    # the weights-vs-features recipe: the shared start, the conventional member and the independent runs
-    # come from its cache; SWA runs as many epochs as the members fine-tune
-    epochs: int = 2
-    pretrain_epochs: int = 3
-    n_train: int | None = 2000
-    width: int = 8
-    split_seed: int = 0
-    seed: int = 0
-    workers: int | None = None
-    executor: str | None = None
 
 
 QUICK = Config(archs=("vgg6bn",), n_seeds=2, n_soup=2, epochs=1, pretrain_epochs=2, n_train=1000)
@@ -74,9 +63,9 @@ def _model(skeleton: ZooModel, state: dict[str, torch.Tensor]) -> ZooModel:
 
 
 def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
-    if cfg.n_seeds < 1 or cfg.n_soup < 2:
-        raise ValueError(f"need n_seeds ≥ 1 and n_soup ≥ 2, got {cfg.n_seeds} and {cfg.n_soup}")
-    seeds = list(range(cfg.seed, cfg.seed + cfg.n_seeds))
+    if cfg.n_soup < 2:
+        raise ValueError(f"a soup needs n_soup ≥ 2 runs, got {cfg.n_soup}")
+    seeds = cfg.zoo_seeds()
     grid = [(d, a, s) for d in cfg.datasets for a in cfg.archs for s in seeds]
     specs = [zoo_spec(replace(cfg, seed=s), a, d, init, cfg.n_soup) for d, a, s in grid
              for init in ("shared", "independent")]

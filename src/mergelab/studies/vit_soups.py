@@ -21,7 +21,7 @@ from mergelab.report import FigureRef, Report, Section, Table
 from mergelab.report.plots import line_panels
 from mergelab.runtime import make_progress, torch_threads
 from mergelab.studies.claims import ClaimRow, claims_table
-from mergelab.studies.common import StudyResult, ZooEval, explain, run_config, splits, zoo_spec
+from mergelab.studies.common import StudyResult, ZooEval, ZooRecipe, explain, run_config, splits, zoo_spec
 from mergelab.studies.verdict import Difference, claim_verdict, paired_difference
 from mergelab.studies.weights_vs_features import evaluate_zoo
 from mergelab.zoo.train import train_zoos
@@ -32,19 +32,10 @@ WRAPPERS = {"vit2": "no input layer", "vit2-in": "shared input layer", "vit2-ran
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ZooRecipe):
     datasets: tuple[str, ...] = ("mnist5k",)
     archs: tuple[str, ...] = ("vit2", "vit2-in", "vit2-randin")
     ns: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 10)
-    n_seeds: int = 3
-    epochs: int = 2
-    pretrain_epochs: int = 3
-    n_train: int | None = 2000
-    width: int = 8
-    split_seed: int = 0
-    seed: int = 0
-    workers: int | None = None
-    executor: str | None = None
 
 
 QUICK = Config(archs=("vit2", "vit2-randin"), ns=(2, 3, 5), n_seeds=2, epochs=1, pretrain_epochs=2, n_train=1000)
@@ -54,9 +45,9 @@ Scores = dict[tuple[str, str, int, str], torch.Tensor]  # (dataset, arch, N, met
 
 
 def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
-    if cfg.n_seeds < 1 or len(cfg.ns) < 2:
-        raise ValueError(f"need n_seeds ≥ 1 and at least two values of N, got {cfg.n_seeds} and {cfg.ns}")
-    seeds = list(range(cfg.seed, cfg.seed + cfg.n_seeds))
+    if len(cfg.ns) < 2:
+        raise ValueError(f"the collapse needs at least two values of N, got {cfg.ns}")
+    seeds = cfg.zoo_seeds()
     grid = [(d, a, s) for d in cfg.datasets for a in cfg.archs for s in seeds]
     zoos = train_zoos([zoo_spec(replace(cfg, seed=s), a, d, "shared", max(cfg.ns)) for d, a, s in grid],
                       workers=cfg.workers, show_progress=show_progress, executor=cfg.executor)

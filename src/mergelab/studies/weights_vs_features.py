@@ -33,6 +33,7 @@ from mergelab.soups import greedy_ensemble, greedy_select
 from mergelab.studies.common import (
     StudyResult,
     ZooEval,
+    ZooRecipe,
     explain,
     run_config,
     splits,
@@ -67,7 +68,7 @@ BN_METHODS = ("uniform_soup_bn_reset", "greedy_soup_bn_reset")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ZooRecipe):
     """The full setting: three families at two depths each (VGG with and without BN, ResNet), N = 2…10, 3 zoo
     seeds, the demo's training recipe (2,000 MNIST-5k images, 3 + 2 epochs, half-width convs), so that a
     shared 2-core machine runs it within an hour and the demo's zoos (seed 0) come from the cache. DenseNet,
@@ -78,20 +79,10 @@ class Config:
     #: architectures also trained from independent random inits (the case where soups should fail)
     independent_archs: tuple[str, ...] = ("vgg6",)
     ns: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 10)
-    epochs: int = 2
-    pretrain_epochs: int = 3
-    n_train: int | None = 2000
-    width: int = 8
     eval_mode: str = "eval"  # "train": BatchNorm with batch statistics at test time, as the original code
     greedy_strict: bool = True
-    #: zoo seeds seed, seed + 1, …: verdicts bootstrap over seeds and test examples
-    n_seeds: int = 3
     #: also evaluate BN nets' soups after re-estimating BN statistics on this many training batches (0: off)
     bn_reset_batches: int = 10
-    split_seed: int = 0
-    seed: int = 0
-    workers: int | None = None
-    executor: str | None = None  # train the zoos as executor jobs: local, local:N, ray, ray:ADDRESS
 
 
 QUICK = Config(datasets=("mnist5k",), archs=("vgg6bn", "linear"), independent_archs=("vgg6bn",), ns=(2, 3, 5),
@@ -108,15 +99,9 @@ def zoo_label(arch: str, init: str) -> str:
     return arch if init == "shared" else f"{arch} (indep.)"
 
 
-def zoo_seeds(cfg: Config) -> list[int]:
-    if cfg.n_seeds < 1:
-        raise ValueError(f"n_seeds must be at least 1, got {cfg.n_seeds}")
-    return [cfg.seed + k for k in range(cfg.n_seeds)]
-
-
 def zoo_specs(cfg: Config) -> list[ZooSpec]:
     """Every zoo of the grid, for every zoo seed."""
-    return [spec for s in zoo_seeds(cfg) for spec in _seed_specs(replace(cfg, seed=s))]
+    return [spec for s in cfg.zoo_seeds() for spec in _seed_specs(replace(cfg, seed=s))]
 
 
 def _seed_specs(cfg: Config) -> list[ZooSpec]:
@@ -555,7 +540,7 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
             "the soup at that N.",
         ],
         verdicts=verdicts, tables=[table, versus], figures=figs)
-    report = Report("Weights vs features", meta={"seed": cfg.seed, "zoo seeds": ", ".join(map(str, zoo_seeds(cfg))),
+    report = Report("Weights vs features", meta={"seed": cfg.seed, "zoo seeds": ", ".join(map(str, cfg.zoo_seeds())),
                                                  "eval_mode": cfg.eval_mode,
                                                  "datasets": ", ".join(cfg.datasets)}).add(section)
     tables: dict[str, Any] = {"weights_vs_features.csv": rows, "weights_vs_features_per_seed.csv": seed_rows,
