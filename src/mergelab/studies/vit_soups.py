@@ -4,8 +4,9 @@ The paper's ViT soups collapse as more models are averaged; its code puts an uns
 front of the pre-trained ViT, so the members do not share their first layer. This study trains shared-start
 zoos of the same small ViT plain (``vit2``) and behind a 3×3 conv input layer that every member re-draws from
 its own seed (``vit2-randin``, the paper's wrapper); ``archs=`` can add ``vit2-in``, where the members share
-that layer (part of the start), to separate the extra layer from its randomness. It evaluates soups and ensembles of the first N members,
-N = 2…10 (the weights-vs-features evaluation, :func:`~mergelab.studies.weights_vs_features.evaluate_zoo`).
+that layer (part of the start), to separate the extra layer from its randomness. It evaluates soups and
+ensembles of the first N members, N = 2…10 (the weights-vs-features evaluation,
+:func:`~mergelab.studies.weights_vs_features.evaluate_zoo`).
 """
 
 from __future__ import annotations
