@@ -69,7 +69,7 @@ def test_vocab_size_mismatch_suggests_resizing(families: Families, tmp_path: Pat
         state[name] = torch.cat([state[name], torch.zeros(8, 32)])
     bigger = save_model_folder(tmp_path / "bigger-vocab", state, fts[0])
     _refuse(tmp_path, _ties(base, [bigger, fts[1]]), str(bigger), "model.embed_tokens.weight",
-            "vocabulary size 72", "has 64", "resize_token_embeddings")
+            "vocabulary size 72", "has 64", "tokenizer_source: union")
 
 
 def test_nonfinite_input_refused_unless_allowed(families: Families, tmp_path: Path) -> None:
@@ -155,9 +155,10 @@ def test_global_scope_needs_one_density_per_model(families: Families, tmp_path: 
     _refuse(tmp_path, config, str(fts[0]), "scope: global", "'density' must be one number")
 
 
-def test_union_tokenizer_and_missing_tokenizer_folder(families: Families, tmp_path: Path) -> None:
+def test_union_tokenizer_without_tokenizers_and_missing_tokenizer_folder(families: Families, tmp_path: Path) -> None:
     base, fts = families["llama"]
-    _refuse(tmp_path, _ties(base, fts, tokenizer_source="union"), "tokenizer_source", "'union'")
+    _refuse(tmp_path, _ties(base, fts, tokenizer_source="union"), "tokenizer_source: union", str(base),
+            "has no tokenizer files")
     _refuse(tmp_path, _ties(base, fts, tokenizer_source=str(tmp_path / "nope")), "tokenizer_source",
             "not a model folder")
 

@@ -31,6 +31,7 @@ from cli_helpers import (
 from mergelab.merge.config import load_config
 from mergelab.merge.engine import COPIED_FILES
 from mergelab.methods import ties_merge
+from tiny_models import tiny_tokenizer
 
 Families = dict[str, tuple[Path, list[Path]]]
 AUTO_CLASS = {"llama": transformers.AutoModelForCausalLM, "gpt2": transformers.AutoModelForCausalLM,
@@ -94,22 +95,12 @@ def test_merge_loads_back_with_transformers(families: Families, tmp_path: Path, 
     assert leftovers(out) == []
 
 
-def _tokenizer(folder: Path, words: list[str]) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
-
-
 def test_config_and_tokenizer_files_copied(families: Families, tmp_path: Path) -> None:
     base_src, fts = families["llama"]
     base = tmp_path / "base"
     shutil.copytree(base_src, base)
-    _tokenizer(base, ["merge", "these", "models"])
-    other = tmp_path / "other-tokenizer"
-    _tokenizer(other, ["a", "different", "vocabulary"])
+    tiny_tokenizer(base, ["merge", "these", "models"])
+    other = tiny_tokenizer(tmp_path / "other-tokenizer", ["a", "different", "vocabulary"])
     tok_files = [f for f in COPIED_FILES if (base / f).is_file() and f != "config.json"]
     assert "tokenizer.json" in tok_files
 
@@ -124,12 +115,20 @@ def test_config_and_tokenizer_files_copied(families: Families, tmp_path: Path) -
     record = json.loads((out / "mergelab.json").read_text())
     assert set(tok_files) <= set(record["copied_files"])
 
-    # tokenizer_source: another folder's tokenizer; config.json still comes from the base
+    # tokenizer_source: another folder's tokenizer, as mergekit does it: the output has that vocabulary's 4 rows
+    # ('[UNK]' merged, the 3 tokens no model has are zeros) and config.json (from the base) says so
     config["tokenizer_source"] = str(other)
     out2 = tmp_path / "out2"
     assert_ok(run_cli(write_config(tmp_path, config, "tok.yml"), out2))
-    assert (out2 / "tokenizer.json").read_bytes() == (other / "tokenizer.json").read_bytes()
-    assert (out2 / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    assert transformers.AutoTokenizer.from_pretrained(out2).get_vocab() == \
+        transformers.AutoTokenizer.from_pretrained(other).get_vocab()
+    cfg = json.loads((out2 / "config.json").read_text())
+    assert cfg["vocab_size"] == 4 and cfg == {**json.loads((base / "config.json").read_text()), "vocab_size": 4}
+    merged = load_file(out2 / "model.safetensors")
+    assert merged["model.embed_tokens.weight"].shape == (4, 32)
+    assert torch.equal(merged["model.embed_tokens.weight"][1:], torch.zeros(3, 32))
+    record = json.loads((out2 / "mergelab.json").read_text())
+    assert any("has no tokenizer files" in w for w in record["warnings"])
 
 
 # -- input layouts --------------------------------------------------------------------------------------

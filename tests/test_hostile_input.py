@@ -26,6 +26,7 @@ from cli_helpers import (
     save_model_folder,
     write_config,
 )
+from tiny_models import tiny_tokenizer
 
 Families = dict[str, tuple[Path, list[Path]]]
 
@@ -162,9 +163,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def test_overwrite_never_replaces_an_input_config_or_tokenizer(families: Families, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch, victim: str) -> None:
     base, fts = _copy_family(families, tmp_path / "models")
-    tokenizer = tmp_path / "tokenizer"
-    tokenizer.mkdir()
-    (tokenizer / "tokenizer.json").write_text("{}")
+    tokenizer = tiny_tokenizer(tmp_path / "tokenizer", ["a", "b"])
+    tiny_tokenizer(base, ["a", "c"])
     config_dir = tmp_path / "configs"
     config = _ties(base, fts, tokenizer_source=str(tokenizer))
     if victim == "linear base":

@@ -178,29 +178,33 @@ def test_multi_stage_mistakes_are_clear_errors(families: Families, tmp_path: Pat
 def _with_vocab(src: Path, dst: Path, tokens: list[str]) -> Path:
     import shutil
 
+    from tiny_models import tiny_tokenizer
+
     shutil.copytree(src, dst)
-    (dst / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    return dst
+    return tiny_tokenizer(dst, tokens[1:])  # '[UNK]' is id 0, then tokens[1:]
 
 
 def test_same_size_different_vocabulary_is_refused(families: Families, tmp_path: Path) -> None:
     """Two models with 64-row embeddings whose tokenizers swap two ids: rows 3 and 4 are different tokens in
-    each, so an index-wise merge would mix them; refused, naming the token. Same vocabulary: merged."""
+    each, so an index-wise merge would mix them; refused, naming the token, and pointing to tokenizer_source.
+    Same vocabulary: merged. With a tokenizer_source the rows are aligned by token instead."""
     from cli_helpers import assert_refused
 
     _, fts = families["gpt2"]
-    tokens = [f"tok{i}" for i in range(64)]
+    tokens = ["[UNK]", *(f"tok{i}" for i in range(1, 64))]
     swapped = [*tokens[:3], tokens[4], tokens[3], *tokens[5:]]
     a = _with_vocab(fts[0], tmp_path / "a", tokens)
     b = _with_vocab(fts[1], tmp_path / "b", swapped)
     same = _with_vocab(fts[2], tmp_path / "same", tokens)
     config = {"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}]}
     out = tmp_path / "out"
-    assert_refused(run_cli(write_config(tmp_path, config), out), out,
-                   "numbers tokens differently", "token 'tok3' is id 3", "but 4 in", "share a tokenizer")
+    assert_refused(run_cli(write_config(tmp_path, config), out), out, "numbers tokens differently",
+                   "token 'tok3' is id 3", "but 4 in", "tokenizer_source: union")
     config = {"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(same)}]}
     assert_ok(run_cli(write_config(tmp_path, config), out))
-    # a tokenizer_source whose vocabulary differs from the rows being merged is refused the same way
+    # a tokenizer_source that numbers tokens differently: the rows of a and same are moved to its order
     config = {**config, "tokenizer_source": str(b)}
-    assert_refused(run_cli(write_config(tmp_path, config), tmp_path / "out2"), tmp_path / "out2",
-                   f"tokenizer_source {b}", "numbers tokens differently")
+    assert_ok(run_cli(write_config(tmp_path, config), tmp_path / "out2"))
+    by_index, by_token = (load_output(o)["transformer.wte.weight"] for o in (out, tmp_path / "out2"))
+    assert torch.equal(by_token[3], by_index[4]) and torch.equal(by_token[4], by_index[3])
+    assert torch.equal(by_token[5:], by_index[5:]) and not torch.equal(by_token[3], by_token[4])

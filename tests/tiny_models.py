@@ -58,3 +58,18 @@ def make_family(root: Path, arch: str, n_models: int = 3, *, seed: int = 0, voca
         model.save_pretrained(d, **kwargs)
         paths.append(d)
     return base_dir, paths
+
+
+def tiny_tokenizer(folder: Path, words: list[str], added: tuple[str, ...] = ()) -> Path:
+    """A word-level fast tokenizer ('[UNK]' = 0, then ``words``; ``added`` as added tokens) saved in ``folder``."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    if added:
+        fast.add_tokens(list(added))
+    fast.save_pretrained(folder)
+    return folder

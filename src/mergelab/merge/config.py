@@ -2,7 +2,8 @@
 
 Accepted (as in mergekit): ``merge_method``, ``base_model``, ``models: [{model, parameters}]``, a single
 ``slices`` entry whose sources span whole models, global ``parameters``, ``dtype``, ``out_dtype``,
-``tokenizer_source`` (``base`` or one of the models: its tokenizer files are copied). Our own keys:
+``tokenizer_source`` (``union``, ``base`` or a model: embedding rows aligned by token, merge/tokenizer.py),
+``tokenizer: {source, tokens, pad_to_multiple_of}``, ``chat_template``. Our own keys:
 ``seed`` (random methods) and ``name``. Unknown keys and bad values are errors that name the key and the
 allowed values.
 """
@@ -13,7 +14,7 @@ import difflib
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -108,6 +109,56 @@ class SliceDefinition(_Strict):
         return {k: _check_setting(x, f"parameters.{k}") for k, x in v.items()}
 
 
+class ModelTokenSource(_Strict):
+    """A row of one model's own embedding: the row of ``token`` in its tokenizer, or row ``token_id``."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of 'token' and 'token_id'")
+        return self
+
+
+class ZeroSource(_Strict):
+    kind: Literal["zero"]
+
+
+class TokenSetting(_Strict):
+    """Where a token's embedding rows come from (mergekit's ``tokenizer.tokens.TOKEN``)."""
+
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, v: Any) -> Any:
+        # one clear message instead of pydantic's one error per member of the union
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, Mapping) and v.get("kind") == "zero":
+            return ZeroSource.model_validate(v)
+        if isinstance(v, Mapping) and v.get("kind") == "model_token":
+            try:
+                return ModelTokenSource.model_validate(v)
+            except ValidationError as exc:
+                msgs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'source'}: {e['msg'].removeprefix('Value error, ')}"
+                                 for e in exc.errors())
+                raise ValueError(f"model_token source {dict(v)}: {msgs}") from None
+        raise ValueError(f"a token's source is a model path, {{kind: model_token, model: PATH, token: TOKEN}} "
+                         f"(or token_id: ROW), or {{kind: zero}}; got {v!r}")
+
+
+class TokenizerSettings(_Strict):
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 class MergeConfig(_Strict):
     merge_method: str
     base_model: str | None = None
@@ -117,6 +168,8 @@ class MergeConfig(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = None
     seed: int = 0
     name: str | None = None
 
@@ -161,6 +214,8 @@ class MergeConfig(_Strict):
                 self.base_model = sl.base_model or self.base_model
         if not self.models:
             raise ValueError("'models' must list at least one model")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either 'tokenizer_source' or a 'tokenizer' block (its 'source'), not both")
         listed = [m.model for m in self.models]
         twice = sorted({m for m in listed if listed.count(m) > 1})
         # which entry's parameters would count? (per-model checks saw only the last); slice sources may
@@ -185,6 +240,11 @@ class MergeConfig(_Strict):
         return [m for m in self.models if m.model != self.base_model]
 
     @property
+    def token_source(self) -> str | None:
+        """The tokenizer the output gets (``union``, ``base`` or a model), from either way of giving it."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+
+    @property
     def compute_dtype(self) -> torch.dtype | None:
         return DTYPES[self.dtype] if self.dtype else None
 
@@ -205,6 +265,8 @@ def _friendly(exc: ValidationError, source: str) -> ConfigError:
                 model = ModelEntry
             elif parent and parent[0] == "slices":
                 model = SliceSource if "sources" in parent else SliceDefinition
+            elif parent and parent[0] == "tokenizer":
+                model = TokenSetting if "tokens" in parent else TokenizerSettings
             allowed = list(model.model_fields)
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""

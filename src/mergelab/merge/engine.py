@@ -48,6 +48,7 @@ from mergelab.merge.model_card import library_name, render_model_card
 from mergelab.merge.plan import MergePlan, count_nonfinite, nonfinite_message, plan_merge
 from mergelab.merge.stages import read_stage_documents, run_stages
 from mergelab.merge.thresholds import global_threshold
+from mergelab.merge.tokenizer import write_tokenizer
 from mergelab.runtime import make_progress
 
 COPIED_FILES = (
@@ -121,9 +122,10 @@ def _global_thresholds(plan: MergePlan, device: torch.device | None) -> list[flo
 def _copy_model_files(plan: MergePlan, tmp: Path, device_out_dtype: torch.dtype | None) -> list[str]:
     source = plan.files_folder
     source_tok = plan.tokenizer_folder  # resolved and checked by plan_merge, before any heavy work
-    copied = []
+    built = plan.tokenizer is not None and plan.tokenizer.tokenizer is not None
+    copied = write_tokenizer(plan.tokenizer, tmp) if built else []  # type: ignore[arg-type]
     for name in COPIED_FILES:
-        src_dir = source if name in ("config.json", "generation_config.json") else source_tok
+        src_dir = source if name in ("config.json", "generation_config.json") else None if built else source_tok
         if src_dir is None or not (src_dir / name).is_file() or refuse_outside(src_dir / name, src_dir):
             continue
         if name == "config.json" and (device_out_dtype is not None or plan.config_updates):
@@ -136,7 +138,7 @@ def _copy_model_files(plan: MergePlan, tmp: Path, device_out_dtype: torch.dtype 
         else:
             shutil.copy2(src_dir / name, tmp / name)
         copied.append(name)
-    return copied + copy_extra_files(source, source_tok, tmp, copied)
+    return copied + copy_extra_files(source, source_tok, tmp, copied, tokenizer_written=built)
 
 
 def _progress(enabled: bool) -> Progress:
@@ -331,6 +333,9 @@ def run_merge(
         }
         if plan.taken_from_base or plan.dropped:
             record["taken_from_base"], record["dropped"] = plan.taken_from_base, plan.dropped
+        if plan.tokenizer is not None and plan.tokenizer.vocabulary is not None:
+            record["tokenizer"] = {"source": cfg.token_source, "vocab_size": plan.tokenizer.vocabulary.rows,
+                                   "aligned_tensors": sorted(plan.input_models)}
         config_yaml = yaml.safe_dump(cfg.model_dump(exclude_none=True, exclude={"slices"}), sort_keys=False)
         (tmp / "mergelab_config.yml").write_text(config_yaml)
         (tmp / "mergelab.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -396,7 +401,7 @@ def _pieces(plan: MergePlan, entries: int) -> list[_Piece]:
     for name in plan.names:
         meta = plan.out_metas[name]
         numel = meta.nbytes // meta.dtype.itemsize
-        if not plan.method.elementwise or numel <= entries:
+        if not plan.method.elementwise or numel <= entries or name in plan.input_models:
             pieces.append(_Piece(name, meta.nbytes))
             continue
         for a in range(0, numel, entries):
@@ -425,6 +430,15 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
 
         base_t = get(base) if base is not None else None
         tensors = [get(r) for r in plan.models]
+        if piece.name in plan.input_models:  # token-indexed: rows put in the output vocabulary's order
+            inputs = ([base_t] if base_t is not None else []) + tensors
+            if cfg.compute_dtype is not None:  # mergekit fills missing rows in the config's dtype
+                inputs = [x.to(cfg.compute_dtype) for x in inputs]
+            try:
+                inputs = plan.align_vocabulary(piece.name, inputs)
+            except ValueError as exc:
+                raise CompatibilityError([str(exc)]) from None
+            base_t, tensors = (inputs[0], inputs[1:]) if base_t is not None else (None, inputs)
         found: list[tuple[str, int]] = []
         if not allow_nonfinite:  # checked here, on the reader thread, so it overlaps the merge
             labelled = ([(base_label, base_t)] if base_t is not None else []) + list(

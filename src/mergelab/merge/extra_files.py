@@ -63,15 +63,18 @@ def refuse_outside(path: Path, folder: Path) -> bool:
 
 
 def copy_extra_files(model_folder: Path | None, tokenizer_folder: Path | None, dest: Path,
-                     already: Iterable[str]) -> list[str]:
+                     already: Iterable[str], *, tokenizer_written: bool = False) -> list[str]:
     """Copy the non-weight files of ``model_folder`` (and tokenizer-like ones of ``tokenizer_folder``) to
-    ``dest``, skipping the names in ``already``; returns the copied paths relative to ``dest``."""
+    ``dest``, skipping the names in ``already``; returns the copied paths relative to ``dest``.
+    ``tokenizer_written``: the merge wrote its own tokenizer, so no tokenizer-like file is copied."""
     done = set(already)
     copied: list[str] = []
-    own_tokenizer = tokenizer_folder is None or (
-        model_folder is not None and tokenizer_folder.resolve() == model_folder.resolve())
+    own_tokenizer = not tokenizer_written and (tokenizer_folder is None or (
+        model_folder is not None and tokenizer_folder.resolve() == model_folder.resolve()))
+    if tokenizer_written:
+        tokenizer_folder = None
     sources = [(model_folder, lambda rel: own_tokenizer or not _TOKENIZER_LIKE.search(rel.as_posix()))]
-    if not own_tokenizer:
+    if not own_tokenizer and tokenizer_folder is not None:
         sources.append((tokenizer_folder, lambda rel: bool(_TOKENIZER_LIKE.search(rel.as_posix()))))
     for folder, keep in sources:
         if folder is None or not folder.is_dir():

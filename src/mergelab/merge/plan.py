@@ -29,7 +29,9 @@ from mergelab.merge.params import (
     unused_parameters,
 )
 from mergelab.merge.slices import SlicePlan, is_frankenmerge, plan_slices
+from mergelab.merge.tokenizer import TokenizerPlan, plan_tokenizer
 from mergelab.merge.vocab import vocabulary_mismatch
+from mergelab.merge.vocab_align import is_vocabulary_tensor
 from mergelab.methods import MergeMethod, get_method
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,18 @@ class MergePlan:
     base, like linear), else the first model's."""
     params: dict[str, ResolvedParams] = field(default_factory=dict)
     """Every floating-point tensor's parameters, resolved once here; the engine merges every piece with them."""
+    tokenizer: TokenizerPlan | None = None
+    """The tokenizer written to the output and the row order of token-indexed tensors (merge/tokenizer.py)."""
+    input_models: dict[str, list[str]] = field(default_factory=dict)
+    """Per token-indexed tensor: the config's model of each input (base first), for the row re-ordering."""
+
+    def align_vocabulary(self, name: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The inputs of tensor ``name`` (base first) with rows in the output vocabulary's order, where the
+        merge re-orders them; else unchanged."""
+        vocab = self.tokenizer.vocabulary if self.tokenizer is not None else None
+        if vocab is None or name not in self.input_models:
+            return tensors
+        return vocab.align(name, self.input_models[name], tensors)
 
     @property
     def readers(self) -> list[CheckpointReader]:
@@ -181,6 +195,13 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
             files_folder = unmerged_base
 
     opened = [m for m in models if m is not None]
+    tok_plan = None
+    if not problems and (config.token_source is not None or config.chat_template):
+        tok_plan = _plan_tokenizer(config, config_folder, base, models, labels, sliced, tokenizer_folder, problems)
+    aligned = tok_plan is not None and tok_plan.vocabulary is not None
+    if aligned and scope_global:
+        problems.append("parameters.scope: 'global' is not supported together with a tokenizer source that re-orders "
+                        "embedding rows; use scope: tensor")
     # Keep comparing the checkpoints that did open, so that every problem is reported in one go; only
     # without the base (or any model) is there nothing to compare against.
     pairs = [(label, r) for label, r in zip(labels, models, strict=True) if r is not None]
@@ -223,20 +244,22 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
             if name not in reader:
                 continue
             a, b = reference.meta(name), reader.meta(name)
+            if aligned and is_vocabulary_tensor(name) and len(a.shape) == len(b.shape) and a.shape[1:] == b.shape[1:]:
+                continue  # rows re-ordered to the output vocabulary before merging
             if a.shape != b.shape:
                 same_rest = len(a.shape) == len(b.shape) and a.shape[1:] == b.shape[1:]
                 if any(h in name for h in _VOCAB_HINTS) and same_rest:
                     problems.append(
                         f"{label}: tensor '{name}' has vocabulary size {b.shape[0]} but {ref_label} has "
-                        f"{a.shape[0]}: the tokenizers differ. Resize the embeddings to one vocabulary first "
-                        "(model.resize_token_embeddings) or merge models that share a tokenizer")
+                        f"{a.shape[0]}: the tokenizers differ. Add 'tokenizer_source: union' (or base, or a "
+                        "model) to align the rows by token, or merge models that share a tokenizer")
                 else:
                     problems.append(f"{label}: tensor '{name}' has shape {list(b.shape)}, {ref_label} has "
                                     f"{list(a.shape)}")
             elif a.dtype.is_floating_point != b.dtype.is_floating_point:
                 problems.append(f"{label}: tensor '{name}' is {b.dtype} but {ref_label} has {a.dtype}; "
                                 "floating and integer tensors cannot be merged")
-    if not any("vocabulary size" in p for p in problems):
+    if not any("vocabulary size" in p for p in problems) and config.token_source is None:
         tokenizers = [(ref_label, reference.folder)] + [(label, r.folder) for label, r in pairs if r is not reference]
         if tokenizer_folder is not None:
             tokenizers.append((f"tokenizer_source {config.tokenizer_source}", tokenizer_folder))
@@ -276,19 +299,31 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
         raise CompatibilityError(problems)
     out_dtype = config.output_dtype
     out_metas = {}
+    input_models: dict[str, list[str]] = {}
+    config_updates = dict(sliced.config_updates) if sliced else {}
     for name in names:
         meta = reference.meta(name)
         dtype = out_dtype if out_dtype is not None and meta.dtype.is_floating_point else meta.dtype
-        out_metas[name] = TensorMeta(meta.shape, dtype)
+        shape = meta.shape
+        if aligned and is_vocabulary_tensor(name) and meta.shape:
+            assert tok_plan is not None and tok_plan.vocabulary is not None
+            shape = (tok_plan.vocabulary.rows, *meta.shape[1:])
+            input_models[name] = _input_models(name, config, base, opened, labels, sliced)
+        out_metas[name] = TensorMeta(shape, dtype)
+    if aligned:
+        assert tok_plan is not None and tok_plan.vocabulary is not None
+        config_updates["vocab_size"] = tok_plan.vocabulary.rows
     files_folder = files_folder or reference.folder
-    if config.tokenizer_source in (None, "base"):
+    if config.token_source in (None, "base", "union"):
         tokenizer_folder = files_folder
+    if tok_plan is not None:
+        warnings += tok_plan.warnings
     for warning in warnings:
         log.warning(warning)
     return MergePlan(config, method, base, opened, labels, settings, names, out_metas, num_layers, reference,
                      tokenizer_folder, global_densities, taken, dropped, warnings,
-                     sliced.underlying if sliced else [], sliced.config_updates if sliced else {}, files_folder,
-                     resolved)
+                     sliced.underlying if sliced else [], config_updates, files_folder, resolved, tok_plan,
+                     input_models)
 
 
 # Tensors that are state but not trained parameters: saved by some library versions and not others.
@@ -307,18 +342,60 @@ def _buffer_hint(missing: list[str], fix: str) -> str:
 
 
 def _tokenizer_folder(config: MergeConfig, config_folder: Path | None) -> tuple[Path | None, str | None]:
-    """The folder tokenizer files are copied from, or a problem (checked here, before any heavy work)."""
-    tok = config.tokenizer_source
-    if tok is None or tok == "base":
+    """The folder of a model-path tokenizer source, or a problem (checked here, before any heavy work)."""
+    tok = config.token_source
+    if tok is None or tok in ("base", "union"):
         return None, None  # the reference model's folder, known once it is opened
-    if tok == "union":
-        return None, ("tokenizer_source: 'union' (merging vocabularies) is not supported; use 'base' or the "
-                      "folder of one of the models")
     folder = resolve_model_path(tok, config_folder)
     if not folder.is_dir():
-        return None, (f"tokenizer_source: '{tok}' is not a model folder; use 'base' or the folder of one of "
+        key = "tokenizer_source" if config.tokenizer_source is not None else "tokenizer.source"
+        return None, (f"{key}: '{tok}' is not a model folder; use 'union', 'base' or the folder of one of "
                       "the models (mergelab never downloads)")
     return folder, None
+
+
+def _folders(config: MergeConfig, config_folder: Path | None, base: CheckpointReader | None,
+             models: list[CheckpointReader | None], labels: list[str],
+             sliced: SlicePlan | None) -> dict[str, Path | None]:
+    """Every model the config names (base first, then as listed) → its folder (tokenizer, config.json)."""
+    folders: dict[str, Path | None] = {}
+    if config.base_model is not None:
+        folders[config.base_model] = base.folder if base is not None and sliced is None else None
+    if sliced is not None:
+        for model, reader in sliced.by_model.items():
+            folders[model] = reader.folder
+    else:
+        for label, reader in zip(labels, models, strict=True):
+            folders[label] = reader.folder if reader is not None else None
+    for model, folder in list(folders.items()):
+        if folder is None:
+            path = resolve_model_path(model, config_folder)
+            folders[model] = path if path.is_dir() else path.parent if path.is_file() else None
+    return folders
+
+
+def _plan_tokenizer(config: MergeConfig, config_folder: Path | None, base: CheckpointReader | None,
+                    models: list[CheckpointReader | None], labels: list[str], sliced: SlicePlan | None,
+                    source_folder: Path | None, problems: list[str]) -> TokenizerPlan | None:
+    folders = _folders(config, config_folder, base, models, labels, sliced)
+    base_label = config.base_model if config.base_model in folders else None
+    try:
+        return plan_tokenizer(config, folders, base_label, source_folder)
+    except CheckpointError as exc:
+        problems.append(str(exc))
+    except ValueError as exc:
+        problems.append(str(exc))
+    return None
+
+
+def _input_models(name: str, config: MergeConfig, base: CheckpointReader | None,
+                  models: list[CheckpointReader], labels: list[str], sliced: SlicePlan | None) -> list[str]:
+    """The config's model of each input of tensor ``name``, in the engine's order (base first)."""
+    if sliced is not None:
+        views = ([sliced.base] if sliced.base is not None else []) + list(sliced.models)
+        return [v.source_model(name) for v in views]
+    assert config.base_model is not None or base is None
+    return ([config.base_model] if base is not None else []) + list(labels)  # type: ignore[list-item]
 
 
 _MINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

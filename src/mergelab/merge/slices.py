@@ -60,9 +60,10 @@ class SlicedReader:
     """A read-only view that serves output tensor names from (reader, input name) pairs."""
 
     def __init__(self, label: str, parts: dict[str, tuple[CheckpointReader, str]], reference: CheckpointReader,
-                 config_updates: Mapping[str, Any]) -> None:
+                 config_updates: Mapping[str, Any], models: Mapping[str, str] | None = None) -> None:
         self.label = label
         self._parts = parts
+        self._models = dict(models or {})
         self.path = reference.path
         self.folder = reference.folder
         self._reference = reference
@@ -76,6 +77,10 @@ class SlicedReader:
 
     def __contains__(self, name: str) -> bool:
         return name in self._parts
+
+    def source_model(self, name: str) -> str:
+        """The config's name of the model that output tensor ``name`` is read from."""
+        return self._models.get(name, self.label)
 
     def meta(self, name: str) -> TensorMeta:
         reader, source = self._parts[name]
@@ -112,6 +117,8 @@ class SlicePlan:
     tensor_settings: dict[str, tuple[dict[str, Any], list[dict[str, Any]], float]] = field(default_factory=dict)
     """Per output tensor: (global settings, per-model settings, t) with mergekit's precedence."""
     config_updates: dict[str, Any] = field(default_factory=dict)
+    by_model: dict[str, CheckpointReader] = field(default_factory=dict)
+    """Each source model's reader, by its name in the config (in order of first use)."""
 
 
 def _split(sl: SliceDefinition, base_model: str | None) -> tuple[SliceSource | None, list[SliceSource]]:
@@ -169,6 +176,7 @@ def plan_slices(config: MergeConfig, method: MergeMethod, open_one: Callable[[st
     with_base = has_base.pop()
     positions = ([None] if with_base else []) + list(range(k))  # None: the base's source
     parts: dict[int | None, dict[str, tuple[CheckpointReader, str]]] = {p: {} for p in positions}
+    model_of: dict[int | None, dict[str, str]] = {p: {} for p in positions}
     tensor_settings: dict[str, tuple[dict[str, Any], list[dict[str, Any]], float]] = {}
 
     def source_of(sl_index: int, position: int | None) -> SliceSource:
@@ -189,6 +197,7 @@ def plan_slices(config: MergeConfig, method: MergeMethod, open_one: Callable[[st
             assert reader is not None
             name = out_name if in_layer_offset is None else renumbered(out_name, src.layer_range[0] + in_layer_offset)
             parts[p][out_name] = (reader, name)
+            model_of[p][out_name] = src.model
 
     first, last = source_of(0, positions[-1]), source_of(len(config.slices) - 1, positions[-1])
     first_reader, last_reader = readers[first.model], readers[last.model]
@@ -228,12 +237,13 @@ def plan_slices(config: MergeConfig, method: MergeMethod, open_one: Callable[[st
         models = list(dict.fromkeys(source_of(i, p).model for i in range(len(config.slices))))
         return "+".join(models)
 
-    views = {p: SlicedReader(label(p), parts[p], readers[source_of(0, p).model], updates)  # type: ignore[arg-type]
-             for p in positions}
+    views = {p: SlicedReader(label(p), parts[p], readers[source_of(0, p).model], updates,  # type: ignore[arg-type]
+                             model_of[p]) for p in positions}
     all_settings = [{key: v for i in range(len(config.slices)) for key, v in source_of(i, j).parameters.items()}
                     for j in range(k)]
     return SlicePlan(views[None] if with_base else None, [views[j] for j in range(k)], [label(j) for j in range(k)],
-                     all_settings, underlying, offset, tensor_settings, updates)
+                     all_settings, underlying, offset, tensor_settings, updates,
+                     {m: r for m, r in readers.items() if r is not None})
 
 
 def _layer_count(reader: CheckpointReader) -> int:

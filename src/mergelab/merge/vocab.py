@@ -2,8 +2,9 @@
 
 Merging embedding and LM-head rows by index is right only when row ``i`` is the same token in every input.
 Models of one family can share an embedding size and still number tokens differently (a retrained or
-extended tokenizer); mergekit aligns such rows by token (``tokenizer_source: union``), which mergelab does
-not do yet, so it refuses instead of merging unrelated rows silently.
+extended tokenizer). With ``tokenizer_source`` (or a ``tokenizer:`` block) rows are aligned by token
+(merge/tokenizer.py); without one, mergekit merges such rows by index, silently mixing tokens: mergelab refuses
+and names the fix instead.
 """
 
 from __future__ import annotations
@@ -54,6 +55,6 @@ def vocabulary_mismatch(labelled: list[tuple[str, Path | None]]) -> str | None:
             continue
         example = f"token {moved[0]!r} is id {moved[1]} in {ref_label} but {moved[2]} in {label}"
         return (f"{label}: its tokenizer numbers tokens differently from {ref_label} ({example}), so merging "
-                "embedding/LM-head rows by index would mix different tokens. Merge models that share a tokenizer "
-                "(tokenizer_source: union, which aligns rows by token, is not supported yet)")
+                "embedding/LM-head rows by index would mix different tokens. Add 'tokenizer_source: union' (or base, "
+                "or one model's path) to align the rows by token, or merge models that share a tokenizer")
     return None
