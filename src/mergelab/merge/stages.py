@@ -1,10 +1,10 @@
 """Multi-stage merges: a YAML of several documents, one merge each, as mergekit-multi runs them.
 
 A document with a ``name`` is an intermediate merge; any model path (``base_model``, ``models[*].model``,
-``slices[*].sources[*].model``, ``tokenizer_source``) equal to a stage's name is that stage's output. The
-stages run in dependency order; the final merge is the unnamed document (or, without one, the only stage no
-other stage uses) and goes to OUT. Intermediates go to ``intermediate_dir`` (kept) or to a temporary folder
-beside OUT that is removed afterwards.
+``slices[*].sources[*].model``, ``tokenizer_source``, ``tokenizer.source``, a token's source model) equal to a
+stage's name is that stage's output. The stages run in dependency order; the final merge is the unnamed
+document (or, without one, the only stage no other stage uses) and goes to OUT. Intermediates go to
+``intermediate_dir`` (kept) or to a temporary folder beside OUT that is removed afterwards.
 """
 
 from __future__ import annotations
@@ -47,6 +47,14 @@ def _model_refs(doc: dict[str, Any]) -> list[tuple[Callable[[str], None], str]]:
 
     take(doc, "base_model")
     take(doc, "tokenizer_source")
+    tokenizer = doc.get("tokenizer")
+    if isinstance(tokenizer, dict):
+        take(tokenizer, "source")
+        for setting in (tokenizer.get("tokens") or {}).values():
+            if isinstance(setting, dict):
+                take(setting, "source")
+                if isinstance(setting.get("source"), dict):
+                    take(setting["source"], "model")
     for entry in doc.get("models") or []:
         if isinstance(entry, dict):
             take(entry, "model")
