@@ -156,6 +156,19 @@ def test_multi_stage_merge_feeds_a_named_stage_into_the_next(families: Families,
     kept = tmp_path / "kept"
     mergelab.merge(path, tmp_path / "out2", progress=False, intermediate_dir=kept)
     assert (kept / "soup" / "model.safetensors").is_file()
+    # the CLI flag keeps them too; the final mergelab.json records the whole multi-document YAML
+    assert_ok(run_cli(path, tmp_path / "out3", "--intermediate-dir", str(tmp_path / "kept-cli")))
+    assert (tmp_path / "kept-cli" / "soup" / "model.safetensors").is_file()
+    stages = json.loads((tmp_path / "out3" / "mergelab.json").read_text())["stages"]
+    assert stages["yaml"] == path.read_text() and stages["order"] == ["soup", None]
+    assert stages["intermediate_dir"] == str(tmp_path / "kept-cli")
+    assert json.loads((tmp_path / "out" / "mergelab.json").read_text())["stages"]["intermediate_dir"] is None
+    assert "stages" not in json.loads((tmp_path / "kept-cli" / "soup" / "mergelab.json").read_text())
+    # an existing stage output is never replaced without --overwrite
+    from cli_helpers import assert_refused
+
+    assert_refused(run_cli(path, tmp_path / "out4", "--intermediate-dir", str(tmp_path / "kept-cli")),
+                   tmp_path / "out4", "soup", "exists", "--overwrite")
 
 
 @pytest.mark.parametrize(("edit", "fragment"), [

@@ -9,37 +9,37 @@ import torch
 ARCHS = ("llama", "mistral", "qwen2", "gpt2", "bert")
 
 
-def _config(arch: str, vocab: int = 64):  # type: ignore[no-untyped-def]
+def _config(arch: str, vocab: int = 64, layers: int = 3):  # type: ignore[no-untyped-def]
     import transformers as tf
 
     if arch == "llama":
-        return tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        return tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                               tie_word_embeddings=False)
     if arch == "mistral":
-        return tf.MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        return tf.MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                 sliding_window=None, tie_word_embeddings=False)
     if arch == "qwen2":  # q/k/v projections carry biases, unlike Llama's and Mistral's
-        return tf.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        return tf.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                               tie_word_embeddings=False)
     if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=0,
+        return tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=64, bos_token_id=0,
                              eos_token_id=0)
     if arch == "bert":
-        return tf.BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        return tf.BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                              num_attention_heads=4, max_position_embeddings=64)
     raise ValueError(arch)
 
 
 def make_family(root: Path, arch: str, n_models: int = 3, *, seed: int = 0, vocab: int = 64,
-                max_shard_size: str | None = None, scale: float = 0.02) -> tuple[Path, list[Path]]:
+                max_shard_size: str | None = None, scale: float = 0.02, layers: int = 3) -> tuple[Path, list[Path]]:
     """A base model and ``n_models`` 'fine-tunes' (base + small random deltas), saved as HF folders."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    cfg = _config(arch, vocab)
+    cfg = _config(arch, vocab, layers)
     cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
            "gpt2": tf.GPT2LMHeadModel, "bert": tf.BertModel}[arch]
     base = cls(cfg).eval()

@@ -99,6 +99,9 @@ def merge(
                                    "memory and time); write nothing", "--dry-run")] = False,
     evaluate: Annotated[bool, _flag("after merging, run `mergelab eval OUT` (exit 1 if it fails)", "--eval")
                         ] = False,
+    intermediate_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--intermediate-dir", help="multi-stage configs: keep each named stage's output in DIR/NAME (default: a "
+                                   "temporary folder beside OUT, removed afterwards)")] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -127,7 +130,8 @@ def merge(
     try:
         result = run_merge(config, out, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
                            allow_nonfinite=allow_nonfinite, progress=not quiet, hash_inputs=not no_hash,
-                           take_missing_from=take_missing_from, model_card=not no_model_card)
+                           take_missing_from=take_missing_from, model_card=not no_model_card,
+                           intermediate_dir=intermediate_dir)
     except (MergeLabError, ValueError, KeyError) as exc:
         _fail(exc)
         return

@@ -11,6 +11,7 @@ allowed values.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mergelab.errors import ConfigError
 from mergelab.methods import get_method, list_methods
 from mergelab.safe_yaml import load_yaml
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -53,10 +56,18 @@ def _check_setting(value: Any, where: str) -> Any:
             for e in value:
                 _check_scalar(e, where)
             return value
-        for entry in value:
+        for i, entry in enumerate(value):
             if not isinstance(entry, Mapping):
                 raise ValueError(f"{where}: a conditional list must hold only {{filter, value}} entries, "
                                  f"got {entry!r}")
+            if "pattern" in entry and "filter" not in entry:
+                # mergekit's examples/gradient-slerp.yml writes 'pattern', a key mergekit silently drops, so the
+                # entry matches every tensor there: do the same (same tensors), but say so
+                log.warning("%s: 'pattern' is not a key of a conditional entry; mergekit ignores it, so this "
+                            "entry (value %r) applies to every tensor. Write 'filter' to restrict it",
+                            where, entry.get("value"))
+                entry = {k: v for k, v in entry.items() if k != "pattern"}
+                value[i] = entry
             extra = set(entry) - {"filter", "value"}
             if extra or "value" not in entry:
                 raise ValueError(f"{where}: conditional entries take keys 'filter' and 'value', "

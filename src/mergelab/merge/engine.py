@@ -252,19 +252,22 @@ def run_merge(
     take_missing_from: str | None = None,
     model_card: bool = True,
     intermediate_dir: str | Path | None = None,
+    record_extra: Mapping[str, Any] | None = None,
 ) -> MergeResult:
     """Merge the checkpoints described by ``config`` into the folder ``out_dir``.
 
     Raises :class:`~mergelab.errors.MergeLabError` subclasses with actionable messages; on any error no
     ``out_dir`` is created and an existing one is left as it was. ``take_missing_from="base"`` serves tensors
     a model lacks from the base (and leaves out those only a model has); ``model_card`` writes README.md.
+    A multi-document YAML is a multi-stage merge (merge/stages.py): named stages go to ``intermediate_dir``
+    (kept) or a temporary folder. ``record_extra``: more keys for ``mergelab.json``.
     """
     if isinstance(config, (str, Path)) and (docs := read_stage_documents(Path(config))) is not None:
         # several YAML documents: a multi-stage merge (merge/stages.py), each stage one run_merge
-        def run_one(stage: dict[str, Any], target: Path) -> MergeResult:
+        def run_one(stage: dict[str, Any], target: Path, extra: Mapping[str, Any] | None = None) -> MergeResult:
             return run_merge(stage, target, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
                              allow_nonfinite=allow_nonfinite, progress=progress, hash_inputs=hash_inputs,
-                             take_missing_from=take_missing_from, model_card=model_card)
+                             take_missing_from=take_missing_from, model_card=model_card, record_extra=extra)
         if Path(out_dir).exists() and not overwrite:
             raise OutputExistsError(f"{out_dir} exists; pass --overwrite to replace it")
         return run_stages(Path(config), docs, Path(out_dir), intermediate_dir=intermediate_dir, run_one=run_one)
@@ -333,6 +336,7 @@ def run_merge(
         }
         if plan.taken_from_base or plan.dropped:
             record["taken_from_base"], record["dropped"] = plan.taken_from_base, plan.dropped
+        record.update(record_extra or {})
         if plan.tokenizer is not None and plan.tokenizer.vocabulary is not None:
             record["tokenizer"] = {"source": cfg.token_source, "vocab_size": plan.tokenizer.vocabulary.rows,
                                    "aligned_tensors": sorted(plan.input_models)}
@@ -429,7 +433,8 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             return reader.get_flat(piece.name, piece.start, piece.stop)
 
         base_t = get(base) if base is not None else None
-        tensors = [get(r) for r in plan.models]
+        readers, labels = plan.inputs_for(piece.name)
+        tensors = [get(r) for r in readers]
         if piece.name in plan.input_models:  # token-indexed: rows put in the output vocabulary's order
             inputs = ([base_t] if base_t is not None else []) + tensors
             if cfg.compute_dtype is not None:  # mergekit fills missing rows in the config's dtype
@@ -442,7 +447,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
         found: list[tuple[str, int]] = []
         if not allow_nonfinite:  # checked here, on the reader thread, so it overlaps the merge
             labelled = ([(base_label, base_t)] if base_t is not None else []) + list(
-                zip(plan.labels, tensors, strict=True))
+                zip(labels, tensors, strict=True))
             found = [(label, n) for label, t in labelled if (n := count_nonfinite(t))]
         return base_t, tensors, found
 

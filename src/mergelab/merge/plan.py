@@ -83,6 +83,12 @@ class MergePlan:
             return tensors
         return vocab.align(name, self.input_models[name], tensors)
 
+    def inputs_for(self, name: str) -> tuple[list[CheckpointReader], list[str]]:
+        """The models tensor ``name`` is merged from and their labels (besides the base): all of them, except
+        with layer-stacking slices whose sources differ from slice to slice (a reader serves only its own)."""
+        pairs = [(r, label) for r, label in zip(self.models, self.labels, strict=True) if name in r]
+        return [r for r, _ in pairs], [label for _, label in pairs]
+
     @property
     def readers(self) -> list[CheckpointReader]:
         return ([self.base] if self.base is not None else []) + self.models
@@ -222,7 +228,9 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
         problems.append(f"--take-missing-from {take_missing_from}: needs a base_model (and a method that uses "
                         f"one; '{method.name}' {'ignores' if method.base == 'ignored' else 'was given'} none)")
     for label, reader in pairs:
-        missing = [x for x in names if x not in reader]
+        # slices map every output tensor to its sources (merge/slices.py); a slice with fewer sources leaves
+        # some positions without its tensors on purpose
+        missing = [x for x in names if x not in reader] if sliced is None else []
         extra = [x for x in reader.names if x not in reference]
         if take_missing_from == "base" and base is not None:
             if missing:
@@ -277,8 +285,10 @@ def plan_merge(config: MergeConfig, config_folder: Path | None = None, *,
             continue
         shared, per_model, t = (tensor_settings[name] if tensor_settings is not None
                                 else (config.parameters, settings, layer_position(name, num_layers)))
+        tensor_labels = labels if sliced is None else [lb for r, lb in zip(sliced.models, labels, strict=True)
+                                                        if name in r]
         try:
-            resolved[name] = resolve_parameters(method, name, t, shared, per_model, labels)
+            resolved[name] = resolve_parameters(method, name, t, shared, per_model, tensor_labels)
         except ValueError as exc:
             msg = str(exc)
             key = msg.split("(tensor")[0]
@@ -393,7 +403,7 @@ def _input_models(name: str, config: MergeConfig, base: CheckpointReader | None,
     """The config's model of each input of tensor ``name``, in the engine's order (base first)."""
     if sliced is not None:
         views = ([sliced.base] if sliced.base is not None else []) + list(sliced.models)
-        return [v.source_model(name) for v in views]
+        return [v.source_model(name) for v in views if name in v]
     assert config.base_model is not None or base is None
     return ([config.base_model] if base is not None else []) + list(labels)  # type: ignore[list-item]
 

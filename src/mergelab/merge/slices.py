@@ -10,6 +10,9 @@ slice's, then the top-level block (mergekit's precedence).
 The engine merges one output name at a time across inputs of the same name; here each *source position*
 ``j`` (the j-th source of every slice, the base model's source set apart) becomes one :class:`SlicedReader`
 that serves output names from the right model and layer, so the streaming engine needs no special case.
+Slices may have different sources, and different numbers of them (as in mergekit): a slice with fewer
+sources leaves the later positions without its tensors, and the engine merges each tensor over the
+readers that serve it (``MergePlan.inputs_for``).
 """
 
 from __future__ import annotations
@@ -153,10 +156,12 @@ def plan_slices(config: MergeConfig, method: MergeMethod, open_one: Callable[[st
                 problems.append(f"slices[{i}]: layer_range {list(s.layer_range)} of '{s.model}' is empty or "
                                 "negative; write [first, last + 1]")
         splits.append((base_src, others))
-    counts = {len(others) for _, others in splits}
-    if len(counts) != 1:
-        problems.append("slices: every slice must have the same number of sources (besides the base), got "
-                        f"{[len(o) for _, o in splits]}; mergelab merges the j-th sources of the slices together")
+    for i, (_, others) in enumerate(splits):
+        n = len(others)
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            most = "" if method.max_models is None else f" and at most {method.max_models}"
+            problems.append(f"slices[{i}]: method '{method.name}' needs at least {method.min_models}{most} source(s) "
+                            f"besides the base, got {n}")
     has_base = {b is not None for b, _ in splits}
     if len(has_base) != 1:
         problems.append("slices: give the base model a source in every slice or in none")
@@ -172,34 +177,45 @@ def plan_slices(config: MergeConfig, method: MergeMethod, open_one: Callable[[st
                                     f"{layers} layers")
     if problems:
         return None
-    k = counts.pop()
+    k = max(len(others) for _, others in splits)
     with_base = has_base.pop()
     positions = ([None] if with_base else []) + list(range(k))  # None: the base's source
     parts: dict[int | None, dict[str, tuple[CheckpointReader, str]]] = {p: {} for p in positions}
     model_of: dict[int | None, dict[str, str]] = {p: {} for p in positions}
     tensor_settings: dict[str, tuple[dict[str, Any], list[dict[str, Any]], float]] = {}
 
-    def source_of(sl_index: int, position: int | None) -> SliceSource:
+    def source_at(sl_index: int, position: int | None) -> SliceSource | None:
         base_src, others = splits[sl_index]
-        src = base_src if position is None else others[position]
+        return base_src if position is None else others[position] if position < len(others) else None
+
+    def source_of(sl_index: int, position: int | None) -> SliceSource:
+        src = source_at(sl_index, position)
+        assert src is not None
+        return src
+
+    def any_source(sl_index: int) -> SliceSource:
+        base_src, others = splits[sl_index]
+        src = others[0] if others else base_src
         assert src is not None
         return src
 
     def settings(sl_index: int, t: float) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
         sl = config.slices[sl_index]  # type: ignore[index]
         shared = {**config.parameters, **sl.parameters}
-        return shared, [{**shared, **source_of(sl_index, j).parameters} for j in range(k)], t
+        return shared, [{**shared, **src.parameters} for src in splits[sl_index][1]], t
 
     def add(out_name: str, sl_index: int, in_layer_offset: int | None) -> None:
         for p in positions:
-            src = source_of(sl_index, p)
+            src = source_at(sl_index, p)
+            if src is None:  # this slice has fewer sources than the widest one
+                continue
             reader = readers[src.model]
             assert reader is not None
             name = out_name if in_layer_offset is None else renumbered(out_name, src.layer_range[0] + in_layer_offset)
             parts[p][out_name] = (reader, name)
             model_of[p][out_name] = src.model
 
-    first, last = source_of(0, positions[-1]), source_of(len(config.slices) - 1, positions[-1])
+    first, last = any_source(0), any_source(len(config.slices) - 1)
     first_reader, last_reader = readers[first.model], readers[last.model]
     assert first_reader is not None and last_reader is not None
     for name in first_reader.names:
@@ -208,7 +224,7 @@ def plan_slices(config: MergeConfig, method: MergeMethod, open_one: Callable[[st
             tensor_settings[name] = settings(0, 0.0)
     offset = 0
     for i in range(len(config.slices)):
-        src0 = source_of(i, positions[-1])
+        src0 = any_source(i)
         reader0 = readers[src0.model]
         assert reader0 is not None
         length = src0.layer_range[1] - src0.layer_range[0]
@@ -228,19 +244,21 @@ def plan_slices(config: MergeConfig, method: MergeMethod, open_one: Callable[[st
     updates = {key: offset}
     missing = [(p, out, src) for p in positions for out, (r, src) in parts[p].items() if src not in r]
     for p, out, src in missing[:3]:
-        problems.append(f"slices: output tensor '{out}' needs '{src}', which "
-                        f"{source_of(0, p).model if p is not None else 'the base'} lacks")
+        problems.append(f"slices: output tensor '{out}' needs '{src}', which {model_of[p][out]} lacks")
     if problems:
         return None
 
     def label(p: int | None) -> str:
-        models = list(dict.fromkeys(source_of(i, p).model for i in range(len(config.slices))))
-        return "+".join(models)
+        models = [src.model for i in range(len(config.slices)) if (src := source_at(i, p)) is not None]
+        return "+".join(dict.fromkeys(models))
 
-    views = {p: SlicedReader(label(p), parts[p], readers[source_of(0, p).model], updates,  # type: ignore[arg-type]
+    def first_with(p: int | None) -> SliceSource:
+        return next(src for i in range(len(config.slices)) if (src := source_at(i, p)) is not None)
+
+    views = {p: SlicedReader(label(p), parts[p], readers[first_with(p).model], updates,  # type: ignore[arg-type]
                              model_of[p]) for p in positions}
-    all_settings = [{key: v for i in range(len(config.slices)) for key, v in source_of(i, j).parameters.items()}
-                    for j in range(k)]
+    all_settings = [{key: v for i in range(len(config.slices)) if (src := source_at(i, j)) is not None
+                     for key, v in src.parameters.items()} for j in range(k)]
     return SlicePlan(views[None] if with_base else None, [views[j] for j in range(k)], [label(j) for j in range(k)],
                      all_settings, underlying, offset, tensor_settings, updates,
                      {m: r for m, r in readers.items() if r is not None})

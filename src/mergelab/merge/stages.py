@@ -114,8 +114,10 @@ def order_stages(docs: list[dict[str, Any]], source: str) -> tuple[list[tuple[st
 
 
 def run_stages(path: Path, docs: list[dict[str, Any]], out: Path, *, intermediate_dir: str | Path | None,
-               run_one: Callable[[dict[str, Any], Path], Any]) -> Any:
-    """Run every stage with ``run_one(config, out_dir)``; returns the final stage's result."""
+               run_one: Callable[..., Any]) -> Any:
+    """Run every stage with ``run_one(config, out_dir)``; returns the final stage's result. The final stage
+    also gets ``run_one(config, out, record)``: the whole multi-document YAML and the stages' order, for its
+    ``mergelab.json``."""
     stages, final = order_stages([dict(d) for d in docs], str(path))
     keep = intermediate_dir is not None
     where = Path(intermediate_dir) if keep else out.parent / f".{out.name}.stages-{os.getpid()}"
@@ -128,8 +130,12 @@ def run_stages(path: Path, docs: list[dict[str, Any]], out: Path, *, intermediat
                 # an earlier stage's output, else the path as the single-document config would read it
                 set_value(str(outputs[value]) if value in outputs else
                           str(resolve_model_path(value, path.parent)) if value not in ("base", "union") else value)
-            target = out if name == final else outputs[name]  # type: ignore[index]
-            result = run_one(config, target)
+            if name == final:
+                record = {"stages": {"yaml": path.read_text(encoding="utf-8"), "order": [n for n, _ in stages],
+                                     "final": final, "intermediate_dir": str(where) if keep else None}}
+                result = run_one(config, out, record)
+            else:
+                result = run_one(config, outputs[name])  # type: ignore[index]
     finally:
         if not keep:
             shutil.rmtree(where, ignore_errors=True)

@@ -30,6 +30,11 @@ register(MergeMethod(
         Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),
         Param("lambda", float, 1.0, help="global scale of the summed task vectors"),
         Param("normalize", bool, False, help="divide the sum by Σ w_i"),
+        # mergekit's task_arithmetic is its generalized task arithmetic without sparsification: it accepts
+        # these and they change nothing (checked: tests/test_mergekit_examples.py)
+        Param("rescale", bool, False, arg=None,
+              help="accepted for mergekit compatibility; no effect (nothing is sparsified)"),
+        Param("int8_mask", bool, False, arg=None, help="accepted for mergekit compatibility; no effect"),
     ),
     summary="Base plus the weighted sum of task vectors θ_i − θ_base.",
     paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)",
