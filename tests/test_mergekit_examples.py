@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
+from cli_helpers import load_output
 from test_mergekit_conformance import _hash_coin
 from tiny_models import make_family
 
@@ -195,13 +195,6 @@ def _fill(config: Any, names: dict[str, str]) -> Any:
     return config
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def _compare(config_path: Path, tmp: Path) -> tuple[float, str]:
     """Run the YAML file through ``mergelab merge`` (the CLI) and mergekit; (max abs diff, note)."""
     from mergekit.config import MergeConfiguration
@@ -213,7 +206,7 @@ def _compare(config_path: Path, tmp: Path) -> tuple[float, str]:
     config = yaml.safe_load(config_path.read_text())
     run_merge(MergeConfiguration.model_validate(config), str(tmp / "mergekit"),
               options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0))
-    ours, theirs = _tensors(tmp / "mergelab"), _tensors(tmp / "mergekit")
+    ours, theirs = load_output(tmp / "mergelab"), load_output(tmp / "mergekit")
     assert set(ours) == set(theirs)
     note = ""
     worst = 0.0
@@ -322,10 +315,10 @@ def test_last_slice_with_more_sources_merges_all_of_them(models: dict[str, str],
                      {"model": "{B}", "layer_range": [20, 40], "parameters": {"weight": 0.4}},
                      {"model": "{C}", "layer_range": [20, 40], "parameters": {"weight": 0.8}}]}]}
     _compare(_write(tmp_path, config, models), tmp_path)
-    ours, theirs = _tensors(tmp_path / "mergelab"), _tensors(tmp_path / "mergekit")
+    ours, theirs = load_output(tmp_path / "mergelab"), load_output(tmp_path / "mergekit")
     post = {"model.norm.weight", "lm_head.weight"}
     assert all(torch.equal(ours[n], theirs[n]) for n in ours if n not in post)
-    base, b, c = (_tensors(Path(models[k])) for k in ("BASE", "B", "C"))
+    base, b, c = (load_output(Path(models[k])) for k in ("BASE", "B", "C"))
     h = torch.float16
     for name in post:
         x0, xb, xc = base[name].to(h), b[name].to(h), c[name].to(h)

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
 import mergelab
+from cli_helpers import load_output
 from tiny_models import make_family, tiny_tokenizer
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -85,13 +85,6 @@ def _run_both(config: dict[str, Any], tmp: Path) -> tuple[Path, Path]:
     return ours, theirs
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def compare_by_token(ours: Path, theirs: Path) -> tuple[float, bool]:
     """(max |ours − theirs| over every tensor, rows matched by token; whether the token ids are the same)."""
     va = transformers.AutoTokenizer.from_pretrained(ours).get_vocab()
@@ -99,7 +92,7 @@ def compare_by_token(ours: Path, theirs: Path) -> tuple[float, bool]:
     assert set(va) == set(vb)
     cfg_a, cfg_b = (json.loads((f / "config.json").read_text()) for f in (ours, theirs))
     assert cfg_a["vocab_size"] == cfg_b["vocab_size"]
-    a, b = _tensors(ours), _tensors(theirs)
+    a, b = load_output(ours), load_output(theirs)
     assert set(a) == set(b)
     tokens = sorted(va)
     ia, ib = torch.tensor([va[t] for t in tokens]), torch.tensor([vb[t] for t in tokens])
@@ -185,5 +178,5 @@ def test_chat_template_alone_is_set_on_the_base_tokenizer(tokenized: dict[str, t
                     for f in (ours, theirs)]
         assert rendered[0] == rendered[1] == expected
         assert json.loads((ours / "config.json").read_text())["vocab_size"] == 64  # no re-ordering
-        a, b = _tensors(ours), _tensors(theirs)
+        a, b = load_output(ours), load_output(theirs)
         assert all(torch.equal(a[n], b[n]) for n in a)
