@@ -180,3 +180,26 @@ def test_chat_template_alone_is_set_on_the_base_tokenizer(tokenized: dict[str, t
         assert json.loads((ours / "config.json").read_text())["vocab_size"] == 64  # no re-ordering
         a, b = load_output(ours), load_output(theirs)
         assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["passthrough_stack", "slerp_slices"])
+def test_union_with_layer_stacking_slices_same_rows_by_token(tokenized: dict[str, tuple[Path, list[Path]]],
+                                                             tmp_path: Path, case: str) -> None:
+    """Embeddings come from the first slice's sources and the LM head from the last slice's: each is
+    aligned over its own models (a token only another slice's model has gets zeros there, as in mergekit)."""
+    base, fts = tokenized["llama"]
+    b, f0, f1 = str(base), str(fts[0]), str(fts[1])
+    config: dict[str, Any] = {
+        "passthrough_stack": {"merge_method": "passthrough", "dtype": "bfloat16", "tokenizer_source": "union",
+                              "slices": [{"sources": [{"model": b, "layer_range": [0, 2]}]},
+                                         {"sources": [{"model": f0, "layer_range": [1, 3]}]}]},
+        "slerp_slices": {"merge_method": "slerp", "base_model": b, "dtype": "bfloat16", "tokenizer_source": "union",
+                         "parameters": {"t": 0.5}, "slices": [
+                             {"sources": [{"model": b, "layer_range": [0, 2]}, {"model": f0, "layer_range": [0, 2]}]},
+                             {"sources": [{"model": b, "layer_range": [1, 3]}, {"model": f1, "layer_range": [1, 3]}]}]},
+    }[case]
+    ours, theirs = _run_both(config, tmp_path)
+    diff, _ = compare_by_token(ours, theirs)
+    print(f"CONFORMANCE tokenizer {case} llama bfloat16 {diff:.3g}")
+    assert diff == 0.0
