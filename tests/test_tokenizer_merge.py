@@ -120,3 +120,18 @@ def test_global_scope_with_a_reordering_tokenizer_is_refused(with_tokenizers: tu
                                                             for p in fts]}
     out = tmp_path / "out"
     assert_refused(run_cli(write_config(tmp_path, config), out), out, "scope", "global", "use scope: tensor")
+
+
+def test_search_configs_keep_union_and_make_a_tokenizer_path_absolute(tmp_path: Path) -> None:
+    from mergelab.search.config import absolute_merge_config
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "t").mkdir()
+    merge = {"merge_method": "linear", "models": [{"model": "m"}], "tokenizer_source": "union"}
+    assert absolute_merge_config(merge, tmp_path)["tokenizer_source"] == "union"
+    merge = {"merge_method": "linear", "models": [{"model": "m"}],
+             "tokenizer": {"source": "t", "pad_to_multiple_of": 8}}
+    assert absolute_merge_config(merge, tmp_path)["tokenizer"] == {"source": str((tmp_path / "t").resolve()),
+                                                                  "pad_to_multiple_of": 8}
+    merge = {**merge, "tokenizer": {"source": "base"}}
+    assert absolute_merge_config(merge, tmp_path)["tokenizer"] == {"source": "base"}

@@ -120,7 +120,7 @@ def plan_rows(out_vocab: Mapping[str, int], permutations: Sequence[Sequence[int]
             chosen[token] = TokenSource(model=present[0])
         elif not present:
             chosen[token] = TokenSource(zero=True)
-            log.warning("token %r is in no model's vocabulary: its rows are zeros", token)
+            log.warning("token %r is in none of the vocabularies of this tensor's models: its rows are zeros", token)
         elif base is not None and permutations[base][tid] >= 0:
             chosen[token] = TokenSource(model=base)
         else:

@@ -111,8 +111,10 @@ def absolute_merge_config(merge: Mapping[str, Any], folder: Path | None) -> dict
         data["parameters"] = dict(cfg.parameters)
         if cfg.base_model is not None:
             data["base_model"] = fix(cfg.base_model)
-    if "tokenizer_source" in data and data["tokenizer_source"] not in ("base", None):
+    if "tokenizer_source" in data and data["tokenizer_source"] not in ("base", "union", None):
         data["tokenizer_source"] = fix(data["tokenizer_source"])
+    if isinstance(data.get("tokenizer"), Mapping) and data["tokenizer"].get("source", "union") not in ("base", "union"):
+        data["tokenizer"] = {**dict(data["tokenizer"]), "source": fix(data["tokenizer"]["source"])}
     return data
 
 
