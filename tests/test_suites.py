@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from mergelab.zoo.data import stratified_splits
 from mergelab.zoo.primitives import shift_augment
 from mergelab.zoo.task_suite import FinetuneRecipe
 from mergelab.zoo.text_suite import (
@@ -19,7 +20,6 @@ from mergelab.zoo.text_suite import (
     TextConfig,
     TextSuite,
     TextTaskDef,
-    stratified_splits,
 )
 from mergelab.zoo.vision_suite import VISION_TASKS, PatchViT, VisionConfig, VisionSuite
 
@@ -184,6 +184,23 @@ def test_stratified_splits_exact_disjoint_proportional() -> None:
     assert all(np.array_equal(idx[k], again[k]) for k in idx)
     with pytest.raises(ValueError, match="asked for"):
         stratified_splits(labels, {"train": 2000}, seed=0)
+
+
+def test_text_splits_are_the_same_draws_as_before_the_sampler_was_shared() -> None:
+    # golden from text_suite.stratified_splits before it became zoo.data's one sampler: the text suite's
+    # cached fine-tunes stay valid (zoo.data.SPLITS_VERSION)
+    labels = [0] * 14 + [1] * 6 + [2] * 10
+    idx = stratified_splits(labels, {"train": 12, "val": 6, "test": 6}, seed=3)
+    assert {k: v.tolist() for k, v in idx.items()} == {
+        "train": [10, 23, 18, 19, 13, 27, 12, 25, 2, 9, 24, 0], "val": [22, 7, 1, 26, 14, 4],
+        "test": [6, 17, 21, 5, 11, 29]}
+
+
+def test_rest_takes_every_example_left_over() -> None:
+    labels = [0] * 14 + [1] * 6 + [2] * 10
+    idx = stratified_splits(labels, {"val": 6, "test": 6}, seed=1, rest="train")
+    assert sorted(np.concatenate(list(idx.values())).tolist()) == list(range(30))
+    assert np.bincount(np.asarray(labels)[idx["train"]]).tolist() == [14 - 3 - 3, 6 - 1 - 1, 10 - 2 - 2]
 
 
 def test_real_text_tasks_are_disjoint_when_installed() -> None:

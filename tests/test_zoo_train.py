@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mergelab.zoo.cache import recipe_hash
+from mergelab.zoo.data import SPLITS_VERSION
 from mergelab.zoo.train import TRAIN_VERSION, TrainConfig, _member_key, member_seed, train_zoo
 
 TINY = {"n_train": 200, "epochs": 1, "pretrain_epochs": 1, "width": 4, "batch_size": 50}
@@ -71,6 +72,7 @@ def test_members_keep_the_base_head_for_adamw_families_and_reset_it_for_bn_ones(
 def test_a_reset_head_recipe_keeps_the_cache_key_it_had_before_the_head_policy() -> None:
     cfg = TrainConfig(arch="vgg6bn", dataset="digits")
     old = {k: v for k, v in vars(cfg).items() if k not in ("member_head", "base_dataset")}  # the newer fields
-    assert _member_key(cfg, 7) == recipe_hash({**old, "role": "member", "member_seed": 7, "version": TRAIN_VERSION})
+    assert _member_key(cfg, 7) == recipe_hash({**old, "role": "member", "member_seed": 7, "version": TRAIN_VERSION,
+                                               "splits": SPLITS_VERSION})  # splits: zoo.data's sampler version
     keep = TrainConfig(arch="vgg6", dataset="digits")
     assert _member_key(keep, 7) != _member_key(TrainConfig(arch="vgg6", dataset="digits", member_head="reset"), 7)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -173,34 +173,54 @@ def _raw(name: str) -> _Raw:
     return _LOADERS[name]()
 
 
-def _stratified_take(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """``n`` indices, classes in proportion, in a random order fixed by ``seed``."""
+SPLITS_VERSION = 2
+"""Version of :func:`stratified_splits`, part of the cache key of every model trained on these datasets' splits
+(zoo/train.py, the vision suite). 2: one sampler for dataset splits, subsets and text-task splits; 1 had three
+that rounded differently (per-class rounding of each split, a global shuffle for subsets), so every vision split
+and subset changed and those models retrain once. The text suite's splits were already drawn by this sampler
+(version 1's ``text_suite.stratified_splits``) and are the same draws, so its cache entries stay valid."""
+
+
+def stratified_splits(labels: Sequence[int] | np.ndarray, sizes: Mapping[str, int], seed: int, *,
+                      rest: str | None = None) -> dict[str, np.ndarray]:
+    """Disjoint index sets of the given sizes, class proportions kept (rounded; leftovers to the largest
+    class), each in a seeded random order; ``rest`` names a split that takes every example left over.
+
+    A seeded random order, not the data's: raw files are sorted by class, which would make every evaluation
+    batch (the per-batch scatter of the magnitude study) a single class.
+    """
+    y = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(y))
-    # round-robin over classes in the shuffled order keeps proportions exact up to one example per class
-    by_class = [order[y[order] == c] for c in np.unique(y)]
-    frac = n / len(y)
-    counts = [round(len(ix) * frac) for ix in by_class]
-    counts[int(np.argmax([len(ix) for ix in by_class]))] += n - sum(counts)
-    picked = np.concatenate([ix[:k] for ix, k in zip(by_class, counts)])
-    return np.sort(picked)
+    total = sum(sizes.values())
+    if total > len(y):
+        raise ValueError(f"asked for {total} examples, there are {len(y)}")
+    classes = np.unique(y)
+    per_class = {c: rng.permutation(np.flatnonzero(y == c)) for c in classes}
+    largest = max(classes, key=lambda c: len(per_class[c]))
+    start = dict.fromkeys(classes, 0)
+    out: dict[str, np.ndarray] = {}
+    for split, n in sizes.items():
+        counts = {c: round(n * len(per_class[c]) / len(y)) for c in classes}
+        counts[largest] += n - sum(counts.values())
+        parts = []
+        for c in classes:
+            parts.append(per_class[c][start[c]:start[c] + counts[c]])
+            start[c] += counts[c]
+        out[split] = rng.permutation(np.concatenate(parts))
+    if rest is not None:
+        out[rest] = rng.permutation(np.concatenate([per_class[c][start[c]:] for c in classes]))
+    return out
+
+
+def _stratified_take(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` indices, classes in proportion, in the data's order."""
+    return np.sort(stratified_splits(y, {"subset": n}, seed)["subset"])
 
 
 @lru_cache(maxsize=32)
 def _split_indices(name: str, seed: int) -> dict[str, np.ndarray]:
     raw = _raw(name)
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
-    frac_val, frac_test = raw.val / len(raw.y), raw.test / len(raw.y)
-    for c in np.unique(raw.y):
-        ix = rng.permutation(np.flatnonzero(raw.y == c))
-        n_val, n_test = round(len(ix) * frac_val), round(len(ix) * frac_test)
-        parts["val"].append(ix[:n_val])
-        parts["test"].append(ix[n_val:n_val + n_test])
-        parts["train"].append(ix[n_val + n_test:])
-    # a seeded random order, not the raw one: raw files are sorted by class, which would make every
-    # evaluation batch (the per-batch scatter of the magnitude study) a single class
-    return {k: rng.permutation(np.concatenate(v)) for k, v in parts.items()}
+    return stratified_splits(raw.y, {"val": raw.val, "test": raw.test}, seed, rest="train")
 
 
 def load_dataset(name: str, split: Split = "train", seed: int = 0) -> Dataset:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mergelab.zoo.data import stratified_splits
 from mergelab.zoo.task_suite import FinetuneRecipe, Task, TaskData, TaskSuite
 
 Source = Callable[[int], tuple[list[str], list[int]]]
@@ -159,29 +160,6 @@ TEXT_TASKS: dict[str, TextTaskDef] = {
                                 _tweet_pool(2, {"neutral": 0, "negative": 1, "positive": 1})),
     "spam": TextTaskDef(2, "SMS spam vs ham", _sms),
 }
-
-
-def stratified_splits(labels: Sequence[int], sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
-    """Disjoint index sets per split with class proportions kept (rounded), in seeded random order."""
-    y = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    total = sum(sizes.values())
-    if total > len(y):
-        raise ValueError(f"asked for {total} examples, the task has {len(y)}")
-    classes = np.unique(y)
-    per_class = {c: rng.permutation(np.flatnonzero(y == c)) for c in classes}
-    largest = max(classes, key=lambda c: len(per_class[c]))
-    start = {c: 0 for c in classes}
-    out: dict[str, np.ndarray] = {}
-    for s, n in sizes.items():
-        counts = {c: round(n * len(per_class[c]) / len(y)) for c in classes}
-        counts[largest] += n - sum(counts.values())  # rounding leftovers go to the largest class
-        parts = []
-        for c in classes:
-            parts.append(per_class[c][start[c]:start[c] + counts[c]])
-            start[c] += counts[c]
-        out[s] = rng.permutation(np.concatenate(parts))
-    return out
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 from mergelab.executor import Executor, get_executor
 from mergelab.runtime import available_cores, default_threads
 from mergelab.zoo.cache import cache_dir, load_entry, recipe_hash, save_entry
-from mergelab.zoo.data import Dataset, load_dataset
+from mergelab.zoo.data import SPLITS_VERSION, Dataset, load_dataset
 from mergelab.zoo.models import ARCHS, ZooModel, build_model
 from mergelab.zoo.primitives import accuracy_pct, predict_logits, shift_augment, train_steps
 
@@ -151,7 +151,8 @@ def fit(model: ZooModel, data: Dataset, config: TrainConfig, epochs: int, seed: 
 
 
 def _recipe(config: TrainConfig, role: str, seed: int) -> dict[str, Any]:
-    recipe = {**asdict(config), "role": role, "member_seed": seed, "version": TRAIN_VERSION}
+    recipe = {**asdict(config), "role": role, "member_seed": seed, "version": TRAIN_VERSION,
+              "splits": SPLITS_VERSION}
     # the resolved head policy is hashed, and only when it keeps the head: a reset head is what every entry
     # cached before the policy existed did, so those entries stay valid
     del recipe["member_head"]

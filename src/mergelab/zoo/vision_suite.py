@@ -34,7 +34,7 @@ from torch import nn
 
 from mergelab.runtime import make_progress, torch_threads
 from mergelab.zoo.cache import load_entry, recipe_hash, save_entry
-from mergelab.zoo.data import Dataset, load_dataset
+from mergelab.zoo.data import SPLITS_VERSION, Dataset, load_dataset
 from mergelab.zoo.primitives import accuracy_pct, shift_augment, train_steps
 from mergelab.zoo.task_suite import (
     FinetuneRecipe,
@@ -166,14 +166,15 @@ class VisionSuite(TaskSuite):
     def suite_recipe(self) -> dict[str, Any]:
         c = asdict(self.config)
         c.pop("tasks")  # a task's cache entry must not depend on which other tasks are in the suite
-        return {"name": self.name, **c, "pretrain_dataset": PRETRAIN_DATASET, "pretrain_seed": self.seed}
+        return {"name": self.name, **c, "pretrain_dataset": PRETRAIN_DATASET, "pretrain_seed": self.seed,
+                "splits": SPLITS_VERSION}
 
     def _pretrain_key(self) -> str:
         c = self.config
         return recipe_hash({"role": "vision-pretrain", "dataset": PRETRAIN_DATASET, "dim": c.dim,
                             "depth": c.depth, "heads": c.heads, "steps": c.pretrain_steps,
                             "batch": c.pretrain_batch, "lr": c.pretrain_lr, "split_seed": c.split_seed,
-                            "seed": self.seed, "version": 1})
+                            "seed": self.seed, "version": 1, "splits": SPLITS_VERSION})
 
     def build_encoder(self) -> nn.Module:
         if not hasattr(self, "_pretrained_weights"):
