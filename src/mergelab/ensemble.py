@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from mergelab.evaluation import in_batches
 from mergelab.merge.state_dicts import merge_state_dicts
 
 EvalMode = Literal["eval", "train"]
@@ -51,12 +52,11 @@ def model_outputs(model: nn.Module, x: torch.Tensor, *, mode: EvalMode = "eval",
     original code did; it runs on a copy so the model's running statistics are never touched.
     """
     net = copy.deepcopy(model).train() if mode == "train" else model.eval()
-    feats, logits = [], []
-    for i in range(0, x.shape[0], batch_size):
-        f = net.features(x[i:i + batch_size])  # type: ignore[operator]
-        feats.append(f)
-        logits.append(net.head(f))  # type: ignore[operator]
-    return Outputs(torch.cat(feats), torch.cat(logits))
+
+    def forward(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = net.features(xb)  # type: ignore[operator]
+        return f, net.head(f)  # type: ignore[operator]
+    return Outputs(*in_batches(forward, x, batch_size))
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mergelab.align.bn_reset import reset_bn_stats
+from mergelab.evaluation import accuracy_pct, in_batches, mean_cross_entropy
 from mergelab.types import StateDict
 
 
@@ -25,7 +25,9 @@ from mergelab.types import StateDict
 class PathResult:
     alphas: list[float]
     losses: list[float]
-    accuracies: list[float]
+    """Mean cross-entropy (nats) at each α."""
+    accuracies_pct: list[float]
+    """Top-1 accuracy (%) at each α."""
 
     @property
     def loss_barrier(self) -> float:
@@ -33,7 +35,8 @@ class PathResult:
 
     @property
     def accuracy_barrier(self) -> float:
-        return barrier_height(self.alphas, [-a for a in self.accuracies])
+        """The largest drop of accuracy below the straight line between the endpoints, in points."""
+        return barrier_height(self.alphas, [-a for a in self.accuracies_pct])
 
 
 def barrier_height(alphas: Sequence[float], values: Sequence[float]) -> float:
@@ -42,7 +45,7 @@ def barrier_height(alphas: Sequence[float], values: Sequence[float]) -> float:
         raise ValueError("need matching alphas and values, at least the two endpoints")
     a = np.asarray(alphas, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
-    line = (1 - a) * v[0] + a * v[-1]
+    line = v[0] + a * (v[-1] - v[0])  # exactly v(0) everywhere when the endpoints are equal
     return float(max(0.0, np.max(v - line)))
 
 
@@ -69,19 +72,14 @@ def interpolate(a: StateDict, b: StateDict, alpha: float) -> dict[str, torch.Ten
     return out
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """(mean cross-entropy in nats, accuracy in [0, 1]) in eval mode."""
+    """(mean cross-entropy in nats, accuracy in percent) in eval mode, from one batched pass
+    (:mod:`mergelab.evaluation`)."""
     model.eval()
     device = next(model.parameters()).device
-    loss, correct = 0.0, 0
-    for i in range(0, x.shape[0], batch_size):
-        logits = model(x[i:i + batch_size].to(device))
-        target = y[i:i + batch_size].to(device)
-        loss += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(1) == target).sum())
-    n = max(1, x.shape[0])
-    return loss / n, correct / n
+    logits = in_batches(lambda xb: model(xb.to(device)), x, batch_size)
+    target = y.to(device)
+    return mean_cross_entropy(logits, target), accuracy_pct(logits, target)
 
 
 def linear_path(model: nn.Module, a: StateDict, b: StateDict, x: torch.Tensor, y: torch.Tensor, *,

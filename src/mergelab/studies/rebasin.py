@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from mergelab.align import align, has_batchnorm, linear_path, reset_bn_stats
-from mergelab.align.barrier import evaluate
 from mergelab.ensemble import ensemble_logits
+from mergelab.evaluation import accuracy_pct, correct, predict_logits
 from mergelab.executor import get_executor
 from mergelab.report import FigureRef, Report, Section, Table, Verdict
 from mergelab.report.plots import line_panels
@@ -39,7 +39,6 @@ from mergelab.studies.verdict import Difference, claim_verdict, paired_differenc
 from mergelab.zoo.cache import cache_dir
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.permutation_specs import spec_for
-from mergelab.zoo.primitives import accuracy_pct, predict_logits
 from mergelab.zoo.train import train_zoo
 
 VARIANTS = ("naive", "naive+bn_reset", "aligned", "aligned+bn_reset")
@@ -99,7 +98,8 @@ def _soup_row(model: torch.nn.Module, sds: Sequence[dict[str, torch.Tensor]], x:
     net.load_state_dict(uniform_soup(sds))
     if bn_x is not None:
         reset_bn_stats(net, bn_x, num_batches=bn_batches, seed=seed)
-    return 100.0 * evaluate(net, x, y)[1], (predict_logits(net, x, 1000).argmax(1) == y).int().tolist()
+    logits = predict_logits(net, x, 1000)
+    return accuracy_pct(logits, y), correct(logits, y).int().tolist()
 
 
 def run_cell(job: CellJob) -> CellResult:
@@ -128,12 +128,12 @@ def run_cell(job: CellJob) -> CellResult:
     for name, (b, reset) in variants.items():
         res = linear_path(models[0], sds[0], b, test.x, test.y, points=cfg.points,
                           bn_reset_x=train.x if reset else None, bn_batches=cfg.bn_batches, seed=job.seed)
-        for a, loss, acc in zip(res.alphas, res.losses, res.accuracies, strict=True):
-            out.path.append({**key, "variant": name, "alpha": a, "test_loss": loss, "test_acc": 100.0 * acc})
+        for a, loss, acc in zip(res.alphas, res.losses, res.accuracies_pct, strict=True):
+            out.path.append({**key, "variant": name, "alpha": a, "test_loss": loss, "test_acc": acc})
         mid = len(res.alphas) // 2
         out.barriers.append({**key, "variant": name, "loss_barrier": res.loss_barrier,
-                             "acc_barrier": 100.0 * res.accuracy_barrier, "acc_A": 100.0 * res.accuracies[0],
-                             "acc_B": 100.0 * res.accuracies[-1], "acc_mid": 100.0 * res.accuracies[mid],
+                             "acc_barrier": res.accuracy_barrier, "acc_A": res.accuracies_pct[0],
+                             "acc_B": res.accuracies_pct[-1], "acc_mid": res.accuracies_pct[mid],
                              "match_sweeps": match.sweeps, "match_seconds": match_seconds})
 
     # soups: members 2..N aligned to the first one (each matched to member 0 on its own)

@@ -1,5 +1,5 @@
-"""What every training and evaluation in the zoo shares: shift augmentation, one training loop, batched
-evaluation, and top-1 accuracy in percent.
+"""What every training and evaluation in the zoo shares: shift augmentation, one training loop, and the batched
+evaluation with top-1 accuracy in percent (:mod:`mergelab.evaluation`, which the lower layers use too).
 
 The zoo families (:mod:`mergelab.zoo.train`), the task suites (:mod:`mergelab.zoo.task_suite`, vision and
 text) and the MLP multi-task suite (:mod:`mergelab.zoo.mlp_suite`) all train through :func:`train_steps`, so
@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mergelab.evaluation import accuracy_pct, predict_logits
 
 
 def shift_augment(x: torch.Tensor, gen: torch.Generator, r: int = 1) -> torch.Tensor:
@@ -53,17 +55,4 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: t
     return losses
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Logits of ``model`` in eval mode, ``batch_size`` examples at a time (training mode restored after)."""
-    was = model.training
-    model.eval()
-    try:
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
-    finally:
-        model.train(was)
-
-
-def accuracy_pct(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy in percent (0–100)."""
-    return 100.0 * float((logits.argmax(1) == y).double().mean())
+__all__ = ["accuracy_pct", "predict_logits", "shift_augment", "train_steps"]

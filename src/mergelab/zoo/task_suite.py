@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
+from mergelab.evaluation import in_batches
 from mergelab.runtime import make_progress, torch_threads
 from mergelab.statistics import diagonal_fisher, input_grams
 from mergelab.types import StateDict
@@ -188,9 +189,7 @@ class TaskSuite(ABC):
         x = self.data(task, split).x[:limit]
         order = self.eval_order(x)
         out = torch.empty(x.shape[0], self.feature_dim)
-        for i in range(0, len(order), self.eval_batch_size):
-            idx = order[i:i + self.eval_batch_size]
-            out[idx] = enc(x[idx]).float()
+        out[order] = in_batches(lambda xb: enc(xb).float(), x[order], self.eval_batch_size)
         return out
 
     @torch.no_grad()
