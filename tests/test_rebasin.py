@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,8 @@ def test_multitask_search_demo_runs_on_a_tiny_suite(tmp_path: Path) -> None:
     assert record["best"]["score"] >= record["initial"]["score"]
     assert record["reproduced_bitwise"] is True
     assert len(record["dimensions"]) == 3 * 2  # 3 task vectors × 2 hidden layers (heads are per task)
+    # the verdict: a paired bootstrap over the test examples, centred on the table's test gain
+    md = (tmp_path / "demo" / "report.md").read_text()
+    assert "paired bootstrap CI over" in md
+    point = float(re.search(r"difference ([+-]\d+\.\d)", md).group(1))  # type: ignore[union-attr]
+    assert point == pytest.approx(float(rows[-1]["test score"]) - float(rows[-2]["test score"]), abs=0.051)

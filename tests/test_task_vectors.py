@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -115,6 +116,14 @@ def test_study_smoke_on_tiny_suite(tmp_path: Path) -> None:
     assert len(ends) == 1
     for stem in ("tasks", "methods", "per_task_accuracy", "cart_sweep", "interference", "scaling_summary"):
         assert (out / f"{stem}.md").exists()
+    # CART vs each baseline: a paired bootstrap over every task's test examples, centred on the table's gap
+    md = (out / "report.md").read_text()
+    norm = {r["method"]: float(r["test norm. acc (%)"]) for r in rows}
+    for label in ("task arithmetic", "weight averaging"):
+        line = next(x for x in md.splitlines() if f"CART beats {label}" in x)
+        assert "paired bootstrap CI over" in line
+        point = float(re.search(r"difference ([+-]\d+\.\d)", line).group(1))  # type: ignore[union-attr]
+        assert point == pytest.approx(norm["CART"] - norm[label], abs=0.051)
 
 
 def test_unknown_suite_is_an_error(tmp_path: Path) -> None:
@@ -140,6 +149,7 @@ def test_make_suite_quick_is_smaller_and_lazy() -> None:
 def test_verdicts_follow_the_numbers() -> None:
     from mergelab.analysis.interference import CurvePoint
     from mergelab.studies.task_vectors.study import _verdicts
+    from mergelab.studies.verdict import NO_DIFFERENCE, Difference
 
     def point(centred: bool, ratio: float, value: float) -> CurvePoint:
         return CurvePoint(centred, ratio, value, value / 2, value / 4, 0.5, 1.0, 3)
@@ -147,11 +157,16 @@ def test_verdicts_follow_the_numbers() -> None:
     curve = [point(False, 0.1, 2.0), point(True, 0.1, 1.0), point(False, 0.5, 2.0), point(True, 0.5, 3.0)]
     norm = {"cart": 90.0, "task_arithmetic": 85.0, "weight_averaging": 91.0}
     peak = {"rank_ratio": 0.08, "lambda": 1.0, "val_norm_acc": 93.0, "test_norm_acc": 92.0, "wa_val": 90.0}
-    v = _verdicts(norm, peak, curve)
-    assert [x.held for x in v] == [True, False, True, None]
-    assert [x.held for x in _verdicts(norm, {**peak, "val_norm_acc": 90.5}, curve)][2] is None  # < 1 point: mixed
-    assert [x.held for x in _verdicts(norm, {**peak, "rank_ratio": 0.5}, curve)][2] is False  # peak not low
-    assert _verdicts(norm, None, curve)[2].held is None
+    # CART vs task arithmetic resolved (CI above 0); vs weight averaging −1 point with a CI across 0
+    diffs = {"task_arithmetic": Difference(5.0, 2.0, 8.0, 400), "weight_averaging": Difference(-1.0, -3.0, 1.0, 400)}
+    v = _verdicts(norm, peak, curve, diffs)
+    assert [x.held for x in v] == [True, None, True, None]
+    assert v[1].word == NO_DIFFERENCE and "-1.0 [-3.0, +1.0]" in v[1].detail
+    lost = _verdicts(norm, peak, curve, {**diffs, "weight_averaging": Difference(-4.0, -6.0, -2.0, 400)})
+    assert lost[1].held is False
+    assert [x.held for x in _verdicts(norm, {**peak, "val_norm_acc": 90.5}, curve, diffs)][2] is None  # < 1 point
+    assert [x.held for x in _verdicts(norm, {**peak, "rank_ratio": 0.5}, curve, diffs)][2] is False  # peak not low
+    assert _verdicts(norm, None, curve, diffs)[2].held is None
 
 
 def test_task_vector_search_beats_or_matches_its_start_and_reproduces(tmp_path: Path,
@@ -173,3 +188,9 @@ def test_task_vector_search_beats_or_matches_its_start_and_reproduces(tmp_path: 
     # the search starts from the hand-tuned merge: same validation score through both paths
     assert float(start["val"]) == pytest.approx(float(hand["val"]), abs=1e-9)
     assert "data:image/png;base64" in report.read_text()
+    # the verdict is a paired bootstrap over the test examples whose point estimate is the table's test gain
+    md = (out / "report.md").read_text()
+    n_test = sum(len(bench.suite.data(t, "test")) for t in bench.tasks)
+    assert f"paired bootstrap CI over {n_test} test examples" in md
+    point = float(re.search(r"difference ([+-]\d+\.\d)", md).group(1))  # type: ignore[union-attr]
+    assert point == pytest.approx(float(found["test"]) - float(hand["test"]), abs=0.051)

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from mergelab.studies.verdict import NO_DIFFERENCE, Difference, check, claim_verdict, compare, paired_difference
+from mergelab.studies.verdict import (
+    NO_DIFFERENCE,
+    Difference,
+    check,
+    claim_verdict,
+    compare,
+    difference_verdict,
+    paired_difference,
+    tasks_difference,
+)
 
 
 def _correct(acc: float, n: int, seed: int) -> np.ndarray:
@@ -63,3 +72,25 @@ def test_identities_are_checks_not_claims() -> None:
     bad = check("averaging bound", 3, 4)
     assert ok.kind == bad.kind == "check" and ok.held is True and bad.held is False
     assert ok.word == "check passed" and "4/4" in ok.detail
+
+
+def test_task_averaged_difference_weighs_tasks_and_resamples_within_each() -> None:
+    a = {"t1": torch.tensor([1, 1, 1, 1]), "t2": torch.tensor([1.0, 0.0])}
+    b = {"t1": torch.tensor([0, 0, 1, 1]), "t2": torch.tensor([1.0, 0.0])}
+    assert tasks_difference(a, b).mean == pytest.approx(25.0)  # (0.5 + 0) / 2 tasks, in points
+    assert tasks_difference(a, b, scale={"t1": 2.0, "t2": 1.0}).mean == pytest.approx(50.0)
+    # a 2-example task always right vs a 1,000-example one never: stratified resampling keeps each task's
+    # weight, so every draw is exactly (1 + 0) / 2 (pooling the examples would give a wide interval near 0)
+    d = tasks_difference({"small": np.ones(2), "large": np.zeros(1000)},
+                         {"small": np.zeros(2), "large": np.zeros(1000)})
+    assert d.mean == d.low == d.high == 50.0 and d.n_examples == 1002
+    with pytest.raises(ValueError, match="same tasks"):
+        tasks_difference({"t1": np.ones(2)}, {"t2": np.ones(2)})
+
+
+def test_one_comparison_holds_only_beyond_its_interval() -> None:
+    held = difference_verdict("A beats B", Difference(3.0, 1.0, 5.0, 800), context="A 80 % vs B 77 %")
+    assert held.held is True and held.detail.startswith("A 80 % vs B 77 %; difference +3.0 [+1.0, +5.0]")
+    assert "800 test examples" in held.detail
+    assert difference_verdict("A beats B", Difference(-3.0, -5.0, -1.0, 800)).word == "did not hold"
+    assert difference_verdict("A beats B", Difference(1.0, -1.0, 3.0, 800)).word == NO_DIFFERENCE

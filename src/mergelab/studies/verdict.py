@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -72,6 +72,48 @@ def paired_difference(correct_a: torch.Tensor | np.ndarray | Sequence[float],
     return Difference(100.0 * float(d.mean()), 100.0 * float(low), 100.0 * float(high), n, s)
 
 
+Scores = torch.Tensor | np.ndarray | Sequence[float]
+
+
+def tasks_difference(correct_a: Mapping[str, Scores], correct_b: Mapping[str, Scores], *,
+                     scale: Mapping[str, float] | None = None, n_boot: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> Difference:
+    """Bootstrap CI of a difference of task-averaged accuracies, ``(1/T) Σ_t s_t (mean(a_t) − mean(b_t))``, in
+    points: each task's test examples are resampled on their own (paired: one draw for A and B), the tasks kept.
+
+    ``correct_*[task]`` are per-example scores in [0, 1] on the same examples in the same order; ``scale[t]``
+    (1 by default) weighs a task, e.g. ``100 / fine-tuned accuracy`` for normalised accuracy.
+    """
+    if set(correct_a) != set(correct_b) or not correct_a:
+        raise ValueError(f"paired scores need the same tasks, got {sorted(correct_a)} and {sorted(correct_b)}")
+    rng = np.random.default_rng(seed)
+    point, boots, total = 0.0, np.zeros(n_boot), 0
+    for task in sorted(correct_a):
+        a, b = _as_matrix(correct_a[task]), _as_matrix(correct_b[task])
+        if a.shape != b.shape or a.shape[0] != 1:
+            raise ValueError(f"task {task}: paired scores need one shape (one seed), got {a.shape} and {b.shape}")
+        d = (a - b)[0] * (scale[task] if scale is not None else 1.0)
+        point += float(d.mean())
+        boots += d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
+        total += len(d)
+    t = len(correct_a)
+    tail = (1 - level) / 2
+    low, high = np.quantile(boots / t, [tail, 1 - tail])
+    return Difference(100.0 * point / t, 100.0 * float(low), 100.0 * float(high), total)
+
+
+def difference_verdict(claim: str, diff: Difference, *, paper: str = "", unit: str = "points",
+                       context: str = "") -> Verdict:
+    """One comparison "A beats B": held when its CI lies above 0, did not hold below 0, otherwise no difference
+    at this size. ``context`` (the two numbers compared, what chose them) leads the detail."""
+    outcome = compare(diff)
+    held = {"better": True, "worse": False, "tie": None}[outcome]
+    seeds = f" and {diff.n_seeds} seeds" if diff.n_seeds > 1 else ""
+    detail = (f"{context + '; ' if context else ''}difference {diff.text()} {unit} (95 % paired bootstrap CI over "
+              f"{diff.n_examples} test examples{seeds})")
+    return Verdict(claim, held, detail, paper=paper, undecided=NO_DIFFERENCE)
+
+
 def compare(diff: Difference) -> Outcome:
     """``better`` when the CI lies above 0, ``worse`` below 0, else ``tie`` (not resolved at this size)."""
     if diff.low > 0:
@@ -120,4 +162,5 @@ def check(claim: str, passed: int, total: int, detail: str = "") -> Verdict:
     return Verdict(claim, passed == total if total else None, text, kind="check")
 
 
-__all__ = ["NO_DIFFERENCE", "Difference", "check", "claim_verdict", "compare", "paired_difference"]
+__all__ = ["NO_DIFFERENCE", "Difference", "check", "claim_verdict", "compare", "difference_verdict",
+           "paired_difference", "tasks_difference"]

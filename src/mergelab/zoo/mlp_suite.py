@@ -19,9 +19,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from mergelab.evaluation import accuracy_pct, predict_logits
 from mergelab.zoo.data import Dataset, load_dataset
 from mergelab.zoo.models import MLP
-from mergelab.zoo.primitives import accuracy_pct
 from mergelab.zoo.train import TrainConfig, fit
 
 
@@ -102,17 +102,24 @@ def _eval_data(task: str, split: str) -> Dataset:
 
 
 @torch.no_grad()
-def evaluate(state_dict: dict[str, torch.Tensor], suite: str, split: str = "val",
-             tasks: tuple[str, ...] | list[str] = TASKS) -> dict[str, float]:
-    """Evaluator for ``mergelab search``: mean accuracy (%) over the tasks, each with its own head."""
+def task_logits(state_dict: dict[str, torch.Tensor], suite: str, split: str = "val",
+                tasks: tuple[str, ...] | list[str] = TASKS) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per task, (logits, labels) of the body in ``state_dict`` with the task's own head on one split."""
     heads, depth, hidden = _suite(suite)
     model = MLP((1, 28, 28), 10, depth, hidden).eval()
-    out: dict[str, float] = {}
+    out = {}
     for task in tasks:
         model.load_state_dict({**{k: v for k, v in state_dict.items() if k.startswith("body.")},
                                **{f"head.{k}": v for k, v in heads[task].items()}})
         d = _eval_data(task, split)
-        out[f"acc[{task}]"] = accuracy_pct(model(d.x), d.y)
+        out[task] = (predict_logits(model, d.x, batch_size=max(1, len(d))), d.y)  # one batch, as the cached scores
+    return out
+
+
+def evaluate(state_dict: dict[str, torch.Tensor], suite: str, split: str = "val",
+             tasks: tuple[str, ...] | list[str] = TASKS) -> dict[str, float]:
+    """Evaluator for ``mergelab search``: mean accuracy (%) over the tasks, each with its own head."""
+    out = {f"acc[{t}]": accuracy_pct(lg, y) for t, (lg, y) in task_logits(state_dict, suite, split, tasks).items()}
     out["score"] = sum(out[f"acc[{t}]"] for t in tasks) / len(tasks)
     return out
 

@@ -21,10 +21,10 @@ import torch
 
 from mergelab.analysis.interference import Spectrum, low_rank_sum, spectrum, task_matrices
 from mergelab.ensemble import ensemble_logits
+from mergelab.evaluation import accuracy_pct, correct
 from mergelab.merge.state_dicts import merge_state_dicts
 from mergelab.methods.cart import rank_from_ratio
 from mergelab.types import StateDict
-from mergelab.zoo.primitives import accuracy_pct
 from mergelab.zoo.task_suite import TaskSuite
 
 Params = dict[str, Any]
@@ -88,6 +88,7 @@ class MergeBench:
         self.states = {t: ft[t].state for t in self.tasks}
         self.pretrained = suite.pretrained_state()
         self._acc: dict[tuple[Any, ...], dict[str, float]] = {}
+        self._correct: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
         self._logits: dict[tuple[str, str, str], torch.Tensor] = {}
         self._fisher: dict[str, StateDict] = {}
         self._grams: dict[str, StateDict] = {}
@@ -100,14 +101,33 @@ class MergeBench:
         full = None if key is None else (*key, tuple(tasks), split)
         if full is not None and full in self._acc:
             return self._acc[full]
-        accs = {t: self.suite.accuracy(state, t, split) for t in tasks}
+        accs, right = self.evaluate(state, tasks, split)
         if full is not None:
-            self._acc[full] = accs
+            self._acc[full], self._correct[full] = accs, right
         return accs
+
+    def evaluate(self, state: Mapping[str, torch.Tensor], tasks: Sequence[str], split: str
+                 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Accuracy (%) per task and which examples were right (for paired bootstraps), from one pass."""
+        accs, right = {}, {}
+        for t in tasks:
+            logits, y = self.suite.logits(state, t, split), self.suite.data(t, split).y
+            accs[t], right[t] = accuracy_pct(logits, y), correct(logits, y)
+        return accs, right
+
+    def per_example(self, method: str, tasks: Sequence[str], params: Params, split: str) -> dict[str, torch.Tensor]:
+        """Which examples of each task the merge ``method`` (with ``params``) gets right (memoised with
+        :meth:`score`)."""
+        self.score(method, tasks, params, split)
+        return self._correct[(method, params_key(params), tuple(tasks), split)]
 
     def individual(self, split: str) -> dict[str, float]:
         """Each fine-tuned encoder on its own task (the denominators of normalised accuracy)."""
         return {t: accuracy_pct(self.member_logits(t, t, split), self.suite.data(t, split).y) for t in self.tasks}
+
+    def normalised_scale(self, split: str) -> dict[str, float]:
+        """Per task, the factor from a 0–1 score to normalised accuracy points (100 / fine-tuned accuracy)."""
+        return {t: 100.0 / a if a > 0 else 0.0 for t, a in self.individual(split).items()}
 
     def normalised(self, accs: Mapping[str, float], split: str) -> dict[str, float]:
         ind = self.individual(split)

@@ -35,6 +35,7 @@ from mergelab.runtime import make_progress, torch_threads
 from mergelab.studies.common import prepare_output, study_record, write_outputs
 from mergelab.studies.task_vectors import plots
 from mergelab.studies.task_vectors.bench import METHODS, MergeBench, Selection
+from mergelab.studies.verdict import Difference, difference_verdict, tasks_difference
 from mergelab.zoo.task_suite import FinetuneRecipe, TaskSuite
 
 SUITES = ("vision", "text")
@@ -321,7 +322,13 @@ def _write(out: Path, bench: MergeBench, plan: Plan, sel: dict[str, Selection], 
     fig_scaling = plots.scaling(ts, summary, {n: _label(n) for n in summary}, figures / "scaling.png",
                                 title=f"{suite.name} suite: merging more tasks")
 
-    verdicts = _verdicts(test_norm, peak, curve)
+    # CART against the two baselines on the same test examples: a paired bootstrap of the normalised accuracy
+    scale = bench.normalised_scale("test")
+    right = {n: bench.per_example(n, tasks, sel[n].params, "test")
+             for n in ("cart", "task_arithmetic", "weight_averaging")}
+    diffs = {n: tasks_difference(right["cart"], right[n], scale=scale, seed=seed)
+             for n in ("task_arithmetic", "weight_averaging")}
+    verdicts = _verdicts(test_norm, peak, curve, diffs)
     report = Report(f"Task-vector merging on the {suite.name} suite (CART, arXiv:2412.12153)",
                     intro=("Encoders fine-tuned per task from one pretrained encoder are merged; each task keeps "
                            "its own linear head (fitted on pretrained features, frozen during fine-tuning). "
@@ -403,15 +410,14 @@ _PEAK = ("CART: accuracy vs rank is bell-shaped with its peak at 8–12 % of ful
 _CENTRING = "CART Sec. 3: centred task matrices (θ_t − θ_avg) interfere less in their top-k row spaces than θ_t − θ_0"
 
 
-def _verdicts(test_norm: dict[str, float], peak: dict[str, Any] | None, curve: list[Any]) -> list[Verdict]:
-    cart, ta, wa = test_norm["cart"], test_norm["task_arithmetic"], test_norm["weight_averaging"]
-    out = [
-        Verdict("CART beats task arithmetic", cart > ta, f"CART {cart:.1f} % vs task arithmetic {ta:.1f} % (test; "
-                "no confidence interval is computed for this study yet: differences of a couple of points are "
-                "within the noise of these test sets)", paper=_RECORD),
-        Verdict("CART beats weight averaging", cart > wa, f"CART {cart:.1f} % vs weight averaging {wa:.1f} % (test)",
-                paper=_RECORD),
-    ]
+def _verdicts(test_norm: dict[str, float], peak: dict[str, Any] | None, curve: list[Any],
+              diffs: dict[str, Difference]) -> list[Verdict]:
+    cart = test_norm["cart"]
+    out = [difference_verdict(
+        f"CART beats {label}", diffs[name], paper=_RECORD, unit="points of normalised accuracy",
+        context=f"CART {cart:.1f} % vs {label} {test_norm[name]:.1f} % (mean normalised test accuracy, parameters "
+                "chosen on validation)")
+        for name, label in (("task_arithmetic", "task arithmetic"), ("weight_averaging", "weight averaging"))]
     if peak is None:
         out.append(Verdict("accuracy vs rank is bell-shaped, peaking at a low rank", None, "no interior rank swept",
                            paper=_PEAK))
