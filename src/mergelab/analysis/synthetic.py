@@ -139,7 +139,7 @@ def score_methods(problem: SyntheticTasks, methods: Sequence[str] = tuple(GRIDS)
                   grids: Mapping[str, Sequence[float]] = GRIDS) -> list[MethodScore]:
     """Weight averaging (no parameter) and each of ``methods`` at its best ``lambda`` on its grid; CART at
     rank ``task_rank`` (its rank ratio is ``task_rank / inp``)."""
-    from mergelab import merge_state_dicts
+    from mergelab.merge.state_dicts import merge_state_dicts
 
     fts, base = problem.finetuned, problem.base
     scores = [MethodScore("average", problem.mean_relative_loss(merge_state_dicts(fts, "linear")), None, True)]
