@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergelab.zoo import train as zoo_train
 from mergelab.zoo.cache import recipe_hash
 from mergelab.zoo.data import SPLITS_VERSION
 from mergelab.zoo.train import TRAIN_VERSION, TrainConfig, _member_key, member_seed, train_zoo
@@ -76,3 +77,19 @@ def test_a_reset_head_recipe_keeps_the_cache_key_it_had_before_the_head_policy()
                                                "splits": SPLITS_VERSION})  # splits: zoo.data's sampler version
     keep = TrainConfig(arch="vgg6", dataset="digits")
     assert _member_key(keep, 7) != _member_key(TrainConfig(arch="vgg6", dataset="digits", member_head="reset"), 7)
+
+
+def test_a_cached_zoo_reads_each_checkpoint_once(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the cache check keeps what it read: loading a cached shared-start zoo reads the base and each member once
+    train_zoo("vgg6", "digits", 2, "shared", workers=1, show_progress=False, **TINY)
+    reads: list[str] = []
+    real = zoo_train.load_entry
+
+    def spy(key: str, root: Path | None = None) -> dict[str, object] | None:
+        reads.append(key)
+        return real(key, root)
+
+    monkeypatch.setattr(zoo_train, "load_entry", spy)
+    again = train_zoo("vgg6", "digits", 2, "shared", workers=1, show_progress=False, **TINY)
+    assert again.trained == 0
+    assert len(reads) == len(set(reads)) == 3 and set(again.cache_keys) < set(reads)  # before: 6 reads

@@ -257,21 +257,26 @@ def default_workers() -> int:
     return max(1, int(env)) if env else available_cores()
 
 
-def _load_zoo(spec: ZooSpec, root: Path) -> Zoo:
+def _load_zoo(spec: ZooSpec, root: Path, loaded: Mapping[str, dict[str, Any]]) -> Zoo:
+    """The zoo's models from the cache; ``loaded`` holds the entries already read (each file is read once)."""
+
+    def entry_for(key: str) -> dict[str, Any] | None:
+        return loaded[key] if key in loaded else load_entry(key, root)
+
     cfg = spec.config
     val = load_dataset(cfg.dataset, "val", cfg.split_seed)
     base_state = None
     b_seed = None
     if cfg.init == "shared":
         b_seed = base_seed(cfg.seed)
-        entry = load_entry(_base_key(cfg), root)
+        entry = entry_for(_base_key(cfg))
         assert entry is not None
         base_state = entry["state_dict"]
     models, keys, histories = [], [], []
     for i in range(spec.n_models):
         s = member_seed(cfg.seed, i)
         key = _member_key(cfg, s)
-        entry = load_entry(key, root)
+        entry = entry_for(key)
         assert entry is not None, f"member {i} of {cfg.arch}/{cfg.dataset} missing after training"
         model = _skeleton(cfg, val.input_shape, val.num_classes, s, base_state)
         model.load_state_dict(entry["state_dict"])
@@ -298,6 +303,13 @@ def train_zoos(specs: Sequence[ZooSpec], *, cache: Path | None = None, workers: 
     root = cache or cache_dir()
     bases: dict[str, _Job] = {}
     members: dict[str, _Job] = {}
+    loaded: dict[str, dict[str, Any]] = {}  # entries read to see whether they are cached, kept for loading
+
+    def cached(key: str) -> bool:
+        if key not in loaded and (entry := load_entry(key, root)) is not None:
+            loaded[key] = entry
+        return key in loaded
+
     for spec in specs:
         cfg = spec.config
         if cfg.init not in ("shared", "independent"):
@@ -309,14 +321,14 @@ def train_zoos(specs: Sequence[ZooSpec], *, cache: Path | None = None, workers: 
                                  f"classes but '{cfg.dataset}' has {b.input_shape} and {b.num_classes}: a shared "
                                  "start needs the same; pick datasets of one shape")
         bkey = _base_key(cfg) if cfg.init == "shared" else None
-        if bkey and load_entry(bkey, root) is None:
+        if bkey and not cached(bkey):
             bases.setdefault(bkey, _Job(bkey, base_config(cfg), "base", base_seed(cfg.seed), cfg.pretrain_epochs,
                                         None))
         per_member = cfg.epochs if cfg.init == "shared" else cfg.epochs + cfg.pretrain_epochs
         for i in range(spec.n_models):
             s = member_seed(cfg.seed, i)
             key = _member_key(cfg, s)
-            if load_entry(key, root) is None:
+            if not cached(key):
                 members.setdefault(key, _Job(key, cfg, "member", s, per_member, bkey))
     if bases or members:
         if executor is None or isinstance(executor, str):
@@ -326,7 +338,7 @@ def train_zoos(specs: Sequence[ZooSpec], *, cache: Path | None = None, workers: 
                 _train_jobs(ex, bases, members, root)
         else:
             _train_jobs(executor, bases, members, root)
-    return _load_zoos(specs, root, members)
+    return _load_zoos(specs, root, members, loaded)
 
 
 def _train_jobs(ex: Executor, bases: Mapping[str, _Job], members: Mapping[str, _Job], root: Path) -> None:
@@ -335,8 +347,9 @@ def _train_jobs(ex: Executor, bases: Mapping[str, _Job], members: Mapping[str, _
             ex.map(_run_task, [_TrainTask(job, str(root)) for job in phase.values()], desc=label)
 
 
-def _load_zoos(specs: Sequence[ZooSpec], root: Path, trained: Mapping[str, object]) -> list[Zoo]:
-    zoos = [_load_zoo(spec, root) for spec in specs]
+def _load_zoos(specs: Sequence[ZooSpec], root: Path, trained: Mapping[str, object],
+               loaded: Mapping[str, dict[str, Any]]) -> list[Zoo]:
+    zoos = [_load_zoo(spec, root, loaded) for spec in specs]
     for zoo in zoos:
         zoo.trained = sum(1 for k in zoo.cache_keys if k in trained)
     return zoos
