@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mergelab.align.bn_reset import reset_bn_stats
-from mergelab.evaluation import accuracy_pct, in_batches, mean_cross_entropy
+from mergelab.evaluation import accuracy_pct, correct, in_batches, mean_cross_entropy, predict_logits
 from mergelab.types import StateDict
 
 
@@ -113,16 +114,15 @@ def path_example_losses(model: nn.Module, a: StateDict, b: StateDict, x: torch.T
     tensors, for a bootstrap of the barrier over test examples (its mean over examples is :func:`linear_path`'s
     loss). BatchNorm statistics are re-estimated on ``bn_reset_x`` at interior points, as there."""
     net = copy.deepcopy(model)
-    losses, correct = [], []
+    losses, right = [], []
     for alpha in alphas:
         net.load_state_dict(interpolate(a, b, float(alpha)))
         if bn_reset_x is not None and 0.0 < alpha < 1.0:
             reset_bn_stats(net, bn_reset_x, num_batches=bn_batches, seed=seed)
-        net.eval()
-        logits = torch.cat([net(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+        logits = predict_logits(net, x, batch_size)
         losses.append(F.cross_entropy(logits, y, reduction="none").double())
-        correct.append((logits.argmax(1) == y).double())
-    return torch.stack(losses), torch.stack(correct)
+        right.append(correct(logits, y).double())
+    return torch.stack(losses), torch.stack(right)
 
 
 def barrier_heights(alphas: Sequence[float], curves: np.ndarray) -> np.ndarray:
