@@ -38,7 +38,7 @@ def test_per_example_path_losses_average_to_the_linear_path() -> None:
     ref = linear_path(model, a, b, x, y, points=3)
     assert loss.shape == correct.shape == (3, 64)
     assert np.allclose(loss.mean(1).numpy(), ref.losses, atol=1e-5)
-    assert np.allclose(correct.mean(1).numpy(), ref.accuracies)
+    assert np.allclose(100 * correct.mean(1).numpy(), ref.accuracies_pct)
 
 
 def test_barrier_difference_resolves_a_hump_and_not_a_tie() -> None:
