@@ -39,9 +39,9 @@ def _pngs_referenced(report: Path) -> None:
 
 
 def test_registry() -> None:
-    assert set(STUDIES) == set(DESCRIPTIONS) == {"weights-vs-features", "magnitude", "templates", "task-vectors",
-                                                 "rebasin", "merge-search", "task-vector-search", "cross-dataset",
-                                                 "mode-connectivity", "swa", "vit-soups"}
+    assert set(STUDIES) == set(DESCRIPTIONS) == {"weights-vs-features", "magnitude", "magnitude-deep", "templates",
+                                                 "task-vectors", "rebasin", "merge-search", "task-vector-search",
+                                                 "cross-dataset", "mode-connectivity", "swa", "vit-soups"}
     with pytest.raises(ValueError, match="magnitude"):
         run_study("nope", Path("/tmp/x"))
 

@@ -17,6 +17,7 @@ from typing import Any
 _MODULES = {
     "weights-vs-features": "mergelab.studies.weights_vs_features",
     "magnitude": "mergelab.studies.magnitude",
+    "magnitude-deep": "mergelab.studies.magnitude_deep",
     "templates": "mergelab.studies.templates",
     "task-vectors": "mergelab.studies.task_vectors",
     "rebasin": "mergelab.studies.rebasin",
@@ -33,6 +34,9 @@ DESCRIPTIONS: dict[str, str] = {
                            "N (Table 1, Fig. 3, Fig. 7a).",
     "magnitude": "Scale every model's parameters by c = 1..110 and compare soups with ensembles; checks the "
                  "max-norm and variance bounds of averaging (Fig. 4, 7b, 7c).",
+    "magnitude-deep": "The magnitude study at depth ≥ 19 (VGG-19 plain and BN, ResNet-20, 3 seeds): dense c grid, "
+                      "non-finite logits per method, float32 vs float64 (the overflow hypothesis), BN statistics "
+                      "scaled or not, running vs batch statistics (Fig. 4, 7b-c, Tab. 10).",
     "templates": "Linear-classifier weights as class templates, averaged templates of classes i and i+5, and "
                  "first-layer conv kernels (Fig. 1, Fig. 2).",
     "task-vectors": "CART vs weight averaging, task arithmetic, TIES, DARE-TIES, Model Stock, Fisher, RegMean on "
