@@ -305,7 +305,10 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
               "is the control: its soup equals its logit ensemble at every c.",
               "Fig. 7b shows accuracy against c; Fig. 7c the soup − ensemble gap for every (c, N); Fig. 4 the "
               "per-batch accuracies (points below the diagonal: the ensemble wins that batch). The bound figure "
-              "checks that averaging never raises the largest weight or the weight variance.", *bn_note],
+              "checks that averaging never raises the largest weight or the weight variance.", *bn_note,
+              "These nets are 6 layers deep; the paper's VGG-19 depth, non-finite logits per method, the same grid "
+              "in float64 (is the robustness gap a float32 overflow?) and both BatchNorm protocols are in "
+              "`mergelab study magnitude-deep`."],
         verdicts=verdicts, tables=[table], figures=figs)
     report = Report("Weight magnitude", meta={"seed": cfg.seed, "which": cfg.which,
                                               "scale_bn_stats": cfg.scale_bn_stats}).add(section)
