@@ -182,7 +182,7 @@ def test_depth_19_zoo_architectures() -> None:
     assert [s.key for s in settings_for("vgg19bn", cfg)] == ["params/running", "state_dict/running",
                                                              "state_dict/batch"]
     assert [s.key for s in settings_for("vgg19bn-folded", cfg)] == [s.key for s in settings_for("vgg19", cfg)] \
-        == ["state_dict/none"]
+        == [s.key for s in settings_for("vgg19nb-folded", cfg)] == ["state_dict/none"]
     with pytest.raises(ValueError, match="unknown architecture"):
         settings_for("vgg100", cfg)
 
@@ -232,3 +232,27 @@ def test_magnitude_deep_tiny(tmp_path: Path) -> None:
         == pytest.approx(measured, abs=0.05)
     assert sorted(measured.values()) == pytest.approx([3.0, 6.0, 8.0, 10.0], abs=0.05)
     assert "fig_gap_float32_vs_float64.png" in report.read_text()
+
+
+def test_folded_scalenorm_vgg_is_homogeneous_so_scaling_never_changes_a_float64_prediction() -> None:
+    torch.manual_seed(0)
+    net = build_model("vgg19nb", (1, 28, 28), 10, width=4)
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(32, 1, 28, 28))
+    net.eval()
+    plain = fold_batchnorm(net).double()
+    assert not any("bias" in k for k in plain.state_dict())  # no bias anywhere: nothing shrinks relative to c^L
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), net.double()(x))
+        twin = fold_batchnorm(net).double()
+        twin.load_state_dict(scale_state_dict(plain.state_dict(), 100.0))
+        torch.testing.assert_close(twin(x), plain(x) * 100.0**19, rtol=1e-9, atol=0.0)
+        # a folded BatchNorm VGG has biases (the centring): at large c they vanish relative to c^L
+        bn = fold_batchnorm(_bn_net()).double()
+        bn_twin = fold_batchnorm(_bn_net()).double()
+        bn_twin.load_state_dict(scale_state_dict(bn.state_dict(), 100.0))
+        y = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+        assert not torch.allclose(bn_twin(y), bn(y) * 100.0**6, rtol=1e-3)

@@ -103,12 +103,42 @@ _VGG_CFG = {6: (1, "M", 2, "M", 4, 4, "M"), 9: (1, 1, "M", 2, 2, "M", 4, 4, 4, "
 _VGG_FC = {6: 1, 9: 1, 19: 2}
 
 
+class ScaleNorm(nn.Module):
+    """BatchNorm without centring or shift: ``x · γ / √(E[x²] + ε)`` per channel, with the batch's second
+    moment in training and a running one (kept as ``running_var``: the variance about 0) in eval mode.
+
+    A net of bias-free convs/linears, ReLU, pooling and ScaleNorm, once the norms are folded into the convs
+    (:func:`fold_batchnorm`), is positively homogeneous: scaling all its weights by c scales its logits by
+    exactly c^L and never changes a prediction in exact arithmetic.
+    """
+
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+        self.momentum, self.eps = momentum, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            sq = x.pow(2).mean([0, *range(2, x.dim())])
+            with torch.no_grad():
+                self.running_var.lerp_(sq.detach(), self.momentum)
+        else:
+            sq = self.running_var
+        return x * (self.weight / torch.sqrt(sq + self.eps)).reshape(1, -1, *[1] * (x.dim() - 2))
+
+
 class VGG(ZooModel):
+    """``norm``: None, ``"bn"`` (BatchNorm, convs without bias) or ``"scale"`` (:class:`ScaleNorm` and no
+    bias anywhere: folded, a homogeneous plain net)."""
+
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, depth: int, bn: bool,
-                 width: int = 16) -> None:
+                 width: int = 16, norm_kind: str | None = None) -> None:
         super().__init__()
         nd = len(input_shape) - 1
-        conv, norm, maxpool, _ = _ops(nd)
+        conv, bn_layer, maxpool, _ = _ops(nd)
+        kind = norm_kind or ("bn" if bn else None)
+        norm = ScaleNorm if kind == "scale" else bn_layer
         layers: list[nn.Module] = []
         cin, size = input_shape[0], min(input_shape[1:])
         for item in _VGG_CFG[depth]:
@@ -118,8 +148,8 @@ class VGG(ZooModel):
                     size //= 2
                 continue
             cout = width * int(item)
-            layers.append(conv(cin, cout, 3, padding=1, bias=not bn))
-            if bn:
+            layers.append(conv(cin, cout, 3, padding=1, bias=kind is None))
+            if kind is not None:
                 layers.append(norm(cout))
             layers.append(nn.ReLU())
             cin = cout
@@ -129,10 +159,10 @@ class VGG(ZooModel):
         # the "feature"
         fc: list[nn.Module] = []
         for _ in range(_VGG_FC[depth]):
-            fc += [nn.Linear(cin, hidden), nn.ReLU()]
+            fc += [nn.Linear(cin, hidden, bias=kind != "scale"), nn.ReLU()]
             cin = hidden
         self.fc = nn.Sequential(*fc)
-        self.head = nn.Linear(hidden, num_classes)
+        self.head = nn.Linear(hidden, num_classes, bias=kind != "scale")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(_global_pool(self.convs(x)))
@@ -274,6 +304,8 @@ ARCHS: dict[str, ArchSpec] = {s.name: s for s in [
     _spec("vgg9bn", "vgg-bn", lambda s, k, w: VGG(s, k, 9, True, w), True, True, "VGG, 7 conv + 2 FC, BN"),
     _spec("vgg19bn", "vgg-bn", lambda s, k, w: VGG(s, k, 19, True, w), True, True,
           "VGG-19, 16 conv + 3 FC, BN"),
+    _spec("vgg19nb", "vgg-sn", lambda s, k, w: VGG(s, k, 19, False, w, norm_kind="scale"), True, True,
+          "VGG-19 without biases, ScaleNorm (BN without centring); folded: a homogeneous plain net"),
     _spec("densenet8", "densenet", lambda s, k, w: DenseNet(s, k, 2, width=w), True, True,
           "DenseNet, 3 blocks × 2 layers, growth 8"),
     _spec("densenet14", "densenet", lambda s, k, w: DenseNet(s, k, 4, width=w), True, True,
@@ -345,7 +377,7 @@ def _path_layers(model: nn.Module) -> list[str]:
             continue
         if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear):
             kinds.append("weight")
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm | ScaleNorm):
             kinds.append("bn")
     return kinds
 
@@ -378,15 +410,22 @@ def fold_batchnorm(model: ZooModel) -> ZooModel:
     for seq in [m for m in plain.modules() if isinstance(m, nn.Sequential)]:
         for i in range(1, len(seq)):
             conv, bn = seq[i - 1], seq[i]
-            if not isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d) or not isinstance(conv, nn.Conv1d | nn.Conv2d):
+            if not isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d | ScaleNorm) or not isinstance(
+                    conv, nn.Conv1d | nn.Conv2d):
                 continue
-            assert bn.running_var is not None and bn.running_mean is not None
+            assert isinstance(bn.running_var, torch.Tensor)
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
             conv.weight.mul_(scale.reshape(-1, *[1] * (conv.weight.dim() - 1)))
-            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+            if isinstance(bn, ScaleNorm):  # no centring, no shift: the conv stays bias-free
+                if conv.bias is not None:
+                    conv.bias.mul_(scale)
+            else:
+                assert isinstance(bn.running_mean, torch.Tensor)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
             seq[i] = nn.Identity()
-    left = next((name for name, m in plain.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+    left = next((name for name, m in plain.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm | ScaleNorm)), None)
     if left is not None:
         raise ValueError(f"BatchNorm '{left}' does not follow a conv in an nn.Sequential and cannot be folded; "
                          "fold_batchnorm takes VGG-style nets (conv → BN → ReLU stacks)")
