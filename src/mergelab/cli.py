@@ -227,11 +227,12 @@ def methods(
 ) -> None:
     """List the merge methods with their parameters and papers."""
     _logging(verbose, quiet)
-    from mergelab.methods import all_methods, get_method
+    from mergelab.method_catalog import find_method, load_catalog  # not the registry: it imports torch
 
+    catalog = load_catalog()
     if name is not None:
         try:
-            m = get_method(name)
+            m = find_method(name, catalog)
         except KeyError as exc:
             _fail(exc)
             return
@@ -239,12 +240,11 @@ def methods(
                       f"  paper: {escape(m.paper)}\n  base model: {m.base}\n  tools: {m.tools}")
         table = Table("parameter", "scope", "type", "default", "meaning")
         for p in m.params:
-            default = "required" if p.required else repr(p.default)
-            table.add_row(p.name, p.scope, p.kind.__name__, default, p.help)
+            table.add_row(p.name, p.scope, p.kind, p.default, p.help)
         console.print(table)
         return
     table = Table("method", "base", "parameters", "tools", "paper")
-    for m in all_methods():
+    for m in catalog:
         table.add_row(m.name, m.base, ", ".join(p.name for p in m.params), m.tools, m.paper)
     console.print(table)
 
