@@ -1,0 +1,82 @@
+"""sorted_ranks gives exactly the entries torch's CPU sort puts at ranks [start, stop), ties included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mergelab.methods.std_sort import sorted_ranks
+
+
+def _torch_ranks(values: np.ndarray, start: int, stop: int, descending: bool) -> set[int]:
+    t = torch.from_numpy(values)
+    order = torch.argsort(t, descending=True) if descending else torch.sort(t).indices
+    return set(order[start:stop].tolist())
+
+
+def _check(values: np.ndarray, start: int, stop: int, descending: bool) -> None:
+    got = sorted_ranks(values, start, stop, descending=descending)
+    assert got is not None
+    assert len(got) == max(0, stop - max(start, 0))
+    assert set(got.tolist()) == _torch_ranks(values, start, stop, descending)
+
+
+def _bf16_magnitudes(n: int, seed: int) -> np.ndarray:
+    # bfloat16 task-vector magnitudes: a few hundred distinct values, so ties straddle every rank
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * 0.002).bfloat16().abs().float().numpy()
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("descending", [True, False])
+def test_top_k_of_tied_bfloat16_magnitudes_as_torch_sorts_them(seed: int, descending: bool) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(17, 200_000))
+    values = _bf16_magnitudes(n, seed)
+    k = int(rng.integers(1, n))
+    _check(values, 0, k, descending)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_middle_range_of_ranks_as_torch_sorts_them(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(17, 100_000))
+    values = _bf16_magnitudes(n, seed)
+    a, b = sorted(int(x) for x in rng.integers(0, n + 1, size=2))
+    _check(values, a, b, descending=False)
+    _check(values, a, b, descending=True)
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 33, 1000])
+def test_small_and_degenerate_inputs(n: int) -> None:
+    rng = np.random.default_rng(n)
+    few_values = rng.integers(0, 3, size=n).astype(np.float32)  # almost all tied
+    equal = np.full(n, 0.5, dtype=np.float32)
+    ascending = np.arange(n, dtype=np.float32)
+    for values in (few_values, equal, ascending, ascending[::-1].copy()):
+        for k in {0, 1, n // 2, n - 1, n}:
+            _check(values, 0, k, descending=True)
+            _check(values, k, n, descending=False)
+
+
+def test_distinct_float32_and_signed_zeros() -> None:
+    rng = np.random.default_rng(7)
+    values = rng.standard_normal(50_000).astype(np.float32)
+    values[::97] = 0.0
+    values[::89] = -0.0  # equal to +0.0 for the sort: ties among zeros of both signs
+    _check(values, 0, 12_345, descending=True)
+    _check(values, 1_000, 40_000, descending=False)
+
+
+def test_nan_is_left_to_the_real_sort() -> None:
+    values = np.array([1.0, np.nan, 0.5] * 10, dtype=np.float32)
+    assert sorted_ranks(values, 0, 3, descending=True) is None
+
+
+def test_input_is_left_untouched() -> None:
+    values = _bf16_magnitudes(5_000, 1)
+    before = values.copy()
+    sorted_ranks(values, 0, 1_234, descending=True)
+    sorted_ranks(values, 0, 1_234, descending=False)
+    assert np.array_equal(values, before)
