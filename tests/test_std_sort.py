@@ -80,3 +80,19 @@ def test_input_is_left_untouched() -> None:
     sorted_ranks(values, 0, 1_234, descending=True)
     sorted_ranks(values, 0, 1_234, descending=False)
     assert np.array_equal(values, before)
+
+
+def test_this_torch_sorts_as_simulated() -> None:
+    # if this fails, torch's CPU sort changed: the masks stay right (sparsify sorts for real), only slower
+    from mergelab.methods.std_sort import matches_torch_sort
+
+    assert matches_torch_sort()
+
+
+def test_masks_fall_back_to_the_real_sort_where_the_simulation_declines(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergelab.methods import sparsify
+
+    delta = torch.from_numpy(_bf16_magnitudes(20_000, 3)) * torch.sign(torch.randn(20_000))
+    fast = sparsify.magnitude_mask(delta.bfloat16(), 0.3)
+    monkeypatch.setattr(sparsify, "sorted_ranks", lambda *a, **k: None)
+    assert torch.equal(sparsify.magnitude_mask(delta.bfloat16(), 0.3), fast)

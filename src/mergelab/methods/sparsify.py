@@ -4,15 +4,16 @@ Masks are exact in count and keep the entries mergekit keeps. The threshold is f
 instead of mergekit's full sort; only when magnitudes tied at the threshold straddle it (some kept, some
 not) does the choice among them need the order of the ``torch.argsort``/``torch.sort`` call mergekit makes
 (deterministic for a torch build and any thread count), and then ``std_sort.sorted_ranks`` finds the
-entries that sort keeps without sorting. In float32 that is rare; in bfloat16 it is common (4 of 2,048 mask entries differed on a
-64×32 bf16 tensor when ties were broken by flat index instead), and each such entry flips a TIES vote.
+entries that sort keeps without sorting. In float32 that is rare; in bfloat16 it is common (4 of 2,048
+mask entries differed on a 64×32 bf16 tensor when ties were broken by flat index instead), and each such
+entry flips a TIES vote.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mergelab.methods.std_sort import sorted_ranks
+from mergelab.methods.std_sort import matches_torch_sort, sorted_ranks
 
 
 def _float_flat(x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ def _sorted_range(work: torch.Tensor, start: int, stop: int, *, descending: bool
     cpu = work.cpu()
     # the same entries as the sort, found in O(n) by following only the partitions that hold a boundary
     # rank (methods/std_sort.py; 8 Mi tied bf16 magnitudes: 0.25 s instead of the sort's 1.5 s)
-    ranks = sorted_ranks(cpu.detach().numpy(), start, stop, descending=descending)
+    ranks = sorted_ranks(cpu.detach().numpy(), start, stop, descending=descending) if matches_torch_sort() else None
     order = torch.from_numpy(ranks) if ranks is not None else (
         torch.argsort(cpu, descending=True) if descending else torch.sort(cpu).indices)[start:stop]
     mask = torch.zeros_like(cpu, dtype=torch.bool)
