@@ -14,6 +14,12 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 from tiny_models import make_family
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hash_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # merges remember input digests (io/file_hashes.py): in the session's temp folder, not the user's home
+    os.environ["MERGELAB_HASH_CACHE"] = str(tmp_path_factory.mktemp("sha256-cache"))
+
+
 @pytest.fixture(scope="session")
 def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[Path]]]:
     """Tiny Llama-, Mistral-, Qwen2-, GPT-2- and BERT-style families (base + 3 fine-tunes), saved once per

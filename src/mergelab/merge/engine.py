@@ -12,7 +12,6 @@ complete; on any error the temporary folder is removed and an existing OUT_DIR i
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from rich.progress import (
 )
 
 from mergelab.errors import CompatibilityError, ConfigError, OutputError, OutputExistsError, UsageError
+from mergelab.io.file_hashes import cached_sha256
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.merge.config import MergeConfig, load_config
@@ -73,14 +73,6 @@ class MergeResult:
     tensors: int
     bytes_written: int
     record: dict[str, Any] = field(default_factory=dict)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device | None:
@@ -305,12 +297,12 @@ def run_merge(
         _remove_created(created, out.parent)
         raise
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-hash") if hash_inputs else None
-    hashes: dict[str, Future[str]] = {}
+    hashes: dict[str, Future[tuple[str, bool]]] = {}
     try:
         if hasher is not None:
             for reader in plan.readers:
                 for f in reader.files:
-                    hashes[str(f)] = hasher.submit(sha256_file, f)
+                    hashes[str(f)] = hasher.submit(cached_sha256, f)
         result = _stream(plan, tmp, cfg, dev, shard_bytes, allow_nonfinite, progress)
         copied = _copy_model_files(plan, tmp, cfg.output_dtype)
         record = {
@@ -330,7 +322,9 @@ def run_merge(
             "bytes": result[1],
             "copied_files": copied,
             "warnings": plan.warnings,
-            "inputs_sha256": {k: v.result() for k, v in hashes.items()},
+            "inputs_sha256": {k: v.result()[0] for k, v in hashes.items()},
+            # digests reused from io/file_hashes.py's cache (file unchanged since hashed); the rest computed now
+            "inputs_sha256_from_cache": [k for k, v in hashes.items() if v.result()[1]],
             "input_paths": {label: str(r.path.absolute()) for label, r in zip(
                 ([cfg.base_model] if plan.base is not None else []) + plan.labels, plan.readers, strict=True)},
         }
