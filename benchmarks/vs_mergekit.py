@@ -1,14 +1,18 @@
 """mergelab against mergekit on the same merges, in the same run: wall time, peak RSS, output equality.
 
-    python benchmarks/vs_mergekit.py --size 0.5GB            # 3 models of ~0.5 GB each, bf16
+    python benchmarks/vs_mergekit.py --size 0.5GB 2GB      # 3 models of ~0.5 GB, then of ~2 GB, bf16
     python benchmarks/vs_mergekit.py --size 2GB --methods linear ties
 
 Builds random Llama-style checkpoints (a base and two fine-tunes = base + small noise, bf16, 1 GB shards of
 safetensors) once under --work, then for each method runs `mergelab merge` and `mergekit-yaml` as
 subprocesses with the same YAML, sampling the RSS of each process tree every 20 ms. The I/O floor is the
 time to read every input file once and write one output of the merged size, measured in the same run.
-Page cache is warm for every run (inputs are read once before timing). Prints a table of ratios
-(mergelab/mergekit, mergelab/floor) and writes it as Markdown to --report.
+Page cache is warm for every run (inputs are read once before timing). `mergelab merge` runs with the
+input-hash cache off (every input hashed, as on a first merge of new files); the *engine* runs with it warm
+(a repeated merge of the same files; io/file_hashes.py). The load average of the machine is recorded beside
+each method: other processes on the same cores slow every tool. Prints a table of ratios
+(mergelab/mergekit, mergelab/floor) per size and writes them all as Markdown to --report
+(default benchmarks/results/<date>.md).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from safetensors import safe_open
 
 from mergelab.io.writer import parse_size, write_state_dict
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "slerp", "model_stock")
+RANDOM = ("dare_ties", "della")  # random masks: mergekit and mergelab draw them from different generators
 
 
 def llama_config(target_bytes: int) -> dict[str, int]:
@@ -83,17 +88,24 @@ def config_for(method: str, paths: list[Path]) -> dict:
     if method == "slerp":
         return {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": a}],
                 "parameters": {"t": 0.4}, "dtype": "bfloat16"}
+    if method == "model_stock":
+        return {"merge_method": method, "base_model": base, "dtype": "bfloat16",
+                "models": [{"model": m} for m in (a, b)]}
     params = {"weight": 0.5}
-    if method in ("ties", "dare_ties"):
+    if method in ("ties", "dare_ties", "breadcrumbs", "della"):
         params["density"] = 0.3
+    if method == "breadcrumbs":
+        params["gamma"] = 0.01
+    if method == "della":
+        params["epsilon"] = 0.1
     return {"merge_method": method, "base_model": base, "dtype": "bfloat16",
             "models": [{"model": m, "parameters": params} for m in (a, b)]}
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int]:
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes, whole process tree) of a command."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     peak = 0
     ps = psutil.Process(proc.pid)
     stop = threading.Event()
@@ -130,12 +142,14 @@ print(time.perf_counter() - start)
 """
 
 
-def engine_seconds(cfg_path: Path, out: Path, device: str) -> float:
+def engine_seconds(cfg_path: Path, out: Path, device: str, hash_cache: Path) -> float:
     """Seconds of ``run_merge`` alone, timed inside a fresh process: the CLI's wall time less the start of
-    Python and the import of torch (which every torch-based tool pays; see ``import_seconds``)."""
+    Python and the import of torch (which every torch-based tool pays; see ``import_seconds``). Input
+    digests come from the warm ``hash_cache``."""
     shutil.rmtree(out, ignore_errors=True)
     done = subprocess.run([sys.executable, "-c", _ENGINE_ONLY, str(cfg_path), str(out), device],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True,
+                          env={**os.environ, "MERGELAB_HASH_CACHE": str(hash_cache)})
     shutil.rmtree(out, ignore_errors=True)
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -184,33 +198,35 @@ def max_abs_diff(a: Path, b: Path) -> float:
     return max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="0.5GB", help="approximate size of each model (bf16)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/mergelab-bench"))
-    ap.add_argument("--repeats", type=int, default=1, help="runs per tool and method (median reported)")
-    ap.add_argument("--report", type=Path, default=None, help="Markdown output (default benchmarks/results/...)")
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
+def measure_size(size_text: str, args: argparse.Namespace) -> tuple[str, dict]:
+    """Run every method at one model size; the Markdown section and the raw numbers."""
+    from mergelab.io.file_hashes import cached_sha256
 
-    size = parse_size(args.size)
-    work = args.work / args.size
+    size = parse_size(size_text)
+    work = args.work / size_text
     work.mkdir(parents=True, exist_ok=True)
     print(f"building 3 Llama-style bf16 models of ~{size / 1e9:.2f} GB in {work} ...", flush=True)
     paths = build_models(work, size)
-    in_bytes = sum(f.stat().st_size for p in paths for f in p.glob("*.safetensors"))
+    inputs = [f for p in paths for f in sorted(p.glob("*.safetensors"))]
+    in_bytes = sum(f.stat().st_size for f in inputs)
     out_bytes = sum(f.stat().st_size for f in paths[0].glob("*.safetensors"))
     io_floor(paths, 0, work / "scratch")  # warm the page cache once
     floor = statistics.median(io_floor(paths, out_bytes, work / "scratch") for _ in range(3))
     torch_import = statistics.median(import_seconds() for _ in range(3))
+    hash_cache = work / "hash-cache"
+    start = time.perf_counter()
+    for f in inputs:  # warm the engine runs' digest cache, and time what a cold hash costs
+        cached_sha256(f, hash_cache)
+    hash_s = time.perf_counter() - start
     mergekit_bin = shutil.which("mergekit-yaml")
     mergelab_bin = [sys.executable, "-m", "mergelab.cli"]
+    cold_hashes = {**os.environ, "MERGELAB_HASH_CACHE": "off"}
     rows = []
     for method in args.methods:
         cfg_path = work / f"{method}.yml"
         cfg_path.write_text(yaml.safe_dump(config_for(method, paths)))
         results = {}
+        load_before = os.getloadavg()[0]
         for tool in ("mergelab", "mergekit"):
             out = work / f"out-{tool}-{method}"
             walls, peaks = [], []
@@ -225,43 +241,67 @@ def main() -> None:
                            "--quiet", "--random-seed", "0"]
                     if args.device != "cpu":
                         cmd += ["--device", args.device]
-                wall, peak = run_measured(cmd)
+                wall, peak = run_measured(cmd, env=cold_hashes if tool == "mergelab" else None)
                 walls.append(wall)
                 peaks.append(peak)
             results[tool] = (statistics.median(walls), max(peaks))
             print(f"  {method:16s} {tool:9s} {results[tool][0]:7.2f} s  peak RSS {results[tool][1] / 2**20:8.0f} MiB",
                   flush=True)
-        engine = statistics.median(engine_seconds(cfg_path, work / f"out-engine-{method}", args.device)
+        engine = statistics.median(engine_seconds(cfg_path, work / f"out-engine-{method}", args.device, hash_cache)
                                    for _ in range(args.repeats))
         diff = max_abs_diff(work / f"out-mergelab-{method}", work / f"out-mergekit-{method}")
         (ml_t, ml_m), (mk_t, mk_m) = results["mergelab"], results["mergekit"]
         rows.append({"method": method, "mergelab_s": ml_t, "mergekit_s": mk_t, "time_ratio": ml_t / mk_t,
                      "floor_ratio": ml_t / floor, "engine_s": engine, "engine_floor_ratio": engine / floor,
                      "mergelab_rss_mib": ml_m / 2**20, "mergekit_rss_mib": mk_m / 2**20,
-                     "rss_ratio": ml_m / mk_m, "max_abs_diff": diff})
+                     "rss_ratio": ml_m / mk_m, "max_abs_diff": diff,
+                     "load": (load_before, os.getloadavg()[0])})
+        print(f"  {method:16s} engine    {engine:7.2f} s  ({engine / floor:.2f}x floor)", flush=True)
         for tool in ("mergelab", "mergekit"):
             shutil.rmtree(work / f"out-{tool}-{method}", ignore_errors=True)
 
     header = (f"Merging 3 models of {in_bytes / 3 / 1e9:.2f} GB each (bf16, Llama-style, safetensors in 1 GB shards), "
               f"device {args.device}, {os.cpu_count()} CPUs, torch {torch.__version__}. I/O floor (read inputs once + "
-              f"write one output, warm cache): {floor:.2f} s. `import torch` alone: {torch_import:.2f} s. "
-              "*engine* = `run_merge` timed inside the process (no interpreter start or imports), inputs "
-              "hashed (sha256) as by default.\n\n")
+              f"write one output, warm cache): {floor:.2f} s. `import torch` alone: {torch_import:.2f} s. sha256 of "
+              f"all inputs (cold, one thread): {hash_s:.2f} s. *mergelab s*: `mergelab merge` with the hash cache off "
+              "(every input hashed); *engine* = `run_merge` timed inside the process (no interpreter start or "
+              "imports), digests from the warm hash cache. *load*: 1-minute load average before/after the method "
+              "(2 cores: above 2 means other processes were waiting for them).\n\n")
     table = ("| method | mergelab s | mergekit s | time mergelab/mergekit | mergelab/floor | engine s | engine/floor "
-             "| mergelab peak RSS MiB | mergekit peak RSS MiB | RSS mergelab/mergekit | max abs diff |\n"
-             "|---|---|---|---|---|---|---|---|---|---|---|\n")
+             "| mergelab peak RSS MiB | mergekit peak RSS MiB | RSS mergelab/mergekit | max abs diff | load |\n"
+             "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
-        diff = "random masks differ" if r["method"] == "dare_ties" else f"{r['max_abs_diff']:.3g}"
+        diff = "random masks differ" if r["method"] in RANDOM else f"{r['max_abs_diff']:.3g}"
         table += (f"| {r['method']} | {r['mergelab_s']:.2f} | {r['mergekit_s']:.2f} | {r['time_ratio']:.2f} | "
                   f"{r['floor_ratio']:.2f} | {r['engine_s']:.2f} | {r['engine_floor_ratio']:.2f} | "
                   f"{r['mergelab_rss_mib']:.0f} | {r['mergekit_rss_mib']:.0f} | "
-                  f"{r['rss_ratio']:.2f} | {diff} |\n")
-    print("\n" + header + table)
-    report = args.report or Path(__file__).parent / "results" / f"vs_mergekit_{args.size}_{args.device}.md"
+                  f"{r['rss_ratio']:.2f} | {diff} | {r['load'][0]:.1f}/{r['load'][1]:.1f} |\n")
+    print("\n" + header + table, flush=True)
+    summary = {"size": size_text, "floor_s": floor, "torch_import_s": torch_import, "hash_s": hash_s, "rows": rows}
+    return f"## 3 × {size_text}\n\n" + header + table, summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", nargs="+", default=["0.5GB"], help="approximate size of each model (bf16)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mergelab-bench"))
+    ap.add_argument("--repeats", type=int, default=1, help="runs per tool and method (median reported)")
+    ap.add_argument("--report", type=Path, default=None, help="Markdown output (default benchmarks/results/<date>.md)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    sections, summaries = [], []
+    for size_text in args.size:
+        section, summary = measure_size(size_text, args)
+        sections.append(section)
+        summaries.append(summary)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    report = args.report or Path(__file__).parent / "results" / f"{today}.md"
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(f"# mergelab vs mergekit, {args.size} per model\n\n" + header + table)
-    summary = {"floor_s": floor, "torch_import_s": torch_import, "rows": rows}
-    (report.with_suffix(".json")).write_text(json.dumps(summary, indent=2))
+    command = "python benchmarks/vs_mergekit.py " + " ".join(sys.argv[1:])
+    report.write_text(f"# mergelab vs mergekit, {today}\n\n`{command}`\n\n" + "\n".join(sections))
+    report.with_suffix(".json").write_text(json.dumps(summaries, indent=2))
     print(f"wrote {report}")
 
 

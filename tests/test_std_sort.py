@@ -96,3 +96,15 @@ def test_masks_fall_back_to_the_real_sort_where_the_simulation_declines(monkeypa
     fast = sparsify.magnitude_mask(delta.bfloat16(), 0.3)
     monkeypatch.setattr(sparsify, "sorted_ranks", lambda *a, **k: None)
     assert torch.equal(sparsify.magnitude_mask(delta.bfloat16(), 0.3), fast)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stop_positions_produced_in_many_blocks(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    from mergelab.methods import std_sort
+
+    monkeypatch.setattr(std_sort, "_BLOCK", 61)  # a prime: blocks end everywhere relative to the swaps
+    rng = np.random.default_rng(200 + seed)
+    values = _bf16_magnitudes(int(rng.integers(1_000, 30_000)), seed)
+    k = int(rng.integers(1, values.size))
+    _check(values, 0, k, descending=True)
+    _check(values, k // 2, k, descending=False)

@@ -29,6 +29,7 @@ import functools
 import numpy as np
 
 _THRESHOLD = 16  # libstdc++'s _S_threshold: introsort leaves segments of this size to the insertion sort
+_BLOCK = 1 << 20  # entries scanned per block for the partition's stop positions (8 MiB of positions at most)
 
 
 def _first_crossing(lo: np.ndarray, ro: np.ndarray) -> int:
@@ -41,6 +42,29 @@ def _first_crossing(lo: np.ndarray, ro: np.ndarray) -> int:
         else:
             b = mid
     return a
+
+
+class _Stops:
+    """Positions where ``mask`` is true, from the left (ascending) or the right (descending), produced a
+    block at a time: a full position list would take 8 bytes per entry."""
+
+    def __init__(self, mask: np.ndarray, from_right: bool) -> None:
+        n = mask.size
+        blocks = [(a, min(n, a + _BLOCK)) for a in range(0, n, _BLOCK)]
+        self._blocks = iter(blocks[::-1] if from_right else blocks)
+        self._mask, self._from_right = mask, from_right
+        self.ahead = np.empty(0, dtype=np.int64)  # produced, not yet consumed
+
+    def fill(self) -> bool:
+        """Make ``ahead`` non-empty; False when no position is left."""
+        while self.ahead.size == 0:
+            block = next(self._blocks, None)
+            if block is None:
+                return False
+            a, b = block
+            found = np.flatnonzero(self._mask[a:b]) + a
+            self.ahead = found[::-1] if self._from_right else found
+        return True
 
 
 def _partition(v: np.ndarray, idx: np.ndarray, first: int, last: int) -> int | None:
@@ -61,16 +85,23 @@ def _partition(v: np.ndarray, idx: np.ndarray, first: int, last: int) -> int | N
     idx[first], idx[m] = idx[m], idx[first]
     pivot = v[first]
     seg = v[first + 1:last]
-    lo = np.flatnonzero(seg <= pivot)  # where the left scan stops: not strictly before the pivot
-    ro = np.flatnonzero(seg >= pivot)[::-1]  # where the right scan stops, from the right
-    swaps = _first_crossing(lo, ro)
-    stops = ([int(lo[swaps])] if swaps < lo.size else []) + ([int(ro[swaps - 1])] if swaps else [])
-    if not stops:
-        return None
-    left, right = lo[:swaps] + (first + 1), ro[:swaps] + (first + 1)
-    v[left], v[right] = v[right], v[left]
-    idx[left], idx[right] = idx[right], idx[left]
-    return first + 1 + min(stops)
+    # the scans stop where an entry is not strictly before (left) or not strictly after (right) the pivot;
+    # both are read from the entries as they were before any swap (see the module's notes)
+    left, right = _Stops(seg <= pivot, from_right=False), _Stops(seg >= pivot, from_right=True)
+    last_right = None  # where the last swap's right scan stopped
+    while left.fill() and right.fill():
+        n = min(left.ahead.size, right.ahead.size)
+        swaps = _first_crossing(left.ahead[:n], right.ahead[:n])
+        lo, ro = left.ahead[:swaps] + (first + 1), right.ahead[:swaps] + (first + 1)
+        v[lo], v[ro] = v[ro], v[lo]
+        idx[lo], idx[ro] = idx[ro], idx[lo]
+        if swaps:
+            last_right = int(ro[-1])
+        left.ahead, right.ahead = left.ahead[swaps:], right.ahead[swaps:]
+        if swaps < n:
+            break
+    stops = ([int(left.ahead[0]) + first + 1] if left.fill() else []) + ([last_right] if last_right is not None else [])
+    return min(stops) if stops else None
 
 
 def sorted_ranks(values: np.ndarray, start: int, stop: int, *, descending: bool) -> np.ndarray | None:
