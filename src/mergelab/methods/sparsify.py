@@ -46,20 +46,23 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return _kth_largest(work, k)
 
 
-def _mask_at(work: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
+def _mask_at(work: torch.Tensor, threshold: torch.Tensor, k: int, *, owned: bool = False) -> torch.Tensor:
     """Exactly the ``k`` largest entries of 1-D ``work`` that mergekit keeps: those above ``threshold``,
-    then, when not every entry equal to it fits, the tied ones in ``torch.argsort``'s order."""
+    then, when not every entry equal to it fits, the tied ones in ``torch.argsort``'s order. ``owned``:
+    ``work`` is the caller's scratch copy and may be overwritten."""
     mask = work > threshold
     missing = k - int(torch.count_nonzero(mask))  # a bool sum would materialise int64 per entry
     if missing > 0:
         ties = torch.nonzero(work == threshold).reshape(-1)
         if ties.numel() > missing:  # straddling ties: the sort's order decides, as in mergekit
-            return _sorted_range(work, 0, k, descending=True)
+            del mask, ties
+            return _sorted_range(work, 0, k, descending=True, owned=owned)
         mask[ties] = True
     return mask
 
 
-def _sorted_range(work: torch.Tensor, start: int, stop: int, *, descending: bool) -> torch.Tensor:
+def _sorted_range(work: torch.Tensor, start: int, stop: int, *, descending: bool,
+                  owned: bool = False) -> torch.Tensor:
     """Mask of the entries at ranks ``[start, stop)`` of ``work`` sorted as mergekit sorts it on the CPU.
 
     Sorted on the CPU whatever the device, so that the same inputs keep the same entries everywhere (the
@@ -68,7 +71,8 @@ def _sorted_range(work: torch.Tensor, start: int, stop: int, *, descending: bool
     cpu = work.cpu()
     # the same entries as the sort, found in O(n) by following only the partitions that hold a boundary
     # rank (methods/std_sort.py; 8 Mi tied bf16 magnitudes: 0.25 s instead of the sort's 1.5 s)
-    ranks = sorted_ranks(cpu.detach().numpy(), start, stop, descending=descending) if matches_torch_sort() else None
+    ranks = sorted_ranks(cpu.detach().numpy(), start, stop, descending=descending,
+                         overwrite=owned or cpu is not work) if matches_torch_sort() else None
     order = torch.from_numpy(ranks) if ranks is not None else (
         torch.argsort(cpu, descending=True) if descending else torch.sort(cpu).indices)[start:stop]
     mask = torch.zeros_like(cpu, dtype=torch.bool)
@@ -111,7 +115,7 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
         return torch.ones_like(delta, dtype=torch.bool)
     # |δ| is recomputed rather than kept beside the selection's scratch copy: one tensor of memory less
     threshold = _kth_largest(_float_flat(delta.abs()), k)
-    return _mask_at(_float_flat(delta.abs()), threshold, k).reshape(delta.shape)
+    return _mask_at(_float_flat(delta.abs()), threshold, k, owned=True).reshape(delta.shape)
 
 
 def threshold_mask(delta: torch.Tensor, threshold: float) -> torch.Tensor:

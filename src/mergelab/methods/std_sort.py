@@ -104,16 +104,21 @@ def _partition(v: np.ndarray, idx: np.ndarray, first: int, last: int) -> int | N
     return min(stops) if stops else None
 
 
-def sorted_ranks(values: np.ndarray, start: int, stop: int, *, descending: bool) -> np.ndarray | None:
+def sorted_ranks(values: np.ndarray, start: int, stop: int, *, descending: bool,
+                 overwrite: bool = False) -> np.ndarray | None:
     """Flat indices of the entries that ``torch.sort(values, descending=...)`` (CPU, not stable) places at
     ranks ``[start, stop)``, in no particular order; None where only a real sort can tell (NaN present,
-    or introsort's heapsort fallback reached). ``values`` (1-D float) is left untouched."""
+    or introsort's heapsort fallback reached). ``values`` (1-D float) is left untouched unless
+    ``overwrite`` (then it is scratch space: one copy of the values less)."""
     n = values.size
     if np.isnan(values).any():  # torch orders NaN by its own rule; let it sort
         return None
     # ascending by a < b is descending by -a > -b, with the same comparisons (negation is exact)
-    v = -values if not descending else values.copy()
-    idx = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    if overwrite:
+        v = values if descending else np.negative(values, out=values)
+    else:
+        v = values.copy() if descending else -values
+    idx = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)  # v[j] is always the value of entry idx[j]
     bounds = [b for b in (start, stop) if 0 < b < n]
     todo = [(0, n, 2 * (n.bit_length() - 1))]  # std::__sort: depth limit 2·⌊log2 n⌋
     while todo:
@@ -122,12 +127,14 @@ def sorted_ranks(values: np.ndarray, start: int, stop: int, *, descending: bool)
             continue  # its inner order decides nothing
         if last - first <= _THRESHOLD:
             order = np.argsort(-v[first:last], kind="stable")  # the final insertion sort is stable
-            idx[first:last] = idx[first:last][order]
+            idx[first:last], v[first:last] = idx[first:last][order], v[first:last][order]
             continue
-        if depth == 0:
-            return None  # std::__partial_sort (heapsort) would take over here
-        cut = _partition(v, idx, first, last)
+        cut = _partition(v, idx, first, last) if depth > 0 else None  # depth 0: heapsort would take over
         if cut is None:
+            if overwrite:  # give the caller its values back, in place and in order, for a real sort
+                values[idx] = v.copy()
+                if not descending:
+                    np.negative(values, out=values)
             return None
         todo += [(cut, last, depth - 1), (first, cut, depth - 1)]
     return idx[max(start, 0):stop]
