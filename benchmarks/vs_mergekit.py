@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -102,8 +104,15 @@ def config_for(method: str, paths: list[Path]) -> dict:
             "models": [{"model": m, "parameters": params} for m in (a, b)]}
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes, whole process tree) of a command."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (bytes, whole process tree) and CPU seconds (user + system, every process it
+    waited for) of a command. CPU seconds change far less than wall seconds when other jobs share the cores."""
+    cpu_before = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     peak = 0
@@ -128,7 +137,7 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.decode()[-2000:]}")
-    return wall, peak
+    return wall, peak, _children_cpu() - cpu_before
 
 
 _ENGINE_ONLY = """
@@ -198,8 +207,10 @@ def max_abs_diff(a: Path, b: Path) -> float:
     return max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)
 
 
-def measure_size(size_text: str, args: argparse.Namespace) -> tuple[str, dict]:
-    """Run every method at one model size; the Markdown section and the raw numbers."""
+def measure_size(size_text: str, args: argparse.Namespace,
+                 on_method: Callable[[str, dict], None] | None = None) -> tuple[str, dict]:
+    """Run every method at one model size; the Markdown section and the raw numbers (also passed to
+    ``on_method`` after every method)."""
     from mergelab.io.file_hashes import cached_sha256
 
     size = parse_size(size_text)
@@ -225,11 +236,11 @@ def measure_size(size_text: str, args: argparse.Namespace) -> tuple[str, dict]:
     for method in args.methods:
         cfg_path = work / f"{method}.yml"
         cfg_path.write_text(yaml.safe_dump(config_for(method, paths)))
-        results = {}
+        results, cpu_s = {}, {}
         load_before = os.getloadavg()[0]
         for tool in ("mergelab", "mergekit"):
             out = work / f"out-{tool}-{method}"
-            walls, peaks = [], []
+            walls, peaks, cpus = [], [], []
             for _ in range(args.repeats):
                 shutil.rmtree(out, ignore_errors=True)
                 if tool == "mergelab":
@@ -241,12 +252,14 @@ def measure_size(size_text: str, args: argparse.Namespace) -> tuple[str, dict]:
                            "--quiet", "--random-seed", "0"]
                     if args.device != "cpu":
                         cmd += ["--device", args.device]
-                wall, peak = run_measured(cmd, env=cold_hashes if tool == "mergelab" else None)
+                wall, peak, cpu = run_measured(cmd, env=cold_hashes if tool == "mergelab" else None)
                 walls.append(wall)
                 peaks.append(peak)
+                cpus.append(cpu)
             results[tool] = (statistics.median(walls), max(peaks))
-            print(f"  {method:16s} {tool:9s} {results[tool][0]:7.2f} s  peak RSS {results[tool][1] / 2**20:8.0f} MiB",
-                  flush=True)
+            cpu_s[tool] = statistics.median(cpus)
+            print(f"  {method:16s} {tool:9s} {results[tool][0]:7.2f} s  peak RSS {results[tool][1] / 2**20:8.0f} MiB"
+                  f"  CPU {cpu_s[tool]:7.2f} s", flush=True)
         engine = statistics.median(engine_seconds(cfg_path, work / f"out-engine-{method}", args.device, hash_cache)
                                    for _ in range(args.repeats))
         diff = max_abs_diff(work / f"out-mergelab-{method}", work / f"out-mergekit-{method}")
@@ -254,12 +267,19 @@ def measure_size(size_text: str, args: argparse.Namespace) -> tuple[str, dict]:
         rows.append({"method": method, "mergelab_s": ml_t, "mergekit_s": mk_t, "time_ratio": ml_t / mk_t,
                      "floor_ratio": ml_t / floor, "engine_s": engine, "engine_floor_ratio": engine / floor,
                      "mergelab_rss_mib": ml_m / 2**20, "mergekit_rss_mib": mk_m / 2**20,
-                     "rss_ratio": ml_m / mk_m, "max_abs_diff": diff,
+                     "rss_ratio": ml_m / mk_m, "max_abs_diff": diff, "mergelab_cpu_s": cpu_s["mergelab"],
+                     "mergekit_cpu_s": cpu_s["mergekit"],
                      "load": (load_before, os.getloadavg()[0])})
         print(f"  {method:16s} engine    {engine:7.2f} s  ({engine / floor:.2f}x floor)", flush=True)
         for tool in ("mergelab", "mergekit"):
             shutil.rmtree(work / f"out-{tool}-{method}", ignore_errors=True)
+        if on_method is not None:  # the report so far: a long run cut short still leaves its numbers
+            on_method(*_section(size_text, in_bytes, floor, torch_import, hash_s, rows, args))
+    return _section(size_text, in_bytes, floor, torch_import, hash_s, rows, args)
 
+
+def _section(size_text: str, in_bytes: int, floor: float, torch_import: float, hash_s: float, rows: list[dict],
+             args: argparse.Namespace) -> tuple[str, dict]:
     header = (f"Merging 3 models of {in_bytes / 3 / 1e9:.2f} GB each (bf16, Llama-style, safetensors in 1 GB shards), "
               f"device {args.device}, {os.cpu_count()} CPUs, torch {torch.__version__}. I/O floor (read inputs once + "
               f"write one output, warm cache): {floor:.2f} s. `import torch` alone: {torch_import:.2f} s. sha256 of "
@@ -268,15 +288,15 @@ def measure_size(size_text: str, args: argparse.Namespace) -> tuple[str, dict]:
               "imports), digests from the warm hash cache. *load*: 1-minute load average before/after the method "
               "(2 cores: above 2 means other processes were waiting for them).\n\n")
     table = ("| method | mergelab s | mergekit s | time mergelab/mergekit | mergelab/floor | engine s | engine/floor "
-             "| mergelab peak RSS MiB | mergekit peak RSS MiB | RSS mergelab/mergekit | max abs diff | load |\n"
-             "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+             "| CPU s mergelab / mergekit | mergelab peak RSS MiB | mergekit peak RSS MiB | RSS mergelab/mergekit "
+             "| max abs diff | load |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
         diff = "random masks differ" if r["method"] in RANDOM else f"{r['max_abs_diff']:.3g}"
         table += (f"| {r['method']} | {r['mergelab_s']:.2f} | {r['mergekit_s']:.2f} | {r['time_ratio']:.2f} | "
                   f"{r['floor_ratio']:.2f} | {r['engine_s']:.2f} | {r['engine_floor_ratio']:.2f} | "
+                  f"{r['mergelab_cpu_s']:.1f} / {r['mergekit_cpu_s']:.1f} | "
                   f"{r['mergelab_rss_mib']:.0f} | {r['mergekit_rss_mib']:.0f} | "
                   f"{r['rss_ratio']:.2f} | {diff} | {r['load'][0]:.1f}/{r['load'][1]:.1f} |\n")
-    print("\n" + header + table, flush=True)
     summary = {"size": size_text, "floor_s": floor, "torch_import_s": torch_import, "hash_s": hash_s, "rows": rows}
     return f"## 3 × {size_text}\n\n" + header + table, summary
 
@@ -291,19 +311,25 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    sections, summaries = [], []
-    for size_text in args.size:
-        section, summary = measure_size(size_text, args)
-        sections.append(section)
-        summaries.append(summary)
     today = time.strftime("%Y-%m-%d", time.gmtime())
     report = args.report or Path(__file__).parent / "results" / f"{today}.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/vs_mergekit.py " + " ".join(sys.argv[1:])
-    report.write_text(f"# mergelab vs mergekit, {today}\n\n`{command}`\n\n" + "\n".join(sections))
-    report.with_suffix(".json").write_text(json.dumps(summaries, indent=2))
-    print(f"wrote {report}")
+    sections: list[str] = []
+    summaries: list[dict] = []
 
+    def write(section: str, summary: dict) -> None:
+        done = len(sections)  # sections of the sizes already finished, then this size so far
+        report.write_text(f"# mergelab vs mergekit, {today}\n\n`{command}`\n\n" + "\n".join([*sections, section]))
+        report.with_suffix(".json").write_text(json.dumps([*summaries[:done], summary], indent=2))
+
+    for size_text in args.size:
+        section, summary = measure_size(size_text, args, on_method=write)
+        print("\n" + section, flush=True)
+        write(section, summary)
+        sections.append(section)
+        summaries.append(summary)
+    print(f"wrote {report}")
 
 if __name__ == "__main__":
     main()
