@@ -1,0 +1,82 @@
+"""CPU seconds per GB of input of each method's arithmetic on one tensor, on one thread.
+
+    python benchmarks/method_cpu.py --entries 8Mi
+
+A base and two fine-tunes of one bf16 tensor (base ~ N(0, 0.02²), fine-tune = base + N(0, 0.002²): the
+shapes of benchmarks/vs_mergekit.py), merged by each method's pure function in bf16 as the benchmark's
+configs ask (``dtype: bfloat16``), under the engine's ``one_thread``. Reports process CPU seconds (user +
+system, which another job on the same cores changes far less than wall seconds) per GB of input, the
+number to multiply by a model's input size for the arithmetic part of a merge's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from mergelab.io.writer import parse_size
+from mergelab.merge.allocator import recycle_freed_memory
+from mergelab.merge.core import one_thread
+from mergelab.methods.breadcrumbs import breadcrumbs_merge
+from mergelab.methods.dare import dare_merge
+from mergelab.methods.linear import linear_merge
+from mergelab.methods.model_stock import model_stock_merge
+from mergelab.methods.slerp import slerp_merge
+from mergelab.methods.sparsify import magnitude_mask
+from mergelab.methods.task_arithmetic import task_arithmetic_merge
+from mergelab.methods.ties import ties_merge
+
+BF16 = torch.bfloat16
+
+
+def cases(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict[str, tuple[int, Callable[[], object]]]:
+    """name -> (number of input tensors read, the call)."""
+    return {
+        "linear": (2, lambda: linear_merge([a, b], [0.5, 0.5])),
+        "task_arithmetic": (3, lambda: task_arithmetic_merge(base, [a, b], [0.5, 0.5], dtype=BF16)),
+        "ties": (3, lambda: ties_merge(base, [a, b], [0.5, 0.5], [0.3, 0.3], dtype=BF16)),
+        "ties: one top-k mask": (2, lambda: magnitude_mask(a - base, 0.3)),
+        "dare_ties": (3, lambda: dare_merge(base, [a, b], [0.5, 0.5], [0.3, 0.3], seed=0, consensus="sum",
+                                            normalize=True, dtype=BF16)),
+        "breadcrumbs": (3, lambda: breadcrumbs_merge(base, [a, b], [0.5, 0.5], [0.3, 0.3], [0.01, 0.01],
+                                                     dtype=BF16)),
+        "slerp": (2, lambda: slerp_merge(0.4, base, a)),
+        "model_stock": (3, lambda: model_stock_merge(base, [a, b], dtype=BF16)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--entries", default="8Mi", help="entries of the tensor (e.g. 8Mi = 8·2**20)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    n = parse_size(args.entries.replace("Mi", "MiB"))
+    recycle_freed_memory()
+    g = torch.Generator().manual_seed(0)
+    base32 = torch.randn(n, generator=g) * 0.02
+    base = base32.to(BF16)
+    a = (base32 + torch.randn(n, generator=g) * 0.002).to(BF16)
+    b = (base32 + torch.randn(n, generator=g) * 0.002).to(BF16)
+    del base32
+    print(f"{n} bf16 entries per tensor; load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
+    print("| method | CPU s (median) | CPU s per GB of input |\n|---|---:|---:|")
+    with one_thread():
+        for name, (inputs, call) in cases(base, a, b).items():
+            call()  # warm the allocator
+            cpu = []
+            for _ in range(args.repeats):
+                start = time.process_time()
+                call()
+                cpu.append(time.process_time() - start)
+            per_gb = statistics.median(cpu) / (inputs * n * 2 / 1e9)
+            print(f"| {name} | {statistics.median(cpu):.3f} | {per_gb:.1f} |", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
