@@ -7,11 +7,14 @@ Each study fills one :class:`ClaimRow` per claim from the :class:`~mergelab.repo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from mergelab.report import Table, Verdict
+from mergelab.report import FigureRef, Report, Section, Table, Verdict
+from mergelab.studies.common import StudyResult, TableOutput
 from mergelab.studies.verdict import Difference
+from mergelab.zoo.train import Zoo
 
 
 @dataclass(frozen=True)
@@ -46,4 +49,16 @@ def claims_table(rows: Sequence[ClaimRow], title: str = "The paper's claims besi
                       "is held only when the difference exceeds its uncertainty in most configurations.")
 
 
-__all__ = ["ClaimRow", "claims_table"]
+def claims_study_result(title: str, meta: Mapping[str, Any], heading: str, text: str, claims: Sequence[ClaimRow],
+                        table: Table, figures: Sequence[FigureRef], tables: Mapping[str, TableOutput],
+                        zoos: Sequence[Zoo]) -> StudyResult:
+    """The end every claims study shares: one section (the claims table first, then the study's own table and
+    figures), one report, the claims table written beside the study's tables, each verdict's word recorded."""
+    verdicts = [c.verdict for c in claims]
+    claims_tab = claims_table(claims)
+    section = Section(heading, text=[text], verdicts=verdicts, tables=[claims_tab, table], figures=list(figures))
+    return StudyResult(Report(title, meta=dict(meta)).add(section), {**tables, "claims": claims_tab}, list(zoos),
+                       {"verdicts": {v.claim: v.word for v in verdicts}})
+
+
+__all__ = ["ClaimRow", "claims_study_result", "claims_table"]

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from mergelab.ensemble import ensemble_logits, feature_ensemble_logits, merged_head, model_outputs
-from mergelab.report import FigureRef, Report, Section, Table
+from mergelab.report import FigureRef, Table
 from mergelab.report.plots import grouped_bars
 from mergelab.runtime import make_progress, torch_threads
 from mergelab.soups import uniform_soup
-from mergelab.studies.claims import ClaimRow, claims_table
+from mergelab.studies.claims import ClaimRow, claims_study_result
 from mergelab.studies.common import StudyResult, ZooRecipe, explain, run_config
 from mergelab.studies.verdict import claim_verdict, paired_difference
 from mergelab.zoo.data import load_dataset
@@ -164,18 +164,14 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
         "cross_dataset": "one panel per test set; one group of bars per architecture, one bar per model or merge, "
                          "height = test accuracy (0–100 %). The paper's pattern on B: model 1's bar near chance, "
                          "the soup's bar far above it, the ensemble bars close to model 1's."})
-    verdicts = [c.verdict for c in claims]
-    section = Section(
+    return claims_study_result(
+        "Merging models trained on different datasets", {"seed": cfg.seed, "pairs": ", ".join(cfg.pairs)},
         "Merging models trained on different datasets (Tab. 3)",
-        text=["A start pre-trained on dataset A is fine-tuned once on A (model 1) and once on B (model 2); the "
-              "uniform soup averages every tensor of the two (heads included), the logit ensemble their logits, "
-              "the feature ensemble their features under the averaged head. All are scored on A's and B's test "
-              "sets; verdicts bootstrap over seeds and test examples."],
-        verdicts=verdicts, tables=[claims_table([*claims]), table], figures=fig)
-    report = Report("Merging models trained on different datasets",
-                    meta={"seed": cfg.seed, "pairs": ", ".join(cfg.pairs)}).add(section)
-    tables = {"cross_dataset_per_seed.csv": rows, "cross_dataset": table, "claims": claims_table(claims)}
-    return StudyResult(report, tables, zoos, {"verdicts": {v.claim: v.word for v in verdicts}})
+        "A start pre-trained on dataset A is fine-tuned once on A (model 1) and once on B (model 2); the uniform "
+        "soup averages every tensor of the two (heads included), the logit ensemble their logits, the feature "
+        "ensemble their features under the averaged head. All are scored on A's and B's test sets; verdicts "
+        "bootstrap over seeds and test examples.",
+        claims, table, fig, {"cross_dataset_per_seed.csv": rows, "cross_dataset": table}, zoos)
 
 
 def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, show_progress: bool = True,

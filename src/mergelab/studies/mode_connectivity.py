@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from mergelab.align import align, barrier_heights, has_batchnorm, path_example_losses
-from mergelab.report import FigureRef, Report, Section, Table
+from mergelab.report import FigureRef, Table
 from mergelab.report.plots import line_panels
 from mergelab.runtime import make_progress, torch_threads
-from mergelab.studies.claims import ClaimRow, claims_table
+from mergelab.studies.claims import ClaimRow, claims_study_result
 from mergelab.studies.common import StudyResult, ZooRecipe, explain, run_config, zoo_spec
 from mergelab.studies.verdict import Difference, claim_verdict
 from mergelab.zoo.data import load_dataset
@@ -152,18 +152,15 @@ def _report(out: Path, cfg: Config, zoos: Sequence[Any], alphas: list[float],
                   note="CI: bootstrap over zoo seeds and test examples. Re-Basin's own grid (more widths, soups of "
                        "aligned models) is the rebasin study; here its alignment is applied to this study's pairs.")
     figs = _figures(out, alphas, curves)
-    verdicts = [c.verdict for c in claims]
-    section = Section(
+    return claims_study_result(
+        "Linear mode connectivity of shared-start fine-tunes",
+        {"seed": cfg.seed, "zoo seeds": cfg.n_seeds, "archs": ", ".join(cfg.archs)},
         "Linear mode connectivity: shared-start fine-tunes vs independent runs (and Re-Basin)",
-        text=["Two members of a shared-start zoo, two independently trained members, and the independent pair "
-              "after weight matching are interpolated linearly; the loss barrier is the largest rise of the test "
-              "loss above the line between the endpoints. Model soups rely on shared-start fine-tunes lying in one "
-              "linearly connected basin."],
-        verdicts=verdicts, tables=[claims_table(claims), table], figures=figs)
-    report = Report("Linear mode connectivity of shared-start fine-tunes",
-                    meta={"seed": cfg.seed, "zoo seeds": cfg.n_seeds, "archs": ", ".join(cfg.archs)}).add(section)
-    tables = {"barriers": table, "path.csv": path_rows, "claims": claims_table(claims)}
-    return StudyResult(report, tables, list(zoos), {"verdicts": {v.claim: v.word for v in verdicts}})
+        "Two members of a shared-start zoo, two independently trained members, and the independent pair after "
+        "weight matching are interpolated linearly; the loss barrier is the largest rise of the test loss above "
+        "the line between the endpoints. Model soups rely on shared-start fine-tunes lying in one linearly "
+        "connected basin.",
+        claims, table, figs, {"barriers": table, "path.csv": path_rows}, zoos)
 
 
 def _claims(cfg: Config, alphas: list[float], curves: dict[tuple[str, str, str, bool], Curves],

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from mergelab.align import has_batchnorm, reset_bn_stats
-from mergelab.report import FigureRef, Report, Section, Table
+from mergelab.report import FigureRef, Table
 from mergelab.report.plots import grouped_bars
 from mergelab.runtime import make_progress, torch_threads
 from mergelab.soups import uniform_soup
-from mergelab.studies.claims import ClaimRow, claims_table
+from mergelab.studies.claims import ClaimRow, claims_study_result
 from mergelab.studies.common import StudyResult, ZooRecipe, explain, run_config, zoo_spec
 from mergelab.studies.verdict import claim_verdict, paired_difference
 from mergelab.zoo.data import load_dataset
@@ -162,15 +162,13 @@ def _report(out: Path, cfg: Config, zoos: Sequence[Any], rows: list[dict[str, An
         "swa": "one group of bars per architecture, one bar per model (legend below), height = test accuracy "
                "from 0 to 100 %. SWA should stand at least as tall as its own last checkpoint; the soup of "
                "independent runs collapses when the runs share no basin."})
-    verdicts = [c.verdict for c in claims]
-    section = Section("Stochastic weight averaging (SWA)",
-                      text=["One run per seed continues from the shared start with a constant or a cyclic lr, "
-                            "averaging a snapshot every few steps (torch.optim.swa_utils.AveragedModel), then "
-                            "recomputing BN statistics (update_bn). Verdicts bootstrap over seeds and test examples."],
-                      verdicts=verdicts, tables=[claims_table(claims), table], figures=figs)
-    report = Report("Stochastic weight averaging", meta={"seed": cfg.seed, "zoo seeds": cfg.n_seeds}).add(section)
-    tables = {"swa_per_seed.csv": rows, "swa": table, "claims": claims_table(claims)}
-    return StudyResult(report, tables, list(zoos), {"verdicts": {v.claim: v.word for v in verdicts}})
+    return claims_study_result(
+        "Stochastic weight averaging", {"seed": cfg.seed, "zoo seeds": cfg.n_seeds},
+        "Stochastic weight averaging (SWA)",
+        "One run per seed continues from the shared start with a constant or a cyclic lr, averaging a snapshot "
+        "every few steps (torch.optim.swa_utils.AveragedModel), then recomputing BN statistics (update_bn). "
+        "Verdicts bootstrap over seeds and test examples.",
+        claims, table, figs, {"swa_per_seed.csv": rows, "swa": table}, zoos)
 
 
 def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, show_progress: bool = True,

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from mergelab.report import FigureRef, Report, Section, Table
+from mergelab.report import FigureRef, Table
 from mergelab.report.plots import line_panels
 from mergelab.runtime import make_progress, torch_threads
-from mergelab.studies.claims import ClaimRow, claims_table
+from mergelab.studies.claims import ClaimRow, claims_study_result
 from mergelab.studies.common import StudyResult, ZooEval, ZooRecipe, explain, run_config, splits, zoo_spec
 from mergelab.studies.verdict import Difference, claim_verdict, paired_difference
 from mergelab.studies.weights_vs_features import evaluate_zoo
@@ -134,15 +134,13 @@ def _report(out: Path, cfg: Config, zoos: Sequence[Any], rows: list[dict[str, An
         "vit_soups_vs_n": "one panel per ViT variant (no input layer, a shared one, a random one per member); "
                           "x = number of models averaged, y = test accuracy in %. A blue soup line that falls "
                           "while the grey Perf Ave line stays flat is the collapse of Tab. 9."})
-    verdicts = [c.verdict for c in claims]
-    section = Section("ViT soups as N grows, with and without a random input layer (Tab. 9)",
-                      text=["Shared-start zoos of one small ViT, plain, behind a shared input layer, and behind an "
-                            "input layer each member re-draws from its own seed (the paper's wrapper; ours is seeded "
-                            "per member so runs repeat). Verdicts bootstrap over seeds and test examples."],
-                      verdicts=verdicts, tables=[claims_table(claims), table], figures=figs)
-    report = Report("ViT soups", meta={"seed": cfg.seed, "zoo seeds": cfg.n_seeds}).add(section)
-    tables = {"vit_soups_per_seed.csv": rows, "vit_soups": table, "claims": claims_table(claims)}
-    return StudyResult(report, tables, list(zoos), {"verdicts": {v.claim: v.word for v in verdicts}})
+    return claims_study_result(
+        "ViT soups", {"seed": cfg.seed, "zoo seeds": cfg.n_seeds},
+        "ViT soups as N grows, with and without a random input layer (Tab. 9)",
+        "Shared-start zoos of one small ViT, plain, behind a shared input layer, and behind an input layer each "
+        "member re-draws from its own seed (the paper's wrapper; ours is seeded per member so runs repeat). "
+        "Verdicts bootstrap over seeds and test examples.",
+        claims, table, figs, {"vit_soups_per_seed.csv": rows, "vit_soups": table}, zoos)
 
 
 def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, show_progress: bool = True,
