@@ -47,7 +47,7 @@ def accuracy_pct(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def mean_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean cross-entropy in nats (summed in float64, so the batch size used for the logits does not matter)."""
+    """Mean cross-entropy in nats, summed in float64 (so the order of the sum does not matter)."""
     return float(F.cross_entropy(logits.double(), y, reduction="sum")) / max(1, y.shape[0])
 
 
