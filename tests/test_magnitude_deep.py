@@ -8,6 +8,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,7 +27,14 @@ from mergelab.analysis.weight_stats import scale_state_dict
 from mergelab.ensemble import ensemble_logits, model_outputs
 from mergelab.soups import uniform_soup
 from mergelab.studies import run_study
-from mergelab.studies.magnitude_deep import Config, Setting, evaluate_cell, settings_for
+from mergelab.studies.magnitude_deep import (
+    Config,
+    Setting,
+    evaluate_cell,
+    member_accuracy_at_1,
+    regime,
+    settings_for,
+)
 from mergelab.zoo.models import bn_layers, build_model, fold_batchnorm, weight_layers
 
 TRAIN = {"n_train": 300, "epochs": 1, "pretrain_epochs": 1, "width": 4, "workers": 1}
@@ -256,3 +264,36 @@ def test_folded_scalenorm_vgg_is_homogeneous_so_scaling_never_changes_a_float64_
         bn_twin.load_state_dict(scale_state_dict(bn.state_dict(), 100.0))
         y = torch.randn(6, 1, 8, 8, dtype=torch.float64)
         assert not torch.allclose(bn_twin(y), bn(y) * 100.0**6, rtol=1e-3)
+
+
+def _regime_rows(settings: dict[str, float], seeds: int = 3) -> list[dict[str, object]]:
+    """Member rows at c = 1 of one vgg19bn zoo: ``settings`` maps a setting key to its members' accuracy."""
+    return [{"dataset": "mnist5k", "arch": "vgg19bn", "setting": key, "seed": s, "dtype": dtype, "c": c,
+             "method": "member", "member": m, "test_acc": acc if c == 1 else 10.0, "nonfinite_pct": 0.0}
+            for key, acc in settings.items() for s in range(seeds) for dtype in ("float32", "float64")
+            for c in (1.0, 100.0) for m in range(2)]
+
+
+def _regime_results(settings: dict[str, float]) -> list[SimpleNamespace]:
+    return [SimpleNamespace(depth=19, job=SimpleNamespace(arch="vgg19bn", spec=SimpleNamespace(
+        config=SimpleNamespace(dataset="mnist5k")), setting=Setting(*key.split("/")))) for key in settings]
+
+
+def test_a_bn_zoo_run_with_batch_statistics_only_is_judged_on_its_batch_statistics_members() -> None:
+    # the paper's protocol alone (bn_evals=("batch",)): no running-statistics row exists; the members' accuracy
+    # at c = 1 is read with batch statistics instead of coming out as nan and putting the zoo out of the regime
+    only_batch = {"state_dict/batch": 95.0}
+    table, ok = regime(_regime_results(only_batch), _regime_rows(only_batch), Config())  # type: ignore[arg-type]
+    assert ok == {("mnist5k", "vgg19bn"): True}
+    assert table[0]["members at c = 1 (%)"] == "95.0 (≥ 90, batch BN stats)"
+    assert member_accuracy_at_1(_regime_rows(only_batch), "mnist5k", "vgg19bn", "float32") == ([95.0] * 6, "batch")
+
+
+def test_running_statistics_members_decide_the_regime_when_the_zoo_ran_with_them() -> None:
+    # the deployed model (running statistics) is what must have learned; batch statistics only stand in
+    both = {"params/running": 60.0, "state_dict/running": 60.0, "state_dict/batch": 95.0}
+    table, ok = regime(_regime_results(both), _regime_rows(both), Config())  # type: ignore[arg-type]
+    assert ok == {("mnist5k", "vgg19bn"): False}
+    assert table[0]["members at c = 1 (%)"] == "60.0 (< 90)"
+    accs, stats = member_accuracy_at_1(_regime_rows(both), "mnist5k", "vgg19bn", "float32")
+    assert (len(accs), stats) == (6, "running")  # one setting's rows: 3 seeds × 2 members, not counted twice
