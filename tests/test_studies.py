@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,9 @@ def test_weights_vs_features_tiny(tmp_path: Path) -> None:
             for s in ("0", "1"):  # the paper's greedy ensemble ensembles exactly the greedy soup's picks
                 assert picks[(s, z, n, "soup_picks_logit_ensemble")] == picks[(s, z, n, "greedy_soup")]
         assert ("vgg6bn", n, "uniform_soup_bn_reset") in acc
+    claims = (tmp_path / "claims.md").read_text()  # the claims table, as the other claims studies write it
+    assert "| Averaging outputs beats averaging weights: logit ensemble > uniform soup | Tab. 1, Fig. 3" in claims
+    assert "The paper's claims beside ours" in report.read_text()
     versus = (tmp_path / "soup_vs_perf_ave.md").read_text()
     assert "5/7" in versus and "| ours, digits | vgg6bn |" in versus
     gaps = _csv(tmp_path / "gap_vs_n.csv")
@@ -144,3 +148,67 @@ def test_cli_study_refuses_a_wrong_option_and_an_existing_out(tmp_path: Path) ->
     busy = CliRunner().invoke(app, ["study", "templates", "--quick", "--out", str(tmp_path / "b")])
     assert busy.exit_code == 2 and "--overwrite" in busy.output
     assert (tmp_path / "b" / "keep.txt").read_text() == "mine"
+
+
+def _synthetic_zoos(gaps: dict[str, float], ns: tuple[int, ...] = (2, 5), seeds: int = 1, examples: int = 400
+                    ) -> tuple[list[dict[str, object]], dict[tuple[str, str, int, str], torch.Tensor]]:
+    """Rows and per-example scores of shared-start zoos where every method is right on every example except
+    the uniform soup, which misses the first ``gap`` (a fraction, times N / max N) of the examples."""
+    rows: list[dict[str, object]] = []
+    correct: dict[tuple[str, str, int, str], torch.Tensor] = {}
+    for zoo, gap in gaps.items():
+        for n in ns:
+            for m in ("perf_ave", "greedy_soup", "logit_ensemble", "feature_ensemble", "greedy_logit_ensemble",
+                      "soup_picks_logit_ensemble", "uniform_soup"):
+                scores = torch.ones(seeds, examples, dtype=torch.float64)
+                if m == "uniform_soup":
+                    scores[:, : int(examples * gap * n / max(ns))] = 0.0
+                correct[("digits", zoo, n, m)] = scores
+                rows.append({"dataset": "digits", "zoo": zoo, "N": n, "method": m,
+                             "test_acc": 100.0 * float(scores.mean())})
+    return rows, correct
+
+
+def _zoo_args(gaps: dict[str, float], cfg: object, seeds: int = 1) -> tuple[object, ...]:
+    rows, correct = _synthetic_zoos(gaps, seeds=seeds)
+    return rows, cfg, correct
+
+
+def test_gap_vs_depth_claim_compares_the_deepest_with_the_shallowest_variant_of_each_family() -> None:
+    from mergelab.studies.weights_vs_features import Config, _claims
+
+    cfg = Config(datasets=("digits",), archs=("vgg6", "vgg9", "resnet8", "resnet14"), ns=(2, 5))
+    deeper_loses_more = {"vgg6": 0.05, "vgg9": 0.25, "resnet8": 0.05, "resnet14": 0.20}
+    claims, _, _ = _claims(*_zoo_args(deeper_loses_more, cfg))
+    depth = next(c for c in claims if c.verdict.claim.startswith("The ensemble − soup gap is larger for the deeper"))
+    assert depth.verdict.held is True and "N = 5" in depth.verdict.claim
+    assert "vgg9 vs vgg6" in depth.setting and "resnet14 vs resnet8" in depth.setting
+    assert [round(d.mean) for d in depth.ours] == [15, 20]  # resnet (20 − 5 points), vgg (25 − 5) at N = 5
+    shallower_loses_more = {"vgg6": 0.25, "vgg9": 0.05, "resnet8": 0.20, "resnet14": 0.05}
+    claims, _, _ = _claims(*_zoo_args(shallower_loses_more, cfg))
+    depth = next(c for c in claims if c.verdict.claim.startswith("The ensemble − soup gap is larger for the deeper"))
+    assert depth.verdict.held is False
+    flat = {"vgg6": 0.1, "vgg9": 0.1}  # equal gaps: nothing to resolve
+    claims, _, _ = _claims(*_zoo_args(flat, replace(cfg, archs=("vgg6", "vgg9"))))
+    depth = next(c for c in claims if c.verdict.claim.startswith("The ensemble − soup gap is larger for the deeper"))
+    assert depth.verdict.word == "no difference at this size"
+    # one variant per family: no pair, no claim (rather than a verdict on nothing)
+    claims, _, _ = _claims(*_zoo_args({"vgg6": 0.1, "resnet8": 0.1}, cfg))
+    assert not any(c.verdict.claim.startswith("The ensemble − soup gap is larger") for c in claims)
+
+
+def test_weights_vs_features_claims_rows_carry_the_paper_the_setting_and_the_members_accuracy() -> None:
+    from mergelab.studies.weights_vs_features import Config, _claims
+
+    cfg = Config(datasets=("digits",), archs=("vgg6", "vgg9"), ns=(2, 5), n_seeds=3)
+    claims, verdicts, summary = _claims(*_zoo_args({"vgg6": 0.1, "vgg9": 0.3}, cfg, seeds=3))
+    by = {c.verdict.claim: c for c in claims}
+    logit = by["Averaging outputs beats averaging weights: logit ensemble > uniform soup"]
+    assert logit.verdict.held is True and logit.paper_number.startswith("Tab. 1, Fig. 3")
+    row = logit.as_row()
+    assert "4 configuration(s), 3 seed(s)" in row["ours"] and "vgg6, vgg9 on digits" in row["setting"]
+    assert row["regime"].startswith("members' mean test accuracy (Perf Ave, N = 5): vgg6 100.0 %, vgg9 100.0 %")
+    perf = by["Uniform soup of shared-start fine-tunes > the mean of its members (Perf Ave)"]
+    assert "5 of 7 datasets" in perf.paper_number and perf.verdict.held is False
+    assert "Fig. 7a" in by["The ensemble − soup gap grows with N (N = 2 → 5)"].paper_number
+    assert [v.claim for v in verdicts] == list(by) == list(summary)  # no linear zoo: no check

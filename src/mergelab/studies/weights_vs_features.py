@@ -30,6 +30,7 @@ from mergelab.report.plots import grouped_bars, line_panels
 from mergelab.report.tables import best_in_row
 from mergelab.runtime import make_progress, torch_threads
 from mergelab.soups import greedy_ensemble, greedy_select
+from mergelab.studies.claims import ClaimRow, claims_table
 from mergelab.studies.common import (
     StudyResult,
     ZooEval,
@@ -293,81 +294,107 @@ def depth_pairs(configs: Sequence[Key]) -> list[tuple[Key, Key]]:
     return out
 
 
-def _verdicts(rows: Sequence[dict[str, Any]], ns: Sequence[int], correct: Correct
-              ) -> tuple[list[Verdict], dict[str, Any]]:
-    """The paper's claims as resolved comparisons (paired bootstrap over test examples and zoo seeds), the
-    identity as a check."""
+def regime_text(rows: Sequence[dict[str, Any]], n: int) -> str:
+    """What the claims rest on: the members' mean test accuracy (Perf Ave) of every zoo at N = ``n``, and for an
+    architecture trained both ways, its shared-start members beside its independent ones (a shared-start recipe
+    whose members fall well below independent training is a broken zoo, not a finding)."""
+    perf = {(d, z): acc for (d, z, m_n, m), acc in _lookup(rows).items() if m == "perf_ave" and m_n == n}
+    text = f"members' mean test accuracy (Perf Ave, N = {n}): " + ", ".join(
+        f"{z}{'' if len({d for d, _ in perf}) == 1 else f' ({d})'} {v:.1f} %" for (d, z), v in perf.items())
+    pairs = [f"{z.removesuffix(' (indep.)')} shared start {perf[(d, z.removesuffix(' (indep.)'))]:.1f} % vs "
+             f"independent {v:.1f} %" for (d, z), v in perf.items()
+             if z.endswith("(indep.)") and (d, z.removesuffix(" (indep.)")) in perf]
+    return text + (f"; {'; '.join(pairs)}" if pairs else "")
+
+
+def setting_text(cfg: Config) -> str:
+    indep = f"; {', '.join(cfg.independent_archs)} also from independent inits" if cfg.independent_archs else ""
+    return (f"{', '.join(cfg.archs)} on {', '.join(cfg.datasets)}; one start pre-trained {cfg.pretrain_epochs} "
+            f"epochs, members fine-tuned {cfg.epochs} epochs on {cfg.n_train or 'all'} images (width {cfg.width})"
+            f"{indep}; N = {', '.join(map(str, cfg.ns))}; {cfg.n_seeds} zoo seed(s); BN in {cfg.eval_mode} mode")
+
+
+def _claims(rows: Sequence[dict[str, Any]], cfg: Config, correct: Correct
+            ) -> tuple[list[ClaimRow], list[Verdict], dict[str, Any]]:
+    """The paper's claims as resolved comparisons (paired bootstrap over test examples and zoo seeds), each a
+    claims-table row beside the paper's statement; the linear identity as a check (never evidence)."""
     configs: list[Key] = sorted({(r["dataset"], r["zoo"], r["N"]) for r in rows})
     shared = [c for c in configs if not c[1].endswith("(indep.)") and c[1] != "linear"]
     indep = [c for c in configs if c[1].endswith("(indep.)")]
     nonlinear = [c for c in configs if c[1] != "linear"]
     bn = [c for c in shared if (*c, "uniform_soup_bn_reset") in correct]
+    lo, hi = min(cfg.ns), max(r["N"] for r in rows)
+    setting, regime = setting_text(cfg), regime_text(rows, hi)
+    claims: list[ClaimRow] = []
 
     def diff(c: Key, a: str, b: str) -> Difference:
         return paired_difference(correct[(*c, a)], correct[(*c, b)], seed=c[2])
 
-    out = [
-        claim_verdict("Averaging outputs beats averaging weights: logit ensemble > uniform soup",
-                      [diff(c, "logit_ensemble", "uniform_soup") for c in nonlinear], what="zoo × N configurations",
-                      paper="Tab. 1, Fig. 3: ensembles above the uniform soup (the linear model, where they are "
-                            "the same function, is a check below, not evidence)"),
-        claim_verdict("Averaging features beats averaging weights: feature ensemble > uniform soup",
-                      [diff(c, "feature_ensemble", "uniform_soup") for c in nonlinear], what="zoo × N configurations",
-                      paper="Tab. 1, Fig. 3: feature ensembles above the uniform soup"),
-        claim_verdict("Greedy ensemble of the greedy soup's picks > greedy soup (the paper's protocol)",
-                      [diff(c, "soup_picks_logit_ensemble", "greedy_soup") for c in nonlinear],
-                      what="zoo × N configurations",
-                      paper="Tab. 1: greedy ensembles (the greedy soup's ingredients, ensembled) above greedy soups"),
-        claim_verdict("Uniform soup of shared-start fine-tunes > the mean of its members (Perf Ave)",
-                      [diff(c, "uniform_soup", "perf_ave") for c in shared], what="shared-start configurations",
-                      paper=PAPER_SOUP_BELOW_PERF_AVE + " (the model-soups claim; the Rethinking paper's own "
-                            "table mostly does not show it)"),
-        claim_verdict("Greedy soup > Perf Ave (greedy selection on val, scored on test)",
-                      [diff(c, "greedy_soup", "perf_ave") for c in shared], what="shared-start configurations",
-                      paper="model soups (Wortsman et al. 2022): the greedy soup is never worse than the best "
-                            "single model on held-out data"),
-    ]
+    def add(claim: str, diffs: list[Difference], what: str, paper: str, extra: str = "") -> None:
+        claims.append(ClaimRow(claim_verdict(claim, diffs, what=what, paper=paper), paper, diffs,
+                               setting + (f"; {extra}" if extra else ""), regime))
+
+    add("Averaging outputs beats averaging weights: logit ensemble > uniform soup",
+        [diff(c, "logit_ensemble", "uniform_soup") for c in nonlinear], "zoo × N configurations",
+        "Tab. 1, Fig. 3: ensembles above the uniform soup (the linear model, where they are the same function, is "
+        "a check, not evidence)")
+    add("Averaging features beats averaging weights: feature ensemble > uniform soup",
+        [diff(c, "feature_ensemble", "uniform_soup") for c in nonlinear], "zoo × N configurations",
+        "Tab. 1, Fig. 3: feature ensembles above the uniform soup")
+    add("Greedy ensemble of the greedy soup's picks > greedy soup (the paper's protocol)",
+        [diff(c, "soup_picks_logit_ensemble", "greedy_soup") for c in nonlinear], "zoo × N configurations",
+        "Tab. 1: greedy ensembles (the greedy soup's ingredients, ensembled) above greedy soups",
+        "greedy selection on the val split, scored on test")
+    add("Uniform soup of shared-start fine-tunes > the mean of its members (Perf Ave)",
+        [diff(c, "uniform_soup", "perf_ave") for c in shared], "shared-start configurations",
+        PAPER_SOUP_BELOW_PERF_AVE + " (the model-soups claim; the Rethinking paper's own table mostly does not "
+                                    "show it)")
+    add("Greedy soup > Perf Ave (greedy selection on val, scored on test)",
+        [diff(c, "greedy_soup", "perf_ave") for c in shared], "shared-start configurations",
+        "model soups (Wortsman et al. 2022): the greedy soup is never worse than the best single model on held-out "
+        "data")
     if bn:
-        out.append(claim_verdict("A BN reset on training data lifts the uniform soup of BN nets",
-                                 [diff(c, "uniform_soup_bn_reset", "uniform_soup") for c in bn],
-                                 what="BN configurations",
-                                 paper="not the paper's protocol (it keeps the averaged running statistics); REPAIR "
-                                       "(Jordan et al. 2023) re-estimates them after averaging"))
-        out.append(claim_verdict("Logit ensemble > uniform soup even after the soup's BN reset",
-                                 [diff(c, "logit_ensemble", "uniform_soup_bn_reset") for c in bn],
-                                 what="BN configurations",
-                                 paper="Tab. 1's ensemble advantage, with the soup given re-estimated BN statistics"))
+        reset = f"BN statistics re-estimated on {cfg.bn_reset_batches} training batches"
+        add("A BN reset on training data lifts the uniform soup of BN nets",
+            [diff(c, "uniform_soup_bn_reset", "uniform_soup") for c in bn], "BN configurations",
+            "not the paper's protocol (it keeps the averaged running statistics); REPAIR (Jordan et al. 2023) "
+            "re-estimates them after averaging", reset)
+        add("Logit ensemble > uniform soup even after the soup's BN reset",
+            [diff(c, "logit_ensemble", "uniform_soup_bn_reset") for c in bn], "BN configurations",
+            "Tab. 1's ensemble advantage, with the soup given re-estimated BN statistics", reset)
     if indep:
-        out.append(claim_verdict("Soups of independently trained models fall below their members: Perf Ave > "
-                                 "uniform soup", [diff(c, "perf_ave", "uniform_soup") for c in indep],
-                                 what="independent-init configurations",
-                                 paper="no shared basin, so weight averaging fails (the paper's motivation)"))
-    lo, hi = min(ns), max(ns)
+        add("Soups of independently trained models fall below their members: Perf Ave > uniform soup",
+            [diff(c, "perf_ave", "uniform_soup") for c in indep], "independent-init configurations",
+            "no shared basin, so weight averaging fails (the paper's motivation)")
     grow = []
     for d, z in sorted({(c[0], c[1]) for c in nonlinear}):
         if (d, z, lo, "uniform_soup") in correct and (d, z, hi, "uniform_soup") in correct and lo != hi:
             gap_hi = correct[(d, z, hi, "logit_ensemble")] - correct[(d, z, hi, "uniform_soup")]
             gap_lo = correct[(d, z, lo, "logit_ensemble")] - correct[(d, z, lo, "uniform_soup")]
             grow.append(paired_difference(gap_hi, gap_lo, seed=hi))
-    out.append(claim_verdict(f"The ensemble − soup gap grows with N (N = {lo} → {hi})", grow, what="zoos",
-                             paper="Fig. 7a: the gap widens as more models are combined"))
+    add(f"The ensemble − soup gap grows with N (N = {lo} → {hi})", grow, "zoos",
+        "Fig. 7a: the gap widens as more models are combined",
+        f"gap at N = {hi} minus gap at N = {lo}, per zoo")
+    pairs = depth_pairs([c for c in nonlinear if c[2] == hi])
     deeper = []
-    for shallow, deep in depth_pairs([c for c in nonlinear if c[2] == hi]):
+    for shallow, deep in pairs:
         gap_deep = correct[(*deep, "logit_ensemble")] - correct[(*deep, "uniform_soup")]
         gap_shallow = correct[(*shallow, "logit_ensemble")] - correct[(*shallow, "uniform_soup")]
         deeper.append(paired_difference(gap_deep, gap_shallow, seed=hi))
     if deeper:
-        out.append(claim_verdict(f"The ensemble − soup gap is larger for the deeper variant of a family (N = {hi})",
-                                 deeper, what="families",
-                                 paper="no number in the paper (its nets are VGG-19/ResNet-like deep); measured here "
-                                       "because issue 14 asks whether depth matters"))
+        add(f"The ensemble − soup gap is larger for the deeper variant of a family (N = {hi})", deeper, "families",
+            "no number in the paper (its nets are VGG-19/ResNet-like deep); measured here because issue 14 asks "
+            "whether depth matters",
+            "deep − shallow gap: " + ", ".join(f"{deep[1]} vs {shallow[1]}" for shallow, deep in pairs))
+    checks = []
     lin = [c for c in configs if c[1] == "linear"]
     if lin:
         same = sum(1 for c in lin if torch.equal(correct[(*c, "logit_ensemble")], correct[(*c, "uniform_soup")]))
-        out.append(check("For a linear model the uniform soup is the logit ensemble (the same function)", same,
-                         len(lin), "identical predictions on every test example and seed"))
-    summary = {v.claim: {"outcome": v.word, "detail": v.detail} for v in out}
-    return out, summary
+        checks.append(check("For a linear model the uniform soup is the logit ensemble (the same function)", same,
+                            len(lin), "identical predictions on every test example and seed"))
+    verdicts = [c.verdict for c in claims] + checks
+    summary = {v.claim: {"outcome": v.word, "detail": v.detail} for v in verdicts}
+    return claims, verdicts, summary
 
 
 def perf_ave_table(rows: Sequence[dict[str, Any]], n: int, correct: Correct) -> Table:
@@ -515,7 +542,8 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
     per_n = [main_table(rows, n) for n in cfg.ns if n != n_main and any(r["N"] == n for r in rows)]
     versus = perf_ave_table(rows, n_main, correct)
     gaps = gap_table(rows, correct)
-    verdicts, summary = _verdicts(rows, cfg.ns, correct)
+    claims, verdicts, summary = _claims(rows, cfg, correct)
+    claims_tab = claims_table(claims)
     figs = _figures(rows, cfg, out, verdicts)
     section = Section(
         "Weights vs features: soups and ensembles (Table 1, Fig. 3, Fig. 7a)",
@@ -539,12 +567,13 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
             "match the red/orange ensemble bars. Fig. 7a (gap vs N): points above 0 mean the ensemble beats "
             "the soup at that N.",
         ],
-        verdicts=verdicts, tables=[table, versus], figures=figs)
+        verdicts=verdicts, tables=[claims_tab, table, versus], figures=figs)
     report = Report("Weights vs features", meta={"seed": cfg.seed, "zoo seeds": ", ".join(map(str, cfg.zoo_seeds())),
                                                  "eval_mode": cfg.eval_mode,
                                                  "datasets": ", ".join(cfg.datasets)}).add(section)
     tables: dict[str, Any] = {"weights_vs_features.csv": rows, "weights_vs_features_per_seed.csv": seed_rows,
-                              "table1.md": [table, *per_n], "soup_vs_perf_ave": versus, "gap_vs_n": gaps}
+                              "table1.md": [table, *per_n], "soup_vs_perf_ave": versus, "gap_vs_n": gaps,
+                              "claims": claims_tab}
     return Result(report, tables, zoos, {"verdicts": summary}, rows=rows, main_table=table)
 
 
