@@ -23,6 +23,15 @@ def test_tables(tmp_path: Path) -> None:
     assert "<th>X</th>" in html and "3.00" in html
 
 
+def test_markdown_columns_render_links_and_code_in_html_and_every_other_cell_stays_literal() -> None:
+    rows = [{"study": "[report](runs/swa/report.html)", "command": "`mergelab study swa`", "note": "<b>x</b> `y`"}]
+    html = Table("T", rows, markdown=("study", "command")).to_html()
+    assert '<td><a href="runs/swa/report.html">report</a></td>' in html
+    assert "<td><code>mergelab study swa</code></td>" in html
+    assert "<td>&lt;b&gt;x&lt;/b&gt; `y`</td>" in html  # not a Markdown column: escaped as before
+    assert "| [report](runs/swa/report.html) |" in Table("T", rows, markdown=("study",)).to_markdown()
+
+
 def test_report_embeds_every_figure(tmp_path: Path) -> None:
     figs = [
         grouped_bars({"d": (["a", "b"], {"uniform_soup": [1, 2], "logit_ensemble": [2, 3]})}, tmp_path / "bars.png",

@@ -312,6 +312,9 @@ def demo(
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
     overwrite: Annotated[bool, _flag("write into an existing, non-empty OUT")] = False,
+    runs: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="folder with runs of the studies (`mergelab study NAME --out RUNS/NAME`): the claims table links "
+             "them and shows their verdicts")] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -320,7 +323,7 @@ def demo(
     from mergelab.studies.demo import run_demo
 
     try:
-        report = run_demo(out, seed=seed, overwrite=overwrite)
+        report = run_demo(out, seed=seed, overwrite=overwrite, runs=runs)
     except MergeLabError as exc:
         _fail(exc)
         return

@@ -79,6 +79,8 @@ class Table:
     floatfmt: str = "{:.2f}"
     note: str = ""
     bold: Callable[[Row, str], bool] | None = None
+    #: columns whose cells are inline Markdown (links, `code`): rendered to HTML, not shown as literal text
+    markdown: tuple[str, ...] = ()
 
     def to_markdown(self) -> str:
         body = markdown_table(self.rows, self.columns, headers=self.headers, floatfmt=self.floatfmt,
@@ -96,7 +98,7 @@ class Table:
             cells = []
             for c in cols:
                 v = r.get(c)
-                text = html.escape(_fmt(v, self.floatfmt))
+                text = md_inline(_fmt(v, self.floatfmt)) if c in self.markdown else html.escape(_fmt(v, self.floatfmt))
                 cls = ' class="num"' if isinstance(v, int | float) and not isinstance(v, bool) else ""
                 if self.bold and self.bold(r, c):
                     text = f"<b>{text}</b>"
