@@ -11,8 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
-from mergelab.errors import MergeLabError
-from mergelab.terminal import GuardedGroup, console, err_console, plain, print_error
+from mergelab.terminal import GuardedGroup, console, err_console, plain
 
 
 def _flags_untyped(params: list[Any]) -> list[Any]:
@@ -28,7 +27,7 @@ class _Command(TyperCommand):
         return _flags_untyped(super().get_params(ctx))
 
 
-class _Group(GuardedGroup):  # every exception becomes one error paragraph (mergelab.terminal)
+class _Group(GuardedGroup):  # the one place every exception becomes one error paragraph (mergelab.terminal)
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_untyped(super().get_params(ctx))
 
@@ -75,11 +74,6 @@ def main(
     """Merge neural networks in weight space, compare with ensembles, explain why it works."""
 
 
-def _fail(exc: Exception) -> None:
-    """Print a refusal as one error paragraph and exit with its code (2 for usage/config mistakes)."""
-    raise typer.Exit(code=print_error(exc))
-
-
 @app.command(cls=_Command)
 def merge(
     config: Annotated[Path, typer.Argument(help="YAML merge config (mergekit format for shared methods)")],
@@ -110,31 +104,22 @@ def merge(
     if dry_run:
         from mergelab.merge.dry_run import summarize_merge
 
-        try:
-            summary = summarize_merge(config, max_shard_size=max_shard_size, take_missing_from=take_missing_from)
-        except (MergeLabError, ValueError, KeyError) as exc:
-            _fail(exc)
-            return
+        summary = summarize_merge(config, max_shard_size=max_shard_size, take_missing_from=take_missing_from)
         table = Table("plan", "", show_header=False)
         for key, value in summary.rows():
             table.add_row(key, escape(value))
         console.print(table)
         return
     if out is None:
-        _fail(ValueError("missing option '-o' / '--out': the folder to write the merged model to"))
-        return
+        raise ValueError("missing option '-o' / '--out': the folder to write the merged model to")
     from mergelab.merge.allocator import recycle_freed_memory
     from mergelab.merge.engine import run_merge
 
     recycle_freed_memory()
-    try:
-        result = run_merge(config, out, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
-                           allow_nonfinite=allow_nonfinite, progress=not quiet, hash_inputs=not no_hash,
-                           take_missing_from=take_missing_from, model_card=not no_model_card,
-                           intermediate_dir=intermediate_dir)
-    except (MergeLabError, ValueError, KeyError) as exc:
-        _fail(exc)
-        return
+    result = run_merge(config, out, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
+                       allow_nonfinite=allow_nonfinite, progress=not quiet, hash_inputs=not no_hash,
+                       take_missing_from=take_missing_from, model_card=not no_model_card,
+                       intermediate_dir=intermediate_dir)
     console.print(f"wrote {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) to {plain(result.out_dir)}")
     if evaluate:
         _evaluate(result.out_dir)
@@ -154,11 +139,7 @@ def extract_lora(
     _logging(verbose, quiet)
     from mergelab.lora_extract import extract_lora as run
 
-    try:
-        result = run(base, tuned, out, rank=rank, overwrite=overwrite, progress=not quiet)
-    except (MergeLabError, ValueError, KeyError) as exc:
-        _fail(exc)
-        return
+    result = run(base, tuned, out, rank=rank, overwrite=overwrite, progress=not quiet)
     worst = max((e["relative_error"] for e in result.errors.values()), default=0.0)
     console.print(f"wrote a rank-{rank} LoRA of {result.modules} modules to {plain(result.out_dir)} (largest relative "
                   f"error {worst:.3g}); {len(result.not_captured)} delta(s) LoRA cannot hold (biases, norms) are "
@@ -168,11 +149,7 @@ def extract_lora(
 def _evaluate(out: Path) -> None:
     from mergelab.sanity_eval import evaluate_merge
 
-    try:
-        report = evaluate_merge(out)
-    except (MergeLabError, ValueError, KeyError) as exc:
-        _fail(exc)
-        return
+    report = evaluate_merge(out)
     what = "perplexity on the bundled text" if report.kind == "perplexity" else "mean cosine with the merged model"
     table = Table("model", what)
     if report.kind == "perplexity":
@@ -210,11 +187,7 @@ def example_models(
     from mergelab.example_models import write_example_models
 
     _logging(verbose, quiet)
-    try:
-        paths = write_example_models(folder, seed=seed, overwrite=overwrite)
-    except (MergeLabError, ValueError) as exc:
-        _fail(exc)
-        return
+    paths = write_example_models(folder, seed=seed, overwrite=overwrite)
     console.print(f"wrote {plain(', '.join(p.name for p in paths))} and the example configs under {plain(folder)}; "
                   f"try: mergelab merge {plain(folder / 'ties.yml')} -o merged --eval")
 
@@ -231,11 +204,7 @@ def methods(
 
     catalog = load_catalog()
     if name is not None:
-        try:
-            m = find_method(name, catalog)
-        except KeyError as exc:
-            _fail(exc)
-            return
+        m = find_method(name, catalog)
         console.print(f"[bold]{m.name}[/]: {escape(m.summary)}\n  formula: {escape(m.formula)}\n"
                       f"  paper: {escape(m.paper)}\n  base model: {m.base}\n  tools: {m.tools}")
         table = Table("parameter", "scope", "type", "default", "meaning")
@@ -274,11 +243,7 @@ def study(
             console.print(f"[bold]{key}[/]: {desc}")
         return
     options = {k: v for k, v in {"suite": suite, "executor": executor}.items() if v is not None}
-    try:
-        report = studies.run_study(name, out, quick=quick, seed=seed, overwrite=overwrite, **options)
-    except (MergeLabError, ValueError, KeyError) as exc:
-        _fail(exc)
-        return
+    report = studies.run_study(name, out, quick=quick, seed=seed, overwrite=overwrite, **options)
     console.print(f"report: {plain(report)}")
 
 
@@ -298,12 +263,8 @@ def search(
     _logging(verbose, quiet)
     from mergelab.search.run import run_search
 
-    try:
-        best = run_search(config, out, generations=generations, population=population, seed=seed,
-                          executor=executor, overwrite=overwrite)
-    except (MergeLabError, ValueError, KeyError, FileNotFoundError) as exc:
-        _fail(exc)
-        return
+    best = run_search(config, out, generations=generations, population=population, seed=seed,
+                      executor=executor, overwrite=overwrite)
     console.print(f"best config: {plain(best)}  (scores per generation: {plain(best.parent / 'scores.png')})")
 
 
@@ -322,11 +283,7 @@ def demo(
     _logging(verbose, quiet)
     from mergelab.studies.demo import run_demo
 
-    try:
-        report = run_demo(out, seed=seed, overwrite=overwrite, runs=runs)
-    except MergeLabError as exc:
-        _fail(exc)
-        return
+    report = run_demo(out, seed=seed, overwrite=overwrite, runs=runs)
     console.print(f"report: {plain(report)}")
 
 
