@@ -76,3 +76,28 @@ def test_cli_refuses_a_bomb_with_exit_code_2(tmp_path: Path) -> None:
     result = run_cli(config, out)
     assert_refused(result, out, "bomb.yml", "expands to more than")
     assert result.exit_code == 2
+
+
+def test_an_unknown_key_anywhere_names_the_keys_allowed_where_it_stands() -> None:
+    """One formatter for the merge and the search config: it finds the model that holds the key by walking the
+    schema (list items, dict values such as a token's setting, union members such as search.groups)."""
+    from pydantic import ValidationError
+
+    from mergelab.merge.config import MergeConfig, config_error
+    from mergelab.search.config import SearchConfig
+
+    def message(schema: type[MergeConfig] | type[SearchConfig], data: dict) -> str:
+        with pytest.raises(ValidationError) as caught:
+            schema.model_validate(data)
+        return str(config_error(caught.value, "x.yml", "thing", schema))
+
+    merge = message(MergeConfig, {"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {
+        "tokens": {"source": {"source": "a", "forc": True}}}, "slices": [{"sources": [{"model": "a", "x": 1}]}]})
+    assert merge.startswith("x.yml: invalid thing:\n")
+    # a token named 'source' is a dict key, not the field 'source'
+    assert "unknown key 'tokenizer.tokens.source.forc'. Did you mean 'force'? Allowed keys here: source, force" in merge
+    assert "unknown key 'slices.0.sources.0.x'. Allowed keys here: model, layer_range, parameters" in merge
+    search = message(SearchConfig, {"merge": {}, "evaluator": {"callable": "m:f"}, "search": {
+        "groups": [{"name": "g", "filter": "f", "zz": 1}], "parameters": [{"name": "w", "low": 0, "high": 1}]}})
+    assert "unknown key 'search.groups.list[GroupSpec].0.zz'. Allowed keys here: name, filter" in search
+    assert "'search.groups.literal['blocks','model']': Input should be 'blocks' or 'model'" in search

@@ -91,7 +91,8 @@ def test_whole_model_group_gives_scalar_settings(tmp_path: Path) -> None:
     ({"search": {"parameters": [{"name": "density", "low": 0, "high": 1}]}}, "not a parameter of"),
     ({"search": {"parameters": [{"name": "normalize", "low": 0, "high": 1}]}}, "only numbers"),
     ({"search": {"parameters": [{"name": "weight", "low": 1, "high": 0}]}}, "low < high"),
-    ({"search": {"parameters": [{"name": "weight", "low": 0, "high": 1}], "colour": 1}}, "unknown key"),
+    ({"search": {"parameters": [{"name": "weight", "low": 0, "high": 1}], "colour": 1}},
+     "unknown key 'search.colour'. Allowed keys here: groups, parameters, population"),
 ])
 def test_bad_search_configs_name_the_problem(tmp_path: Path, change: dict, message: str) -> None:
     config_path = make_problem(tmp_path / "problem")

@@ -13,9 +13,10 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -264,30 +265,50 @@ class MergeConfig(_Strict):
         return DTYPES[self.out_dtype] if self.out_dtype else self.compute_dtype
 
 
-def _friendly(exc: ValidationError, source: str) -> ConfigError:
+def _model_at(tp: Any, path: Sequence[str | int]) -> type[BaseModel] | None:
+    """The pydantic model that ``path`` (a validation error's location) leads to from the type ``tp``.
+
+    Walks fields; a list index or dict key steps into the item type; pydantic puts a union member's tag
+    (e.g. ``list[GroupSpec]``) into the location, so a union tries each member with and without the next part.
+    """
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        if not path:
+            return tp
+        field = tp.model_fields.get(path[0]) if isinstance(path[0], str) else None
+        return _model_at(field.annotation, path[1:]) if field is not None else None
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (list, tuple, dict) and path:
+        return _model_at(args[-1], path[1:])
+    if origin in (Union, UnionType):
+        members = [a for a in args if a is not type(None)]
+        for rest in (path, path[1:]) if path else (path,):
+            for member in members:
+                if (model := _model_at(member, rest)) is not None:
+                    return model
+    return None
+
+
+def config_error(exc: ValidationError, source: str, what: str, schema: type[BaseModel]) -> ConfigError:
+    """One :class:`ConfigError` for every problem pydantic found in ``source`` (a ``what`` with the model
+    ``schema``): an unknown key names the keys allowed where it stands (and the closest one), a missing key
+    its place, any other problem its place and pydantic's message."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][-1])
-            parent = err["loc"][:-1]
-            model: type[BaseModel] = MergeConfig
-            if parent and parent[0] == "models":
-                model = ModelEntry
-            elif parent and parent[0] == "slices":
-                model = SliceSource if "sources" in parent else SliceDefinition
-            elif parent and parent[0] == "tokenizer":
-                model = TokenSetting if "tokens" in parent else TokenizerSettings
-            allowed = list(model.model_fields)
+            model = _model_at(schema, err["loc"][:-1])
+            allowed = list(model.model_fields) if model is not None else []
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            lines.append(f"unknown key '{loc}'.{hint} Allowed keys here: {', '.join(allowed)}")
+            lines.append(f"unknown key '{loc}'.{hint}" + (f" Allowed keys here: {', '.join(allowed)}" if allowed
+                                                            else ""))
         elif err["type"] == "missing":
             lines.append(f"missing required key '{loc}'")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"'{loc}': {msg}")
-    return ConfigError(f"{source}: invalid merge config:\n" + "\n".join(f"  - {x}" for x in lines))
+    return ConfigError(f"{source}: invalid {what}:\n" + "\n".join(f"  - {x}" for x in lines))
 
 
 def read_config_source(config: str | Path | Mapping[str, Any], what: str) -> tuple[Any, str, Path | None]:
@@ -331,7 +352,7 @@ def load_config(config: str | Path | Mapping[str, Any] | MergeConfig) -> tuple[M
     try:
         return MergeConfig.model_validate(data), folder
     except ValidationError as exc:
-        raise _friendly(exc, source) from None
+        raise config_error(exc, source, "merge config", MergeConfig) from None
 
 
 def resolve_model_path(model: str, config_folder: Path | None) -> Path:

@@ -34,7 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import ConfigError
-from mergelab.merge.config import MergeConfig, load_config, read_config_source, resolve_model_path
+from mergelab.merge.config import MergeConfig, config_error, load_config, read_config_source, resolve_model_path
 
 
 class _Strict(BaseModel):
@@ -126,14 +126,7 @@ def load_search_config(path: str | Path | Mapping[str, Any]) -> tuple[SearchConf
     try:
         cfg = SearchConfig.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            lines.append(f"  - '{loc}': {msg}")
-        raise ConfigError(f"{source}: invalid search config:\n" + "\n".join(lines)) from None
+        raise config_error(exc, source, "search config", SearchConfig) from None
     try:
         merge = absolute_merge_config(cfg.merge, folder)
         merge_cfg, _ = load_config(merge)
