@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from mergelab.errors import OutputExistsError
 
 console = Console(stderr=True)
+T = TypeVar("T")
 
 #: seconds between plain progress lines when stderr is not a terminal (issue 15: "at least every 30 s")
 PLAIN_INTERVAL_S = 30.0
@@ -94,6 +95,16 @@ def make_progress(*columns: str | ProgressColumn, disable: bool = False,
     cols = columns or (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn())
     return _Progress(*cols, console=console, transient=False, disable=disable, plain_interval=plain_interval)
+
+
+def progress_over(items: Sequence[T], desc: str, *, show_progress: bool = True) -> Iterator[T]:
+    """Each of ``items`` in turn, under one progress task ``desc`` and the default torch thread policy: the
+    loop every study runs over its zoos or grid cells."""
+    with make_progress(disable=not show_progress) as bar, torch_threads():
+        task = bar.add_task(desc, total=len(items))
+        for item in items:
+            yield item
+            bar.advance(task)
 
 
 def available_cores() -> int:

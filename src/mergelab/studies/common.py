@@ -10,7 +10,8 @@ and one writer, :func:`write_outputs`, that lays every study's folder out the sa
     OUT/<table>.csv|.md  each table: full-precision CSV, and Markdown for Table objects
     OUT/*.png            figures (150 dpi), referenced by both reports
 
-:func:`run_config` is the whole ``run`` of a study: refuse an existing output, apply options, build, write.
+:func:`run_config` is the whole ``run`` of a study: refuse an existing output, apply options, build, write;
+:func:`study_runner` makes a study's public ``run`` from its ``build`` and its full and quick settings.
 """
 
 from __future__ import annotations
@@ -267,3 +268,23 @@ def run_config(study: str, out: Path | str, build: Callable[..., StudyResult], c
     record = study_record(study, cfg, quick=quick, seed=seed, started=started, zoos=result.zoos,
                           extra=result.extra)
     return write_outputs(folder, result.report, result.tables, record)
+
+
+def study_runner(study: str, build: Callable[..., StudyResult], full: Any, quick: Any) -> Callable[..., Path]:
+    """The ``run`` of a study whose settings are one Config dataclass (``full`` and its ``quick`` variant)::
+
+        run(out, *, quick=False, seed=0, config=None, overwrite=False, show_progress=True, **options) -> Path
+
+    runs :func:`run_config` on ``config`` (default: the quick or full settings) with ``options`` (Config fields,
+    unknown ones refused by name) applied; returns the path of ``out/report.html``."""
+    settings = (full, quick)
+
+    def run(out: Path | str, *, quick: bool = False, seed: int = 0, config: Any = None, overwrite: bool = False,
+            show_progress: bool = True, **options: Any) -> Path:
+        chosen = config if config is not None else settings[quick]
+        return run_config(study, out, build, chosen, quick=quick, seed=seed, overwrite=overwrite,
+                          show_progress=show_progress, options=options)
+
+    run.__doc__ = (f"Run the ``{study}`` study into ``out``; returns ``out/report.html``. ``options`` are "
+                   f":class:`{type(full).__name__}` fields applied on top of ``config`` or the quick/full settings.")
+    return run

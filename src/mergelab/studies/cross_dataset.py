@@ -22,10 +22,10 @@ import torch
 from mergelab.ensemble import ensemble_logits, feature_ensemble_logits, merged_head, model_outputs
 from mergelab.report import FigureRef, Table
 from mergelab.report.plots import grouped_bars
-from mergelab.runtime import make_progress, torch_threads
+from mergelab.runtime import progress_over
 from mergelab.soups import uniform_soup
 from mergelab.studies.claims import ClaimRow, claims_study_result
-from mergelab.studies.common import StudyResult, ZooRecipe, explain, run_config
+from mergelab.studies.common import StudyResult, ZooRecipe, study_runner
 from mergelab.studies.verdict import claim_verdict, paired_difference
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.train import TrainConfig, Zoo, ZooSpec, train_zoos
@@ -127,7 +127,10 @@ def _figure(scores: Scores, cells: Sequence[tuple[str, str, str]], out: Path) ->
                         title="Models trained on different datasets from one start, and their merges",
                         labels=METHODS, ylim=(0, 100))
     return FigureRef(path, "Test accuracy of model 1 (fine-tuned on A), model 2 (fine-tuned on B), their uniform "
-                           "soup and their ensembles, on A's and on B's test set (mean over seeds).")
+                           "soup and their ensembles, on A's and on B's test set (mean over seeds).",
+                     "one panel per test set; one group of bars per architecture, one bar per model or merge, "
+                     "height = test accuracy (0–100 %). The paper's pattern on B: model 1's bar near chance, the "
+                     "soup's bar far above it, the ensemble bars close to model 1's.")
 
 
 def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
@@ -137,15 +140,13 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
     tests = {d: load_dataset(d, "test", cfg.split_seed) for p in cfg.pairs for d in _pair(p)}
     per_seed: dict[tuple[str, str, str, str, str], list[torch.Tensor]] = {}
     rows = []
-    with make_progress(disable=not show_progress) as bar, torch_threads():
-        task = bar.add_task("evaluate cross-dataset merges", total=len(jobs))
-        for k, (a, b, arch, s, _, _) in enumerate(jobs):
-            got = evaluate_pair(zoos[2 * k], zoos[2 * k + 1], {a: tests[a], b: tests[b]})
-            for (test, method), v in got.items():
-                per_seed.setdefault((a, b, arch, test, method), []).append(v)
-                rows.append({"A": a, "B": b, "arch": arch, "seed": s, "test_set": test, "method": method,
-                             "test_acc": 100.0 * float(v.mean()), "n_test": int(v.numel())})
-            bar.advance(task)
+    for k, (a, b, arch, s, _, _) in progress_over(list(enumerate(jobs)), "evaluate cross-dataset merges",
+                                                  show_progress=show_progress):
+        got = evaluate_pair(zoos[2 * k], zoos[2 * k + 1], {a: tests[a], b: tests[b]})
+        for (test, method), v in got.items():
+            per_seed.setdefault((a, b, arch, test, method), []).append(v)
+            rows.append({"A": a, "B": b, "arch": arch, "seed": s, "test_set": test, "method": method,
+                         "test_acc": 100.0 * float(v.mean()), "n_test": int(v.numel())})
     scores = {k: torch.stack(v) for k, v in per_seed.items()}
     cells = list(dict.fromkeys((r["A"], r["B"], r["arch"]) for r in rows))
     member_acc = {f"{arch} model 1 on {a}": 100.0 * float(scores[(a, b, arch, a, "model_1")].mean())
@@ -160,10 +161,6 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
                   headers={"test_set": "test set", **METHODS},
                   note="Model 1 is fine-tuned on A, model 2 on B, both from one start pre-trained on A. Paper "
                        "(Tab. 3, CIFAR-10 → CIFAR-100): model 1 5.8 %, soup 49.6 % on CIFAR-100.")
-    fig = explain([_figure(scores, cells, out)], {
-        "cross_dataset": "one panel per test set; one group of bars per architecture, one bar per model or merge, "
-                         "height = test accuracy (0–100 %). The paper's pattern on B: model 1's bar near chance, "
-                         "the soup's bar far above it, the ensemble bars close to model 1's."})
     return claims_study_result(
         "Merging models trained on different datasets", {"seed": cfg.seed, "pairs": ", ".join(cfg.pairs)},
         "Merging models trained on different datasets (Tab. 3)",
@@ -171,14 +168,11 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
         "soup averages every tensor of the two (heads included), the logit ensemble their logits, the feature "
         "ensemble their features under the averaged head. All are scored on A's and B's test sets; verdicts "
         "bootstrap over seeds and test examples.",
-        claims, table, fig, {"cross_dataset_per_seed.csv": rows, "cross_dataset": table}, zoos)
+        claims, table, [_figure(scores, cells, out)], {"cross_dataset_per_seed.csv": rows, "cross_dataset": table},
+        zoos)
 
 
-def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, show_progress: bool = True,
-        **options: Any) -> Path:
-    """Run the study into ``out``; returns ``out/report.html``. ``options`` are :class:`Config` fields."""
-    return run_config("cross-dataset", out, build, QUICK if quick else Config(), quick=quick, seed=seed,
-                      overwrite=overwrite, show_progress=show_progress, options=options)
+run = study_runner("cross-dataset", build, Config(), QUICK)
 
 
 __all__ = ["QUICK", "Config", "build", "evaluate_pair", "run"]

@@ -22,14 +22,14 @@ from mergelab.analysis.weight_stats import check_bounds, scale_state_dict
 from mergelab.ensemble import ensemble_logits, feature_ensemble_logits, merged_head
 from mergelab.report import FigureRef, Report, Section, Table, Verdict
 from mergelab.report.plots import heatmaps, line_panels, scatter_panels
-from mergelab.runtime import make_progress, torch_threads
+from mergelab.runtime import progress_over
 from mergelab.soups import greedy_select, uniform_soup
 from mergelab.studies.common import (
     StudyResult,
     ZooEval,
     explain,
-    run_config,
     splits,
+    study_runner,
     zoo_spec,
 )
 from mergelab.studies.verdict import Difference, check, claim_verdict, paired_difference
@@ -264,24 +264,20 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
     bounds: list[dict[str, Any]] = []
     scatter: dict[tuple[str, str], dict[float, tuple[list[float], list[float]]]] = {}
     correct: dict[tuple[str, str, float, int, str], torch.Tensor] = {}
-    with make_progress(disable=not show_progress) as bar, torch_threads():
-        task = bar.add_task("scale, merge and ensemble", total=len(zoos) * len(cfg.cs))
-        for zoo in zoos:
-            val, test = splits(zoo.config.dataset, cfg.split_seed)
-            key = (zoo.config.dataset, zoo_label(zoo.config.arch, zoo.config.init))
-            scatter[key] = {}
-            for c in cfg.cs:
-                ev = ZooEval(zoo, val, test, mode=cfg.eval_mode,  # type: ignore[arg-type]
-                             transform=partial(_scale, c=c, which=cfg.which, bn=cfg.scale_bn_stats))
-                per_cell: dict[tuple[int, str], torch.Tensor] = {}
-                res, per_batch = evaluate_scaled(ev, cfg.ns, cfg.batch_size, n, per_cell)
-                correct.update({(*key, c, m, meth): v for (m, meth), v in per_cell.items()})
-                common = {"dataset": key[0], "zoo": key[1], "arch": zoo.config.arch, "c": c}
-                rows += [{**common, **r, "which": cfg.which, "scale_bn_stats": cfg.scale_bn_stats,
-                          "eval_mode": cfg.eval_mode, "seed": cfg.seed} for r in res]
-                bounds += [{**common, **b} for b in _bounds(ev, cfg.ns, cfg.which, cfg.scale_bn_stats)]
-                scatter[key][c] = per_batch
-                bar.advance(task)
+    for zoo, c in progress_over([(z, c) for z in zoos for c in cfg.cs], "scale, merge and ensemble",
+                                show_progress=show_progress):
+        val, test = splits(zoo.config.dataset, cfg.split_seed)
+        key = (zoo.config.dataset, zoo_label(zoo.config.arch, zoo.config.init))
+        ev = ZooEval(zoo, val, test, mode=cfg.eval_mode,  # type: ignore[arg-type]
+                     transform=partial(_scale, c=c, which=cfg.which, bn=cfg.scale_bn_stats))
+        per_cell: dict[tuple[int, str], torch.Tensor] = {}
+        res, per_batch = evaluate_scaled(ev, cfg.ns, cfg.batch_size, n, per_cell)
+        correct.update({(*key, c, m, meth): v for (m, meth), v in per_cell.items()})
+        common = {"dataset": key[0], "zoo": key[1], "arch": zoo.config.arch, "c": c}
+        rows += [{**common, **r, "which": cfg.which, "scale_bn_stats": cfg.scale_bn_stats,
+                  "eval_mode": cfg.eval_mode, "seed": cfg.seed} for r in res]
+        bounds += [{**common, **b} for b in _bounds(ev, cfg.ns, cfg.which, cfg.scale_bn_stats)]
+        scatter.setdefault(key, {})[c] = per_batch
     batch_rows = [{"dataset": k[0], "zoo": k[1], "c": c, "batch": b, "soup_acc": s, "ensemble_acc": e}
                   for k, per_c in scatter.items() for c, (ss, es) in per_c.items()
                   for b, (s, e) in enumerate(zip(ss, es, strict=True))]
@@ -317,8 +313,4 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
     return Result(report, tables, zoos, {"verdicts": summary}, rows=rows, bounds=bounds, main_table=table)
 
 
-def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, show_progress: bool = True,
-        **options: Any) -> Path:
-    """Run the study into ``out``; returns ``out/report.html``. ``options`` are :class:`Config` fields."""
-    return run_config("magnitude", out, build, QUICK if quick else Config(), quick=quick, seed=seed,
-                      overwrite=overwrite, show_progress=show_progress, options=options)
+run = study_runner("magnitude", build, Config(), QUICK)

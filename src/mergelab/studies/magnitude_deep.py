@@ -47,7 +47,7 @@ from mergelab.executor import get_executor
 from mergelab.report import FigureRef, Report, Section, Table, Verdict
 from mergelab.report.plots import line_panels
 from mergelab.soups import uniform_soup
-from mergelab.studies.common import StudyResult, explain, run_config, zoo_spec
+from mergelab.studies.common import StudyResult, explain, study_runner, zoo_spec
 from mergelab.studies.verdict import NO_DIFFERENCE, Difference, check, claim_verdict, paired_difference
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.models import ARCHS, ZooModel, bn_layers, fold_batchnorm, weight_layers
@@ -734,11 +734,7 @@ def pretrain_epochs(cfg: Config) -> dict[str, int]:
     return out
 
 
-def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, show_progress: bool = True,
-        **options: Any) -> Path:
-    """Run the study into ``out``; returns ``out/report.html``. ``options`` are :class:`Config` fields."""
-    return run_config("magnitude-deep", out, build, QUICK if quick else Config(), quick=quick, seed=seed,
-                      overwrite=overwrite, show_progress=show_progress, options=options)
+run = study_runner("magnitude-deep", build, Config(), QUICK)
 
 
 __all__ = ["QUICK", "Config", "Setting", "base_arch", "evaluate_cell", "run", "scaled", "settings_for"]

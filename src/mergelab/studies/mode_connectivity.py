@@ -28,11 +28,11 @@ import torch
 from mergelab.align import align, barrier_heights, has_batchnorm, path_example_losses
 from mergelab.report import FigureRef, Table
 from mergelab.report.plots import line_panels
-from mergelab.runtime import make_progress, torch_threads
+from mergelab.runtime import progress_over
 from mergelab.studies.claims import ClaimRow, claims_study_result
-from mergelab.studies.common import StudyResult, ZooRecipe, explain, run_config, zoo_spec
+from mergelab.studies.common import StudyResult, ZooRecipe, study_runner, zoo_spec
 from mergelab.studies.verdict import Difference, claim_verdict
-from mergelab.zoo.data import load_dataset
+from mergelab.zoo.data import load_dataset, train_subset
 from mergelab.zoo.permutation_specs import spec_for
 from mergelab.zoo.train import train_zoos
 
@@ -97,22 +97,19 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
     zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress, executor=cfg.executor)
     alphas = [float(v) for v in np.linspace(0.0, 1.0, cfg.points)]
     per: dict[tuple[str, str, str, bool], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    with make_progress(disable=not show_progress) as bar, torch_threads():
-        task = bar.add_task("interpolate pairs", total=len(grid))
-        for k, (d, arch, s) in enumerate(grid):
-            test = load_dataset(d, "test", cfg.split_seed)
-            train_x = load_dataset(d, "train", cfg.split_seed).subset(cfg.n_train, seed=cfg.split_seed).x
-            shared, indep = zoos[2 * k], zoos[2 * k + 1]
-            ind = indep.state_dicts()
-            pairs = {"shared": shared.state_dicts(), "independent": ind,
-                     "aligned": [ind[0], align(spec_for(indep.models[0]), ind[0], ind[1], seed=s)[0]]}
-            resets = (False, True) if has_batchnorm(shared.models[0]) and cfg.bn_reset_batches > 0 else (False,)
-            for variant, (a, b) in pairs.items():
-                for reset in resets:
-                    per.setdefault((d, arch, variant, reset), []).append(path_example_losses(
-                        shared.models[0], a, b, test.x, test.y, alphas, bn_reset_x=train_x if reset else None,
-                        bn_batches=cfg.bn_reset_batches, seed=s))
-            bar.advance(task)
+    for k, (d, arch, s) in progress_over(list(enumerate(grid)), "interpolate pairs", show_progress=show_progress):
+        test = load_dataset(d, "test", cfg.split_seed)
+        train_x = train_subset(d, cfg.n_train, cfg.split_seed).x
+        shared, indep = zoos[2 * k], zoos[2 * k + 1]
+        ind = indep.state_dicts()
+        pairs = {"shared": shared.state_dicts(), "independent": ind,
+                 "aligned": [ind[0], align(spec_for(indep.models[0]), ind[0], ind[1], seed=s)[0]]}
+        resets = (False, True) if has_batchnorm(shared.models[0]) and cfg.bn_reset_batches > 0 else (False,)
+        for variant, (a, b) in pairs.items():
+            for reset in resets:
+                per.setdefault((d, arch, variant, reset), []).append(path_example_losses(
+                    shared.models[0], a, b, test.x, test.y, alphas, bn_reset_x=train_x if reset else None,
+                    bn_batches=cfg.bn_reset_batches, seed=s))
     curves = {k: Curves(torch.stack([lo for lo, _ in v]).numpy(), torch.stack([c for _, c in v]).numpy())
               for k, v in per.items()}
     return _report(out, cfg, zoos, alphas, curves)
@@ -204,18 +201,14 @@ def _figures(out: Path, alphas: list[float], curves: dict[tuple[str, str, str, b
         panels.setdefault(f"{arch} ({d})", (alphas, {}))[1][_label(key)] = c.loss.mean((0, 2)).tolist()
     path = line_panels(panels, out / "lmc_paths.png", xlabel="α (0 = model A, 1 = model B)",
                        ylabel="test loss (nats)", title="Test loss along the linear path between two models")
-    return explain([FigureRef(path, "Test loss along θ(α) = (1 − α) θ_A + α θ_B, mean over seeds, for each pair "
-                                    "and BN treatment.")], {
-        "lmc_paths": "one panel per architecture, one line per pair (shared start, independent, independent after "
-                     "weight matching; '+ BN reset': BN statistics re-estimated at each α). A flat line means the two "
-                     "models lie in one linearly connected basin; a hump in the middle is the barrier."})
+    return [FigureRef(path, "Test loss along θ(α) = (1 − α) θ_A + α θ_B, mean over seeds, for each pair and BN "
+                            "treatment.",
+                      "one panel per architecture, one line per pair (shared start, independent, independent after "
+                      "weight matching; '+ BN reset': BN statistics re-estimated at each α). A flat line means the "
+                      "two models lie in one linearly connected basin; a hump in the middle is the barrier.")]
 
 
-def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, show_progress: bool = True,
-        **options: Any) -> Path:
-    """Run the study into ``out``; returns ``out/report.html``. ``options`` are :class:`Config` fields."""
-    return run_config("mode-connectivity", out, build, QUICK if quick else Config(), quick=quick, seed=seed,
-                      overwrite=overwrite, show_progress=show_progress, options=options)
+run = study_runner("mode-connectivity", build, Config(), QUICK)
 
 
 __all__ = ["QUICK", "Config", "barrier_difference", "bootstrap_barrier", "build", "run"]

@@ -37,7 +37,7 @@ from mergelab.soups import uniform_soup
 from mergelab.studies.common import StudyResult, apply_options, explain, prepare_output, study_record, write_outputs
 from mergelab.studies.verdict import Difference, claim_verdict, paired_difference
 from mergelab.zoo.cache import cache_dir
-from mergelab.zoo.data import load_dataset
+from mergelab.zoo.data import load_dataset, train_subset
 from mergelab.zoo.permutation_specs import spec_for
 from mergelab.zoo.train import train_zoo
 
@@ -109,7 +109,7 @@ def run_cell(job: CellJob) -> CellResult:
                     show_progress=False, epochs=cfg.epochs, pretrain_epochs=cfg.pretrain_epochs, width=cfg.width,
                     n_train=cfg.n_train, split_seed=cfg.split_seed, seed=job.seed)
     test = load_dataset(job.dataset, "test", cfg.split_seed).subset(cfg.n_test, seed=cfg.split_seed)
-    train = load_dataset(job.dataset, "train", cfg.split_seed).subset(cfg.n_train, seed=cfg.split_seed)
+    train = train_subset(job.dataset, cfg.n_train, cfg.split_seed)
     models = zoo.models
     sds = zoo.state_dicts()
     spec = spec_for(models[0])

@@ -24,12 +24,12 @@ import torch
 from mergelab.align import has_batchnorm, reset_bn_stats
 from mergelab.report import FigureRef, Table
 from mergelab.report.plots import grouped_bars
-from mergelab.runtime import make_progress, torch_threads
+from mergelab.runtime import progress_over
 from mergelab.soups import uniform_soup
 from mergelab.studies.claims import ClaimRow, claims_study_result
-from mergelab.studies.common import StudyResult, ZooRecipe, explain, run_config, zoo_spec
+from mergelab.studies.common import StudyResult, ZooRecipe, study_runner, zoo_spec
 from mergelab.studies.verdict import claim_verdict, paired_difference
-from mergelab.zoo.data import load_dataset
+from mergelab.zoo.data import load_dataset, train_subset
 from mergelab.zoo.models import ZooModel
 from mergelab.zoo.primitives import predict_logits
 from mergelab.zoo.swa import SWAConfig, train_swa
@@ -74,35 +74,32 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
                  "cyclic": SWAConfig("cyclic", cfg.epochs, *cfg.lr_cycle, cfg.snapshot_every)}
     per: dict[tuple[str, str, str], list[torch.Tensor]] = {}
     rows: list[dict[str, Any]] = []
-    with make_progress(disable=not show_progress) as bar, torch_threads():
-        task = bar.add_task("SWA runs and soups", total=len(grid))
-        for k, (d, arch, s) in enumerate(grid):
-            shared, indep = zoos[2 * k], zoos[2 * k + 1]
-            test = load_dataset(d, "test", cfg.split_seed)
-            train_x = load_dataset(d, "train", cfg.split_seed).subset(cfg.n_train, seed=cfg.split_seed).x
-            skeleton = shared.models[0]
-            start = _model(skeleton, shared_start(shared.config))
-            models: dict[str, ZooModel] = {"conventional": shared.models[0]}
-            snapshots = {}
-            for name, swa in schedules.items():
-                res = train_swa(start, shared.config, swa, seed=shared.member_seeds[0])
-                models[f"swa_{name}"] = _model(skeleton, res.averaged)
-                models[f"last_{name}"] = _model(skeleton, res.last)
-                snapshots[name] = res.snapshots
-            models["independent_soup"] = _model(skeleton, uniform_soup(indep.state_dicts()))
-            if has_batchnorm(skeleton):
-                reset = copy.deepcopy(models["independent_soup"])
-                reset_bn_stats(reset, train_x, num_batches=cfg.bn_reset_batches, seed=s)
-                models["independent_soup_bn_reset"] = reset
-            models["shared_soup"] = _model(skeleton, uniform_soup(shared.state_dicts()))
-            for method, net in models.items():
-                hits = (predict_logits(net, test.x).argmax(1) == test.y).double()
-                per.setdefault((d, arch, method), []).append(hits)
-                rows.append({"dataset": d, "arch": arch, "seed": s, "method": method,
-                             "test_acc": 100.0 * float(hits.mean()),
-                             "snapshots": snapshots.get(method.split("_", 1)[-1], "")
-                             if method.startswith("swa") else ""})
-            bar.advance(task)
+    for k, (d, arch, s) in progress_over(list(enumerate(grid)), "SWA runs and soups", show_progress=show_progress):
+        shared, indep = zoos[2 * k], zoos[2 * k + 1]
+        test = load_dataset(d, "test", cfg.split_seed)
+        train_x = train_subset(d, cfg.n_train, cfg.split_seed).x
+        skeleton = shared.models[0]
+        start = _model(skeleton, shared_start(shared.config))
+        models: dict[str, ZooModel] = {"conventional": shared.models[0]}
+        snapshots = {}
+        for name, swa in schedules.items():
+            res = train_swa(start, shared.config, swa, seed=shared.member_seeds[0])
+            models[f"swa_{name}"] = _model(skeleton, res.averaged)
+            models[f"last_{name}"] = _model(skeleton, res.last)
+            snapshots[name] = res.snapshots
+        models["independent_soup"] = _model(skeleton, uniform_soup(indep.state_dicts()))
+        if has_batchnorm(skeleton):
+            reset = copy.deepcopy(models["independent_soup"])
+            reset_bn_stats(reset, train_x, num_batches=cfg.bn_reset_batches, seed=s)
+            models["independent_soup_bn_reset"] = reset
+        models["shared_soup"] = _model(skeleton, uniform_soup(shared.state_dicts()))
+        for method, net in models.items():
+            hits = (predict_logits(net, test.x).argmax(1) == test.y).double()
+            per.setdefault((d, arch, method), []).append(hits)
+            rows.append({"dataset": d, "arch": arch, "seed": s, "method": method,
+                         "test_acc": 100.0 * float(hits.mean()),
+                         "snapshots": snapshots.get(method.split("_", 1)[-1], "")
+                         if method.startswith("swa") else ""})
     scores = {k: torch.stack(v) for k, v in per.items()}
     return _report(out, cfg, zoos, rows, scores)
 
@@ -157,25 +154,21 @@ def _report(out: Path, cfg: Config, zoos: Sequence[Any], rows: list[dict[str, An
                        for d2, a in cells if d2 == d] for m in METHODS}) for d in dict.fromkeys(d for d, _ in cells)}
     path = grouped_bars(panels, out / "swa.png", ylabel="test accuracy (%)", labels=METHODS, ylim=(0, 100),
                         title="SWA vs its last checkpoint, conventional training and soups")
-    figs = explain([FigureRef(path, "Test accuracy of the SWA averages, the last checkpoints of the same runs, "
-                                    "conventional training and uniform soups (mean over seeds).")], {
-        "swa": "one group of bars per architecture, one bar per model (legend below), height = test accuracy "
-               "from 0 to 100 %. SWA should stand at least as tall as its own last checkpoint; the soup of "
-               "independent runs collapses when the runs share no basin."})
+    fig = FigureRef(path, "Test accuracy of the SWA averages, the last checkpoints of the same runs, conventional "
+                          "training and uniform soups (mean over seeds).",
+                    "one group of bars per architecture, one bar per model (legend below), height = test accuracy "
+                    "from 0 to 100 %. SWA should stand at least as tall as its own last checkpoint; the soup of "
+                    "independent runs collapses when the runs share no basin.")
     return claims_study_result(
         "Stochastic weight averaging", {"seed": cfg.seed, "zoo seeds": cfg.n_seeds},
         "Stochastic weight averaging (SWA)",
         "One run per seed continues from the shared start with a constant or a cyclic lr, averaging a snapshot "
         "every few steps (torch.optim.swa_utils.AveragedModel), then recomputing BN statistics (update_bn). "
         "Verdicts bootstrap over seeds and test examples.",
-        claims, table, figs, {"swa_per_seed.csv": rows, "swa": table}, zoos)
+        claims, table, [fig], {"swa_per_seed.csv": rows, "swa": table}, zoos)
 
 
-def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, show_progress: bool = True,
-        **options: Any) -> Path:
-    """Run the study into ``out``; returns ``out/report.html``. ``options`` are :class:`Config` fields."""
-    return run_config("swa", out, build, QUICK if quick else Config(), quick=quick, seed=seed,
-                      overwrite=overwrite, show_progress=show_progress, options=options)
+run = study_runner("swa", build, Config(), QUICK)
 
 
 __all__ = ["METHODS", "QUICK", "Config", "build", "run"]

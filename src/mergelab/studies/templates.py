@@ -19,7 +19,7 @@ from mergelab.analysis.templates import class_means, cosine_matrix, first_conv_k
 from mergelab.report import FigureRef, Report, Section, Table, Verdict
 from mergelab.report.plots import image_grid
 from mergelab.soups import uniform_soup
-from mergelab.studies.common import StudyResult, explain, run_config, zoo_spec
+from mergelab.studies.common import StudyResult, explain, study_runner, zoo_spec
 from mergelab.zoo.data import load_dataset
 from mergelab.zoo.models import ZooModel
 from mergelab.zoo.train import TrainConfig, Zoo, ZooSpec, train_zoos
@@ -209,8 +209,4 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
                   {"kernels": {"shared": kstat_s, "independent": kstat_i}}, rows=rows, table=table)
 
 
-def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, show_progress: bool = True,
-        **options: Any) -> Path:
-    """Run the study into ``out``; returns ``out/report.html``. ``options`` are :class:`Config` fields."""
-    return run_config("templates", out, build, QUICK if quick else Config(), quick=quick, seed=seed,
-                      overwrite=overwrite, show_progress=show_progress, options=options)
+run = study_runner("templates", build, Config(), QUICK)

@@ -20,9 +20,9 @@ import torch
 
 from mergelab.report import FigureRef, Table
 from mergelab.report.plots import line_panels
-from mergelab.runtime import make_progress, torch_threads
+from mergelab.runtime import progress_over
 from mergelab.studies.claims import ClaimRow, claims_study_result
-from mergelab.studies.common import StudyResult, ZooEval, ZooRecipe, explain, run_config, splits, zoo_spec
+from mergelab.studies.common import StudyResult, ZooEval, ZooRecipe, splits, study_runner, zoo_spec
 from mergelab.studies.verdict import Difference, claim_verdict, paired_difference
 from mergelab.studies.weights_vs_features import evaluate_zoo
 from mergelab.zoo.train import train_zoos
@@ -56,18 +56,16 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
                       workers=cfg.workers, show_progress=show_progress, executor=cfg.executor)
     per: dict[tuple[str, str, int, str], list[torch.Tensor]] = {}
     rows: list[dict[str, Any]] = []
-    with make_progress(disable=not show_progress) as bar, torch_threads():
-        task = bar.add_task("evaluate ViT soups", total=len(grid))
-        for (d, arch, s), zoo in zip(grid, zoos, strict=True):
-            val, test = splits(d, cfg.split_seed)
-            correct: dict[tuple[int, str], torch.Tensor] = {}
-            for r in evaluate_zoo(ZooEval(zoo, val, test), cfg.ns, correct=correct):
-                if r["method"] in SHOWN:
-                    rows.append({"dataset": d, "arch": arch, "seed": s, **r})
-            for (n, m), v in correct.items():
-                if m in SHOWN:
-                    per.setdefault((d, arch, n, m), []).append(v)
-            bar.advance(task)
+    for (d, arch, s), zoo in progress_over(list(zip(grid, zoos, strict=True)), "evaluate ViT soups",
+                                           show_progress=show_progress):
+        val, test = splits(d, cfg.split_seed)
+        correct: dict[tuple[int, str], torch.Tensor] = {}
+        for r in evaluate_zoo(ZooEval(zoo, val, test), cfg.ns, correct=correct):
+            if r["method"] in SHOWN:
+                rows.append({"dataset": d, "arch": arch, "seed": s, **r})
+        for (n, m), v in correct.items():
+            if m in SHOWN:
+                per.setdefault((d, arch, n, m), []).append(v)
     scores = {k: torch.stack(v) for k, v in per.items()}
     return _report(out, cfg, zoos, rows, scores)
 
@@ -129,25 +127,21 @@ def _report(out: Path, cfg: Config, zoos: Sequence[Any], rows: list[dict[str, An
               for d in datasets for a in cfg.archs}
     path = line_panels(panels, out / "vit_soups_vs_n.png", xlabel="number of models N", ylabel="test accuracy (%)",
                        labels=SHOWN, title="ViT soups and ensembles as N grows")
-    figs = explain([FigureRef(path, "Test accuracy of the uniform and greedy soups, the logit ensemble and the "
-                                    "members' mean (Perf Ave) for the first N members, per ViT variant.")], {
-        "vit_soups_vs_n": "one panel per ViT variant (no input layer, a shared one, a random one per member); "
-                          "x = number of models averaged, y = test accuracy in %. A blue soup line that falls "
-                          "while the grey Perf Ave line stays flat is the collapse of Tab. 9."})
+    fig = FigureRef(path, "Test accuracy of the uniform and greedy soups, the logit ensemble and the members' mean "
+                          "(Perf Ave) for the first N members, per ViT variant.",
+                    "one panel per ViT variant (no input layer, a shared one, a random one per member); x = number "
+                    "of models averaged, y = test accuracy in %. A blue soup line that falls while the grey Perf Ave "
+                    "line stays flat is the collapse of Tab. 9.")
     return claims_study_result(
         "ViT soups", {"seed": cfg.seed, "zoo seeds": cfg.n_seeds},
         "ViT soups as N grows, with and without a random input layer (Tab. 9)",
         "Shared-start zoos of one small ViT, plain, behind a shared input layer, and behind an input layer each "
         "member re-draws from its own seed (the paper's wrapper; ours is seeded per member so runs repeat). "
         "Verdicts bootstrap over seeds and test examples.",
-        claims, table, figs, {"vit_soups_per_seed.csv": rows, "vit_soups": table}, zoos)
+        claims, table, [fig], {"vit_soups_per_seed.csv": rows, "vit_soups": table}, zoos)
 
 
-def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, show_progress: bool = True,
-        **options: Any) -> Path:
-    """Run the study into ``out``; returns ``out/report.html``. ``options`` are :class:`Config` fields."""
-    return run_config("vit-soups", out, build, QUICK if quick else Config(), quick=quick, seed=seed,
-                      overwrite=overwrite, show_progress=show_progress, options=options)
+run = study_runner("vit-soups", build, Config(), QUICK)
 
 
 __all__ = ["QUICK", "Config", "build", "run"]

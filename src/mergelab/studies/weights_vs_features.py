@@ -28,7 +28,7 @@ from mergelab.ensemble import ensemble_logits, feature_ensemble_logits, merged_h
 from mergelab.report import FigureRef, Report, Section, Table, Verdict
 from mergelab.report.plots import grouped_bars, line_panels
 from mergelab.report.tables import best_in_row
-from mergelab.runtime import make_progress, torch_threads
+from mergelab.runtime import progress_over
 from mergelab.soups import greedy_ensemble, greedy_select
 from mergelab.studies.claims import ClaimRow, claims_table
 from mergelab.studies.common import (
@@ -36,12 +36,12 @@ from mergelab.studies.common import (
     ZooEval,
     ZooRecipe,
     explain,
-    run_config,
     splits,
+    study_runner,
     zoo_spec,
 )
 from mergelab.studies.verdict import Difference, check, claim_verdict, compare, paired_difference
-from mergelab.zoo.data import load_dataset
+from mergelab.zoo.data import load_dataset, train_subset
 from mergelab.zoo.models import ARCHS, count_parameters, flops_per_example
 from mergelab.zoo.primitives import accuracy_pct
 from mergelab.zoo.train import Zoo, ZooSpec, train_zoos
@@ -515,25 +515,22 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
     zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress, executor=cfg.executor)
     seed_rows: list[dict[str, Any]] = []
     per_seed: dict[tuple[str, str, int, str], list[torch.Tensor]] = {}
-    with make_progress(disable=not show_progress) as bar, torch_threads():
-        task = bar.add_task("evaluate soups and ensembles", total=len(zoos))
-        for zoo in zoos:
-            ds = zoo.config.dataset
-            val, test = splits(ds, cfg.split_seed)
-            train_x = load_dataset(ds, "train", cfg.split_seed).subset(cfg.n_train, seed=cfg.split_seed).x
-            ev = ZooEval(zoo, val, test, mode=cfg.eval_mode,  # type: ignore[arg-type]
-                         bn_reset_x=train_x if cfg.bn_reset_batches > 0 else None,
-                         bn_reset_seed=zoo.config.seed, bn_reset_batches=max(1, cfg.bn_reset_batches))
-            per_zoo: dict[tuple[int, str], torch.Tensor] = {}
-            label = zoo_label(zoo.config.arch, zoo.config.init)
-            zoo_rows = evaluate_zoo(ev, cfg.ns, strict=cfg.greedy_strict, correct=per_zoo)
-            for (n, m), v in per_zoo.items():
-                per_seed.setdefault((ds, label, n, m), []).append(v)
-            for r in zoo_rows:
-                seed_rows.append({"dataset": ds, "zoo": label, "arch": zoo.config.arch, "init": zoo.config.init, **r,
-                                  "eval_mode": cfg.eval_mode, "seed": zoo.config.seed,
-                                  "member_seeds": " ".join(map(str, zoo.member_seeds[:r["N"]]))})
-            bar.advance(task)
+    for zoo in progress_over(zoos, "evaluate soups and ensembles", show_progress=show_progress):
+        ds = zoo.config.dataset
+        val, test = splits(ds, cfg.split_seed)
+        train_x = train_subset(ds, cfg.n_train, cfg.split_seed).x
+        ev = ZooEval(zoo, val, test, mode=cfg.eval_mode,  # type: ignore[arg-type]
+                     bn_reset_x=train_x if cfg.bn_reset_batches > 0 else None,
+                     bn_reset_seed=zoo.config.seed, bn_reset_batches=max(1, cfg.bn_reset_batches))
+        per_zoo: dict[tuple[int, str], torch.Tensor] = {}
+        label = zoo_label(zoo.config.arch, zoo.config.init)
+        zoo_rows = evaluate_zoo(ev, cfg.ns, strict=cfg.greedy_strict, correct=per_zoo)
+        for (n, m), v in per_zoo.items():
+            per_seed.setdefault((ds, label, n, m), []).append(v)
+        for r in zoo_rows:
+            seed_rows.append({"dataset": ds, "zoo": label, "arch": zoo.config.arch, "init": zoo.config.init, **r,
+                              "eval_mode": cfg.eval_mode, "seed": zoo.config.seed,
+                              "member_seeds": " ".join(map(str, zoo.member_seeds[:r["N"]]))})
     # (seeds, examples) per configuration: the bootstrap resamples zoo seeds and test examples
     correct = {k: torch.stack(v) for k, v in per_seed.items()}
     rows = mean_over_seeds(seed_rows)
@@ -577,11 +574,7 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
     return Result(report, tables, zoos, {"verdicts": summary}, rows=rows, main_table=table)
 
 
-def run(out: Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False, show_progress: bool = True,
-        **options: Any) -> Path:
-    """Run the study into ``out``; returns ``out/report.html``. ``options`` are :class:`Config` fields."""
-    return run_config("weights-vs-features", out, build, QUICK if quick else Config(), quick=quick, seed=seed,
-                      overwrite=overwrite, show_progress=show_progress, options=options)
+run = study_runner("weights-vs-features", build, Config(), QUICK)
 
 
 __all__ = ["METHODS", "QUICK", "Config", "Result", "build", "evaluate_zoo", "run"]

@@ -223,6 +223,12 @@ def _split_indices(name: str, seed: int) -> dict[str, np.ndarray]:
     return stratified_splits(raw.y, {"val": raw.val, "test": raw.test}, seed, rest="train")
 
 
+def train_subset(name: str, n_train: int | None, split_seed: int) -> Dataset:
+    """The training examples of a recipe with ``n_train`` and ``split_seed``: the train split cut to ``n_train``
+    (class-stratified, seeded by ``split_seed``). Zoo members train on it; BN resets re-estimate on it."""
+    return load_dataset(name, "train", split_seed).subset(n_train, seed=split_seed)
+
+
 def load_dataset(name: str, split: Split = "train", seed: int = 0) -> Dataset:
     """Split ``split`` of dataset ``name``; the same ``seed`` always gives the same disjoint split.
 

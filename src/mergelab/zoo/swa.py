@@ -18,7 +18,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from mergelab.zoo.cache import cache_dir, load_entry, recipe_hash, save_entry
-from mergelab.zoo.data import load_dataset
+from mergelab.zoo.data import train_subset
 from mergelab.zoo.models import ZooModel
 from mergelab.zoo.train import TRAIN_VERSION, TrainConfig, fit
 
@@ -72,7 +72,7 @@ def train_swa(start: ZooModel, recipe: TrainConfig, swa: SWAConfig, seed: int, *
                        "version": TRAIN_VERSION})
     entry = load_entry(key, root)
     if entry is None:
-        data = load_dataset(recipe.dataset, "train", recipe.split_seed).subset(recipe.n_train, seed=recipe.split_seed)
+        data = train_subset(recipe.dataset, recipe.n_train, recipe.split_seed)
         model = copy.deepcopy(start)
         averaged = AveragedModel(model)
         steps = [0]

@@ -21,7 +21,7 @@ import torch
 from mergelab.executor import Executor, get_executor
 from mergelab.runtime import available_cores, default_threads
 from mergelab.zoo.cache import cache_dir, load_entry, recipe_hash, save_entry
-from mergelab.zoo.data import SPLITS_VERSION, Dataset, load_dataset
+from mergelab.zoo.data import SPLITS_VERSION, Dataset, load_dataset, train_subset
 from mergelab.zoo.models import ARCHS, ZooModel, build_model
 from mergelab.zoo.primitives import accuracy_pct, predict_logits, shift_augment, train_steps
 
@@ -223,7 +223,7 @@ def _run_job(job: _Job, root: str, threads: int) -> str:
         return job.key
     cfg = job.config
     val = load_dataset(cfg.dataset, "val", cfg.split_seed)
-    data = load_dataset(cfg.dataset, "train", cfg.split_seed).subset(cfg.n_train, seed=cfg.split_seed)
+    data = train_subset(cfg.dataset, cfg.n_train, cfg.split_seed)
     base = load_entry(job.base_key, cache) if job.base_key else None
     if job.base_key and base is None:
         raise RuntimeError(f"base model {job.base_key} missing from the cache at {cache}")
