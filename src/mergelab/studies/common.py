@@ -1,8 +1,9 @@
 """The study skeleton and what studies share.
 
-Every study has quick and full settings (a frozen ``Config`` dataclass and its ``QUICK`` variant), a
-``build(out, cfg, show_progress=...)`` that computes and draws into ``out`` and returns a :class:`StudyResult`,
-and one writer, :func:`write_outputs`, that lays every study's folder out the same way::
+Every study has quick and full settings (a frozen ``Config`` dataclass with a ``seed`` field, its ``QUICK``
+variant, bad values refused in ``__post_init__``), a ``build(out, cfg, show_progress=...)`` that computes and
+draws into ``out`` and returns a :class:`StudyResult`, and one writer, :func:`write_outputs`, that lays every
+study's folder out the same way::
 
     OUT/report.html      self-contained report (figures embedded)
     OUT/report.md        the same report as Markdown
@@ -10,8 +11,10 @@ and one writer, :func:`write_outputs`, that lays every study's folder out the sa
     OUT/<table>.csv|.md  each table: full-precision CSV, and Markdown for Table objects
     OUT/*.png            figures (150 dpi), referenced by both reports
 
-:func:`run_config` is the whole ``run`` of a study: refuse an existing output, apply options, build, write;
-:func:`study_runner` makes a study's public ``run`` from its ``build`` and its full and quick settings.
+:func:`run_config` is the whole ``run`` of a study: apply options (bad ones fail here), refuse an existing
+output, build, write (:func:`write_study`, which the demo runs per section); :func:`study_runner` makes a
+study's public ``run`` from its ``build`` and its full and quick settings. Every study goes through it; the
+task-vectors study calls :func:`run_config` itself, its settings depending on the suite.
 """
 
 from __future__ import annotations
@@ -261,13 +264,19 @@ def run_config(study: str, out: Path | str, build: Callable[..., StudyResult], c
                options: Mapping[str, Any] | None = None) -> Path:
     """A study's whole ``run``: refuse an existing output, apply ``options`` to ``config`` (the quick or full
     settings), build, write; returns the path of report.html."""
-    started = time.perf_counter()
     cfg = apply_options(config, {"seed": seed, **(options or {})})  # bad options fail before anything is written
-    folder = prepare_output(out, overwrite)
+    return write_study(study, prepare_output(out, overwrite), build, cfg, quick=quick, show_progress=show_progress)[0]
+
+
+def write_study(study: str, folder: Path, build: Callable[..., StudyResult], cfg: Any, *, quick: bool,
+                show_progress: bool = True) -> tuple[Path, StudyResult]:
+    """Build one study into ``folder`` (already prepared) and write it; (report.html, the result). The part of
+    :func:`run_config` that the demo runs once per section."""
+    started = time.perf_counter()
     result = build(folder, cfg, show_progress=show_progress)
-    record = study_record(study, cfg, quick=quick, seed=seed, started=started, zoos=result.zoos,
+    record = study_record(study, cfg, quick=quick, seed=cfg.seed, started=started, zoos=result.zoos,
                           extra=result.extra)
-    return write_outputs(folder, result.report, result.tables, record)
+    return write_outputs(folder, result.report, result.tables, record), result
 
 
 def study_runner(study: str, build: Callable[..., StudyResult], full: Any, quick: Any) -> Callable[..., Path]:

@@ -21,7 +21,7 @@ from mergelab.report.html import Report, Section, combined
 from mergelab.report.tables import Table
 from mergelab.runtime import console
 from mergelab.studies import magnitude, templates, weights_vs_features
-from mergelab.studies.common import prepare_output, study_record, write_outputs
+from mergelab.studies.common import prepare_output, study_record, write_outputs, write_study
 from mergelab.studies.paper_claims import find_runs, paper_claims_table
 from mergelab.studies.weights_vs_features import METHODS
 from mergelab.zoo.train import train_zoos
@@ -97,14 +97,8 @@ def run_demo(out: Path, *, seed: int = 0, overwrite: bool = False, show_progress
     trained = time.perf_counter() - started
     parts = (("weights-vs-features", weights_vs_features, wvf), ("magnitude", magnitude, mag),
              ("templates", templates, tpl))
-    results = []
-    for name, module, cfg in parts:
-        sub = out / name.replace("-", "_")
-        t0 = time.perf_counter()
-        result = module.build(sub, cfg, show_progress=show_progress)  # type: ignore[attr-defined]
-        write_outputs(sub, result.report, result.tables, study_record(
-            name, cfg, quick=True, seed=seed, started=t0, zoos=result.zoos, extra=result.extra))
-        results.append(result)
+    results = [write_study(name, out / name.replace("-", "_"), module.build, cfg,  # type: ignore[attr-defined]
+                           quick=True, show_progress=show_progress)[1] for name, module, cfg in parts]
     wall = time.perf_counter() - started
     report = combined(
         "mergelab demo — Rethinking weight-averaged model merging, at CPU scale", [r.report for r in results],
@@ -119,9 +113,9 @@ def run_demo(out: Path, *, seed: int = 0, overwrite: bool = False, show_progress
               "training time (s)": round(trained, 1)})
     section, claims = claims_section([r.report for r in results], out, runs)
     report.sections.insert(0, section)
-    record = {"study": "demo", "quick": True, "seed": seed, "training_seconds": round(trained, 2),
-              "wall_seconds": round(wall, 2), "parts": {name: name.replace("-", "_") + "/mergelab.json"
-                                                        for name, _, _ in parts}}
+    record = study_record("demo", {"recipe": RECIPE}, quick=True, seed=seed, started=started, extra={
+        "training_seconds": round(trained, 2), "parts": {name: name.replace("-", "_") + "/mergelab.json"
+                                                         for name, _, _ in parts}})
     path = write_outputs(out, report, {"claims": claims}, record)
     _print_table(results[0].main_table)
     for s in report.sections:

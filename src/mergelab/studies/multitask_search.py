@@ -12,7 +12,6 @@ layer, started from that best hand-tuned config.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,14 @@ from mergelab.report import FigureRef, Report, Section, Table
 from mergelab.report.plots import line_panels
 from mergelab.search.evaluate import load_state_dict, merge_to_state_dict
 from mergelab.search.run import SCORES_HOW_TO_READ, run_search
-from mergelab.studies.common import apply_options, prepare_output, study_record, write_outputs
+from mergelab.studies.common import StudyResult, study_runner
 from mergelab.studies.verdict import difference_verdict, tasks_difference
 from mergelab.zoo.mlp_suite import TASKS, MLPSuiteConfig, build_suite, evaluate, task_logits
 
 
 @dataclass(frozen=True)
 class SuiteConfig(MLPSuiteConfig):
-    """The suite's recipe (inherited) and the search settings."""
+    """The suite's recipe (inherited; only its fields make the suite) and the search settings."""
 
     lambdas: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 16))
     low: float = 0.0
@@ -41,6 +40,8 @@ class SuiteConfig(MLPSuiteConfig):
     population: int = 10
     generations: int = 15
     sigma0: float = 0.2
+    seed: int = 0
+    executor: str = "local"  # local, local:N, ray, ray:ADDRESS: where the search evaluates its merges
 
 
 QUICK = SuiteConfig(pretrain_epochs=5, finetune_epochs=3, n_train=2000, generations=8, population=8)
@@ -53,16 +54,9 @@ def _ta_config(root: Path, lam: float) -> dict[str, Any]:
             "parameters": {"lambda": 1.0}}
 
 
-def run(out: Path, *, quick: bool = False, seed: int = 0, executor: str = "local",
-        config: SuiteConfig | None = None, overwrite: bool = False, show_progress: bool = True, **options: Any
-        ) -> Path:
-    """Build the suite, tune task arithmetic by hand (λ grid), search per-layer weights; returns report.html.
-
-    ``options`` are :class:`SuiteConfig` fields applied on top of the quick or full settings.
-    """
-    started = time.perf_counter()
-    cfg = apply_options(config or (QUICK if quick else SuiteConfig()), options)
-    out = prepare_output(out, overwrite)
+def build(out: Path, cfg: SuiteConfig, *, show_progress: bool = True) -> StudyResult:
+    """Build the suite, tune task arithmetic by hand (λ grid), search per-layer weights."""
+    seed, executor = cfg.seed, cfg.executor
     suite = out / "suite"
     build_suite(suite, cfg, seed)
     suite_s = str(suite.resolve())
@@ -128,9 +122,10 @@ def run(out: Path, *, quick: bool = False, seed: int = 0, executor: str = "local
                                           "the validation peak."),
                                 FigureRef(out / "search" / "scores.png", "validation score per CMA-ES generation",
                                           SCORES_HOW_TO_READ)]))
-    record_ = study_record("merge-search", cfg, quick=quick, seed=seed, started=started,
-                           extra={"executor": executor, "best_config": str(best_yaml)})
-    return write_outputs(out, report, {"results": table}, record_)
+    return StudyResult(report, {"results": table}, extra={"executor": executor, "best_config": str(best_yaml)})
+
+
+run = study_runner("merge-search", build, SuiteConfig(), QUICK)
 
 
 def _both(sd: dict[str, torch.Tensor], suite: str) -> dict[str, float]:

@@ -34,7 +34,7 @@ from mergelab.executor import get_executor
 from mergelab.report import FigureRef, Report, Section, Table, Verdict
 from mergelab.report.plots import line_panels
 from mergelab.soups import uniform_soup
-from mergelab.studies.common import StudyResult, apply_options, explain, prepare_output, study_record, write_outputs
+from mergelab.studies.common import StudyResult, explain, study_runner
 from mergelab.studies.verdict import Difference, claim_verdict, paired_difference
 from mergelab.zoo.cache import cache_dir
 from mergelab.zoo.data import load_dataset, train_subset
@@ -63,6 +63,9 @@ class RebasinConfig:
     bn_batches: int = 10  # batches of 128 training examples for each BatchNorm reset
     n_test: int | None = None  # class-stratified test subset for the path (None: the whole test split)
     split_seed: int = 0
+    seed: int = 0  # offsets every zoo seed
+    executor: str = "local"  # local, local:N, ray, ray:ADDRESS: one job per (arch, dataset, seed) cell
+    cache: Path | None = None  # the zoo cache (default: $MERGELAB_CACHE or the user cache folder)
 
 
 # 8×8 digits: well-trained CNNs (97-99 % test accuracy) in seconds each, so the quick run shows the effects
@@ -309,18 +312,10 @@ def _figures(out: Path, path_rows: list[dict[str, Any]], soup_rows: list[dict[st
     })
 
 
-def run(out: Path, *, quick: bool = False, seed: int = 0, executor: str = "local",
-        config: RebasinConfig | None = None, cache: Path | None = None, overwrite: bool = False,
-        show_progress: bool = True, **options: Any) -> Path:
-    """Run the study into ``out``; returns the HTML report's path. ``seed`` offsets every zoo seed.
+def build(out: Path, cfg: RebasinConfig, *, show_progress: bool = True) -> StudyResult:
+    """Run the grid through ``cfg.executor``, then draw and tabulate it into ``out``."""
+    results = run_grid(cfg, seed_offset=cfg.seed, executor=cfg.executor, cache=cfg.cache, show_progress=show_progress)
+    return build_report(out, cfg, results, cfg.seed, cfg.executor)
 
-    ``options`` are :class:`RebasinConfig` fields applied on top of the quick or full grid
-    (e.g. ``archs=("mlp2",)``); ``executor`` is ``local``, ``local:N``, ``ray`` or ``ray:ADDRESS``.
-    """
-    started = time.perf_counter()
-    cfg = apply_options(config or (QUICK if quick else RebasinConfig()), options)
-    folder = prepare_output(out, overwrite)
-    results = run_grid(cfg, seed_offset=seed, executor=executor, cache=cache, show_progress=show_progress)
-    result = build_report(folder, cfg, results, seed, executor)
-    record = study_record("rebasin", cfg, quick=quick, seed=seed, started=started, extra=result.extra)
-    return write_outputs(folder, result.report, result.tables, record)
+
+run = study_runner("rebasin", build, RebasinConfig(), QUICK)

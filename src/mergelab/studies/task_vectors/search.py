@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 import json
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,30 @@ from safetensors.torch import save_file
 from mergelab.report import FigureRef, Report, Section, Table
 from mergelab.search.evaluate import load_state_dict
 from mergelab.search.run import SCORES_HOW_TO_READ, run_search
-from mergelab.studies.common import prepare_output, study_record, write_outputs
+from mergelab.studies.common import StudyResult, study_runner
 from mergelab.studies.task_vectors.bench import MergeBench
 from mergelab.studies.task_vectors.study import SUITES, make_suite
 from mergelab.studies.verdict import difference_verdict, tasks_difference
 
 DEFAULT_LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    suite: str = "vision"  # vision or text
+    generations: int = 15
+    population: int = 8
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS  # the hand-tuned baseline's λ grid
+    quick_suite: bool = False  # the task-vectors study's quick suite (the fine-tunes of its --quick run)
+    seed: int = 0
+    executor: str = "local"  # local, local:N, ray, ray:ADDRESS: where the search evaluates its merges
+
+    def __post_init__(self) -> None:
+        if self.suite not in SUITES:
+            raise ValueError(f"unknown suite '{self.suite}'; choose one of {list(SUITES)}")
+
+
+QUICK = Config(generations=4, population=6, quick_suite=True)
 
 
 @functools.lru_cache(maxsize=2)
@@ -61,23 +79,16 @@ def _export(bench: MergeBench, folder: Path) -> dict[str, str]:
     return paths
 
 
-def run(out: Path, *, suite: str = "vision", quick: bool = False, seed: int = 0, executor: str = "local",
-        generations: int | None = None, population: int | None = None,
-        lambdas: Sequence[float] = DEFAULT_LAMBDAS, overwrite: bool = False, show_progress: bool = True) -> Path:
-    """Hand-tuned task arithmetic vs CMA-ES per-block weights on ``suite``; returns report.html."""
-    if suite not in SUITES:
-        raise ValueError(f"unknown suite '{suite}'; choose one of {list(SUITES)}")
-    started = time.perf_counter()
-    out = prepare_output(out, overwrite)
+def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
+    """Hand-tuned task arithmetic vs CMA-ES per-block weights on ``cfg.suite``."""
+    suite, quick, seed, executor = cfg.suite, cfg.quick_suite, cfg.seed, cfg.executor
     bench = _bench(suite, quick, seed)
     paths = _export(bench, out / "models")
     tasks = bench.tasks
 
-    sel = bench.select("task_arithmetic", tasks, [{"lambda": float(lam)} for lam in lambdas])
+    sel = bench.select("task_arithmetic", tasks, [{"lambda": float(lam)} for lam in cfg.lambdas])
     best_lam = float(sel.params["lambda"])
     hand = {"val": bench.mean_normalised(sel.val, "val"), "test": bench.mean_normalised(sel.test, "test")}
-    gens = generations if generations is not None else (4 if quick else 15)
-    pop = population if population is not None else (6 if quick else 8)
     kwargs: dict[str, Any] = {"suite": suite, "quick": quick, "seed": seed}
     config = {
         # weight = λ on every task vector with a global lambda of 1 is the hand-tuned merge: the search
@@ -88,7 +99,7 @@ def run(out: Path, *, suite: str = "vision", quick: bool = False, seed: int = 0,
         "search": {"groups": "blocks",
                    # the range scales with λ: CMA-ES steps are a fraction of it, and a λ near 0 needs fine steps
                    "parameters": [{"name": "weight", "low": 0.0, "high": min(2.0, 4 * best_lam)}],
-                   "population": pop, "generations": gens, "sigma0": 0.2, "seed": seed},
+                   "population": cfg.population, "generations": cfg.generations, "sigma0": 0.2, "seed": seed},
         "evaluator": {"callable": "mergelab.studies.task_vectors.search:evaluate",
                       "kwargs": {**kwargs, "split": "val"}, "test_kwargs": {**kwargs, "split": "test"},
                       "label": "mean normalised validation accuracy (%)"},
@@ -125,10 +136,11 @@ def run(out: Path, *, suite: str = "vision", quick: bool = False, seed: int = 0,
     report.add(Section("Results", verdicts=[verdict], tables=[table],
                        figures=[FigureRef(out / "search" / "scores.png", "validation score per CMA-ES generation",
                                           SCORES_HOW_TO_READ)]))
-    settings = {"suite": suite, "generations": gens, "population": pop, "lambdas": list(lambdas)}
-    record_ = study_record("task-vector-search", settings, quick=quick, seed=seed, started=started,
-                           extra={"executor": executor, "best_config": str(best_yaml), "lambda_trace": sel.trace})
-    return write_outputs(out, report, {"results": table}, record_)
+    return StudyResult(report, {"results": table}, extra={"executor": executor, "best_config": str(best_yaml),
+                                                          "lambda_trace": sel.trace})
 
 
-__all__ = ["evaluate", "run"]
+run = study_runner("task-vector-search", build, Config(), QUICK)
+
+
+__all__ = ["QUICK", "Config", "build", "evaluate", "run"]

@@ -21,6 +21,7 @@ CLI: ``mergelab study task-vectors --suite vision|text --out DIR [--quick] [--se
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from typing import Any
 from mergelab.analysis.interference import interference_curves
 from mergelab.report import FigureRef, Report, Section, Table, Verdict
 from mergelab.runtime import make_progress, torch_threads
-from mergelab.studies.common import prepare_output, study_record, write_outputs
+from mergelab.studies.common import StudyResult, run_config
 from mergelab.studies.task_vectors import plots
 from mergelab.studies.task_vectors.bench import METHODS, MergeBench, Selection
 from mergelab.studies.verdict import Difference, difference_verdict, tasks_difference
@@ -64,6 +65,7 @@ class Plan:
     scaling_cart_lambdas: tuple[float, ...] = (1.0, 2.0)
     fisher_examples: int = 256
     gram_examples: int = 512
+    seed: int = 0  # DARE's masks, the task subsets of the scaling experiment, the verdicts' bootstrap
 
     def scaling_plan(self) -> Plan:
         return dataclasses.replace(self, cart_ranks=self.scaling_cart_ranks, cart_lambdas=self.scaling_cart_lambdas)
@@ -110,23 +112,27 @@ def make_suite(name: str, *, quick: bool, seed: int) -> tuple[TaskSuite, Plan]:
 
 def run(out: Path, *, suite: str = "vision", quick: bool = False, seed: int = 0, overwrite: bool = False) -> Path:
     """Run the study on the named suite; returns the path of ``report.html``."""
-    prepare_output(out, overwrite)  # before minutes of fine-tuning
-    suite_obj, plan = make_suite(suite, quick=quick, seed=seed)
-    return run_suite(out, suite_obj, plan, quick=quick, seed=seed, overwrite=True)
+    suite_obj, plan = make_suite(suite, quick=quick, seed=seed)  # cheap: the suite fine-tunes in build
+    return run_suite(out, suite_obj, plan, quick=quick, seed=seed, overwrite=overwrite)
 
 
 def run_suite(out: Path, suite: TaskSuite, plan: Plan, *, quick: bool = False, seed: int = 0,
               overwrite: bool = False) -> Path:
-    """The study on any :class:`TaskSuite` (tests pass a tiny one)."""
-    out = prepare_output(out, overwrite)
-    started = time.perf_counter()
+    """The study on any :class:`TaskSuite` (tests pass a tiny one); ``plan`` is the study's Config."""
+    return run_config("task-vectors", out, functools.partial(build, suite=suite), plan, quick=quick, seed=seed,
+                      overwrite=overwrite, show_progress=suite.show_progress)
+
+
+def build(out: Path, plan: Plan, *, suite: TaskSuite, show_progress: bool = True) -> StudyResult:
+    """Fine-tune (or load) the suite, run every experiment, draw and tabulate into ``out``."""
+    seed = plan.seed
     timings: dict[str, float] = {}
 
     def lap(name: str, t0: float) -> float:
         timings[name] = round(time.perf_counter() - t0, 2)
         return time.perf_counter()
 
-    bar = make_progress(disable=not suite.show_progress)
+    bar = make_progress(disable=not show_progress)
     with torch_threads(suite.threads), bar:
         t0 = time.perf_counter()
         suite.finetuned(bar)
@@ -147,9 +153,7 @@ def run_suite(out: Path, suite: TaskSuite, plan: Plan, *, quick: bool = False, s
         scaling_rows = _scaling(bench, plan, seed, selections)
         bar.advance(job)
         lap("scaling with T", t0)
-    result = _write(out, bench, plan, selections, sweep_rows, curve, scaling_rows, quick=quick, seed=seed,
-                    timings=timings, started=started)
-    return result
+    return _result(out, bench, plan, selections, sweep_rows, curve, scaling_rows, timings)
 
 
 # ---- experiments ---------------------------------------------------------------------------------------
@@ -254,10 +258,9 @@ def _main_tables(bench: MergeBench, sel: dict[str, Selection]) -> tuple[Table, T
     return main, breakdown, breakdown_norm
 
 
-def _write(out: Path, bench: MergeBench, plan: Plan, sel: dict[str, Selection], sweep: list[dict[str, Any]],
-           curve: list[Any], scaling_rows: list[dict[str, Any]], *, quick: bool, seed: int,
-           timings: dict[str, float], started: float) -> Path:
-    suite = bench.suite
+def _result(out: Path, bench: MergeBench, plan: Plan, sel: dict[str, Selection], sweep: list[dict[str, Any]],
+            curve: list[Any], scaling_rows: list[dict[str, Any]], timings: dict[str, float]) -> StudyResult:
+    suite, seed = bench.suite, plan.seed
     figures = out
     tasks = bench.tasks
     ft = suite.finetuned()
@@ -367,10 +370,9 @@ def _write(out: Path, bench: MergeBench, plan: Plan, sel: dict[str, Selection], 
     tables = {"tasks": setup, "methods": main, "per_task_accuracy": breakdown, "per_task_normalised": breakdown_norm,
               "cart_sweep": sweep_table, "interference": curve_table, "scaling": scaling_table,
               "scaling_summary": scaling_summary}
-    record = study_record("task-vectors", plan, quick=quick, seed=seed, started=started, extra={
+    return StudyResult(report, tables, extra={
         "suite": suite.record(), "selected": {n: {"params": s.params, "val_trace": s.trace} for n, s in sel.items()},
         "cart_peak": peak, "dare_seed": seed, "timings_seconds": timings})
-    return write_outputs(out, report, tables, record)
 
 
 _INTERFERENCE_TEXT = (
