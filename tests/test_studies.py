@@ -212,3 +212,34 @@ def test_weights_vs_features_claims_rows_carry_the_paper_the_setting_and_the_mem
     assert "5 of 7 datasets" in perf.paper_number and perf.verdict.held is False
     assert "Fig. 7a" in by["The ensemble − soup gap grows with N (N = 2 → 5)"].paper_number
     assert [v.claim for v in verdicts] == list(by) == list(summary)  # no linear zoo: no check
+
+
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_every_study_refuses_an_existing_output_and_an_unknown_option_before_any_work(name: str,
+                                                                                      tmp_path: Path) -> None:
+    """The skeleton (studies.common.run_config) orders every study the same way: options checked, then the
+    output folder, then the work. Each call returns at once: nothing is trained or loaded."""
+    from mergelab.errors import OutputExistsError
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError):
+        run_study(name, busy, quick=True)
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    with pytest.raises(ValueError, match="no_such_option"):
+        run_study(name, tmp_path / "new", quick=True, no_such_option=1)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(("name", "option", "message"), [
+    ("magnitude", {"which": "biases"}, "which must be"), ("weights-vs-features", {"eval_mode": "test"}, "eval_mode"),
+    ("swa", {"n_soup": 1}, "n_soup"), ("vit-soups", {"ns": (5,)}, "two values of N"),
+    ("mode-connectivity", {"points": 2}, "points"), ("task-vector-search", {"suite": "audio"}, "unknown suite"),
+    ("task-vectors", {"suite": "audio"}, "unknown suite"),
+])
+def test_a_bad_setting_fails_before_the_output_folder_is_made(name: str, option: dict, message: str,
+                                                               tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=message):
+        run_study(name, tmp_path / "new", quick=True, **option)
+    assert not (tmp_path / "new").exists()

@@ -64,6 +64,10 @@ class Config:
     workers: int | None = None
     executor: str | None = None  # train the zoos as executor jobs: local, local:N, ray, ray:ADDRESS
 
+    def __post_init__(self) -> None:  # bad settings fail in apply_options, before anything is written
+        if self.which not in ("all", "weights"):
+            raise ValueError(f"which must be 'all' or 'weights', got '{self.which}'")
+
 
 QUICK = Config(archs=("vgg6bn", "linear"), cs=(1, 10, 50, 110), ns=(2, 3, 5), epochs=1, pretrain_epochs=2,
                n_train=1000)
@@ -255,8 +259,6 @@ def _figures(rows: list[dict[str, Any]], scatter: dict[tuple[str, str], dict[flo
 
 
 def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
-    if cfg.which not in ("all", "weights"):
-        raise ValueError(f"which must be 'all' or 'weights', got '{cfg.which}'")
     specs = [zoo_spec(cfg, a, d, cfg.init, max(cfg.ns)) for d in cfg.datasets for a in cfg.archs]
     zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress, executor=cfg.executor)
     n = cfg.scatter_n or max(cfg.ns)

@@ -48,6 +48,10 @@ class Config(ZooRecipe):
     bn_reset_batches: int = 10
     n_boot: int = 1000
 
+    def __post_init__(self) -> None:  # bad settings fail in apply_options, before anything is written
+        if self.points < 3:
+            raise ValueError(f"a path needs points ≥ 3, got {self.points}")
+
 
 QUICK = Config(archs=("vgg6bn",), n_seeds=2, points=5, epochs=1, pretrain_epochs=2, n_train=1000)
 
@@ -89,8 +93,6 @@ def barrier_difference(alphas: Sequence[float], worse: np.ndarray, better: np.nd
 
 
 def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
-    if cfg.points < 3:
-        raise ValueError(f"a path needs points ≥ 3, got {cfg.points}")
     seeds = cfg.zoo_seeds()
     grid = [(d, a, s) for d in cfg.datasets for a in cfg.archs for s in seeds]
     specs = [zoo_spec(replace(cfg, seed=s), a, d, init, 2) for d, a, s in grid for init in ("shared", "independent")]

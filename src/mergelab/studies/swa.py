@@ -52,6 +52,10 @@ class Config(ZooRecipe):
     lr_cycle: tuple[float, float] = (1.0, 0.05)  # × the recipe's lr, start and end of every cycle
     bn_reset_batches: int = 10
 
+    def __post_init__(self) -> None:  # bad settings fail in apply_options, before anything is written
+        if self.n_soup < 2:
+            raise ValueError(f"a soup needs n_soup ≥ 2 runs, got {self.n_soup}")
+
 
 QUICK = Config(archs=("vgg6bn",), n_seeds=2, n_soup=2, epochs=1, pretrain_epochs=2, n_train=1000)
 
@@ -63,8 +67,6 @@ def _model(skeleton: ZooModel, state: dict[str, torch.Tensor]) -> ZooModel:
 
 
 def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
-    if cfg.n_soup < 2:
-        raise ValueError(f"a soup needs n_soup ≥ 2 runs, got {cfg.n_soup}")
     seeds = cfg.zoo_seeds()
     grid = [(d, a, s) for d in cfg.datasets for a in cfg.archs for s in seeds]
     specs = [zoo_spec(replace(cfg, seed=s), a, d, init, cfg.n_soup) for d, a, s in grid

@@ -40,6 +40,10 @@ class Config(ZooRecipe):
     archs: tuple[str, ...] = ("vit2", "vit2-randin")
     ns: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 10)
 
+    def __post_init__(self) -> None:  # bad settings fail in apply_options, before anything is written
+        if len(self.ns) < 2:
+            raise ValueError(f"the collapse needs at least two values of N, got {self.ns}")
+
 
 QUICK = Config(archs=("vit2", "vit2-randin"), ns=(2, 3, 5), n_seeds=2, epochs=1, pretrain_epochs=2, n_train=1000)
 
@@ -48,8 +52,6 @@ Scores = dict[tuple[str, str, int, str], torch.Tensor]  # (dataset, arch, N, met
 
 
 def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
-    if len(cfg.ns) < 2:
-        raise ValueError(f"the collapse needs at least two values of N, got {cfg.ns}")
     seeds = cfg.zoo_seeds()
     grid = [(d, a, s) for d in cfg.datasets for a in cfg.archs for s in seeds]
     zoos = train_zoos([zoo_spec(replace(cfg, seed=s), a, d, "shared", max(cfg.ns)) for d, a, s in grid],

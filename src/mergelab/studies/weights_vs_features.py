@@ -85,6 +85,10 @@ class Config(ZooRecipe):
     #: also evaluate BN nets' soups after re-estimating BN statistics on this many training batches (0: off)
     bn_reset_batches: int = 10
 
+    def __post_init__(self) -> None:  # bad settings fail in apply_options, before anything is written
+        if self.eval_mode not in ("eval", "train"):
+            raise ValueError(f"eval_mode must be 'eval' or 'train', got '{self.eval_mode}'")
+
 
 QUICK = Config(datasets=("mnist5k",), archs=("vgg6bn", "linear"), independent_archs=("vgg6bn",), ns=(2, 3, 5),
                epochs=1, pretrain_epochs=2, n_train=1000, width=16, n_seeds=1)
@@ -509,8 +513,6 @@ def _figures(rows: Sequence[dict[str, Any]], cfg: Config, out: Path, verdicts: S
 
 
 def build(out: Path, cfg: Config, *, show_progress: bool = True) -> Result:
-    if cfg.eval_mode not in ("eval", "train"):
-        raise ValueError(f"eval_mode must be 'eval' or 'train', got '{cfg.eval_mode}'")
     specs = zoo_specs(cfg)
     zoos = train_zoos(specs, workers=cfg.workers, show_progress=show_progress, executor=cfg.executor)
     seed_rows: list[dict[str, Any]] = []
