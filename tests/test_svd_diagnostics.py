@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file, save_file
 
+from cli_helpers import assert_ok, run_cli, write_config
 from mergelab import merge_state_dicts
 from mergelab.analysis.svd_diagnostics import (
     captured_rank,
@@ -17,8 +22,11 @@ from mergelab.analysis.svd_diagnostics import (
     singular_task_interference,
     subspace_alignment_ratio,
 )
+from mergelab.errors import UsageError
+from mergelab.merge.engine import run_merge
 from mergelab.methods.spectral import polar_factor
-from mergelab.report.layer_diagnostics import plot_layer_diagnostics
+from mergelab.report.layer_diagnostics import LayerDiagnosticsWriter, plot_layer_diagnostics
+from mergelab.report.tables import read_csv
 
 F64 = torch.float64
 
@@ -152,3 +160,80 @@ def test_plot_layer_diagnostics_writes_a_png(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no layers"):
         plot_layer_diagnostics([], tmp_path / "empty.png")
+
+
+# --- `mergelab merge --diagnostics`: the same measures, computed by the engine during the merge -------------------
+
+def _save_family(root: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], dict[str, Any]]:
+    base, fts = _models()
+    save_file(base, str(root / "base.safetensors"))
+    for i, ft in enumerate(fts):
+        save_file(ft, str(root / f"ft{i}.safetensors"))
+    config = {"merge_method": "iso_c", "base_model": str(root / "base.safetensors"),
+              "models": [{"model": str(root / f"ft{i}.safetensors")} for i in range(len(fts))]}
+    return base, fts, config
+
+
+def test_diagnostics_written_by_the_engine_equal_the_library_on_the_merged_output(tmp_path: Path) -> None:
+    base, fts, config = _save_family(tmp_path)
+    result = run_merge(config, tmp_path / "out", progress=False, observer=LayerDiagnosticsWriter())
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    expected = {r.name: r for r in layer_diagnostics(base, fts, merged)}
+    rows = read_csv(tmp_path / "out" / "diagnostics" / "layers.csv")
+    assert [r["name"] for r in rows] == ["a.weight", "b.weight"]  # the bias is 1-D; frozen.weight is unchanged
+    for r in rows:
+        e = expected[r["name"]]
+        assert float(r["interference"]) == pytest.approx(e.interference, rel=1e-9)
+        assert float(r["alignment_merged"]) == pytest.approx(e.alignment_merged, rel=1e-9)
+        assert int(r["rank_task_arithmetic"]) == e.rank_task_arithmetic
+    record = result.record["diagnostics"]
+    assert record["matrices"] == 2 and record["skipped"] == {"unchanged by every model": 1}
+    assert record["mean_alignment_merged"] == pytest.approx(
+        (expected["a.weight"].alignment_merged + expected["b.weight"].alignment_merged) / 2)
+    assert (tmp_path / "out" / "diagnostics" / "layers.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "out" / "mergelab.json").read_text())["diagnostics"] == record
+
+
+def test_diagnostics_do_not_change_the_merged_bytes(tmp_path: Path) -> None:
+    _, _, config = _save_family(tmp_path)
+    run_merge(config, tmp_path / "plain", progress=False)
+    run_merge(config, tmp_path / "diag", progress=False, observer=LayerDiagnosticsWriter())
+    assert (tmp_path / "plain" / "model.safetensors").read_bytes() == (tmp_path / "diag" / "model.safetensors"
+                                                                       ).read_bytes()
+
+
+def test_diagnostics_without_a_base_skip_every_matrix_and_say_why(tmp_path: Path) -> None:
+    _, _, config = _save_family(tmp_path)
+    config = {"merge_method": "linear", "models": [{"model": m["model"], "parameters": {"weight": 1.0}}
+                                                   for m in config["models"]]}
+    result = run_merge(config, tmp_path / "out", progress=False, observer=LayerDiagnosticsWriter())
+    assert result.record["diagnostics"]["matrices"] == 0
+    assert result.record["diagnostics"]["skipped"] == {"no base model": 3}
+    assert not (tmp_path / "out" / "diagnostics").exists()
+
+
+def test_diagnostics_skip_matrices_above_the_size_cap(tmp_path: Path) -> None:
+    _, _, config = _save_family(tmp_path)
+    writer = LayerDiagnosticsWriter(max_entries=47)  # a.weight and b.weight have 48 entries
+    assert run_merge(config, tmp_path / "out", progress=False, observer=writer).record["diagnostics"]["skipped"] \
+        == {"more than 47 entries": 2, "unchanged by every model": 1}
+
+
+def test_cli_diagnostics_flag_writes_csv_and_plot_and_names_them(tmp_path: Path) -> None:
+    _, _, config = _save_family(tmp_path)
+    cfg = write_config(tmp_path / "cfg", config)
+    result = run_cli(cfg, tmp_path / "out", "--diagnostics")
+    assert_ok(result)
+    assert (tmp_path / "out" / "diagnostics" / "layers.csv").exists()
+    assert "diagnostics" in result.output and "layers.png" in result.output
+
+
+def test_diagnostics_refuse_a_multi_stage_config_before_writing_anything(tmp_path: Path) -> None:
+    _, _, config = _save_family(tmp_path)
+    first = {**config, "name": "first"}
+    path = tmp_path / "stages.yml"
+    path.write_text(yaml.safe_dump(first) + "---\n" + yaml.safe_dump({**config, "base_model": str(
+        tmp_path / "base.safetensors"), "models": [{"model": "first"}, *config["models"][1:]]}))
+    with pytest.raises(UsageError, match="multi-stage"):
+        run_merge(path, tmp_path / "out", progress=False, observer=LayerDiagnosticsWriter())
+    assert not (tmp_path / "out").exists()

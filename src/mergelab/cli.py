@@ -96,6 +96,9 @@ def merge(
     intermediate_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--intermediate-dir", help="multi-stage configs: keep each named stage's output in DIR/NAME (default: a "
                                    "temporary folder beside OUT, removed afterwards)")] = None,
+    diagnostics: Annotated[bool, _flag("also write per-layer SVD diagnostics of the task vectors (singular task "
+                                       "interference, subspace alignment ratio) to OUT/diagnostics: CSV and PNG; "
+                                       "needs a base_model", "--diagnostics")] = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -119,10 +122,29 @@ def merge(
     result = run_merge(config, out, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
                        allow_nonfinite=allow_nonfinite, progress=not quiet, hash_inputs=not no_hash,
                        take_missing_from=take_missing_from, model_card=not no_model_card,
-                       intermediate_dir=intermediate_dir)
-    console.print(f"wrote {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) to {plain(result.out_dir)}")
+                       intermediate_dir=intermediate_dir, observer=_diagnostics_writer() if diagnostics else None)
+    console.print(f"wrote {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) to {plain(result.out_dir)}",
+                  soft_wrap=True)
+    if diagnostics:
+        _print_diagnostics(result.out_dir, result.record["diagnostics"])
     if evaluate:
         _evaluate(result.out_dir)
+
+
+def _print_diagnostics(out: Path, record: dict[str, Any]) -> None:
+    skipped = "; ".join(f"{n} skipped ({why})" for why, n in record["skipped"].items())
+    if record["matrices"]:
+        console.print(f"diagnostics of {record['matrices']} weight matrices: {plain(out / record['csv'])}, "
+                      f"{plain(out / record['plot'])}" + (f"; {skipped}" if skipped else ""), soft_wrap=True)
+    else:
+        console.print(f"diagnostics: no weight matrix measured ({skipped or 'the merge has no 2-D weights'})",
+                      soft_wrap=True)
+
+
+def _diagnostics_writer() -> Any:
+    from mergelab.report.layer_diagnostics import LayerDiagnosticsWriter
+
+    return LayerDiagnosticsWriter()
 
 
 @app.command("extract-lora", cls=_Command)
@@ -189,7 +211,7 @@ def example_models(
     _logging(verbose, quiet)
     paths = write_example_models(folder, seed=seed, overwrite=overwrite)
     console.print(f"wrote {plain(', '.join(p.name for p in paths))} and the example configs under {plain(folder)}; "
-                  f"try: mergelab merge {plain(folder / 'ties.yml')} -o merged --eval")
+                  f"try: mergelab merge {plain(folder / 'ties.yml')} -o merged --eval", soft_wrap=True)
 
 
 @app.command(cls=_Command)

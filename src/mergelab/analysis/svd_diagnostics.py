@@ -109,30 +109,34 @@ class LayerDiagnostics:
     rank_merged: int | None
 
 
+def matrix_diagnostics(name: str, base: torch.Tensor, finetuned: Sequence[torch.Tensor],
+                       merged: torch.Tensor | None = None, *, captured: float = 0.95,
+                       rank: int | None = None) -> LayerDiagnostics:
+    """STI and SAR_avg (module docstring) of one weight matrix: ``base`` and the ``finetuned`` models' versions
+    of it, and optionally ``merged`` (any merge of them on ``base``) to compare with task arithmetic's sum."""
+    b = base.to(torch.float64)
+    deltas = [f.to(torch.float64) - b for f in finetuned]
+    k = tsv_rank(b.shape, len(deltas)) if rank is None else rank
+    sti = singular_task_interference(deltas, k)
+    scale = sum(float(torch.linalg.svdvals(d)[:k].sum()) for d in deltas)
+    total = torch.stack(deltas).sum(0)
+    m_align = m_rank = None
+    if merged is not None:
+        m_delta = merged.to(torch.float64) - b
+        m_align = mean_alignment(deltas, m_delta, captured=captured)
+        m_rank = captured_rank(torch.linalg.svdvals(m_delta), captured)
+    return LayerDiagnostics(
+        name=name, interference=sti, relative_interference=sti / scale if scale > 0 else 0.0,
+        alignment_task_arithmetic=mean_alignment(deltas, total, captured=captured), alignment_merged=m_align,
+        rank_task_arithmetic=captured_rank(torch.linalg.svdvals(total), captured), rank_merged=m_rank)
+
+
 def layer_diagnostics(base: StateDict, finetuned: Sequence[StateDict], merged: StateDict | None = None, *,
                       names: Sequence[str] | None = None, captured: float = 0.95,
                       rank: int | None = None) -> list[LayerDiagnostics]:
-    """STI and SAR_avg (module docstring) for every 2-D weight in ``names`` (default: the matrices that at
-    least one model changes, :func:`~mergelab.analysis.interference.matrix_names`), in state-dict order.
-    ``merged`` is any merge of ``finetuned`` on ``base`` (TSV-M, Iso-C, CART...) to compare with task
-    arithmetic's plain sum."""
+    """:func:`matrix_diagnostics` for every 2-D weight in ``names`` (default: the matrices that at least one
+    model changes, :func:`~mergelab.analysis.interference.matrix_names`), in state-dict order."""
     chosen = list(names) if names is not None else matrix_names([base, *finetuned])
-    rows = []
-    for name in chosen:
-        b = base[name].to(torch.float64)
-        deltas = [f[name].to(torch.float64) - b for f in finetuned]
-        k = tsv_rank(b.shape, len(deltas)) if rank is None else rank
-        sti = singular_task_interference(deltas, k)
-        scale = sum(float(torch.linalg.svdvals(d)[:k].sum()) for d in deltas)
-        total = torch.stack(deltas).sum(0)
-        ta_rank = captured_rank(torch.linalg.svdvals(total), captured)
-        m_align = m_rank = None
-        if merged is not None:
-            m_delta = merged[name].to(torch.float64) - b
-            m_align = mean_alignment(deltas, m_delta, captured=captured)
-            m_rank = captured_rank(torch.linalg.svdvals(m_delta), captured)
-        rows.append(LayerDiagnostics(
-            name=name, interference=sti, relative_interference=sti / scale if scale > 0 else 0.0,
-            alignment_task_arithmetic=mean_alignment(deltas, total, captured=captured),
-            alignment_merged=m_align, rank_task_arithmetic=ta_rank, rank_merged=m_rank))
-    return rows
+    return [matrix_diagnostics(name, base[name], [f[name] for f in finetuned],
+                               merged[name] if merged is not None else None, captured=captured, rank=rank)
+            for name in chosen]

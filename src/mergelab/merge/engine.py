@@ -17,12 +17,13 @@ import logging
 import os
 import re
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -64,6 +65,19 @@ _HEADROOM = 1 << 20  # headers, index, config and record files written beside th
 # of 4 Mi entries, 6× in pieces of 16 Mi), large enough that per-piece Python overhead stays small.
 _PIECE_ENTRIES = 1 << 20
 log = logging.getLogger(__name__)
+
+
+class TensorObserver(Protocol):
+    """Sees every merged tensor whole, beside its inputs (``--diagnostics``: per-layer measures computed during
+    the merge, not by reading every model again afterwards). With an observer nothing is streamed in pieces."""
+
+    def observe(self, name: str, base: torch.Tensor | None, tensors: list[torch.Tensor],
+                merged: torch.Tensor) -> None: ...
+
+    def finish(self, folder: Path, method: str) -> Mapping[str, Any]:
+        """Write its files into ``folder`` (the output's temporary folder, installed with the merge of
+        ``method``) and return the entry recorded under ``diagnostics`` in ``mergelab.json``."""
+        ...
 
 
 @dataclass
@@ -245,6 +259,7 @@ def run_merge(
     model_card: bool = True,
     intermediate_dir: str | Path | None = None,
     record_extra: Mapping[str, Any] | None = None,
+    observer: TensorObserver | None = None,
 ) -> MergeResult:
     """Merge the checkpoints described by ``config`` into the folder ``out_dir``.
 
@@ -252,9 +267,13 @@ def run_merge(
     ``out_dir`` is created and an existing one is left as it was. ``take_missing_from="base"`` serves tensors
     a model lacks from the base (and leaves out those only a model has); ``model_card`` writes README.md.
     A multi-document YAML is a multi-stage merge (merge/stages.py): named stages go to ``intermediate_dir``
-    (kept) or a temporary folder. ``record_extra``: more keys for ``mergelab.json``.
+    (kept) or a temporary folder. ``record_extra``: more keys for ``mergelab.json``. ``observer``: sees each
+    merged tensor whole with its inputs (:class:`TensorObserver`) and writes its files beside the merge.
     """
     if isinstance(config, (str, Path)) and (docs := read_stage_documents(Path(config))) is not None:
+        if observer is not None:
+            raise UsageError(f"{config} is a multi-stage config: per-layer diagnostics are computed for one merge; "
+                             "run the last stage's document on its own to diagnose it")
         # several YAML documents: a multi-stage merge (merge/stages.py), each stage one run_merge
         def run_one(stage: dict[str, Any], target: Path, extra: Mapping[str, Any] | None = None) -> MergeResult:
             return run_merge(stage, target, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
@@ -303,7 +322,7 @@ def run_merge(
             for reader in plan.readers:
                 for f in reader.files:
                     hashes[str(f)] = hasher.submit(cached_sha256, f)
-        result = _stream(plan, tmp, cfg, dev, shard_bytes, allow_nonfinite, progress)
+        result = _stream(plan, tmp, cfg, dev, shard_bytes, allow_nonfinite, progress, observer)
         copied = _copy_model_files(plan, tmp, cfg.output_dtype)
         record = {
             "mergelab_version": _version(),
@@ -330,6 +349,8 @@ def run_merge(
         }
         if plan.taken_from_base or plan.dropped:
             record["taken_from_base"], record["dropped"] = plan.taken_from_base, plan.dropped
+        if observer is not None:
+            record["diagnostics"] = dict(observer.finish(tmp, cfg.merge_method))
         record.update(record_extra or {})
         if plan.tokenizer is not None and plan.tokenizer.vocabulary is not None:
             record["tokenizer"] = {"source": cfg.token_source, "vocab_size": plan.tokenizer.vocabulary.rows,
@@ -364,13 +385,13 @@ def _version() -> str:
 
 
 def _stream(plan: MergePlan, tmp: Path, cfg: MergeConfig, dev: torch.device | None, shard_bytes: int,
-            allow_nonfinite: bool, show_progress: bool) -> tuple[int, int]:
+            allow_nonfinite: bool, show_progress: bool, observer: TensorObserver | None = None) -> tuple[int, int]:
     thresholds = _global_thresholds(plan, dev) if plan.global_densities is not None else None
     writer = StreamingSafetensorsWriter(tmp, ShardPlan.build(plan.out_metas, shard_bytes),
                                         metadata={"format": "pt", "mergelab_method": cfg.merge_method})
     problems: list[str] = []
     try:
-        _merge_all(plan, cfg, dev, writer, thresholds, allow_nonfinite, show_progress, problems)
+        _merge_all(plan, cfg, dev, writer, thresholds, allow_nonfinite, show_progress, problems, observer)
     except BaseException:
         writer.abort()  # close the open shard; the caller removes the temporary folder
         raise
@@ -410,7 +431,7 @@ def _pieces(plan: MergePlan, entries: int) -> list[_Piece]:
 
 def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                writer: StreamingSafetensorsWriter, thresholds: list[float] | None, allow_nonfinite: bool,
-               show_progress: bool, problems: list[str]) -> None:
+               show_progress: bool, problems: list[str], observer: TensorObserver | None = None) -> None:
     """Merge and write every tensor; non-finite values are reported in ``problems`` (and nothing more is
     merged once there is one, but every input is still scanned so that all of them are reported)."""
     base = plan.base
@@ -445,7 +466,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             found = [(label, n) for label, t in labelled if (n := count_nonfinite(t))]
         return base_t, tensors, found
 
-    pieces = _pieces(plan, _PIECE_ENTRIES)
+    pieces = _pieces(plan, _PIECE_ENTRIES if observer is None else sys.maxsize)  # an observer sees whole tensors
     # Three stages overlap: the reader thread loads and checks piece i+1, this thread merges piece i, the
     # writer thread writes piece i-1. One item per stage keeps memory bounded.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as reader_pool, \
@@ -485,6 +506,8 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                 raise CompatibilityError([f"method '{cfg.merge_method}' cannot merge tensor '{piece.name}': "
                                           f"{why}"]) from None
             merged = merged.to(plan.out_metas[piece.name].dtype)
+            if observer is not None:
+                observer.observe(piece.name, base_t, tensors, merged)
             del base_t, tensors
             if read_after_merge:
                 pending = reader_pool.submit(load, pieces[i + 1])
