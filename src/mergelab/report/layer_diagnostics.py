@@ -58,7 +58,7 @@ class LayerDiagnosticsWriter:
     ``diagnostics/layers.csv`` and ``diagnostics/layers.png`` written beside the merged weights.
 
     Matrices are skipped, and the reason recorded, when there is no base (no task vectors), the models leave the
-    matrix unchanged, a value is not finite, or it has more than ``max_entries`` entries."""
+    matrix unchanged, a value is not finite, it has more than ``max_entries`` entries, or its SVD does not converge."""
 
     def __init__(self, *, captured: float = 0.95, max_entries: int = MAX_ENTRIES) -> None:
         self.captured, self.max_entries = captured, max_entries
@@ -81,7 +81,10 @@ class LayerDiagnosticsWriter:
         elif all(torch.equal(t, base) for t in tensors):
             self._skip("unchanged by every model", name)
         else:
-            self.rows.append(matrix_diagnostics(name, base, tensors, merged, captured=self.captured))
+            try:
+                self.rows.append(matrix_diagnostics(name, base, tensors, merged, captured=self.captured))
+            except RuntimeError:  # LAPACK's SVD can fail to converge on ill-conditioned input: a skip, not a crash
+                self._skip("SVD did not converge", name)
 
     def finish(self, folder: Path, method: str) -> dict[str, Any]:
         record: dict[str, Any] = {"measures": "singular task interference (TSV) and subspace alignment ratio (Iso)",
