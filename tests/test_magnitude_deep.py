@@ -232,6 +232,11 @@ def test_magnitude_deep_tiny(tmp_path: Path) -> None:
     outcomes = {v["outcome"] for v in record["verdicts"].values()}
     assert "outside the regime" in outcomes  # one seed: the regime check (≥ 3 seeds) fails
     assert (tmp_path / "overflow.md").exists() and (tmp_path / "regime.md").exists()
+    claims = {r["claim"]: r for r in csv.DictReader((tmp_path / "claims.csv").open())}  # checks are not claims
+    assert len(claims) == 6 and {r["verdict"] for r in claims.values()} == {"outside the regime"}
+    hypothesis = next(r for c, r in claims.items() if c.startswith("Overflow hypothesis"))
+    assert hypothesis["ours"] == "no zoo in the regime" and "c ≈ 107 for L = 19" in hypothesis["paper"]
+    assert "vgg6bn OUT (L = 6 (≥ 6), members at c = 1 (%)" in hypothesis["regime"]
     with (tmp_path / "overflow.csv").open() as f:
         overflow = list(csv.DictReader(f))
     # the logits' growth degree measured in float64 is the predicted one in every setting (L = 6, B = 4, F = 2)

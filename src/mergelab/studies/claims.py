@@ -25,9 +25,13 @@ class ClaimRow:
     setting: str
     regime: str  # what was checked about the setting (members learned, test size, …) and what it showed
     unit: str = "points"
+    #: ours in words, for a claim judged on counts rather than differences (e.g. which output overflows first)
+    ours_text: str = ""
 
     def as_row(self) -> dict[str, str]:
-        if self.ours:
+        if self.ours_text:
+            ours = self.ours_text
+        elif self.ours:
             mean = sum(d.mean for d in self.ours) / len(self.ours)
             lo, hi = min(d.low for d in self.ours), max(d.high for d in self.ours)
             seeds = max(d.n_seeds for d in self.ours)

@@ -47,6 +47,7 @@ from mergelab.executor import get_executor
 from mergelab.report import FigureRef, Report, Section, Table, Verdict
 from mergelab.report.plots import line_panels
 from mergelab.soups import uniform_soup
+from mergelab.studies.claims import ClaimRow, claims_table
 from mergelab.studies.common import StudyResult, explain, study_runner, zoo_spec
 from mergelab.studies.verdict import NO_DIFFERENCE, Difference, check, claim_verdict, paired_difference
 from mergelab.zoo.data import load_dataset
@@ -410,8 +411,23 @@ def regime(results: Sequence[ZooJobResult], rows: Sequence[Mapping[str, Any]], c
     return table, ok
 
 
+def setting_text(cfg: Config) -> str:
+    return (f"{', '.join(cfg.archs)} on {', '.join(cfg.datasets)}, {cfg.n_models} members ({cfg.init} init), "
+            f"{cfg.n_seeds} zoo seed(s); the paper's protocol (every state-dict entry ×c; BN nets with batch "
+            f"statistics); N = {max(m for m in cfg.ns if m <= cfg.n_models)}; c = {cfg.claim_low:g}–"
+            f"{cfg.claim_high:g} for the window claims; {cfg.n_test or 'all'} test examples")
+
+
+def regime_summary(table: Sequence[Mapping[str, Any]]) -> str:
+    """The regime table in one line: per zoo, its depth, members at c = 1 and seeds, and whether it counts."""
+    return "; ".join(f"{r['zoo']} {'in' if r['in the regime'] == 'yes' else 'OUT'} (L = {r['weight layers']}, "
+                     f"members at c = 1 (%) {r['members at c = 1 (%)']}, seeds {r['seeds']})" for r in table)
+
+
 def verdicts(rows: Sequence[Mapping[str, Any]], results: Sequence[ZooJobResult], cfg: Config,
-             in_regime: Mapping[tuple[str, str], bool]) -> list[Verdict]:
+             in_regime: Mapping[tuple[str, str], bool], regime_rows: Sequence[Mapping[str, Any]] = ()
+             ) -> tuple[list[Verdict], list[ClaimRow]]:
+    """The claims as verdicts (checks included) and as claims-table rows (checks excluded)."""
     correct = _correct_by_seed(results)
     seeds = sorted({r.job.spec.config.seed for r in results})
     # claims are judged in the paper's protocol (every entry ×c; BN nets with batch statistics); the running-
@@ -441,15 +457,21 @@ def verdicts(rows: Sequence[Mapping[str, Any]], results: Sequence[ZooJobResult],
                     out.append(paired_difference(ma, mb, seed=int(c)))
         return out
 
+    setting, regime = setting_text(cfg), regime_summary(regime_rows)
+    rows_out: list[ClaimRow] = []
+
     def claim(text: str, ds: list[Difference], paper_text: str) -> Verdict:
         if not combos:
-            return Verdict(text, None, "no zoo passed the regime checks (table above), so nothing here is "
-                                       "evidence for or against the claim", paper=paper_text, undecided=OUTSIDE)
+            v = Verdict(text, None, "no zoo passed the regime checks (table above), so nothing here is evidence "
+                                    "for or against the claim", paper=paper_text, undecided=OUTSIDE)
+            rows_out.append(ClaimRow(v, paper_text, [], setting, regime))
+            return v
         v = claim_verdict(text, ds, what=f"(zoo, setting, c) cells at N = {n}", paper=paper_text)
         if skipped[0]:
             v = replace(v, detail=f"{v.detail} {skipped[0]} cell(s) where both outputs were entirely non-finite "
                                   "are not counted.")
         skipped[0] = 0
+        rows_out.append(ClaimRow(v, paper_text, ds, setting, regime))
         return v
 
     out = []
@@ -463,7 +485,10 @@ def verdicts(rows: Sequence[Mapping[str, Any]], results: Sequence[ZooJobResult],
         out.append(claim(f"Feature ensemble beats the logit ensemble at c = {cfg.claim_low:g}–{cfg.claim_high:g} "
                          f"({dtype})", diffs(dtype, "feature_ensemble", "logit_ensemble", window),
                          "Fig. 7b: feature ensembles more robust to ×c than logit ensembles"))
-    out.append(_mechanism_verdict(rows, combos, n))
+    mechanism = _mechanism_verdict(rows, combos, n)
+    out.append(mechanism)
+    rows_out.append(ClaimRow(mechanism, mechanism.paper, [], setting + "; float32, first grid c with a non-finite "
+                             "logit per (zoo seed, setting)", regime, ours_text=mechanism.detail))
     f64 = [r["nonfinite_pct"] for r in rows if r["dtype"] == "float64"]
     if f64:
         out.append(check("float64 logits are finite on the whole grid (the float64 rerun is overflow-free)",
@@ -472,7 +497,7 @@ def verdicts(rows: Sequence[Mapping[str, Any]], results: Sequence[ZooJobResult],
     if ident:
         out.append(check("Batch-statistics BN ignores running statistics: scaling them or not gives equal outputs",
                          sum(ident), len(ident), f"member 0 of every BN zoo at c = {max(cfg.cs):g}, float32"))
-    return out
+    return out, rows_out
 
 
 def _mechanism_verdict(rows: Sequence[Mapping[str, Any]], combos: Sequence[tuple[str, str, str]], n: int
@@ -675,7 +700,7 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
     depth = {res.job.arch: res.depth for res in results}
     degree = {(res.job.arch, res.job.setting.key): res.degree for res in results}
     regime_rows, in_regime = regime(results, rows, cfg)
-    vs = verdicts(rows, results, cfg, in_regime)
+    vs, claim_rows = verdicts(rows, results, cfg, in_regime, regime_rows)
     show = [c for c in (1, 50, 80, 90, 95, 100, 105, 110, 120, 150) if c in cfg.cs]
     tables = {
         "magnitude_deep.csv": rows,
@@ -696,6 +721,7 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
                                         note="Each cell: float32 result / float64 result. A difference present in "
                                              "float32 and gone in float64 is an overflow artefact."),
         "regime": Table("Regime checks (a zoo outside the regime is not counted in the verdicts)", regime_rows),
+        "claims": claims_table(claim_rows),
     }
     figs = figures(rows, results, cfg, out, vs)
     text = [f"Zoos: {', '.join(cfg.archs)} on {', '.join(cfg.datasets)}, {cfg.n_models} members each ({cfg.init} "
@@ -711,9 +737,9 @@ def build(out: Path, cfg: Config, *, show_progress: bool = True) -> StudyResult:
             "kept → L + B (each BN divides by a fixed σ and multiplies by its scaled γ); running statistics ×c "
             "→ L + B/2 (it divides by √(c·σ²)); batch statistics → 1 + F (each BN removes the growth before it). "
             "The overflow table sets this prediction beside the degree measured in float64."]
+    shown = [tables[k] for k in ("claims", "regime", "overflow", "gap_float32_vs_float64", "accuracy_vs_c")]
     section = Section("Magnitude robustness at depth ≥ 19: the float32 overflow hypothesis (issue 14)", text=text,
-                      verdicts=vs, tables=[tables["regime"], tables["overflow"], tables["gap_float32_vs_float64"],
-                                           tables["accuracy_vs_c"]], figures=figs)  # type: ignore[list-item]
+                      verdicts=vs, tables=shown, figures=figs)  # type: ignore[arg-type]
     report = Report("Weight magnitude at depth ≥ 19: soups, ensembles and float32 overflow",
                     meta={"seed": cfg.seed, "zoo seeds": [cfg.seed + k for k in range(cfg.n_seeds)]}).add(section)
     summary = {v.claim: {"outcome": v.word, "detail": v.detail} for v in vs}
