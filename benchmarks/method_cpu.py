@@ -1,6 +1,11 @@
 """CPU seconds per GB of input of each method's arithmetic on one tensor, on one thread.
 
     python benchmarks/method_cpu.py --entries 8Mi
+    python benchmarks/method_cpu.py --entries 8Mi --baseline /path/to/other/checkout/src
+
+With ``--baseline``, each method is measured on both source trees in turn (each in a fresh process with
+that tree first on ``PYTHONPATH``, the baseline first), so the two columns share the machine's load:
+the before/after comparison of a change in one run.
 
 A base and two fine-tunes of one bf16 tensor (base ~ N(0, 0.02²), fine-tune = base + N(0, 0.002²): the
 shapes of benchmarks/vs_mergekit.py), merged by each method's pure function in bf16 as the benchmark's
@@ -12,10 +17,14 @@ number to multiply by a model's input size for the arithmetic part of a merge's 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -50,12 +59,8 @@ def cases(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict[str, tup
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--entries", default="8Mi", help="entries of the tensor (e.g. 8Mi = 8·2**20)")
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    n = parse_size(args.entries.replace("Mi", "MiB"))
+def measure(n: int, repeats: int, only: str | None = None) -> dict[str, float]:
+    """Median CPU seconds per GB of input of each method (or of ``only``)."""
     recycle_freed_memory()
     g = torch.Generator().manual_seed(0)
     base32 = torch.randn(n, generator=g) * 0.02
@@ -63,18 +68,52 @@ def main() -> None:
     a = (base32 + torch.randn(n, generator=g) * 0.002).to(BF16)
     b = (base32 + torch.randn(n, generator=g) * 0.002).to(BF16)
     del base32
-    print(f"{n} bf16 entries per tensor; load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
-    print("| method | CPU s (median) | CPU s per GB of input |\n|---|---:|---:|")
+    results = {}
     with one_thread():
         for name, (inputs, call) in cases(base, a, b).items():
+            if only is not None and name != only:
+                continue
             call()  # warm the allocator
             cpu = []
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 start = time.process_time()
                 call()
                 cpu.append(time.process_time() - start)
-            per_gb = statistics.median(cpu) / (inputs * n * 2 / 1e9)
-            print(f"| {name} | {statistics.median(cpu):.3f} | {per_gb:.1f} |", flush=True)
+            results[name] = statistics.median(cpu) / (inputs * n * 2 / 1e9)
+    return results
+
+
+def _in_process(src: str, args: argparse.Namespace, name: str) -> float:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, __file__, "--entries", args.entries, "--repeats", str(args.repeats),
+                          "--only", name, "--json"], env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])[name]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--entries", default="8Mi", help="entries of the tensor (e.g. 8Mi = 8·2**20)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--baseline", help="src folder of another mergelab checkout to compare with")
+    ap.add_argument("--only", help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    n = parse_size(args.entries.replace("Mi", "MiB"))
+    if args.json:
+        print(json.dumps(measure(n, args.repeats, args.only)))
+        return
+    print(f"{n} bf16 entries per tensor; load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
+    if args.baseline is None:
+        print("| method | CPU s per GB of input |\n|---|---:|")
+        for name, per_gb in measure(n, args.repeats).items():
+            print(f"| {name} | {per_gb:.1f} |", flush=True)
+    else:
+        here = str(Path(__file__).resolve().parents[1] / "src")
+        print(f"baseline: {args.baseline}; this: {here}")
+        print("| method | CPU s per GB, baseline | CPU s per GB, this | this / baseline |\n|---|---:|---:|---:|")
+        for name in cases(*[torch.zeros(1, dtype=BF16)] * 3):
+            before, after = _in_process(args.baseline, args, name), _in_process(here, args, name)
+            print(f"| {name} | {before:.1f} | {after:.1f} | {after / before:.2f} |", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 

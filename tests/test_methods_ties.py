@@ -196,3 +196,84 @@ def test_rescale_restores_each_trimmed_task_vector_l1_norm() -> None:
     assert_close(out, torch.tensor([5.0, 0.0, 0.0, 2.5], dtype=torch.float64))
     assert_close(ties_merge(base, [delta], [1.0], [0.5]), torch.tensor([4.0, 0.0, 0.0, 2.0],
                                                                        dtype=torch.float64))
+
+
+# --- the fused path (masks, then chunk-wise bit-pattern arithmetic) against the two-pass formula ---------
+
+def _tied_models(dtype: torch.dtype, n: int, models: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Fine-tunes whose task vectors take few distinct magnitudes (ties straddle every top-k boundary),
+    with exact zeros (fine-tune == base) and signed zeros."""
+    g = torch.Generator().manual_seed(seed)
+    base32 = torch.randn(n, generator=g) * 0.02
+    tuned = []
+    for _ in range(models):
+        step = (torch.randn(n, generator=g) * 0.002 * 2e3).round() / 2e3  # ~10 magnitude levels
+        tuned.append((base32 + step).to(dtype))
+    base = base32.to(dtype)
+    tuned[0][::13] = base[::13]
+    base[::29] = -0.0
+    tuned[-1][::29] = 0.0
+    return base, tuned
+
+
+def _two_pass(base: torch.Tensor, tuned: list[torch.Tensor], weights: list[float], densities: list[float],
+              dtype: torch.dtype | None, **kw: object) -> torch.Tensor:
+    from mergelab.methods.sparsify import magnitude_mask
+    from mergelab.methods.task_vectors import generalized_task_arithmetic
+
+    def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
+        return delta.masked_fill_(~magnitude_mask(delta, densities[i]), 0)
+    return generalized_task_arithmetic(base, tuned, weights, sparsify=trim, dtype=dtype, **kw)  # type: ignore[arg-type]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("models", [2, 3])
+def test_fused_path_equals_the_two_pass_formula_bit_for_bit(dtype: torch.dtype, models: int) -> None:
+    # 140,001 entries: three chunks of the fused loop, the last one partial
+    base, tuned = _tied_models(dtype, 140_001, models, seed=models)
+    weights, densities = [0.5, -0.3, 1.2][:models], [0.3, 0.5, 0.1][:models]
+    for consensus, normalize, lambda_ in (("sum", True, 1.0), ("sum", False, 0.7), ("count", True, 0.7),
+                                          ("count", False, 1.0)):
+        for compute in (dtype, None):  # None: float32 arithmetic (the float path for half inputs)
+            kw = {"consensus": consensus, "normalize": normalize, "lambda_": lambda_}
+            fused = ties_merge(base, tuned, weights, densities, dtype=compute, **kw)  # type: ignore[arg-type]
+            expected = _two_pass(base, tuned, weights, densities, compute, **kw)
+            assert torch.equal(_bits(fused), _bits(expected)), (consensus, normalize, lambda_, compute)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_path_keeps_the_formula_where_values_overflow_or_are_not_finite(dtype: torch.dtype) -> None:
+    # huge task vectors (the sums overflow) and an inf / NaN entry take the float comparisons' path
+    base, tuned = _tied_models(dtype, 70_000, 2, seed=9)
+    big = torch.finfo(dtype).max / 2
+    tuned[0][:100] = big
+    tuned[1][:100] = big
+    tuned[1][200] = float("inf")
+    for values in (tuned, [tuned[0], torch.where(torch.arange(70_000) == 300, float("nan"), tuned[1]).to(dtype)]):
+        fused = ties_merge(base, values, [1.0, 1.0], [0.3, 0.3], dtype=dtype)
+        expected = _two_pass(base, values, [1.0, 1.0], [0.3, 0.3], dtype, consensus="sum", normalize=True)
+        assert torch.equal(_bits(fused), _bits(expected))
+
+
+def test_fused_path_matches_mergekit_argsort_masks_in_bfloat16() -> None:
+    # the whole TIES formula as mergekit computes it: argsort top-k, bf16 arithmetic, float32 sums
+    base, tuned = _tied_models(torch.bfloat16, 20_000, 2, seed=4)
+    weights, densities = [0.5, 0.5], [0.3, 0.3]
+    wds = []
+    for t, w, d in zip(tuned, weights, densities, strict=True):
+        delta = t - base
+        keep = torch.zeros(delta.numel(), dtype=torch.bool)
+        keep[delta.abs().float().argsort(descending=True)[:int(d * delta.numel())]] = True
+        wds.append(delta * keep * torch.tensor(w, dtype=torch.bfloat16))
+    stacked = torch.stack(wds)
+    sign = stacked.sum(0, dtype=torch.float32).bfloat16() >= 0
+    agree = torch.where(sign, stacked > 0, stacked < 0)
+    total = (stacked * agree).sum(0, dtype=torch.float32).bfloat16()
+    div = (torch.tensor(weights).reshape(-1, 1) * agree).sum(0).bfloat16()
+    expected = total / torch.where(div == 0, torch.ones((), dtype=torch.bfloat16), div) + base
+    fused = ties_merge(base, tuned, weights, densities, dtype=torch.bfloat16)
+    assert torch.equal(_bits(fused), _bits(expected))

@@ -143,3 +143,38 @@ def test_topk_mask_cuda_branch_matches_cpu() -> None:
     mag = torch.tensor([[1.0, 2.0, 2.0], [2.0, 3.0, 0.5]])
     for k in range(7):
         assert torch.equal(topk_mask(mag.cuda(), k).cpu(), topk_mask(mag, k))
+
+
+def _argsort_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    # mergekit's top-k: the first k of torch.argsort of the float32 magnitudes (CPU), ties in its order
+    flat = delta.abs().reshape(-1).float()
+    k = max(1, int(density * flat.numel()))
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[torch.argsort(flat, descending=True)[:k]] = True
+    return mask.reshape(delta.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("seed", range(4))
+def test_magnitude_mask_from_bit_patterns_keeps_what_argsort_keeps_among_heavy_ties(dtype: torch.dtype,
+                                                                                    seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n = [3_001, 40_000, 70_001, 150_000][seed]
+    delta = (torch.randn(n, generator=g) * 0.002).to(dtype)
+    if dtype == torch.float32:  # float32 ties only where values repeat: round them to a few hundred levels
+        delta = (delta * 2e4).round() / 2e4
+    delta[::7] = 0.0
+    delta[::11] = -0.0  # signed zeros tie with zeros
+    for density in (0.01, 0.3, 0.5, 0.9):
+        assert torch.equal(magnitude_mask(delta, density), _argsort_mask(delta, density)), density
+    assert torch.equal(magnitude_mask(delta.reshape(-1, 1000 if n % 1000 == 0 else 1), 0.3),
+                       _argsort_mask(delta, 0.3).reshape(-1, 1000 if n % 1000 == 0 else 1))
+
+
+def test_magnitude_mask_with_nan_or_inf_falls_back_to_the_float_selection() -> None:
+    delta = (torch.randn(5_000, generator=torch.Generator().manual_seed(1)) * 0.01).bfloat16()
+    delta[3] = float("inf")
+    assert torch.equal(magnitude_mask(delta, 0.3), _argsort_mask(delta, 0.3))
+    delta[5] = float("nan")
+    mask = magnitude_mask(delta, 0.3)
+    assert int(mask.sum()) == 1_500 and bool(mask[3])

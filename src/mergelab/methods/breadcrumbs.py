@@ -22,10 +22,16 @@ def breadcrumbs_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
     """Keep the ``density`` fraction of each task vector after removing its top ``gamma`` fraction by
     magnitude (scaled back to its L1 norm with ``rescale``, as mergekit can), then task arithmetic (or
     TIES election with ``consensus``), computed in ``dtype`` (float32 when None)."""
+    def keep(i: int, delta: torch.Tensor) -> torch.Tensor:
+        return outlier_mask(delta, densities[i], gammas[i])
+
+    if not rescale:  # a pure mask: fused with the election where there is one
+        return generalized_task_arithmetic(base, tensors, weights, keep=keep, consensus=consensus,
+                                           normalize=normalize, lambda_=lambda_, dtype=dtype)
+
     def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
-        before = delta.abs().sum() if rescale else None
-        kept = delta.masked_fill_(~outlier_mask(delta, densities[i], gammas[i]), 0)
-        return match_l1(kept, before) if before is not None else kept
+        before = delta.abs().sum()
+        return match_l1(delta.masked_fill_(~keep(i, delta), 0), before)
     return generalized_task_arithmetic(base, tensors, weights, sparsify=trim, consensus=consensus,
                                        normalize=normalize, lambda_=lambda_, dtype=dtype)
 

@@ -43,10 +43,13 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
             return threshold_mask(delta, thresholds[i])
         return magnitude_mask(delta, densities[i])
 
+    if not rescale:  # a pure mask: the fused path
+        return generalized_task_arithmetic(base, tensors, weights, keep=keep, consensus=consensus,
+                                           normalize=normalize, lambda_=lambda_, dtype=dtype)
+
     def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
-        before = delta.abs().sum() if rescale else None
-        kept = delta.masked_fill_(~keep(i, delta), 0)
-        return match_l1(kept, before) if before is not None else kept
+        before = delta.abs().sum()
+        return match_l1(delta.masked_fill_(~keep(i, delta), 0), before)
     return generalized_task_arithmetic(base, tensors, weights, sparsify=trim, consensus=consensus,
                                        normalize=normalize, lambda_=lambda_, dtype=dtype)
 
