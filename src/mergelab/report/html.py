@@ -26,7 +26,7 @@ from mergelab.report.tables import Table
 #: what a quick run's report says at the top (issue 15: small test sets make a few points noise)
 QUICK_BANNER = ("Quick run: reduced grid, few models and small test sets. Differences of a few points are "
                 "within the noise here; verdicts say \"no difference at this size\" unless a difference exceeds "
-                "its bootstrap confidence interval. Run without --quick for the full grid.")
+                "its bootstrap confidence interval. The full grid: `mergelab study NAME` without --quick.")
 
 @dataclass
 class FigureRef:
