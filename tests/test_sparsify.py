@@ -178,3 +178,16 @@ def test_magnitude_mask_with_nan_or_inf_falls_back_to_the_float_selection() -> N
     delta[5] = float("nan")
     mask = magnitude_mask(delta, 0.3)
     assert int(mask.sum()) == 1_500 and bool(mask[3])
+
+
+def test_topk_rule_applied_piece_by_piece_is_the_whole_mask() -> None:
+    from mergelab.methods.sparsify import magnitude_keys, topk_of_keys
+
+    g = torch.Generator().manual_seed(5)
+    delta = (torch.randn(30_001, generator=g) * 0.002).bfloat16()  # a few hundred magnitudes: straddling ties
+    for density in (0.0, 0.01, 0.3, 0.77, 1.0):
+        rule = topk_of_keys(magnitude_keys(delta), density)
+        assert rule is not None
+        assert (rule.ties is not None) == (0 < density < 1)  # the straddling case is the one exercised
+        pieces = [rule.apply(delta[a:a + 997], a) for a in range(0, delta.numel(), 997)]
+        assert torch.equal(torch.cat(pieces), magnitude_mask(delta, density)), density

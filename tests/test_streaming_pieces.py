@@ -87,7 +87,7 @@ def test_streamed_in_pieces_same_bytes_as_whole(families: Families, sharded_fami
             assert (whole / f).read_bytes() == (pieces / f).read_bytes(), (arch, f)
 
 
-def test_pieces_bound_every_read_and_only_for_elementwise_methods(
+def test_pieces_bound_every_read_for_elementwise_methods_and_ties(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, fts = families["llama"]
     largest = max(m.nbytes for m in (open_checkpoint(base).meta(n) for n in open_checkpoint(base).names))
@@ -104,7 +104,30 @@ def test_pieces_bound_every_read_and_only_for_elementwise_methods(
     assert reads and max(reads) == 64 * 4  # float32 inputs: no read larger than one piece
     reads.clear()
     _merge(tmp_path, {**_config("ties", base, fts), "parameters": {"density": 0.5}}, "ties")
-    assert max(reads) == largest  # TIES needs whole tensors (a per-tensor top-k)
+    assert max(reads) == 64 * 4  # TIES too: its top-k rules are found from pieces first
+    reads.clear()
+    _merge(tmp_path, {**_config("dare_ties", base, fts), "parameters": {"density": 0.5}}, "dare_ties")
+    assert max(reads) == largest  # DARE's random drop is drawn over the whole tensor
+
+
+@pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "out_dtype": "bfloat16"},
+                                   {"dtype": "float16", "parameters": {"consensus": "count", "lambda": 0.8}}],
+                         ids=["float32", "bf16", "fp16-count"])
+def test_ties_streamed_after_its_top_k_same_bytes_as_whole(families: Families, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            extra: dict[str, Any]) -> None:
+    base, fts = families["llama"]
+    config = _config("ties", base, fts, **extra)
+    for i, m in enumerate(config["models"]):
+        m["parameters"]["density"] = [0.3, 0.6, 0.05][i % 3]
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 1 << 40)
+    whole = _merge(tmp_path, config, "whole")
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)  # pieces cross rows and end mid-row
+    pieces = _merge(tmp_path, config, "pieces")
+    files = sorted(p.name for p in whole.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in pieces.glob("*.safetensors"))
+    for f in files:
+        assert (whole / f).read_bytes() == (pieces / f).read_bytes(), f
 
 
 def test_nonfinite_counts_are_summed_over_the_pieces_of_a_tensor(

@@ -37,6 +37,8 @@ def merge_tensor(
     device: torch.device | None = None,
     stats: Sequence[Any] | None = None,
     thresholds: Sequence[float] | None = None,
+    topk: Sequence[Any] | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Merge the tensors of one name (or one flat piece of them) with ``params``, resolved for that name
     (:func:`~mergelab.merge.params.resolve_parameters`; None only for a tensor that is not floating point)."""
@@ -45,13 +47,7 @@ def merge_tensor(
         return passthrough(base, tensors)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
-        if device is not None:
-            x = x.to(device, non_blocking=True)
-        if compute_dtype is not None:
-            return x.to(compute_dtype)
-        # torch refuses to promote float8 in arithmetic ("Promotion for Float8 Types is not supported"):
-        # methods compute on float32 copies, and the engine casts the result back to the output dtype
-        return x.float() if x.dtype in FLOAT8_DTYPES else x
+        return prepared(x, device, compute_dtype)
 
     if params is None:
         raise ValueError(f"tensor '{name}': no parameters were resolved for this floating-point tensor")
@@ -65,6 +61,8 @@ def merge_tensor(
         stats=stats,
         thresholds=thresholds,
         dtype=compute_dtype,
+        topk=topk,
+        offset=offset,
     )
     if method.elementwise or (inputs.base if inputs.base is not None else inputs.tensors[0]).device.type != "cpu":
         merged = method.adapter(inputs)
@@ -73,6 +71,17 @@ def merge_tensor(
             merged = method.adapter(inputs)
     # float8 inputs were computed on float32 copies (see prepare): the result is in the inputs' dtype again
     return merged.to(reference.dtype) if compute_dtype is None and reference.dtype in FLOAT8_DTYPES else merged
+
+
+def prepared(x: torch.Tensor, device: torch.device | None, compute_dtype: torch.dtype | None) -> torch.Tensor:
+    """An input as the method gets it: on ``device``, in ``compute_dtype`` (float8: float32)."""
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+    if compute_dtype is not None:
+        return x.to(compute_dtype)
+    # torch refuses to promote float8 in arithmetic ("Promotion for Float8 Types is not supported"):
+    # methods compute on float32 copies, and the engine casts the result back to the output dtype
+    return x.float() if x.dtype in FLOAT8_DTYPES else x
 
 
 FLOAT8_DTYPES = frozenset({torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu, torch.float8_e4m3fnuz,

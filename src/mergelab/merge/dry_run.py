@@ -15,7 +15,7 @@ from typing import Any
 from mergelab.errors import ConfigError
 from mergelab.io.writer import ShardPlan, parse_size
 from mergelab.merge.config import MergeConfig, load_config
-from mergelab.merge.engine import _PIECE_ENTRIES
+from mergelab.merge.engine import _PIECE_ENTRIES, _streams_with_topk
 from mergelab.merge.plan import plan_merge
 
 # Seconds per GB of input on the benchmark machine (see the module docstring).
@@ -78,12 +78,17 @@ def summarize_merge(config: str | Path | dict[str, Any] | MergeConfig, *, max_sh
         n_inputs = len(plan.readers)
         input_bytes = sum(r.meta(n).nbytes for r in plan.readers for n in plan.names if n in r)
         unit = in_meta.nbytes
-        if plan.method.elementwise:
+        after_topk = _streams_with_topk(plan, largest, None)
+        if plan.method.elementwise or after_topk:
             unit = min(unit, _PIECE_ENTRIES * in_meta.dtype.itemsize)
         numel = unit // in_meta.dtype.itemsize
         # (inputs + 2) pieces in flight (reader thread, merge, writer thread) plus float32 work space: one
-        # accumulator for element-wise methods, about three tensors' worth for the sparsifying ones.
+        # accumulator for element-wise methods, about three tensors' worth for the sparsifying ones; TIES
+        # streamed after its top-k holds one model's magnitude keys of the largest tensor and the sort
+        # replay's positions and masks (measured 9.3 bytes per entry in bf16: 562 MiB for 32.8 M entries).
         work = numel * 4 * (1 if plan.method.elementwise else 3)
+        if after_topk:
+            work = in_meta.nbytes // in_meta.dtype.itemsize * 10
         peak = _TORCH_BASELINE + (n_inputs + 2) * unit + work
         seconds = input_bytes / 1e9 * _SECONDS_PER_GB.get(cfg.merge_method, _DEFAULT_SECONDS_PER_GB)
         merged = sum(1 for n in plan.names if plan.reference.meta(n).dtype.is_floating_point)

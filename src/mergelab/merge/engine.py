@@ -4,7 +4,10 @@ Memory: one tensor name is in flight at a time (plus the next one being read ahe
 of the largest tensors meet), so peak memory is about (models + 2) × the largest tensor plus the method's
 work space. Element-wise methods (linear, task arithmetic) go further: large tensors are streamed in flat
 pieces of ``_PIECE_ENTRIES`` entries (read a range of every input, merge, write that range), so their peak
-does not grow with the model at all. Shards are written tensor by tensor (io.writer), never
+does not grow with the model at all. TIES (per-tensor scope, no rescale) streams too, after a first pass
+over each model's task vector in pieces finds its exact top-k rule (:func:`_topk_rules`): what stays whole
+is one model's 2-byte magnitude keys of the tensor and the sort replay's work space, about 10 bytes per
+entry of the largest tensor. Shards are written tensor by tensor (io.writer), never
 buffered. Safety: everything goes to a hidden temporary folder beside OUT_DIR, renamed into place only when
 complete; on any error the temporary folder is removed and an existing OUT_DIR is left untouched.
 """
@@ -41,7 +44,7 @@ from mergelab.io.file_hashes import cached_sha256
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.merge.config import MergeConfig, load_config
-from mergelab.merge.core import merge_tensor
+from mergelab.merge.core import merge_tensor, prepared
 from mergelab.merge.extra_files import copy_extra_files, refuse_outside
 from mergelab.merge.install import check_replaces_nothing_owned, exists
 from mergelab.merge.install import install as _install
@@ -50,6 +53,8 @@ from mergelab.merge.plan import MergePlan, count_nonfinite, nonfinite_message, p
 from mergelab.merge.stages import read_stage_documents, run_stages
 from mergelab.merge.thresholds import global_threshold
 from mergelab.merge.tokenizer import write_tokenizer
+from mergelab.methods.sparsify import TopK, magnitude_keys, magnitude_mask, topk_of_keys
+from mergelab.methods.task_vectors import arithmetic_dtype, task_vector
 from mergelab.runtime import make_progress
 
 COPIED_FILES = (
@@ -412,21 +417,72 @@ class _Piece:
     stop: int | None = None  # None: the whole tensor
 
 
-def _pieces(plan: MergePlan, entries: int) -> list[_Piece]:
+def _streams_with_topk(plan: MergePlan, name: str, dev: torch.device | None) -> bool:
+    """Whether tensor ``name`` is merged in pieces after each model's top-k rule is found over all of it."""
+    test = plan.method.streams_with_topk
+    params = plan.params.get(name)
+    return (test is not None and params is not None and plan.base is not None and plan.global_densities is None
+            and (dev is None or dev.type == "cpu") and bool(test(params.params)))
+
+
+def _pieces(plan: MergePlan, entries: int, dev: torch.device | None = None) -> list[_Piece]:
     """Element-wise methods stream tensors larger than ``entries`` in flat pieces: neither the inputs nor
     the result of such a tensor is ever whole in memory, and the small buffers are reused by the allocator
-    instead of being faulted in fresh for every tensor (which cost more than the arithmetic)."""
+    instead of being faulted in fresh for every tensor (which cost more than the arithmetic). So do the
+    methods that stream after a top-k (TIES), their rules found first (:func:`_topk_rules`)."""
     pieces = []
     for name in plan.names:
         meta = plan.out_metas[name]
         numel = meta.nbytes // meta.dtype.itemsize
-        if not plan.method.elementwise or numel <= entries or name in plan.input_models:
+        streamed = plan.method.elementwise or _streams_with_topk(plan, name, dev)
+        if not streamed or numel <= entries or name in plan.input_models:
             pieces.append(_Piece(name, meta.nbytes))
             continue
         for a in range(0, numel, entries):
             b = min(numel, a + entries)
             pieces.append(_Piece(name, (b - a) * meta.dtype.itemsize, a, b))
     return pieces
+
+
+def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, entries: int) -> list[TopK]:
+    """Each model's exact top-k of its task vector ``name``, read in flat pieces of ``entries``: only the
+    magnitude keys of one model's task vector are whole in memory (2 bytes per entry in bf16) with the
+    sort replay's work space where ties straddle the k-th rank, instead of every input and the work space
+    of a whole-tensor merge. Where keys cannot decide (NaN, float64), the task vector is made whole and
+    the rule is its mask."""
+    assert plan.base is not None
+    base = plan.base
+    readers, _ = plan.inputs_for(name)
+    params = plan.params[name]
+    meta = plan.out_metas[name]
+    numel = meta.nbytes // meta.dtype.itemsize
+
+    def task_vector_piece(reader: CheckpointReader, a: int, b: int) -> torch.Tensor:
+        base_piece = prepared(base.get_flat(name, a, b), None, compute_dtype)
+        return task_vector(prepared(reader.get_flat(name, a, b), None, compute_dtype), base_piece,
+                           arithmetic_dtype(base_piece, compute_dtype))
+
+    rules = []
+    for reader, model_params in zip(readers, params.model_params, strict=True):
+        density = float(model_params["density"])
+        keys: torch.Tensor | None = None
+        for a in range(0, numel, entries):
+            b = min(numel, a + entries)
+            piece = magnitude_keys(task_vector_piece(reader, a, b))
+            if piece is None:
+                keys = None
+                break
+            if keys is None:
+                keys = torch.empty(numel, dtype=piece.dtype)
+            keys[a:b] = piece
+        rule = topk_of_keys(keys, density, overwrite=True) if keys is not None else None
+        del keys
+        if rule is None:
+            delta = torch.cat([task_vector_piece(reader, a, min(numel, a + entries))
+                               for a in range(0, numel, entries)])
+            rule = TopK(None, kept=magnitude_mask(delta, density))
+        rules.append(rule)
+    return rules
 
 
 def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
@@ -466,7 +522,9 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             found = [(label, n) for label, t in labelled if (n := count_nonfinite(t))]
         return base_t, tensors, found
 
-    pieces = _pieces(plan, _PIECE_ENTRIES if observer is None else sys.maxsize)  # an observer sees whole tensors
+    # an observer sees whole tensors
+    pieces = _pieces(plan, _PIECE_ENTRIES if observer is None else sys.maxsize, dev)
+    rules: dict[str, list[TopK]] = {}  # of the tensor being streamed after a top-k
     # Three stages overlap: the reader thread loads and checks piece i+1, this thread merges piece i, the
     # writer thread writes piece i-1. One item per stage keeps memory bounded.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as reader_pool, \
@@ -492,9 +550,15 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                 bar.advance(task, piece.nbytes)
                 continue
             try:
+                topk = None
+                if piece.stop is not None and not plan.method.elementwise:
+                    if piece.start == 0:
+                        rules = {piece.name: _topk_rules(plan, piece.name, cfg.compute_dtype, _PIECE_ENTRIES)}
+                    topk = rules[piece.name]
                 merged = merge_tensor(
                     plan.method, piece.name, tensors, base=base_t, params=plan.params.get(piece.name),
                     seed=cfg.seed, compute_dtype=cfg.compute_dtype, device=dev, thresholds=thresholds,
+                    topk=topk, offset=piece.start,
                 )
             except (ValueError, RuntimeError, ArithmeticError) as exc:
                 # Methods reject inputs they cannot merge (weights summing to zero, missing statistics) with

@@ -114,6 +114,10 @@ class TensorInputs:
     stats: Sequence[Any] | None = None
     thresholds: Sequence[float] | None = None
     dtype: torch.dtype | None = None
+    topk: Sequence[Any] | None = None
+    """Per-model top-k rules (``methods.sparsify.TopK``) over the whole tensor, when the engine streams a
+    ``streams_with_topk`` method's tensor in pieces; ``offset``: where this piece starts (flat)."""
+    offset: int = 0
 
     @property
     def other(self) -> torch.Tensor:
@@ -125,7 +129,7 @@ class TensorInputs:
 
 
 Adapter = Callable[[TensorInputs], torch.Tensor]
-INPUTS = ("base", "tensors", "other", "seed", "dtype", "stats", "thresholds", "name")
+INPUTS = ("base", "tensors", "other", "seed", "dtype", "stats", "thresholds", "name", "topk", "offset")
 """What an adapter can hand a method's function, by parameter name (attributes of :class:`TensorInputs`)."""
 
 
@@ -187,6 +191,11 @@ class MergeMethod:
     """Each merged entry depends only on the inputs' entries at the same position (no norms, thresholds or
     random streams over the whole tensor), so merging any flat slice of the inputs gives exactly that slice
     of the merged tensor. The engine then streams large tensors in pieces (tests check the equality)."""
+    streams_with_topk: Callable[[Mapping[str, Any]], bool] | None = None
+    """Given a tensor's resolved global parameters: whether the method's only whole-tensor step is each
+    model's magnitude top-k of its task vector (``density`` per model), so that with those top-k rules
+    computed over the whole tensor (``TensorInputs.topk``) any flat slice merges to exactly that slice of
+    the merged tensor. The engine then streams large tensors in pieces (TIES; tests check the equality)."""
     formula: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
     also_in: tuple[str, ...] = ()

@@ -151,23 +151,24 @@ def sorted_ranks(values: np.ndarray, start: int, stop: int, *, descending: bool)
     return None if ranks is None else ranks[1][max(start, 0):stop]
 
 
-def kept_ties(keys: np.ndarray, k: int, threshold: int) -> np.ndarray | None:
+def kept_ties(keys: np.ndarray, k: int, threshold: int, *, overwrite: bool = False) -> np.ndarray | None:
     """Flat indices of the entries equal to ``threshold`` among the ``k`` first of ``keys`` sorted
     descending by torch's CPU sort (``threshold``: the k-th largest key); None as for :func:`sorted_ranks`.
-    The rest of the top k is every key above ``threshold``, which the caller finds by comparison."""
-    ranks = _simulate(keys, 0, k, descending=True)
+    The rest of the top k is every key above ``threshold``, which the caller finds by comparison.
+    ``overwrite``: integer ``keys`` are scratch space (left in no useful order): one copy less."""
+    ranks = _simulate(keys, 0, k, descending=True, overwrite=overwrite)
     if ranks is None:
         return None
     v, idx = ranks[0][:k], ranks[1][:k]
     return idx[v == threshold]
 
 
-def _simulate(values: np.ndarray, start: int, stop: int, *,
-              descending: bool) -> tuple[np.ndarray, np.ndarray] | None:
+def _simulate(values: np.ndarray, start: int, stop: int, *, descending: bool,
+              overwrite: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
     """Keys and flat indices in an order whose positions ``[start, stop)`` hold the entries torch's sort
-    puts there (positions outside are left unfinished)."""
+    puts there (positions outside are left unfinished). ``overwrite``: integer ``values`` serve as the keys."""
     n = values.size
-    v = _order_keys(values)
+    v = values if overwrite and values.dtype.kind == "i" else _order_keys(values)
     if v is None:
         return None
     # ascending by a < b is descending by -a > -b, with the same comparisons (negation of keys is exact)

@@ -92,7 +92,7 @@ def generalized_task_arithmetic(
             return delta.masked_fill_(~keep(i, delta), 0)
 
     def weighted_delta(i: int) -> torch.Tensor:
-        delta = _delta(tensors[i], base, dtype)
+        delta = task_vector(tensors[i], base, dtype)
         if sparsify is not None:
             delta = sparsify(i, delta)
         return delta.mul_(weights[i])
@@ -129,7 +129,7 @@ def generalized_task_arithmetic(
     return mixed.add_(base.to(dtype)).to(base.dtype)
 
 
-def _delta(tensor: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def task_vector(tensor: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor − base`` in ``dtype``, as a fresh contiguous tensor the caller owns.
 
     Subtracted chunk by chunk: a mixed-dtype ``sub_`` (bf16 base into a float32 delta) would first convert
@@ -170,7 +170,7 @@ def _disjoint_sum(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: 
                 wd = torch.zeros(b - a, dtype=dtype, device=base.device).masked_scatter_(
                     masks[i][a:b], kept[i][1][offsets[i][c]:offsets[i][c + 1]])
             else:
-                wd = _delta(flats[i][a:b], base_flat[a:b], dtype).mul_(w)
+                wd = task_vector(flats[i][a:b], base_flat[a:b], dtype).mul_(w)
             # sign(wd) == elected sign (+1 where elected >= 0, else −1); zeros never agree
             agree = torch.where(pos, wd > 0, wd < 0)
             acc += wd.mul_(agree)
@@ -212,7 +212,7 @@ def _masked_consensus(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
     n = base.numel()
     masks, bound = [], 0.0
     for i, w in enumerate(weights):
-        delta = _delta(tensors[i], base, dtype)
+        delta = task_vector(tensors[i], base, dtype)
         masks.append(keep(i, delta).reshape(-1).to(torch.int8).neg_())  # -1 (all bits) kept, 0 dropped
         bound += float(delta.abs().max()) * abs(w) if n else 0.0
         del delta
@@ -282,7 +282,7 @@ def _masked_consensus_float(base: torch.Tensor, tensors: Sequence[torch.Tensor],
         elected = torch.zeros(b - a, dtype=acc_dtype, device=base.device)
         wds = []
         for i, w in enumerate(weights):
-            wd = _delta(flats[i][a:b], base_flat[a:b], dtype).masked_fill_(masks[i][a:b] == 0, 0).mul_(w)
+            wd = task_vector(flats[i][a:b], base_flat[a:b], dtype).masked_fill_(masks[i][a:b] == 0, 0).mul_(w)
             elected += wd if consensus == "sum" else wd.sign()
             wds.append(wd)
         positive = elected.to(dtype) >= 0

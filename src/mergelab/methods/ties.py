@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, register
-from mergelab.methods.sparsify import magnitude_mask, match_l1, threshold_mask
+from mergelab.methods.sparsify import TopK, magnitude_mask, match_l1, threshold_mask
 from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
 
 
@@ -19,7 +19,8 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
                densities: Sequence[float], *, lambda_: float = 1.0, normalize: bool = True,
                consensus: Consensus = "sum", thresholds: Sequence[float] | None = None,
                rescale: bool = False, dtype: torch.dtype | None = None,
-               scope: Literal["tensor", "global"] | None = None) -> torch.Tensor:
+               scope: Literal["tensor", "global"] | None = None, topk: Sequence[TopK] | None = None,
+               offset: int = 0) -> torch.Tensor:
     """TIES on one tensor.
 
     1. trim: keep the ``densities[i]`` fraction of largest-magnitude entries of each task vector
@@ -31,6 +32,9 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
     ``dtype`` is the arithmetic dtype (float32 when None; see ``generalized_task_arithmetic``). ``scope``
     (the config's) says which trim applies: ``"tensor"`` ignores ``thresholds``, ``"global"`` requires them
     (silently falling back to per-tensor top-k would be another method); None: thresholds when given.
+
+    ``topk`` (per-tensor scope): each model's top-k rule computed over the whole tensor by the engine,
+    which then merges the tensor in flat pieces; ``offset`` is where this piece starts in the flat tensor.
     """
     if scope == "global" and thresholds is None:
         raise ValueError("ties with scope: global needs per-model magnitude thresholds computed over the "
@@ -38,7 +42,12 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
     if scope == "tensor":
         thresholds = None
 
+    if topk is not None and (thresholds is not None or rescale):
+        raise ValueError("ties: per-tensor top-k rules apply to scope: tensor without rescale only")
+
     def keep(i: int, delta: torch.Tensor) -> torch.Tensor:
+        if topk is not None:
+            return topk[i].apply(delta, offset).reshape(delta.shape)
         if thresholds is not None:
             return threshold_mask(delta, thresholds[i])
         return magnitude_mask(delta, densities[i])
@@ -70,6 +79,7 @@ register(MergeMethod(
         Param("rescale", bool, False, help="scale each trimmed task vector back to its L1 norm (mergekit)"),
         Param("int8_mask", bool, False, arg=None, help="accepted for mergekit compatibility; masks are boolean here"),
     ),
+    streams_with_topk=lambda params: params["scope"] == "tensor" and not params["rescale"],
     summary="Trim each task vector to its top-k entries, elect a sign per entry, average those that agree.",
     paper="Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
     formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̂_i)=γ] δ̂_i / Σ_i w_i [sgn(δ̂_i)=γ],  γ = sgn Σ_i w_i δ̂_i",
