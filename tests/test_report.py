@@ -23,12 +23,32 @@ def test_tables(tmp_path: Path) -> None:
     assert "<th>X</th>" in html and "3.00" in html
 
 
+def test_numbers_and_short_labels_keep_to_one_line_and_long_text_wraps() -> None:
+    rows = [{"arch": "vgg6bn", "acc": "97.2 / 96.2", "x": 1.5, "claim": "Weight matching lowers the loss barrier"}]
+    html = Table("T", rows).to_html()
+    assert '<td class="short">vgg6bn</td>' in html and '<td class="short">97.2 / 96.2</td>' in html
+    assert '<td class="num">1.50</td>' in html and "<td>Weight matching lowers the loss barrier</td>" in html
+    assert "td.short{white-space:nowrap}" in Report("R").to_html()
+
+
+def test_a_series_keeps_its_colour_in_every_panel_of_a_figure() -> None:
+    from mergelab.report.plots import CYCLE, METHOD_COLORS, series_colors
+
+    # rebasin: an MLP panel has no BN variants, so 'aligned' comes second there and third in a BN panel
+    colors = series_colors([["naive", "aligned"], ["naive", "naive+bn_reset", "aligned", "aligned+bn_reset"]])
+    assert list(colors.values()) == list(CYCLE[:4])
+    assert list(colors) == ["naive", "aligned", "naive+bn_reset", "aligned+bn_reset"]
+    # a method keeps its fixed colour and no other series takes that colour
+    colors = series_colors([["uniform_soup", "mine"]])
+    assert colors["uniform_soup"] == METHOD_COLORS["uniform_soup"] == CYCLE[0] and colors["mine"] == CYCLE[1]
+
+
 def test_markdown_columns_render_links_and_code_in_html_and_every_other_cell_stays_literal() -> None:
     rows = [{"study": "[report](runs/swa/report.html)", "command": "`mergelab study swa`", "note": "<b>x</b> `y`"}]
     html = Table("T", rows, markdown=("study", "command")).to_html()
     assert '<td><a href="runs/swa/report.html">report</a></td>' in html
     assert "<td><code>mergelab study swa</code></td>" in html
-    assert "<td>&lt;b&gt;x&lt;/b&gt; `y`</td>" in html  # not a Markdown column: escaped as before
+    assert '<td class="short">&lt;b&gt;x&lt;/b&gt; `y`</td>' in html  # not a Markdown column: escaped as before
     assert "| [report](runs/swa/report.html) |" in Table("T", rows, markdown=("study",)).to_markdown()
 
 

@@ -86,7 +86,7 @@ h2{font-size:1.3em;margin-top:2em;border-bottom:1px solid #bbb}
 code{font-size:.9em;background:#f4f4f4;padding:0 .2em;border-radius:3px;overflow-wrap:anywhere}
 .scroll{overflow-x:auto;-webkit-overflow-scrolling:touch;max-width:100%;margin:.5em 0}
 table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:3px 7px;vertical-align:top}
-th{background:#f2f2f2;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+th{background:#f2f2f2;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td.short{white-space:nowrap}
 .caption{font-weight:600;margin:.8em 0 .2em}.note{font-size:13px;color:#555}
 figure{margin:1.5em 0}figure img{display:block;max-width:100%;height:auto;border:1px solid #ddd;cursor:zoom-in}
 figcaption{font-size:14px;color:#333;margin-top:.3em}.howto{font-size:14px;margin:.3em 0 0;color:#222}
@@ -112,7 +112,7 @@ def _verdict_html(v: Verdict) -> str:
     cls = "check" if v.kind == "check" else {True: "held", False: "failed", None: "mixed"}[v.held]
     paper = f'<div class="paper">Paper: {md_inline(v.paper)}</div>' if v.paper else ""
     label = "Check" if v.kind == "check" else "Claim"
-    return (f'<div class="verdict {cls}">{label}: <b>{md_inline(v.claim)}</b> — <b>{html.escape(v.word)}</b>. '
+    return (f'<div class="verdict {cls}">{label}: <b>{md_inline(v.claim)}</b> — <b>{html.escape(v.word)}</b>: '
             f"{md_inline(v.detail)}{paper}</div>")
 
 
@@ -202,7 +202,7 @@ class Report:
                 out += [t, ""]
             for v in s.verdicts:
                 label = "Check" if v.kind == "check" else "Claim"
-                out += [f"- {label}: **{v.claim}** — {v.word}. {v.detail}" + (f" Paper: {v.paper}" if v.paper else "")]
+                out += [f"- {label}: **{v.claim}** — {v.word}: {v.detail}" + (f" Paper: {v.paper}" if v.paper else "")]
             out.append("")
             for tb in s.tables:
                 out += [tb.to_markdown(), ""]

@@ -9,8 +9,9 @@ data; the HTML report shows figures at the page width and full size on a click.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,6 +65,24 @@ METHOD_COLORS: dict[str, str] = {
 }
 
 
+#: colours for series without a fixed one (matplotlib's default cycle, tab10)
+CYCLE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+         "#17becf")
+
+
+def series_colors(panels_series: Iterable[Iterable[str]]) -> dict[str, str]:
+    """One colour per series name for a whole figure: the method's fixed colour (:data:`METHOD_COLORS`), else
+    the next :data:`CYCLE` colour that no fixed colour of this figure uses, in order of first appearance.
+
+    Each axes cycling colours on its own gave one label different colours in different panels (rebasin's
+    'aligned' was orange where it came second and green where it came third), so the one legend lied.
+    """
+    names = list(dict.fromkeys(s for series in panels_series for s in series))
+    fixed = {s: METHOD_COLORS[s] for s in names if s in METHOD_COLORS}
+    free = itertools.cycle([c for c in CYCLE if c not in fixed.values()] or CYCLE)
+    return {s: fixed[s] if s in fixed else next(free) for s in names}
+
+
 def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -90,12 +109,13 @@ def grouped_bars(panels: Mapping[str, tuple[Sequence[str], Mapping[str, Sequence
     n_groups = max(len(g) for g, _ in panels.values())
     fig = new_figure(max(7.0, 1.6 * n_groups + 2), 3.4 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    colors = series_colors(series for _, series in panels.values())
     for ax, (name, (groups, series)) in zip(axes, panels.items(), strict=False):
         width = 0.8 / max(1, len(series))
         x = np.arange(len(groups))
         for j, (s, vals) in enumerate(series.items()):
             ax.bar(x + (j - (len(series) - 1) / 2) * width, vals, width,
-                   label=(labels or {}).get(s, s), color=METHOD_COLORS.get(s))
+                   label=(labels or {}).get(s, s), color=colors[s])
         ax.set_xticks(x, groups)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("architecture")
@@ -116,9 +136,10 @@ def line_panels(panels: Mapping[str, tuple[Sequence[float], Mapping[str, Sequenc
     rows, cols = _grid(len(panels), max_cols)
     fig = new_figure(max(6.5, 4.3 * cols), 3.6 * rows + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    colors = series_colors(series for _, series in panels.values())
     for ax, (name, (x, series)) in zip(axes, panels.items(), strict=False):
         for s, vals in series.items():
-            ax.plot(x, vals, marker="o", ms=3.5, label=(labels or {}).get(s, s), color=METHOD_COLORS.get(s))
+            ax.plot(x, vals, marker="o", ms=3.5, label=(labels or {}).get(s, s), color=colors[s])
         if hline is not None:
             ax.axhline(hline, color="black", lw=0.8, ls="--")
             lo, hi = ax.get_ylim()

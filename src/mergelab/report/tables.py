@@ -11,6 +11,9 @@ from typing import Any
 
 from mergelab.report.markdown import md_inline
 
+#: text cells up to this many characters keep to one line in HTML (labels such as "97.2 / 96.2", "vgg6bn")
+SHORT_CELL = 16
+
 Row = Mapping[str, Any]
 
 
@@ -98,8 +101,11 @@ class Table:
             cells = []
             for c in cols:
                 v = r.get(c)
-                text = md_inline(_fmt(v, self.floatfmt)) if c in self.markdown else html.escape(_fmt(v, self.floatfmt))
-                cls = ' class="num"' if isinstance(v, int | float) and not isinstance(v, bool) else ""
+                plain = _fmt(v, self.floatfmt)
+                text = md_inline(plain) if c in self.markdown else html.escape(plain)
+                # numbers and short labels keep to one line (the scroll box takes the width); long text wraps
+                cls = (' class="num"' if isinstance(v, int | float) and not isinstance(v, bool)
+                       else ' class="short"' if len(plain) <= SHORT_CELL else "")
                 if self.bold and self.bold(r, c):
                     text = f"<b>{text}</b>"
                 cells.append(f"<td{cls}>{text}</td>")
