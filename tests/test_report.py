@@ -74,3 +74,21 @@ def test_report_embeds_every_figure(tmp_path: Path) -> None:
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "claim" in text and "held" in text and "<table>" in text
     assert "![bars.png](bars.png)" in rep.to_markdown()
+
+
+def test_figures_show_at_their_print_size_so_a_point_of_text_is_the_same_in_every_figure(tmp_path: Path) -> None:
+    from mergelab.report.html import png_css_width
+    from mergelab.report.plots import new_figure, save
+
+    narrow, wide = new_figure(4.0, 2.0), new_figure(20.0, 2.0)  # inches, saved at 150 dpi: 600 and 3000 px
+    for fig in (narrow, wide):
+        fig.subplots().plot([0, 1], [0, 1])
+    paths = [save(narrow, tmp_path / "narrow.png"), save(wide, tmp_path / "wide.png")]
+    assert [png_css_width(p.read_bytes()) for p in paths] == [4 * 96, 20 * 96]  # 96 CSS px per inch
+    assert png_css_width(paths[0].read_bytes()[:40]) is None  # no pHYs chunk: no width, the page width rules
+    report = Report("R").add(Section("S", figures=[FigureRef(p, "c", "h") for p in paths]))
+    page = report.to_html()
+    assert 'alt="narrow.png" width="384"' in page and 'alt="wide.png" width="1920"' in page
+    # the CSS caps both at the page width (max-width: 100 %), and a click shows the PNG's own pixels
+    assert "max-width:100%" in page and "figure.full img{max-width:none;width:auto" in page
+

@@ -5,8 +5,9 @@ beside it); each figure still names its PNG file so readers can find the full-re
 
 Made to read on a phone as well as a desktop (checked in headless Chromium at 390 px by
 ``tests/test_report_browser.py``): a viewport tag, text in Markdown rendered to HTML, every table in a
-horizontally scrolling box, figures at the page width that open full size on a click, and one line under
-every figure that says how to read it.
+horizontally scrolling box, figures at their print size (so one point of text is the same on screen in every
+figure) or the page width if that is less, opening full size on a click, and one line under every figure that
+says how to read it.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ th{background:#f2f2f2;text-align:left}td.num{text-align:right;font-variant-numer
 figure{margin:1.5em 0}figure img{display:block;max-width:100%;height:auto;border:1px solid #ddd;cursor:zoom-in}
 figcaption{font-size:14px;color:#333;margin-top:.3em}.howto{font-size:14px;margin:.3em 0 0;color:#222}
 figure.full{position:fixed;inset:0;margin:0;padding:1em;background:#fff;overflow:auto;z-index:10}
-figure.full img{max-width:none;cursor:zoom-out}
+figure.full img{max-width:none;width:auto;cursor:zoom-out}
 .verdict{padding:.4em .7em;margin:.4em 0;border-left:5px solid}.verdict .paper{font-size:14px;color:#444}
 .held{background:#eef8ee;border-color:#2e7d32}.failed{background:#fdeeee;border-color:#c62828}
 .mixed{background:#fff8e6;border-color:#e09b00}.check{background:#f1f4f8;border-color:#6b7b8c}
@@ -116,12 +117,32 @@ def _verdict_html(v: Verdict) -> str:
             f"{md_inline(v.detail)}{paper}</div>")
 
 
+def png_css_width(png: bytes) -> int | None:
+    """The width in CSS px (96 per inch) of a PNG at the resolution its pHYs chunk records (matplotlib writes
+    the figure's dpi there); None without one. Shown at that width, a 10-point label reads at the same size in
+    every figure: at the page width a narrow figure was blown up (fig2's title at 23 px) and a wide one shrunk."""
+    pos = 8  # after the signature: chunks of length, type, data, crc
+    while pos + 8 <= len(png):
+        length, kind = int.from_bytes(png[pos:pos + 4], "big"), png[pos + 4:pos + 8]
+        if kind == b"pHYs" and png[pos + 16] == 1:  # unit: metre
+            per_metre = int.from_bytes(png[pos + 8:pos + 12], "big")
+            width = int.from_bytes(png[16:20], "big")  # IHDR, always the first chunk
+            return round(width * 96 / (per_metre * 0.0254)) if per_metre else None
+        if kind in (b"IDAT", b"IEND"):  # pHYs comes before the image data
+            return None
+        pos += 12 + length
+    return None
+
+
 def _figure_html(f: FigureRef, base: Path | None) -> str:
-    data = base64.b64encode(f.path.read_bytes()).decode()
+    raw = f.path.read_bytes()
+    data = base64.b64encode(raw).decode()
+    css = png_css_width(raw)
     name = html.escape(_relative(f.path, base))
     howto = f'<p class="howto"><b>How to read this figure:</b> {md_inline(f.how_to_read)}</p>' if f.how_to_read \
         else ""
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{name}">'
+    width = f' width="{css}"' if css else ""
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{name}"{width}>'
             f"<figcaption><code>{name}</code> — {md_inline(f.caption)}</figcaption>{howto}</figure>")
 
 
