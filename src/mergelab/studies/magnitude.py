@@ -53,7 +53,8 @@ class Config:
     scale_bn_stats: bool = False  # also multiply BatchNorm running_mean / running_var by c
     batch_size: int = 100  # test batch size for the per-batch scatter (Fig. 4)
     scatter_n: int | None = None  # N for Fig. 4 and Fig. 7b (default: the largest N)
-    # training recipe: the same defaults as weights-vs-features, so both studies share cached zoos
+    # training recipe: the same defaults as the templates study (3 + 3 epochs, every training image, width
+    # 16), so both share cached zoos; weights-vs-features moved to ZooRecipe's lighter recipe
     epochs: int = 3
     pretrain_epochs: int = 3
     n_train: int | None = None

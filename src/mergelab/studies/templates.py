@@ -31,7 +31,7 @@ class Config:
     linear_epochs: int = 6
     cnn_arch: str = "vgg6"
     cnn_dataset: str = "mnist5k"
-    # CNN recipe: the weights-vs-features defaults, so the CNN zoos come from the same cache
+    # CNN recipe: the magnitude study's defaults, so the CNN zoos come from the same cache
     epochs: int = 3
     pretrain_epochs: int = 3
     n_train: int | None = None

