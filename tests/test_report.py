@@ -28,7 +28,10 @@ def test_numbers_and_short_labels_keep_to_one_line_and_long_text_wraps() -> None
     html = Table("T", rows).to_html()
     assert '<td class="short">vgg6bn</td>' in html and '<td class="short">97.2 / 96.2</td>' in html
     assert '<td class="num">1.50</td>' in html and "<td>Weight matching lowers the loss barrier</td>" in html
-    assert "td.short{white-space:nowrap}" in Report("R").to_html()
+    long = "Soups are more robust than logit ensembles to scaling every weight by c"
+    assert f'<td class="long">{long}</td>' in Table("T", [{"claim": long}]).to_html()
+    css = Report("R").to_html()
+    assert "td.short{white-space:nowrap}" in css and "@media (max-width:700px){td.long{min-width:13em}}" in css
 
 
 def test_a_series_keeps_its_colour_in_every_panel_of_a_figure() -> None:

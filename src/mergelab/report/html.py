@@ -98,6 +98,7 @@ figure.full img{max-width:none;width:auto;cursor:zoom-out}
 .mixed{background:#fff8e6;border-color:#e09b00}.check{background:#f1f4f8;border-color:#6b7b8c}
 .banner{background:#fff3cd;border:1px solid #e0b400;padding:.6em .8em;margin:1em 0}
 .meta td{font-size:13px}.meta td:first-child{white-space:nowrap}
+@media (max-width:700px){td.long{min-width:13em}}
 """
 
 # a click on a figure shows it at full resolution (scrollable); another click or Escape closes it

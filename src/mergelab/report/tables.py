@@ -13,6 +13,9 @@ from mergelab.report.markdown import md_inline
 
 #: text cells up to this many characters keep to one line in HTML (labels such as "97.2 / 96.2", "vgg6bn")
 SHORT_CELL = 16
+#: text cells longer than this keep a readable width on a phone (the table scrolls sideways instead): at 390 px
+#: the claims tables squeezed every column to a word or two, rows grew to screens of blank cells
+LONG_CELL = 40
 
 Row = Mapping[str, Any]
 
@@ -103,9 +106,11 @@ class Table:
                 v = r.get(c)
                 plain = _fmt(v, self.floatfmt)
                 text = md_inline(plain) if c in self.markdown else html.escape(plain)
-                # numbers and short labels keep to one line (the scroll box takes the width); long text wraps
+                # numbers and short labels keep to one line, long text keeps a column's width on a phone (the
+                # scroll box takes the width); the rest wraps as the browser likes
                 cls = (' class="num"' if isinstance(v, int | float) and not isinstance(v, bool)
-                       else ' class="short"' if len(plain) <= SHORT_CELL else "")
+                       else ' class="short"' if len(plain) <= SHORT_CELL
+                       else ' class="long"' if len(plain) > LONG_CELL else "")
                 if self.bold and self.bold(r, c):
                     text = f"<b>{text}</b>"
                 cells.append(f"<td{cls}>{text}</td>")
