@@ -96,8 +96,8 @@ def test_a_given_run_of_a_study_is_linked_with_its_verdicts_and_numbers_full_run
     run = {r["claim"]: r["run"] for r in table.rows}
     assert run["SWA beats the last checkpoint and a soup of independent runs"] == (
         "[swa report](../runs/swa/report.html) (full run, 3 seed(s)): held (SWA (constant lr) > the last checkpoint "
-        "of the same run); mixed (SWA > a uniform soup of independent runs); ours: +1.2 points (CIs from +0.4 to "
-        "+2.0 over 2 configuration(s), 3 seed(s))")
+        "of the same run: ours +1.2 points (CIs from +0.4 to +2.0 over 2 configuration(s), 3 seed(s))); mixed (SWA > "
+        "a uniform soup of independent runs)")
     deep = run["float32 overflow explains the robustness gap (the issue's hypothesis; float32 vs float64)"]
     assert deep.startswith("[magnitude-deep report](../runs/deep/magnitude-deep/report.html) (full run, 3 seed(s)): "
                            "held (Soup beats the logit ensemble at c = 90–110 (float32)); no difference at this size")

@@ -144,12 +144,10 @@ def paper_claims_table(measured: Sequence[Verdict], runs: Mapping[str, StudyRun]
             study_cell = f"{where}; run `mergelab study {pc.study} --out DIR`"
         else:
             link = Path(os.path.relpath(run.folder / "report.html", base)).as_posix()
-            got = _matching(run.verdicts, pc.starts)
-            ours = run.ours
-            numbers = "; ".join(f"{ours[c]}" for c, _ in got if ours.get(c))
+            ours = run.ours  # each verdict beside its own numbers
+            got = [(f"{c}: ours {ours[c]}" if ours.get(c) else c, w) for c, w in _matching(run.verdicts, pc.starts)]
             study_cell = (f"[{pc.study} report]({link}) ({run.describe()}): "
-                          + (_listed(got) if got else "the run recorded no verdict on this claim")
-                          + (f"; ours: {numbers}" if numbers else ""))
+                          + (_listed(got) if got else "the run recorded no verdict on this claim"))
         rows.append({"claim": pc.claim, "paper": pc.paper,
                      "here": _listed(here) if here else f"not measured by {measured_by}",
                      "study": f"`mergelab study {pc.study}`", "run": study_cell})
