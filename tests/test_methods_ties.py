@@ -8,6 +8,7 @@ from torch.testing import assert_close
 
 from mergelab.methods import get_method, ties_merge
 from mergelab.methods.registry import TensorInputs
+from mergelab.methods.task_vectors import generalized_task_arithmetic
 
 
 def _t(rows: list[list[float]]) -> torch.Tensor:
@@ -277,3 +278,9 @@ def test_fused_path_matches_mergekit_argsort_masks_in_bfloat16() -> None:
     expected = total / torch.where(div == 0, torch.ones((), dtype=torch.bfloat16), div) + base
     fused = ties_merge(base, tuned, weights, densities, dtype=torch.bfloat16)
     assert torch.equal(_bits(fused), _bits(expected))
+
+
+def test_generalized_task_arithmetic_refuses_rescale_without_a_keep_mask() -> None:
+    base = torch.zeros(4)
+    with pytest.raises(ValueError, match="rescale applies to a keep mask"):
+        generalized_task_arithmetic(base, [base + 1], [1.0], rescale=True)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, register
-from mergelab.methods.sparsify import match_l1, outlier_mask
+from mergelab.methods.sparsify import outlier_mask
 from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
 
 
@@ -25,14 +25,7 @@ def breadcrumbs_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
     def keep(i: int, delta: torch.Tensor) -> torch.Tensor:
         return outlier_mask(delta, densities[i], gammas[i])
 
-    if not rescale:  # a pure mask: fused with the election where there is one
-        return generalized_task_arithmetic(base, tensors, weights, keep=keep, consensus=consensus,
-                                           normalize=normalize, lambda_=lambda_, dtype=dtype)
-
-    def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
-        before = delta.abs().sum()
-        return match_l1(delta.masked_fill_(~keep(i, delta), 0), before)
-    return generalized_task_arithmetic(base, tensors, weights, sparsify=trim, consensus=consensus,
+    return generalized_task_arithmetic(base, tensors, weights, keep=keep, rescale=rescale, consensus=consensus,
                                        normalize=normalize, lambda_=lambda_, dtype=dtype)
 
 

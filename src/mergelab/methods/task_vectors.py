@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 
+from mergelab.methods.sparsify import match_l1
 from mergelab.methods.weighting import weight_sum
 
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
@@ -66,6 +67,7 @@ def generalized_task_arithmetic(
     *,
     sparsify: Sparsifier | None = None,
     keep: Masker | None = None,
+    rescale: bool = False,
     consensus: Consensus | None = None,
     normalize: bool = False,
     lambda_: float = 1.0,
@@ -75,9 +77,14 @@ def generalized_task_arithmetic(
 
     ``keep`` (instead of ``sparsify``) is the same as ``sparsify=lambda i, d: d.masked_fill_(~keep(i, d), 0)``
     with the same result bit for bit, computed with less memory and CPU where there is a consensus.
+    ``rescale`` (with ``keep``; mergekit's option): each kept task vector is scaled back to its L1 norm
+    before the mask (:func:`~mergelab.methods.sparsify.match_l1`), which needs whole task vectors, so the
+    fused path is not taken.
     """
     if sparsify is not None and keep is not None:
         raise ValueError("give sparsify or keep, not both")
+    if rescale and keep is None:
+        raise ValueError("rescale applies to a keep mask")
     if len(tensors) != len(weights):
         raise ValueError(f"got {len(tensors)} tensors but {len(weights)} weights")
     if not tensors:
@@ -85,11 +92,13 @@ def generalized_task_arithmetic(
     dtype = arithmetic_dtype(base, dtype)
     acc = accumulator_dtype(dtype)
     weights = [rounded(w, dtype) for w in weights]
-    if keep is not None and consensus is not None:
+    if keep is not None and consensus is not None and not rescale:
         return _masked_consensus(base, tensors, weights, keep, consensus, normalize, lambda_, dtype)
     if keep is not None:
         def sparsify(i: int, delta: torch.Tensor, keep: Masker = keep) -> torch.Tensor:
-            return delta.masked_fill_(~keep(i, delta), 0)
+            before = delta.abs().sum() if rescale else None
+            kept = delta.masked_fill_(~keep(i, delta), 0)
+            return match_l1(kept, before) if before is not None else kept
 
     def weighted_delta(i: int) -> torch.Tensor:
         delta = task_vector(tensors[i], base, dtype)

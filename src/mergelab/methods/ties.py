@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, register
-from mergelab.methods.sparsify import TopK, magnitude_mask, match_l1, threshold_mask
+from mergelab.methods.sparsify import TopK, magnitude_mask, threshold_mask
 from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
 
 
@@ -52,14 +52,7 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
             return threshold_mask(delta, thresholds[i])
         return magnitude_mask(delta, densities[i])
 
-    if not rescale:  # a pure mask: the fused path
-        return generalized_task_arithmetic(base, tensors, weights, keep=keep, consensus=consensus,
-                                           normalize=normalize, lambda_=lambda_, dtype=dtype)
-
-    def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
-        before = delta.abs().sum()
-        return match_l1(delta.masked_fill_(~keep(i, delta), 0), before)
-    return generalized_task_arithmetic(base, tensors, weights, sparsify=trim, consensus=consensus,
+    return generalized_task_arithmetic(base, tensors, weights, keep=keep, rescale=rescale, consensus=consensus,
                                        normalize=normalize, lambda_=lambda_, dtype=dtype)
 
 
