@@ -118,11 +118,16 @@ def merge(
     from mergelab.merge.allocator import recycle_freed_memory
     from mergelab.merge.engine import run_merge
 
+    observer = None
+    if diagnostics:
+        from mergelab.report.layer_diagnostics import LayerDiagnosticsWriter
+
+        observer = LayerDiagnosticsWriter()
     recycle_freed_memory()
     result = run_merge(config, out, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
                        allow_nonfinite=allow_nonfinite, progress=not quiet, hash_inputs=not no_hash,
                        take_missing_from=take_missing_from, model_card=not no_model_card,
-                       intermediate_dir=intermediate_dir, observer=_diagnostics_writer() if diagnostics else None)
+                       intermediate_dir=intermediate_dir, observer=observer)
     console.print(f"wrote {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) to {plain(result.out_dir)}",
                   soft_wrap=True)
     if diagnostics:
@@ -139,12 +144,6 @@ def _print_diagnostics(out: Path, record: dict[str, Any]) -> None:
     else:
         console.print(f"diagnostics: no weight matrix measured ({skipped or 'the merge has no 2-D weights'})",
                       soft_wrap=True)
-
-
-def _diagnostics_writer() -> Any:
-    from mergelab.report.layer_diagnostics import LayerDiagnosticsWriter
-
-    return LayerDiagnosticsWriter()
 
 
 @app.command("extract-lora", cls=_Command)
