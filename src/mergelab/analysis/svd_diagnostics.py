@@ -49,19 +49,24 @@ def interference_of_factors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -
     return float(((u.T @ u - eye) @ torch.diag(s) @ (v.T @ v - eye)).abs().sum())
 
 
-def singular_task_interference(deltas: Sequence[torch.Tensor], rank: int | None = None) -> float:
-    """STI of the task matrices ``deltas`` (module docstring), each cut to ``rank`` triplets
-    (default ``⌊min(m, n)/T⌋``)."""
-    if not deltas:
-        raise ValueError("need at least one task matrix")
-    k = tsv_rank(deltas[0].shape, len(deltas)) if rank is None else rank
+def _task_factors(deltas: Sequence[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stacked top-``k`` singular triplets of the task matrices: ``U`` (m × Tk), ``σ`` (Tk), ``V`` (n × Tk)."""
     us, ss, vs = [], [], []
     for d in deltas:
         u, s, vh = _svd(d)
         us.append(u[:, :k])
         ss.append(s[:k])
         vs.append(vh[:k].T)
-    return interference_of_factors(torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=1))
+    return torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=1)
+
+
+def singular_task_interference(deltas: Sequence[torch.Tensor], rank: int | None = None) -> float:
+    """STI of the task matrices ``deltas`` (module docstring), each cut to ``rank`` triplets
+    (default ``⌊min(m, n)/T⌋``)."""
+    if not deltas:
+        raise ValueError("need at least one task matrix")
+    k = tsv_rank(deltas[0].shape, len(deltas)) if rank is None else rank
+    return interference_of_factors(*_task_factors(deltas, k))
 
 
 def captured_rank(s: torch.Tensor, captured: float = 0.95) -> int:
@@ -75,25 +80,34 @@ def captured_rank(s: torch.Tensor, captured: float = 0.95) -> int:
     return int(torch.nonzero(reached)[0]) + 1
 
 
+def _projected_share(uk: torch.Tensor, task: torch.Tensor) -> float:
+    """``‖U_k U_kᵀ Δ_t‖_F / ‖Δ_t‖_F`` for orthonormal columns ``uk``; 0 for a zero task or no columns."""
+    t = task.to(torch.float64)
+    norm = float(torch.linalg.matrix_norm(t))
+    if norm == 0.0 or uk.shape[1] == 0:
+        return 0.0
+    return float(torch.linalg.matrix_norm(uk @ (uk.T @ t))) / norm
+
+
 def subspace_alignment_ratio(task: torch.Tensor, merged: torch.Tensor, *, captured: float = 0.95,
                              rank: int | None = None) -> float:
     """``‖U_k U_kᵀ Δ_t‖_F / ‖Δ_t‖_F`` with ``U_k`` the top-``k`` left singular vectors of ``merged``;
     ``k = rank`` or :func:`captured_rank` of ``merged``. A zero task matrix has SAR 0."""
     u, s, _ = _svd(merged)
     k = captured_rank(s, captured) if rank is None else rank
-    t = task.to(torch.float64)
-    norm = float(torch.linalg.matrix_norm(t))
-    if norm == 0.0 or k == 0:
-        return 0.0
-    uk = u[:, :k]
-    return float(torch.linalg.matrix_norm(uk @ (uk.T @ t))) / norm
+    return _projected_share(u[:, :k], task)
+
+
+def _alignment_and_rank(tasks: Sequence[torch.Tensor], merged: torch.Tensor, captured: float) -> tuple[float, int]:
+    """``SAR_avg`` of ``tasks`` against ``merged`` and the captured rank ``k`` it projects on, from one SVD."""
+    u, s, _ = _svd(merged)
+    k = captured_rank(s, captured)
+    return sum(_projected_share(u[:, :k], t) for t in tasks) / len(tasks), k
 
 
 def mean_alignment(tasks: Sequence[torch.Tensor], merged: torch.Tensor, *, captured: float = 0.95) -> float:
     """``SAR_avg``: the mean SAR of the task matrices against one merged matrix (one SVD)."""
-    _, s, _ = _svd(merged)
-    k = captured_rank(s, captured)
-    return sum(subspace_alignment_ratio(t, merged, rank=k) if k else 0.0 for t in tasks) / len(tasks)
+    return _alignment_and_rank(tasks, merged, captured)[0]
 
 
 @dataclass(frozen=True)
@@ -117,18 +131,17 @@ def matrix_diagnostics(name: str, base: torch.Tensor, finetuned: Sequence[torch.
     b = base.to(torch.float64)
     deltas = [f.to(torch.float64) - b for f in finetuned]
     k = tsv_rank(b.shape, len(deltas)) if rank is None else rank
-    sti = singular_task_interference(deltas, k)
-    scale = sum(float(torch.linalg.svdvals(d)[:k].sum()) for d in deltas)
-    total = torch.stack(deltas).sum(0)
+    # one SVD per task matrix, one of the sum, one of the merge: each serves every measure that needs it
+    u, s, v = _task_factors(deltas, k)
+    sti, scale = interference_of_factors(u, s, v), float(s.sum())
+    ta_align, ta_rank = _alignment_and_rank(deltas, torch.stack(deltas).sum(0), captured)
     m_align = m_rank = None
     if merged is not None:
-        m_delta = merged.to(torch.float64) - b
-        m_align = mean_alignment(deltas, m_delta, captured=captured)
-        m_rank = captured_rank(torch.linalg.svdvals(m_delta), captured)
+        m_align, m_rank = _alignment_and_rank(deltas, merged.to(torch.float64) - b, captured)
     return LayerDiagnostics(
         name=name, interference=sti, relative_interference=sti / scale if scale > 0 else 0.0,
-        alignment_task_arithmetic=mean_alignment(deltas, total, captured=captured), alignment_merged=m_align,
-        rank_task_arithmetic=captured_rank(torch.linalg.svdvals(total), captured), rank_merged=m_rank)
+        alignment_task_arithmetic=ta_align, alignment_merged=m_align, rank_task_arithmetic=ta_rank,
+        rank_merged=m_rank)
 
 
 def layer_diagnostics(base: StateDict, finetuned: Sequence[StateDict], merged: StateDict | None = None, *,
