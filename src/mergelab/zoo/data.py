@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -90,7 +91,11 @@ def _cached_xy(name: str, make: Callable[[], tuple[np.ndarray, np.ndarray]]) -> 
         return arr["x"], arr["y"]
     x, y = make()
     cached.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(cached, x=x, y=y)
+    # written under a temporary name and renamed: a parallel zoo worker never loads a half-written file
+    tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, x=x, y=y)
+    os.replace(tmp, cached)
     return x, y
 
 
