@@ -1,4 +1,5 @@
 """Element-wise methods stream large tensors in flat pieces: same bytes out, bounded reads, NaN counts summed.
+So do TIES (after its top-k rules) and the methods with a scalar pass (SLERP), after a first pass.
 
 Also the I/O pieces that make it possible (flat-range reads, part-wise writes), the fast non-finite check
 and the allocator tuning of the CLI.
@@ -21,13 +22,15 @@ from mergelab.io.safetensors_file import SafetensorsFile
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, write_state_dict
 from mergelab.merge import engine
 from mergelab.merge import params as params_module
-from mergelab.merge.core import merge_tensor
+from mergelab.merge.core import merge_tensor, tensor_scalars
 from mergelab.merge.params import resolve_parameters
 from mergelab.merge.plan import count_nonfinite
-from mergelab.methods import all_methods
+from mergelab.methods import all_methods, slerp
+from mergelab.methods.registry import FlatSource
 
 Families = dict[str, tuple[Path, list[Path]]]
 ELEMENTWISE = [m for m in all_methods() if m.elementwise]
+WITH_SCALAR_PASS = [m for m in all_methods() if m.scalar_pass is not None]
 
 
 def _config(method: str, base: Path, models: list[Path], **extra: Any) -> dict[str, Any]:
@@ -70,6 +73,75 @@ def test_elementwise_flag_holds_for_the_function(method: str) -> None:
     assert torch.equal(torch.cat(pieces), whole)
 
 
+def test_methods_with_a_scalar_pass_are_slerp() -> None:
+    # their large tensors are merged piece by piece with the scalar pass's result: keep the list explicit
+    assert [m.name for m in WITH_SCALAR_PASS] == ["slerp"]
+
+
+@pytest.mark.parametrize("method", [m.name for m in WITH_SCALAR_PASS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_scalar_pass_then_flat_pieces_give_the_whole_merge_bit_for_bit(
+        method: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = next(x for x in WITH_SCALAR_PASS if x.name == method)
+    monkeypatch.setattr(slerp, "_CHUNK", 50)  # several chunks, none aligned with the pieces below
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(13, 17, generator=g).to(dtype)
+    n = 1 if m.max_models == 1 else 3
+    tensors = [(base + 0.3 * torch.randn(13, 17, generator=g)).to(dtype) for _ in range(n)]
+    name = "model.layers.0.mlp.up_proj.weight"
+    params = resolve_parameters(m, name, 0.0, {"t": 0.3} if method == "slerp" else {}, [{}] * n)
+    whole = merge_tensor(m, name, tensors, base=base, params=params, seed=0).reshape(-1)
+    scalars = tensor_scalars(m, name, FlatSource.of(base, tensors), params=params)
+    flat = [t.reshape(-1) for t in tensors]
+    pieces = [merge_tensor(m, name, [t[a:a + 37] for t in flat], base=base.reshape(-1)[a:a + 37], params=params,
+                           seed=0, scalars=scalars, offset=a) for a in range(0, base.numel(), 37)]
+    assert torch.cat(pieces).view(torch.uint8).equal(whole.view(torch.uint8))
+
+
+def _same_files(whole: Path, pieces: Path) -> None:
+    files = sorted(p.name for p in whole.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in pieces.glob("*.safetensors"))
+    for f in files:
+        assert (whole / f).read_bytes() == (pieces / f).read_bytes(), f
+
+
+def _whole_and_streamed(tmp_path: Path, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merge ``config`` with whole tensors, then in pieces of 37 entries after a scalar pass whose chunks
+    (50 entries) cross the pieces' edges: the files must be the same bytes."""
+    monkeypatch.setattr(slerp, "_CHUNK", 50)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 1 << 40)
+    whole = engine.run_merge(config, tmp_path / "whole", progress=False, hash_inputs=False).out_dir
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)
+    pieces = engine.run_merge(config, tmp_path / "pieces", progress=False, hash_inputs=False).out_dir
+    _same_files(whole, pieces)
+
+
+@pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "out_dtype": "bfloat16"}, {"dtype": "float16"},
+                                   {"dtype": "float64"}], ids=["float32", "bf16", "fp16", "fp64"])
+def test_slerp_streamed_after_its_scalar_pass_same_bytes_as_whole(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]) -> None:
+    base, fts = families["llama"]
+    config = {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
+              "parameters": {"t": 0.3}, **extra}
+    _whole_and_streamed(tmp_path, config, monkeypatch)
+
+
+@pytest.mark.parametrize("other", ["parallel", "antiparallel", "zero", "zero_base"])
+def test_slerp_streamed_same_bytes_for_parallel_antiparallel_and_zero_models(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other: str) -> None:
+    # the degenerate angles: LERP where |cos| is near 1, a unit norm where a norm is near 0
+    base, _ = families["llama"]
+    state = load_folder(base)
+    make = {"parallel": lambda t: 2.5 * t, "antiparallel": lambda t: -t, "zero": torch.zeros_like,
+            "zero_base": lambda t: t}[other]
+    b = save_model_folder(tmp_path / "other", {k: make(v) for k, v in state.items()}, base)
+    if other == "zero_base":
+        base = save_model_folder(tmp_path / "zeros", {k: torch.zeros_like(v) for k, v in state.items()}, base)
+    config = {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(b)}],
+              "parameters": {"t": 0.7}}
+    _whole_and_streamed(tmp_path, config, monkeypatch)
+
+
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 @pytest.mark.parametrize("extra", [{}, {"out_dtype": "bfloat16"}], ids=["float32", "bf16-out"])
 def test_streamed_in_pieces_same_bytes_as_whole(families: Families, sharded_family: tuple[Path, list[Path]],
@@ -87,7 +159,7 @@ def test_streamed_in_pieces_same_bytes_as_whole(families: Families, sharded_fami
             assert (whole / f).read_bytes() == (pieces / f).read_bytes(), (arch, f)
 
 
-def test_pieces_bound_every_read_for_elementwise_methods_and_ties(
+def test_pieces_bound_every_read_for_elementwise_methods_ties_and_slerp(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, fts = families["llama"]
     largest = max(m.nbytes for m in (open_checkpoint(base).meta(n) for n in open_checkpoint(base).names))
@@ -105,6 +177,11 @@ def test_pieces_bound_every_read_for_elementwise_methods_and_ties(
     reads.clear()
     _merge(tmp_path, {**_config("ties", base, fts), "parameters": {"density": 0.5}}, "ties")
     assert max(reads) == 64 * 4  # TIES too: its top-k rules are found from pieces first
+    reads.clear()
+    monkeypatch.setattr(slerp, "_CHUNK", 64)
+    _merge(tmp_path, {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
+                      "parameters": {"t": 0.4}}, "slerp")
+    assert max(reads) == 64 * 4  # SLERP: its scalar pass reads chunks, its merge pieces
     reads.clear()
     _merge(tmp_path, {**_config("dare_ties", base, fts), "parameters": {"density": 0.5}}, "dare_ties")
     assert max(reads) == largest  # DARE's random drop is drawn over the whole tensor

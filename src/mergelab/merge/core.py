@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mergelab.merge.params import ResolvedParams
-from mergelab.methods.registry import MergeMethod, TensorInputs
+from mergelab.methods.registry import FlatSource, MergeMethod, TensorInputs
 
 
 def tensor_seed(seed: int, tensor_name: str) -> int:
@@ -39,9 +39,12 @@ def merge_tensor(
     thresholds: Sequence[float] | None = None,
     topk: Sequence[Any] | None = None,
     offset: int = 0,
+    scalars: Any = None,
 ) -> torch.Tensor:
     """Merge the tensors of one name (or one flat piece of them) with ``params``, resolved for that name
-    (:func:`~mergelab.merge.params.resolve_parameters`; None only for a tensor that is not floating point)."""
+    (:func:`~mergelab.merge.params.resolve_parameters`; None only for a tensor that is not floating point).
+    A piece of a tensor merged after a whole-tensor pass gets that pass's result: ``topk`` rules (and the
+    piece's ``offset``) or the method's ``scalars`` (:func:`tensor_scalars`)."""
     reference = base if base is not None else tensors[0]
     if not reference.is_floating_point():
         return passthrough(base, tensors)
@@ -63,6 +66,7 @@ def merge_tensor(
         dtype=compute_dtype,
         topk=topk,
         offset=offset,
+        scalars=scalars,
     )
     if method.elementwise or (inputs.base if inputs.base is not None else inputs.tensors[0]).device.type != "cpu":
         merged = method.adapter(inputs)
@@ -71,6 +75,20 @@ def merge_tensor(
             merged = method.adapter(inputs)
     # float8 inputs were computed on float32 copies (see prepare): the result is in the inputs' dtype again
     return merged.to(reference.dtype) if compute_dtype is None and reference.dtype in FLOAT8_DTYPES else merged
+
+
+def tensor_scalars(method: MergeMethod, name: str, source: FlatSource, *, params: ResolvedParams,
+                   compute_dtype: torch.dtype | None = None) -> Any:
+    """The scalar pass of ``method`` (:attr:`~mergelab.methods.registry.MergeMethod.scalar_pass`) over the
+    inputs of tensor ``name``, read from ``source`` (ranges already as :func:`prepared` makes them), on one
+    thread as :func:`merge_tensor` runs it: its sums are the whole-tensor merge's, bit for bit."""
+    adapter = method.scalar_adapter
+    if adapter is None:
+        raise ValueError(f"method '{method.name}' has no scalar pass")
+    inputs = TensorInputs(name=name, tensors=[], model_params=params.model_params, params=params.params,
+                          dtype=compute_dtype, source=source)
+    with one_thread():
+        return adapter(inputs)
 
 
 def prepared(x: torch.Tensor, device: torch.device | None, compute_dtype: torch.dtype | None) -> torch.Tensor:

@@ -7,7 +7,9 @@ pieces of ``_PIECE_ENTRIES`` entries (read a range of every input, merge, write 
 does not grow with the model at all. TIES (per-tensor scope, no rescale) streams too, after a first pass
 over each model's task vector in pieces finds its exact top-k rule (:func:`_topk_rules`): what stays whole
 is one model's 2-byte magnitude keys of the tensor and the sort replay's work space, about 10 bytes per
-entry of the largest tensor. Shards are written tensor by tensor (io.writer), never
+entry of the largest tensor. Methods with a scalar pass (SLERP: two norms and a dot product) stream like
+the element-wise ones, after that pass has read the inputs in flat ranges (:func:`_flat_source`): nothing
+of the tensor stays whole. Shards are written tensor by tensor (io.writer), never
 buffered. Safety: everything goes to a hidden temporary folder beside OUT_DIR, renamed into place only when
 complete; on any error the temporary folder is removed and an existing OUT_DIR is left untouched.
 """
@@ -44,7 +46,7 @@ from mergelab.io.file_hashes import cached_sha256
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.merge.config import MergeConfig, load_config
-from mergelab.merge.core import merge_tensor, prepared
+from mergelab.merge.core import merge_tensor, prepared, tensor_scalars
 from mergelab.merge.extra_files import copy_extra_files, refuse_outside
 from mergelab.merge.install import check_replaces_nothing_owned, exists
 from mergelab.merge.install import install as _install
@@ -53,6 +55,7 @@ from mergelab.merge.plan import MergePlan, count_nonfinite, nonfinite_message, p
 from mergelab.merge.stages import read_stage_documents, run_stages
 from mergelab.merge.thresholds import global_threshold
 from mergelab.merge.tokenizer import write_tokenizer
+from mergelab.methods.registry import FlatSource
 from mergelab.methods.sparsify import TopK, magnitude_keys, magnitude_mask, topk_of_keys
 from mergelab.methods.task_vectors import arithmetic_dtype, task_vector
 from mergelab.runtime import make_progress
@@ -425,16 +428,26 @@ def _streams_with_topk(plan: MergePlan, name: str, dev: torch.device | None) -> 
             and (dev is None or dev.type == "cpu") and bool(test(params.params)))
 
 
+def _streams_with_scalars(plan: MergePlan, name: str, dev: torch.device | None) -> bool:
+    """Whether tensor ``name`` is merged in pieces after the method's scalar pass over all of it."""
+    scalar_pass = plan.method.scalar_pass
+    params = plan.params.get(name)
+    return (scalar_pass is not None and params is not None and (dev is None or dev.type == "cpu")
+            and bool(scalar_pass.applies(params.params)))
+
+
 def _pieces(plan: MergePlan, entries: int, dev: torch.device | None = None) -> list[_Piece]:
     """Element-wise methods stream tensors larger than ``entries`` in flat pieces: neither the inputs nor
     the result of such a tensor is ever whole in memory, and the small buffers are reused by the allocator
     instead of being faulted in fresh for every tensor (which cost more than the arithmetic). So do the
-    methods that stream after a top-k (TIES), their rules found first (:func:`_topk_rules`)."""
+    methods that stream after a top-k (TIES), their rules found first (:func:`_topk_rules`), and those with
+    a scalar pass (SLERP), run first over the whole tensor (:func:`_flat_source`)."""
     pieces = []
     for name in plan.names:
         meta = plan.out_metas[name]
         numel = meta.nbytes // meta.dtype.itemsize
-        streamed = plan.method.elementwise or _streams_with_topk(plan, name, dev)
+        streamed = (plan.method.elementwise or _streams_with_topk(plan, name, dev)
+                    or _streams_with_scalars(plan, name, dev))
         if not streamed or numel <= entries or name in plan.input_models:
             pieces.append(_Piece(name, meta.nbytes))
             continue
@@ -442,6 +455,19 @@ def _pieces(plan: MergePlan, entries: int, dev: torch.device | None = None) -> l
             b = min(numel, a + entries)
             pieces.append(_Piece(name, (b - a) * meta.dtype.itemsize, a, b))
     return pieces
+
+
+def _flat_source(plan: MergePlan, name: str, compute_dtype: torch.dtype | None) -> FlatSource:
+    """The inputs of tensor ``name`` (base and models), read from the checkpoints in flat ranges on demand,
+    as the method gets them (:func:`~mergelab.merge.core.prepared`): what a scalar pass sees."""
+    base = plan.base
+    readers, _ = plan.inputs_for(name)
+    meta = plan.out_metas[name]
+
+    def read(a: int, b: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        base_piece = prepared(base.get_flat(name, a, b), None, compute_dtype) if base is not None else None
+        return base_piece, [prepared(r.get_flat(name, a, b), None, compute_dtype) for r in readers]
+    return FlatSource(meta.nbytes // meta.dtype.itemsize, read)
 
 
 def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, entries: int) -> list[TopK]:
@@ -485,6 +511,15 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
     return rules
 
 
+def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None) -> dict[str, Any]:
+    """What each piece of tensor ``name`` needs of the whole tensor, as keywords of
+    :func:`~mergelab.merge.core.merge_tensor`: the method's scalars, or each model's top-k rule."""
+    if plan.method.scalar_pass is not None:
+        return {"scalars": tensor_scalars(plan.method, name, _flat_source(plan, name, compute_dtype),
+                                          params=plan.params[name], compute_dtype=compute_dtype)}
+    return {"topk": _topk_rules(plan, name, compute_dtype, _PIECE_ENTRIES)}
+
+
 def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                writer: StreamingSafetensorsWriter, thresholds: list[float] | None, allow_nonfinite: bool,
                show_progress: bool, problems: list[str], observer: TensorObserver | None = None) -> None:
@@ -524,7 +559,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
 
     # an observer sees whole tensors
     pieces = _pieces(plan, _PIECE_ENTRIES if observer is None else sys.maxsize, dev)
-    rules: dict[str, list[TopK]] = {}  # of the tensor being streamed after a top-k
+    first_pass: dict[str, dict[str, Any]] = {}  # top-k rules or scalars of the tensor being streamed
     # Three stages overlap: the reader thread loads and checks piece i+1, this thread merges piece i, the
     # writer thread writes piece i-1. One item per stage keeps memory bounded.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as reader_pool, \
@@ -550,15 +585,15 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                 bar.advance(task, piece.nbytes)
                 continue
             try:
-                topk = None
+                whole: dict[str, Any] = {}  # what a piece needs of its whole tensor
                 if piece.stop is not None and not plan.method.elementwise:
-                    if piece.start == 0:
-                        rules = {piece.name: _topk_rules(plan, piece.name, cfg.compute_dtype, _PIECE_ENTRIES)}
-                    topk = rules[piece.name]
+                    if piece.start == 0:  # before the first piece: the pass over the whole tensor
+                        first_pass = {piece.name: _whole_tensor_pass(plan, piece.name, cfg.compute_dtype)}
+                    whole = first_pass[piece.name]
                 merged = merge_tensor(
                     plan.method, piece.name, tensors, base=base_t, params=plan.params.get(piece.name),
                     seed=cfg.seed, compute_dtype=cfg.compute_dtype, device=dev, thresholds=thresholds,
-                    topk=topk, offset=piece.start,
+                    offset=piece.start, **whole,
                 )
             except (ValueError, RuntimeError, ArithmeticError) as exc:
                 # Methods reject inputs they cannot merge (weights summing to zero, missing statistics) with

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import keyword
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
@@ -92,6 +92,30 @@ class Param:
         return out
 
 
+@dataclass(frozen=True)
+class FlatSource:
+    """The inputs of one tensor name as flat ranges read on demand: how a method's scalar pass
+    (:attr:`MergeMethod.scalar_pass`) sees a tensor that is never whole in memory. The engine reads ranges
+    from the checkpoints; a whole-tensor call slices its tensors (:meth:`of`)."""
+
+    numel: int
+    read: Callable[[int, int], tuple[torch.Tensor | None, list[torch.Tensor]]]
+    """``read(a, b)``: entries ``[a, b)`` of the flattened base (None without one) and of each model."""
+
+    @classmethod
+    def of(cls, base: torch.Tensor | None, tensors: Sequence[torch.Tensor]) -> FlatSource:
+        flat_base = base.reshape(-1) if base is not None else None
+        flat = [t.reshape(-1) for t in tensors]
+        numel = (flat_base if flat_base is not None else flat[0]).numel()
+        return cls(numel, lambda a, b: (flat_base[a:b] if flat_base is not None else None, [t[a:b] for t in flat]))
+
+    def chunks(self, size: int) -> Iterator[tuple[torch.Tensor | None, list[torch.Tensor]]]:
+        """The ranges ``[0, size)``, ``[size, 2 size)``... in order: a grid fixed by the method, not by how
+        the caller holds the tensor, so that sums taken chunk by chunk add up in one order."""
+        for a in range(0, self.numel, size):
+            yield self.read(a, min(self.numel, a + size))
+
+
 @dataclass
 class TensorInputs:
     """Everything a method sees for one tensor name.
@@ -118,6 +142,11 @@ class TensorInputs:
     """Per-model top-k rules (``methods.sparsify.TopK``) over the whole tensor, when the engine streams a
     ``streams_with_topk`` method's tensor in pieces; ``offset``: where this piece starts (flat)."""
     offset: int = 0
+    source: FlatSource | None = None
+    """The whole tensor's inputs, read in flat ranges, for a method's scalar pass (``scalar_pass``)."""
+    scalars: Any = None
+    """What the method's scalar pass returned for the whole tensor, when the engine streams it in pieces:
+    ``tensors`` and ``base`` are then flat pieces of it."""
 
     @property
     def other(self) -> torch.Tensor:
@@ -129,32 +158,39 @@ class TensorInputs:
 
 
 Adapter = Callable[[TensorInputs], torch.Tensor]
-INPUTS = ("base", "tensors", "other", "seed", "dtype", "stats", "thresholds", "name", "topk", "offset")
+INPUTS = ("base", "tensors", "other", "seed", "dtype", "stats", "thresholds", "name", "topk", "offset", "source",
+          "scalars")
 """What an adapter can hand a method's function, by parameter name (attributes of :class:`TensorInputs`)."""
 
 
-def derive_adapter(method: MergeMethod) -> Adapter:
+def derive_adapter(method: MergeMethod, function: Callable[..., Any] | None = None) -> Adapter:
     """The adapter of ``method``, from its declarations: its function's parameters are filled by name with
     the inputs (:data:`INPUTS`, renamed by ``method.inputs``: slerp's ``v0`` is the base), the resolved
     parameters (:meth:`Param.keyword`) and ``method.fixed``. An input that is None is left to the function's
     default; a function parameter that nothing fills, or a parameter that fills nothing, is an error at
-    registration, not in the middle of a merge."""
-    signature = inspect.signature(method.function)
+    registration, not in the middle of a merge. ``function``: another function of the method (its scalar
+    pass), filled the same way with those of the parameters it takes."""
+    signature = inspect.signature(function or method.function)
+    fname = (function or method.function).__name__
     one_model = method.max_models == 1
     sources = {method.inputs.get(arg, arg): arg for arg in signature.parameters}
     inputs = {sources[k]: k for k in INPUTS if k in sources}
     params = {p.keyword(one_model): p for p in method.params if p.keyword(one_model) is not None}
-    unknown = sorted((set(params) | set(method.fixed)) - set(signature.parameters))
+    fixed = dict(method.fixed)
+    if function is not None:
+        params = {k: p for k, p in params.items() if k in signature.parameters}
+        fixed = {k: v for k, v in fixed.items() if k in signature.parameters}
+    unknown = sorted((set(params) | set(fixed)) - set(signature.parameters))
     if unknown:
-        raise ValueError(f"method '{method.name}': {method.function.__name__} has no parameter {unknown}")
+        raise ValueError(f"method '{method.name}': {fname} has no parameter {unknown}")
     unfilled = [arg for arg, p in signature.parameters.items() if p.default is inspect.Parameter.empty
-                and arg not in inputs and arg not in params and arg not in method.fixed]
+                and arg not in inputs and arg not in params and arg not in fixed]
     if unfilled:
-        raise ValueError(f"method '{method.name}': nothing fills {method.function.__name__}'s {unfilled}")
+        raise ValueError(f"method '{method.name}': nothing fills {fname}'s {unfilled}")
     optional = {arg for arg, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
 
-    def adapt(x: TensorInputs) -> torch.Tensor:
-        kwargs: dict[str, Any] = dict(method.fixed)
+    def adapt(x: TensorInputs) -> Any:
+        kwargs: dict[str, Any] = dict(fixed)
         for arg, source in inputs.items():
             value = getattr(x, source)
             if value is None and arg not in optional:
@@ -170,8 +206,24 @@ def derive_adapter(method: MergeMethod) -> Adapter:
                 kwargs[arg] = x.model_params[0][p.name]
             else:
                 kwargs[arg] = [mp[p.name] for mp in x.model_params]
-        return method.function(**kwargs)
+        return (function or method.function)(**kwargs)
     return adapt
+
+
+def _always(params: Mapping[str, Any]) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class ScalarPass:
+    """A method's whole-tensor scalars (:attr:`MergeMethod.scalar_pass`)."""
+
+    function: Callable[..., Any]
+    """Takes the tensor's inputs as a :class:`FlatSource` (``source``) and the method's parameters it names;
+    returns what the method's function takes as ``scalars``. Its sums run over its own fixed grid of
+    chunks, so they add up in the same order however the caller holds the tensor."""
+    applies: Callable[[Mapping[str, Any]], bool] = _always
+    """Given a tensor's resolved global parameters: whether the scalar pass covers that merge."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +248,11 @@ class MergeMethod:
     model's magnitude top-k of its task vector (``density`` per model), so that with those top-k rules
     computed over the whole tensor (``TensorInputs.topk``) any flat slice merges to exactly that slice of
     the merged tensor. The engine then streams large tensors in pieces (TIES; tests check the equality)."""
+    scalar_pass: ScalarPass | None = None
+    """The method's whole-tensor step, where it needs only a few numbers of the whole tensor (SLERP: its
+    coefficients from two norms and a dot product) before an element-wise formula: the engine then
+    streams large tensors in two passes, the scalar pass over flat ranges, then the merge piece by piece
+    with its result in ``scalars`` (tests check the bytes against the whole-tensor merge)."""
     formula: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
     also_in: tuple[str, ...] = ()
@@ -207,6 +264,8 @@ class MergeMethod:
     """Function parameters named otherwise than the input they take (slerp: ``{"v0": "base"}``)."""
     adapter: Adapter = field(init=False, repr=False, hash=False, compare=False)
     """Derived from the declarations when the method is made (:func:`derive_adapter`)."""
+    scalar_adapter: Adapter | None = field(init=False, repr=False, hash=False, compare=False)
+    """The scalar pass's adapter (its function gets ``source`` and the parameters it names), when it has one."""
 
     def __post_init__(self) -> None:
         unknown = set(self.also_in) - set(PEER_TOOLS)
@@ -216,6 +275,8 @@ class MergeMethod:
         object.__setattr__(self, "fixed", MappingProxyType(dict(self.fixed)))
         object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
         object.__setattr__(self, "adapter", derive_adapter(self))
+        object.__setattr__(self, "scalar_adapter", None if self.scalar_pass is None
+                           else derive_adapter(self, self.scalar_pass.function))
 
     @property
     def tools(self) -> str:

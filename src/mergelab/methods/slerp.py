@@ -8,53 +8,78 @@ linear interpolation, where SLERP is numerically unstable and LERP is equal to f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, register
+from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, register
 
 _CHUNK = 1 << 20  # entries per chunk of the float32 work: bounded scratch for any tensor size
 
 
-def slerp_merge(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = 0.9995,
-                eps: float = 1e-8) -> torch.Tensor:
-    """``sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1`` with ``cos Ω = <v0/|v0|, v1/|v1|>``.
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    The statistics and coefficients are float32 tensors (float64 for float64 inputs) computed chunk by
-    chunk in mergekit's order, and the result is rounded to ``v0``'s dtype: in float16 and bfloat16 the
-    coefficients' last bits decide the rounding of some entries, so computing them in float64 instead
-    left 1-ulp differences from mergekit (measured on tiny Llama/GPT-2 folders).
-    """
-    if v0.shape != v1.shape:
-        raise ValueError(f"slerp_merge: shapes differ {tuple(v0.shape)} vs {tuple(v1.shape)}")
-    dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
-    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
-    t_ = torch.tensor([[t]], dtype=dtype)
-    n = a.shape[1]
-    if n == 0:
-        return v0.clone()
-    starts = range(0, n, _CHUNK)
 
-    def chunk(x: torch.Tensor, s: int) -> torch.Tensor:
-        return x[:, s:s + _CHUNK].to(dtype)
+def slerp_coefficients(t: float, source: FlatSource, *, dot_threshold: float = 0.9995,
+                       eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole-tensor step of :func:`slerp_merge`: its coefficients ``(c0, c1)`` (``[1, 1]`` tensors),
+    from the base ``v0`` and the other model ``v1`` read in flat chunks of ``_CHUNK`` entries, twice (the
+    norms, then the dot product of the normalised chunks), in mergekit's order and precision."""
+    def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for v0, (v1,) in source.chunks(_CHUNK):
+            assert v0 is not None  # slerp's v0 is the base
+            dtype = _work_dtype(v0)
+            yield v0.reshape(1, -1).to(dtype), v1.reshape(1, -1).to(dtype)
 
     # the norm of the chunks' norms, normalised before the product (no overflow of a raw dot)
-    norm_a = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(chunk(a, s), dim=1, keepdim=True) for s in starts]), dim=0)
-    norm_b = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(chunk(b, s), dim=1, keepdim=True) for s in starts]), dim=0)
+    parts = [(torch.linalg.vector_norm(a, dim=1, keepdim=True), torch.linalg.vector_norm(b, dim=1, keepdim=True))
+             for a, b in pairs()]
+    norm_a = torch.linalg.vector_norm(torch.stack([p[0] for p in parts]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack([p[1] for p in parts]), dim=0)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = torch.stack([(chunk(a, s) / norm_a * (chunk(b, s) / norm_b)).sum(dim=1, keepdim=True)
-                       for s in starts]).sum(dim=0).clamp(-1, 1)
+    dot = torch.stack([(a / norm_a * (b / norm_b)).sum(dim=1, keepdim=True)
+                       for a, b in pairs()]).sum(dim=0).clamp(-1, 1)
+    t_ = torch.tensor([[t]], dtype=dot.dtype)
     linear = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
     c0 = torch.where(linear, 1 - t_, torch.sin((1 - t_) * theta) / sin_theta)
     c1 = torch.where(linear, t_, torch.sin(t_ * theta) / sin_theta)
+    return c0, c1
+
+
+def slerp_apply(coefficients: tuple[torch.Tensor, torch.Tensor], v0: torch.Tensor,
+                v1: torch.Tensor) -> torch.Tensor:
+    """The element-wise step of :func:`slerp_merge`: ``c0 · v0 + c1 · v1`` in the coefficients' dtype,
+    rounded to ``v0``'s; any flat slice of the inputs gives that slice of the result."""
+    c0, c1 = coefficients
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     out = torch.empty_like(a)
-    for s in starts:
-        out[:, s:s + _CHUNK] = c0 * chunk(a, s) + c1 * chunk(b, s)
+    for s in range(0, a.shape[1], _CHUNK):
+        out[:, s:s + _CHUNK] = c0 * a[:, s:s + _CHUNK].to(c0.dtype) + c1 * b[:, s:s + _CHUNK].to(c0.dtype)
     return out.reshape(v0.shape)
+
+
+def slerp_merge(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = 0.9995,
+                eps: float = 1e-8, scalars: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1`` with ``cos Ω = <v0/|v0|, v1/|v1|>``.
+
+    The statistics and coefficients are float32 tensors (float64 for float64 inputs) computed chunk by
+    chunk in mergekit's order (:func:`slerp_coefficients`), and the result is rounded to ``v0``'s dtype
+    (:func:`slerp_apply`): in float16 and bfloat16 the coefficients' last bits decide the rounding of some
+    entries, so computing them in float64 instead left 1-ulp differences from mergekit (measured on tiny
+    Llama/GPT-2 folders). ``scalars``: the coefficients of the whole tensor, when ``v0`` and ``v1`` are
+    flat pieces of it (the engine's streamed merge).
+    """
+    if v0.shape != v1.shape:
+        raise ValueError(f"slerp_merge: shapes differ {tuple(v0.shape)} vs {tuple(v1.shape)}")
+    if scalars is None:
+        if v0.numel() == 0:
+            return v0.clone()
+        scalars = slerp_coefficients(t, FlatSource.of(v0, [v1]), dot_threshold=dot_threshold, eps=eps)
+    return slerp_apply(scalars, v0, v1)
 
 
 register(MergeMethod(
@@ -72,4 +97,5 @@ register(MergeMethod(
     formula="θ = sin((1−t)Ω)/sin Ω · θ_0 + sin(tΩ)/sin Ω · θ_1",
     min_models=1,
     max_models=1,
+    scalar_pass=ScalarPass(slerp_coefficients),
 ))
