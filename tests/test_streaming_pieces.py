@@ -1,5 +1,5 @@
 """Element-wise methods stream large tensors in flat pieces: same bytes out, bounded reads, NaN counts summed.
-So do TIES (after its top-k rules) and the methods with a scalar pass (SLERP), after a first pass.
+So do TIES (after its top-k rules) and the methods with a scalar pass (SLERP, Model Stock), after a first pass.
 
 Also the I/O pieces that make it possible (flat-range reads, part-wise writes), the fast non-finite check
 and the allocator tuning of the CLI.
@@ -25,7 +25,7 @@ from mergelab.merge import params as params_module
 from mergelab.merge.core import merge_tensor, tensor_scalars
 from mergelab.merge.params import resolve_parameters
 from mergelab.merge.plan import count_nonfinite
-from mergelab.methods import all_methods, slerp
+from mergelab.methods import all_methods, get_method, model_stock, row_sums, slerp
 from mergelab.methods.registry import FlatSource
 
 Families = dict[str, tuple[Path, list[Path]]]
@@ -73,9 +73,25 @@ def test_elementwise_flag_holds_for_the_function(method: str) -> None:
     assert torch.equal(torch.cat(pieces), whole)
 
 
-def test_methods_with_a_scalar_pass_are_slerp() -> None:
+def test_methods_with_a_scalar_pass_are_model_stock_and_slerp() -> None:
     # their large tensors are merged piece by piece with the scalar pass's result: keep the list explicit
-    assert [m.name for m in WITH_SCALAR_PASS] == ["slerp"]
+    assert [m.name for m in WITH_SCALAR_PASS] == ["model_stock", "slerp"]
+
+
+def test_model_stock_streams_one_ratio_per_tensor_in_float32_or_bfloat16_arithmetic() -> None:
+    applies = get_method("model_stock").scalar_pass.applies  # type: ignore[union-attr]
+    replayed = row_sums.replicates(torch.float32) and row_sums.replicates(torch.bfloat16)
+    assert applies({"filter_wise": False}, torch.float32) is replayed
+    assert applies({"filter_wise": False}, torch.bfloat16) is replayed
+    assert not applies({"filter_wise": True}, torch.float32)  # a ratio per row: merged whole
+    assert not applies({"filter_wise": False}, torch.float16)  # sums not replayed: merged whole
+    assert not applies({"filter_wise": False}, torch.float64)
+
+
+def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scalar passes read 50 entries at a time: several chunks per tensor, their edges not the pieces'."""
+    monkeypatch.setattr(slerp, "_CHUNK", 50)
+    monkeypatch.setattr(model_stock, "_CHUNK", 50)
 
 
 @pytest.mark.parametrize("method", [m.name for m in WITH_SCALAR_PASS])
@@ -83,7 +99,7 @@ def test_methods_with_a_scalar_pass_are_slerp() -> None:
 def test_scalar_pass_then_flat_pieces_give_the_whole_merge_bit_for_bit(
         method: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     m = next(x for x in WITH_SCALAR_PASS if x.name == method)
-    monkeypatch.setattr(slerp, "_CHUNK", 50)  # several chunks, none aligned with the pieces below
+    _small_chunks(monkeypatch)
     g = torch.Generator().manual_seed(0)
     base = torch.randn(13, 17, generator=g).to(dtype)
     n = 1 if m.max_models == 1 else 3
@@ -108,7 +124,7 @@ def _same_files(whole: Path, pieces: Path) -> None:
 def _whole_and_streamed(tmp_path: Path, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Merge ``config`` with whole tensors, then in pieces of 37 entries after a scalar pass whose chunks
     (50 entries) cross the pieces' edges: the files must be the same bytes."""
-    monkeypatch.setattr(slerp, "_CHUNK", 50)
+    _small_chunks(monkeypatch)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 1 << 40)
     whole = engine.run_merge(config, tmp_path / "whole", progress=False, hash_inputs=False).out_dir
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)
@@ -142,6 +158,32 @@ def test_slerp_streamed_same_bytes_for_parallel_antiparallel_and_zero_models(
     _whole_and_streamed(tmp_path, config, monkeypatch)
 
 
+@pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "out_dtype": "bfloat16"}, {"dtype": "float16"},
+                                   {"parameters": {"filter_wise": True}}],
+                         ids=["float32", "bf16", "fp16-whole", "filter-wise-whole"])
+@pytest.mark.filterwarnings("ignore:model_stock. interpolation ratio")
+def test_model_stock_streamed_after_its_scalar_pass_same_bytes_as_whole(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]) -> None:
+    base, fts = families["llama"]
+    config = {"merge_method": "model_stock", "base_model": str(base), "models": [{"model": str(p)} for p in fts],
+              **extra}
+    _whole_and_streamed(tmp_path, config, monkeypatch)
+
+
+@pytest.mark.parametrize("models", ["identical", "zero", "opposed"])
+@pytest.mark.filterwarnings("ignore:model_stock. interpolation ratio")
+def test_model_stock_streamed_same_bytes_for_identical_zero_and_opposed_task_vectors(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models: str) -> None:
+    # cos φ = 1 (t = 1), norms 0 (the clamp, cos 0: t = 0), cos φ = −1 (the singular guard at N = 2)
+    base, fts = families["llama"]
+    state, tuned = load_folder(base), load_folder(fts[0])
+    second = {"identical": tuned, "zero": state, "opposed": {k: 2 * v - tuned[k] for k, v in state.items()}}[models]
+    pair = [fts[0] if models != "zero" else save_model_folder(tmp_path / "first", state, base),
+            save_model_folder(tmp_path / "second", second, base)]
+    config = {"merge_method": "model_stock", "base_model": str(base), "models": [{"model": str(p)} for p in pair]}
+    _whole_and_streamed(tmp_path, config, monkeypatch)
+
+
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 @pytest.mark.parametrize("extra", [{}, {"out_dtype": "bfloat16"}], ids=["float32", "bf16-out"])
 def test_streamed_in_pieces_same_bytes_as_whole(families: Families, sharded_family: tuple[Path, list[Path]],
@@ -159,7 +201,7 @@ def test_streamed_in_pieces_same_bytes_as_whole(families: Families, sharded_fami
             assert (whole / f).read_bytes() == (pieces / f).read_bytes(), (arch, f)
 
 
-def test_pieces_bound_every_read_for_elementwise_methods_ties_and_slerp(
+def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_and_model_stock(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, fts = families["llama"]
     largest = max(m.nbytes for m in (open_checkpoint(base).meta(n) for n in open_checkpoint(base).names))
@@ -179,9 +221,14 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_and_slerp(
     assert max(reads) == 64 * 4  # TIES too: its top-k rules are found from pieces first
     reads.clear()
     monkeypatch.setattr(slerp, "_CHUNK", 64)
+    monkeypatch.setattr(model_stock, "_CHUNK", 64)
     _merge(tmp_path, {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
                       "parameters": {"t": 0.4}}, "slerp")
     assert max(reads) == 64 * 4  # SLERP: its scalar pass reads chunks, its merge pieces
+    reads.clear()
+    _merge(tmp_path, {"merge_method": "model_stock", "base_model": str(base),
+                      "models": [{"model": str(p)} for p in fts]}, "model_stock")
+    assert max(reads) == 64 * 4  # Model Stock likewise
     reads.clear()
     _merge(tmp_path, {**_config("dare_ties", base, fts), "parameters": {"density": 0.5}}, "dare_ties")
     assert max(reads) == largest  # DARE's random drop is drawn over the whole tensor

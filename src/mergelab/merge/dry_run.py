@@ -79,7 +79,7 @@ def summarize_merge(config: str | Path | dict[str, Any] | MergeConfig, *, max_sh
         input_bytes = sum(r.meta(n).nbytes for r in plan.readers for n in plan.names if n in r)
         unit = in_meta.nbytes
         after_topk = _streams_with_topk(plan, largest, None)
-        if plan.method.elementwise or after_topk or _streams_with_scalars(plan, largest, None):
+        if plan.method.elementwise or after_topk or _streams_with_scalars(plan, largest, None, cfg.compute_dtype):
             unit = min(unit, _PIECE_ENTRIES * in_meta.dtype.itemsize)
         numel = unit // in_meta.dtype.itemsize
         # (inputs + 2) pieces in flight (reader thread, merge, writer thread) plus float32 work space: one

@@ -7,9 +7,10 @@ pieces of ``_PIECE_ENTRIES`` entries (read a range of every input, merge, write 
 does not grow with the model at all. TIES (per-tensor scope, no rescale) streams too, after a first pass
 over each model's task vector in pieces finds its exact top-k rule (:func:`_topk_rules`): what stays whole
 is one model's 2-byte magnitude keys of the tensor and the sort replay's work space, about 10 bytes per
-entry of the largest tensor. Methods with a scalar pass (SLERP: two norms and a dot product) stream like
-the element-wise ones, after that pass has read the inputs in flat ranges (:func:`_flat_source`): nothing
-of the tensor stays whole. Shards are written tensor by tensor (io.writer), never
+entry of the largest tensor. Methods with a scalar pass (SLERP: two norms and a dot product; Model Stock:
+its task vectors' norms and pairwise dot products, summed in torch's order) stream like the element-wise
+ones, after that pass has read the inputs in flat ranges (:func:`_flat_source`): nothing of the tensor
+stays whole. Shards are written tensor by tensor (io.writer), never
 buffered. Safety: everything goes to a hidden temporary folder beside OUT_DIR, renamed into place only when
 complete; on any error the temporary folder is removed and an existing OUT_DIR is left untouched.
 """
@@ -46,7 +47,7 @@ from mergelab.io.file_hashes import cached_sha256
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.merge.config import MergeConfig, load_config
-from mergelab.merge.core import merge_tensor, prepared, tensor_scalars
+from mergelab.merge.core import FLOAT8_DTYPES, merge_tensor, prepared, tensor_scalars
 from mergelab.merge.extra_files import copy_extra_files, refuse_outside
 from mergelab.merge.install import check_replaces_nothing_owned, exists
 from mergelab.merge.install import install as _install
@@ -428,15 +429,20 @@ def _streams_with_topk(plan: MergePlan, name: str, dev: torch.device | None) -> 
             and (dev is None or dev.type == "cpu") and bool(test(params.params)))
 
 
-def _streams_with_scalars(plan: MergePlan, name: str, dev: torch.device | None) -> bool:
+def _streams_with_scalars(plan: MergePlan, name: str, dev: torch.device | None,
+                          compute_dtype: torch.dtype | None) -> bool:
     """Whether tensor ``name`` is merged in pieces after the method's scalar pass over all of it."""
     scalar_pass = plan.method.scalar_pass
     params = plan.params.get(name)
-    return (scalar_pass is not None and params is not None and (dev is None or dev.type == "cpu")
-            and bool(scalar_pass.applies(params.params)))
+    if scalar_pass is None or params is None or (dev is not None and dev.type != "cpu"):
+        return False
+    stored = plan.reference.meta(name).dtype
+    dtype = compute_dtype or (torch.float32 if stored in FLOAT8_DTYPES else stored)  # as core.prepared makes it
+    return bool(scalar_pass.applies(params.params, dtype))
 
 
-def _pieces(plan: MergePlan, entries: int, dev: torch.device | None = None) -> list[_Piece]:
+def _pieces(plan: MergePlan, entries: int, dev: torch.device | None = None,
+            compute_dtype: torch.dtype | None = None) -> list[_Piece]:
     """Element-wise methods stream tensors larger than ``entries`` in flat pieces: neither the inputs nor
     the result of such a tensor is ever whole in memory, and the small buffers are reused by the allocator
     instead of being faulted in fresh for every tensor (which cost more than the arithmetic). So do the
@@ -447,7 +453,7 @@ def _pieces(plan: MergePlan, entries: int, dev: torch.device | None = None) -> l
         meta = plan.out_metas[name]
         numel = meta.nbytes // meta.dtype.itemsize
         streamed = (plan.method.elementwise or _streams_with_topk(plan, name, dev)
-                    or _streams_with_scalars(plan, name, dev))
+                    or _streams_with_scalars(plan, name, dev, compute_dtype))
         if not streamed or numel <= entries or name in plan.input_models:
             pieces.append(_Piece(name, meta.nbytes))
             continue
@@ -467,7 +473,7 @@ def _flat_source(plan: MergePlan, name: str, compute_dtype: torch.dtype | None) 
     def read(a: int, b: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         base_piece = prepared(base.get_flat(name, a, b), None, compute_dtype) if base is not None else None
         return base_piece, [prepared(r.get_flat(name, a, b), None, compute_dtype) for r in readers]
-    return FlatSource(meta.nbytes // meta.dtype.itemsize, read)
+    return FlatSource(tuple(meta.shape), read)
 
 
 def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, entries: int) -> list[TopK]:
@@ -558,7 +564,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
         return base_t, tensors, found
 
     # an observer sees whole tensors
-    pieces = _pieces(plan, _PIECE_ENTRIES if observer is None else sys.maxsize, dev)
+    pieces = _pieces(plan, _PIECE_ENTRIES if observer is None else sys.maxsize, dev, cfg.compute_dtype)
     first_pass: dict[str, dict[str, Any]] = {}  # top-k rules or scalars of the tensor being streamed
     # Three stages overlap: the reader thread loads and checks piece i+1, this thread merges piece i, the
     # writer thread writes piece i-1. One item per stage keeps memory bounded.

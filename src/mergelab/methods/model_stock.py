@@ -5,50 +5,39 @@ Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 20
 
 from __future__ import annotations
 
+import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, register
+from mergelab.methods import row_sums
+from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, register
 
 # mergekit's guard: where 1 + (N−1) cos φ is this close to zero there is no finite estimate of t, and the
 # base is kept (t = 0) instead of amplifying opposing task vectors without bound.
 SINGULAR = 1e-6
+_CHUNK = 1 << 20  # entries per chunk of the scalar pass (float32 offsets of every model: bounded scratch)
 
 
-def model_stock_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
-                      filter_wise: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``θ = t·θ_avg + (1−t)·θ_0`` with ``t = N cos φ / (1 + (N−1) cos φ)``.
+def _arithmetic_dtype(base: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype or (torch.float64 if base.dtype == torch.float64 else torch.float32)
 
-    ``cos φ`` is the mean pairwise cosine between the task vectors ``θ_i − θ_0`` (per row when
-    ``filter_wise``), as mergekit does for N > 2, in ``dtype`` (mergekit's arithmetic dtype; float32 when
-    None, float64 for float64 inputs). Where ``|1 + (N−1) cos φ| < 1e-6`` the base is kept (mergekit's
-    guard); a ``t`` outside [0, 1] (task vectors at an obtuse mean angle: the merge moves away from the
-    models' average, and |t| grows without bound as cos φ nears −1/(N−1)) is merged as the formula says but
-    warned about. Empty tensors are returned as the base.
-    """
-    if len(tensors) < 2:
-        raise ValueError("model_stock needs a base model and at least two other models")
-    if base.numel() == 0:
-        return base.clone()
-    dtype = dtype or (torch.float64 if base.dtype == torch.float64 else torch.float32)
-    w0 = base.to(dtype)
-    if filter_wise and w0.dim() >= 2:
-        def flat(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(x.shape[0], -1)
-    else:  # one ratio for the tensor (a 1-D or 0-dim tensor is one row, as in mergekit)
-        def flat(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(1, -1)
-    offsets = [flat(t.to(dtype) - w0) for t in tensors]
-    cosines = []
-    for i in range(len(offsets)):
-        for j in range(i + 1, len(offsets)):
-            norms = offsets[i].norm(dim=-1) * offsets[j].norm(dim=-1)
-            cos = (offsets[i] * offsets[j]).sum(dim=-1) / norms.clamp(min=1e-6)
-            cosines.append(cos.clamp(-1, 1))
+
+def _cosine(dot: torch.Tensor, norm_i: torch.Tensor, norm_j: torch.Tensor) -> torch.Tensor:
+    return (dot / (norm_i * norm_j).clamp(min=1e-6)).clamp(-1, 1)
+
+
+def _cosines(offsets: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The cosine of every pair of task vectors (rows of ``offsets``), from torch's norms and sums."""
+    return [_cosine((offsets[i] * offsets[j]).sum(dim=-1), offsets[i].norm(dim=-1), offsets[j].norm(dim=-1))
+            for i in range(len(offsets)) for j in range(i + 1, len(offsets))]
+
+
+def _ratio(cosines: list[torch.Tensor], n: int, shape: Sequence[int]) -> torch.Tensor:
+    """``t`` from the pairwise cosines (one per row), with mergekit's guard; warns where it leaves [0, 1]."""
     cos_phi = torch.stack(cosines).mean(dim=0)
-    n = len(tensors)
     denominator = 1 + (n - 1) * cos_phi
     singular = denominator.abs() < SINGULAR
     ratio = torch.where(singular, torch.zeros_like(cos_phi),
@@ -56,13 +45,98 @@ def model_stock_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     low, high = float(ratio.min()), float(ratio.max())
     if low < 0 or high > 1:
         warnings.warn(f"model_stock: interpolation ratio t = {low:.3g}" + (f"..{high:.3g}" if high != low else "")
-                      + f" is outside [0, 1] for a tensor of shape {list(base.shape)}: its task vectors point in "
+                      + f" is outside [0, 1] for a tensor of shape {list(shape)}: its task vectors point in "
                       "opposing directions (mean cos φ < 0), so the merge moves away from their average and "
                       "|t| grows without bound as cos φ nears −1/(N−1). Check that every model was fine-tuned "
-                      "from this base, or use another method", stacklevel=2)
-    avg = sum(flat(t.to(dtype)) for t in tensors) / n
-    merged = ratio.unsqueeze(-1) * avg + (1 - ratio.unsqueeze(-1)) * flat(w0)
+                      "from this base, or use another method", stacklevel=3)
+    return ratio
+
+
+def model_stock_ratio(source: FlatSource, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The whole-tensor step of :func:`model_stock_merge` (one ratio per tensor, not ``filter_wise``):
+    ``t`` from the base and models read in flat chunks, with the norms and dot products of the task
+    vectors summed as torch sums a whole row on one thread (:mod:`mergelab.methods.row_sums`), so that
+    ``t`` has the bits of the whole-tensor computation. ``dtype`` as in :func:`model_stock_merge`."""
+    chunks = source.chunks(_CHUNK)
+    base, tensors = next(chunks)
+    if len(tensors) < 2:
+        raise ValueError("model_stock needs a base model and at least two other models")
+    assert base is not None  # model_stock requires a base
+    work = _arithmetic_dtype(base, dtype)
+    lanes = row_sums.lanes_for(work)
+    pairs = [(i, j) for i in range(len(tensors)) for j in range(i + 1, len(tensors))]
+    if lanes is None or source.numel < 2 * lanes:  # not replayed: the rows whole, summed by torch itself
+        base, tensors = source.read(0, source.numel)
+        assert base is not None
+        return _ratio(_cosines([_one_row(t.to(work) - base.to(work)) for t in tensors]), len(tensors), source.shape)
+    norm_sums = [row_sums.RowNorm(source.numel, work, lanes) for _ in tensors]
+    dot_sums = [row_sums.RowSum(source.numel, work, lanes) for _ in pairs]
+    for base_chunk, chunk in itertools.chain([(base, tensors)], chunks):
+        assert base_chunk is not None
+        w0 = base_chunk.to(work)
+        offsets = [t.to(work) - w0 for t in chunk]
+        for x, acc in zip(offsets, norm_sums, strict=True):
+            acc.add(x)
+        for (i, j), acc in zip(pairs, dot_sums, strict=True):
+            acc.add(offsets[i] * offsets[j])
+    norms = [acc.result() for acc in norm_sums]
+    cosines = [_cosine(acc.result(), norms[i], norms[j]) for (i, j), acc in zip(pairs, dot_sums, strict=True)]
+    return _ratio(cosines, len(tensors), source.shape)
+
+
+def model_stock_apply(ratio: torch.Tensor, base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
+                      filter_wise: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The element-wise step of :func:`model_stock_merge`: ``t · θ_avg + (1 − t) · θ_0`` per row of
+    ``ratio`` (one row unless ``filter_wise``), rounded to the base's dtype; with one ratio, any flat slice
+    of the inputs gives that slice of the result."""
+    work = _arithmetic_dtype(base, dtype)
+    flat = _rows if filter_wise and base.dim() >= 2 else _one_row
+    avg = sum(flat(t.to(work)) for t in tensors) / len(tensors)
+    merged = ratio.unsqueeze(-1) * avg + (1 - ratio.unsqueeze(-1)) * flat(base.to(work))
     return merged.reshape(base.shape).to(base.dtype)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def _one_row(x: torch.Tensor) -> torch.Tensor:  # one ratio for the tensor (a 1-D or 0-dim tensor: one row)
+    return x.reshape(1, -1)
+
+
+def model_stock_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
+                      filter_wise: bool = False, dtype: torch.dtype | None = None,
+                      scalars: torch.Tensor | None = None) -> torch.Tensor:
+    """``θ = t·θ_avg + (1−t)·θ_0`` with ``t = N cos φ / (1 + (N−1) cos φ)``.
+
+    ``cos φ`` is the mean pairwise cosine between the task vectors ``θ_i − θ_0`` (per row when
+    ``filter_wise``), as mergekit does for N > 2, in ``dtype`` (mergekit's arithmetic dtype; float32 when
+    None, float64 for float64 inputs). Where ``|1 + (N−1) cos φ| < 1e-6`` the base is kept (mergekit's
+    guard); a ``t`` outside [0, 1] (task vectors at an obtuse mean angle: the merge moves away from the
+    models' average, and |t| grows without bound as cos φ nears −1/(N−1)) is merged as the formula says but
+    warned about. Empty tensors are returned as the base. ``scalars``: ``t`` of the whole tensor
+    (:func:`model_stock_ratio`), when ``base`` and ``tensors`` are flat pieces of it (the engine's streamed
+    merge).
+    """
+    if len(tensors) < 2:
+        raise ValueError("model_stock needs a base model and at least two other models")
+    if scalars is not None:
+        return model_stock_apply(scalars, base, tensors, dtype=dtype)
+    if base.numel() == 0:
+        return base.clone()
+    work = _arithmetic_dtype(base, dtype)
+    flat = _rows if filter_wise and base.dim() >= 2 else _one_row
+    w0 = base.to(work)
+    offsets = [flat(t.to(work) - w0) for t in tensors]
+    ratio = _ratio(_cosines(offsets), len(tensors), base.shape)
+    return model_stock_apply(ratio, base, tensors, filter_wise=filter_wise, dtype=dtype)
+
+
+def _streams(params: Mapping[str, Any], dtype: torch.dtype) -> bool:
+    """One ratio per tensor, in an arithmetic dtype whose sums :mod:`~mergelab.methods.row_sums` replays
+    (float32; the config's bfloat16): filter-wise ratios and other dtypes merge whole tensors."""
+    return (not params["filter_wise"] and dtype in row_sums.SUPPORTED
+            and all(row_sums.replicates(d) for d in {torch.float32, dtype}))
 
 
 register(MergeMethod(
@@ -74,4 +148,5 @@ register(MergeMethod(
     paper="Jang et al. 2024, Model Stock (arXiv:2403.19522)",
     formula="θ = t θ_avg + (1−t) θ_0,  t = N cos φ / (1 + (N−1) cos φ)",
     min_models=2,
+    scalar_pass=ScalarPass(model_stock_ratio, applies=_streams),
 ))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import keyword
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -98,16 +99,20 @@ class FlatSource:
     (:attr:`MergeMethod.scalar_pass`) sees a tensor that is never whole in memory. The engine reads ranges
     from the checkpoints; a whole-tensor call slices its tensors (:meth:`of`)."""
 
-    numel: int
+    shape: tuple[int, ...]
     read: Callable[[int, int], tuple[torch.Tensor | None, list[torch.Tensor]]]
     """``read(a, b)``: entries ``[a, b)`` of the flattened base (None without one) and of each model."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     @classmethod
     def of(cls, base: torch.Tensor | None, tensors: Sequence[torch.Tensor]) -> FlatSource:
         flat_base = base.reshape(-1) if base is not None else None
         flat = [t.reshape(-1) for t in tensors]
-        numel = (flat_base if flat_base is not None else flat[0]).numel()
-        return cls(numel, lambda a, b: (flat_base[a:b] if flat_base is not None else None, [t[a:b] for t in flat]))
+        shape = tuple((base if base is not None else tensors[0]).shape)
+        return cls(shape, lambda a, b: (flat_base[a:b] if flat_base is not None else None, [t[a:b] for t in flat]))
 
     def chunks(self, size: int) -> Iterator[tuple[torch.Tensor | None, list[torch.Tensor]]]:
         """The ranges ``[0, size)``, ``[size, 2 size)``... in order: a grid fixed by the method, not by how
@@ -210,7 +215,7 @@ def derive_adapter(method: MergeMethod, function: Callable[..., Any] | None = No
     return adapt
 
 
-def _always(params: Mapping[str, Any]) -> bool:
+def _always(params: Mapping[str, Any], dtype: torch.dtype) -> bool:
     return True
 
 
@@ -222,8 +227,9 @@ class ScalarPass:
     """Takes the tensor's inputs as a :class:`FlatSource` (``source``) and the method's parameters it names;
     returns what the method's function takes as ``scalars``. Its sums run over its own fixed grid of
     chunks, so they add up in the same order however the caller holds the tensor."""
-    applies: Callable[[Mapping[str, Any]], bool] = _always
-    """Given a tensor's resolved global parameters: whether the scalar pass covers that merge."""
+    applies: Callable[[Mapping[str, Any], torch.dtype], bool] = _always
+    """Given a tensor's resolved global parameters and the dtype its inputs reach the method in (the
+    config's ``dtype``, else the checkpoint's): whether the scalar pass covers that merge."""
 
 
 @dataclass(frozen=True)
