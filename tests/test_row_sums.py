@@ -9,7 +9,7 @@ import torch
 
 from mergelab.merge.core import one_thread
 from mergelab.methods import row_sums
-from mergelab.methods.row_sums import RowNorm, RowSum
+from mergelab.methods.row_sums import RowNorms, RowSums
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -46,14 +46,14 @@ def test_row_sum_and_norm_fed_in_pieces_equal_torch_bit_for_bit(lanes: int, dtyp
             continue  # 7-entry pieces: the short rows are enough, the long ones would take seconds
         x = (torch.randn(n, generator=g) * 0.02).to(dtype)
         product = x * (torch.randn(n, generator=g) * 0.02).to(dtype)  # a dot product's terms, rounded to dtype
-        total, dot, norm = RowSum(n, dtype, lanes), RowSum(n, dtype, lanes), RowNorm(n, dtype, lanes)
+        sums, norms = RowSums(2, n, dtype, lanes), RowNorms(2, n, dtype, lanes)  # two rows side by side
         for a in range(0, n, piece):
-            total.add(x[a:a + piece])
-            dot.add(product[a:a + piece])
-            norm.add(x[a:a + piece])
+            sums.add([x[a:a + piece], product[a:a + piece]])
+            norms.add([x[a:a + piece], product[a:a + piece]])
         with one_thread():
-            expected = [x.reshape(1, -1).sum(dim=-1), product.reshape(1, -1).sum(dim=-1), x.reshape(1, -1).norm(dim=-1)]
-        for got, want in zip((total.result(), dot.result(), norm.result()), expected, strict=True):
+            expected = [x.reshape(1, -1).sum(dim=-1), product.reshape(1, -1).sum(dim=-1),
+                        x.reshape(1, -1).norm(dim=-1), product.reshape(1, -1).norm(dim=-1)]
+        for got, want in zip([*sums.results(), *norms.results()], expected, strict=True):
             assert got.dtype == want.dtype and got.shape == want.shape
             assert torch.equal(_bits(got), _bits(want)), (n, piece, got.item(), want.item())
 
@@ -63,25 +63,25 @@ def test_a_row_longer_than_16_mi_entries_sums_with_the_wider_cascade(lanes: int)
     # beyond 2^19 steps (16.8 M entries at 8 lanes) each cascade level adds 32 sums instead of 16
     n = (1 << 24) + (1 << 20) + 3
     x = torch.randn(n, generator=torch.Generator().manual_seed(1))
-    total, norm = RowSum(n, torch.float32, lanes), RowNorm(n, torch.float32, lanes)
+    total, norm = RowSums(1, n, torch.float32, lanes), RowNorms(1, n, torch.float32, lanes)
     for a in range(0, n, 1 << 20):
-        total.add(x[a:a + (1 << 20)])
-        norm.add(x[a:a + (1 << 20)])
+        total.add([x[a:a + (1 << 20)]])
+        norm.add([x[a:a + (1 << 20)]])
     with one_thread():
-        assert torch.equal(total.result(), x.reshape(1, -1).sum(dim=-1))
-        assert torch.equal(norm.result(), x.reshape(1, -1).norm(dim=-1))
+        assert torch.equal(total.results()[0], x.reshape(1, -1).sum(dim=-1))
+        assert torch.equal(norm.results()[0], x.reshape(1, -1).norm(dim=-1))
 
 
 def test_rows_shorter_than_two_vectors_and_other_dtypes_are_refused() -> None:
     with pytest.raises(ValueError, match="not replayed"):
-        RowSum(15, torch.float32, 8)
+        RowSums(1, 15, torch.float32, 8)
     with pytest.raises(ValueError, match="not replayed"):
-        RowNorm(100, torch.float16, 8)
+        RowNorms(1, 100, torch.float16, 8)
     assert row_sums.lanes_for(torch.float64) is None
 
 
 def test_result_before_every_entry_was_fed_is_refused() -> None:
-    total = RowSum(100, torch.float32, 8)
-    total.add(torch.ones(60))
+    total = RowSums(1, 100, torch.float32, 8)
+    total.add([torch.ones(60)])
     with pytest.raises(ValueError, match="fed 60 of 100"):
-        total.result()
+        total.results()

@@ -69,18 +69,16 @@ def model_stock_ratio(source: FlatSource, *, dtype: torch.dtype | None = None) -
         base, tensors = source.read(0, source.numel)
         assert base is not None
         return _ratio(_cosines([_one_row(t.to(work) - base.to(work)) for t in tensors]), len(tensors), source.shape)
-    norm_sums = [row_sums.RowNorm(source.numel, work, lanes) for _ in tensors]
-    dot_sums = [row_sums.RowSum(source.numel, work, lanes) for _ in pairs]
+    norm_sums = row_sums.RowNorms(len(tensors), source.numel, work, lanes)
+    dot_sums = row_sums.RowSums(len(pairs), source.numel, work, lanes)
     for base_chunk, chunk in itertools.chain([(base, tensors)], chunks):
         assert base_chunk is not None
         w0 = base_chunk.to(work)
         offsets = [t.to(work) - w0 for t in chunk]
-        for x, acc in zip(offsets, norm_sums, strict=True):
-            acc.add(x)
-        for (i, j), acc in zip(pairs, dot_sums, strict=True):
-            acc.add(offsets[i] * offsets[j])
-    norms = [acc.result() for acc in norm_sums]
-    cosines = [_cosine(acc.result(), norms[i], norms[j]) for (i, j), acc in zip(pairs, dot_sums, strict=True)]
+        norm_sums.add(offsets)
+        dot_sums.add([offsets[i] * offsets[j] for i, j in pairs])
+    norms = norm_sums.results()
+    cosines = [_cosine(dot, norms[i], norms[j]) for (i, j), dot in zip(pairs, dot_sums.results(), strict=True)]
     return _ratio(cosines, len(tensors), source.shape)
 
 

@@ -32,15 +32,26 @@ def slerp_coefficients(t: float, source: FlatSource, *, dot_threshold: float = 0
             dtype = _work_dtype(v0)
             yield v0.reshape(1, -1).to(dtype), v1.reshape(1, -1).to(dtype)
 
+    # Each chunk's norm and dot product is kept as a Python number, and the stack of the chunks' [1, 1]
+    # results is made at the end: small tensors allocated between two chunks' large buffers and kept pin
+    # the heap there (the pass over a 32.8 M-entry tensor grew the RSS by 229 MiB).
+    work = torch.float32
+    parts_a, parts_b = [], []
+    for a, b in pairs():
+        work = a.dtype
+        parts_a.append(float(torch.linalg.vector_norm(a, dim=1, keepdim=True)))
+        parts_b.append(float(torch.linalg.vector_norm(b, dim=1, keepdim=True)))
+
+    def stacked(values: list[float]) -> torch.Tensor:  # torch.stack of the chunks' [1, 1] results
+        return torch.tensor(values, dtype=work).reshape(-1, 1, 1)
+
     # the norm of the chunks' norms, normalised before the product (no overflow of a raw dot)
-    parts = [(torch.linalg.vector_norm(a, dim=1, keepdim=True), torch.linalg.vector_norm(b, dim=1, keepdim=True))
-             for a, b in pairs()]
-    norm_a = torch.linalg.vector_norm(torch.stack([p[0] for p in parts]), dim=0)
-    norm_b = torch.linalg.vector_norm(torch.stack([p[1] for p in parts]), dim=0)
+    norm_a = torch.linalg.vector_norm(stacked(parts_a), dim=0)
+    norm_b = torch.linalg.vector_norm(stacked(parts_b), dim=0)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = torch.stack([(a / norm_a * (b / norm_b)).sum(dim=1, keepdim=True)
-                       for a, b in pairs()]).sum(dim=0).clamp(-1, 1)
+    dot = stacked([float((a / norm_a * (b / norm_b)).sum(dim=1, keepdim=True)) for a, b in pairs()])
+    dot = dot.sum(dim=0).clamp(-1, 1)
     t_ = torch.tensor([[t]], dtype=dot.dtype)
     linear = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(linear, 0, dot))
