@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from mergelab.merge.core import one_thread
 from mergelab.methods import dare_merge, get_method, task_arithmetic_merge, ties_merge
 from mergelab.methods.dare import dare_sparsifier
 from mergelab.methods.registry import TensorInputs
@@ -135,3 +136,62 @@ def test_same_seed_same_merge_on_cuda() -> None:
     cpu = dare_merge(BASE, MODELS, W, [0.3] * 3, seed=7, consensus="sum")
     gpu = dare_merge(BASE.cuda(), [m.cuda() for m in MODELS], W, [0.3] * 3, seed=7, consensus="sum")
     assert_close(gpu.cpu(), cpu)
+
+
+# --- the fused path (random masks, then the chunk-wise arithmetic) against the sparsifier's two passes ----
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _two_pass(base: torch.Tensor, tuned: list[torch.Tensor], weights: list[float], densities: list[float],
+              **kw: object) -> torch.Tensor:
+    from mergelab.methods.task_vectors import generalized_task_arithmetic
+
+    keys = ("consensus", "normalize", "lambda_", "dtype")
+    sparsify = dare_sparsifier(densities, int(kw.pop("seed")), rescale=bool(kw.pop("rescale")),  # type: ignore[call-overload]
+                               rescale_mode=str(kw.pop("rescale_mode")))
+    assert set(kw) <= set(keys)
+    return generalized_task_arithmetic(base, tuned, weights, sparsify=sparsify, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("models", [2, 3])
+def test_fused_path_equals_the_sparsifier_two_passes_bit_for_bit(dtype: torch.dtype, models: int) -> None:
+    # 70,001 entries: three chunks of the fused loop, the last one partial; exact and signed zeros; a
+    # negative weight; densities that keep all (1), none (0) and a few (0.05)
+    g = torch.Generator().manual_seed(models)
+    base32 = torch.randn(70_001, generator=g) * 0.02
+    tuned = [(base32 + torch.randn(70_001, generator=g) * 1e-3).to(dtype) for _ in range(models)]
+    base = base32.to(dtype)
+    tuned[0][::13] = base[::13]
+    base[::29] = -0.0
+    weights = [0.5, -0.3, 1.2][:models]
+    for densities in ([0.3, 0.6, 0.05][:models], [1.0, 0.0, 0.5][:models]):
+        for consensus, normalize, lambda_, rescale in (("sum", True, 1.0, True), ("sum", False, 0.7, True),
+                                                        ("count", True, 1.0, True), ("sum", False, 1.0, False),
+                                                        (None, False, 1.0, True), (None, True, 0.7, False)):
+            for compute in ({dtype, None} if dtype != torch.float64 else {None}):
+                kw = {"consensus": consensus, "normalize": normalize, "lambda_": lambda_, "dtype": compute,
+                      "seed": 5, "rescale": rescale, "rescale_mode": "density"}
+                with one_thread():  # as the engine merges (two threads on busy cores: ~40× slower)
+                    fused = dare_merge(base, tuned, weights, densities, **kw)  # type: ignore[arg-type]
+                    expected = _two_pass(base, tuned, weights, densities, **kw)
+                assert torch.equal(_bits(fused), _bits(expected)), (densities, consensus, normalize, rescale, compute)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_path_keeps_the_formula_where_values_overflow_or_are_not_finite(dtype: torch.dtype) -> None:
+    # huge task vectors (÷ p makes them overflow) and an inf / NaN entry take the float comparisons' path
+    g = torch.Generator().manual_seed(9)
+    base = (torch.randn(40_000, generator=g) * 0.02).to(dtype)
+    tuned = [(base.float() + torch.randn(40_000, generator=g) * 1e-3).to(dtype) for _ in range(2)]
+    tuned[0][:100] = torch.finfo(dtype).max / 2
+    tuned[1][200] = float("inf")
+    for values in (tuned, [tuned[0], torch.where(torch.arange(40_000) == 300, float("nan"), tuned[1]).to(dtype)]):
+        kw = {"consensus": "sum", "normalize": True, "lambda_": 1.0, "dtype": dtype, "seed": 2, "rescale": True,
+              "rescale_mode": "density"}
+        with one_thread():
+            fused = dare_merge(base, values, [1.0, 1.0], [0.3, 0.3], **kw)  # type: ignore[arg-type]
+            expected = _two_pass(base, values, [1.0, 1.0], [0.3, 0.3], **kw)
+        assert torch.equal(_bits(fused), _bits(expected))

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from mergelab.methods.sparsify import match_l1
+from mergelab.methods.sparsify import drop_work_dtype, match_l1
 from mergelab.methods.weighting import weight_sum
 
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
@@ -67,6 +67,7 @@ def generalized_task_arithmetic(
     *,
     sparsify: Sparsifier | None = None,
     keep: Masker | None = None,
+    divide_kept: Sequence[float] | None = None,
     rescale: bool = False,
     consensus: Consensus | None = None,
     normalize: bool = False,
@@ -77,12 +78,16 @@ def generalized_task_arithmetic(
 
     ``keep`` (instead of ``sparsify``) is the same as ``sparsify=lambda i, d: d.masked_fill_(~keep(i, d), 0)``
     with the same result bit for bit, computed with less memory and CPU where there is a consensus.
+    ``divide_kept`` (with ``keep``; DARE's rescale): model ``i``'s kept entries are then divided by
+    ``divide_kept[i]``, in :func:`~mergelab.methods.sparsify.drop_work_dtype` as DARE's sparsifier does.
     ``rescale`` (with ``keep``; mergekit's option): each kept task vector is scaled back to its L1 norm
     before the mask (:func:`~mergelab.methods.sparsify.match_l1`), which needs whole task vectors, so the
     fused path is not taken.
     """
     if sparsify is not None and keep is not None:
         raise ValueError("give sparsify or keep, not both")
+    if divide_kept is not None and (keep is None or rescale):
+        raise ValueError("divide_kept applies to a keep mask without rescale")
     if rescale and keep is None:
         raise ValueError("rescale applies to a keep mask")
     if len(tensors) != len(weights):
@@ -92,12 +97,13 @@ def generalized_task_arithmetic(
     dtype = arithmetic_dtype(base, dtype)
     acc = accumulator_dtype(dtype)
     weights = [rounded(w, dtype) for w in weights]
+    divisors = list(divide_kept) if divide_kept is not None else [1.0] * len(tensors)
     if keep is not None and consensus is not None and not rescale:
-        return _masked_consensus(base, tensors, weights, keep, consensus, normalize, lambda_, dtype)
+        return _masked_consensus(base, tensors, weights, keep, divisors, consensus, normalize, lambda_, dtype)
     if keep is not None:
         def sparsify(i: int, delta: torch.Tensor, keep: Masker = keep) -> torch.Tensor:
             before = delta.abs().sum() if rescale else None
-            kept = delta.masked_fill_(~keep(i, delta), 0)
+            kept = _divided(delta.masked_fill_(~keep(i, delta), 0), divisors[i])
             return match_l1(kept, before) if before is not None else kept
 
     def weighted_delta(i: int) -> torch.Tensor:
@@ -136,6 +142,14 @@ def generalized_task_arithmetic(
     if lambda_ != 1:
         mixed *= lambda_
     return mixed.add_(base.to(dtype)).to(base.dtype)
+
+
+def _divided(delta: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``delta / divisor`` in place, computed in DARE's working dtype (float32 for float16) and rounded back."""
+    if divisor == 1:
+        return delta
+    work = delta.to(drop_work_dtype(delta.dtype)).div_(divisor)
+    return work if work.dtype == delta.dtype else delta.copy_(work)
 
 
 def task_vector(tensor: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -206,8 +220,8 @@ _BITS = {torch.bfloat16: (torch.int16, 0x3F80), torch.float16: (torch.int16, 0x3
 
 
 def _masked_consensus(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
-                      keep: Masker, consensus: Consensus, normalize: bool, lambda_: float,
-                      dtype: torch.dtype) -> torch.Tensor:
+                      keep: Masker, divisors: Sequence[float], consensus: Consensus, normalize: bool,
+                      lambda_: float, dtype: torch.dtype) -> torch.Tensor:
     """The consensus merge of :func:`generalized_task_arithmetic` where sparsification is a mask.
 
     The masks need each whole task vector (a top-k is over the tensor); everything after them is
@@ -216,21 +230,23 @@ def _masked_consensus(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
     with one mask (a byte per entry) per model held instead of compact deltas and a float32 vote, and
     every temporary small enough to stay in cache (the two-pass form streamed about 20 tensor-sized
     temporaries through memory). A dropped entry is +0 here where it may be -0 there, which no result can
-    see: every sum starts at +0 and zeros never agree with a sign.
+    see: every sum starts at +0 and zeros never agree with a sign. Kept entries are divided by
+    ``divisors[i]`` before the weight, as DARE's rescale does (:func:`_divided`).
     """
     n = base.numel()
     masks, bound = [], 0.0
     for i, w in enumerate(weights):
         delta = task_vector(tensors[i], base, dtype)
         masks.append(keep(i, delta).reshape(-1).to(torch.int8).neg_())  # -1 (all bits) kept, 0 dropped
-        bound += float(delta.abs().max()) * abs(w) if n else 0.0
+        bound += float(delta.abs().max()) / divisors[i] * abs(w) if n else 0.0
         del delta
     bits = _BITS.get(dtype)
     same = all(t.dtype == dtype for t in (base, *tensors))
     # the bit tests read signs and zeros off the patterns, which NaN would fool: only where no weighted
     # task vector nor any sum of them can overflow (bound: Σ_i w_i max|δ_i| far below the dtype's max)
     if bits is None or not same or not math.isfinite(bound) or bound >= torch.finfo(dtype).max / 4:
-        return _masked_consensus_float(base, tensors, weights, masks, consensus, normalize, lambda_, dtype)
+        return _masked_consensus_float(base, tensors, weights, masks, divisors, consensus, normalize, lambda_,
+                                       dtype)
     int_dtype, one = bits
     shift = torch.iinfo(int_dtype).bits - 1
     mag = torch.iinfo(int_dtype).max
@@ -243,8 +259,8 @@ def _masked_consensus(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
         b = min(n, a + step)
         base_chunk = base_flat[a:b]
         # weighted task vectors, dropped entries zeroed, as integer bit patterns
-        wds = [torch.sub(flat[a:b], base_chunk).mul_(w).view(int_dtype).bitwise_and_(mask[a:b])
-               for flat, w, mask in zip(flats, weights, masks, strict=True)]
+        wds = [_divided(torch.sub(flat[a:b], base_chunk), divisor).mul_(w).view(int_dtype).bitwise_and_(mask[a:b])
+               for flat, w, mask, divisor in zip(flats, weights, masks, divisors, strict=True)]
         if consensus == "sum" and len(wds) == 2:
             # one addition in the dtype is the float32 sum rounded once, as the accumulator gives it
             vote = (wds[0].view(dtype) + wds[1].view(dtype)).view(int_dtype)
@@ -277,8 +293,8 @@ def _masked_consensus(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
 
 
 def _masked_consensus_float(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
-                            masks: list[torch.Tensor], consensus: Consensus, normalize: bool, lambda_: float,
-                            dtype: torch.dtype) -> torch.Tensor:
+                            masks: list[torch.Tensor], divisors: Sequence[float], consensus: Consensus,
+                            normalize: bool, lambda_: float, dtype: torch.dtype) -> torch.Tensor:
     """:func:`_masked_consensus`'s chunks with float comparisons: any dtype, any values (NaN, overflow)."""
     n = base.numel()
     acc_dtype = accumulator_dtype(dtype)
@@ -291,7 +307,8 @@ def _masked_consensus_float(base: torch.Tensor, tensors: Sequence[torch.Tensor],
         elected = torch.zeros(b - a, dtype=acc_dtype, device=base.device)
         wds = []
         for i, w in enumerate(weights):
-            wd = task_vector(flats[i][a:b], base_flat[a:b], dtype).masked_fill_(masks[i][a:b] == 0, 0).mul_(w)
+            wd = _divided(task_vector(flats[i][a:b], base_flat[a:b], dtype).masked_fill_(masks[i][a:b] == 0, 0),
+                          divisors[i]).mul_(w)
             elected += wd if consensus == "sum" else wd.sign()
             wds.append(wd)
         positive = elected.to(dtype) >= 0
