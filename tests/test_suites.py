@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mergelab.zoo.data import stratified_splits
+from mergelab.zoo.data import load_dataset, stratified_splits
 from mergelab.zoo.primitives import shift_augment
 from mergelab.zoo.task_suite import FinetuneRecipe
 from mergelab.zoo.text_suite import (
@@ -70,6 +71,50 @@ def test_vision_task_transforms(tiny_vision: VisionSuite) -> None:
     parity = VISION_TASKS["mnist-parity"]
     assert parity.labels is not None and parity.classes == 2
     assert torch.equal(parity.labels(torch.arange(10)), torch.tensor([0, 1] * 5))
+
+
+def test_benchmark_label_tasks_map_classes_as_documented() -> None:
+    from mergelab.zoo.data import ANIMAL_CLASSES
+    from mergelab.zoo.vision_suite import ANIMAL_SUPER_CLASS, BENCHMARK_TASKS
+
+    mod3, superclass = VISION_TASKS["mnist-mod3-flip"], VISION_TASKS["animal-super-rot90"]
+    assert mod3.labels is not None and mod3.classes == 3
+    assert torch.equal(mod3.labels(torch.arange(10)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0]))
+    groups = {name: int(ANIMAL_SUPER_CLASS[i]) for i, name in enumerate(ANIMAL_CLASSES)}
+    assert groups["cat"] == groups["dog"] != groups["cow"] == groups["horse"] == groups["sheep"]
+    assert groups["elephant"] == groups["giraffe"] == groups["zebra"] != groups["bear"] == groups["bird"]
+    assert len(set(groups.values())) == superclass.classes == 4
+    assert len(BENCHMARK_TASKS) >= 8 and set(BENCHMARK_TASKS) <= set(VISION_TASKS)
+    x = torch.arange(4.0).reshape(1, 1, 2, 2)
+    assert torch.equal(VISION_TASKS["mnist-transpose"].inputs(x), x.transpose(2, 3))  # type: ignore[misc]
+
+
+def test_source_heads_see_the_task_labels_on_untransformed_images(tmp_path: Path) -> None:
+    cfg = VisionConfig(tasks=("animal-flip", "animal-super-rot90", "digits-negative"), n_train=30,
+                       source_heads=True)
+    suite = VisionSuite(cfg, cache=tmp_path, show_progress=False)
+    flip, superclass, digits = (suite.probe_data(suite.task(t)) for t in cfg.tasks)
+    assert torch.equal(torch.flip(flip.x, dims=(2,)), suite.data("animal-flip", "train").x)  # same images, upright
+    assert torch.equal(flip.y, suite.data("animal-flip", "train").y)
+    assert int(superclass.y.max()) == 3 and torch.equal(superclass.y, suite.data("animal-super-rot90", "train").y)
+    assert torch.equal(-digits.x, suite.data("digits-negative", "train").x)  # upsampled, not negated
+    plain = VisionSuite(dataclasses.replace(cfg, source_heads=False), cache=tmp_path, show_progress=False)
+    assert torch.equal(plain.probe_data(plain.task("animal-flip")).x, plain.data("animal-flip", "train").x)
+    assert suite.cache_key(suite.task("animal-flip")) != plain.cache_key(plain.task("animal-flip"))
+
+
+def test_union_pretraining_gives_each_dataset_its_own_classes(tmp_path: Path) -> None:
+    cfg = VisionConfig(tasks=("digits",), dim=16, depth=1, heads=2, pretrain_datasets=("animal-mnist", "digits"),
+                       pretrain_seed=7)
+    suite = VisionSuite(cfg, seed=2, cache=tmp_path, show_progress=False)
+    x, y, classes = suite._pretrain_split("val")
+    assert classes == 20 and x.shape[1:] == (1, 28, 28)  # digits upsampled from 8×8 to join the batch
+    animals = len(load_dataset("animal-mnist", "val"))
+    assert int(y[:animals].max()) <= 9 and int(y[animals:].min()) >= 10
+    # the benchmark fixes the pretraining seed: other fine-tuning seeds share one pretrained encoder
+    other = VisionSuite(cfg, seed=3, cache=tmp_path, show_progress=False)
+    assert suite._pretrain_key() == other._pretrain_key() and suite.pretrain_seed == 7
+    assert suite.cache_key(suite.tasks[0]) != other.cache_key(other.tasks[0])
 
 
 def test_vision_suite_end_to_end(tiny_vision: VisionSuite) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch.testing import assert_close
 
 from mergelab.methods import cart_merge
 from mergelab.studies.task_vectors import Plan, make_suite, run, run_suite
-from mergelab.studies.task_vectors.bench import CartSweep
+from mergelab.studies.task_vectors.bench import CartSweep, MergeBench, _beyond, qkv_group
 from mergelab.zoo.task_suite import FinetuneRecipe, Task, TaskData, TaskSuite
 
 
@@ -35,6 +36,37 @@ def test_cart_sweep_matches_cart_merge(ratio: float, lam: float) -> None:
     assert merged["steps"] is states[0]["steps"]  # non-float tensors pass through
 
 
+def test_qkv_group_names_the_attention_layer_of_query_key_value_weights() -> None:
+    assert qkv_group("blocks.3.q.weight") == qkv_group("blocks.3.v.weight") == "blocks.3.qkv"
+    assert qkv_group("encoder.layer.0.attention.self.key.weight") == "encoder.layer.0.attention.self.qkv"
+    for other in ("blocks.3.q.bias", "blocks.3.o.weight", "blocks.3.fc1.weight", "q.weight"):
+        assert qkv_group(other) is None
+
+
+def test_fused_qkv_cart_spends_one_rank_budget_on_the_stacked_matrix() -> None:
+    g = torch.Generator().manual_seed(1)
+    states = [{"b.q.weight": torch.randn(4, 6, generator=g), "b.k.weight": torch.randn(4, 6, generator=g),
+               "b.v.weight": torch.randn(4, 6, generator=g), "b.o.weight": torch.randn(4, 6, generator=g)}
+              for _ in range(3)]
+    fused = CartSweep(states, qkv_group).merge(1 / 3, 1.5)  # rank round(6 / 3) = 2 of the 12 × 6 stack
+    stacked = [torch.cat([s["b.k.weight"], s["b.q.weight"], s["b.v.weight"]]) for s in states]  # name order
+    expected = cart_merge(stacked, rank_ratio=1 / 3, lambda_=1.5)
+    assert_close(torch.cat([fused["b.k.weight"], fused["b.q.weight"], fused["b.v.weight"]]), expected,
+                 atol=1e-5, rtol=1e-5)
+    separate = CartSweep(states).merge(1 / 3, 1.5)
+    assert_close(fused["b.o.weight"], separate["b.o.weight"])  # not attention q/k/v: merged on its own
+    assert not torch.allclose(fused["b.q.weight"], separate["b.q.weight"])  # one budget for three differs
+
+
+def test_grid_extension_steps_geometrically_past_the_chosen_end() -> None:
+    assert _beyond([0.1, 0.2, 0.4], 0.4, 0.01, 20.0) == 0.8
+    assert _beyond([0.1, 0.2, 0.4], 0.1, 0.01, 20.0) == 0.05
+    assert _beyond([0.1, 0.2, 0.4], 0.2, 0.01, 20.0) is None  # inside: nothing to extend
+    assert _beyond([1.0], 1.0, 0.01, 20.0) == 2.0  # one value: doubled
+    assert _beyond([0.5, 0.9], 0.9, 0.005, 0.9) is None  # at its limit already
+    assert _beyond([0.3, 0.6], 0.6, 0.005, 0.9) == 0.9  # clipped to the limit
+
+
 # ---- a tiny suite: an MLP encoder on Gaussian blobs, three tasks with different label rules -------------------
 class _Encoder(nn.Module):
     def __init__(self) -> None:
@@ -51,10 +83,10 @@ class TinySuite(TaskSuite):
     feature_dim = 8
     RULES: ClassVar[dict[str, tuple[int, ...]]] = {"sum": (0, 1), "first": (0,), "last": (5,)}
 
-    def __init__(self, cache: Path, steps: int = 20) -> None:
+    def __init__(self, cache: Path, steps: int = 20, seed: int = 3) -> None:
         tasks = tuple(Task(n, 2, f"sign of x[{cols}]") for n, cols in self.RULES.items())
         super().__init__(tasks, FinetuneRecipe(steps=steps, batch_size=16, lr=1e-2, probe_steps=50),
-                         seed=3, cache=cache, show_progress=False)
+                         seed=seed, cache=cache, show_progress=False)
 
     def build_encoder(self) -> nn.Module:
         torch.manual_seed(123)  # the "pretrained" weights: a fixed random MLP
@@ -84,6 +116,23 @@ def test_tiny_suite_caches_fine_tunes(tmp_path: Path) -> None:
     assert TinySuite(tmp_path, steps=21).cache_key(task) != first["sum"].cache_key  # the recipe is in the key
 
 
+def test_selection_extends_a_grid_until_its_optimum_is_inside(tmp_path: Path) -> None:
+    bench = MergeBench(TinySuite(tmp_path))
+    tasks = bench.tasks
+    best = bench.select("task_arithmetic", tasks, [{"lambda": 0.3}, {"lambda": 0.6}], {"lambda": (0.01, 20.0)})
+    tried = sorted(p["lambda"] for p, _ in best.trace)
+    assert len(tried) > 2 and tried[0] < best.params["lambda"] < tried[-1]
+    assert best.interior == {"lambda": True}
+    scores = dict((p["lambda"], v) for p, v in best.trace)
+    assert scores[best.params["lambda"]] == max(scores.values())
+    # a limit at the grid's end stops the extension; the selection says the optimum may lie beyond it
+    capped = bench.select("task_arithmetic", tasks, [{"lambda": 0.01}, {"lambda": 0.02}], {"lambda": (0.01, 0.02)})
+    assert sorted(p["lambda"] for p, _ in capped.trace) == [0.01, 0.02]
+    assert capped.interior == {"lambda": False}
+    plain = bench.select("task_arithmetic", tasks, [{"lambda": 0.3}])  # no bracket: the grid as given
+    assert [p for p, _ in plain.trace] == [{"lambda": 0.3}] and plain.interior == {}
+
+
 def test_study_smoke_on_tiny_suite(tmp_path: Path) -> None:
     plan = Plan(ta_lambdas=(0.3, 1.0), ties_lambdas=(1.0,), dare_lambdas=(1.0,), cart_ranks=(0.25, 0.5),
                 cart_lambdas=(1.0, 2.0), interference_ratios=(0.25, 0.5, 1.0), scaling_subsets=1,
@@ -98,7 +147,8 @@ def test_study_smoke_on_tiny_suite(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     names = [r["method"] for r in rows]
     for label in ("individual fine-tuned", "pretrained (probe heads)", "weight averaging", "task arithmetic",
-                  "TIES", "DARE-TIES", "Model Stock", "Fisher", "RegMean", "CART", "logit ensemble (reference)"):
+                  "TIES", "DARE-TIES", "Model Stock", "Fisher", "RegMean", "CART", "CART, fused q/k/v", "TSV-M",
+                  "Iso-C", "Iso-CTS", "logit ensemble (reference)"):
         assert label in names
     individual = next(r for r in rows if r["method"] == "individual fine-tuned")
     assert float(individual["test norm. acc (%)"]) == pytest.approx(100.0)
@@ -114,7 +164,7 @@ def test_study_smoke_on_tiny_suite(tmp_path: Path) -> None:
     # ratios 0 and 1 are weight averaging for every λ
     ends = {round(float(r["val_norm_acc"]), 9) for r in sweep if float(r["rank_ratio"]) in (0.0, 1.0)}
     assert len(ends) == 1
-    for stem in ("tasks", "methods", "per_task_accuracy", "cart_sweep", "interference", "scaling_summary"):
+    for stem in ("tasks", "regime", "methods", "per_task_accuracy", "cart_sweep", "interference", "scaling_summary"):
         assert (out / f"{stem}.md").exists()
     # CART vs each baseline: a paired bootstrap over every task's test examples, centred on the table's gap
     md = (out / "report.md").read_text()
@@ -124,6 +174,44 @@ def test_study_smoke_on_tiny_suite(tmp_path: Path) -> None:
         assert "paired bootstrap CI over" in line
         point = float(re.search(r"difference ([+-]\d+\.\d)", line).group(1))  # type: ignore[union-attr]
         assert point == pytest.approx(norm["CART"] - norm[label], abs=0.051)
+
+
+def test_study_over_seeds_averages_them_and_gates_verdicts_on_the_regime(tmp_path: Path) -> None:
+    plan = Plan(ta_lambdas=(0.3, 1.0), ties_lambdas=(1.0,), dare_lambdas=(1.0,), cart_ranks=(0.25,),
+                cart_lambdas=(1.0,), svd_lambdas=(1.0,), interference_ratios=(0.5, 1.0), scaling_ts=(3,),
+                fisher_examples=8, gram_examples=32, n_seeds=2, parallel_seeds=2)
+    suites = [TinySuite(tmp_path / "cache", seed=s) for s in (3, 4)]
+    report = run_suite(tmp_path / "out", suites, plan, quick=True)
+    out = report.parent
+    # seeds evaluated in two threads give the numbers of one after the other
+    serial = run_suite(tmp_path / "serial", [TinySuite(tmp_path / "cache", seed=s) for s in (3, 4)],
+                       dataclasses.replace(plan, parallel_seeds=1), quick=True).parent
+    for table in ("methods", "cart_sweep", "interference", "scaling", "regime"):
+        assert (out / f"{table}.csv").read_text() == (serial / f"{table}.csv").read_text()
+    record = json.loads((out / "mergelab.json").read_text())
+    assert set(record["selected_per_seed"]) == {"3", "4"}
+    with (out / "regime.csv").open() as f:
+        regime = {r["check"]: r for r in csv.DictReader(f)}
+    gating = [r for r in regime.values() if r["result"] != "information"]
+    assert len(gating) == 3 and len(regime) == 5
+    assert record["in_regime"] == all(r["result"] == "passed" for r in gating)
+    md = (out / "report.md").read_text()
+    line = next(x for x in md.splitlines() if "CART beats task arithmetic" in x)
+    assert ("outside the papers' regime" in line) != record["in_regime"]
+    assert "and 2 seeds" in line  # the CI resamples seeds as well as examples
+    with (out / "methods.csv").open() as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    # the table's mean is the mean of the two seeds' own normalised accuracies
+    benches = [MergeBench(s) for s in suites]
+    ta = [b.mean_normalised(b.score("task_arithmetic", b.tasks, record["selected_per_seed"][str(s.seed)]
+                                    ["task_arithmetic"], "test"), "test") for b, s in zip(benches, suites)]
+    assert float(rows["task arithmetic"]["test norm. acc (%)"]) == pytest.approx(sum(ta) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="same tasks"):
+        run_suite(tmp_path / "bad", [TinySuite(tmp_path / "cache"), _OtherTasks(tmp_path / "cache")], plan)
+
+
+class _OtherTasks(TinySuite):
+    RULES: ClassVar[dict[str, tuple[int, ...]]] = {"sum": (0, 1)}
 
 
 def test_unknown_suite_is_an_error(tmp_path: Path) -> None:
@@ -146,27 +234,39 @@ def test_make_suite_quick_is_smaller_and_lazy() -> None:
         assert not quick_suite._data
 
 
-def test_verdicts_follow_the_numbers() -> None:
+def test_verdicts_follow_the_numbers_and_the_regime_gates_them() -> None:
     from mergelab.analysis.interference import CurvePoint
-    from mergelab.studies.task_vectors.study import _verdicts
+    from mergelab.studies.task_vectors.study import OUTSIDE, _verdicts
     from mergelab.studies.verdict import NO_DIFFERENCE, Difference
 
     def point(centred: bool, ratio: float, value: float) -> CurvePoint:
         return CurvePoint(centred, ratio, value, value / 2, value / 4, 0.5, 1.0, 3)
 
     curve = [point(False, 0.1, 2.0), point(True, 0.1, 1.0), point(False, 0.5, 2.0), point(True, 0.5, 3.0)]
-    norm = {"cart": 90.0, "task_arithmetic": 85.0, "weight_averaging": 91.0}
+    norm = {"cart": 90.0, "task_arithmetic": 85.0, "weight_averaging": 91.0, "tsv": 88.0, "iso_c": 84.0,
+            "iso_cts": 86.0}
     peak = {"rank_ratio": 0.08, "lambda": 1.0, "val_norm_acc": 93.0, "test_norm_acc": 92.0, "wa_val": 90.0}
     # CART vs task arithmetic resolved (CI above 0); vs weight averaging −1 point with a CI across 0
-    diffs = {"task_arithmetic": Difference(5.0, 2.0, 8.0, 400), "weight_averaging": Difference(-1.0, -3.0, 1.0, 400)}
+    diffs = {("cart", "task_arithmetic"): Difference(5.0, 2.0, 8.0, 400),
+             ("cart", "weight_averaging"): Difference(-1.0, -3.0, 1.0, 400),
+             ("tsv", "task_arithmetic"): Difference(3.0, 1.0, 5.0, 400),
+             ("iso_c", "task_arithmetic"): Difference(-1.0, -2.0, -0.5, 400),
+             ("iso_cts", "task_arithmetic"): Difference(1.0, -1.0, 3.0, 400)}
     v = _verdicts(norm, peak, curve, diffs)
-    assert [x.held for x in v] == [True, None, True, None]
+    assert [x.held for x in v] == [True, None, True, False, None, True, None]
     assert v[1].word == NO_DIFFERENCE and "-1.0 [-3.0, +1.0]" in v[1].detail
-    lost = _verdicts(norm, peak, curve, {**diffs, "weight_averaging": Difference(-4.0, -6.0, -2.0, 400)})
+    assert v[2].claim == "TSV-M beats task arithmetic" and "92.3" in v[2].paper
+    lost = _verdicts(norm, peak, curve, {**diffs, ("cart", "weight_averaging"): Difference(-4.0, -6.0, -2.0, 400)})
     assert lost[1].held is False
-    assert [x.held for x in _verdicts(norm, {**peak, "val_norm_acc": 90.5}, curve, diffs)][2] is None  # < 1 point
-    assert [x.held for x in _verdicts(norm, {**peak, "rank_ratio": 0.5}, curve, diffs)][2] is False  # peak not low
-    assert _verdicts(norm, None, curve, diffs)[2].held is None
+    assert [x.held for x in _verdicts(norm, {**peak, "val_norm_acc": 90.5}, curve, diffs)][5] is None  # < 1 point
+    assert [x.held for x in _verdicts(norm, {**peak, "rank_ratio": 0.5}, curve, diffs)][5] is False  # peak not low
+    assert _verdicts(norm, None, curve, diffs)[5].held is None
+    # a failed regime check leaves every method comparison and the bell without a verdict, numbers still shown
+    gated = _verdicts(norm, peak, curve, diffs, outside="task arithmetic leaves room to improve")
+    assert [x.held for x in gated[:6]] == [None] * 6
+    assert all(x.word == OUTSIDE for x in gated[:6])
+    assert "+5.0 [+2.0, +8.0]" in gated[0].detail and "leaves room" in gated[0].detail
+    assert gated[6].held is None and gated[6].word == "mixed"  # I(k) is a property of the weights, not gated
 
 
 def test_task_vector_search_beats_or_matches_its_start_and_reproduces(tmp_path: Path,

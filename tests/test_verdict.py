@@ -94,3 +94,19 @@ def test_one_comparison_holds_only_beyond_its_interval() -> None:
     assert "800 test examples" in held.detail
     assert difference_verdict("A beats B", Difference(-3.0, -5.0, -1.0, 800)).word == "did not hold"
     assert difference_verdict("A beats B", Difference(1.0, -1.0, 3.0, 800)).word == NO_DIFFERENCE
+
+
+def test_task_averaged_difference_over_seeds_weighs_each_seed_by_its_own_scale() -> None:
+    # two seeds of one task: seed 0 gains 2 of 4 examples, seed 1 gains 0 of 4; normalised scales 2 and 1
+    a = {"t": np.array([[1, 1, 1, 1], [1, 0, 1, 0]])}
+    b = {"t": np.array([[1, 1, 0, 0], [1, 0, 1, 0]])}
+    d = tasks_difference(a, b, scale={"t": [2.0, 1.0]})
+    assert d.mean == pytest.approx(100 * (2 * 0.5 + 1 * 0.0) / 2) and d.n_seeds == 2 and d.n_examples == 4
+    # resampling the seeds: a draw of seed 1 twice gives 0, of seed 0 twice at most 2 · 4/4 · 100 = 200
+    assert 0.0 <= d.low <= d.mean <= d.high <= 200.0 and d.low < d.high
+    one_seed = tasks_difference({"t": a["t"][:1]}, {"t": b["t"][:1]}, seed=3)
+    assert one_seed == tasks_difference({"t": a["t"][0]}, {"t": b["t"][0]}, seed=3)  # (1, n) is the one-seed case
+    with pytest.raises(ValueError, match="3 scales for 2 seeds"):
+        tasks_difference(a, b, scale={"t": [1.0, 1.0, 1.0]})
+    with pytest.raises(ValueError, match="same number of seeds"):
+        tasks_difference({**a, "u": np.ones(4)}, {**b, "u": np.zeros(4)})

@@ -39,9 +39,10 @@ DESCRIPTIONS: dict[str, str] = {
                       "scaled or not, running vs batch statistics (Fig. 4, 7b-c, Tab. 10).",
     "templates": "Linear-classifier weights as class templates, averaged templates of classes i and i+5, and "
                  "first-layer conv kernels (Fig. 1, Fig. 2).",
-    "task-vectors": "CART vs weight averaging, task arithmetic, TIES, DARE-TIES, Model Stock, Fisher, RegMean on "
-                    "all-MiniLM-L6-v2 (--suite text) or a ViT multi-task suite (--suite vision): rank × λ sweep, "
-                    "interference I(k) and reconstruction error R(k), accuracy vs number of tasks.",
+    "task-vectors": "Task-vector benchmark: CART, TSV-M, Iso-C/Iso-CTS vs weight averaging, task arithmetic, TIES, "
+                    "DARE-TIES, Model Stock, Fisher, RegMean on an 8-task ViT suite over 3 seeds (--suite vision) "
+                    "or all-MiniLM-L6-v2 (--suite text), gated by regime checks: rank × λ sweep, interference "
+                    "I(k) and reconstruction error R(k), accuracy vs number of tasks.",
     "rebasin": "Git Re-Basin weight matching: loss/accuracy barriers along A→B (naive, aligned, + BatchNorm reset) "
                "and uniform soups of independently trained models with and without alignment.",
     "merge-search": "CMA-ES search of per-layer task-arithmetic weights on a multi-task suite, against the best "

@@ -76,30 +76,47 @@ Scores = torch.Tensor | np.ndarray | Sequence[float]
 
 
 def tasks_difference(correct_a: Mapping[str, Scores], correct_b: Mapping[str, Scores], *,
-                     scale: Mapping[str, float] | None = None, n_boot: int = 2000, level: float = 0.95,
-                     seed: int = 0) -> Difference:
+                     scale: Mapping[str, float | Sequence[float]] | None = None, n_boot: int = 2000,
+                     level: float = 0.95, seed: int = 0) -> Difference:
     """Bootstrap CI of a difference of task-averaged accuracies, ``(1/T) Σ_t s_t (mean(a_t) − mean(b_t))``, in
-    points: each task's test examples are resampled on their own (paired: one draw for A and B), the tasks kept.
+    points: each task's test examples are resampled on their own (paired: one draw for A and B), the tasks kept;
+    with several seeds, each draw also resamples the seeds, one draw shared by all tasks (a seed is one set of
+    fine-tuned models that every task's score depends on).
 
-    ``correct_*[task]`` are per-example scores in [0, 1] on the same examples in the same order; ``scale[t]``
-    (1 by default) weighs a task, e.g. ``100 / fine-tuned accuracy`` for normalised accuracy.
+    ``correct_*[task]`` are per-example scores in [0, 1], shape ``(examples,)`` or ``(seeds, examples)``, on the
+    same examples in the same order; ``scale[t]`` (1 by default; one number, or one per seed) weighs a task,
+    e.g. ``100 / fine-tuned accuracy`` for normalised accuracy.
     """
     if set(correct_a) != set(correct_b) or not correct_a:
         raise ValueError(f"paired scores need the same tasks, got {sorted(correct_a)} and {sorted(correct_b)}")
     rng = np.random.default_rng(seed)
-    point, boots, total = 0.0, np.zeros(n_boot), 0
+    diffs = {}
     for task in sorted(correct_a):
         a, b = _as_matrix(correct_a[task]), _as_matrix(correct_b[task])
-        if a.shape != b.shape or a.shape[0] != 1:
-            raise ValueError(f"task {task}: paired scores need one shape (one seed), got {a.shape} and {b.shape}")
-        d = (a - b)[0] * (scale[task] if scale is not None else 1.0)
-        point += float(d.mean())
-        boots += d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
-        total += len(d)
-    t = len(correct_a)
+        if a.shape != b.shape:
+            raise ValueError(f"task {task}: paired scores need one shape, got {a.shape} and {b.shape}")
+        weight = np.asarray(scale[task] if scale is not None else 1.0, dtype=np.float64).reshape(-1, 1)
+        if weight.shape[0] not in (1, a.shape[0]):
+            raise ValueError(f"task {task}: {weight.shape[0]} scales for {a.shape[0]} seeds")
+        diffs[task] = (a - b) * weight
+    seeds = {d.shape[0] for d in diffs.values()}
+    if len(seeds) != 1:
+        raise ValueError(f"every task needs the same number of seeds, got {sorted(seeds)}")
+    s = seeds.pop()
+    point = float(np.mean([d.mean() for d in diffs.values()]))
+    boots = np.zeros(n_boot)
+    seed_draws = rng.integers(0, s, (n_boot, s)) if s > 1 else np.zeros((n_boot, 1), dtype=np.int64)
+    for d in diffs.values():
+        n = d.shape[1]
+        examples = rng.integers(0, n, (n_boot, n))
+        # per draw: mean over the drawn seeds of that seed's mean over the drawn examples
+        per_seed = np.stack([d[k][examples].mean(1) for k in range(s)], 1)  # (n_boot, seeds)
+        boots += np.take_along_axis(per_seed, seed_draws, 1).mean(1)
+    t = len(diffs)
     tail = (1 - level) / 2
     low, high = np.quantile(boots / t, [tail, 1 - tail])
-    return Difference(100.0 * point / t, 100.0 * float(low), 100.0 * float(high), total)
+    total = sum(d.shape[1] for d in diffs.values())
+    return Difference(100.0 * point, 100.0 * float(low), 100.0 * float(high), total, s)
 
 
 def difference_verdict(claim: str, diff: Difference, *, paper: str = "", unit: str = "points",

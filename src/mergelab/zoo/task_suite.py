@@ -147,6 +147,11 @@ class TaskSuite(ABC):
     def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return x
 
+    def probe_data(self, task: Task) -> TaskData:
+        """Examples the task's head is fitted on (pretrained features, head frozen afterwards): the task's own
+        training split by default."""
+        return self.data(task.name, "train")
+
     def eval_order(self, x: torch.Tensor) -> torch.Tensor:
         """Order in which to batch examples at evaluation (text sorts by length to cut padding)."""
         return torch.arange(x.shape[0])
@@ -183,10 +188,14 @@ class TaskSuite(ABC):
     def features(self, state: Mapping[str, torch.Tensor], task: str, split: str, *,
                  limit: int | None = None) -> torch.Tensor:
         """Encoder features of the first ``limit`` examples (all by default) of one split."""
+        return self.encode(state, self.data(task, split).x[:limit])
+
+    @torch.no_grad()
+    def encode(self, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Features of inputs ``x`` under the encoder weights ``state``."""
         enc = self.encoder
         enc.load_state_dict(state)
         enc.eval()
-        x = self.data(task, split).x[:limit]
         order = self.eval_order(x)
         out = torch.empty(x.shape[0], self.feature_dim)
         out[order] = in_batches(lambda xb: enc(xb).float(), x[order], self.eval_batch_size)
@@ -236,8 +245,9 @@ class TaskSuite(ABC):
 
     def _fit_probe(self, task: Task, seed: int) -> nn.Linear:
         """Linear probe on frozen pretrained features (full-batch Adam: deterministic and quick)."""
-        feats = self.features(self.pretrained_state(), task.name, "train", limit=self.recipe.probe_examples)
-        y = self.data(task.name, "train").y[:feats.shape[0]]
+        data = self.probe_data(task)
+        feats = self.encode(self.pretrained_state(), data.x[:self.recipe.probe_examples])
+        y = data.y[:feats.shape[0]]
         torch.manual_seed(seed)
         head = nn.Linear(feats.shape[1], task.num_classes)
         r = self.recipe

@@ -8,11 +8,18 @@ accuracy (merged accuracy / the task's own fine-tuned accuracy, in percent), the
 CART sweeps reuse one SVD per (tensor, task): :class:`CartSweep` builds ``θ_avg + λ Σ_t SVD_k(θ_t − θ_avg)``
 for any (k, λ) from cached spectra — the same formula as :func:`mergelab.methods.cart.cart_merge` with
 uniform weights (a test checks they agree), at a fraction of the cost of re-running the SVDs per point.
+With ``fuse=qkv_group`` the query, key and value weights of one attention layer form one matrix (stacked
+rows), as OpenCLIP stores them in ``in_proj_weight``: one rank budget covers all three.
+
+Grids bracket their optimum: :meth:`MergeBench.select` extends a numeric axis beyond its end while the best
+value sits there (:data:`MethodInfo.bracket` names the axes and their limits), so a chosen value is never a
+grid end unless a limit stops the extension, and the selection says so.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,13 +41,28 @@ def params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(params.items()))
 
 
-class CartSweep:
-    """CART merges of one task set for any (rank ratio, λ) from cached SVDs of the centred task vectors."""
+_QKV = re.compile(r"^(?P<layer>.*\.)(?:q|k|v|query|key|value)\.weight$")
 
-    def __init__(self, states: Sequence[Mapping[str, torch.Tensor]]) -> None:
+
+def qkv_group(name: str) -> str | None:
+    """The attention layer a query/key/value weight belongs to (``blocks.0.q.weight`` → ``blocks.0.qkv``, BERT's
+    ``….attention.self.query.weight`` → ``….attention.self.qkv``); None for every other tensor."""
+    m = _QKV.match(name)
+    return None if m is None else m["layer"] + "qkv"
+
+
+class CartSweep:
+    """CART merges of one task set for any (rank ratio, λ) from cached SVDs of the centred task vectors.
+
+    ``fuse(name)`` gives a group key for tensors merged as one matrix (their rows stacked in name order), None
+    for a tensor on its own; the rank of a group is ``round(ratio · min(rows of all, columns))``.
+    """
+
+    def __init__(self, states: Sequence[Mapping[str, torch.Tensor]],
+                 fuse: Callable[[str], str | None] = lambda name: None) -> None:
         first = states[0]
         self.avg: StateDict = {}
-        self.spectra: dict[str, list[Spectrum]] = {}
+        changed: dict[str, list[str]] = {}
         for name, t in first.items():
             if not t.is_floating_point():
                 self.avg[name] = t
@@ -49,17 +71,26 @@ class CartSweep:
             avg = torch.stack([w.to(torch.float64) for w in ws]).mean(0)
             self.avg[name] = avg.to(t.dtype)
             if t.dim() == 2 and any(not torch.equal(w, ws[0]) for w in ws[1:]):
-                self.spectra[name] = [spectrum(d) for d in task_matrices(ws)]
-        self._avg64 = {n: torch.stack([s[n].to(torch.float64) for s in states]).mean(0) for n in self.spectra}
+                changed.setdefault(fuse(name) or name, []).append(name)
+        #: matrix key → the tensor names whose rows it stacks
+        self.groups = {key: sorted(names) for key, names in changed.items()}
+        self.spectra: dict[str, list[Spectrum]] = {}
+        self._avg64: dict[str, torch.Tensor] = {}
+        for key, names in self.groups.items():
+            ws = [torch.cat([s[n].to(torch.float64) for n in names]) for s in states]
+            self.spectra[key] = [spectrum(d) for d in task_matrices(ws)]
+            self._avg64[key] = torch.stack(ws).mean(0)
 
     def merge(self, rank_ratio: float, lambda_: float) -> StateDict:
         out = dict(self.avg)
         if rank_ratio <= 0 or lambda_ == 0:
             return out
-        for name, spectra in self.spectra.items():
-            k = rank_from_ratio(self.avg[name].shape, rank_ratio)
-            merged = self._avg64[name] + lambda_ * low_rank_sum(spectra, k)
-            out[name] = merged.to(self.avg[name].dtype)
+        for key, spectra in self.spectra.items():
+            k = rank_from_ratio(self._avg64[key].shape, rank_ratio)
+            merged = self._avg64[key] + lambda_ * low_rank_sum(spectra, k)
+            names = self.groups[key]
+            for name, part in zip(names, merged.split([self.avg[n].shape[0] for n in names]), strict=True):
+                out[name] = part.to(self.avg[name].dtype)
         return out
 
 
@@ -72,6 +103,9 @@ class Selection:
     val: dict[str, float]
     test: dict[str, float]
     trace: list[tuple[Params, float]] = field(default_factory=list)  # (params, val mean normalised acc)
+    #: per bracketed axis: the chosen value lies strictly inside the evaluated values (False: a limit stopped
+    #: the extension at the chosen end)
+    interior: dict[str, bool] = field(default_factory=dict)
 
 
 class MergeBench:
@@ -93,6 +127,7 @@ class MergeBench:
         self._fisher: dict[str, StateDict] = {}
         self._grams: dict[str, StateDict] = {}
         self._cart: dict[tuple[str, ...], CartSweep] = {}
+        self._cart_qkv: dict[tuple[str, ...], CartSweep] = {}
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def accuracies(self, state: Mapping[str, torch.Tensor], tasks: Sequence[str], split: str,
@@ -149,6 +184,11 @@ class MergeBench:
         return {t: accuracy_pct(ensemble_logits([self.member_logits(m, t, split) for m in tasks]),
                                 self.suite.data(t, split).y) for t in tasks}
 
+    def ensemble_correct(self, tasks: Sequence[str], split: str) -> dict[str, torch.Tensor]:
+        """Which examples of each task the logit ensemble of ``tasks`` gets right (for paired bootstraps)."""
+        return {t: correct(ensemble_logits([self.member_logits(m, t, split) for m in tasks]),
+                           self.suite.data(t, split).y) for t in tasks}
+
     # ---- merging --------------------------------------------------------------------------------------
     def fisher(self, task: str) -> StateDict:
         if task not in self._fisher:
@@ -160,11 +200,12 @@ class MergeBench:
             self._grams[task] = self.suite.grams(task, self.gram_examples)
         return self._grams[task]
 
-    def cart(self, tasks: Sequence[str]) -> CartSweep:
+    def cart(self, tasks: Sequence[str], *, fused_qkv: bool = False) -> CartSweep:
         key = tuple(tasks)
-        if key not in self._cart:
-            self._cart[key] = CartSweep([self.states[t] for t in tasks])
-        return self._cart[key]
+        cache = self._cart_qkv if fused_qkv else self._cart
+        if key not in cache:
+            cache[key] = CartSweep([self.states[t] for t in tasks], qkv_group if fused_qkv else lambda n: None)
+        return cache[key]
 
     def merge(self, method: str, tasks: Sequence[str], params: Params) -> StateDict:
         """The merged encoder of ``tasks`` (``method`` is a study method name, see :data:`METHODS`)."""
@@ -173,9 +214,9 @@ class MergeBench:
             return self.pretrained
         if method == "weight_averaging":
             return merge_state_dicts(states, "linear")
-        if method == "cart":
-            return self.cart(tasks).merge(params["rank_ratio"], params["lambda"])
-        if method in ("task_arithmetic", "ties", "dare_ties", "model_stock"):
+        if method in ("cart", "cart_qkv"):
+            return self.cart(tasks, fused_qkv=method == "cart_qkv").merge(params["rank_ratio"], params["lambda"])
+        if method in ("task_arithmetic", "ties", "dare_ties", "model_stock", "tsv", "iso_c", "iso_cts"):
             return merge_state_dicts(states, method, base=self.pretrained, parameters=params, seed=self.seed)
         if method == "fisher":
             fishers = [self.fisher(t) for t in tasks]
@@ -194,24 +235,71 @@ class MergeBench:
             return self._acc[full]
         return self.accuracies(self.merge(method, tasks, params), tasks, split, key=key)
 
-    def select(self, method: str, tasks: Sequence[str], grid: Sequence[Params]) -> Selection:
-        """Best parameters of ``grid`` on val (mean normalised accuracy; first wins ties), then test."""
-        trace = []
+    def select(self, method: str, tasks: Sequence[str], grid: Sequence[Params],
+               bracket: Mapping[str, tuple[float, float]] | None = None, max_extensions: int = 8) -> Selection:
+        """Best parameters of ``grid`` on val (mean normalised accuracy; first wins ties), then test.
+
+        For each axis of ``bracket`` (name → (lowest, highest) value allowed) whose best value is an end of the
+        values tried, the axis is extended one geometric step beyond that end (the other axes at their best)
+        until the best value is inside, a limit is reached, or ``max_extensions`` rounds are spent.
+        """
+        trace: list[tuple[Params, float]] = []
+
+        def evaluate(params: Params) -> None:
+            if all(p != params for p, _ in trace):
+                trace.append((dict(params), self.mean_normalised(self.score(method, tasks, params, "val"), "val")))
+
+        def best() -> Params:
+            return trace[max(range(len(trace)), key=lambda i: (trace[i][1], -i))][0]
+
         for params in grid:
-            trace.append((dict(params), self.mean_normalised(self.score(method, tasks, params, "val"), "val")))
-        best = max(range(len(trace)), key=lambda i: (trace[i][1], -i))
-        params = trace[best][0]
+            evaluate(params)
+        interior: dict[str, bool] = {}
+        for _ in range(max_extensions + 1):
+            grown = False
+            for axis, (lowest, highest) in (bracket or {}).items():
+                chosen = best()
+                values = sorted({p[axis] for p, _ in trace if _same_except(p, chosen, axis)})
+                step = _beyond(values, chosen[axis], lowest, highest)
+                interior[axis] = values[0] < chosen[axis] < values[-1]
+                if step is not None:
+                    evaluate({**chosen, axis: step})
+                    grown = True
+            if not grown:
+                break
+        params = best()
         return Selection(method, params, self.score(method, tasks, params, "val"),
-                         self.score(method, tasks, params, "test"), trace)
+                         self.score(method, tasks, params, "test"), trace, interior)
 
     def ensemble_selection(self, tasks: Sequence[str]) -> Selection:
         return Selection("logit_ensemble", {}, self.ensemble(tasks, "val"), self.ensemble(tasks, "test"))
+
+
+def _same_except(a: Params, b: Params, axis: str) -> bool:
+    return all(a.get(k) == v for k, v in b.items() if k != axis)
+
+
+def _beyond(values: Sequence[float], chosen: float, lowest: float, highest: float) -> float | None:
+    """The next value past the end of ``values`` that ``chosen`` sits on, one geometric step (the ratio of the
+    two end values; ×2 or ÷2 with one value) further, clipped to [lowest, highest]; None when ``chosen`` is
+    inside or the limit is already tried."""
+    if len(values) > 1 and values[0] < chosen < values[-1]:
+        return None
+    if chosen == values[-1]:
+        ratio = values[-1] / values[-2] if len(values) > 1 and values[-2] > 0 else 2.0
+        nxt = min(highest, float(f"{chosen * ratio:.3g}"))
+        return nxt if nxt > chosen else None
+    ratio = values[1] / values[0] if len(values) > 1 and values[0] > 0 else 2.0
+    nxt = max(lowest, float(f"{chosen / ratio:.3g}"))
+    return nxt if nxt < chosen else None
 
 
 @dataclass(frozen=True)
 class MethodInfo:
     label: str
     grid: Callable[[Any], list[Params]]  # plan -> parameter grid
+    #: axes extended until their optimum is inside the grid: name -> (lowest, highest) value allowed
+    bracket: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def _grid(**axes: Sequence[Any]) -> list[Params]:
@@ -219,16 +307,25 @@ def _grid(**axes: Sequence[Any]) -> list[Params]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
 
 
+_LAMBDA = {"lambda": (0.01, 20.0)}
+# rank ratio 1 is weight averaging (every centred task vector kept whole): the bracket stays below it
+_CART = {"lambda": (0.05, 20.0), "rank_ratio": (0.005, 0.9)}
+
 #: study methods in table order; grids come from the study plan (``plan.<field>``)
 METHODS: dict[str, MethodInfo] = {
     "pretrained": MethodInfo("pretrained (probe heads)", lambda p: [{}]),
     "weight_averaging": MethodInfo("weight averaging", lambda p: [{}]),
-    "task_arithmetic": MethodInfo("task arithmetic", lambda p: _grid(**{"lambda": p.ta_lambdas})),
-    "ties": MethodInfo("TIES", lambda p: _grid(density=[p.ties_density], **{"lambda": p.ties_lambdas})),
+    "task_arithmetic": MethodInfo("task arithmetic", lambda p: _grid(**{"lambda": p.ta_lambdas}), _LAMBDA),
+    "ties": MethodInfo("TIES", lambda p: _grid(density=[p.ties_density], **{"lambda": p.ties_lambdas}), _LAMBDA),
     "dare_ties": MethodInfo("DARE-TIES", lambda p: _grid(density=[p.dare_density], normalize=[True],
-                                                         **{"lambda": p.dare_lambdas})),
+                                                         **{"lambda": p.dare_lambdas}), _LAMBDA),
     "model_stock": MethodInfo("Model Stock", lambda p: [{}]),
     "fisher": MethodInfo("Fisher", lambda p: [{}]),
     "regmean": MethodInfo("RegMean", lambda p: [{"alpha": p.regmean_alpha}]),
-    "cart": MethodInfo("CART", lambda p: _grid(rank_ratio=p.cart_ranks, **{"lambda": p.cart_lambdas})),
+    "cart": MethodInfo("CART", lambda p: _grid(rank_ratio=p.cart_ranks, **{"lambda": p.cart_lambdas}), _CART),
+    "cart_qkv": MethodInfo("CART, fused q/k/v", lambda p: _grid(rank_ratio=p.cart_ranks,
+                                                                 **{"lambda": p.cart_lambdas}), _CART),
+    "tsv": MethodInfo("TSV-M", lambda p: _grid(**{"lambda": p.svd_lambdas}), _LAMBDA),
+    "iso_c": MethodInfo("Iso-C", lambda p: _grid(**{"lambda": p.svd_lambdas}), _LAMBDA),
+    "iso_cts": MethodInfo("Iso-CTS", lambda p: _grid(**{"lambda": p.svd_lambdas}), _LAMBDA),
 }
