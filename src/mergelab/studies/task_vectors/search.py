@@ -1,7 +1,7 @@
 """Study ``task-vector-search``: CMA-ES per-block task-arithmetic weights on a task-vector suite.
 
-The encoders of the ``task-vectors`` study's suite (vision: a ViT fine-tuned on six 28×28 tasks; text:
-all-MiniLM-L6-v2 fine-tuned on four text tasks) are merged by task arithmetic. The baseline is the best
+The encoders of the ``task-vectors`` study's suite (vision: a ViT fine-tuned on eight 28×28 tasks; text:
+all-MiniLM-L6-v2 fine-tuned on six text tasks) are merged by task arithmetic. The baseline is the best
 hand-tuned task arithmetic (one λ for every task vector and layer, chosen on validation); ``mergelab
 search`` then looks for one weight per task vector and per block with CMA-ES, starting from that λ and
 scored by mean normalised validation accuracy (merged / fine-tuned, every task read with its own head).
