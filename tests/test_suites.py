@@ -101,6 +101,7 @@ def test_source_heads_see_the_task_labels_on_untransformed_images(tmp_path: Path
     plain = VisionSuite(dataclasses.replace(cfg, source_heads=False), cache=tmp_path, show_progress=False)
     assert torch.equal(plain.probe_data(plain.task("animal-flip")).x, plain.data("animal-flip", "train").x)
     assert suite.cache_key(suite.task("animal-flip")) != plain.cache_key(plain.task("animal-flip"))
+    assert "untransformed" in suite.heads_text() and "untransformed" not in plain.heads_text()
 
 
 def test_union_pretraining_gives_each_dataset_its_own_classes(tmp_path: Path) -> None:

@@ -294,3 +294,12 @@ def test_task_vector_search_beats_or_matches_its_start_and_reproduces(tmp_path: 
     assert f"paired bootstrap CI over {n_test} test examples" in md
     point = float(re.search(r"difference ([+-]\d+\.\d)", md).group(1))  # type: ignore[union-attr]
     assert point == pytest.approx(float(found["test"]) - float(hand["test"]), abs=0.051)
+
+
+def test_every_study_method_has_its_own_colour() -> None:
+    from mergelab.studies.task_vectors.bench import METHODS
+    from mergelab.studies.task_vectors.plots import COLORS
+
+    shown = [*METHODS, "logit_ensemble"]
+    assert set(shown) <= set(COLORS)
+    assert len({COLORS[n] for n in shown}) == len(shown)

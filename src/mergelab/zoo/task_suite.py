@@ -147,6 +147,10 @@ class TaskSuite(ABC):
     def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return x
 
+    def heads_text(self) -> str:
+        """How the heads are fitted, for reports."""
+        return "linear probes on pretrained features of each task's training inputs"
+
     def probe_data(self, task: Task) -> TaskData:
         """Examples the task's head is fitted on (pretrained features, head frozen afterwards): the task's own
         training split by default."""

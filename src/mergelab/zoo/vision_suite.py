@@ -299,6 +299,12 @@ class VisionSuite(TaskSuite):
     def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return shift_augment(x, gen, SHIFT)
 
+    def heads_text(self) -> str:
+        if not self.config.source_heads:
+            return super().heads_text()
+        return ("linear probes on pretrained features of each task's labels on the untransformed (upright, positive) "
+                "images, the analogue of CLIP's zero-shot heads")
+
     def probe_data(self, task: Task) -> TaskData:
         if not self.config.source_heads:
             return super().probe_data(task)

@@ -559,7 +559,7 @@ def _result(out: Path, runs: Sequence[SeedRun], plan: Plan, timings: dict[str, f
                    else f"Outside the papers' regime ({outside}): the method comparisons below are reported without "
                         "a verdict.")
     report.add(
-        Section("Setup", text=[_setup_text(suite, plan)], tables=[setup]),
+        Section("Setup", text=[_setup_text(suite, plan, [r.bench.suite.seed for r in runs])], tables=[setup]),
         Section("Regime checks", text=[regime_text], tables=[regime]),
         Section("Merging methods side by side", text=[_METHODS_TEXT], verdicts=verdicts[:n_method],
                 tables=[main, breakdown, breakdown_norm],
@@ -621,14 +621,14 @@ _SCALING_TEXT = (
     "task vectors are ±(θ_1 − θ_2)/2, so CART equals weight averaging at every rank and λ.")
 
 
-def _setup_text(suite: TaskSuite, plan: Plan) -> str:
+def _setup_text(suite: TaskSuite, plan: Plan, seeds: Sequence[int]) -> str:
     r = suite.recipe
     return (f"Suite '{suite.name}' with {len(suite.tasks)} tasks; fine-tuning: {r.steps} AdamW steps, batch "
-            f"{r.batch_size}, lr {r.lr:g}, warm-up {r.warmup:g} then cosine; heads: linear probes on pretrained "
-            f"features ({r.probe_steps} full-batch Adam steps), frozen while fine-tuning. TIES density "
+            f"{r.batch_size}, lr {r.lr:g}, warm-up {r.warmup:g} then cosine; heads: {suite.heads_text()} "
+            f"({r.probe_steps} full-batch Adam steps), frozen while fine-tuning. TIES density "
             f"{plan.ties_density:g}, DARE-TIES keep probability {plan.dare_density:g} (seeded, disjoint mean), "
             f"RegMean α {plan.regmean_alpha:g}, Fisher on {plan.fisher_examples} examples per task. "
-            f"Suite seed {suite.seed}.")
+            f"Suite seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}.")
 
 
 OUTSIDE = "outside the papers' regime"
