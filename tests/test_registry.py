@@ -10,7 +10,7 @@ from mergelab.methods.registry import REQUIRED, TensorInputs
 
 EXPECTED = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
             "breadcrumbs_ties", "slerp", "model_stock", "cart", "della", "della_linear", "sce",
-            "tsv", "iso_c", "iso_cts"}
+            "tsv", "iso_c", "iso_cts", "wudi"}
 
 
 def test_expected_methods_registered() -> None:

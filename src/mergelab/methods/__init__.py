@@ -22,6 +22,7 @@ from mergelab.methods import (  # noqa: F401  (importing registers the methods)
     task_arithmetic,
     ties,
     tsv,
+    wudi,
 )
 from mergelab.methods.arcee_fusion import arcee_fusion_merge
 from mergelab.methods.breadcrumbs import breadcrumbs_merge
@@ -53,6 +54,7 @@ from mergelab.methods.slerp import slerp_merge
 from mergelab.methods.task_arithmetic import task_arithmetic_merge
 from mergelab.methods.ties import ties_merge
 from mergelab.methods.tsv import tsv_merge
+from mergelab.methods.wudi import wudi_merge
 
 __all__ = [
     "MergeMethod",
@@ -83,4 +85,5 @@ __all__ = [
     "task_arithmetic_merge",
     "ties_merge",
     "tsv_merge",
+    "wudi_merge",
 ]
