@@ -73,7 +73,7 @@ def test_weights_scale_the_task_vectors_and_a_zero_task_vector_is_ignored() -> N
     assert_close(wudi_merge(base, [a, base, b]), wudi_merge(base, [a, b]))
 
 
-def test_registered_with_the_papers_defaults() -> None:
+def test_registered_with_fusionbenchs_defaults() -> None:
     method = get_method("wudi")
     defaults = {p.name: p.default for p in method.params}
     assert defaults["steps"] == 300 and defaults["lr"] == 1e-5 and defaults["lambda"] == 1.0

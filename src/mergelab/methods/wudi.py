@@ -7,10 +7,16 @@ span that task's inputs, so they stand in for data: per 2-D weight the merged ta
     L(τ_m) = Σ_i ‖(τ_m − τ_i) τ_iᵀ‖_F² / ‖τ_i‖_F²,
 
 the interference ``τ_m`` causes on each task's (proxy) inputs, each task weighted by its inverse squared
-norm. As in the paper and its reference implementation (FusionBench 0.2.33, ``fusion_bench.method.wudi``),
-``τ_m`` starts from the sum ``Σ_i τ_i`` and takes ``steps`` Adam steps (default 300, learning rate 1e-5, no
-weight decay); ``θ = θ_0 + λ τ_m`` with ``λ = 1`` (the paper uses no rescaling). Other tensors (biases,
-norms, convolutions) get the mean of the task vectors, as in that implementation.
+norm. As in the paper and FusionBench 0.2.33's implementation (``fusion_bench.method.wudi.wudi_merging``),
+``τ_m`` starts from the sum ``Σ_i τ_i`` and takes ``steps`` Adam steps (that function's defaults: 300 steps,
+learning rate 1e-5, no weight decay; FusionBench's shipped config uses 400 steps); ``θ = θ_0 + λ τ_m`` with
+``λ = 1`` (the paper uses no rescaling). Other tensors (biases, norms, convolutions) get the mean of the task
+vectors, as in that implementation.
+
+Scale: an Adam step moves each entry by about ``lr`` whatever the gradient's size, so ``steps · lr`` (3e-3 at
+the defaults) bounds how far any entry of ``τ_m`` leaves the sum. On task vectors with entries much larger
+than that (the paper's CLIP fine-tunes), WUDI is a small correction of task arithmetic at λ = 1; raise
+``steps`` or ``lr`` to reach the loss's minimum (tests/test_methods_wudi.py reaches it in 3000 steps at 1e-2).
 
 The loss is quadratic, with gradient ``2 (τ_m A − C)``, ``A = Σ_i τ_iᵀτ_i/‖τ_i‖²``, ``C = Σ_i τ_i τ_iᵀτ_i/‖τ_i‖²``;
 it is computed from these two precomputed matrices, so no autograd is needed (the function works under
@@ -87,8 +93,9 @@ register(MergeMethod(
     params=(
         Param("weight", float, 1.0, scope="model", help="scale of this model's task vector"),
         Param("lambda", float, 1.0, help="scale of the merged task vector (the paper uses none: 1.0)"),
-        Param("steps", int, 300, low=0, help="Adam steps on the interference loss (the paper's 300)"),
-        Param("lr", float, 1e-5, low=0.0, help="Adam learning rate (the paper's 1e-5)"),
+        Param("steps", int, 300, low=0, help="Adam steps on the interference loss (FusionBench's default 300)"),
+        Param("lr", float, 1e-5, low=0.0,
+              help="Adam learning rate (FusionBench's 1e-5); steps · lr bounds each entry's move"),
     ),
     summary="Per 2-D weight, the merged task vector is optimised (Adam from the sum) to minimise its "
             "interference on each task's own task-vector rows, which stand in for the inputs.",

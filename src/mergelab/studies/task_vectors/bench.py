@@ -216,7 +216,8 @@ class MergeBench:
             return merge_state_dicts(states, "linear")
         if method in ("cart", "cart_qkv"):
             return self.cart(tasks, fused_qkv=method == "cart_qkv").merge(params["rank_ratio"], params["lambda"])
-        if method in ("task_arithmetic", "ties", "dare_ties", "model_stock", "tsv", "iso_c", "iso_cts"):
+        if method in ("task_arithmetic", "ties", "dare_ties", "model_stock", "tsv", "iso_c", "iso_cts",
+                      "wudi"):
             return merge_state_dicts(states, method, base=self.pretrained, parameters=params, seed=self.seed)
         if method == "fisher":
             fishers = [self.fisher(t) for t in tasks]
@@ -328,4 +329,6 @@ METHODS: dict[str, MethodInfo] = {
     "tsv": MethodInfo("TSV-M", lambda p: _grid(**{"lambda": p.svd_lambdas}), _LAMBDA),
     "iso_c": MethodInfo("Iso-C", lambda p: _grid(**{"lambda": p.svd_lambdas}), _LAMBDA),
     "iso_cts": MethodInfo("Iso-CTS", lambda p: _grid(**{"lambda": p.svd_lambdas}), _LAMBDA),
+    # the paper's WUDI has no λ (1.0); the study gives it the SVD family's λ grid, chosen on validation like theirs
+    "wudi": MethodInfo("WUDI", lambda p: _grid(**{"lambda": p.svd_lambdas}), _LAMBDA),
 }
