@@ -73,9 +73,18 @@ def test_elementwise_flag_holds_for_the_function(method: str) -> None:
     assert torch.equal(torch.cat(pieces), whole)
 
 
-def test_methods_with_a_scalar_pass_are_model_stock_and_slerp() -> None:
+def test_methods_with_a_scalar_pass_are_dare_model_stock_and_slerp() -> None:
     # their large tensors are merged piece by piece with the scalar pass's result: keep the list explicit
-    assert [m.name for m in WITH_SCALAR_PASS] == ["model_stock", "slerp"]
+    assert [m.name for m in WITH_SCALAR_PASS] == ["dare_linear", "dare_ties", "model_stock", "slerp"]
+
+
+def test_dare_streams_with_the_density_rescale_or_none_not_the_l1_one() -> None:
+    # the L1 rescale divides by a norm of each whole dropped task vector: merged whole
+    for method in ("dare_linear", "dare_ties"):
+        applies = get_method(method).scalar_pass.applies  # type: ignore[union-attr]
+        assert applies({"rescale": True, "rescale_mode": "density"}, torch.bfloat16)
+        assert applies({"rescale": False, "rescale_mode": "l1"}, torch.float32)
+        assert not applies({"rescale": True, "rescale_mode": "l1"}, torch.float32)
 
 
 def test_model_stock_streams_one_ratio_per_tensor_in_float32_or_bfloat16_arithmetic() -> None:
@@ -112,6 +121,40 @@ def test_scalar_pass_then_flat_pieces_give_the_whole_merge_bit_for_bit(
     pieces = [merge_tensor(m, name, [t[a:a + 37] for t in flat], base=base.reshape(-1)[a:a + 37], params=params,
                            seed=0, scalars=scalars, offset=a) for a in range(0, base.numel(), 37)]
     assert torch.cat(pieces).view(torch.uint8).equal(whole.view(torch.uint8))
+
+
+@pytest.mark.parametrize("size", [1, 5, 37, 1000, 77777])
+@pytest.mark.parametrize("seed", [0, 3, 2**40 + 7])
+def test_a_cpu_generator_drawn_in_consecutive_ranges_gives_the_whole_draw(size: int, seed: int) -> None:
+    # what streaming DARE rests on: its masks drawn piece by piece are the whole tensor's masks
+    n = 200_003
+    whole = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.rand(min(size, n - a), generator=g, dtype=torch.float32) for a in range(0, n, size)]
+    assert torch.cat(parts).view(torch.int32).equal(whole.view(torch.int32))
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("densities", [(0.05, 0.5, 0.9), (0.0, 1.0, 0.05), (0.3, 0.7)], ids=["low", "edges", "two"])
+@pytest.mark.parametrize("piece", [1, 37, 1000])
+def test_dare_pieces_drawn_in_order_give_the_whole_merge_bit_for_bit(
+        method: str, dtype: torch.dtype, densities: tuple[float, ...], piece: int) -> None:
+    m = get_method(method)
+    g = torch.Generator().manual_seed(len(densities))
+    base = torch.randn(41, 53, generator=g).to(dtype)
+    tensors = [(base + 0.3 * torch.randn(41, 53, generator=g)).to(dtype) for _ in densities]
+    name = "model.layers.0.mlp.up_proj.weight"
+    settings = [{"weight": 0.3 + 0.4 * i, "density": d} for i, d in enumerate(densities)]
+    params = resolve_parameters(m, name, 0.0, {}, settings)
+    flat = [t.reshape(-1) for t in tensors]
+    for seed in (0, 11):
+        whole = merge_tensor(m, name, tensors, base=base, params=params, seed=seed).reshape(-1)
+        scalars = tensor_scalars(m, name, FlatSource.of(base, tensors), params=params, seed=seed)
+        pieces = [merge_tensor(m, name, [t[a:a + piece] for t in flat], base=base.reshape(-1)[a:a + piece],
+                               params=params, seed=seed, scalars=scalars, offset=a)
+                  for a in range(0, base.numel(), piece)]
+        assert torch.cat(pieces).view(torch.uint8).equal(whole.view(torch.uint8)), seed
 
 
 def _same_files(whole: Path, pieces: Path) -> None:
@@ -201,7 +244,7 @@ def test_streamed_in_pieces_same_bytes_as_whole(families: Families, sharded_fami
             assert (whole / f).read_bytes() == (pieces / f).read_bytes(), (arch, f)
 
 
-def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_and_model_stock(
+def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_and_dare(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, fts = families["llama"]
     largest = max(m.nbytes for m in (open_checkpoint(base).meta(n) for n in open_checkpoint(base).names))
@@ -231,7 +274,11 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_and_model_st
     assert max(reads) == 64 * 4  # Model Stock likewise
     reads.clear()
     _merge(tmp_path, {**_config("dare_ties", base, fts), "parameters": {"density": 0.5}}, "dare_ties")
-    assert max(reads) == largest  # DARE's random drop is drawn over the whole tensor
+    assert max(reads) == 64 * 4  # DARE: its masks are drawn piece by piece
+    reads.clear()
+    _merge(tmp_path, {**_config("dare_ties", base, fts), "parameters": {"density": 0.5, "rescale_mode": "l1"}},
+           "dare_ties_l1")
+    assert max(reads) == largest  # with the L1 rescale (a norm of each whole dropped task vector): whole
 
 
 @pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "out_dtype": "bfloat16"},
@@ -252,6 +299,21 @@ def test_ties_streamed_after_its_top_k_same_bytes_as_whole(families: Families, t
     assert files and files == sorted(p.name for p in pieces.glob("*.safetensors"))
     for f in files:
         assert (whole / f).read_bytes() == (pieces / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "out_dtype": "bfloat16", "seed": 5},
+                                   {"dtype": "float16", "parameters": {"lambda": 0.8, "normalize": True}},
+                                   {"parameters": {"rescale": False}}],
+                         ids=["float32", "bf16-seed5", "fp16-normalize", "no-rescale"])
+def test_dare_streamed_with_its_generators_carried_same_bytes_as_whole(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+        extra: dict[str, Any]) -> None:
+    base, fts = families["llama"]
+    config = _config(method, base, fts, **extra)
+    for i, m in enumerate(config["models"]):
+        m["parameters"]["density"] = [0.3, 1.0, 0.05, 0.0][i % 4]
+    _whole_and_streamed(tmp_path, config, monkeypatch)
 
 
 def test_nonfinite_counts_are_summed_over_the_pieces_of_a_tensor(

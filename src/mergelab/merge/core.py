@@ -78,15 +78,16 @@ def merge_tensor(
 
 
 def tensor_scalars(method: MergeMethod, name: str, source: FlatSource, *, params: ResolvedParams,
-                   compute_dtype: torch.dtype | None = None) -> Any:
+                   compute_dtype: torch.dtype | None = None, seed: int = 0) -> Any:
     """The scalar pass of ``method`` (:attr:`~mergelab.methods.registry.MergeMethod.scalar_pass`) over the
     inputs of tensor ``name``, read from ``source`` (ranges already as :func:`prepared` makes them), on one
-    thread as :func:`merge_tensor` runs it: its sums are the whole-tensor merge's, bit for bit."""
+    thread as :func:`merge_tensor` runs it: its sums are the whole-tensor merge's, bit for bit. ``seed``: the
+    merge seed; the pass gets the tensor's (:func:`tensor_seed`), as :func:`merge_tensor` gives the method."""
     adapter = method.scalar_adapter
     if adapter is None:
         raise ValueError(f"method '{method.name}' has no scalar pass")
     inputs = TensorInputs(name=name, tensors=[], model_params=params.model_params, params=params.params,
-                          dtype=compute_dtype, source=source)
+                          dtype=compute_dtype, source=source, seed=tensor_seed(seed, name))
     with one_thread():
         return adapter(inputs)
 

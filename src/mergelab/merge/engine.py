@@ -10,7 +10,9 @@ is one model's 2-byte magnitude keys of the tensor and the sort replay's work sp
 entry of the largest tensor. Methods with a scalar pass (SLERP: two norms and a dot product; Model Stock:
 its task vectors' norms and pairwise dot products, summed in torch's order) stream like the element-wise
 ones, after that pass has read the inputs in flat ranges (:func:`_flat_source`): nothing of the tensor
-stays whole. Shards are written tensor by tensor (io.writer), never
+stays whole. DARE (density rescale or none) streams the same way: its "scalar pass" reads nothing and makes
+each model's random generator, which the pieces draw their masks from in order (the whole draw's numbers).
+Shards are written tensor by tensor (io.writer), never
 buffered. Safety: everything goes to a hidden temporary folder beside OUT_DIR, renamed into place only when
 complete; on any error the temporary folder is removed and an existing OUT_DIR is left untouched.
 """
@@ -517,12 +519,13 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
     return rules
 
 
-def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None) -> dict[str, Any]:
+def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None,
+                       seed: int) -> dict[str, Any]:
     """What each piece of tensor ``name`` needs of the whole tensor, as keywords of
     :func:`~mergelab.merge.core.merge_tensor`: the method's scalars, or each model's top-k rule."""
     if plan.method.scalar_pass is not None:
         return {"scalars": tensor_scalars(plan.method, name, _flat_source(plan, name, compute_dtype),
-                                          params=plan.params[name], compute_dtype=compute_dtype)}
+                                          params=plan.params[name], compute_dtype=compute_dtype, seed=seed)}
     return {"topk": _topk_rules(plan, name, compute_dtype, _PIECE_ENTRIES)}
 
 
@@ -594,7 +597,8 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                 whole: dict[str, Any] = {}  # what a piece needs of its whole tensor
                 if piece.stop is not None and not plan.method.elementwise:
                     if piece.start == 0:  # before the first piece: the pass over the whole tensor
-                        first_pass = {piece.name: _whole_tensor_pass(plan, piece.name, cfg.compute_dtype)}
+                        first_pass = {piece.name: _whole_tensor_pass(plan, piece.name, cfg.compute_dtype,
+                                                                          cfg.seed)}
                     whole = first_pass[piece.name]
                 merged = merge_tensor(
                     plan.method, piece.name, tensors, base=base_t, params=plan.params.get(piece.name),

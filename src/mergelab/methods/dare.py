@@ -11,11 +11,12 @@ the delta; ``rescale_mode: l1`` reproduces that. The mask comes from a seeded CP
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, register
+from mergelab.methods.registry import MergeMethod, Param, ScalarPass, register
 from mergelab.methods.sparsify import bernoulli_mask, drop_work_dtype, generator_for, match_l1
 from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
 
@@ -62,7 +63,8 @@ def dare_sparsifier(densities: Sequence[float], seed: int, *, rescale: bool = Tr
 def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                densities: Sequence[float], *, seed: int, consensus: Consensus | None = None,
                normalize: bool = False, lambda_: float = 1.0, rescale: bool = True,
-               rescale_mode: str = "density", dtype: torch.dtype | None = None) -> torch.Tensor:
+               rescale_mode: str = "density", dtype: torch.dtype | None = None,
+               scalars: Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """DARE on one tensor: ``δ̃_i = m_i ⊙ δ_i / p_i`` with ``m_i ~ Bernoulli(p_i)``, ``p_i = density``,
     then task arithmetic (``consensus=None``, dare_linear) or TIES' sign election (``"sum"``, dare_ties),
     computed in ``dtype`` (float32 when None).
@@ -71,7 +73,13 @@ def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
     ``keep``/``divide_kept``: with a consensus it then runs fused, chunk by chunk, with the same bits as the
     sparsifier's two passes but no kept values compacted for the second (their ``nonzero``, indexing and
     ``masked_scatter`` were a quarter of the time): dare_ties on a 32.8 M-entry bf16 tensor of 2 models took
-    1.0–1.2 CPU s instead of 2.8–3.7. The L1 rescale needs each whole dropped task vector: the sparsifier."""
+    1.0–1.2 CPU s instead of 2.8–3.7. The L1 rescale needs each whole dropped task vector: the sparsifier.
+
+    ``scalars`` (:func:`dare_generators`, when the engine streams the tensor in flat pieces): each model's
+    generator, advanced by this piece's draws, so that the pieces, merged in order, draw the whole tensor's
+    masks (a CPU generator drawn in consecutive ranges gives the numbers of one whole draw)."""
+    if scalars is not None and not _streams({"rescale": rescale, "rescale_mode": rescale_mode}, torch.float32):
+        raise ValueError("dare: masks drawn piece by piece apply to rescale_mode: density (or no rescale) only")
     if rescale_mode == "l1" and rescale:
         sparsify = dare_sparsifier(densities, seed, rescale=rescale, rescale_mode=rescale_mode)
         return generalized_task_arithmetic(base, tensors, weights, sparsify=sparsify, consensus=consensus,
@@ -80,11 +88,23 @@ def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
         raise ValueError(f"rescale_mode must be 'density' or 'l1', got {rescale_mode!r}")
 
     def keep(i: int, delta: torch.Tensor) -> torch.Tensor:
-        return dare_mask(delta.shape, densities[i], generator_for(seed, i), device=delta.device)
+        generator = scalars[i] if scalars is not None else generator_for(seed, i)
+        return dare_mask(delta.shape, densities[i], generator, device=delta.device)
 
     divisors = [p if rescale and 0 < p < 1 else 1.0 for p in densities]
     return generalized_task_arithmetic(base, tensors, weights, keep=keep, divide_kept=divisors, consensus=consensus,
                                        normalize=normalize, lambda_=lambda_, dtype=dtype)
+
+
+def dare_generators(seed: int, densities: Sequence[float]) -> list[torch.Generator]:
+    """DARE's "scalar pass": nothing of the tensor is read, only each model's generator is made, which the
+    pieces of the tensor then draw from in turn (:func:`dare_merge`'s ``scalars``)."""
+    return [generator_for(seed, i) for i in range(len(densities))]
+
+
+def _streams(params: Mapping[str, Any], dtype: torch.dtype) -> bool:
+    """The masks are the only whole-tensor step (no L1 norm of a whole task vector): merged in pieces."""
+    return not params["rescale"] or params["rescale_mode"] == "density"
 
 
 def dare_mask(shape: torch.Size, density: float, generator: torch.Generator,
@@ -121,7 +141,7 @@ register(MergeMethod(
     name="dare_linear", function=dare_merge, params=_params(False),
     also_in=("mergekit", "FusionBench"),
     summary="Randomly drop task-vector entries (keep prob. p), rescale by 1/p, then task arithmetic.",
-    paper=_PAPER, randomized=True,
+    paper=_PAPER, randomized=True, scalar_pass=ScalarPass(dare_generators, applies=_streams),
     formula="θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i) / p_i,  m_i ~ Bernoulli(p_i)",
 ))
 register(MergeMethod(
@@ -129,6 +149,7 @@ register(MergeMethod(
     also_in=("mergekit", "FusionBench"),
     summary="DARE drop-and-rescale followed by TIES sign election and disjoint merge.",
     paper=_PAPER + "; Yadav et al. 2023, TIES (arXiv:2306.01708)", randomized=True,
+    scalar_pass=ScalarPass(dare_generators, applies=_streams),
     formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̃_i)=γ] δ̃_i,  γ = sgn Σ_i w_i δ̃_i,  δ̃_i = m_i ⊙ δ_i / p_i "
             "(÷ Σ_i w_i [sgn(δ̃_i)=γ] with normalize)",
 ))
