@@ -287,12 +287,17 @@ class VisionSuite(TaskSuite):
         return state
 
     def load_split(self, task: Task, split: str) -> TaskData:
+        return self._task_split(task, split, source=False)
+
+    def _task_split(self, task: Task, split: str, *, source: bool) -> TaskData:
+        """One split of a task with its labels; inputs transformed as the task defines them, or (``source``)
+        left as the dataset has them (upsampled to 28×28)."""
         d = VISION_TASKS[task.name]
         c = self.config
         ds: Dataset = load_dataset(d.dataset, split, c.split_seed)  # type: ignore[arg-type]
         n = {"train": c.n_train, "val": c.n_val, "test": c.n_test}[split]
         ds = ds.subset(n, seed=c.split_seed)
-        x = d.inputs(ds.x) if d.inputs else ds.x
+        x = _upsampled(ds) if source else d.inputs(ds.x) if d.inputs else ds.x
         y = d.labels(ds.y) if d.labels else ds.y
         return TaskData(x.contiguous(), y.clone())
 
@@ -308,10 +313,7 @@ class VisionSuite(TaskSuite):
     def probe_data(self, task: Task) -> TaskData:
         if not self.config.source_heads:
             return super().probe_data(task)
-        d = VISION_TASKS[task.name]
-        c = self.config
-        ds = load_dataset(d.dataset, "train", c.split_seed).subset(c.n_train, seed=c.split_seed)  # type: ignore[arg-type]
-        return TaskData(_upsampled(ds).contiguous(), d.labels(ds.y) if d.labels else ds.y.clone())
+        return self._task_split(task, "train", source=True)
 
     def record(self) -> dict[str, Any]:
         return {**super().record(), "pretrain": getattr(self, "pretrain_record", None)}

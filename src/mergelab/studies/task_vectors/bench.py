@@ -62,24 +62,25 @@ class CartSweep:
                  fuse: Callable[[str], str | None] = lambda name: None) -> None:
         first = states[0]
         self.avg: StateDict = {}
+        avg64: dict[str, torch.Tensor] = {}
         changed: dict[str, list[str]] = {}
         for name, t in first.items():
             if not t.is_floating_point():
                 self.avg[name] = t
                 continue
             ws = [s[name] for s in states]
-            avg = torch.stack([w.to(torch.float64) for w in ws]).mean(0)
-            self.avg[name] = avg.to(t.dtype)
+            avg64[name] = torch.stack([w.to(torch.float64) for w in ws]).mean(0)
+            self.avg[name] = avg64[name].to(t.dtype)
             if t.dim() == 2 and any(not torch.equal(w, ws[0]) for w in ws[1:]):
                 changed.setdefault(fuse(name) or name, []).append(name)
         #: matrix key → the tensor names whose rows it stacks
         self.groups = {key: sorted(names) for key, names in changed.items()}
         self.spectra: dict[str, list[Spectrum]] = {}
-        self._avg64: dict[str, torch.Tensor] = {}
+        # the mean of stacked rows is the stack of each tensor's mean: computed once above
+        self._avg64 = {key: torch.cat([avg64[n] for n in names]) for key, names in self.groups.items()}
         for key, names in self.groups.items():
             ws = [torch.cat([s[n].to(torch.float64) for n in names]) for s in states]
             self.spectra[key] = [spectrum(d) for d in task_matrices(ws)]
-            self._avg64[key] = torch.stack(ws).mean(0)
 
     def merge(self, rank_ratio: float, lambda_: float) -> StateDict:
         out = dict(self.avg)
@@ -126,8 +127,7 @@ class MergeBench:
         self._logits: dict[tuple[str, str, str], torch.Tensor] = {}
         self._fisher: dict[str, StateDict] = {}
         self._grams: dict[str, StateDict] = {}
-        self._cart: dict[tuple[str, ...], CartSweep] = {}
-        self._cart_qkv: dict[tuple[str, ...], CartSweep] = {}
+        self._cart: dict[tuple[tuple[str, ...], bool], CartSweep] = {}  # (tasks, q/k/v fused) -> sweep
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def accuracies(self, state: Mapping[str, torch.Tensor], tasks: Sequence[str], split: str,
@@ -201,11 +201,10 @@ class MergeBench:
         return self._grams[task]
 
     def cart(self, tasks: Sequence[str], *, fused_qkv: bool = False) -> CartSweep:
-        key = tuple(tasks)
-        cache = self._cart_qkv if fused_qkv else self._cart
-        if key not in cache:
-            cache[key] = CartSweep([self.states[t] for t in tasks], qkv_group if fused_qkv else lambda n: None)
-        return cache[key]
+        key = (tuple(tasks), fused_qkv)
+        if key not in self._cart:
+            self._cart[key] = CartSweep([self.states[t] for t in tasks], qkv_group if fused_qkv else lambda n: None)
+        return self._cart[key]
 
     def merge(self, method: str, tasks: Sequence[str], params: Params) -> StateDict:
         """The merged encoder of ``tasks`` (``method`` is a study method name, see :data:`METHODS`)."""

@@ -397,10 +397,10 @@ class RegimeCheck:
     gates: bool = True
 
 
-def regime_checks(runs: Sequence[SeedRun], seed: int, *, max_ta: float = 92.0) -> list[RegimeCheck]:
-    """The conditions under which the papers' comparison can show itself, from this run's numbers."""
+def regime_checks(runs: Sequence[SeedRun], seed: int, ta: Difference, *, max_ta: float = 92.0) -> list[RegimeCheck]:
+    """The conditions under which the papers' comparison can show itself, from this run's numbers; ``ta`` is
+    task arithmetic's mean normalised test accuracy with its CI (the method table's)."""
     wa_gain = _difference(runs, "weight_averaging", "pretrained", seed)
-    ta = _interval(runs, "task_arithmetic", seed)
     lambdas = [r.selections["task_arithmetic"].params.get("lambda") for r in runs]
     tried = [sorted({p["lambda"] for p, _ in r.selections["task_arithmetic"].trace}) for r in runs]
     interior = [bool(r.selections["task_arithmetic"].interior.get("lambda")) for r in runs]
@@ -485,7 +485,7 @@ def _result(out: Path, runs: Sequence[SeedRun], plan: Plan, timings: dict[str, f
                    "description": suite.task(t).description} for i, t in enumerate(tasks)]
     setup = Table(f"Tasks{seeds_text}", setup_rows, floatfmt="{:.4g}")
     main, breakdown, breakdown_norm, intervals = _main_tables(runs, seed)
-    checks = regime_checks(runs, seed)
+    checks = regime_checks(runs, seed, intervals["task_arithmetic"])
     regime = _regime_table(checks)
     outside = _outside(checks)
 
