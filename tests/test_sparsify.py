@@ -191,3 +191,57 @@ def test_topk_rule_applied_piece_by_piece_is_the_whole_mask() -> None:
         assert (rule.ties is not None) == (0 < density < 1)  # the straddling case is the one exercised
         pieces = [rule.apply(delta[a:a + 997], a) for a in range(0, delta.numel(), 997)]
         assert torch.equal(torch.cat(pieces), magnitude_mask(delta, density)), density
+
+
+def test_band_rule_of_distinct_magnitudes_is_a_key_interval() -> None:
+    from mergelab.methods.sparsify import band_of_keys, magnitude_keys
+
+    delta = DELTA10.float()  # |δ| 0.1 … 1.0, distinct
+    rule = band_of_keys(magnitude_keys(delta), 0.5, 0.2)  # ranks 3..7 ascending: |δ| 0.4 … 0.8
+    assert rule is not None and rule.ties is None and rule.ceiling_ties is None
+    assert rule.threshold == int(magnitude_keys(torch.tensor([0.4]))[0])
+    assert rule.ceiling == int(magnitude_keys(torch.tensor([0.8]))[0])
+    assert _idx(rule.apply(delta)) == [2, 5, 7, 8, 9]
+    assert band_of_keys(magnitude_keys(delta), 0.0, 0.2) == band_of_keys(magnitude_keys(delta), 0.05, 0.2)
+    assert _idx(band_of_keys(magnitude_keys(delta), 0.0, 0.2).apply(delta)) == []  # type: ignore[union-attr]
+    assert _idx(band_of_keys(magnitude_keys(delta), 1.0, 0.2).apply(delta)) == list(range(10))  # type: ignore[union-attr]
+
+
+def test_band_rule_of_all_equal_magnitudes_lists_the_sorts_choice_at_both_edges() -> None:
+    from mergelab.methods.sparsify import band_of_keys, magnitude_keys
+
+    delta = torch.ones(10)  # one key: both edges straddle it, the sort's ranks 4..7 are kept
+    rule = band_of_keys(magnitude_keys(delta), 0.4, 0.2)
+    assert rule is not None and rule.threshold == rule.ceiling
+    assert rule.ties is not None and rule.ceiling_ties is not None
+    assert rule.ties.tolist() == rule.ceiling_ties.tolist() == [4, 5, 6, 7]
+    assert _idx(rule.apply(delta)) == [4, 5, 6, 7]
+    pieces = [rule.apply(delta[a:a + 3], a) for a in range(0, 10, 3)]
+    assert _idx(torch.cat(pieces)) == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("seed", range(3))
+def test_band_rule_applied_piece_by_piece_is_the_whole_outlier_mask(dtype: torch.dtype, seed: int) -> None:
+    # heavy ties (bf16/fp16 magnitudes, float32 rounded to a few hundred levels, signed zeros): the edges
+    # straddle tied keys in many cases, and the rule must keep what torch's one ascending sort keeps
+    from mergelab.methods.sparsify import band_of_keys, magnitude_keys
+
+    g = torch.Generator().manual_seed(seed)
+    n, piece_sizes = [(3_001, (1, 37, 1000)), (20_001, (37, 1000)), (50_001, (1000,))][seed]
+    delta = (torch.randn(n, generator=g) * 0.002).to(dtype)
+    if dtype == torch.float32:
+        delta = (delta * 2e4).round() / 2e4
+    delta[::7] = 0.0
+    delta[::11] = -0.0
+    straddled = 0
+    for density in (0.0, 0.01, 0.3, 0.9, 0.99, 1.0):
+        for gamma in (0.0, 0.01, 0.3, 1.0):
+            whole = outlier_mask(delta, density, gamma)
+            rule = band_of_keys(magnitude_keys(delta).clone(), density, gamma, overwrite=True)
+            assert rule is not None
+            straddled += rule.ties is not None or rule.ceiling_ties is not None
+            for piece in piece_sizes:
+                pieces = [rule.apply(delta[a:a + piece], a) for a in range(0, n, piece)]
+                assert torch.equal(torch.cat(pieces), whole), (density, gamma, piece)
+    assert straddled >= 5  # the sort replay is exercised, not only key intervals

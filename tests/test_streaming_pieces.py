@@ -1,5 +1,6 @@
 """Element-wise methods stream large tensors in flat pieces: same bytes out, bounded reads, NaN counts summed.
-So do TIES (after its top-k rules) and the methods with a scalar pass (SLERP, Model Stock), after a first pass.
+So do TIES and Breadcrumbs (after their rank rules) and the methods with a scalar pass (SLERP, Model Stock,
+DARE), after a first pass.
 
 Also the I/O pieces that make it possible (flat-range reads, part-wise writes), the fast non-finite check
 and the allocator tuning of the CLI.
@@ -27,6 +28,8 @@ from mergelab.merge.params import resolve_parameters
 from mergelab.merge.plan import count_nonfinite
 from mergelab.methods import all_methods, get_method, model_stock, row_sums, slerp
 from mergelab.methods.registry import FlatSource
+from mergelab.methods.sparsify import TopK, magnitude_keys
+from mergelab.methods.task_vectors import arithmetic_dtype, task_vector
 
 Families = dict[str, tuple[Path, list[Path]]]
 ELEMENTWISE = [m for m in all_methods() if m.elementwise]
@@ -71,6 +74,50 @@ def test_elementwise_flag_holds_for_the_function(method: str) -> None:
     flat = [t.reshape(-1) for t in tensors]
     pieces = [run([t[a:a + 5] for t in flat], base.reshape(-1)[a:a + 5]) for a in range(0, base.numel(), 5)]
     assert torch.equal(torch.cat(pieces), whole)
+
+
+def test_methods_with_a_topk_pass_are_breadcrumbs_and_ties() -> None:
+    # their large tensors are merged piece by piece with each model's rank rule: keep the list explicit
+    assert [m.name for m in all_methods() if m.topk_pass is not None] == ["breadcrumbs", "breadcrumbs_ties", "ties"]
+
+
+def test_breadcrumbs_streams_without_rescale_only() -> None:
+    # the rescale divides by the L1 norms of each whole task vector before and after its mask: merged whole
+    for method in ("breadcrumbs", "breadcrumbs_ties"):
+        applies = get_method(method).topk_pass.applies  # type: ignore[union-attr]
+        assert applies({"rescale": False}) and not applies({"rescale": True})
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize(("densities", "gammas"), [((0.05, 0.5, 0.9), (0.01, 0.1, 0.0)),
+                                                   ((0.0, 1.0, 0.3), (0.2, 0.2, 1.0)), ((0.3, 0.7), (0.3, 0.01))],
+                         ids=["low", "edges", "two"])
+@pytest.mark.parametrize("piece", [1, 37, 1000])
+def test_breadcrumbs_pieces_with_rank_rules_give_the_whole_merge_bit_for_bit(
+        method: str, dtype: torch.dtype, densities: tuple[float, ...], gammas: tuple[float, ...],
+        piece: int) -> None:
+    # task vectors of a few hundred distinct magnitudes: tied keys straddle the band's edges
+    m = get_method(method)
+    assert m.topk_pass is not None
+    g = torch.Generator().manual_seed(len(densities))
+    base = torch.randn(41, 53, generator=g).to(dtype)
+    tensors = [(base + (0.002 * torch.randn(41, 53, generator=g)).bfloat16()).to(dtype) for _ in densities]
+    name = "model.layers.0.mlp.up_proj.weight"
+    settings = [{"weight": 0.3 + 0.4 * i, "density": d, "gamma": y}
+                for i, (d, y) in enumerate(zip(densities, gammas, strict=True))]
+    params = resolve_parameters(m, name, 0.0, {}, settings)
+    rules = []
+    for t, model_params in zip(tensors, params.model_params, strict=True):  # as engine._topk_rules finds them
+        delta = task_vector(t, base, arithmetic_dtype(base)).reshape(-1)
+        keys = magnitude_keys(delta)
+        rule = m.topk_pass.of_keys(keys.clone(), model_params) if keys is not None else None
+        rules.append(rule if rule is not None else TopK(None, kept=m.topk_pass.of_delta(delta, model_params)))
+    whole = merge_tensor(m, name, tensors, base=base, params=params, seed=0).reshape(-1)
+    flat = [t.reshape(-1) for t in tensors]
+    pieces = [merge_tensor(m, name, [t[a:a + piece] for t in flat], base=base.reshape(-1)[a:a + piece],
+                           params=params, seed=0, topk=rules, offset=a) for a in range(0, base.numel(), piece)]
+    assert torch.cat(pieces).view(torch.uint8).equal(whole.view(torch.uint8))
 
 
 def test_methods_with_a_scalar_pass_are_dare_model_stock_and_slerp() -> None:
@@ -244,7 +291,7 @@ def test_streamed_in_pieces_same_bytes_as_whole(families: Families, sharded_fami
             assert (whole / f).read_bytes() == (pieces / f).read_bytes(), (arch, f)
 
 
-def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_and_dare(
+def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_dare_and_breadcrumbs(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, fts = families["llama"]
     largest = max(m.nbytes for m in (open_checkpoint(base).meta(n) for n in open_checkpoint(base).names))
@@ -279,6 +326,14 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_
     _merge(tmp_path, {**_config("dare_ties", base, fts), "parameters": {"density": 0.5, "rescale_mode": "l1"}},
            "dare_ties_l1")
     assert max(reads) == largest  # with the L1 rescale (a norm of each whole dropped task vector): whole
+    reads.clear()
+    _merge(tmp_path, {**_config("breadcrumbs_ties", base, fts), "parameters": {"density": 0.5, "gamma": 0.1}},
+           "breadcrumbs_ties")
+    assert max(reads) == 64 * 4  # Breadcrumbs: its rank rules are found from pieces first, as TIES'
+    reads.clear()
+    _merge(tmp_path, {**_config("breadcrumbs", base, fts), "parameters": {"density": 0.5, "rescale": True}},
+           "breadcrumbs_rescale")
+    assert max(reads) == largest  # with the rescale (L1 norms of each whole task vector): whole
 
 
 @pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "out_dtype": "bfloat16"},
@@ -301,18 +356,26 @@ def test_ties_streamed_after_its_top_k_same_bytes_as_whole(families: Families, t
         assert (whole / f).read_bytes() == (pieces / f).read_bytes(), f
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+# per-model parameters of the methods streamed after a pass over each whole tensor: densities 0 and 1 included
+_PER_MODEL = {"dare": {"density": [0.3, 1.0, 0.05, 0.0]},
+              "breadcrumbs": {"density": [0.3, 1.0, 0.05, 0.0], "gamma": [0.05, 0.2, 0.0, 0.1]}}
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"])
 @pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "out_dtype": "bfloat16", "seed": 5},
                                    {"dtype": "float16", "parameters": {"lambda": 0.8, "normalize": True}},
-                                   {"parameters": {"rescale": False}}],
-                         ids=["float32", "bf16-seed5", "fp16-normalize", "no-rescale"])
-def test_dare_streamed_with_its_generators_carried_same_bytes_as_whole(
+                                   {"dtype": "float64"}, {"parameters": {"rescale": False}},
+                                   {"parameters": {"rescale": True}}],
+                         ids=["float32", "bf16-seed5", "fp16-normalize", "fp64", "no-rescale", "rescale"])
+def test_streamed_after_a_pass_over_each_tensor_same_bytes_as_whole(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
         extra: dict[str, Any]) -> None:
+    # DARE: generators carried from piece to piece; Breadcrumbs: rank rules found first (float64: masks made
+    # whole from the task vector); with Breadcrumbs' rescale (L1 norms of whole task vectors) merged whole
     base, fts = families["llama"]
     config = _config(method, base, fts, **extra)
     for i, m in enumerate(config["models"]):
-        m["parameters"]["density"] = [0.3, 1.0, 0.05, 0.0][i % 4]
+        m["parameters"].update({k: v[i % 4] for k, v in _PER_MODEL[method.split("_")[0]].items()})
     _whole_and_streamed(tmp_path, config, monkeypatch)
 
 

@@ -7,12 +7,13 @@ pieces of ``_PIECE_ENTRIES`` entries (read a range of every input, merge, write 
 does not grow with the model at all. TIES (per-tensor scope, no rescale) streams too, after a first pass
 over each model's task vector in pieces finds its exact top-k rule (:func:`_topk_rules`): what stays whole
 is one model's 2-byte magnitude keys of the tensor and the sort replay's work space, about 10 bytes per
-entry of the largest tensor. Methods with a scalar pass (SLERP: two norms and a dot product; Model Stock:
-its task vectors' norms and pairwise dot products, summed in torch's order) stream like the element-wise
-ones, after that pass has read the inputs in flat ranges (:func:`_flat_source`): nothing of the tensor
-stays whole. DARE (density rescale or none) streams the same way: its "scalar pass" reads nothing and makes
-each model's random generator, which the pieces draw their masks from in order (the whole draw's numbers).
-Shards are written tensor by tensor (io.writer), never
+entry of the largest tensor. Breadcrumbs (no rescale) streams the same way, its rule two-sided: the band of
+ranks its one ascending sort keeps (:func:`~mergelab.methods.sparsify.band_of_keys`). Methods with a scalar
+pass (SLERP: two norms and a dot product; Model Stock: its task vectors' norms and pairwise dot products,
+summed in torch's order) stream like the element-wise ones, after that pass has read the inputs in flat
+ranges (:func:`_flat_source`): nothing of the tensor stays whole. DARE (density rescale or none) streams the
+same way: its "scalar pass" reads nothing and makes each model's random generator, which the pieces draw
+their masks from in order (the whole draw's numbers). Shards are written tensor by tensor (io.writer), never
 buffered. Safety: everything goes to a hidden temporary folder beside OUT_DIR, renamed into place only when
 complete; on any error the temporary folder is removed and an existing OUT_DIR is left untouched.
 """
@@ -59,7 +60,7 @@ from mergelab.merge.stages import read_stage_documents, run_stages
 from mergelab.merge.thresholds import global_threshold
 from mergelab.merge.tokenizer import write_tokenizer
 from mergelab.methods.registry import FlatSource
-from mergelab.methods.sparsify import TopK, magnitude_keys, magnitude_mask, topk_of_keys
+from mergelab.methods.sparsify import TopK, magnitude_keys
 from mergelab.methods.task_vectors import arithmetic_dtype, task_vector
 from mergelab.runtime import make_progress
 
@@ -425,10 +426,11 @@ class _Piece:
 
 def _streams_with_topk(plan: MergePlan, name: str, dev: torch.device | None) -> bool:
     """Whether tensor ``name`` is merged in pieces after each model's top-k rule is found over all of it."""
-    test = plan.method.streams_with_topk
+    topk_pass = plan.method.topk_pass
     params = plan.params.get(name)
-    return (test is not None and params is not None and plan.base is not None and plan.global_densities is None
-            and (dev is None or dev.type == "cpu") and bool(test(params.params)))
+    return (topk_pass is not None and params is not None and plan.base is not None
+            and plan.global_densities is None and (dev is None or dev.type == "cpu")
+            and bool(topk_pass.applies(params.params)))
 
 
 def _streams_with_scalars(plan: MergePlan, name: str, dev: torch.device | None,
@@ -448,8 +450,8 @@ def _pieces(plan: MergePlan, entries: int, dev: torch.device | None = None,
     """Element-wise methods stream tensors larger than ``entries`` in flat pieces: neither the inputs nor
     the result of such a tensor is ever whole in memory, and the small buffers are reused by the allocator
     instead of being faulted in fresh for every tensor (which cost more than the arithmetic). So do the
-    methods that stream after a top-k (TIES), their rules found first (:func:`_topk_rules`), and those with
-    a scalar pass (SLERP), run first over the whole tensor (:func:`_flat_source`)."""
+    methods that stream after a top-k (TIES, Breadcrumbs), their rules found first (:func:`_topk_rules`), and
+    those with a scalar pass (SLERP), run first over the whole tensor (:func:`_flat_source`)."""
     pieces = []
     for name in plan.names:
         meta = plan.out_metas[name]
@@ -479,12 +481,13 @@ def _flat_source(plan: MergePlan, name: str, compute_dtype: torch.dtype | None) 
 
 
 def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, entries: int) -> list[TopK]:
-    """Each model's exact top-k of its task vector ``name``, read in flat pieces of ``entries``: only the
-    magnitude keys of one model's task vector are whole in memory (2 bytes per entry in bf16) with the
-    sort replay's work space where ties straddle the k-th rank, instead of every input and the work space
-    of a whole-tensor merge. Where keys cannot decide (NaN, float64), the task vector is made whole and
-    the rule is its mask."""
-    assert plan.base is not None
+    """Each model's exact top-k of its task vector ``name`` (the method's rank rule: TIES' top-k,
+    Breadcrumbs' band), read in flat pieces of ``entries``: only the magnitude keys of one model's task
+    vector are whole in memory (2 bytes per entry in bf16) with the sort replay's work space where ties
+    straddle a kept rank's edge, instead of every input and the work space of a whole-tensor merge. Where
+    keys cannot decide (NaN, float64), the task vector is made whole and the rule is its mask."""
+    assert plan.base is not None and plan.method.topk_pass is not None
+    topk_pass = plan.method.topk_pass
     base = plan.base
     readers, _ = plan.inputs_for(name)
     params = plan.params[name]
@@ -498,7 +501,6 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
 
     rules = []
     for reader, model_params in zip(readers, params.model_params, strict=True):
-        density = float(model_params["density"])
         keys: torch.Tensor | None = None
         for a in range(0, numel, entries):
             b = min(numel, a + entries)
@@ -509,12 +511,12 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
             if keys is None:
                 keys = torch.empty(numel, dtype=piece.dtype)
             keys[a:b] = piece
-        rule = topk_of_keys(keys, density, overwrite=True) if keys is not None else None
+        rule = topk_pass.of_keys(keys, model_params) if keys is not None else None
         del keys
         if rule is None:
             delta = torch.cat([task_vector_piece(reader, a, min(numel, a + entries))
                                for a in range(0, numel, entries)])
-            rule = TopK(None, kept=magnitude_mask(delta, density))
+            rule = TopK(None, kept=topk_pass.of_delta(delta, model_params).reshape(-1))
         rules.append(rule)
     return rules
 

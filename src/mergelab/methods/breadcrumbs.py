@@ -10,19 +10,30 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, register
-from mergelab.methods.sparsify import outlier_mask
+from mergelab.methods.registry import MergeMethod, Param, TopKPass, register
+from mergelab.methods.sparsify import TopK, band_of_keys, outlier_mask
 from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
 
 
 def breadcrumbs_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                       densities: Sequence[float], gammas: Sequence[float], *, lambda_: float = 1.0,
                       normalize: bool = False, consensus: Consensus | None = None, rescale: bool = False,
-                      dtype: torch.dtype | None = None) -> torch.Tensor:
+                      dtype: torch.dtype | None = None, topk: Sequence[TopK] | None = None,
+                      offset: int = 0) -> torch.Tensor:
     """Keep the ``density`` fraction of each task vector after removing its top ``gamma`` fraction by
     magnitude (scaled back to its L1 norm with ``rescale``, as mergekit can), then task arithmetic (or
-    TIES election with ``consensus``), computed in ``dtype`` (float32 when None)."""
+    TIES election with ``consensus``), computed in ``dtype`` (float32 when None).
+
+    ``topk`` (without rescale): each model's two-sided rank rule (:func:`~mergelab.methods.sparsify.band_of_keys`)
+    computed over the whole tensor by the engine, which then merges the tensor in flat pieces; ``offset`` is
+    where this piece starts in the flat tensor. The rescale needs the L1 norms of each whole task vector
+    before and after its mask (two more passes, summed in torch's order): with it the tensor merges whole."""
+    if topk is not None and rescale:
+        raise ValueError("breadcrumbs: per-tensor rank rules apply without rescale only")
+
     def keep(i: int, delta: torch.Tensor) -> torch.Tensor:
+        if topk is not None:
+            return topk[i].apply(delta, offset).reshape(delta.shape)
         return outlier_mask(delta, densities[i], gammas[i])
 
     return generalized_task_arithmetic(base, tensors, weights, keep=keep, rescale=rescale, consensus=consensus,
@@ -43,17 +54,22 @@ def _params() -> tuple[Param, ...]:
 
 
 _PAPER = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
+# each model's band of magnitude ranks, found over the whole task vector, then the tensor merged in pieces
+_TOPK_PASS = TopKPass(applies=lambda params: not params["rescale"],
+                      of_keys=lambda keys, p: band_of_keys(keys, p["density"], p["gamma"], overwrite=True),
+                      of_delta=lambda delta, p: outlier_mask(delta, p["density"], p["gamma"]))
 register(MergeMethod(
     name="breadcrumbs", function=breadcrumbs_merge, params=_params(),
     also_in=("mergekit",),
     summary="Drop the largest (γ) and smallest task-vector entries, keep a density fraction, sum.",
     paper=_PAPER, formula="θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i),  m_i keeps ranks (γ, γ+density] by |δ_i|",
+    topk_pass=_TOPK_PASS,
 ))
 register(MergeMethod(
     name="breadcrumbs_ties", function=breadcrumbs_merge, params=_params(), fixed={"consensus": "sum"},
     also_in=("mergekit",),
     summary="Breadcrumbs sparsification followed by TIES sign election.",
-    paper=_PAPER,
+    paper=_PAPER, topk_pass=_TOPK_PASS,
     formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̂_i)=s] δ̂_i,  s = sgn Σ_i w_i δ̂_i,  δ̂_i = m_i ⊙ δ_i "
             "(Breadcrumbs mask; ÷ Σ_i w_i [sgn(δ̂_i)=s] with normalize)",
 ))

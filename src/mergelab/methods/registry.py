@@ -145,7 +145,7 @@ class TensorInputs:
     dtype: torch.dtype | None = None
     topk: Sequence[Any] | None = None
     """Per-model top-k rules (``methods.sparsify.TopK``) over the whole tensor, when the engine streams a
-    ``streams_with_topk`` method's tensor in pieces; ``offset``: where this piece starts (flat)."""
+    ``topk_pass`` method's tensor in pieces; ``offset``: where this piece starts (flat)."""
     offset: int = 0
     source: FlatSource | None = None
     """The whole tensor's inputs, read in flat ranges, for a method's scalar pass (``scalar_pass``)."""
@@ -233,6 +233,21 @@ class ScalarPass:
 
 
 @dataclass(frozen=True)
+class TopKPass:
+    """A method's per-model magnitude-rank rules (:attr:`MergeMethod.topk_pass`)."""
+
+    applies: Callable[[Mapping[str, Any]], bool]
+    """Given a tensor's resolved global parameters: whether the rules are the merge's only whole-tensor step."""
+    of_keys: Callable[[torch.Tensor, Mapping[str, Any]], Any]
+    """``(keys, model_params)``: the rule (``methods.sparsify.TopK``) of a model's whole task vector from its
+    flat magnitude keys (``sparsify.magnitude_keys``, which it may overwrite), or None where keys cannot
+    decide (the sort must be run for real)."""
+    of_delta: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]
+    """``(delta, model_params)``: the kept entries of a model's whole task vector, where keys cannot decide
+    (NaN, float64) or ``of_keys`` returned None."""
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     name: str
     function: Callable[..., torch.Tensor]
@@ -249,11 +264,11 @@ class MergeMethod:
     """Each merged entry depends only on the inputs' entries at the same position (no norms, thresholds or
     random streams over the whole tensor), so merging any flat slice of the inputs gives exactly that slice
     of the merged tensor. The engine then streams large tensors in pieces (tests check the equality)."""
-    streams_with_topk: Callable[[Mapping[str, Any]], bool] | None = None
-    """Given a tensor's resolved global parameters: whether the method's only whole-tensor step is each
-    model's magnitude top-k of its task vector (``density`` per model), so that with those top-k rules
-    computed over the whole tensor (``TensorInputs.topk``) any flat slice merges to exactly that slice of
-    the merged tensor. The engine then streams large tensors in pieces (TIES; tests check the equality)."""
+    topk_pass: TopKPass | None = None
+    """The method's whole-tensor step, where it is only each model's magnitude-rank rule over its task
+    vector (TIES' top-k, Breadcrumbs' band of ranks), so that with those rules computed over the whole
+    tensor (``TensorInputs.topk``) any flat slice merges to exactly that slice of the merged tensor. The
+    engine then streams large tensors in pieces, the rules found first (tests check the equality)."""
     scalar_pass: ScalarPass | None = None
     """The method's whole-tensor step, where it needs only a few numbers of the whole tensor (SLERP: its
     coefficients from two norms and a dot product) before an element-wise formula: the engine then

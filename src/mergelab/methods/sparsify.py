@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from mergelab.methods.std_sort import kept_ties, matches_torch_sort, sorted_ranks
+from mergelab.methods.std_sort import band_ties, kept_ties, matches_torch_sort, sorted_ranks
 
 
 def _float_flat(x: torch.Tensor) -> torch.Tensor:
@@ -145,13 +146,17 @@ class TopK:
     """A task vector's exact top-k as a rule that any flat range of it can apply to its magnitude keys:
     keep the keys above ``threshold`` and, of those equal to it, the flat indices in ``ties`` (sorted;
     None: every tied one). ``threshold`` None keeps nothing. The engine computes one per model over a
-    whole tensor, then merges the tensor in pieces (``merge/engine.py``)."""
+    whole tensor, then merges the tensor in pieces (``merge/engine.py``). With a ``ceiling`` (Breadcrumbs,
+    :func:`band_of_keys`) the rule is two-sided: of the keys kept from below, only those under ``ceiling``
+    and, of those equal to it, the flat indices in ``ceiling_ties`` (sorted; None: every one)."""
 
     threshold: int | None
     ties: torch.Tensor | None = None
     kept: torch.Tensor | None = None
     """Where the rule could not be found from keys (NaN, float64, a torch that sorts otherwise): the
-    whole flat mask, from :func:`magnitude_mask`."""
+    whole flat mask, from :func:`magnitude_mask` (:func:`outlier_mask` for a two-sided rule)."""
+    ceiling: int | None = None
+    ceiling_ties: torch.Tensor | None = None
 
     def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
         """The kept entries of ``delta``, the flat entries ``[start, start + delta.numel())`` of the task
@@ -167,13 +172,22 @@ class TopK:
         """The kept entries of flat ``keys`` (:func:`magnitude_keys`), entries ``[start, start + n)``."""
         if self.threshold is None:
             return torch.zeros_like(keys, dtype=torch.bool)
-        if self.ties is None:
-            return keys >= self.threshold
-        mask = keys > self.threshold
-        lo, hi = torch.searchsorted(self.ties, torch.tensor([start, start + keys.numel()])).tolist()
-        if hi > lo:
-            mask[self.ties[lo:hi] - start] = True
+        mask = _one_side(keys, self.threshold, self.ties, start, above=True)
+        if self.ceiling is not None:
+            mask &= _one_side(keys, self.ceiling, self.ceiling_ties, start, above=False)
         return mask
+
+
+def _one_side(keys: torch.Tensor, edge: int, ties: torch.Tensor | None, start: int, *, above: bool) -> torch.Tensor:
+    """The keys beyond ``edge`` (above it, or below it), and of those equal to it the flat indices in
+    ``ties`` (None: all of them); ``keys`` are the flat entries ``[start, start + n)``."""
+    if ties is None:
+        return keys >= edge if above else keys <= edge
+    mask = keys > edge if above else keys < edge
+    lo, hi = torch.searchsorted(ties, torch.tensor([start, start + keys.numel()])).tolist()
+    if hi > lo:
+        mask[ties[lo:hi] - start] = True
+    return mask
 
 
 def topk_of_keys(keys: torch.Tensor, density: float, *, overwrite: bool = False) -> TopK | None:
@@ -218,6 +232,57 @@ def topk_of_keys(keys: torch.Tensor, density: float, *, overwrite: bool = False)
     return TopK(threshold, torch.from_numpy(kept).long())
 
 
+def band_of_keys(keys: torch.Tensor, density: float, gamma: float, *, overwrite: bool = False) -> TopK | None:
+    """The entries of 1-D ``keys`` (:func:`magnitude_keys`) that :func:`outlier_mask` keeps at ``density`` and
+    ``gamma``, as a two-sided rule: the ranks ``[n_bottom, n_bottom + target)`` of torch's ascending sort
+    (one sort decides the ties at both edges, as in mergekit). None where the sort must be run for real.
+    ``overwrite``: ``keys`` may serve as the sort replay's scratch space (and are then left unordered).
+
+    The keys at the two edge ranks come from one histogram for 16-bit keys, numpy's partition for 32-bit
+    ones (as in :func:`topk_of_keys`); the sort is replayed only where tied keys straddle an edge.
+    """
+    n = keys.numel()
+    if density >= 1:
+        return TopK(0)
+    start, stop = _outlier_ranks(n, density, gamma)
+    if stop == start:
+        return TopK(None)
+    if keys.dtype == torch.int16:
+        at_or_below = torch.bincount(keys, minlength=1 << 15).cumsum(0)  # [j]: entries at or below key j
+        low, high = torch.searchsorted(at_or_below, torch.tensor([start, stop - 1]), right=True).tolist()
+        below_low, up_to_high = (int(at_or_below[low - 1]) if low else 0), int(at_or_below[high])
+        del at_or_below
+    else:
+        scratch = keys.numpy().copy()
+        scratch.partition([start, stop - 1])
+        low, high = int(scratch[start]), int(scratch[stop - 1])
+        del scratch
+        below_low = int(torch.count_nonzero(keys < low))
+        up_to_high = int(torch.count_nonzero(keys <= high))
+    # the entries equal to an edge key take the ascending ranks [below, below + count): they straddle the
+    # edge when some of them fall outside [start, stop)
+    low_straddles, high_straddles = below_low < start, up_to_high > stop
+    if not (low_straddles or high_straddles):
+        return TopK(low, ceiling=high)
+    if not matches_torch_sort():
+        return None
+    ties = band_ties(keys.numpy(), start, stop, low, high, overwrite=overwrite)
+    if ties is None:
+        return None
+    low_ties, high_ties = (np.sort(t) for t in ties)
+    return TopK(low, torch.from_numpy(low_ties).long() if low_straddles else None, ceiling=high,
+                ceiling_ties=torch.from_numpy(high_ties).long() if high_straddles else None)
+
+
+def _outlier_ranks(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """The ascending ranks ``[start, stop)`` Breadcrumbs keeps of ``n`` magnitudes, with mergekit's
+    ``magnitude_outliers`` counts: ``int(density·n)`` entries, above the ``int(gamma·n)`` largest unless
+    that would leave fewer than that."""
+    target = int(density * n)
+    start = max(0, n - target - int(gamma * n))
+    return start, start + target
+
+
 def threshold_mask(delta: torch.Tensor, threshold: float) -> torch.Tensor:
     """Keep entries with ``|delta| >= threshold`` (global-scope TIES: one threshold for a whole model)."""
     return delta.abs() >= threshold
@@ -232,9 +297,8 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     n = delta.numel()
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bottom = max(0, n - target - n_top)
+    n_bottom, stop = _outlier_ranks(n, density, gamma)
+    target = stop - n_bottom
     magnitude = delta.abs()
     work = _float_flat(magnitude)
     # mergekit keeps ranks [n_bottom, n_bottom + target) of an ascending sort: where tied magnitudes

@@ -163,6 +163,19 @@ def kept_ties(keys: np.ndarray, k: int, threshold: int, *, overwrite: bool = Fal
     return idx[v == threshold]
 
 
+def band_ties(keys: np.ndarray, start: int, stop: int, low: int, high: int, *,
+              overwrite: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+    """Flat indices of the entries equal to ``low`` and of those equal to ``high`` among the ranks
+    ``[start, stop)`` of integer ``keys`` sorted ascending by torch's CPU sort (``low``, ``high``: the keys at
+    ranks ``start`` and ``stop - 1``); None as for :func:`sorted_ranks`. The rest of the range is every key
+    strictly between them, which the caller finds by comparison. ``overwrite``: ``keys`` are scratch space."""
+    ranks = _simulate(keys, start, stop, descending=False, overwrite=overwrite)
+    if ranks is None:
+        return None
+    v, idx = ranks[0][start:stop], ranks[1][start:stop]  # keys negated: ascending is descending by -key
+    return idx[v == -low], idx[v == -high]
+
+
 def _simulate(values: np.ndarray, start: int, stop: int, *, descending: bool,
               overwrite: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
     """Keys and flat indices in an order whose positions ``[start, stop)`` hold the entries torch's sort

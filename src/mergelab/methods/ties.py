@@ -10,8 +10,8 @@ from typing import Literal
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, register
-from mergelab.methods.sparsify import TopK, magnitude_mask, threshold_mask
+from mergelab.methods.registry import MergeMethod, Param, TopKPass, register
+from mergelab.methods.sparsify import TopK, magnitude_mask, threshold_mask, topk_of_keys
 from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
 
 
@@ -72,7 +72,9 @@ register(MergeMethod(
         Param("rescale", bool, False, help="scale each trimmed task vector back to its L1 norm (mergekit)"),
         Param("int8_mask", bool, False, arg=None, help="accepted for mergekit compatibility; masks are boolean here"),
     ),
-    streams_with_topk=lambda params: params["scope"] == "tensor" and not params["rescale"],
+    topk_pass=TopKPass(applies=lambda params: params["scope"] == "tensor" and not params["rescale"],
+                       of_keys=lambda keys, p: topk_of_keys(keys, p["density"], overwrite=True),
+                       of_delta=lambda delta, p: magnitude_mask(delta, p["density"])),
     summary="Trim each task vector to its top-k entries, elect a sign per entry, average those that agree.",
     paper="Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
     formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̂_i)=γ] δ̂_i / Σ_i w_i [sgn(δ̂_i)=γ],  γ = sgn Σ_i w_i δ̂_i",
