@@ -1,6 +1,6 @@
 """Element-wise methods stream large tensors in flat pieces: same bytes out, bounded reads, NaN counts summed.
 So do TIES and Breadcrumbs (after their rank rules) and the methods with a scalar pass (SLERP, Model Stock,
-DARE), after a first pass.
+DARE, DELLA in pieces of whole rows), after a first pass.
 
 Also the I/O pieces that make it possible (flat-range reads, part-wise writes), the fast non-finite check
 and the allocator tuning of the CLI.
@@ -8,6 +8,8 @@ and the allocator tuning of the CLI.
 
 from __future__ import annotations
 
+import itertools
+import math
 import platform
 import subprocess
 import sys
@@ -120,14 +122,15 @@ def test_breadcrumbs_pieces_with_rank_rules_give_the_whole_merge_bit_for_bit(
     assert torch.cat(pieces).view(torch.uint8).equal(whole.view(torch.uint8))
 
 
-def test_methods_with_a_scalar_pass_are_dare_model_stock_and_slerp() -> None:
+def test_methods_with_a_scalar_pass_are_dare_della_model_stock_and_slerp() -> None:
     # their large tensors are merged piece by piece with the scalar pass's result: keep the list explicit
-    assert [m.name for m in WITH_SCALAR_PASS] == ["dare_linear", "dare_ties", "model_stock", "slerp"]
+    assert [m.name for m in WITH_SCALAR_PASS] == ["dare_linear", "dare_ties", "della", "della_linear", "model_stock",
+                                                  "slerp"]
 
 
-def test_dare_streams_with_the_density_rescale_or_none_not_the_l1_one() -> None:
+def test_dare_and_della_stream_with_the_density_rescale_or_none_not_the_l1_one() -> None:
     # the L1 rescale divides by a norm of each whole dropped task vector: merged whole
-    for method in ("dare_linear", "dare_ties"):
+    for method in ("dare_linear", "dare_ties", "della", "della_linear"):
         applies = get_method(method).scalar_pass.applies  # type: ignore[union-attr]
         assert applies({"rescale": True, "rescale_mode": "density"}, torch.bfloat16)
         assert applies({"rescale": False, "rescale_mode": "l1"}, torch.float32)
@@ -165,8 +168,10 @@ def test_scalar_pass_then_flat_pieces_give_the_whole_merge_bit_for_bit(
     whole = merge_tensor(m, name, tensors, base=base, params=params, seed=0).reshape(-1)
     scalars = tensor_scalars(m, name, FlatSource.of(base, tensors), params=params)
     flat = [t.reshape(-1) for t in tensors]
-    pieces = [merge_tensor(m, name, [t[a:a + 37] for t in flat], base=base.reshape(-1)[a:a + 37], params=params,
-                           seed=0, scalars=scalars, offset=a) for a in range(0, base.numel(), 37)]
+    unit = m.scalar_pass.unit  # type: ignore[union-attr]
+    n = 37 if unit is None else 2 * unit(tuple(base.shape))  # DELLA: two whole rows
+    pieces = [merge_tensor(m, name, [t[a:a + n] for t in flat], base=base.reshape(-1)[a:a + n], params=params,
+                           seed=0, scalars=scalars, offset=a) for a in range(0, base.numel(), n)]
     assert torch.cat(pieces).view(torch.uint8).equal(whole.view(torch.uint8))
 
 
@@ -202,6 +207,80 @@ def test_dare_pieces_drawn_in_order_give_the_whole_merge_bit_for_bit(
                                params=params, seed=seed, scalars=scalars, offset=a)
                   for a in range(0, base.numel(), piece)]
         assert torch.cat(pieces).view(torch.uint8).equal(whole.view(torch.uint8)), seed
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("densities", [(0.2, 0.5, 0.8), (0.0, 1.0, 0.3), (0.3, 0.7)], ids=["low", "edges", "two"])
+@pytest.mark.parametrize(("shape", "rows"), [((41, 53), [1, 3, 40]), ((6, 5, 3, 2), [1, 4])], ids=["2d", "4d"])
+def test_della_pieces_of_whole_rows_drawn_in_order_give_the_whole_merge_bit_for_bit(
+        method: str, dtype: torch.dtype, densities: tuple[float, ...], shape: tuple[int, ...],
+        rows: list[int]) -> None:
+    # keep probabilities from the magnitude ranks within each row (dim 1; a 4-D tensor's rows are strided,
+    # inside one slice along dim 0), ties included: bf16 magnitudes of a few hundred values
+    m = get_method(method)
+    g = torch.Generator().manual_seed(len(densities))
+    base = torch.randn(shape, generator=g).to(dtype)
+    tensors = [(base + (0.01 * torch.randn(shape, generator=g)).bfloat16()).to(dtype) for _ in densities]
+    name = "model.layers.0.mlp.up_proj.weight"
+    settings = [{"weight": 0.3 + 0.4 * i, "density": d, "epsilon": min(d, 1 - d, 0.15) / 2}
+                for i, d in enumerate(densities)]
+    params = resolve_parameters(m, name, 0.0, {}, settings)
+    flat = [t.reshape(-1) for t in tensors]
+    slab = math.prod(shape[1:])
+    for seed, per_piece in itertools.product((0, 11), rows):
+        piece = per_piece * slab
+        whole = merge_tensor(m, name, tensors, base=base, params=params, seed=seed).reshape(-1)
+        scalars = tensor_scalars(m, name, FlatSource.of(base, tensors), params=params, seed=seed)
+        pieces = [merge_tensor(m, name, [t[a:a + piece] for t in flat], base=base.reshape(-1)[a:a + piece],
+                               params=params, seed=seed, scalars=scalars, offset=a)
+                  for a in range(0, base.numel(), piece)]
+        assert torch.cat(pieces).view(torch.uint8).equal(whole.view(torch.uint8)), (seed, per_piece)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_carried_generators_refuse_pieces_out_of_order_or_repeated(method: str) -> None:
+    # the generators advance with every draw: a piece merged out of order or twice would draw other coins
+    m = get_method(method)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 10, generator=g)
+    tensors = [base + 0.1 * torch.randn(6, 10, generator=g) for _ in range(2)]
+    name = "model.layers.0.mlp.up_proj.weight"
+    params = resolve_parameters(m, name, 0.0, {}, [{"density": 0.5, "epsilon": 0.1}] * 2)
+    flat = [t.reshape(-1) for t in tensors]
+
+    def merge(scalars: Any, a: int, b: int) -> torch.Tensor:
+        return merge_tensor(m, name, [t[a:b] for t in flat], base=base.reshape(-1)[a:b], params=params, seed=0,
+                            scalars=scalars, offset=a)
+
+    def fresh() -> Any:
+        return tensor_scalars(m, name, FlatSource.of(base, tensors), params=params)
+
+    expected = "must be merged in order, each once: the next one starts at flat entry"
+    with pytest.raises(ValueError, match=f"{expected} 0 of 60, got 20 entries at 20"):
+        merge(fresh(), 20, 40)  # the first piece skipped
+    scalars = fresh()
+    merge(scalars, 0, 20)
+    with pytest.raises(ValueError, match=f"{expected} 20 of 60, got 20 entries at 0"):
+        merge(scalars, 0, 20)  # the same piece again
+    merge(scalars, 20, 60)
+    with pytest.raises(ValueError, match=f"{expected} 60 of 60, got 20 entries at 40"):
+        merge(scalars, 40, 60)  # after the last piece
+    scalars = fresh()  # a new scalar pass merges the tensor again, with the whole draw's coins
+    whole = merge_tensor(m, name, tensors, base=base, params=params, seed=0).reshape(-1)
+    assert torch.equal(torch.cat([merge(scalars, 0, 30), merge(scalars, 30, 60)]), whole)
+
+
+def test_della_refuses_pieces_that_cut_a_row() -> None:
+    m = get_method("della")
+    base = torch.zeros(6, 10)
+    tensors = [base + 0.1, base - 0.2]
+    name = "model.layers.0.mlp.up_proj.weight"
+    params = resolve_parameters(m, name, 0.0, {}, [{"density": 0.5, "epsilon": 0.1}] * 2)
+    scalars = tensor_scalars(m, name, FlatSource.of(base, tensors), params=params)
+    with pytest.raises(ValueError, match=r"must hold whole slices along dim 0 \(10 entries each\), got 15 entries"):
+        merge_tensor(m, name, [t.reshape(-1)[:15] for t in tensors], base=base.reshape(-1)[:15], params=params,
+                     seed=0, scalars=scalars, offset=0)
 
 
 def _same_files(whole: Path, pieces: Path) -> None:
@@ -291,7 +370,7 @@ def test_streamed_in_pieces_same_bytes_as_whole(families: Families, sharded_fami
             assert (whole / f).read_bytes() == (pieces / f).read_bytes(), (arch, f)
 
 
-def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_dare_and_breadcrumbs(
+def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_dare_della_and_breadcrumbs(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, fts = families["llama"]
     largest = max(m.nbytes for m in (open_checkpoint(base).meta(n) for n in open_checkpoint(base).names))
@@ -327,6 +406,9 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_
            "dare_ties_l1")
     assert max(reads) == largest  # with the L1 rescale (a norm of each whole dropped task vector): whole
     reads.clear()
+    _merge(tmp_path, {**_config("della", base, fts), "parameters": {"density": 0.5, "epsilon": 0.1}}, "della")
+    assert max(reads) == 64 * 4  # DELLA: pieces of whole rows (here 1–2 rows of 64 or 32 entries)
+    reads.clear()
     _merge(tmp_path, {**_config("breadcrumbs_ties", base, fts), "parameters": {"density": 0.5, "gamma": 0.1}},
            "breadcrumbs_ties")
     assert max(reads) == 64 * 4  # Breadcrumbs: its rank rules are found from pieces first, as TIES'
@@ -358,10 +440,12 @@ def test_ties_streamed_after_its_top_k_same_bytes_as_whole(families: Families, t
 
 # per-model parameters of the methods streamed after a pass over each whole tensor: densities 0 and 1 included
 _PER_MODEL = {"dare": {"density": [0.3, 1.0, 0.05, 0.0]},
+              "della": {"density": [0.3, 1.0, 0.2, 0.0], "epsilon": [0.1, 0.15, 0.05, 0.0]},
               "breadcrumbs": {"density": [0.3, 1.0, 0.05, 0.0], "gamma": [0.05, 0.2, 0.0, 0.1]}}
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs",
+                                    "breadcrumbs_ties"])
 @pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "out_dtype": "bfloat16", "seed": 5},
                                    {"dtype": "float16", "parameters": {"lambda": 0.8, "normalize": True}},
                                    {"dtype": "float64"}, {"parameters": {"rescale": False}},
@@ -370,8 +454,9 @@ _PER_MODEL = {"dare": {"density": [0.3, 1.0, 0.05, 0.0]},
 def test_streamed_after_a_pass_over_each_tensor_same_bytes_as_whole(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
         extra: dict[str, Any]) -> None:
-    # DARE: generators carried from piece to piece; Breadcrumbs: rank rules found first (float64: masks made
-    # whole from the task vector); with Breadcrumbs' rescale (L1 norms of whole task vectors) merged whole
+    # DARE: generators carried from piece to piece; DELLA too, in pieces of whole rows (its 1-D tensors whole);
+    # Breadcrumbs: rank rules found first (float64: masks made whole from the task vector); with Breadcrumbs'
+    # rescale (L1 norms of whole task vectors) merged whole
     base, fts = families["llama"]
     config = _config(method, base, fts, **extra)
     for i, m in enumerate(config["models"]):

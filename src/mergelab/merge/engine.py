@@ -13,7 +13,8 @@ pass (SLERP: two norms and a dot product; Model Stock: its task vectors' norms a
 summed in torch's order) stream like the element-wise ones, after that pass has read the inputs in flat
 ranges (:func:`_flat_source`): nothing of the tensor stays whole. DARE (density rescale or none) streams the
 same way: its "scalar pass" reads nothing and makes each model's random generator, which the pieces draw
-their masks from in order (the whole draw's numbers). Shards are written tensor by tensor (io.writer), never
+their masks from in order (the whole draw's numbers); so does DELLA, in pieces of whole rows (its keep
+probabilities are ranked within rows: :func:`_piece_unit`). Shards are written tensor by tensor (io.writer), never
 buffered. Safety: everything goes to a hidden temporary folder beside OUT_DIR, renamed into place only when
 complete; on any error the temporary folder is removed and an existing OUT_DIR is left untouched.
 """
@@ -442,7 +443,16 @@ def _streams_with_scalars(plan: MergePlan, name: str, dev: torch.device | None,
         return False
     stored = plan.reference.meta(name).dtype
     dtype = compute_dtype or (torch.float32 if stored in FLOAT8_DTYPES else stored)  # as core.prepared makes it
-    return bool(scalar_pass.applies(params.params, dtype))
+    return bool(scalar_pass.applies(params.params, dtype)) and _piece_unit(plan, name) is not None
+
+
+def _piece_unit(plan: MergePlan, name: str) -> int | None:
+    """The entries a piece of tensor ``name`` must hold a whole number of (1: any flat range), or None where
+    the method's scalar pass says it merges whole (DELLA's tensors of fewer than 2 dims: one ranked row)."""
+    scalar_pass = plan.method.scalar_pass
+    if scalar_pass is None or scalar_pass.unit is None:
+        return 1
+    return scalar_pass.unit(tuple(plan.out_metas[name].shape))
 
 
 def _pieces(plan: MergePlan, entries: int, dev: torch.device | None = None,
@@ -451,18 +461,24 @@ def _pieces(plan: MergePlan, entries: int, dev: torch.device | None = None,
     the result of such a tensor is ever whole in memory, and the small buffers are reused by the allocator
     instead of being faulted in fresh for every tensor (which cost more than the arithmetic). So do the
     methods that stream after a top-k (TIES, Breadcrumbs), their rules found first (:func:`_topk_rules`), and
-    those with a scalar pass (SLERP), run first over the whole tensor (:func:`_flat_source`)."""
+    those with a scalar pass (SLERP), run first over the whole tensor (:func:`_flat_source`), in pieces of
+    whole units where the method asks for them (DELLA: whole slices along dim 0, at least one)."""
     pieces = []
     for name in plan.names:
         meta = plan.out_metas[name]
         numel = meta.nbytes // meta.dtype.itemsize
-        streamed = (plan.method.elementwise or _streams_with_topk(plan, name, dev)
-                    or _streams_with_scalars(plan, name, dev, compute_dtype))
+        by_scalars = not plan.method.elementwise and _streams_with_scalars(plan, name, dev, compute_dtype)
+        streamed = plan.method.elementwise or _streams_with_topk(plan, name, dev) or by_scalars
         if not streamed or numel <= entries or name in plan.input_models:
             pieces.append(_Piece(name, meta.nbytes))
             continue
-        for a in range(0, numel, entries):
-            b = min(numel, a + entries)
+        unit = (_piece_unit(plan, name) or 1) if by_scalars else 1
+        step = max(unit, entries // unit * unit)
+        if step >= numel:
+            pieces.append(_Piece(name, meta.nbytes))
+            continue
+        for a in range(0, numel, step):
+            b = min(numel, a + step)
             pieces.append(_Piece(name, (b - a) * meta.dtype.itemsize, a, b))
     return pieces
 

@@ -11,12 +11,14 @@ the delta; ``rescale_mode: l1`` reproduces that. The mask comes from a seeded CP
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, ScalarPass, register
+from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, register
 from mergelab.methods.sparsify import bernoulli_mask, drop_work_dtype, generator_for, match_l1
 from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
 
@@ -24,11 +26,35 @@ KeepProbability = Callable[[int, torch.Tensor], "float | torch.Tensor"]
 """``(model_index, delta) -> keep probability``: one number (DARE) or one value per entry (DELLA)."""
 
 
+@dataclass
+class CarriedGenerators:
+    """The scalar pass of a random drop (DARE, DELLA) for a tensor merged in flat pieces: each model's
+    generator, carried from piece to piece, and where the next piece must start. A generator advances with
+    every draw, so a piece merged out of order, twice or not at all would silently draw other coins than the
+    whole tensor's: :meth:`take` refuses it. ``shape``: the whole tensor's."""
+
+    generators: list[torch.Generator]
+    shape: tuple[int, ...]
+    position: int = 0
+
+    def take(self, method: str, offset: int, numel: int) -> list[torch.Generator]:
+        """The generators for the piece of ``numel`` entries at flat ``offset``, which must be the next one."""
+        total = math.prod(self.shape)
+        if offset != self.position or offset + numel > total:
+            raise ValueError(f"{method}: the pieces of a tensor with carried generators must be merged in order, "
+                             f"each once: the next one starts at flat entry {self.position} of {total}, got "
+                             f"{numel} entries at {offset}; make a new scalar pass to merge the tensor again")
+        self.position += numel
+        return self.generators
+
+
 def random_drop_sparsifier(densities: Sequence[float], keep_probability: KeepProbability, seed: int, *,
-                           rescale: bool = True, rescale_mode: str = "density") -> Sparsifier:
+                           rescale: bool = True, rescale_mode: str = "density",
+                           generators: Sequence[torch.Generator] | None = None) -> Sparsifier:
     """Keep entry ``j`` of model ``i``'s delta with probability ``p_ij = keep_probability(i, δ_i)`` (a coin
-    from the seeded generator of (tensor, model)), then rescale the kept ones by ``1 / p_ij`` (``"density"``,
-    unbiased) or by ``‖δ‖₁ / ‖m ⊙ δ‖₁`` (``"l1"``, mergekit). ``densities[i]`` of 1 keeps, 0 drops all."""
+    from the seeded generator of (tensor, model), or ``generators[i]`` carried from an earlier piece), then
+    rescale the kept ones by ``1 / p_ij`` (``"density"``, unbiased) or by ``‖δ‖₁ / ‖m ⊙ δ‖₁`` (``"l1"``,
+    mergekit). ``densities[i]`` of 1 keeps, 0 drops all."""
     if rescale_mode not in ("density", "l1"):
         raise ValueError(f"rescale_mode must be 'density' or 'l1', got {rescale_mode!r}")
 
@@ -39,7 +65,8 @@ def random_drop_sparsifier(densities: Sequence[float], keep_probability: KeepPro
         if density <= 0:
             return torch.zeros_like(delta)
         p = keep_probability(i, delta)
-        mask = bernoulli_mask(delta.shape, p, generator_for(seed, i), device=delta.device)
+        generator = generators[i] if generators is not None else generator_for(seed, i)
+        mask = bernoulli_mask(delta.shape, p, generator, device=delta.device)
         if not rescale:
             return delta.masked_fill_(~mask, 0)  # in place on the caller's fresh copy (see Sparsifier)
         # rescaled in mergekit's working dtype (float16 deltas in float32), then rounded back, as mergekit does
@@ -64,7 +91,7 @@ def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
                densities: Sequence[float], *, seed: int, consensus: Consensus | None = None,
                normalize: bool = False, lambda_: float = 1.0, rescale: bool = True,
                rescale_mode: str = "density", dtype: torch.dtype | None = None,
-               scalars: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+               scalars: CarriedGenerators | None = None, offset: int = 0) -> torch.Tensor:
     """DARE on one tensor: ``δ̃_i = m_i ⊙ δ_i / p_i`` with ``m_i ~ Bernoulli(p_i)``, ``p_i = density``,
     then task arithmetic (``consensus=None``, dare_linear) or TIES' sign election (``"sum"``, dare_ties),
     computed in ``dtype`` (float32 when None).
@@ -77,9 +104,11 @@ def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
 
     ``scalars`` (:func:`dare_generators`, when the engine streams the tensor in flat pieces): each model's
     generator, advanced by this piece's draws, so that the pieces, merged in order, draw the whole tensor's
-    masks (a CPU generator drawn in consecutive ranges gives the numbers of one whole draw)."""
-    if scalars is not None and not _streams({"rescale": rescale, "rescale_mode": rescale_mode}, torch.float32):
+    masks (a CPU generator drawn in consecutive ranges gives the numbers of one whole draw). ``offset``: where
+    this piece starts in the flat tensor; a piece out of order or merged twice is refused."""
+    if scalars is not None and not drops_in_pieces({"rescale": rescale, "rescale_mode": rescale_mode}, torch.float32):
         raise ValueError("dare: masks drawn piece by piece apply to rescale_mode: density (or no rescale) only")
+    generators = scalars.take("dare", offset, base.numel()) if scalars is not None else None
     if rescale_mode == "l1" and rescale:
         sparsify = dare_sparsifier(densities, seed, rescale=rescale, rescale_mode=rescale_mode)
         return generalized_task_arithmetic(base, tensors, weights, sparsify=sparsify, consensus=consensus,
@@ -88,7 +117,7 @@ def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
         raise ValueError(f"rescale_mode must be 'density' or 'l1', got {rescale_mode!r}")
 
     def keep(i: int, delta: torch.Tensor) -> torch.Tensor:
-        generator = scalars[i] if scalars is not None else generator_for(seed, i)
+        generator = generators[i] if generators is not None else generator_for(seed, i)
         return dare_mask(delta.shape, densities[i], generator, device=delta.device)
 
     divisors = [p if rescale and 0 < p < 1 else 1.0 for p in densities]
@@ -96,14 +125,15 @@ def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
                                        normalize=normalize, lambda_=lambda_, dtype=dtype)
 
 
-def dare_generators(seed: int, densities: Sequence[float]) -> list[torch.Generator]:
-    """DARE's "scalar pass": nothing of the tensor is read, only each model's generator is made, which the
-    pieces of the tensor then draw from in turn (:func:`dare_merge`'s ``scalars``)."""
-    return [generator_for(seed, i) for i in range(len(densities))]
+def dare_generators(source: FlatSource, seed: int, densities: Sequence[float]) -> CarriedGenerators:
+    """DARE's "scalar pass": nothing of the tensor is read (``source`` gives its shape), only each model's
+    generator is made, which the pieces of the tensor then draw from in turn (:func:`dare_merge`'s ``scalars``)."""
+    return CarriedGenerators([generator_for(seed, i) for i in range(len(densities))], source.shape)
 
 
-def _streams(params: Mapping[str, Any], dtype: torch.dtype) -> bool:
-    """The masks are the only whole-tensor step (no L1 norm of a whole task vector): merged in pieces."""
+def drops_in_pieces(params: Mapping[str, Any], dtype: torch.dtype) -> bool:
+    """The coins are the only whole-tensor step of a random drop (DARE; DELLA: with its per-row ranks), with
+    the density rescale or none (no L1 norm of a whole task vector): merged in pieces."""
     return not params["rescale"] or params["rescale_mode"] == "density"
 
 
@@ -141,7 +171,7 @@ register(MergeMethod(
     name="dare_linear", function=dare_merge, params=_params(False),
     also_in=("mergekit", "FusionBench"),
     summary="Randomly drop task-vector entries (keep prob. p), rescale by 1/p, then task arithmetic.",
-    paper=_PAPER, randomized=True, scalar_pass=ScalarPass(dare_generators, applies=_streams),
+    paper=_PAPER, randomized=True, scalar_pass=ScalarPass(dare_generators, applies=drops_in_pieces),
     formula="θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i) / p_i,  m_i ~ Bernoulli(p_i)",
 ))
 register(MergeMethod(
@@ -149,7 +179,7 @@ register(MergeMethod(
     also_in=("mergekit", "FusionBench"),
     summary="DARE drop-and-rescale followed by TIES sign election and disjoint merge.",
     paper=_PAPER + "; Yadav et al. 2023, TIES (arXiv:2306.01708)", randomized=True,
-    scalar_pass=ScalarPass(dare_generators, applies=_streams),
+    scalar_pass=ScalarPass(dare_generators, applies=drops_in_pieces),
     formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̃_i)=γ] δ̃_i,  γ = sgn Σ_i w_i δ̃_i,  δ̃_i = m_i ⊙ δ_i / p_i "
             "(÷ Σ_i w_i [sgn(δ̃_i)=γ] with normalize)",
 ))

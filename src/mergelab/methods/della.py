@@ -19,12 +19,19 @@ for bit, float16 and bfloat16 included (tests/test_mergekit_conformance.py repla
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from mergelab.methods.dare import random_drop_params, random_drop_sparsifier
-from mergelab.methods.registry import MergeMethod, Param, register
+from mergelab.methods.dare import (
+    CarriedGenerators,
+    dare_generators,
+    drops_in_pieces,
+    random_drop_params,
+    random_drop_sparsifier,
+)
+from mergelab.methods.registry import MergeMethod, Param, ScalarPass, register
 from mergelab.methods.sparsify import drop_work_dtype
 from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
 
@@ -63,29 +70,59 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
 
 
 def della_sparsifier(densities: Sequence[float], epsilons: Sequence[float], seed: int, *, rescale: bool = True,
-                     rescale_mode: str = "density") -> Sparsifier:
+                     rescale_mode: str = "density",
+                     generators: Sequence[torch.Generator] | None = None) -> Sparsifier:
     """MagPrune for model ``i``: keep entry ``j`` with probability ``p_j`` (:func:`magprune_probabilities`),
     then rescale survivors by ``1 / p_j`` (``"density"``, the paper) or by ``‖δ‖₁ / ‖m ⊙ δ‖₁`` (``"l1"``,
-    mergekit)."""
+    mergekit). ``generators``: each model's, carried from an earlier piece (else made from ``seed``)."""
     for density, epsilon in zip(densities, epsilons, strict=True):
         check_epsilon(density, epsilon)
     return random_drop_sparsifier(
         densities, lambda i, delta: magprune_probabilities(delta, densities[i], epsilons[i]), seed,
-        rescale=rescale, rescale_mode=rescale_mode)
+        rescale=rescale, rescale_mode=rescale_mode, generators=generators)
 
 
 def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                 densities: Sequence[float], epsilons: Sequence[float], *, seed: int,
                 consensus: Consensus | None = "sum", normalize: bool = True, lambda_: float = 1.0,
-                rescale: bool = True, rescale_mode: str = "density",
-                dtype: torch.dtype | None = None) -> torch.Tensor:
+                rescale: bool = True, rescale_mode: str = "density", dtype: torch.dtype | None = None,
+                scalars: CarriedGenerators | None = None, offset: int = 0) -> torch.Tensor:
     """DELLA on one tensor: ``δ̃_i = m_i ⊙ δ_i / p_i`` with ``m_i ~ Bernoulli(p_i)`` and ``p_i`` from the
     magnitude ranks of ``δ_i`` (MagPrune), then TIES' sign election and disjoint mean (``consensus="sum"``,
     della) or task arithmetic (``consensus=None``, della_linear), computed in ``dtype`` (float32 when None).
+
+    ``scalars`` (:func:`~mergelab.methods.dare.dare_generators`, when the engine streams the tensor in flat
+    pieces): each model's generator carried from piece to piece, as DARE's. Each entry's keep probability
+    depends only on its row (the entries along dim 1 that share its other indices), so a piece of whole
+    slices along dim 0 (:func:`slab_entries`; ``offset``: where it starts in the flat tensor) ranks exactly
+    what the whole tensor ranks there, and everything after the coins is element-wise: the pieces, merged in
+    order, make the bytes of the whole-tensor merge. The L1 rescale needs each whole dropped task vector:
+    merged whole.
     """
-    sparsify = della_sparsifier(densities, epsilons, seed, rescale=rescale, rescale_mode=rescale_mode)
-    return generalized_task_arithmetic(base, tensors, weights, sparsify=sparsify, consensus=consensus,
-                                       normalize=normalize, lambda_=lambda_, dtype=dtype)
+    flat_shape = base.shape
+    generators = None
+    if scalars is not None:
+        if not drops_in_pieces({"rescale": rescale, "rescale_mode": rescale_mode}, torch.float32):
+            raise ValueError("della: coins drawn piece by piece apply to rescale_mode: density (or no rescale) only")
+        slab = slab_entries(scalars.shape)
+        if slab is None or offset % slab or base.numel() % slab:
+            raise ValueError(f"della: a piece of a tensor of shape {list(scalars.shape)} merged with carried "
+                             f"generators must hold whole slices along dim 0 ({slab} entries each), got "
+                             f"{base.numel()} entries at flat entry {offset}")
+        generators = scalars.take("della", offset, base.numel())
+        rows = (-1, *scalars.shape[1:])
+        base, tensors = base.reshape(rows), [t.reshape(rows) for t in tensors]
+    sparsify = della_sparsifier(densities, epsilons, seed, rescale=rescale, rescale_mode=rescale_mode,
+                                generators=generators)
+    merged = generalized_task_arithmetic(base, tensors, weights, sparsify=sparsify, consensus=consensus,
+                                         normalize=normalize, lambda_=lambda_, dtype=dtype)
+    return merged.reshape(flat_shape)
+
+
+def slab_entries(shape: Sequence[int]) -> int | None:
+    """Entries of one slice along dim 0 of a tensor of ``shape``, the unit DELLA streams in: every row it
+    ranks (along dim 1) lies inside one such slice. None for a tensor of fewer than 2 dims (one row)."""
+    return math.prod(shape[1:]) if len(shape) >= 2 and math.prod(shape[1:]) > 0 else None
 
 
 def _params(normalize_default: bool) -> tuple[Param, ...]:
@@ -98,18 +135,21 @@ def _params(normalize_default: bool) -> tuple[Param, ...]:
 
 
 _PAPER = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
+# streamed in pieces of whole dim-0 slices, each model's generator carried from piece to piece
+_SCALAR_PASS = ScalarPass(dare_generators, applies=drops_in_pieces, unit=slab_entries)
 _DROP = "m_i ~ Bernoulli(p_i), p_ij = density − ε + 2ε rank_j / (n − 1) by |δ_ij| within its row"
 
 register(MergeMethod(
     name="della", function=della_merge, params=_params(True),
     summary="Magnitude-ranked random drop (MagPrune), rescale, then TIES sign election and disjoint mean.",
     paper=_PAPER + "; Yadav et al. 2023, TIES (arXiv:2306.01708)", randomized=True, also_in=("mergekit",),
+    scalar_pass=_SCALAR_PASS,
     formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̃_i)=γ] δ̃_i / Σ_i w_i [sgn(δ̃_i)=γ],  γ = sgn Σ_i w_i δ̃_i,  "
             f"δ̃_i = m_i ⊙ δ_i / p_i,  {_DROP}",
 ))
 register(MergeMethod(
     name="della_linear", function=della_merge, params=_params(False), fixed={"consensus": None},
     summary="Magnitude-ranked random drop (MagPrune), rescale, then task arithmetic.",
-    paper=_PAPER, randomized=True, also_in=("mergekit",),
+    paper=_PAPER, randomized=True, also_in=("mergekit",), scalar_pass=_SCALAR_PASS,
     formula=f"θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i) / p_i,  {_DROP}",
 ))

@@ -230,6 +230,9 @@ class ScalarPass:
     applies: Callable[[Mapping[str, Any], torch.dtype], bool] = _always
     """Given a tensor's resolved global parameters and the dtype its inputs reach the method in (the
     config's ``dtype``, else the checkpoint's): whether the scalar pass covers that merge."""
+    unit: Callable[[tuple[int, ...]], int | None] | None = None
+    """Given a tensor's shape: the entries each piece must hold a whole number of (DELLA: one slice along
+    dim 0, where its rows are ranked), or None where the tensor merges whole; no ``unit``: any flat range."""
 
 
 @dataclass(frozen=True)
