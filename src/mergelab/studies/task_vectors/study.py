@@ -135,7 +135,7 @@ def make_suite(name: str, *, quick: bool, seed: int) -> tuple[TaskSuite, Plan]:
                         cart_lambdas=(0.5, 1.0, 2.0), svd_lambdas=(0.5, 1.0, 1.5), sweep_test_all=False,
                         scaling_ts=(2, 4, 6), scaling_subsets=1, scaling_cart_ranks=(0.08, 0.16),
                         scaling_cart_lambdas=(1.0, 2.0), fisher_examples=48, gram_examples=256, n_seeds=3,
-                        parallel_seeds=2)
+                        parallel_seeds=3)  # 3 seeds at once on 2 cores: seeds in twos left one core idle for the third
             return TextSuite(cfg, recipe, seed=seed), plan
         cfg = TextConfig(n_train=192, n_val=32, n_test=48, max_len=40)
         recipe = FinetuneRecipe(steps=30, batch_size=16, lr=1e-4, weight_decay=0.01, probe_examples=192,
