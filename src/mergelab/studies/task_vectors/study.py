@@ -128,7 +128,7 @@ def make_suite(name: str, *, quick: bool, seed: int) -> tuple[TaskSuite, Plan]:
         if not quick:
             # six tasks from six corpora at a CLIP-like small lr (the 1e-5–3e-5); heads are linear
             # probes on the task's own texts, as in the quick suite. Scaling at T = 3 and 6 only: a MiniLM
-            # encoder has ~14× the vision ViT's parameters per token, and each subset repeats every selection
+            # encoder has ~13× the vision ViT's parameters per token, and each subset repeats every selection
             cfg = dataclasses.replace(TEXT_BENCHMARK, max_len=48)
             recipe = FinetuneRecipe(steps=300, batch_size=32, lr=2e-5, weight_decay=0.01, probe_examples=512)
             plan = Plan(ta_lambdas=(0.2, 0.3, 0.5, 0.8), ties_lambdas=(0.3, 0.5, 1.0),
