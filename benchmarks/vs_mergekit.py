@@ -171,23 +171,27 @@ def import_seconds() -> float:
 
 
 def io_floor(paths: list[Path], out_bytes: int, scratch: Path) -> float:
-    """Seconds to read every input file once and write ``out_bytes`` (the floor for a streamed merge)."""
+    """Seconds to read every input file once and write ``out_bytes`` (the floor for a streamed merge).
+
+    One 16 MiB buffer serves every read and every write: a fresh zero-filled ``bytearray`` per read and a sliced
+    copy of the block per write had made the floor itself 2.3x as long at 3 x 0.5 GB (0.75 s against 0.32 s,
+    medians of 5 alternating runs, load ~6; benchmarks/results/linear_stages_2026-12-01.md), so every
+    engine/floor ratio measured before 2026-12-01 17:00 UTC is about half what this floor gives."""
+    buf = bytearray(os.urandom(1 << 24))
+    view = memoryview(buf)
+    scratch.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for p in paths:
         for f in sorted(p.glob("*.safetensors")):
             with open(f, "rb") as fh:
-                while fh.readinto(buf := bytearray(1 << 24)):
+                while fh.readinto(buf):
                     pass
-    block = os.urandom(1 << 24)
-    scratch.mkdir(parents=True, exist_ok=True)
     with open(scratch / "floor.bin", "wb") as fh:
         left = out_bytes
         while left > 0:
-            fh.write(block[: min(left, len(block))])
-            left -= len(block)
+            left -= fh.write(view[: min(left, len(buf))])
     elapsed = time.perf_counter() - start
     (scratch / "floor.bin").unlink()
-    del buf
     return elapsed
 
 
