@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from mergelab.methods import get_method, wudi_merge
-from mergelab.methods.wudi import wudi_loss, wudi_task_matrix
+from mergelab.methods.wudi import wudi_exact_task_matrix, wudi_loss, wudi_task_matrix
 
 F64 = torch.float64
 
@@ -78,6 +78,44 @@ def test_registered_with_fusionbenchs_defaults() -> None:
     defaults = {p.name: p.default for p in method.params}
     assert defaults["steps"] == 300 and defaults["lr"] == 1e-5 and defaults["lambda"] == 1.0
     assert "arXiv:2503.08099" in method.paper
+
+
+def test_exact_solver_gives_the_hand_worked_optimum() -> None:
+    # τ_1 = [1, 0], τ_2 = [1, 1]: A = [[1.5, .5], [.5, .5]], C = [2, 1]; τ_m A = C has the one solution [1, 1].
+    t1, t2 = torch.tensor([[1.0, 0.0]], dtype=F64), torch.tensor([[1.0, 1.0]], dtype=F64)
+    assert_close(wudi_exact_task_matrix([t1, t2]), torch.tensor([[1.0, 1.0]], dtype=F64), atol=1e-12, rtol=0)
+
+
+def test_exact_solver_keeps_one_task_and_sums_disjoint_row_spaces_although_the_gram_is_singular() -> None:
+    # Both grams here are singular (rank 2 of 4 input columns; rank 3 of 3 only jointly in the second case):
+    # the pseudo-inverse loses nothing of the task vectors' rows.
+    tau = torch.tensor([[1.0, 2.0, 0.0, 0.0], [-1.0, 0.5, 0.0, 0.0]], dtype=F64)
+    assert_close(wudi_exact_task_matrix([tau]), tau, atol=1e-12, rtol=0)
+    t1 = torch.tensor([[1.0, 2.0, 0.0], [-1.0, 0.5, 0.0]], dtype=F64)
+    t2 = torch.tensor([[0.0, 0.0, 3.0], [0.0, 0.0, -2.0]], dtype=F64)
+    assert_close(wudi_exact_task_matrix([t1, t2]), t1 + t2, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_solver_is_where_adam_ends_and_below_the_default_steps(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    taus = [0.01 * torch.randn(6, 5, generator=g, dtype=F64) for _ in range(3)]
+    exact = wudi_exact_task_matrix(taus)
+    assert wudi_loss(exact, taus) < wudi_loss(wudi_task_matrix(taus), taus)
+    # Adam ends within about lr · 0.01 of the minimiser (entries ~1e-2): 1e-5 is 0.1 % of them
+    assert_close(wudi_task_matrix(taus, steps=20000, lr=1e-4), exact, atol=1e-5, rtol=0)
+
+
+def test_exact_solver_is_chosen_by_parameter_and_an_unknown_solver_is_refused() -> None:
+    g = torch.Generator().manual_seed(4)
+    base, a, b = (torch.randn(4, 3, generator=g, dtype=F64) for _ in range(3))
+    expected = base + 0.5 * wudi_exact_task_matrix([a - base, b - base])
+    assert_close(wudi_merge(base, [a, b], lambda_=0.5, solver="exact"), expected)
+    vb, va, vv = (torch.randn(3, generator=g, dtype=F64) for _ in range(3))
+    assert_close(wudi_merge(vb, [va, vv], solver="exact"), (va + vv) / 2)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        wudi_merge(base, [a, b], solver="newton")
+    assert dict((p.name, p.choices) for p in get_method("wudi").params)["solver"] == ("adam", "exact")
 
 
 @pytest.mark.slow
