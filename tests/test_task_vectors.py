@@ -148,7 +148,7 @@ def test_study_smoke_on_tiny_suite(tmp_path: Path) -> None:
     names = [r["method"] for r in rows]
     for label in ("individual fine-tuned", "pretrained (probe heads)", "weight averaging", "task arithmetic",
                   "TIES", "DARE-TIES", "Model Stock", "Fisher", "RegMean", "CART", "CART, fused q/k/v", "TSV-M",
-                  "Iso-C", "Iso-CTS", "logit ensemble (reference)"):
+                  "Iso-C", "Iso-CTS", "WUDI", "WUDI, exact minimiser", "logit ensemble (reference)"):
         assert label in names
     individual = next(r for r in rows if r["method"] == "individual fine-tuned")
     assert float(individual["test norm. acc (%)"]) == pytest.approx(100.0)

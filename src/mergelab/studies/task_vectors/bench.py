@@ -218,6 +218,8 @@ class MergeBench:
         if method in ("task_arithmetic", "ties", "dare_ties", "model_stock", "tsv", "iso_c", "iso_cts",
                       "wudi"):
             return merge_state_dicts(states, method, base=self.pretrained, parameters=params, seed=self.seed)
+        if method == "wudi_exact":
+            return merge_state_dicts(states, "wudi", base=self.pretrained, parameters={**params, "solver": "exact"})
         if method == "fisher":
             fishers = [self.fisher(t) for t in tasks]
             stats = {n: [f[n] for f in fishers] for n in fishers[0]}
@@ -330,4 +332,6 @@ METHODS: dict[str, MethodInfo] = {
     "iso_cts": MethodInfo("Iso-CTS", lambda p: _grid(**{"lambda": p.svd_lambdas}), _LAMBDA),
     # the paper's WUDI has no λ (1.0); the study gives it the SVD family's λ grid, chosen on validation like theirs
     "wudi": MethodInfo("WUDI", lambda p: _grid(**{"lambda": p.svd_lambdas}), _LAMBDA),
+    # its loss's minimiser instead of 300 Adam steps from the sum (methods/wudi.py says why)
+    "wudi_exact": MethodInfo("WUDI, exact minimiser", lambda p: _grid(**{"lambda": p.svd_lambdas}), _LAMBDA),
 }

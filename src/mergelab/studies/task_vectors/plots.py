@@ -15,7 +15,7 @@ COLORS = {
     "pretrained": "#9e9e9e", "weight_averaging": "#1f77b4", "task_arithmetic": "#ff7f0e", "ties": "#2ca02c",
     "dare_ties": "#98df8a", "model_stock": "#8c564b", "fisher": "#e377c2", "regmean": "#7f7f7f",
     "cart": "#d62728", "cart_qkv": "#ff9896", "tsv": "#17becf", "iso_c": "#bcbd22", "iso_cts": "#393b79",
-    "wudi": "#637939",
+    "wudi": "#637939", "wudi_exact": "#b5cf6b",
     "logit_ensemble": "#9467bd", "individual": "#000000",
 }
 
