@@ -60,18 +60,26 @@ def wudi_loss(merged: torch.Tensor, taus: Sequence[torch.Tensor]) -> torch.Tenso
     return total
 
 
+def wudi_normal_equations(taus: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = Σ_i τ_iᵀτ_i / ‖τ_i‖²`` and ``C = Σ_i τ_i τ_iᵀτ_i / ‖τ_i‖²`` in ``dtype`` (zero task vectors skipped):
+    :func:`wudi_loss` is ``tr(τ_m A τ_mᵀ) − 2 tr(τ_m Cᵀ) + const``, minimal where ``τ_m A = C``."""
+    n = taus[0].shape[1]
+    gram = torch.zeros((n, n), dtype=dtype, device=taus[0].device)
+    target = torch.zeros(taus[0].shape, dtype=dtype, device=taus[0].device)
+    for tau in taus:
+        t = tau.to(dtype)
+        norm2 = t.square().sum()
+        if norm2 > 0:
+            g = (t.T @ t) / norm2
+            gram += g
+            target += t @ g
+    return gram, target
+
+
 def wudi_task_matrix(taus: Sequence[torch.Tensor], *, steps: int = 300, lr: float = 1e-5) -> torch.Tensor:
     """``τ_m`` after ``steps`` Adam steps on :func:`wudi_loss` from ``Σ_i τ_i`` (module docstring)."""
     merged = torch.stack(list(taus)).sum(0)
-    n = merged.shape[1]
-    gram = merged.new_zeros((n, n))  # A = Σ τ_iᵀτ_i / ‖τ_i‖²
-    target = torch.zeros_like(merged)  # C = Σ τ_i A_i
-    for tau in taus:
-        norm2 = tau.square().sum()
-        if norm2 > 0:
-            g = (tau.T @ tau) / norm2
-            gram += g
-            target += tau @ g
+    gram, target = wudi_normal_equations(taus, merged.dtype)
     beta1, beta2 = ADAM_BETAS
     m = torch.zeros_like(merged)
     v = torch.zeros_like(merged)
@@ -87,16 +95,7 @@ def wudi_task_matrix(taus: Sequence[torch.Tensor], *, steps: int = 300, lr: floa
 def wudi_exact_task_matrix(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     """The minimiser of :func:`wudi_loss`, ``C A⁺`` (module docstring), computed in float64, in the dtype of
     ``taus``."""
-    n, device = taus[0].shape[1], taus[0].device
-    gram = torch.zeros((n, n), dtype=torch.float64, device=device)
-    target = torch.zeros(taus[0].shape, dtype=torch.float64, device=device)
-    for tau in taus:
-        t = tau.to(torch.float64)
-        norm2 = t.square().sum()
-        if norm2 > 0:
-            g = (t.T @ t) / norm2
-            gram += g
-            target += t @ g
+    gram, target = wudi_normal_equations(taus, torch.float64)
     return (target @ torch.linalg.pinv(gram, hermitian=True)).to(taus[0].dtype)
 
 
