@@ -3,6 +3,8 @@
     python benchmarks/linear_stages.py                      # 3 models of ~0.5 GB (bf16), linear, 3 repeats
     python benchmarks/linear_stages.py --size 2GB --report  # and append the table to results/linear_stages_<date>.md
     python benchmarks/linear_stages.py --size 20MB          # a smoke run, seconds
+    python benchmarks/linear_stages.py --stages pipelined engine_warm --baseline /other/checkout/src
+                                                            # each stage on both trees, baseline first
 
 The inputs are benchmarks/vs_mergekit.py's (``build_models``: a base and two fine-tunes, Llama-style, bf16,
 made once under --work) and so is the config (``config_for``: ``dtype: bfloat16``). Every stage below runs in
@@ -22,8 +24,9 @@ on its threads, with torch's default threads:
    ``add_`` (the bf16→f32 conversion happens inside the sum's kernel), so this column measures the call;
 4. + method: ``core.merge_tensor`` (prepared + the method's own function: a float32 weighted sum, the
    division by the weights' sum, back to bf16) and the cast to the output dtype, as ``engine._merge_all``;
-5. + scans: the NaN/Inf check of every input piece and of the result (``plan.count_nonfinite``), which the
-   engine runs unless ``--allow-nonfinite``;
+5. + scans: the NaN/Inf checks the engine runs unless ``--allow-nonfinite`` (``plan.count_nonfinite``): of the
+   result, and of every input piece unless the method propagates NaN/Inf (``MergeMethod.propagates_nonfinite``:
+   linear and task arithmetic, whose inputs are scanned only once a result is not finite);
 6. + write: ``StreamingSafetensorsWriter.write_part``/``write`` into a fresh folder, and its ``close``;
 7. pipelined: ``engine._stream``, the engine's own loop over the same work (reader thread, merge, writer
    thread): everything but hashing and the run's bookkeeping (plan, config files, record, install);
@@ -61,12 +64,21 @@ STAGES = {
     "read": "read every piece (engine reader)",
     "prepared": "+ prepared (compute dtype)",
     "method": "+ method (merge_tensor, to out dtype)",
-    "scans": "+ NaN/Inf scans (inputs, result)",
+    "scans": "+ NaN/Inf scans (as the engine: result; inputs unless the method propagates NaN/Inf)",
     "write": "+ write (StreamingSafetensorsWriter)",
     "pipelined": "engine._stream (the same, on the engine's threads)",
     "engine_warm": "run_merge, input hashes from the warm cache",
     "engine_cold": "run_merge, sha256 of every input",
 }
+# Not run by default (``--stages ... pipelined_threads pipelined_unscanned``): what the engine's one torch thread
+# and its scans change. On torch's 2 threads the stream's small ops left the second OpenMP thread spin-waiting
+# between them: 21.2 CPU s against 1.6 for 3 × 0.5 GB unscanned, load 4–5, 2026-12-01.
+EXTRA_STAGES = {
+    "pipelined_threads": "engine._stream on torch's default threads (the engine takes one)",
+    "pipelined_unscanned": "engine._stream without NaN/Inf scans (--allow-nonfinite)",
+    "pipelined_threads_unscanned": "engine._stream on torch's default threads, without scans",
+}
+ALL_STAGES = {**STAGES, **EXTRA_STAGES}
 _SEQUENTIAL = ("read", "prepared", "method", "scans", "write")
 _SHARD_BYTES = parse_size("5GB")  # run_merge's default --max-shard-size
 
@@ -132,7 +144,8 @@ def _sequential(stage: str, cfg_path: Path, out: Path) -> dict[str, float]:
                                   seed=cfg.seed, compute_dtype=cfg.compute_dtype, offset=piece.start)
             merged = merged.to(plan.out_metas[piece.name].dtype)
             if upto >= _SEQUENTIAL.index("scans"):
-                for t in [*inputs, merged]:
+                # getattr: a --baseline checkout from before the flag scanned every input
+                for t in [merged] if getattr(plan.method, "propagates_nonfinite", False) else [*inputs, merged]:
                     count_nonfinite(t)
             if writer is not None:
                 (writer.write if piece.stop is None else writer.write_part)(piece.name, merged)
@@ -142,16 +155,20 @@ def _sequential(stage: str, cfg_path: Path, out: Path) -> dict[str, float]:
     return clock.result
 
 
-def _pipelined(cfg_path: Path, out: Path) -> dict[str, float]:
+def _pipelined(cfg_path: Path, out: Path, *, torch_threads: bool = False, scans: bool = True) -> dict[str, float]:
+    import contextlib
+
     from mergelab.merge import engine
     from mergelab.merge.config import load_config
     from mergelab.merge.plan import plan_merge
 
+    if torch_threads:  # undo the engine's one thread: torch's default (one per core)
+        engine.one_thread = contextlib.nullcontext
     cfg, folder = load_config(cfg_path)
     plan = plan_merge(cfg, folder)
     out.mkdir(parents=True)
     with _Clock() as clock:
-        engine._stream(plan, out, cfg, None, _SHARD_BYTES, allow_nonfinite=False, show_progress=False)
+        engine._stream(plan, out, cfg, None, _SHARD_BYTES, allow_nonfinite=not scans, show_progress=False)
     plan.close()
     return clock.result
 
@@ -182,24 +199,31 @@ def one_stage(stage: str, work: Path, cfg_path: Path, out: Path) -> dict[str, fl
         return _floor(work, out)
     if stage in _SEQUENTIAL:
         return _sequential(stage, cfg_path, out)
-    if stage == "pipelined":
-        return _pipelined(cfg_path, out)
+    if stage.startswith("pipelined"):
+        return _pipelined(cfg_path, out, torch_threads="threads" in stage, scans="unscanned" not in stage)
     return _engine(cfg_path, out)
 
 
-def _run_stage(stage: str, work: Path, cfg_path: Path, out: Path) -> dict[str, float]:
+def _run_stage(stage: str, work: Path, cfg_path: Path, out: Path, src: str | None = None) -> dict[str, float]:
+    """``stage`` in a fresh process; ``src``: another checkout's src folder to import mergelab from."""
     shutil.rmtree(out, ignore_errors=True)
     cache = "off" if stage == "engine_cold" else str(work / "hash-cache")
+    env = {**os.environ, "MERGELAB_HASH_CACHE": cache}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, __file__, "--one-stage", stage, "--work", str(work), "--cfg",
-                           str(cfg_path), "--out", str(out)], capture_output=True, text=True,
-                          env={**os.environ, "MERGELAB_HASH_CACHE": cache})
+                           str(cfg_path), "--out", str(out)], capture_output=True, text=True, env=env)
     shutil.rmtree(out, ignore_errors=True)
     if done.returncode != 0:
         raise RuntimeError(f"stage {stage} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(size_text: str, method: str, stages: list[str], repeats: int, root: Path) -> dict:
+BASELINE = " (baseline)"
+
+
+def measure(size_text: str, method: str, stages: list[str], repeats: int, root: Path,
+            baseline: str | None = None) -> dict:
     from mergelab.io.file_hashes import cached_sha256
 
     work = root / size_text
@@ -213,16 +237,18 @@ def measure(size_text: str, method: str, stages: list[str], repeats: int, root: 
     for f in inputs:  # warm the digest cache of stage 8 (and the page cache)
         cached_sha256(f, work / "hash-cache")
     out = work / "stages-out"
-    load_before, runs = os.getloadavg(), {s: [] for s in stages}
+    trees = ([(BASELINE, baseline)] if baseline is not None else []) + [("", None)]
+    load_before, runs = os.getloadavg(), {s + label: [] for s in stages for label, _ in trees}
     for r in range(repeats):
         for stage in stages:
-            runs[stage].append(_run_stage(stage, work, cfg_path, out))
-            m = runs[stage][-1]
-            print(f"  repeat {r + 1}  {stage:12s} wall {m['wall']:7.2f} s  CPU {m['cpu']:7.2f} s  "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)
-    rows = {s: {k: statistics.median(m[k] for m in runs[s]) for k in ("wall", "cpu", "faults")} for s in stages}
+            for label, src in trees:
+                runs[stage + label].append(_run_stage(stage, work, cfg_path, out, src))
+                m = runs[stage + label][-1]
+                print(f"  repeat {r + 1}  {stage + label:12s} wall {m['wall']:7.2f} s  CPU {m['cpu']:7.2f} s  "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+    rows = {s: {k: statistics.median(m[k] for m in runs[s]) for k in ("wall", "cpu", "faults")} for s in runs}
     return {"size": size_text, "method": method, "in_gb": in_bytes / 1e9, "repeats": repeats, "rows": rows,
-            "runs": runs, "load": (load_before, os.getloadavg())}
+            "runs": runs, "load": (load_before, os.getloadavg()), "baseline": baseline}
 
 
 def markdown(result: dict, command: str) -> str:
@@ -235,20 +261,24 @@ def markdown(result: dict, command: str) -> str:
              f"`{command}`; {os.cpu_count()} CPUs; load average (1 / 5 min) {b1:.1f} / {b5:.1f} before, "
              f"{a1:.1f} / {a5:.1f} after. Median of {result['repeats']} runs per stage, stages taking turns. "
              "*CPU s*: user + system of the stage's process, every thread. *+CPU s/GB*: this stage's CPU "
-             "seconds less the previous stage's (stages 3-6 add one step to the one before; 7-9 compare with 6, "
-             "7, 8), per GB of input. Minor faults: pages the kernel zero-filled or mapped for the process.",
+             "seconds less the previous stage's of the same tree (stages 3-6 add one step to the one before; 7-9 "
+             "compare with 6, 7, 8), per GB of input; *(baseline)*: the same stage on --baseline's checkout. "
+             "Minor faults: pages the kernel zero-filled or mapped for the process.",
              "",
              "| # | stage | wall s | × floor (wall) | CPU s | × floor (CPU) | +CPU s/GB | minor faults |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    previous = None
-    for stage, m in rows.items():
-        i = list(STAGES).index(stage) + 1
+    previous: dict[str, float | None] = {}  # per tree: the CPU seconds of its previous stage
+    for row, m in rows.items():
+        stage = row.removesuffix(BASELINE)
+        tree = row[len(stage):]
+        i = list(ALL_STAGES).index(stage) + 1
         ratio = f"{m['wall'] / floor['wall']:.2f}" if floor else "-"
         cpu_ratio = f"{m['cpu'] / floor['cpu']:.2f}" if floor and floor["cpu"] > 0 else "-"
-        step = f"{(m['cpu'] - previous) / gb:+.2f}" if previous is not None else f"{m['cpu'] / gb:.2f}"
-        lines.append(f"| {i} | {STAGES[stage]} | {m['wall']:.2f} | {ratio} | {m['cpu']:.2f} | {cpu_ratio} | "
-                     f"{step} | {m['faults']:.0f} |")
-        previous = None if stage == "floor" else m["cpu"]
+        before = previous.get(tree)
+        step = f"{(m['cpu'] - before) / gb:+.2f}" if before is not None else f"{m['cpu'] / gb:.2f}"
+        lines.append(f"| {i} | {ALL_STAGES[stage]}{tree} | {m['wall']:.2f} | {ratio} | {m['cpu']:.2f} | "
+                     f"{cpu_ratio} | {step} | {m['faults']:.0f} |")
+        previous[tree] = None if stage == "floor" else m["cpu"]
     return "\n".join(lines) + "\n"
 
 
@@ -256,12 +286,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="0.5GB", help="approximate size of each model (bf16), e.g. 0.5GB, 2GB, 20MB")
     ap.add_argument("--method", default="linear", choices=("linear", "task_arithmetic"))
-    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(ALL_STAGES))
     ap.add_argument("--repeats", type=int, default=3, help="runs per stage (median reported)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mergelab-bench"))
     ap.add_argument("--report", type=Path, nargs="?", const=True, default=None,
                     help="append the Markdown table to this file (default benchmarks/results/linear_stages_<date>.md)")
-    ap.add_argument("--one-stage", choices=list(STAGES), help=argparse.SUPPRESS)
+    ap.add_argument("--baseline", help="src folder of another mergelab checkout: every stage also runs on it, "
+                    "first, and its rows are marked (baseline)")
+    ap.add_argument("--one-stage", choices=list(ALL_STAGES), help=argparse.SUPPRESS)
     ap.add_argument("--cfg", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -269,7 +301,7 @@ def main() -> None:
         print(json.dumps(one_stage(args.one_stage, args.work, args.cfg, args.out)))
         return
     command = "python benchmarks/linear_stages.py " + " ".join(sys.argv[1:])
-    result = measure(args.size, args.method, args.stages, args.repeats, args.work)
+    result = measure(args.size, args.method, args.stages, args.repeats, args.work, args.baseline)
     section = markdown(result, command)
     print("\n" + section)
     if args.report is not None:

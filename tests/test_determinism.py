@@ -79,3 +79,26 @@ def test_engine_output_files_identical_on_one_and_two_threads(families: dict[str
         outs.append(mergelab.merge(config, tmp_path / f"threads-{threads}", progress=False, hash_inputs=False))
     for f in sorted(p.name for p in outs[0].out_dir.glob("*.safetensors")):
         assert (outs[0].out_dir / f).read_bytes() == (outs[1].out_dir / f).read_bytes(), f
+
+
+def test_the_engine_streams_on_one_torch_thread_and_gives_the_callers_count_back(
+        families: dict[str, tuple[Path, list[Path]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        restore_threads: None) -> None:
+    # On torch's 2 threads the second OpenMP thread spin-waited between the stream's small ops: linear over
+    # 3 × 0.5 GB took 21 CPU s instead of 1.6 (benchmarks/linear_stages.py --stages pipelined_threads ...)
+    from mergelab.merge import engine
+
+    seen: list[int] = []
+    real = engine.count_nonfinite
+
+    def spy(t: torch.Tensor) -> int:  # runs on the merge and reader threads
+        seen.append(torch.get_num_threads())
+        return real(t)
+
+    monkeypatch.setattr(engine, "count_nonfinite", spy)
+    base, fts = families["llama"]
+    torch.set_num_threads(2)
+    config = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(p)} for p in fts]}
+    mergelab.merge(config, tmp_path / "out", progress=False, hash_inputs=False)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2

@@ -51,7 +51,7 @@ from mergelab.io.file_hashes import cached_sha256
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.merge.config import MergeConfig, load_config
-from mergelab.merge.core import FLOAT8_DTYPES, merge_tensor, prepared, tensor_scalars
+from mergelab.merge.core import FLOAT8_DTYPES, merge_tensor, one_thread, prepared, tensor_scalars
 from mergelab.merge.extra_files import copy_extra_files, refuse_outside
 from mergelab.merge.install import check_replaces_nothing_owned, exists
 from mergelab.merge.install import install as _install
@@ -404,7 +404,14 @@ def _stream(plan: MergePlan, tmp: Path, cfg: MergeConfig, dev: torch.device | No
                                         metadata={"format": "pt", "mergelab_method": cfg.merge_method})
     problems: list[str] = []
     try:
-        _merge_all(plan, cfg, dev, writer, thresholds, allow_nonfinite, show_progress, problems, observer)
+        # One torch thread for the whole stream. Its ops are small (1 Mi-entry pieces) and its parallelism is
+        # the reader, merge and writer threads; a second OpenMP thread spin-waited between the pieces' ops on
+        # these 2 cores: linear 3 × 0.5 GB took 21.2 CPU s on torch's 2 threads against 1.6 on one when the
+        # inputs were not scanned (OMP_WAIT_POLICY=passive: 1.8), and 1.9–2.4 against 1.8–2.1 when they were,
+        # at load 4–5 (2026-12-01, /tmp/omp_probe.py in the closing note). Whole-tensor passes took one
+        # thread already (core.one_thread: their sums then do not depend on the thread count).
+        with one_thread():
+            _merge_all(plan, cfg, dev, writer, thresholds, allow_nonfinite, show_progress, problems, observer)
     except BaseException:
         writer.abort()  # close the open shard; the caller removes the temporary folder
         raise
@@ -577,12 +584,18 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             except ValueError as exc:
                 raise CompatibilityError([str(exc)]) from None
             base_t, tensors = (inputs[0], inputs[1:]) if base_t is not None else (None, inputs)
-        found: list[tuple[str, int]] = []
-        if not allow_nonfinite:  # checked here, on the reader thread, so it overlaps the merge
-            labelled = ([(base_label, base_t)] if base_t is not None else []) + list(
-                zip(labels, tensors, strict=True))
-            found = [(label, n) for label, t in labelled if (n := count_nonfinite(t))]
+        # checked here, on the reader thread, so it overlaps the merge; None: left to the merged result's scan
+        found = None if allow_nonfinite or (trust_result and not nonfinite) else scan(base_t, tensors, labels)
         return base_t, tensors, found
+
+    # A method that propagates NaN/Inf (linear, task arithmetic) shows a bad input in its result, so only the
+    # result is scanned until one is found; the inputs are then scanned to name it. A base that the method
+    # ignores (linear given one in slices) would not show: then every input is scanned as it is read.
+    trust_result = plan.method.propagates_nonfinite and (base is None or plan.method.base != "ignored")
+
+    def scan(base_t: torch.Tensor | None, tensors: list[torch.Tensor], labels: list[str]) -> list[tuple[str, int]]:
+        labelled = ([(base_label, base_t)] if base_t is not None else []) + list(zip(labels, tensors, strict=True))
+        return [(label, n) for label, t in labelled if (n := count_nonfinite(t))]
 
     # an observer sees whole tensors
     pieces = _pieces(plan, _PIECE_ENTRIES if observer is None else sys.maxsize, dev, cfg.compute_dtype)
@@ -602,7 +615,9 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
         for i, piece in enumerate(pieces):
             assert pending is not None
             base_t, tensors, found = pending.result()
-            for label, n in found:
+            if found is None and nonfinite and not allow_nonfinite:  # read before the first bad one was found
+                found = scan(base_t, tensors, plan.inputs_for(piece.name)[1])
+            for label, n in found or ():
                 nonfinite[label, piece.name] += n
             has_next = i + 1 < len(pieces)
             read_after_merge = has_next and piece.nbytes + pieces[i + 1].nbytes > budget and not nonfinite
@@ -635,11 +650,17 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             merged = merged.to(plan.out_metas[piece.name].dtype)
             if observer is not None:
                 observer.observe(piece.name, base_t, tensors, merged)
+            bad = 0 if allow_nonfinite else count_nonfinite(merged)
+            if bad and found is None:  # the inputs were left unscanned: name the bad ones, if any
+                found = scan(base_t, tensors, plan.inputs_for(piece.name)[1])
+                for label, n in found:
+                    nonfinite[label, piece.name] += n
             del base_t, tensors
             if read_after_merge:
                 pending = reader_pool.submit(load, pieces[i + 1])
-            if not allow_nonfinite and (n := count_nonfinite(merged)):
-                nonfinite[produced, piece.name] += n
+            if bad:
+                if not found:
+                    nonfinite[produced, piece.name] += bad
                 continue
             if written is not None:
                 written.result()  # re-raises a write error here, in order

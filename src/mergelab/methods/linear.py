@@ -49,6 +49,7 @@ register(MergeMethod(
     paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482); "
           "Izmailov et al. 2018, SWA (arXiv:1803.05407)",
     elementwise=True,
+    propagates_nonfinite=True,
     formula="θ = Σ_i w_i θ_i / Σ_i w_i",
     base="ignored",
     aliases=("soup", "swa"),

@@ -267,6 +267,12 @@ class MergeMethod:
     """Each merged entry depends only on the inputs' entries at the same position (no norms, thresholds or
     random streams over the whole tensor), so merging any flat slice of the inputs gives exactly that slice
     of the merged tensor. The engine then streams large tensors in pieces (tests check the equality)."""
+    propagates_nonfinite: bool = False
+    """Wherever an input entry is NaN or ±Inf, so is the merged entry (every input is scaled and added, even at
+    weight 0: 0·NaN = NaN, 0·Inf = NaN). The engine then scans only the merged result for NaN/Inf and
+    scans the inputs only to name the culprit once the result is not finite: the input scans were
+    0.13–0.16 CPU s per GB of input of linear's ~1.4 (benchmarks/linear_stages.py, 2026-12-01).
+    tests/test_nonfinite_propagation.py checks the promise for every method that makes it."""
     topk_pass: TopKPass | None = None
     """The method's whole-tensor step, where it is only each model's magnitude-rank rule over its task
     vector (TIES' top-k, Breadcrumbs' band of ranks), so that with those rules computed over the whole

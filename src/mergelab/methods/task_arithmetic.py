@@ -39,5 +39,6 @@ register(MergeMethod(
     summary="Base plus the weighted sum of task vectors θ_i − θ_base.",
     paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)",
     elementwise=True,
+    propagates_nonfinite=True,
     formula="θ = θ_0 + λ Σ_i w_i (θ_i − θ_0)",
 ))
