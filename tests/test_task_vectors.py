@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,7 +17,7 @@ from torch.testing import assert_close
 
 from mergelab.methods import cart_merge
 from mergelab.studies.task_vectors import Plan, make_suite, run, run_suite
-from mergelab.studies.task_vectors.bench import CartSweep, MergeBench, _beyond, qkv_group
+from mergelab.studies.task_vectors.bench import CartSweep, MergeBench, Params, _beyond, qkv_group
 from mergelab.zoo.task_suite import FinetuneRecipe, Task, TaskData, TaskSuite
 
 
@@ -131,6 +132,37 @@ def test_selection_extends_a_grid_until_its_optimum_is_inside(tmp_path: Path) ->
     assert capped.interior == {"lambda": False}
     plain = bench.select("task_arithmetic", tasks, [{"lambda": 0.3}])  # no bracket: the grid as given
     assert [p for p, _ in plain.trace] == [{"lambda": 0.3}] and plain.interior == {}
+
+
+class _Ridge:
+    """A val score with CART's shape on the vision benchmark: each rank's best λ grows with the rank (here
+    λ* = 40·rank), the ridge's height peaks at rank 1/6: f = 100 r − 300 r² − (λ − 40 r)²."""
+
+    select = MergeBench.select
+
+    def score(self, method: str, tasks: Sequence[str], params: Params, split: str) -> dict[str, float]:
+        r, lam = params["rank_ratio"], params["lambda"]
+        return {"t": 100 * r - 300 * r * r - (lam - 40 * r) ** 2}
+
+    def mean_normalised(self, accs: dict[str, float], split: str) -> float:
+        return accs["t"]
+
+
+def test_bracketing_lambda_in_every_rank_row_finds_the_ridge_that_the_best_point_alone_misses() -> None:
+    grid = [{"rank_ratio": r, "lambda": lam} for r in (0.04, 0.08, 0.12, 0.16, 0.25) for lam in (1.0, 2.0, 3.0)]
+    bracket = {"lambda": (0.05, 20.0), "rank_ratio": (0.005, 0.9)}
+    # at the best grid point (8 %, λ 3: 6.04) λ 4.5 is worse (4.39) and 8 % is inside the rank axis: it stops
+    alone = _Ridge().select("cart", ["t"], grid, bracket)
+    assert alone.params == {"rank_ratio": 0.08, "lambda": 3.0}
+    # every rank's λ extended by ×1.5 steps: 12 % peaks at λ 4.5 (7.59), 16 % at 6.75 (8.19), 25 % at 10.1
+    rows = _Ridge().select("cart", ["t"], grid, bracket, bracket_each=("lambda",))
+    assert rows.params == {"rank_ratio": 0.16, "lambda": 6.75}
+    assert rows.val["t"] == pytest.approx(16 - 7.68 - 0.35 ** 2)
+    for r in (0.04, 0.08, 0.12, 0.16, 0.25):
+        tried = {p["lambda"]: v for p, v in rows.trace if p["rank_ratio"] == r}
+        best = max(tried, key=lambda lam: tried[lam])
+        assert min(tried) < best < max(tried), (r, sorted(tried))  # each row's optimum is inside its values
+    assert rows.interior == {"lambda": True, "rank_ratio": True}
 
 
 def test_study_smoke_on_tiny_suite(tmp_path: Path) -> None:
