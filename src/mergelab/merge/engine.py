@@ -408,7 +408,8 @@ def _stream(plan: MergePlan, tmp: Path, cfg: MergeConfig, dev: torch.device | No
         # the reader, merge and writer threads; a second OpenMP thread spin-waited between the pieces' ops on
         # these 2 cores: linear 3 × 0.5 GB took 21.2 CPU s on torch's 2 threads against 1.6 on one when the
         # inputs were not scanned (OMP_WAIT_POLICY=passive: 1.8), and 1.9–2.4 against 1.8–2.1 when they were,
-        # at load 4–5 (2026-12-01, /tmp/omp_probe.py in the closing note). Whole-tensor passes took one
+        # at load 4–5 (2026-12-01; benchmarks/linear_stages.py --stages pipelined pipelined_threads
+        # pipelined_unscanned pipelined_threads_unscanned). Whole-tensor passes took one
         # thread already (core.one_thread: their sums then do not depend on the thread count).
         with one_thread():
             _merge_all(plan, cfg, dev, writer, thresholds, allow_nonfinite, show_progress, problems, observer)
