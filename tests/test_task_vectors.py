@@ -165,6 +165,32 @@ def test_bracketing_lambda_in_every_rank_row_finds_the_ridge_that_the_best_point
     assert rows.interior == {"lambda": True, "rank_ratio": True}
 
 
+def test_a_resumed_bench_reuses_an_interrupted_runs_evaluations_and_only_for_the_same_code(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergelab.studies.task_vectors import bench as bench_module
+
+    grid = [{"lambda": lam} for lam in (0.3, 0.6, 1.0)]
+    first = MergeBench(TinySuite(tmp_path), resume=True)
+    before = first.select("task_arithmetic", first.tasks, grid)
+    right = first.per_example("task_arithmetic", first.tasks, before.params, "test")
+    # a new process (a new bench) with the same code merges nothing and gives the same choice, accuracies and
+    # per-example correctness
+    again = MergeBench(TinySuite(tmp_path), resume=True)
+    monkeypatch.setattr(again, "merge", lambda *a, **k: pytest.fail("merged again instead of resuming"))
+    after = again.select("task_arithmetic", again.tasks, grid)
+    assert (after.params, after.val, after.test, after.trace) == (before.params, before.val, before.test, before.trace)
+    for t, r in again.per_example("task_arithmetic", again.tasks, after.params, "test").items():
+        assert torch.equal(r, right[t])
+    # changed code (another fingerprint) or resume off: evaluated afresh
+    monkeypatch.setattr(bench_module, "code_fingerprint", lambda: "other code")
+    for bench in (MergeBench(TinySuite(tmp_path), resume=True), MergeBench(TinySuite(tmp_path))):
+        merged: list[str] = []
+        real = bench.merge
+        monkeypatch.setattr(bench, "merge", lambda m, *a, real=real, seen=merged: seen.append(m) or real(m, *a))
+        assert bench.select("task_arithmetic", bench.tasks, grid).params == before.params
+        assert len(merged) == len(grid) + 1  # every point on val, and the chosen one on test
+
+
 def test_study_smoke_on_tiny_suite(tmp_path: Path) -> None:
     plan = Plan(ta_lambdas=(0.3, 1.0), ties_lambdas=(1.0,), dare_lambdas=(1.0,), cart_ranks=(0.25, 0.5),
                 cart_lambdas=(1.0, 2.0), interference_ratios=(0.25, 0.5, 1.0), scaling_subsets=1,
@@ -217,7 +243,7 @@ def test_study_over_seeds_averages_them_and_gates_verdicts_on_the_regime(tmp_pat
     out = report.parent
     # seeds evaluated in two threads give the numbers of one after the other
     serial = run_suite(tmp_path / "serial", [TinySuite(tmp_path / "cache", seed=s) for s in (3, 4)],
-                       dataclasses.replace(plan, parallel_seeds=1), quick=True).parent
+                       dataclasses.replace(plan, parallel_seeds=1, resume=False), quick=True).parent
     for table in ("methods", "cart_sweep", "interference", "scaling", "regime"):
         assert (out / f"{table}.csv").read_text() == (serial / f"{table}.csv").read_text()
     record = json.loads((out / "mergelab.json").read_text())

@@ -18,23 +18,39 @@ grid end unless a limit stops the extension, and the selection says so.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+import mergelab
 from mergelab.analysis.interference import Spectrum, low_rank_sum, spectrum, task_matrices
 from mergelab.ensemble import ensemble_logits
 from mergelab.evaluation import accuracy_pct, correct
 from mergelab.merge.state_dicts import merge_state_dicts
 from mergelab.methods.cart import rank_from_ratio
 from mergelab.types import StateDict
+from mergelab.zoo.cache import load_entry, recipe_hash, save_entry
 from mergelab.zoo.task_suite import TaskSuite
 
 Params = dict[str, Any]
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of every source file of the installed mergelab: evaluations memoised on disk are reused only by
+    the code that made them (any change, in a method or an evaluation, starts afresh)."""
+    root = Path(mergelab.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:20]
 
 
 def params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -113,7 +129,11 @@ class MergeBench:
     """Merging and evaluation for one suite (all tasks or any subset of them)."""
 
     def __init__(self, suite: TaskSuite, *, seed: int = 0, fisher_examples: int = 256,
-                 gram_examples: int = 512) -> None:
+                 gram_examples: int = 512, resume: bool = False) -> None:
+        """``resume``: keep every memoised evaluation on disk beside the suite's fine-tunes
+        (``<cache>/task_suites/evaluations``), keyed by the fine-tunes, these settings and a hash of mergelab's
+        own source (:func:`code_fingerprint`), and start from what an earlier, interrupted run of the same code
+        evaluated: the text benchmark's merges and evaluations take hours on 2 cores."""
         self.suite = suite
         self.seed = seed
         self.fisher_examples = fisher_examples
@@ -124,6 +144,15 @@ class MergeBench:
         self.pretrained = suite.pretrained_state()
         self._acc: dict[tuple[Any, ...], dict[str, float]] = {}
         self._correct: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
+        self._memo: tuple[str, Path] | None = None
+        if resume:
+            key = recipe_hash({"finetuned": [ft[t].cache_key for t in self.tasks], "seed": seed,
+                               "fisher_examples": fisher_examples, "gram_examples": gram_examples,
+                               "code": code_fingerprint(), "kind": "MergeBench evaluations"})
+            self._memo = (key, suite.cache / "evaluations")
+            earlier = load_entry(key, self._memo[1])
+            if earlier is not None:
+                self._acc, self._correct = dict(earlier["acc"]), dict(earlier["correct"])
         self._logits: dict[tuple[str, str, str], torch.Tensor] = {}
         self._fisher: dict[str, StateDict] = {}
         self._grams: dict[str, StateDict] = {}
@@ -139,6 +168,8 @@ class MergeBench:
         accs, right = self.evaluate(state, tasks, split)
         if full is not None:
             self._acc[full], self._correct[full] = accs, right
+            if self._memo is not None:  # written atomically: a run killed here loses this evaluation only
+                save_entry(self._memo[0], {"acc": self._acc, "correct": self._correct}, self._memo[1])
         return accs
 
     def evaluate(self, state: Mapping[str, torch.Tensor], tasks: Sequence[str], split: str

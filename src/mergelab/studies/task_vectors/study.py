@@ -86,6 +86,8 @@ class Plan:
     #: own seeded generator, so the results do not depend on it)
     parallel_seeds: int = 1
     seed: int = 0  # DARE's masks, the task subsets of the scaling experiment, the verdicts' bootstrap
+    #: keep each seed's evaluations on disk and start from an interrupted run's (MergeBench's ``resume``)
+    resume: bool = True
 
     def __post_init__(self) -> None:
         if self.n_seeds < 1 or self.parallel_seeds < 1:
@@ -207,7 +209,8 @@ def _run_seed(suite: TaskSuite, plan: Plan, bar: Progress) -> tuple[SeedRun, dic
         return time.perf_counter()
 
     t0 = time.perf_counter()
-    bench = MergeBench(suite, seed=plan.seed, fisher_examples=plan.fisher_examples, gram_examples=plan.gram_examples)
+    bench = MergeBench(suite, seed=plan.seed, fisher_examples=plan.fisher_examples, gram_examples=plan.gram_examples,
+                       resume=plan.resume)
     t0 = lap("statistics and setup", t0)
     tasks = bench.tasks
     job = bar.add_task(f"merge and evaluate ({suite.name}, seed {suite.seed})", total=len(METHODS) + 4)
