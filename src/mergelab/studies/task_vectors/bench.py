@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-import mergelab
 from mergelab.analysis.interference import Spectrum, low_rank_sum, spectrum, task_matrices
 from mergelab.ensemble import ensemble_logits
 from mergelab.evaluation import accuracy_pct, correct
@@ -46,7 +45,7 @@ Params = dict[str, Any]
 def code_fingerprint() -> str:
     """A hash of every source file of the installed mergelab: evaluations memoised on disk are reused only by
     the code that made them (any change, in a method or an evaluation, starts afresh)."""
-    root = Path(mergelab.__file__).parent
+    root = Path(__file__).resolve().parents[2]  # the mergelab package (this file: studies/task_vectors/)
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
