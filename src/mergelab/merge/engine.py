@@ -567,14 +567,25 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
     nonfinite: Counter[tuple[str, str]] = Counter()
     produced = "merged output"
 
-    def load(piece: _Piece) -> tuple[torch.Tensor | None, list[torch.Tensor], list[tuple[str, int]]]:
+    # A method that propagates NaN/Inf (linear, task arithmetic) shows a bad input in its result, so only the
+    # result is scanned until one is found; the inputs are then scanned to name it. A base that the method
+    # ignores (linear given one in slices) would not show: then every input is scanned as it is read.
+    trust_result = plan.method.propagates_nonfinite and (base is None or plan.method.base != "ignored")
+
+    def scan(name: str, base_t: torch.Tensor | None, tensors: list[torch.Tensor]) -> list[tuple[str, int]]:
+        """(input label, NaN/Inf count) of each input of tensor ``name`` that has any."""
+        labels = plan.inputs_for(name)[1]
+        labelled = ([(base_label, base_t)] if base_t is not None else []) + list(zip(labels, tensors, strict=True))
+        return [(label, n) for label, t in labelled if (n := count_nonfinite(t))]
+
+    def load(piece: _Piece) -> tuple[torch.Tensor | None, list[torch.Tensor], list[tuple[str, int]] | None]:
         def get(reader: CheckpointReader) -> torch.Tensor:
             if piece.stop is None:
                 return reader.get(piece.name)
             return reader.get_flat(piece.name, piece.start, piece.stop)
 
         base_t = get(base) if base is not None else None
-        readers, labels = plan.inputs_for(piece.name)
+        readers, _ = plan.inputs_for(piece.name)
         tensors = [get(r) for r in readers]
         if piece.name in plan.input_models:  # token-indexed: rows put in the output vocabulary's order
             inputs = ([base_t] if base_t is not None else []) + tensors
@@ -586,17 +597,8 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                 raise CompatibilityError([str(exc)]) from None
             base_t, tensors = (inputs[0], inputs[1:]) if base_t is not None else (None, inputs)
         # checked here, on the reader thread, so it overlaps the merge; None: left to the merged result's scan
-        found = None if allow_nonfinite or (trust_result and not nonfinite) else scan(base_t, tensors, labels)
+        found = None if allow_nonfinite or (trust_result and not nonfinite) else scan(piece.name, base_t, tensors)
         return base_t, tensors, found
-
-    # A method that propagates NaN/Inf (linear, task arithmetic) shows a bad input in its result, so only the
-    # result is scanned until one is found; the inputs are then scanned to name it. A base that the method
-    # ignores (linear given one in slices) would not show: then every input is scanned as it is read.
-    trust_result = plan.method.propagates_nonfinite and (base is None or plan.method.base != "ignored")
-
-    def scan(base_t: torch.Tensor | None, tensors: list[torch.Tensor], labels: list[str]) -> list[tuple[str, int]]:
-        labelled = ([(base_label, base_t)] if base_t is not None else []) + list(zip(labels, tensors, strict=True))
-        return [(label, n) for label, t in labelled if (n := count_nonfinite(t))]
 
     # an observer sees whole tensors
     pieces = _pieces(plan, _PIECE_ENTRIES if observer is None else sys.maxsize, dev, cfg.compute_dtype)
@@ -617,7 +619,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             assert pending is not None
             base_t, tensors, found = pending.result()
             if found is None and nonfinite and not allow_nonfinite:  # read before the first bad one was found
-                found = scan(base_t, tensors, plan.inputs_for(piece.name)[1])
+                found = scan(piece.name, base_t, tensors)
             for label, n in found or ():
                 nonfinite[label, piece.name] += n
             has_next = i + 1 < len(pieces)
@@ -653,7 +655,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                 observer.observe(piece.name, base_t, tensors, merged)
             bad = 0 if allow_nonfinite else count_nonfinite(merged)
             if bad and found is None:  # the inputs were left unscanned: name the bad ones, if any
-                found = scan(base_t, tensors, plan.inputs_for(piece.name)[1])
+                found = scan(piece.name, base_t, tensors)
                 for label, n in found:
                     nonfinite[label, piece.name] += n
             del base_t, tensors

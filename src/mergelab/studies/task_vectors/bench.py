@@ -288,8 +288,8 @@ class MergeBench:
             if all(p != params for p, _ in trace):
                 trace.append((dict(params), self.mean_normalised(self.score(method, tasks, params, "val"), "val")))
 
-        def best() -> Params:
-            return trace[max(range(len(trace)), key=lambda i: (trace[i][1], -i))][0]
+        def best(among: Sequence[int] | None = None) -> Params:  # first wins ties
+            return trace[max(range(len(trace)) if among is None else among, key=lambda i: (trace[i][1], -i))][0]
 
         for params in grid:
             evaluate(params)
@@ -299,11 +299,10 @@ class MergeBench:
             for axis in bracket_each:
                 lowest, highest = (bracket or {})[axis]
                 for row in _rows(trace, axis):
-                    chosen = max(row, key=lambda i: (trace[i][1], -i))
-                    values = sorted(trace[i][0][axis] for i in row)
-                    step = _beyond(values, trace[chosen][0][axis], lowest, highest)
+                    chosen = best(row)
+                    step = _beyond(sorted(trace[i][0][axis] for i in row), chosen[axis], lowest, highest)
                     if step is not None:
-                        evaluate({**trace[chosen][0], axis: step})
+                        evaluate({**chosen, axis: step})
                         grown = True
             for axis, (lowest, highest) in (bracket or {}).items():
                 chosen = best()
