@@ -203,6 +203,34 @@ def test_text_suite_end_to_end(tiny_text: TextSuite) -> None:
     assert float(fisher["bert.encoder.layer.1.output.dense.weight"].abs().sum()) > 0.0
 
 
+def _tiny_text_suite(cache: Path, compute_dtype: str) -> TextSuite:
+    backbone = TextBackbone("tiny-random-bert", _tiny_bert, _hash_tokenize, hidden=16)
+    defs = {"mood": _words_source("great", "awful")}
+    cfg = TextConfig(tasks=("mood",), n_train=60, n_val=20, n_test=20, max_len=12)
+    recipe = FinetuneRecipe(steps=4, batch_size=8, lr=1e-3, probe_steps=20, compute_dtype=compute_dtype)
+    return TextSuite(cfg, recipe, seed=2, cache=cache, show_progress=False, backbone=backbone, task_defs=defs)
+
+
+def test_bfloat16_forwards_keep_float32_weights_and_their_own_cache_entry(tmp_path: Path) -> None:
+    full, mixed = _tiny_text_suite(tmp_path, "float32"), _tiny_text_suite(tmp_path, "bfloat16")
+    task = mixed.task("mood")
+    assert mixed.cache_key(task) != full.cache_key(task)
+    ft = mixed.finetuned()["mood"]
+    assert all(v.dtype == torch.float32 for v in ft.state.values() if v.is_floating_point())
+    assert ft.state.keys() == full.pretrained_state().keys()
+    x = mixed.data("mood", "test").x
+    pre = full.pretrained_state()
+    f32, bf16 = full.encode(pre, x), mixed.encode(pre, x)
+    assert f32.dtype == bf16.dtype == torch.float32
+    assert not torch.equal(f32, bf16)  # the forward did run in bfloat16 (8 mantissa bits)
+    torch.testing.assert_close(bf16, f32, atol=0.05, rtol=0.05)
+
+
+def test_unknown_compute_dtype_names_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"compute_dtype must be one of \['bfloat16', 'float32'\], got 'float16'"):
+        FinetuneRecipe(steps=1, batch_size=1, lr=1e-3, compute_dtype="float16")
+
+
 def test_mean_pool_ignores_padding(tiny_text: TextSuite) -> None:
     enc = tiny_text.build_encoder().eval()
     ids = _hash_tokenize(["the movie was great"], 6)

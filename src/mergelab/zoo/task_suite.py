@@ -19,7 +19,7 @@ import time
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,23 @@ class FinetuneRecipe:
     probe_lr: float = 0.05
     probe_weight_decay: float = 1e-4
     probe_examples: int | None = None  # train examples the probe sees (None: all); features cost a forward each
+    #: the dtype forward passes autocast to (fine-tuning, probe features, evaluation); weights, gradients,
+    #: the optimizer, task vectors and merges stay float32. "bfloat16" is mixed precision as CLIP fine-tunes use
+    compute_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got '{self.compute_dtype}'")
+
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def autocast(compute_dtype: str, device: torch.device | str = "cpu") -> AbstractContextManager[Any]:
+    """Forward passes in ``compute_dtype`` (a no-op for float32)."""
+    if compute_dtype == "float32":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=COMPUTE_DTYPES[compute_dtype])
 
 
 @dataclass
@@ -76,13 +93,17 @@ class TaskData:
 class TaskModel(nn.Module):
     """``head(encoder(x))``: the encoder is what gets merged, the head stays per task."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Linear) -> None:
+    def __init__(self, encoder: nn.Module, head: nn.Linear, compute_dtype: str = "float32") -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.compute_dtype = compute_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+        # only the encoder's forward autocasts: the head, the loss and every backward run in float32
+        with autocast(self.compute_dtype, x.device):
+            features = self.encoder(x)
+        return self.head(features.float())
 
 
 @dataclass
@@ -202,7 +223,8 @@ class TaskSuite(ABC):
         enc.eval()
         order = self.eval_order(x)
         out = torch.empty(x.shape[0], self.feature_dim)
-        out[order] = in_batches(lambda xb: enc(xb).float(), x[order], self.eval_batch_size)
+        with autocast(self.recipe.compute_dtype, x.device):
+            out[order] = in_batches(lambda xb: enc(xb).float(), x[order], self.eval_batch_size)
         return out
 
     @torch.no_grad()
@@ -222,7 +244,10 @@ class TaskSuite(ABC):
         return self.seed * 1000 + zlib.crc32(task.name.encode()) % 997
 
     def cache_key(self, task: Task) -> str:
-        return recipe_hash({"suite": self.suite_recipe(), "task": asdict(task), "recipe": asdict(self.recipe),
+        recipe = asdict(self.recipe)
+        if recipe["compute_dtype"] == "float32":  # hashed as before the field existed: cached fine-tunes stay valid
+            del recipe["compute_dtype"]
+        return recipe_hash({"suite": self.suite_recipe(), "task": asdict(task), "recipe": recipe,
                             "seed": self.seed, "version": SUITE_VERSION})
 
     def finetuned(self, progress: Progress | None = None) -> dict[str, FineTuned]:
@@ -272,7 +297,7 @@ class TaskSuite(ABC):
         encoder = self.build_encoder()
         for name, p in encoder.named_parameters():
             p.requires_grad_(self.trainable(name))
-        model = TaskModel(encoder, head).train()
+        model = TaskModel(encoder, head, self.recipe.compute_dtype).train()
         params = [p for p in encoder.parameters() if p.requires_grad]
         r = self.recipe
         opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay)

@@ -132,7 +132,11 @@ def make_suite(name: str, *, quick: bool, seed: int) -> tuple[TaskSuite, Plan]:
             # probes on the task's own texts, as in the quick suite. Scaling at T = 3 and 6 only: a MiniLM
             # encoder has ~13× the vision ViT's parameters per token, and each subset repeats every selection
             cfg = dataclasses.replace(TEXT_BENCHMARK, max_len=48)
-            recipe = FinetuneRecipe(steps=300, batch_size=32, lr=2e-5, weight_decay=0.01, probe_examples=512)
+            # mixed precision (bfloat16 forwards, float32 weights): on this machine's AMX CPUs a training step
+            # (32 × 48 tokens, one thread) took 0.87 s instead of 1.8 and an evaluation batch (128 × 48) 0.65–0.73
+            # s instead of 2.16; the pretrained features' cosine to float32 was ≥ 0.99995
+            recipe = FinetuneRecipe(steps=300, batch_size=32, lr=2e-5, weight_decay=0.01, probe_examples=512,
+                                    compute_dtype="bfloat16")
             plan = Plan(ta_lambdas=(0.2, 0.3, 0.5, 0.8), ties_lambdas=(0.3, 0.5, 1.0),
                         dare_lambdas=(0.3, 0.5, 1.0), cart_ranks=(0.02, 0.04, 0.08, 0.16, 0.25),
                         cart_lambdas=(0.5, 1.0, 2.0), svd_lambdas=(0.5, 1.0, 1.5), sweep_test_all=False,
