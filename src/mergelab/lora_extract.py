@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from mergelab.errors import CompatibilityError, ConfigError, OutputExistsError
 from mergelab.io.models import open_model
 from mergelab.io.readers import CheckpointReader
+from mergelab.methods.spectral import thin_svd
 
 _EMBEDDING = re.compile(r"(embed|(^|\.)wte|(^|\.)wpe|(^|\.)shared)\b|embeddings?\.weight$")
 _CONV1D_TYPES = {"gpt2"}  # transformers' Conv1D stores (in, out): peft calls this fan_in_fan_out
@@ -41,7 +42,7 @@ class ExtractResult:
 
 def truncated_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """(B, A, Frobenius error of B A against ``delta``, ‖delta‖_F) for the best rank-``rank`` approximation."""
-    u, s, vh = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
+    u, s, vh = thin_svd(delta.to(torch.float32))
     r = min(rank, s.numel())
     root = s[:r].sqrt()
     b = u[:, :r] * root

@@ -42,6 +42,7 @@ from typing import Literal
 import torch
 
 from mergelab.methods.cart import rank_from_ratio
+from mergelab.methods.spectral import thin_svd
 from mergelab.types import StateDict
 
 
@@ -61,7 +62,7 @@ class Spectrum:
 def spectrum(delta: torch.Tensor) -> Spectrum:
     if delta.dim() != 2:
         raise ValueError(f"task matrices must be 2-D, got shape {tuple(delta.shape)}")
-    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    u, s, vh = thin_svd(delta.to(torch.float64))
     return Spectrum(u, s, vh)
 
 

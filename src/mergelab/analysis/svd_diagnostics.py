@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from mergelab.analysis.interference import matrix_names
+from mergelab.methods.spectral import thin_svd
 from mergelab.methods.tsv import tsv_rank
 
 StateDict = Mapping[str, torch.Tensor]
@@ -40,7 +41,7 @@ StateDict = Mapping[str, torch.Tensor]
 def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if matrix.dim() != 2:
         raise ValueError(f"task matrices must be 2-D, got shape {tuple(matrix.shape)}")
-    return torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+    return thin_svd(matrix.to(torch.float64))
 
 
 def interference_of_factors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> float:

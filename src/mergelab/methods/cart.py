@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, register
+from mergelab.methods.spectral import thin_svd
 from mergelab.methods.weighting import weight_sum
 
 
@@ -19,7 +20,7 @@ def low_rank(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     """Best rank-``rank`` approximation (truncated SVD) of a 2-D tensor."""
     if rank <= 0:
         return torch.zeros_like(matrix)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, s, vh = thin_svd(matrix)
     r = min(rank, s.numel())
     return (u[:, :r] * s[:r]) @ vh[:r]
 

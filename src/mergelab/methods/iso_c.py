@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.methods.registry import MergeMethod, Param, register
-from mergelab.methods.spectral import merge_task_matrices, numerical_rank
+from mergelab.methods.spectral import merge_task_matrices, numerical_rank, thin_svd
 
 ISO_LAMBDA = Param("lambda", float, 1.0,
                    help="scale α of the flattened task matrix (the paper picks it on validation data)")
@@ -33,7 +33,7 @@ def iso_c_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
     are exactly the paper's formula. Computed in float32 (float64 for float64 inputs or ``dtype``).
     """
     def merge_matrix(taus: list[torch.Tensor]) -> torch.Tensor:
-        u, s, vh = torch.linalg.svd(torch.stack(taus).sum(0), full_matrices=False)
+        u, s, vh = thin_svd(torch.stack(taus).sum(0))
         r = numerical_rank(s, base.shape)
         return s.mean() * (u[:, :r] @ vh[:r])
 
