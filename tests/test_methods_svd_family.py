@@ -10,10 +10,10 @@ import torch
 from torch.testing import assert_close
 
 from mergelab import merge_state_dicts
-from mergelab.methods import get_method, iso_c_merge, iso_cts_merge, tsv_merge
+from mergelab.methods import cart_merge, get_method, iso_c_merge, iso_cts_merge, tsv_merge
 from mergelab.methods.iso_cts import iso_cts_split
 from mergelab.methods.registry import TensorInputs
-from mergelab.methods.spectral import numerical_rank, polar_factor
+from mergelab.methods.spectral import numerical_rank, polar_factor, thin_svd
 from mergelab.methods.tsv import tsv_rank
 
 F64 = torch.float64
@@ -46,6 +46,66 @@ def test_polar_factor_of_repeated_column_is_the_unique_partial_isometry() -> Non
     # [e1, e1] = (√2 e1) · ([1, 1]/√2)ᵀ: one non-zero singular value → e1 [1, 1]/√2
     got = polar_factor(torch.stack([_e(0, 3), _e(0, 3)], dim=1))
     assert_close(got, torch.stack([_e(0, 3), _e(0, 3)], dim=1) / math.sqrt(2))
+
+
+def _lapack_gives_up(monkeypatch: pytest.MonkeyPatch, *dtypes: torch.dtype) -> list[torch.dtype]:
+    """torch.linalg.svd raises LAPACK's 'failed to converge' on the given dtypes; returns the dtypes it was
+    called with, in order."""
+    svd, calls = torch.linalg.svd, []
+
+    def failing(a: torch.Tensor, *args: object, **kwargs: object) -> torch.return_types.linalg_svd:
+        calls.append(a.dtype)
+        if a.dtype in dtypes:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (error code: 1)")
+        return svd(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", failing)
+    return calls
+
+
+def test_thin_svd_retries_in_float64_where_lapack_gives_up_and_keeps_the_dtype(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    m = torch.tensor([[0.0, 2.0], [-3.0, 0.0], [0.0, 0.0]])
+    calls = _lapack_gives_up(monkeypatch, torch.float32)
+    u, s, vh = thin_svd(m)
+    assert calls == [torch.float32, torch.float64]
+    assert u.dtype == s.dtype == vh.dtype == torch.float32 and u.shape == (3, 2) and vh.shape == (2, 2)
+    assert s.tolist() == [3.0, 2.0]
+    assert_close((u * s) @ vh, m)
+
+
+def test_thin_svd_falls_back_to_gesvd_when_float64_fails_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = torch.tensor([[0.0, 2.0], [-3.0, 0.0], [0.0, 0.0]])
+    _lapack_gives_up(monkeypatch, torch.float32, torch.float64)
+    u, s, vh = thin_svd(m)
+    assert s.dtype == torch.float32 and s.tolist() == [3.0, 2.0]
+    assert_close((u * s) @ vh, m)
+    assert_close(u.T @ u, torch.eye(2))
+
+
+def test_thin_svd_of_a_matrix_lapack_decomposes_is_lapacks_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    expected = torch.linalg.svd(m, full_matrices=False)
+    calls = _lapack_gives_up(monkeypatch)
+    for got, want in zip(thin_svd(m), expected, strict=True):
+        assert torch.equal(got, want)
+    assert calls == [torch.float32]
+
+
+@pytest.mark.parametrize("merge", [
+    lambda b, ts: cart_merge(ts, rank_ratio=0.25, lambda_=2.0),
+    lambda b, ts: tsv_merge(b, ts), lambda b, ts: iso_c_merge(b, ts), lambda b, ts: iso_cts_merge(b, ts)],
+    ids=["cart", "tsv", "iso_c", "iso_cts"])
+def test_svd_merges_give_their_result_when_lapack_gives_up_on_float32(monkeypatch: pytest.MonkeyPatch,
+                                                                       merge: object) -> None:
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(12, 8, generator=gen)
+    tensors = [base + 0.1 * torch.randn(12, 8, generator=gen) for _ in range(3)]
+    expected = merge(base, tensors)  # type: ignore[operator]
+    calls = _lapack_gives_up(monkeypatch, torch.float32)
+    got = merge(base, tensors)  # type: ignore[operator]
+    assert torch.float64 in calls and got.dtype == torch.float32
+    assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_numerical_rank() -> None:
