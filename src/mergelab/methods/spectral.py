@@ -21,9 +21,11 @@ import torch
 def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.linalg.svd(matrix, full_matrices=False)`` that does not give up where LAPACK does.
 
-    torch's CPU SVD is LAPACK's divide and conquer (``gesdd``), which can stop with "failed to converge" on a
-    matrix it finds ill-conditioned: it ended the text task-vector study after 67 minutes (2026-12-01, seed 0,
-    the T = 3 scaling merges, a float32 MiniLM task matrix). The retry decomposes the matrix in float64 and
+    torch's CPU SVD is LAPACK's divide and conquer (``gesdd``, MKL's here), which can stop with "failed to
+    converge" on a matrix that is not even badly conditioned: it ended the text task-vector study after 67
+    minutes (2026-12-01, seed 0, an SVD-family merge of the T = 3 scaling experiment: a 384 × 384 float32
+    matrix with singular values 1.92 … 0.0013). That matrix failed on one thread and decomposed on two, in
+    float64, and with scipy's float32 ``gesdd`` and ``gesvd``. The retry decomposes the matrix in float64 and
     rounds the factors to its dtype; where that fails too, scipy's ``gesvd`` (QR iterations: slower, but it
     converges where ``gesdd`` does not). Each path is deterministic, so the same matrix always gives the same
     bytes; a matrix the first call decomposes is untouched by the fallback.
