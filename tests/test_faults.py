@@ -74,7 +74,10 @@ def _merge_caught_writing(tmp_path: Path, delay: float, n_models: int = 3) -> tu
                      "from mergelab.cli import app; sys.argv[0] = 'mergelab'; app()")
     args = [sys.executable, "-c", throttled_cli, "merge", str(config), "-o", str(out), "-q",
             "--max-shard-size", "2MB"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # a suite started in the background (bash `... &`, nohup) hands its children SIGINT ignored, and the
+    # merge then (rightly) ignores Ctrl-C: a terminal's merge gets the default, so the child starts with it
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     tmp = tmp_path / f".merged.tmp-{proc.pid}"
     try:
         deadline = time.monotonic() + 120
