@@ -83,6 +83,16 @@ def test_thin_svd_falls_back_to_gesvd_when_float64_fails_too(monkeypatch: pytest
     assert_close(u.T @ u, torch.eye(2))
 
 
+def test_thin_svd_of_float64_goes_straight_to_gesvd_without_repeating_the_failed_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    m = torch.tensor([[0.0, 2.0], [-3.0, 0.0], [0.0, 0.0]], dtype=F64)
+    calls = _lapack_gives_up(monkeypatch, torch.float64)
+    u, s, vh = thin_svd(m)
+    assert calls == [torch.float64]
+    assert s.dtype == F64 and s.tolist() == [3.0, 2.0]
+    assert_close((u * s) @ vh, m)
+
+
 def test_thin_svd_of_a_matrix_lapack_decomposes_is_lapacks_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     m = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
     expected = torch.linalg.svd(m, full_matrices=False)

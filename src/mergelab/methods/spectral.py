@@ -33,16 +33,23 @@ def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     try:
         return torch.linalg.svd(matrix, full_matrices=False)
     except torch.linalg.LinAlgError:
-        pass
+        if matrix.dtype == torch.float64:  # the float64 retry would repeat the call that just failed
+            return _gesvd(matrix)
     try:
         u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
     except torch.linalg.LinAlgError:
-        import scipy.linalg
-
-        factors = scipy.linalg.svd(matrix.detach().to("cpu", torch.float64).numpy(), full_matrices=False,
-                                   lapack_driver="gesvd")
-        u, s, vh = (torch.from_numpy(f).to(matrix.device) for f in factors)
+        u, s, vh = _gesvd(matrix)
     return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
+
+
+def _gesvd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scipy's QR-iteration SVD in float64, on the matrix's device."""
+    import scipy.linalg
+
+    factors = scipy.linalg.svd(matrix.detach().to("cpu", torch.float64).numpy(), full_matrices=False,
+                               lapack_driver="gesvd")
+    u, s, vh = (torch.from_numpy(f).to(matrix.device) for f in factors)
+    return u, s, vh
 
 
 def working_dtype(*tensors: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
