@@ -60,7 +60,11 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
         return torch.full(delta.shape, density, dtype=work, device=delta.device)
     # sorted on the CPU whatever the device: CUDA orders ties differently (see sparsify._sorted_range)
     order = torch.argsort(rows.abs().cpu(), dim=1)
-    ranks = order.argsort(dim=1).to(work) + 1
+    # each entry's rank is the inverse permutation of ``order``, put in place by one scatter: mergekit's second
+    # argsort gives the same (a permutation has no ties) at 11× the CPU (2048 × 4096 bf16, one thread: 0.415 s
+    # against 0.037)
+    positions = torch.arange(n).view(1, n, *[1] * (order.dim() - 2)).expand_as(order)  # along dim 1, any rank
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(work) + 1
     del order
     # mergekit's operations in mergekit's order, so that the probabilities are the same numbers
     lowest = ranks.min(dim=1, keepdim=True).values
