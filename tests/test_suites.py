@@ -231,6 +231,63 @@ def test_unknown_compute_dtype_names_the_choices() -> None:
         FinetuneRecipe(steps=1, batch_size=1, lr=1e-3, compute_dtype="float16")
 
 
+def _prompt_suite(cache: Path, heads: str) -> TextSuite:
+    backbone = TextBackbone("tiny-random-bert", _tiny_bert, _hash_tokenize, hidden=16)
+    mood = dataclasses.replace(_words_source("great", "awful"), prompts=("an awful day", "a great day"))
+    cfg = TextConfig(tasks=("mood",), n_train=60, n_val=20, n_test=20, max_len=12, heads=heads)
+    recipe = FinetuneRecipe(steps=4, batch_size=8, lr=1e-3, probe_steps=20)
+    return TextSuite(cfg, recipe, seed=2, cache=cache, show_progress=False, backbone=backbone,
+                     task_defs={"mood": mood})
+
+
+def test_prompt_heads_are_unit_prompt_embeddings_times_one_fitted_temperature(tmp_path: Path) -> None:
+    suite = _prompt_suite(tmp_path, "prompts")
+    task = suite.task("mood")
+    head = suite.fit_head(task, seed=0).requires_grad_(False)
+    pre = suite.pretrained_state()
+    prompts = suite.encode(pre, _hash_tokenize(["an awful day", "a great day"], 12))
+    unit = prompts / prompts.norm(dim=1, keepdim=True)
+    scale = head.weight.norm(dim=1)
+    torch.testing.assert_close(scale, scale[:1].expand(2))  # one temperature for every class
+    torch.testing.assert_close(head.weight, scale[0] * unit)
+    assert torch.equal(head.bias, torch.zeros(2))
+    feats = suite.features(pre, "mood", "train")
+    start = 20.0 / float(feats.norm(dim=1).mean())  # the fit starts from MiniLM's scale of 20 on cosines
+    assert abs(float(scale[0]) - start) > 1e-3 * start  # the temperature was fitted, not left at its start
+    # the head picks the class whose prompt is closest in cosine, whatever the temperature
+    assert torch.equal((feats @ head.weight.T).argmax(1), (feats @ unit.T).argmax(1))
+
+
+def test_prompt_heads_get_their_own_cache_entry_and_probe_keys_stay(tmp_path: Path) -> None:
+    probe, prompts = _prompt_suite(tmp_path, "probe"), _prompt_suite(tmp_path, "prompts")
+    task = probe.task("mood")
+    assert probe.cache_key(task) != prompts.cache_key(task)
+    assert "heads" not in probe.suite_recipe()  # hashed as before the field existed
+    assert prompts.suite_recipe()["heads"] == "prompts"
+    ft = prompts.finetuned()["mood"]
+    torch.testing.assert_close(ft.head["weight"], prompts.fit_head(task, prompts.task_seed(task)).weight)
+    assert "zero-shot heads" in prompts.heads_text() and "probes" in probe.heads_text()
+
+
+def test_prompt_heads_refuse_a_task_without_prompts_and_an_unknown_kind(tmp_path: Path) -> None:
+    suite = _prompt_suite(tmp_path, "prompts")
+    suite.task_defs = {"mood": _words_source("great", "awful")}
+    with pytest.raises(ValueError, match="text task 'mood' has no class prompts"):
+        suite.fit_head(suite.task("mood"), seed=0)
+    with pytest.raises(ValueError, match=r"heads must be one of \['probe', 'prompts'\], got 'zero-shot'"):
+        TextConfig(heads="zero-shot")
+    with pytest.raises(ValueError, match="3 prompts for 2 classes"):
+        dataclasses.replace(_words_source("a", "b"), prompts=("x", "y", "z"))
+
+
+def test_every_real_text_task_has_one_prompt_per_class() -> None:
+    from mergelab.zoo.text_suite import TEXT_TASKS
+
+    for name, task in TEXT_TASKS.items():
+        assert len(task.prompts) == task.classes, name
+        assert len(set(task.prompts)) == task.classes, name
+
+
 def test_mean_pool_ignores_padding(tiny_text: TextSuite) -> None:
     enc = tiny_text.build_encoder().eval()
     ids = _hash_tokenize(["the movie was great"], 6)

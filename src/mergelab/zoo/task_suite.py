@@ -288,9 +288,14 @@ class TaskSuite(ABC):
             opt.step()
         return head
 
+    def fit_head(self, task: Task, seed: int) -> nn.Linear:
+        """The task's head, frozen while the encoder is fine-tuned: a linear probe unless a suite says otherwise
+        (text: zero-shot heads from class prompts)."""
+        return self._fit_probe(task, seed)
+
     def _train(self, task: Task, seed: int, bar: Progress) -> dict[str, Any]:
         start = time.perf_counter()
-        head = self._fit_probe(task, seed)
+        head = self.fit_head(task, seed)
         head.requires_grad_(False)
         probe_val = accuracy_pct(self.logits(self.pretrained_state(), task.name, "val", head.state_dict()),
                                  self.data(task.name, "val").y)

