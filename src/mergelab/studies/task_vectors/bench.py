@@ -372,7 +372,7 @@ _CART = {"lambda": (0.05, 50.0), "rank_ratio": (0.005, 0.9)}
 
 #: study methods in table order; grids come from the study plan (``plan.<field>``)
 METHODS: dict[str, MethodInfo] = {
-    "pretrained": MethodInfo("pretrained (probe heads)", lambda p: [{}]),
+    "pretrained": MethodInfo("pretrained (frozen heads)", lambda p: [{}]),
     "weight_averaging": MethodInfo("weight averaging", lambda p: [{}]),
     "task_arithmetic": MethodInfo("task arithmetic", lambda p: _grid(**{"lambda": p.ta_lambdas}), _LAMBDA),
     "ties": MethodInfo("TIES", lambda p: _grid(density=[p.ties_density], **{"lambda": p.ties_lambdas}), _LAMBDA),
