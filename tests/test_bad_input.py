@@ -132,6 +132,10 @@ def test_typo_in_key_suggests_the_right_one(families: Families, tmp_path: Path) 
     ("models", "not-a-list", ("'models'", "list")),
     ("parameters", {"lambda": "lots"}, ("parameter 'lambda' must be float", "'lots'")),
     ("parameters", {"lambda": float("nan")}, ("parameters.lambda", "finite")),
+    # YAML reads 1e309 (no dot) as a string, which converts to inf
+    ("parameters", {"lambda": "1e309"}, ("parameter 'lambda' must be a finite number", "'1e309'")),
+    ("parameters", {"lambda": "-inf"}, ("parameter 'lambda' must be a finite number", "'-inf'")),
+    ("parameters", {"lambda": "nan"}, ("parameter 'lambda' must be a finite number", "'nan'")),
     ("parameters", {"normalize": [{"filter": 3, "value": True}]}, ("parameters.normalize", "'filter' must be")),
     ("parameters", {"normalize": {"nested": {"deep": 1}}}, ("parameters.normalize", "conditional")),
 ])

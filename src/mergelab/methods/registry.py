@@ -73,8 +73,12 @@ class Param:
             elif kind in (float, int):
                 if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                     raise TypeError
-                out = kind(float(value)) if kind is int else float(value)
-                if kind is int and float(value) != int(float(value)):
+                number = float(value)
+                # a string such as "1e309" or "nan" (YAML reads a number without a dot as a string) passed the
+                # config's check of float scalars: refused here, where every number is converted
+                finite = math.isfinite(number)
+                out = kind(number) if kind is int and finite else number
+                if kind is int and finite and number != int(number):
                     raise TypeError
             else:
                 out = kind(value)
@@ -82,6 +86,8 @@ class Param:
             raise ValueError(
                 f"{where}: parameter '{self.name}' must be {kind.__name__}, got {value!r}"
             ) from None
+        if kind in (float, int) and not math.isfinite(out):
+            raise ValueError(f"{where}: parameter '{self.name}' must be a finite number, got {value!r}")
         if self.choices is not None and out not in self.choices:
             raise ValueError(
                 f"{where}: parameter '{self.name}' must be one of {list(self.choices)}, got {out!r}"
