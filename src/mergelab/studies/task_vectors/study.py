@@ -498,7 +498,7 @@ def _result(out: Path, runs: Sequence[SeedRun], plan: Plan, timings: dict[str, f
     norms = [r.geometry.relative_norms for r in runs]
     setup_rows = [{"task": t, "classes": suite.task(t).num_classes, "train": len(suite.data(t, "train")),
                    "val": len(suite.data(t, "val")), "test": len(suite.data(t, "test")),
-                   "pretrained+probe test acc (%)": _seed_mean([r.selections["pretrained"].test[t] for r in runs]),
+                   "pretrained test acc (%)": _seed_mean([r.selections["pretrained"].test[t] for r in runs]),
                    "fine-tuned test acc (%)": _seed_mean([r.bench.individual("test")[t] for r in runs]),
                    "‖τ‖/‖θ0‖": _seed_mean([n[i] for n in norms]),
                    "seeds": ", ".join(str(r.bench.suite.finetuned()[t].seed) for r in runs),
@@ -573,7 +573,7 @@ def _result(out: Path, runs: Sequence[SeedRun], plan: Plan, timings: dict[str, f
     n_method = len(_COMPARED)
     report = Report(f"Task-vector merging on the {suite.name} suite (CART, TSV-M, Iso-C/Iso-CTS)",
                     intro=("Encoders fine-tuned per task from one pretrained encoder are merged; each task keeps "
-                           "its own linear head (fitted on pretrained features, frozen during fine-tuning). "
+                           f"its own linear head, frozen during fine-tuning ({suite.heads_text()}). "
                            "Normalised accuracy = merged accuracy / the task's fine-tuned accuracy."
                            + (f" {len(runs)} fine-tuning seeds share the pretrained encoder and the data splits."
                               if len(runs) > 1 else "")),
