@@ -269,6 +269,24 @@ def test_prompt_heads_get_their_own_cache_entry_and_probe_keys_stay(tmp_path: Pa
     assert "zero-shot heads" in prompts.heads_text() and "probes" in probe.heads_text()
 
 
+def _tiny_bert_leaving_the_global_rng() -> nn.Module:
+    """The tiny BERT without reseeding torch's global generator (as MiniLM's from_pretrained leaves it)."""
+    with torch.random.fork_rng():
+        return _tiny_bert()
+
+
+def test_prompt_head_fine_tunes_do_not_depend_on_the_global_rng(tmp_path: Path) -> None:
+    states = []
+    for rng_seed in (1, 2):
+        suite = _prompt_suite(tmp_path / str(rng_seed), "prompts")
+        suite._backbone = TextBackbone("tiny-random-bert", _tiny_bert_leaving_the_global_rng, _hash_tokenize, hidden=16)
+        torch.manual_seed(rng_seed)  # what earlier work in the process left in torch's global generator
+        states.append(suite.finetuned()["mood"].state)
+        pre = suite.pretrained_state()
+    assert any(not torch.equal(states[0][k], pre[k]) for k in pre)  # dropout was on while fine-tuning
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_prompt_heads_refuse_a_task_without_prompts_and_an_unknown_kind(tmp_path: Path) -> None:
     suite = _prompt_suite(tmp_path, "prompts")
     suite.task_defs = {"mood": _words_source("great", "awful")}

@@ -295,6 +295,9 @@ class TaskSuite(ABC):
 
     def _train(self, task: Task, seed: int, bar: Progress) -> dict[str, Any]:
         start = time.perf_counter()
+        # dropout while fine-tuning draws from torch's global generator: seeded here, whatever the head, so a
+        # fine-tune does not depend on what ran before it in the process (the probe also seeds its own init)
+        torch.manual_seed(seed)
         head = self.fit_head(task, seed)
         head.requires_grad_(False)
         probe_val = accuracy_pct(self.logits(self.pretrained_state(), task.name, "val", head.state_dict()),
