@@ -18,7 +18,7 @@ import os
 import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -272,20 +272,30 @@ class TaskSuite(ABC):
         state = {**pre, **entry["changed"]}
         return FineTuned(task.name, state, entry["head"], self.task_seed(task), key, dict(entry["history"]))
 
-    def _fit_probe(self, task: Task, seed: int) -> nn.Linear:
-        """Linear probe on frozen pretrained features (full-batch Adam: deterministic and quick)."""
+    def probe_features(self, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pretrained features and labels of the first ``recipe.probe_examples`` of :meth:`probe_data`: what a
+        head is fitted on."""
         data = self.probe_data(task)
         feats = self.encode(self.pretrained_state(), data.x[:self.recipe.probe_examples])
-        y = data.y[:feats.shape[0]]
+        return feats, data.y[:feats.shape[0]]
+
+    def fit_full_batch(self, params: list[torch.Tensor], loss: Callable[[], torch.Tensor], *,
+                       weight_decay: float = 0.0) -> None:
+        """``recipe.probe_steps`` full-batch Adam steps at ``recipe.probe_lr`` on ``loss()`` (deterministic, quick)."""
+        opt = torch.optim.Adam(params, lr=self.recipe.probe_lr, weight_decay=weight_decay)
+        for _ in range(self.recipe.probe_steps):
+            value = loss()
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+
+    def _fit_probe(self, task: Task, seed: int) -> nn.Linear:
+        """Linear probe on frozen pretrained features."""
+        feats, y = self.probe_features(task)
         torch.manual_seed(seed)
         head = nn.Linear(feats.shape[1], task.num_classes)
-        r = self.recipe
-        opt = torch.optim.Adam(head.parameters(), lr=r.probe_lr, weight_decay=r.probe_weight_decay)
-        for _ in range(r.probe_steps):
-            loss = F.cross_entropy(head(feats), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        self.fit_full_batch(list(head.parameters()), lambda: F.cross_entropy(head(feats), y),
+                            weight_decay=self.recipe.probe_weight_decay)
         return head
 
     def fit_head(self, task: Task, seed: int) -> nn.Linear:

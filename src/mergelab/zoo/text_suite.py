@@ -370,17 +370,10 @@ class TextSuite(TaskSuite):
                              "heads='probe'")
         pre = self.pretrained_state()
         rows = F.normalize(self.encode(pre, self.backbone.tokenize(prompts, self.config.max_len)), dim=1)
-        data = self.probe_data(task)
-        feats = self.encode(pre, data.x[:self.recipe.probe_examples])
-        y = data.y[:feats.shape[0]]
+        feats, y = self.probe_features(task)
         cos_logits = feats @ rows.T
         log_s = torch.tensor(math.log(20.0 / float(feats.norm(dim=1).mean())), requires_grad=True)
-        opt = torch.optim.Adam([log_s], lr=self.recipe.probe_lr)
-        for _ in range(self.recipe.probe_steps):
-            loss = F.cross_entropy(log_s.exp() * cos_logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        self.fit_full_batch([log_s], lambda: F.cross_entropy(log_s.exp() * cos_logits, y))
         head = nn.Linear(rows.shape[1], task.num_classes)
         with torch.no_grad():
             head.weight.copy_(log_s.exp() * rows)
