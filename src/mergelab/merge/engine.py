@@ -1,9 +1,10 @@
 """Run a planned merge: stream tensors from every input, merge each with the method, write the result.
 
-Memory: one tensor name is in flight at a time (plus the next one being read ahead on a thread, unless two
-of the largest tensors meet), so peak memory is about (models + 2) × the largest tensor plus the method's
-work space. Element-wise methods (linear, task arithmetic) go further: large tensors are streamed in flat
-pieces of ``_PIECE_ENTRIES`` entries (read a range of every input, merge, write that range), so their peak
+Memory: one large tensor name is in flight at a time (plus the next one being read ahead on a thread, unless
+two of the largest tensors meet), so peak memory is about (models + 2) × the largest tensor plus the method's
+work space; small pieces (a few MiB) are read ahead and merged two at a time on two threads beside it
+(:func:`_merge_threads`, :func:`_fit_together`), which adds a few MiB. Element-wise methods (linear, task
+arithmetic) go further: large tensors are streamed in flat pieces of ``_PIECE_ENTRIES`` entries (read a range of every input, merge, write that range), so their peak
 does not grow with the model at all. TIES (per-tensor scope, no rescale) streams too, after a first pass
 over each model's task vector in pieces finds its exact top-k rule (:func:`_topk_rules`): what stays whole
 is one model's 2-byte magnitude keys of the tensor and the sort replay's work space, about 10 bytes per
@@ -28,7 +29,7 @@ import os
 import re
 import shutil
 import sys
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ from mergelab.merge.tokenizer import write_tokenizer
 from mergelab.methods.registry import FlatSource
 from mergelab.methods.sparsify import TopK, magnitude_keys
 from mergelab.methods.task_vectors import arithmetic_dtype, task_vector
-from mergelab.runtime import make_progress
+from mergelab.runtime import available_cores, make_progress
 
 COPIED_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -77,6 +78,9 @@ _HEADROOM = 1 << 20  # headers, index, config and record files written beside th
 # in cache between the conversion and the sums (a weighted sum of three bf16 inputs ran 3× slower in pieces
 # of 4 Mi entries, 6× in pieces of 16 Mi), large enough that per-piece Python overhead stays small.
 _PIECE_ENTRIES = 1 << 20
+# Pieces up to this size (a float32 piece of _PIECE_ENTRIES) may merge side by side on the merge threads.
+_SIDE_BY_SIDE_BYTES = _PIECE_ENTRIES * 4
+_MERGE_THREADS = 2
 log = logging.getLogger(__name__)
 
 
@@ -491,6 +495,26 @@ def _pieces(plan: MergePlan, entries: int, dev: torch.device | None = None,
     return pieces
 
 
+def _fit_together(piece: _Piece, next_piece: _Piece, budget: int) -> bool:
+    """Whether ``next_piece`` may be read while ``piece`` merges: both small (a streamed piece or a small
+    tensor: a few MiB beside the inputs of one largest tensor), or together no larger than the largest.
+    Before 2026-12-02 only the second held, and a model streamed whole in 1 Mi-entry pieces (every large
+    tensor of an element-wise merge) read each piece after the previous one was merged: the reader never
+    ran beside the merge (linear, 3 × 0.5 GB: wall time equal to CPU time, one core busy)."""
+    small = max(piece.nbytes, next_piece.nbytes) <= _SIDE_BY_SIDE_BYTES
+    return small or piece.nbytes + next_piece.nbytes <= budget
+
+
+def _merge_threads(plan: MergePlan, dev: torch.device | None) -> int:
+    """How many pieces merge at once (:func:`_merge_all`): two where there are two cores, except for a
+    randomized method, whose pieces of one tensor draw their masks in order from one generator per model
+    (:attr:`~mergelab.methods.registry.MergeMethod.randomized`), and on a GPU. Any other piece's merge is
+    a function of its own inputs (and of its tensor's whole-tensor pass), so the bytes do not depend on it."""
+    if plan.method.randomized or (dev is not None and dev.type != "cpu"):
+        return 1
+    return min(_MERGE_THREADS, available_cores())
+
+
 def _flat_source(plan: MergePlan, name: str, compute_dtype: torch.dtype | None) -> FlatSource:
     """The inputs of tensor ``name`` (base and models), read from the checkpoints in flat ranges on demand,
     as the method gets them (:func:`~mergelab.merge.core.prepared`): what a scalar pass sees."""
@@ -504,12 +528,14 @@ def _flat_source(plan: MergePlan, name: str, compute_dtype: torch.dtype | None) 
     return FlatSource(tuple(meta.shape), read)
 
 
-def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, entries: int) -> list[TopK]:
+def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, entries: int, *,
+                threads: int = 1) -> list[TopK]:
     """Each model's exact top-k of its task vector ``name`` (the method's rank rule: TIES' top-k,
     Breadcrumbs' band), read in flat pieces of ``entries``: only the magnitude keys of one model's task
     vector are whole in memory (2 bytes per entry in bf16) with the sort replay's work space where ties
     straddle a kept rank's edge, instead of every input and the work space of a whole-tensor merge. Where
-    keys cannot decide (NaN, float64), the task vector is made whole and the rule is its mask."""
+    keys cannot decide (NaN, float64), the task vector is made whole and the rule is its mask. ``threads``:
+    how many models' rules may be found at once (each on its own thread)."""
     assert plan.base is not None and plan.method.topk_pass is not None
     topk_pass = plan.method.topk_pass
     base = plan.base
@@ -523,8 +549,7 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
         return task_vector(prepared(reader.get_flat(name, a, b), None, compute_dtype), base_piece,
                            arithmetic_dtype(base_piece, compute_dtype))
 
-    rules = []
-    for reader, model_params in zip(readers, params.model_params, strict=True):
+    def rule_of(reader: CheckpointReader, model_params: Mapping[str, Any]) -> TopK:
         keys: torch.Tensor | None = None
         for a in range(0, numel, entries):
             b = min(numel, a + entries)
@@ -541,18 +566,27 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
             delta = torch.cat([task_vector_piece(reader, a, min(numel, a + entries))
                                for a in range(0, numel, entries)])
             rule = TopK(None, kept=topk_pass.of_delta(delta, model_params).reshape(-1))
-        rules.append(rule)
-    return rules
+        return rule
+
+    # Each model's rule is its own (the sort replay reads only that model's keys): two at once where two
+    # such work spaces fit in the largest tensor's, so the peak does not grow.
+    largest = max(m.nbytes // m.dtype.itemsize for m in plan.out_metas.values())
+    side_by_side = min(threads, len(readers)) if 2 * numel <= largest else 1
+    if side_by_side == 1:
+        return [rule_of(r, p) for r, p in zip(readers, params.model_params, strict=True)]
+    with ThreadPoolExecutor(max_workers=side_by_side, thread_name_prefix="mergelab-topk") as pool:
+        return list(pool.map(rule_of, readers, params.model_params))
 
 
 def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None,
-                       seed: int) -> dict[str, Any]:
+                       seed: int, threads: int = 1) -> dict[str, Any]:
     """What each piece of tensor ``name`` needs of the whole tensor, as keywords of
-    :func:`~mergelab.merge.core.merge_tensor`: the method's scalars, or each model's top-k rule."""
+    :func:`~mergelab.merge.core.merge_tensor`: the method's scalars, or each model's top-k rule (found on
+    up to ``threads`` threads)."""
     if plan.method.scalar_pass is not None:
         return {"scalars": tensor_scalars(plan.method, name, _flat_source(plan, name, compute_dtype),
                                           params=plan.params[name], compute_dtype=compute_dtype, seed=seed)}
-    return {"topk": _topk_rules(plan, name, compute_dtype, _PIECE_ENTRIES)}
+    return {"topk": _topk_rules(plan, name, compute_dtype, _PIECE_ENTRIES, threads=threads)}
 
 
 def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
@@ -603,73 +637,111 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
     # an observer sees whole tensors
     pieces = _pieces(plan, _PIECE_ENTRIES if observer is None else sys.maxsize, dev, cfg.compute_dtype)
     first_pass: dict[str, dict[str, Any]] = {}  # top-k rules or scalars of the tensor being streamed
-    # Three stages overlap: the reader thread loads and checks piece i+1, this thread merges piece i, the
-    # writer thread writes piece i-1. One item per stage keeps memory bounded.
+    out_dtypes = {name: meta.dtype for name, meta in plan.out_metas.items()}
+    side_by_side = _merge_threads(plan, dev)
+
+    def merge_piece(piece: _Piece, base_t: torch.Tensor | None, tensors: list[torch.Tensor],
+                    whole: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """The merged piece in the output dtype and its NaN/Inf count (0 when not scanned)."""
+        merged = merge_tensor(
+            plan.method, piece.name, tensors, base=base_t, params=plan.params.get(piece.name),
+            seed=cfg.seed, compute_dtype=cfg.compute_dtype, device=dev, thresholds=thresholds,
+            offset=piece.start, **whole,
+        ).to(out_dtypes[piece.name])
+        return merged, 0 if allow_nonfinite else count_nonfinite(merged)
+
+    # Merged, not yet written: (piece, its merge, its inputs, their NaN/Inf counts if scanned), oldest first.
+    in_flight: deque[tuple[_Piece, Future[tuple[torch.Tensor, int]], torch.Tensor | None, list[torch.Tensor],
+                           list[tuple[str, int]] | None]] = deque()
+    written: Future[None] | None = None
+
+    def finish_oldest() -> None:
+        """Wait for the oldest merge in flight, check it and hand it to the writer (in the pieces' order)."""
+        nonlocal written
+        piece, merging, base_t, tensors, found = in_flight.popleft()
+        try:
+            merged, bad = merging.result()
+        except (ValueError, RuntimeError, ArithmeticError) as exc:
+            # Methods reject inputs they cannot merge (weights summing to zero, missing statistics) with
+            # ValueError, whose message says what to fix; torch fails with RuntimeError (an SVD of
+            # non-finite values let through by --allow-nonfinite, a GPU out of memory). run_merge
+            # promises MergeLabError, naming the tensor.
+            why = str(exc) if isinstance(exc, ValueError) else \
+                f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            raise CompatibilityError([f"method '{cfg.merge_method}' cannot merge tensor '{piece.name}': "
+                                      f"{why}"]) from None
+        if nonfinite:  # a piece merged beside an earlier bad one: its inputs are reported, nothing written
+            for label, n in (found if found is not None else scan(piece.name, base_t, tensors)):
+                nonfinite[label, piece.name] += n
+            return
+        if observer is not None:
+            observer.observe(piece.name, base_t, tensors, merged)
+        if bad and found is None:  # the inputs were left unscanned: name the bad ones, if any
+            found = scan(piece.name, base_t, tensors)
+            for label, n in found:
+                nonfinite[label, piece.name] += n
+        if bad:
+            if not found:
+                nonfinite[produced, piece.name] += bad
+            return
+        if written is not None:
+            written.result()  # re-raises a write error here, in order
+        write = writer.write if piece.stop is None else writer.write_part
+        written = writer_pool.submit(write, piece.name, merged)
+        bar.update(task, advance=piece.nbytes, tensors=piece.name[-40:])
+
+    # Four stages overlap: the reader thread loads and checks piece i+1, the merge threads merge pieces i
+    # and i-1 (where the method allows: _merge_threads), the writer thread writes the piece before. A small
+    # number of items per stage keeps memory bounded.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as reader_pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as writer_pool, \
+            ThreadPoolExecutor(max_workers=side_by_side, thread_name_prefix="mergelab-merge") as merge_pool, \
             _progress(show_progress) as bar:
         task = bar.add_task("merge", total=total_bytes, tensors="")
         # Reading ahead holds two pieces' inputs at once. Where two of the largest tensors follow one
         # another (lm_head and embed_tokens sort side by side), the next one is read after this one is
-        # merged instead, so the peak stays at one largest tensor per input plus the method's work space.
+        # merged instead, so the peak stays at one largest tensor per input plus the method's work space
+        # (:func:`_fit_together`).
         budget = max((p.nbytes for p in pieces), default=0)
         pending = reader_pool.submit(load, pieces[0]) if pieces else None
-        written: Future[None] | None = None
         for i, piece in enumerate(pieces):
             assert pending is not None
             base_t, tensors, found = pending.result()
+            if found and not nonfinite:  # the first bad input: the pieces before it are finished first
+                while in_flight:
+                    finish_oldest()
             if found is None and nonfinite and not allow_nonfinite:  # read before the first bad one was found
                 found = scan(piece.name, base_t, tensors)
             for label, n in found or ():
                 nonfinite[label, piece.name] += n
             has_next = i + 1 < len(pieces)
-            read_after_merge = has_next and piece.nbytes + pieces[i + 1].nbytes > budget and not nonfinite
+            read_after_merge = has_next and not nonfinite and not _fit_together(piece, pieces[i + 1], budget)
             if has_next and not read_after_merge:
                 pending = reader_pool.submit(load, pieces[i + 1])
             if nonfinite:  # keep scanning so every bad tensor is reported, but merge nothing more
                 bar.advance(task, piece.nbytes)
                 continue
-            try:
-                whole: dict[str, Any] = {}  # what a piece needs of its whole tensor
-                if piece.stop is not None and not plan.method.elementwise:
-                    if piece.start == 0:  # before the first piece: the pass over the whole tensor
-                        first_pass = {piece.name: _whole_tensor_pass(plan, piece.name, cfg.compute_dtype,
-                                                                          cfg.seed)}
-                    whole = first_pass[piece.name]
-                merged = merge_tensor(
-                    plan.method, piece.name, tensors, base=base_t, params=plan.params.get(piece.name),
-                    seed=cfg.seed, compute_dtype=cfg.compute_dtype, device=dev, thresholds=thresholds,
-                    offset=piece.start, **whole,
-                )
-            except (ValueError, RuntimeError, ArithmeticError) as exc:
-                # Methods reject inputs they cannot merge (weights summing to zero, missing statistics) with
-                # ValueError, whose message says what to fix; torch fails with RuntimeError (an SVD of
-                # non-finite values let through by --allow-nonfinite, a GPU out of memory). run_merge
-                # promises MergeLabError, naming the tensor.
-                why = str(exc) if isinstance(exc, ValueError) else \
-                    f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
-                raise CompatibilityError([f"method '{cfg.merge_method}' cannot merge tensor '{piece.name}': "
-                                          f"{why}"]) from None
-            merged = merged.to(plan.out_metas[piece.name].dtype)
-            if observer is not None:
-                observer.observe(piece.name, base_t, tensors, merged)
-            bad = 0 if allow_nonfinite else count_nonfinite(merged)
-            if bad and found is None:  # the inputs were left unscanned: name the bad ones, if any
-                found = scan(piece.name, base_t, tensors)
-                for label, n in found:
-                    nonfinite[label, piece.name] += n
+            # Merges run side by side only on small pieces: a large whole tensor merges alone, so the peak
+            # stays at one largest tensor per input plus the method's work space.
+            alone = piece.nbytes > _SIDE_BY_SIDE_BYTES
+            while in_flight and (alone or len(in_flight) >= side_by_side
+                                 or in_flight[-1][0].nbytes > _SIDE_BY_SIDE_BYTES):
+                finish_oldest()
+            whole: dict[str, Any] = {}  # what a piece needs of its whole tensor
+            if piece.stop is not None and not plan.method.elementwise:
+                if piece.start == 0:  # before the first piece: the pass over the whole tensor
+                    first_pass = {piece.name: _whole_tensor_pass(plan, piece.name, cfg.compute_dtype, cfg.seed,
+                                                                  side_by_side)}
+                whole = first_pass[piece.name]
+            in_flight.append((piece, merge_pool.submit(merge_piece, piece, base_t, tensors, whole), base_t,
+                              tensors, found))
             del base_t, tensors
             if read_after_merge:
+                while in_flight:
+                    finish_oldest()
                 pending = reader_pool.submit(load, pieces[i + 1])
-            if bad:
-                if not found:
-                    nonfinite[produced, piece.name] += bad
-                continue
-            if written is not None:
-                written.result()  # re-raises a write error here, in order
-            write = writer.write if piece.stop is None else writer.write_part
-            written = writer_pool.submit(write, piece.name, merged)
-            bar.update(task, advance=piece.nbytes, tensors=piece.name[-40:])
+        while in_flight:
+            finish_oldest()
         if written is not None:
             written.result()
     for (label, name), n in nonfinite.items():

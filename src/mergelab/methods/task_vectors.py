@@ -208,9 +208,13 @@ def _disjoint_sum(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: 
     return mixed.reshape(base.shape)
 
 
-_FUSED_CHUNK = 1 << 15  # entries per chunk of the fused steps: temporaries stay in L2, and at torch's
-# grain size (32768) its ops stay on one thread (two threads on 64 Ki-entry chunks were 10× slower with the
-# cores busy)
+# Entries per chunk of the fused steps: temporaries stay in L2 (12 of them at most: 64 Ki entries of float32
+# are 256 KiB). Its methods run on one torch thread (core.one_thread), so torch's grain size (32 Ki entries:
+# two threads on 64 Ki-entry chunks were 10× slower with the cores busy) no longer bounds it. Measured on a
+# TIES merge of a 2.8 Mi-entry bf16 tensor in 1 Mi-entry pieces (rules given, one thread, 2026-12-02): 77 ms
+# at 32 Ki entries, 58 at 64 Ki and 128 Ki, 66 at 256 Ki; half as many Python calls per piece also means half
+# as many turns of the interpreter lock when two pieces merge side by side (merge/engine.py).
+_FUSED_CHUNK = 1 << 16
 
 # Same-width integer views of the dtypes whose sign and zero tests the fused path does on bit patterns,
 # and the bits of 1.0 in each (element-wise comparisons into bool tensors cost ~10 ms per 8 Mi entries on

@@ -1,0 +1,219 @@
+"""Pieces merged side by side on two threads, read ahead beside the merge, top-k rules found two at a time:
+the same bytes and the same reports as one piece at a time, with the peak bounded as before (merge/engine.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from cli_helpers import assert_refused, load_folder, run_cli, save_model_folder, write_config
+from mergelab.merge import engine
+from mergelab.merge.config import load_config
+from mergelab.merge.plan import plan_merge
+from mergelab.methods import all_methods, get_method
+
+Families = dict[str, tuple[Path, list[Path]]]
+MiB = 1 << 20
+
+
+def _config(method: str, base: Path, models: list[Path], **extra: Any) -> dict[str, Any]:
+    return {"merge_method": method, "base_model": str(base),
+            "models": [{"model": str(p), "parameters": {"weight": 0.3 + 0.2 * i}} for i, p in enumerate(models)],
+            **extra}
+
+
+def _threads(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """``n`` merge threads whatever this machine's cores."""
+    monkeypatch.setattr(engine, "_MERGE_THREADS", n)
+    monkeypatch.setattr(engine, "available_cores", lambda: 8)
+
+
+# -- how many, and when ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 2), (16, 2)])
+def test_two_merge_threads_where_there_are_two_cores(monkeypatch: pytest.MonkeyPatch, cores: int,
+                                                      expected: int) -> None:
+    monkeypatch.setattr(engine, "available_cores", lambda: cores)
+    plan = SimpleNamespace(method=get_method("ties"))
+    assert engine._merge_threads(plan, None) == expected  # type: ignore[arg-type]
+    assert engine._merge_threads(plan, torch.device("cpu")) == expected  # type: ignore[arg-type]
+
+
+def test_one_merge_thread_for_randomized_methods_and_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a randomized method's pieces draw from one generator per model in order: side by side, the draws would
+    # depend on which thread came first
+    monkeypatch.setattr(engine, "available_cores", lambda: 8)
+    randomized = sorted(m.name for m in all_methods() if m.randomized)
+    assert {"dare_ties", "dare_linear", "della", "della_linear"} <= set(randomized)
+    for name in randomized:
+        assert engine._merge_threads(SimpleNamespace(method=get_method(name)), None) == 1, name  # type: ignore[arg-type]
+    plan = SimpleNamespace(method=get_method("linear"))
+    assert engine._merge_threads(plan, torch.device("cuda")) == 1  # type: ignore[arg-type]
+
+
+def _piece(nbytes: int) -> engine._Piece:
+    return engine._Piece("t", nbytes)
+
+
+@pytest.mark.parametrize(("first", "second", "budget", "together"), [
+    (2 * MiB, 2 * MiB, 2 * MiB, True),      # two streamed pieces: read ahead (before 2026-12-02: after the merge)
+    (4 * MiB, 1024, 4 * MiB, True),         # a float32 piece and a small tensor
+    (60 * MiB, 30 * MiB, 100 * MiB, True),  # together no larger than the largest tensor
+    (100 * MiB, 100 * MiB, 100 * MiB, False),  # two of the largest: one after the other
+    (100 * MiB, 1024, 100 * MiB, False),    # the largest and anything: the peak stays at the largest
+    (5 * MiB, 5 * MiB, 6 * MiB, False),
+])
+def test_the_next_piece_is_read_during_the_merge_when_both_are_small_or_fit_in_the_largest(
+        first: int, second: int, budget: int, together: bool) -> None:
+    assert engine._fit_together(_piece(first), _piece(second), budget) is together
+
+
+# -- same bytes -----------------------------------------------------------------------------------------------
+
+def _spy_on_merges(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the merges running at once (the first few are slowed down so that they meet)."""
+    seen = {"calls": 0, "active": 0, "most": 0}
+    lock = threading.Lock()
+    merge = engine.merge_tensor
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with lock:
+            seen["calls"] += 1
+            seen["active"] += 1
+            seen["most"] = max(seen["most"], seen["active"])
+            slow = seen["calls"] <= 12
+        try:
+            if slow:
+                time.sleep(0.02)
+            return merge(*args, **kwargs)
+        finally:
+            with lock:
+                seen["active"] -= 1
+
+    monkeypatch.setattr(engine, "merge_tensor", spy)
+    return seen
+
+
+def _same_files(a: Path, b: Path) -> None:
+    files = sorted(p.name for p in a.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in b.glob("*.safetensors"))
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+@pytest.mark.parametrize(("method", "extra"), [
+    ("linear", {}), ("task_arithmetic", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
+    ("ties", {}), ("ties", {"dtype": "bfloat16", "out_dtype": "bfloat16"}), ("breadcrumbs", {}),
+    ("slerp", {}), ("model_stock", {}), ("nearswap", {}), ("cart", {}),
+])
+@pytest.mark.filterwarnings("ignore:model_stock. interpolation ratio")
+def test_pieces_merged_side_by_side_give_the_bytes_of_one_at_a_time(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+        extra: dict[str, Any]) -> None:
+    base, fts = families["llama"]
+    config = _config(method, base, fts, **extra)
+    if method in ("ties", "breadcrumbs"):
+        for i, m in enumerate(config["models"]):
+            m["parameters"]["density"] = [0.3, 0.6, 0.05][i]
+            if method == "breadcrumbs":
+                m["parameters"]["gamma"] = 0.05
+    if method in ("slerp", "nearswap"):
+        config = {"merge_method": method, "base_model": str(base), "parameters": {"t": 0.4},
+                  "models": [{"model": str(base)}, {"model": str(fts[0])}], **extra}
+    if method == "model_stock":
+        config = {"merge_method": method, "base_model": str(base), "models": [{"model": str(p)} for p in fts], **extra}
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)  # pieces cross rows and end mid-row
+    _threads(monkeypatch, 1)
+    one = engine.run_merge(config, tmp_path / "one", progress=False, hash_inputs=False).out_dir
+    _threads(monkeypatch, 2)
+    seen = _spy_on_merges(monkeypatch)
+    two = engine.run_merge(config, tmp_path / "two", progress=False, hash_inputs=False).out_dir
+    _same_files(one, two)
+    assert seen["most"] == 2  # the side-by-side path ran
+
+
+def test_top_k_rules_found_two_at_a_time_are_those_found_one_at_a_time(
+        families: Families, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, fts = families["llama"]
+    config = _config("breadcrumbs", base, fts)
+    for i, m in enumerate(config["models"]):
+        m["parameters"].update({"density": [0.3, 0.6, 0.05][i], "gamma": 0.02})
+    plan = plan_merge(*load_config(config))
+    entries = {n: m.nbytes // m.dtype.itemsize for n, m in plan.out_metas.items()}
+    largest = max(entries.values())
+    small = [n for n, e in entries.items() if 2 * e <= largest and e > 100 and n in plan.params]
+    assert small, "no tensor of at most half the largest"
+    for name in [*small[:3], max(entries, key=entries.__getitem__)]:
+        one = engine._topk_rules(plan, name, None, 37, threads=1)
+        two = engine._topk_rules(plan, name, None, 37, threads=2)
+        assert len(one) == len(two) == len(fts)
+        for a, b in zip(one, two, strict=True):
+            assert (a.threshold, a.ceiling) == (b.threshold, b.ceiling)
+            for x, y in ((a.ties, b.ties), (a.ceiling_ties, b.ceiling_ties), (a.kept, b.kept)):
+                assert (x is None and y is None) or torch.equal(x, y)
+
+
+def test_top_k_rules_of_the_largest_tensor_are_found_one_at_a_time(
+        families: Families, monkeypatch: pytest.MonkeyPatch) -> None:
+    # two keys-and-sort work spaces of the largest tensor at once would double the peak: one thread there
+    base, fts = families["llama"]
+    config = _config("ties", base, fts)
+    for m in config["models"]:
+        m["parameters"]["density"] = 0.3
+    plan = plan_merge(*load_config(config))
+    entries = {n: m.nbytes // m.dtype.itemsize for n, m in plan.out_metas.items()}
+    largest = max(entries, key=entries.__getitem__)
+    small = next(n for n, e in entries.items() if 2 * e <= entries[largest] and e > 100)
+    pools: list[int] = []
+    pool_class = engine.ThreadPoolExecutor
+
+    def counting_pool(max_workers: int, **kwargs: Any) -> Any:
+        pools.append(max_workers)
+        return pool_class(max_workers=max_workers, **kwargs)
+
+    monkeypatch.setattr(engine, "ThreadPoolExecutor", counting_pool)
+    engine._topk_rules(plan, largest, None, 37, threads=2)
+    assert pools == []
+    engine._topk_rules(plan, small, None, 37, threads=2)
+    assert pools == [2]
+
+
+# -- same reports ---------------------------------------------------------------------------------------------
+
+def test_nan_inf_found_side_by_side_are_reported_as_one_at_a_time(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, fts = families["llama"]
+    state = load_folder(fts[0])
+    state["model.embed_tokens.weight"][0, 0] = float("nan")
+    state["model.embed_tokens.weight"][-1, -1] = float("inf")
+    state["model.norm.weight"][3] = float("nan")
+    bad = save_model_folder(tmp_path / "bad", state, fts[0])
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 16)
+    texts = []
+    for n in (1, 2):
+        _threads(monkeypatch, n)
+        out = tmp_path / f"out{n}"
+        texts.append(assert_refused(run_cli(write_config(tmp_path, _config("linear", base, [bad, fts[1]])), out),
+                                    out, f"{bad}: tensor 'model.embed_tokens.weight' has 2 NaN/Inf value(s)",
+                                    f"{bad}: tensor 'model.norm.weight' has 1 NaN/Inf value(s)")
+                     .replace(str(tmp_path / f"out{n}"), "OUT"))
+    assert texts[0] == texts[1]
+
+
+def test_a_method_error_on_a_merge_thread_names_the_tensor(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, fts = families["llama"]
+    config = _config("linear", base, fts[:2])
+    config["models"][0]["parameters"]["weight"] = 1.0
+    config["models"][1]["parameters"]["weight"] = -1.0  # weights summing to zero
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 16)
+    _threads(monkeypatch, 2)
+    out = tmp_path / "out"
+    assert_refused(run_cli(write_config(tmp_path, config), out), out, "method 'linear' cannot merge tensor '",
+                   "sum to zero")
