@@ -18,7 +18,8 @@ and makes each model's random generator, which the pieces draw their masks from 
 numbers); so does DELLA, in pieces of whole rows (its keep probabilities are ranked within rows:
 :func:`_piece_unit`). Shards are written tensor by tensor (io.writer), never buffered. Safety: everything goes
 to a hidden temporary folder beside OUT_DIR, renamed into place only when complete; on any error the temporary
-folder is removed and an existing OUT_DIR is left untouched."""
+folder is removed and an existing OUT_DIR is left untouched.
+"""
 
 from __future__ import annotations
 
