@@ -554,6 +554,42 @@ def test_allocator_tuning_applies_under_glibc() -> None:
                           check=True).stdout.strip() == "True"
 
 
+_ARENA_PROBE = """
+import ctypes, ctypes.util, sys, threading
+import torch
+from mergelab.merge.allocator import recycle_freed_memory
+if sys.argv[1] == "tuned":
+    assert recycle_freed_memory()
+meet = threading.Barrier(4)
+def allocate():  # four threads holding 1 MiB blocks at once (below the mmap threshold: from arenas)
+    meet.wait()
+    held = [torch.ones(1 << 18) for _ in range(10)]
+    meet.wait()
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.open_memstream.restype = ctypes.c_void_p
+text, size = ctypes.c_char_p(), ctypes.c_size_t()
+stream = ctypes.c_void_p(libc.open_memstream(ctypes.byref(text), ctypes.byref(size)))
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+print(text.value.decode().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_allocator_tuning_caps_the_arenas_at_two() -> None:
+    # every arena keeps up to the trim threshold of freed memory: with the engine's merge and top-k threads,
+    # one arena each raised TIES' peak by a sixth (merge/allocator.py)
+    def arenas(mode: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", _ARENA_PROBE, mode], capture_output=True, text=True,
+                                  check=True).stdout)
+
+    assert arenas("default") > 2  # the probe can see more than two
+    assert arenas("tuned") <= 2
+
+
 def test_parameters_are_resolved_once_per_tensor_however_many_pieces(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # plan_merge resolves each tensor's parameters once; the engine merges every piece with those values
