@@ -30,10 +30,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # vs_mergekit, beside this file
 from vs_mergekit import METHODS, build_models, config_for, io_floor
-
-import yaml
 
 from mergelab.io.writer import parse_size
 
@@ -77,7 +77,7 @@ def measure(method: str, work: Path) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "MERGELAB_HASH_CACHE": str(work / "hash-cache")}
     # warm the digests and the page cache: one merge first, not timed
-    for timed in (False, True):
+    for _ in range(2):
         shutil.rmtree(out, ignore_errors=True)
         proc = subprocess.run([sys.executable, __file__, "--one", str(cfg_path), "--out", str(out)], env=env,
                               capture_output=True, text=True)
