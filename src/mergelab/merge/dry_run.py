@@ -1,9 +1,10 @@
 """``mergelab merge --dry-run``: the plan, checked, without reading any tensor data.
 
 The estimates follow the engine's memory model (engine.py's docstring) and this project's CPU benchmark
-(``benchmarks/results/cpu_0.5GB.md``, 2 cores, 3 × 0.51 GB bf16 inputs, median of 3 runs): linear 5.2 s and
-task arithmetic 6.3 s for 1.53 GB of input, TIES 22.7 s, DARE-TIES 17.9 s, SLERP 5.7 s for 1.02 GB. They are
-orders of magnitude for planning, not promises: disks, cores and dtypes change them.
+(``benchmarks/results/2026-12-02.md``, "3 × 2GB": ``mergelab merge`` end to end, every input hashed, 2 idle
+cores, 3 × 1.98 GB bf16 inputs): linear 9.2 s, task arithmetic 10.5 s, TIES 44.5 s, DARE-TIES 24.2 s,
+Breadcrumbs 42.6 s, DELLA 189 s, Model Stock 17.2 s for 5.95 GB of input, SLERP 12.5 s for 3.97 GB. They
+are orders of magnitude for planning, not promises: disks, cores and dtypes change them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from mergelab.merge.engine import _PIECE_ENTRIES, _streams_with_scalars, _stream
 from mergelab.merge.plan import plan_merge
 
 # Seconds per GB of input on the benchmark machine (see the module docstring).
-_SECONDS_PER_GB = {"linear": 3.4, "task_arithmetic": 4.1, "ties": 14.8, "dare_ties": 11.7, "slerp": 5.6}
+_SECONDS_PER_GB = {"linear": 1.6, "task_arithmetic": 1.8, "ties": 7.5, "dare_ties": 4.1, "breadcrumbs": 7.2,
+                   "della": 32.0, "slerp": 3.1, "model_stock": 2.9}
 _DEFAULT_SECONDS_PER_GB = 15.0  # methods not benchmarked: about TIES' cost (two passes, sorting)
 _TORCH_BASELINE = 300 * 2**20  # resident size of Python + torch before any tensor (measured ~290 MiB)
 
