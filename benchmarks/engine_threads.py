@@ -130,7 +130,7 @@ def main() -> None:
         report = args.report if args.report is not True else \
             Path(__file__).resolve().parent / "results" / f"{time.strftime('%Y-%m-%d')}.md"
         with report.open("a") as f:
-            f.write(f"\n`python benchmarks/engine_threads.py --size {args.size}` ({time.strftime('%H:%M')} UTC, "
+            f.write(f"\n`python benchmarks/engine_threads.py {' '.join(sys.argv[1:])}` ({time.strftime('%H:%M')} UTC, "
                     f"load {os.getloadavg()[0]:.1f})\n\n{text}")
 
 
