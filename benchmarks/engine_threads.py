@@ -7,10 +7,11 @@
 The models and configs are benchmarks/vs_mergekit.py's (made once under --work). Each method runs in a fresh
 process: ``run_merge`` with every input's sha256 from the warm digest cache (the *engine* of vs_mergekit),
 allocator tuned as the CLI tunes it. Every thread's CPU time (``time.thread_time``) is taken as it ends,
-grouped by the engine's thread names: the reader (``mergelab-read``: copies each piece out of the page cache),
-the merge threads (``mergelab-merge``: the method and the NaN/Inf scan of its result), the writer
-(``mergelab-write``), the threads of the top-k pass (``mergelab-topk``: TIES' and Breadcrumbs' rules, two
-models at a time) and the main thread (everything else: the whole-tensor passes, hand-offs, the plan).
+grouped by the engine's thread names: the reader (``mergelab-read``: copies each piece out of the page
+cache), the merge threads (``mergelab-merge``: the method and the NaN/Inf scan of its result), the writer
+(``mergelab-write``), the whole-tensor passes (``mergelab-pass``: SLERP's and Model Stock's scalars, TIES'
+rules; the next tensor's while this one's pieces merge), the threads that find two models' top-k rules at once
+(``mergelab-topk``) and the main thread (everything else: hand-offs, the plan, the record).
 
 Reading the table: the engine's wall time cannot be less than its busiest stage, nor than its total CPU over
 the 2 cores. Where the wall time is near CPU / 2, the cores are the limit and only less CPU helps; where it is
@@ -37,7 +38,8 @@ from vs_mergekit import METHODS, build_models, config_for, io_floor
 
 from mergelab.io.writer import parse_size
 
-GROUPS = ("MainThread", "mergelab-read", "mergelab-merge", "mergelab-topk", "mergelab-write", "mergelab-hash")
+GROUPS = ("MainThread", "mergelab-read", "mergelab-merge", "mergelab-pass", "mergelab-topk", "mergelab-write",
+          "mergelab-hash")
 
 
 def _group(thread_name: str) -> str:
@@ -90,12 +92,14 @@ def measure(method: str, work: Path) -> dict[str, float]:
 def table(size: str, in_bytes: int, floor: float, rows: dict[str, dict[str, float]]) -> str:
     lines = [f"## {size}: CPU seconds per thread of one merge (3 models, {in_bytes / 1e9:.2f} GB of input; "
              f"floor {floor:.2f} s)", "",
-             "| method | wall s | × floor | CPU s | CPU / 2 cores ÷ floor | main | read | merge | top-k | write |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | wall s | × floor | CPU s | CPU / 2 cores ÷ floor | main | read | merge | pass | top-k "
+             "| write |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for method, r in rows.items():
         lines.append(f"| {method} | {r['wall']:.2f} | {r['wall'] / floor:.2f} | {r['cpu']:.2f} | "
                      f"{r['cpu'] / 2 / floor:.2f} | {r['MainThread']:.2f} | {r['mergelab-read']:.2f} | "
-                     f"{r['mergelab-merge']:.2f} | {r['mergelab-topk']:.2f} | {r['mergelab-write']:.2f} |")
+                     f"{r['mergelab-merge']:.2f} | {r['mergelab-pass']:.2f} | {r['mergelab-topk']:.2f} | "
+                     f"{r['mergelab-write']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -122,7 +126,8 @@ def main() -> None:
         rows[method] = measure(method, work)
         r = rows[method]
         print(f"  {method:16s} wall {r['wall']:6.2f} s  CPU {r['cpu']:6.2f} s  main {r['MainThread']:.2f}  "
-              f"read {r['mergelab-read']:.2f}  merge {r['mergelab-merge']:.2f}  top-k {r['mergelab-topk']:.2f}  "
+              f"read {r['mergelab-read']:.2f}  merge {r['mergelab-merge']:.2f}  pass {r['mergelab-pass']:.2f}  "
+              f"top-k {r['mergelab-topk']:.2f}  "
               f"write {r['mergelab-write']:.2f}", flush=True)
     text = table(args.size, in_bytes, floor, rows)
     print(text)

@@ -3,6 +3,7 @@ the same bytes and the same reports as one piece at a time, with the peak bounde
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -217,3 +218,68 @@ def test_a_method_error_on_a_merge_thread_names_the_tensor(
     out = tmp_path / "out"
     assert_refused(run_cli(write_config(tmp_path, config), out), out, "method 'linear' cannot merge tensor '",
                    "sum to zero")
+
+
+# -- the next tensor's whole-tensor pass during this one's pieces ----------------------------------------------
+
+def _two_model_config(method: str, base: Path, fts: list[Path]) -> dict[str, Any]:
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": str(base), "parameters": {"t": 0.4},
+                "models": [{"model": str(base)}, {"model": str(fts[0])}]}
+    config = {"merge_method": method, "base_model": str(base), "models": [{"model": str(p)} for p in fts]}
+    if method == "ties":
+        for m in config["models"]:
+            m["parameters"] = {"density": 0.3, "weight": 0.5}
+    return config
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock", "ties"])
+@pytest.mark.filterwarnings("ignore:model_stock. interpolation ratio")
+def test_the_next_tensors_pass_runs_while_this_ones_pieces_merge(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    base, fts = families["llama"]
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    whole_pass, merge = engine._whole_tensor_pass, engine.merge_tensor
+
+    def pass_spy(plan: Any, name: str, *args: Any) -> Any:
+        with lock:
+            events.append(("pass", name))
+        return whole_pass(plan, name, *args)
+
+    def merge_spy(method_: Any, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        time.sleep(0.002)  # a merge long enough for the next pass to start beside it
+        with lock:
+            events.append(("merge", name))
+        return merge(method_, name, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_whole_tensor_pass", pass_spy)
+    monkeypatch.setattr(engine, "merge_tensor", merge_spy)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)
+    _threads(monkeypatch, 2)
+    engine.run_merge(_two_model_config(method, base, fts), tmp_path / "out", progress=False, hash_inputs=False)
+    passes = [name for kind, name in events if kind == "pass"]
+    assert len(passes) == len(set(passes)) > 2  # each tensor's pass once
+    # the pass of the tensor after X starts before X's first piece is merged (one after the other, it would
+    # start only once X's pieces were all handed to the merge threads)
+    at = {event: k for k, event in reversed(list(enumerate(events)))}  # first occurrence of each event
+    assert any(at[("pass", later)] < at[("merge", this)] for this, later in itertools.pairwise(passes))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_error_in_a_whole_tensor_pass_names_the_tensor(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    base, fts = families["llama"]
+    whole_pass = engine._whole_tensor_pass
+
+    def failing(plan: Any, name: str, *args: Any) -> Any:
+        if name.endswith("layers.1.mlp.up_proj.weight"):
+            raise ValueError("the inputs disagree here; fix them")
+        return whole_pass(plan, name, *args)
+
+    monkeypatch.setattr(engine, "_whole_tensor_pass", failing)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)
+    _threads(monkeypatch, threads)
+    out = tmp_path / "out"
+    assert_refused(run_cli(write_config(tmp_path, _two_model_config("slerp", base, fts)), out), out,
+                   "method 'slerp' cannot merge tensor 'model.layers.1.mlp.up_proj.weight': the inputs disagree")

@@ -23,6 +23,7 @@ folder is removed and an existing OUT_DIR is left untouched.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import logging
@@ -651,26 +652,52 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
         ).to(out_dtypes[piece.name])
         return merged, 0 if allow_nonfinite else count_nonfinite(merged)
 
+    def whole_pass(name: str) -> dict[str, Any]:
+        return _whole_tensor_pass(plan, name, cfg.compute_dtype, cfg.seed, side_by_side)
+
+    # The whole-tensor pass of the next streamed tensor runs on its own thread while this one's pieces merge
+    # (SLERP's and Model Stock's scalars, TIES' rules: at 3 × 2 GB the main thread spent 4.6 of SLERP's 8.4 s
+    # and 8.2 of Model Stock's 12.5 on them while the merge threads waited; benchmarks/engine_threads.py),
+    # where the two tensors together are no larger than the largest, so that the peak does not grow.
+    first_pieces = [j for j, p in enumerate(pieces) if p.stop is not None and p.start == 0]
+    largest = max((m.nbytes for m in plan.out_metas.values()), default=0)
+    ahead: dict[str, Future[dict[str, Any]]] = {}
+
+    def pass_ahead(i: int) -> None:
+        """Start the pass of the streamed tensor after piece ``i``'s, if any and if it fits beside it."""
+        if side_by_side == 1 or plan.method.elementwise:
+            return
+        after = bisect.bisect_right(first_pieces, i)
+        later = pieces[first_pieces[after]] if after < len(first_pieces) else None
+        this = plan.out_metas[pieces[i].name].nbytes
+        if later is not None and this + plan.out_metas[later.name].nbytes <= largest:
+            ahead[later.name] = pass_pool.submit(whole_pass, later.name)
+
     # Merged, not yet written: (piece, its merge, its inputs, their NaN/Inf counts if scanned), oldest first.
     in_flight: deque[tuple[_Piece, Future[tuple[torch.Tensor, int]], torch.Tensor | None, list[torch.Tensor],
                            list[tuple[str, int]] | None]] = deque()
     written: Future[None] | None = None
 
+    def method_result(name: str, work: Future[Any]) -> Any:
+        """The result of the method's work on tensor ``name`` (a piece's merge, the whole-tensor pass).
+
+        Methods reject inputs they cannot merge (weights summing to zero, missing statistics) with
+        ValueError, whose message says what to fix; torch fails with RuntimeError (an SVD of non-finite
+        values let through by --allow-nonfinite, a GPU out of memory). run_merge promises MergeLabError,
+        naming the tensor."""
+        try:
+            return work.result()
+        except (ValueError, RuntimeError, ArithmeticError) as exc:
+            why = str(exc) if isinstance(exc, ValueError) else \
+                f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            raise CompatibilityError([f"method '{cfg.merge_method}' cannot merge tensor '{name}': "
+                                      f"{why}"]) from None
+
     def finish_oldest() -> None:
         """Wait for the oldest merge in flight, check it and hand it to the writer (in the pieces' order)."""
         nonlocal written
         piece, merging, base_t, tensors, found = in_flight.popleft()
-        try:
-            merged, bad = merging.result()
-        except (ValueError, RuntimeError, ArithmeticError) as exc:
-            # Methods reject inputs they cannot merge (weights summing to zero, missing statistics) with
-            # ValueError, whose message says what to fix; torch fails with RuntimeError (an SVD of
-            # non-finite values let through by --allow-nonfinite, a GPU out of memory). run_merge
-            # promises MergeLabError, naming the tensor.
-            why = str(exc) if isinstance(exc, ValueError) else \
-                f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
-            raise CompatibilityError([f"method '{cfg.merge_method}' cannot merge tensor '{piece.name}': "
-                                      f"{why}"]) from None
+        merged, bad = method_result(piece.name, merging)
         if nonfinite:  # a piece merged beside an earlier bad one: its inputs are reported, nothing written
             for label, n in (found if found is not None else scan(piece.name, base_t, tensors)):
                 nonfinite[label, piece.name] += n
@@ -697,6 +724,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as reader_pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as writer_pool, \
             ThreadPoolExecutor(max_workers=side_by_side, thread_name_prefix="mergelab-merge") as merge_pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-pass") as pass_pool, \
             _progress(show_progress) as bar:
         task = bar.add_task("merge", total=total_bytes, tensors="")
         # Reading ahead holds two pieces' inputs at once. Where two of the largest tensors follow one
@@ -731,8 +759,9 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             whole: dict[str, Any] = {}  # what a piece needs of its whole tensor
             if piece.stop is not None and not plan.method.elementwise:
                 if piece.start == 0:  # before the first piece: the pass over the whole tensor
-                    first_pass = {piece.name: _whole_tensor_pass(plan, piece.name, cfg.compute_dtype, cfg.seed,
-                                                                  side_by_side)}
+                    passing = ahead.pop(piece.name, None) or pass_pool.submit(whole_pass, piece.name)
+                    first_pass = {piece.name: method_result(piece.name, passing)}
+                    pass_ahead(i)
                 whole = first_pass[piece.name]
             in_flight.append((piece, merge_pool.submit(merge_piece, piece, base_t, tensors, whole), base_t,
                               tensors, found))
