@@ -3,19 +3,20 @@
 Memory: one large tensor name is in flight at a time (plus the next one being read ahead on a thread, unless
 two of the largest tensors meet), so peak memory is about (models + 2) × the largest tensor plus the method's
 work space; small pieces (a few MiB) are read ahead and merged two at a time on two threads beside it
-(:func:`_merge_threads`, :func:`_fit_together`), which adds a few MiB. Element-wise methods (linear, task
-arithmetic) go further: large tensors are streamed in flat pieces of ``_PIECE_ENTRIES`` entries (read a range
-of every input, merge, write that range), so their peak does not grow with the model at all. TIES (per-tensor
-scope, no rescale) streams too, after a first pass over each model's task vector in pieces finds its exact
-top-k rule (:func:`_topk_rules`): what stays whole is one model's 2-byte magnitude keys of the tensor and the
-sort replay's work space, about 10 bytes per entry of the largest tensor. Breadcrumbs (no rescale) streams the
-same way, its rule two-sided: the band of ranks its one ascending sort keeps
-(:func:`~mergelab.methods.sparsify.band_of_keys`). Methods with a scalar pass (SLERP: two norms and a dot
-product; Model Stock: its task vectors' norms and pairwise dot products, summed in torch's order) stream like
-the element-wise ones, after that pass has read the inputs in flat ranges (:func:`_flat_source`): nothing of
-the tensor stays whole. DARE (density rescale or none) streams the same way: its "scalar pass" reads nothing
-and makes each model's random generator, which the pieces draw their masks from in order (the whole draw's
-numbers); so does DELLA, in pieces of whole rows (its keep probabilities are ranked within rows:
+(:func:`_merge_threads`, :func:`_fit_together`), which adds a few MiB; the next streamed tensor's whole-tensor
+pass runs beside this one's pieces only where the two tensors together are no larger than the largest.
+Element-wise methods (linear, task arithmetic) go further: large tensors are streamed in flat pieces of
+``_PIECE_ENTRIES`` entries (read a range of every input, merge, write that range), so their peak does not grow
+with the model at all. TIES (per-tensor scope, no rescale) streams too, after a first pass over each model's
+task vector in pieces finds its exact top-k rule (:func:`_topk_rules`): what stays whole is one model's 2-byte
+magnitude keys of the tensor and the sort replay's work space, about 10 bytes per entry of the largest tensor.
+Breadcrumbs (no rescale) streams the same way, its rule two-sided: the band of ranks its one ascending sort
+keeps (:func:`~mergelab.methods.sparsify.band_of_keys`). Methods with a scalar pass (SLERP: two norms and a
+dot product; Model Stock: its task vectors' norms and pairwise dot products, summed in torch's order) stream
+like the element-wise ones, after that pass has read the inputs in flat ranges (:func:`_flat_source`): nothing
+of the tensor stays whole. DARE (density rescale or none) streams the same way: its "scalar pass" reads
+nothing and makes each model's random generator, which the pieces draw their masks from in order (the whole
+draw's numbers); so does DELLA, in pieces of whole rows (its keep probabilities are ranked within rows:
 :func:`_piece_unit`). Shards are written tensor by tensor (io.writer), never buffered. Safety: everything goes
 to a hidden temporary folder beside OUT_DIR, renamed into place only when complete; on any error the temporary
 folder is removed and an existing OUT_DIR is left untouched.
