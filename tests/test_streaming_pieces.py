@@ -579,15 +579,15 @@ print(text.value.decode().count("<heap nr="))
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_allocator_tuning_caps_the_arenas_at_two() -> None:
+def test_allocator_tuning_keeps_one_arena_for_every_thread() -> None:
     # every arena keeps up to the trim threshold of freed memory: with the engine's merge and top-k threads,
-    # one arena each raised TIES' peak by a sixth (merge/allocator.py)
+    # one arena each raised TIES' peak by a sixth, two by 5 % (merge/allocator.py)
     def arenas(mode: str) -> int:
         return int(subprocess.run([sys.executable, "-c", _ARENA_PROBE, mode], capture_output=True, text=True,
                                   check=True).stdout)
 
-    assert arenas("default") > 2  # the probe can see more than two
-    assert arenas("tuned") <= 2
+    assert arenas("default") > 1  # the probe can see more than one
+    assert arenas("tuned") == 1
 
 
 def test_parameters_are_resolved_once_per_tensor_however_many_pieces(

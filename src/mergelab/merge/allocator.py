@@ -8,9 +8,11 @@ time, more than the arithmetic; with the threshold at glibc's maximum (32 MiB) a
 than 32 MiB are still mapped and unmapped, so peak memory is unchanged.
 
 Each thread that allocates may get its own arena, and each arena keeps what is freed in it up to the trim
-threshold: with the merge threads and the top-k threads of 2026-12-02 (merge/engine.py), TIES at 3 × 0.5 GB
-peaked at 697 MiB instead of 592. Two arenas at most (the main one and one shared by the other threads):
-609 MiB, time unchanged (13.07 s against 13.13; linear 353 MiB against 364; one run each, quiet machine).
+threshold: with the merge, pass and top-k threads of 2026-12-02 (merge/engine.py), TIES at 3 × 0.5 GB peaked
+at 697 MiB instead of 592 (one run). One arena for every thread: ``mergelab merge`` at 3 × 0.5 GB, two
+alternations of one arena and two (the main one and one shared by the other threads), quiet machine, peak RSS
+TIES 609/603 MiB against 652/632, Model Stock 407/415 against 460/452, linear 355/347 against 357/361, and
+no slower (TIES 13.53/13.50 s against 14.04/14.12, Model Stock 4.38/4.28 against 4.76/4.58).
 
 The setting is process-wide and permanent, so only processes of mergelab's own (the CLI) call this.
 """
@@ -26,7 +28,7 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 _MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
 _TRIM_THRESHOLD = 512 << 20
-_ARENA_MAX = 2
+_ARENA_MAX = 1
 
 
 def recycle_freed_memory() -> bool:
