@@ -666,7 +666,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
 
     def pass_ahead(i: int) -> None:
         """Start the pass of the streamed tensor after piece ``i``'s, if any and if it fits beside it."""
-        if side_by_side == 1 or plan.method.elementwise:
+        if side_by_side == 1:
             return
         after = bisect.bisect_right(first_pieces, i)
         later = pieces[first_pieces[after]] if after < len(first_pieces) else None
