@@ -78,3 +78,18 @@ def save_model_folder(folder: Path, state: Mapping[str, torch.Tensor], like: Pat
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
     shutil.copy2(like / "config.json", folder / "config.json")
     return folder
+
+
+def weighted_config(method: str, base: Path, models: list[Path], **extra: Any) -> dict[str, Any]:
+    """A merge of ``models`` onto ``base`` with weights 0.3, 0.5, 0.7, … (``extra``: more top-level keys)."""
+    return {"merge_method": method, "base_model": str(base),
+            "models": [{"model": str(p), "parameters": {"weight": 0.3 + 0.2 * i}} for i, p in enumerate(models)],
+            **extra}
+
+
+def assert_same_safetensors(a: Path, b: Path) -> None:
+    """Two merged folders hold the same safetensors files, byte for byte."""
+    files = sorted(p.name for p in a.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in b.glob("*.safetensors"))
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f

@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 import torch
 
-from cli_helpers import assert_refused, load_folder, run_cli, save_model_folder, write_config
+from cli_helpers import (
+    assert_refused,
+    assert_same_safetensors,
+    load_folder,
+    run_cli,
+    save_model_folder,
+    weighted_config,
+    write_config,
+)
 from mergelab.merge import engine
 from mergelab.merge.config import load_config
 from mergelab.merge.plan import plan_merge
@@ -21,12 +29,6 @@ from mergelab.methods import all_methods, get_method
 
 Families = dict[str, tuple[Path, list[Path]]]
 MiB = 1 << 20
-
-
-def _config(method: str, base: Path, models: list[Path], **extra: Any) -> dict[str, Any]:
-    return {"merge_method": method, "base_model": str(base),
-            "models": [{"model": str(p), "parameters": {"weight": 0.3 + 0.2 * i}} for i, p in enumerate(models)],
-            **extra}
 
 
 def _threads(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
@@ -101,11 +103,22 @@ def _spy_on_merges(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return seen
 
 
-def _same_files(a: Path, b: Path) -> None:
-    files = sorted(p.name for p in a.glob("*.safetensors"))
-    assert files and files == sorted(p.name for p in b.glob("*.safetensors"))
-    for f in files:
-        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+def _method_config(method: str, base: Path, fts: list[Path], **extra: Any) -> dict[str, Any]:
+    """A config of ``method`` on the family ``base``, ``fts``: SLERP and NearSwap of the base and the first
+    fine-tune (t 0.4), Model Stock of them all, TIES and Breadcrumbs with a density per model, others weighted."""
+    if method in ("slerp", "nearswap"):
+        return {"merge_method": method, "base_model": str(base), "parameters": {"t": 0.4},
+                "models": [{"model": str(base)}, {"model": str(fts[0])}], **extra}
+    if method == "model_stock":
+        return {"merge_method": method, "base_model": str(base), "models": [{"model": str(p)} for p in fts],
+                **extra}
+    config = weighted_config(method, base, fts, **extra)
+    if method in ("ties", "breadcrumbs"):
+        for i, m in enumerate(config["models"]):
+            m["parameters"]["density"] = [0.3, 0.6, 0.05][i]
+            if method == "breadcrumbs":
+                m["parameters"]["gamma"] = 0.05
+    return config
 
 
 @pytest.mark.parametrize(("method", "extra"), [
@@ -118,31 +131,21 @@ def test_pieces_merged_side_by_side_give_the_bytes_of_one_at_a_time(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
         extra: dict[str, Any]) -> None:
     base, fts = families["llama"]
-    config = _config(method, base, fts, **extra)
-    if method in ("ties", "breadcrumbs"):
-        for i, m in enumerate(config["models"]):
-            m["parameters"]["density"] = [0.3, 0.6, 0.05][i]
-            if method == "breadcrumbs":
-                m["parameters"]["gamma"] = 0.05
-    if method in ("slerp", "nearswap"):
-        config = {"merge_method": method, "base_model": str(base), "parameters": {"t": 0.4},
-                  "models": [{"model": str(base)}, {"model": str(fts[0])}], **extra}
-    if method == "model_stock":
-        config = {"merge_method": method, "base_model": str(base), "models": [{"model": str(p)} for p in fts], **extra}
+    config = _method_config(method, base, fts, **extra)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)  # pieces cross rows and end mid-row
     _threads(monkeypatch, 1)
     one = engine.run_merge(config, tmp_path / "one", progress=False, hash_inputs=False).out_dir
     _threads(monkeypatch, 2)
     seen = _spy_on_merges(monkeypatch)
     two = engine.run_merge(config, tmp_path / "two", progress=False, hash_inputs=False).out_dir
-    _same_files(one, two)
+    assert_same_safetensors(one, two)
     assert seen["most"] == 2  # the side-by-side path ran
 
 
 def test_top_k_rules_found_two_at_a_time_are_those_found_one_at_a_time(
         families: Families, monkeypatch: pytest.MonkeyPatch) -> None:
     base, fts = families["llama"]
-    config = _config("breadcrumbs", base, fts)
+    config = weighted_config("breadcrumbs", base, fts)
     for i, m in enumerate(config["models"]):
         m["parameters"].update({"density": [0.3, 0.6, 0.05][i], "gamma": 0.02})
     plan = plan_merge(*load_config(config))
@@ -164,7 +167,7 @@ def test_top_k_rules_of_the_largest_tensor_are_found_one_at_a_time(
         families: Families, monkeypatch: pytest.MonkeyPatch) -> None:
     # two keys-and-sort work spaces of the largest tensor at once would double the peak: one thread there
     base, fts = families["llama"]
-    config = _config("ties", base, fts)
+    config = weighted_config("ties", base, fts)
     for m in config["models"]:
         m["parameters"]["density"] = 0.3
     plan = plan_merge(*load_config(config))
@@ -200,17 +203,18 @@ def test_nan_inf_found_side_by_side_are_reported_as_one_at_a_time(
     for n in (1, 2):
         _threads(monkeypatch, n)
         out = tmp_path / f"out{n}"
-        texts.append(assert_refused(run_cli(write_config(tmp_path, _config("linear", base, [bad, fts[1]])), out),
-                                    out, f"{bad}: tensor 'model.embed_tokens.weight' has 2 NaN/Inf value(s)",
-                                    f"{bad}: tensor 'model.norm.weight' has 1 NaN/Inf value(s)")
-                     .replace(str(tmp_path / f"out{n}"), "OUT"))
+        config = write_config(tmp_path, weighted_config("linear", base, [bad, fts[1]]))
+        text = assert_refused(run_cli(config, out), out,
+                              f"{bad}: tensor 'model.embed_tokens.weight' has 2 NaN/Inf value(s)",
+                              f"{bad}: tensor 'model.norm.weight' has 1 NaN/Inf value(s)")
+        texts.append(text.replace(str(out), "OUT"))
     assert texts[0] == texts[1]
 
 
 def test_a_method_error_on_a_merge_thread_names_the_tensor(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, fts = families["llama"]
-    config = _config("linear", base, fts[:2])
+    config = weighted_config("linear", base, fts[:2])
     config["models"][0]["parameters"]["weight"] = 1.0
     config["models"][1]["parameters"]["weight"] = -1.0  # weights summing to zero
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 16)
@@ -221,17 +225,6 @@ def test_a_method_error_on_a_merge_thread_names_the_tensor(
 
 
 # -- the next tensor's whole-tensor pass during this one's pieces ----------------------------------------------
-
-def _two_model_config(method: str, base: Path, fts: list[Path]) -> dict[str, Any]:
-    if method == "slerp":
-        return {"merge_method": "slerp", "base_model": str(base), "parameters": {"t": 0.4},
-                "models": [{"model": str(base)}, {"model": str(fts[0])}]}
-    config = {"merge_method": method, "base_model": str(base), "models": [{"model": str(p)} for p in fts]}
-    if method == "ties":
-        for m in config["models"]:
-            m["parameters"] = {"density": 0.3, "weight": 0.5}
-    return config
-
 
 @pytest.mark.parametrize("method", ["slerp", "model_stock", "ties"])
 @pytest.mark.filterwarnings("ignore:model_stock. interpolation ratio")
@@ -257,7 +250,7 @@ def test_the_next_tensors_pass_runs_while_this_ones_pieces_merge(
     monkeypatch.setattr(engine, "merge_tensor", merge_spy)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)
     _threads(monkeypatch, 2)
-    engine.run_merge(_two_model_config(method, base, fts), tmp_path / "out", progress=False, hash_inputs=False)
+    engine.run_merge(_method_config(method, base, fts), tmp_path / "out", progress=False, hash_inputs=False)
     passes = [name for kind, name in events if kind == "pass"]
     assert len(passes) == len(set(passes)) > 2  # each tensor's pass once
     # the pass of the tensor after X starts before X's first piece is merged (one after the other, it would
@@ -281,5 +274,5 @@ def test_an_error_in_a_whole_tensor_pass_names_the_tensor(
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)
     _threads(monkeypatch, threads)
     out = tmp_path / "out"
-    assert_refused(run_cli(write_config(tmp_path, _two_model_config("slerp", base, fts)), out), out,
+    assert_refused(run_cli(write_config(tmp_path, _method_config("slerp", base, fts)), out), out,
                    "method 'slerp' cannot merge tensor 'model.layers.1.mlp.up_proj.weight': the inputs disagree")

@@ -19,7 +19,16 @@ from typing import Any
 import pytest
 import torch
 
-from cli_helpers import assert_ok, assert_refused, load_folder, run_cli, save_model_folder, write_config
+from cli_helpers import (
+    assert_ok,
+    assert_refused,
+    assert_same_safetensors,
+    load_folder,
+    run_cli,
+    save_model_folder,
+    weighted_config,
+    write_config,
+)
 from mergelab.io.readers import TensorMeta, open_checkpoint
 from mergelab.io.safetensors_file import SafetensorsFile
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, write_state_dict
@@ -36,12 +45,6 @@ from mergelab.methods.task_vectors import arithmetic_dtype, task_vector
 Families = dict[str, tuple[Path, list[Path]]]
 ELEMENTWISE = [m for m in all_methods() if m.elementwise]
 WITH_SCALAR_PASS = [m for m in all_methods() if m.scalar_pass is not None]
-
-
-def _config(method: str, base: Path, models: list[Path], **extra: Any) -> dict[str, Any]:
-    return {"merge_method": method, "base_model": str(base),
-            "models": [{"model": str(p), "parameters": {"weight": 0.3 + 0.2 * i}} for i, p in enumerate(models)],
-            **extra}
 
 
 def _merge(tmp_path: Path, config: dict[str, Any], name: str, *args: str) -> Path:
@@ -283,13 +286,6 @@ def test_della_refuses_pieces_that_cut_a_row() -> None:
                      seed=0, scalars=scalars, offset=0)
 
 
-def _same_files(whole: Path, pieces: Path) -> None:
-    files = sorted(p.name for p in whole.glob("*.safetensors"))
-    assert files and files == sorted(p.name for p in pieces.glob("*.safetensors"))
-    for f in files:
-        assert (whole / f).read_bytes() == (pieces / f).read_bytes(), f
-
-
 def _whole_and_streamed(tmp_path: Path, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Merge ``config`` with whole tensors, then in pieces of 37 entries after a scalar pass whose chunks
     (50 entries) cross the pieces' edges: the files must be the same bytes."""
@@ -298,7 +294,7 @@ def _whole_and_streamed(tmp_path: Path, config: dict[str, Any], monkeypatch: pyt
     whole = engine.run_merge(config, tmp_path / "whole", progress=False, hash_inputs=False).out_dir
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)
     pieces = engine.run_merge(config, tmp_path / "pieces", progress=False, hash_inputs=False).out_dir
-    _same_files(whole, pieces)
+    assert_same_safetensors(whole, pieces)
 
 
 @pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "out_dtype": "bfloat16"}, {"dtype": "float16"},
@@ -359,7 +355,7 @@ def test_streamed_in_pieces_same_bytes_as_whole(families: Families, sharded_fami
                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
                                                 extra: dict[str, Any]) -> None:
     for arch, (base, fts) in {"llama": families["llama"], "sharded": sharded_family}.items():
-        config = _config(method, base, fts, **extra)
+        config = weighted_config(method, base, fts, **extra)
         monkeypatch.setattr(engine, "_PIECE_ENTRIES", 1 << 40)
         whole = _merge(tmp_path, config, f"{arch}-whole", "--max-shard-size", "30KB")
         monkeypatch.setattr(engine, "_PIECE_ENTRIES", 7)  # pieces cross rows and end mid-row
@@ -383,10 +379,10 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_
 
     monkeypatch.setattr(SafetensorsFile, "_read", spy)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 64)
-    _merge(tmp_path, _config("linear", base, fts), "linear")
+    _merge(tmp_path, weighted_config("linear", base, fts), "linear")
     assert reads and max(reads) == 64 * 4  # float32 inputs: no read larger than one piece
     reads.clear()
-    _merge(tmp_path, {**_config("ties", base, fts), "parameters": {"density": 0.5}}, "ties")
+    _merge(tmp_path, {**weighted_config("ties", base, fts), "parameters": {"density": 0.5}}, "ties")
     assert max(reads) == 64 * 4  # TIES too: its top-k rules are found from pieces first
     reads.clear()
     monkeypatch.setattr(slerp, "_CHUNK", 64)
@@ -399,21 +395,21 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_
                       "models": [{"model": str(p)} for p in fts]}, "model_stock")
     assert max(reads) == 64 * 4  # Model Stock likewise
     reads.clear()
-    _merge(tmp_path, {**_config("dare_ties", base, fts), "parameters": {"density": 0.5}}, "dare_ties")
+    _merge(tmp_path, {**weighted_config("dare_ties", base, fts), "parameters": {"density": 0.5}}, "dare_ties")
     assert max(reads) == 64 * 4  # DARE: its masks are drawn piece by piece
     reads.clear()
-    _merge(tmp_path, {**_config("dare_ties", base, fts), "parameters": {"density": 0.5, "rescale_mode": "l1"}},
+    _merge(tmp_path, {**weighted_config("dare_ties", base, fts), "parameters": {"density": 0.5, "rescale_mode": "l1"}},
            "dare_ties_l1")
     assert max(reads) == largest  # with the L1 rescale (a norm of each whole dropped task vector): whole
     reads.clear()
-    _merge(tmp_path, {**_config("della", base, fts), "parameters": {"density": 0.5, "epsilon": 0.1}}, "della")
+    _merge(tmp_path, {**weighted_config("della", base, fts), "parameters": {"density": 0.5, "epsilon": 0.1}}, "della")
     assert max(reads) == 64 * 4  # DELLA: pieces of whole rows (here 1–2 rows of 64 or 32 entries)
     reads.clear()
-    _merge(tmp_path, {**_config("breadcrumbs_ties", base, fts), "parameters": {"density": 0.5, "gamma": 0.1}},
+    _merge(tmp_path, {**weighted_config("breadcrumbs_ties", base, fts), "parameters": {"density": 0.5, "gamma": 0.1}},
            "breadcrumbs_ties")
     assert max(reads) == 64 * 4  # Breadcrumbs: its rank rules are found from pieces first, as TIES'
     reads.clear()
-    _merge(tmp_path, {**_config("breadcrumbs", base, fts), "parameters": {"density": 0.5, "rescale": True}},
+    _merge(tmp_path, {**weighted_config("breadcrumbs", base, fts), "parameters": {"density": 0.5, "rescale": True}},
            "breadcrumbs_rescale")
     assert max(reads) == largest  # with the rescale (L1 norms of each whole task vector): whole
 
@@ -425,17 +421,14 @@ def test_ties_streamed_after_its_top_k_same_bytes_as_whole(families: Families, t
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             extra: dict[str, Any]) -> None:
     base, fts = families["llama"]
-    config = _config("ties", base, fts, **extra)
+    config = weighted_config("ties", base, fts, **extra)
     for i, m in enumerate(config["models"]):
         m["parameters"]["density"] = [0.3, 0.6, 0.05][i % 3]
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 1 << 40)
     whole = _merge(tmp_path, config, "whole")
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)  # pieces cross rows and end mid-row
     pieces = _merge(tmp_path, config, "pieces")
-    files = sorted(p.name for p in whole.glob("*.safetensors"))
-    assert files and files == sorted(p.name for p in pieces.glob("*.safetensors"))
-    for f in files:
-        assert (whole / f).read_bytes() == (pieces / f).read_bytes(), f
+    assert_same_safetensors(whole, pieces)
 
 
 # per-model parameters of the methods streamed after a pass over each whole tensor: densities 0 and 1 included
@@ -458,7 +451,7 @@ def test_streamed_after_a_pass_over_each_tensor_same_bytes_as_whole(
     # Breadcrumbs: rank rules found first (float64: masks made whole from the task vector); with Breadcrumbs'
     # rescale (L1 norms of whole task vectors) merged whole
     base, fts = families["llama"]
-    config = _config(method, base, fts, **extra)
+    config = weighted_config(method, base, fts, **extra)
     for i, m in enumerate(config["models"]):
         m["parameters"].update({k: v[i % 4] for k, v in _PER_MODEL[method.split("_")[0]].items()})
     _whole_and_streamed(tmp_path, config, monkeypatch)
@@ -474,7 +467,7 @@ def test_nonfinite_counts_are_summed_over_the_pieces_of_a_tensor(
     bad = save_model_folder(tmp_path / "bad", state, fts[0])
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 16)
     out = tmp_path / "out"
-    text = assert_refused(run_cli(write_config(tmp_path, _config("linear", base, [bad, fts[1]])), out),
+    text = assert_refused(run_cli(write_config(tmp_path, weighted_config("linear", base, [bad, fts[1]])), out),
                           out, f"{bad}: tensor '{name}' has 2 NaN/Inf value(s)")
     assert text.count("NaN/Inf value(s)") == 1
 
@@ -603,7 +596,7 @@ def test_parameters_are_resolved_once_per_tensor_however_many_pieces(
 
     monkeypatch.setattr(params_module, "_resolve", spy)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 7)
-    _merge(tmp_path, _config("linear", base, fts), "linear")
+    _merge(tmp_path, weighted_config("linear", base, fts), "linear")
     reader = open_checkpoint(base)
     floating = [n for n in reader.names if reader.meta(n).dtype.is_floating_point]
     per_tensor = 1 + len(fts)  # linear: 'normalize' once, 'weight' per model
