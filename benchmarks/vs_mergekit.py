@@ -144,7 +144,9 @@ _ENGINE_ONLY = """
 import sys, time
 from mergelab.merge.allocator import recycle_freed_memory
 from mergelab.merge.engine import run_merge
+from mergelab.kernels.dispatch import warm_up
 recycle_freed_memory()  # as the CLI does
+warm_up()  # the compiled loops load once per process, like an import (kernels_seconds)
 start = time.perf_counter()
 run_merge(sys.argv[1], sys.argv[2], progress=False, device=sys.argv[3])
 print(time.perf_counter() - start)
@@ -160,6 +162,15 @@ def engine_seconds(cfg_path: Path, out: Path, device: str, hash_cache: Path) -> 
                           capture_output=True, text=True, check=True,
                           env={**os.environ, "MERGELAB_HASH_CACHE": str(hash_cache)})
     shutil.rmtree(out, ignore_errors=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def kernels_seconds() -> float:
+    """Wall seconds of loading mergelab's compiled loops (numba; once per process, after torch): the CLI does
+    it on a thread of its own during a merge of 1 GiB of input or more; *engine* times exclude it."""
+    done = subprocess.run([sys.executable, "-c", "import time, torch; from mergelab.kernels.dispatch import warm_up; "
+                           "t = time.perf_counter(); warm_up(); print(time.perf_counter() - t)"],
+                          capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
 
@@ -228,6 +239,7 @@ def measure_size(size_text: str, args: argparse.Namespace,
     io_floor(paths, 0, work / "scratch")  # warm the page cache once
     floor = statistics.median(io_floor(paths, out_bytes, work / "scratch") for _ in range(3))
     torch_import = statistics.median(import_seconds() for _ in range(3))
+    kernels_s = statistics.median(kernels_seconds() for _ in range(3))
     hash_cache = work / "hash-cache"
     start = time.perf_counter()
     for f in inputs:  # what a cold hash costs (the cache folder may be warm from an earlier run)
@@ -280,19 +292,20 @@ def measure_size(size_text: str, args: argparse.Namespace,
         for tool in ("mergelab", "mergekit"):
             shutil.rmtree(work / f"out-{tool}-{method}", ignore_errors=True)
         if on_method is not None:  # the report so far: a long run cut short still leaves its numbers
-            on_method(*_section(size_text, in_bytes, floor, torch_import, hash_s, rows, args))
-    return _section(size_text, in_bytes, floor, torch_import, hash_s, rows, args)
+            on_method(*_section(size_text, in_bytes, floor, torch_import, kernels_s, hash_s, rows, args))
+    return _section(size_text, in_bytes, floor, torch_import, kernels_s, hash_s, rows, args)
 
 
-def _section(size_text: str, in_bytes: int, floor: float, torch_import: float, hash_s: float, rows: list[dict],
-             args: argparse.Namespace) -> tuple[str, dict]:
+def _section(size_text: str, in_bytes: int, floor: float, torch_import: float, kernels_s: float, hash_s: float,
+             rows: list[dict], args: argparse.Namespace) -> tuple[str, dict]:
     header = (f"Merging 3 models of {in_bytes / 3 / 1e9:.2f} GB each (bf16, Llama-style, safetensors in 1 GB shards), "
               f"device {args.device}, {os.cpu_count()} CPUs, torch {torch.__version__}. I/O floor (read inputs once + "
-              f"write one output, warm cache): {floor:.2f} s. `import torch` alone: {torch_import:.2f} s. sha256 of "
+              f"write one output, warm cache): {floor:.2f} s. `import torch` alone: {torch_import:.2f} s. Loading "
+              f"mergelab's compiled loops (numba, after torch): {kernels_s:.2f} s. sha256 of "
               f"all inputs (cold, one thread): {hash_s:.2f} s. *mergelab s*: `mergelab merge` with the hash cache off "
-              "(every input hashed); *engine* = `run_merge` timed inside the process (no interpreter start or "
-              "imports), digests from the warm hash cache. *load*: 1-minute load average before/after the method "
-              "(2 cores: above 2 means other processes were waiting for them).\n\n")
+              "(every input hashed); *engine* = `run_merge` timed inside the process (no interpreter start, "
+              "imports or loading of the compiled loops), digests from the warm hash cache. *load*: 1-minute load "
+              "average before/after the method (2 cores: above 2 means other processes were waiting for them).\n\n")
     table = ("| method | mergelab s | mergekit s | time mergelab/mergekit | mergelab/floor | engine s | engine/floor "
              "| CPU s mergelab / mergekit | mergelab peak RSS MiB | mergekit peak RSS MiB | RSS mergelab/mergekit "
              "| max abs diff | load |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -303,7 +316,8 @@ def _section(size_text: str, in_bytes: int, floor: float, torch_import: float, h
                   f"{r['mergelab_cpu_s']:.1f} / {r['mergekit_cpu_s']:.1f} | "
                   f"{r['mergelab_rss_mib']:.0f} | {r['mergekit_rss_mib']:.0f} | "
                   f"{r['rss_ratio']:.2f} | {diff} | {r['load'][0]:.1f}/{r['load'][1]:.1f} |\n")
-    summary = {"size": size_text, "floor_s": floor, "torch_import_s": torch_import, "hash_s": hash_s, "rows": rows}
+    summary = {"size": size_text, "floor_s": floor, "torch_import_s": torch_import, "kernels_load_s": kernels_s,
+               "hash_s": hash_s, "rows": rows}
     return f"## 3 × {size_text}\n\n" + header + table, summary
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from mergelab.method_catalog import CATALOG, describe_registry, find_method, load_catalog
 
-HEAVY = ("torch", "numpy", "transformers", "safetensors", "matplotlib", "scipy", "yaml", "mergelab.methods",
+HEAVY = ("torch", "numpy", "numba", "transformers", "safetensors", "matplotlib", "scipy", "yaml", "mergelab.methods",
          "mergelab.merge.engine")
 _PROBE = """
 import atexit, json, sys

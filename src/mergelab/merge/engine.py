@@ -54,6 +54,7 @@ from mergelab.errors import CompatibilityError, ConfigError, OutputError, Output
 from mergelab.io.file_hashes import cached_sha256
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
+from mergelab.kernels.dispatch import warm_up_in_background
 from mergelab.merge.config import MergeConfig, load_config
 from mergelab.merge.core import FLOAT8_DTYPES, merge_tensor, one_thread, prepared, tensor_scalars
 from mergelab.merge.extra_files import copy_extra_files, refuse_outside
@@ -84,6 +85,10 @@ _PIECE_ENTRIES = 1 << 20
 # Pieces up to this size (a float32 piece of _PIECE_ENTRIES) may merge side by side on the merge threads.
 _SIDE_BY_SIDE_BYTES = _PIECE_ENTRIES * 4
 _MERGE_THREADS = 2
+# A merge of a method with compiled loops loads them first, on a thread of their own, when its inputs reach
+# this size: loading costs ~0.5 CPU s, and the loops save ~0.45 CPU s per GB of input against eager torch
+# (linear, 3 bfloat16 inputs, 2026-12-02: benchmarks/kernels.py).
+_WARM_UP_BYTES = 1 << 30
 log = logging.getLogger(__name__)
 
 
@@ -254,6 +259,10 @@ def _check_free_space(folder: Path, needed: int) -> None:
                           "choose another output folder with -o")
 
 
+def _input_bytes(plan: MergePlan) -> int:
+    return sum(m.nbytes for m in plan.out_metas.values()) * len(plan.readers)
+
+
 def _io_error(exc: OSError, out: Path) -> OutputError:
     hint = ""
     if exc.errno == errno.ENOSPC:
@@ -335,6 +344,8 @@ def run_merge(
         plan.close()
         _remove_created(created, out.parent)
         raise
+    if plan.method.compiled and (dev is None or dev.type == "cpu") and _input_bytes(plan) >= _WARM_UP_BYTES:
+        warm_up_in_background()
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-hash") if hash_inputs else None
     hashes: dict[str, Future[tuple[str, bool]]] = {}
     try:

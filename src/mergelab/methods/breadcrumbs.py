@@ -12,7 +12,7 @@ import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TopKPass, register
 from mergelab.methods.sparsify import TopK, band_of_keys, outlier_mask
-from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
+from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic, masked_by_rules, rules_of
 
 
 def breadcrumbs_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
@@ -31,9 +31,14 @@ def breadcrumbs_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
     if topk is not None and rescale:
         raise ValueError("breadcrumbs: per-tensor rank rules apply without rescale only")
 
+    if topk is None and not rescale:  # a whole tensor: its rules, as a streamed one's
+        topk = rules_of(base, tensors, dtype,
+                        lambda i, keys: band_of_keys(keys, densities[i], gammas[i], overwrite=True))
+    if topk is not None:
+        return masked_by_rules(base, tensors, weights, topk, offset, consensus=consensus, normalize=normalize,
+                               lambda_=lambda_, dtype=dtype)
+
     def keep(i: int, delta: torch.Tensor) -> torch.Tensor:
-        if topk is not None:
-            return topk[i].apply(delta, offset).reshape(delta.shape)
         return outlier_mask(delta, densities[i], gammas[i])
 
     return generalized_task_arithmetic(base, tensors, weights, keep=keep, rescale=rescale, consensus=consensus,
@@ -63,13 +68,13 @@ register(MergeMethod(
     also_in=("mergekit",),
     summary="Drop the largest (γ) and smallest task-vector entries, keep a density fraction, sum.",
     paper=_PAPER, formula="θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i),  m_i keeps ranks (γ, γ+density] by |δ_i|",
-    topk_pass=_TOPK_PASS,
+    topk_pass=_TOPK_PASS, compiled=True,
 ))
 register(MergeMethod(
     name="breadcrumbs_ties", function=breadcrumbs_merge, params=_params(), fixed={"consensus": "sum"},
     also_in=("mergekit",),
     summary="Breadcrumbs sparsification followed by TIES sign election.",
-    paper=_PAPER, topk_pass=_TOPK_PASS,
+    paper=_PAPER, topk_pass=_TOPK_PASS, compiled=True,
     formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̂_i)=s] δ̂_i,  s = sgn Σ_i w_i δ̂_i,  δ̂_i = m_i ⊙ δ_i "
             "(Breadcrumbs mask; ÷ Σ_i w_i [sgn(δ̂_i)=s] with normalize)",
 ))

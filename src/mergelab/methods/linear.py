@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mergelab.kernels.weighted_sums import linear_sum
 from mergelab.methods.registry import MergeMethod, Param, register
 from mergelab.methods.weighting import weight_sum
 
@@ -27,13 +28,21 @@ def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float] | Non
     weights = [1.0] * len(tensors) if weights is None else list(weights)
     if len(weights) != len(tensors):
         raise ValueError(f"got {len(tensors)} tensors but {len(weights)} weights")
+    if normalize:
+        weight_sum(weights, "linear_merge")  # refuses weights that sum to zero before any arithmetic
+    fused = linear_sum(tensors, weights, normalize, _linear_torch)
+    return fused if fused is not None else _linear_torch(tensors, weights, normalize)
+
+
+def _linear_torch(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """:func:`linear_merge`'s arithmetic in eager torch (the compiled loop gives the same bits)."""
     first = tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     out = torch.zeros(first.shape, dtype=dtype, device=first.device)
     for tensor, weight in zip(tensors, weights, strict=True):
         out.add_(tensor, alpha=weight)  # mixed-dtype add upcasts in the kernel: no temporary copy
     if normalize:
-        out.div_(weight_sum(weights, "linear_merge"))
+        out.div_(float(sum(weights)))
     return out.to(first.dtype)
 
 
@@ -50,6 +59,7 @@ register(MergeMethod(
           "Izmailov et al. 2018, SWA (arXiv:1803.05407)",
     elementwise=True,
     propagates_nonfinite=True,
+    compiled=True,
     formula="θ = Σ_i w_i θ_i / Σ_i w_i",
     base="ignored",
     aliases=("soup", "swa"),

@@ -289,6 +289,9 @@ class MergeMethod:
     coefficients from two norms and a dot product) before an element-wise formula: the engine then
     streams large tensors in two passes, the scalar pass over flat ranges, then the merge piece by piece
     with its result in ``scalars`` (tests check the bytes against the whole-tensor merge)."""
+    compiled: bool = False
+    """Its arithmetic has a compiled loop (:mod:`mergelab.kernels`): the engine loads the loops on a thread of
+    their own ahead of a large merge, so that no piece waits for them."""
     formula: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
     also_in: tuple[str, ...] = ()

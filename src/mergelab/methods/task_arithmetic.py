@@ -40,5 +40,6 @@ register(MergeMethod(
     paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)",
     elementwise=True,
     propagates_nonfinite=True,
+    compiled=True,
     formula="θ = θ_0 + λ Σ_i w_i (θ_i − θ_0)",
 ))

@@ -20,13 +20,17 @@ float64).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 
-from mergelab.methods.sparsify import drop_work_dtype, match_l1
+from mergelab.kernels.dispatch import loops
+from mergelab.kernels.masked import masked_task_arithmetic
+from mergelab.kernels.weighted_sums import task_arithmetic_sum
+from mergelab.methods.sparsify import TopK, band_of_keys, drop_work_dtype, magnitude_keys, match_l1, topk_of_keys
 from mergelab.methods.weighting import weight_sum
 
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
@@ -106,20 +110,31 @@ def generalized_task_arithmetic(
             kept = _divided(delta.masked_fill_(~keep(i, delta), 0), divisors[i])
             return match_l1(kept, before) if before is not None else kept
 
+    if sparsify is None and consensus is None:
+        divisor = None
+        if normalize:
+            weight_sum(weights, "normalize")  # the one rule: weights summing to zero are refused
+            divisor = rounded(math.fsum(weights), dtype)
+        fused = task_arithmetic_sum(base, tensors, weights, divisor, lambda_, dtype,
+                                    functools.partial(_weighted_task_vectors, dtype=dtype))
+        if fused is not None:
+            return fused
+        return _weighted_task_vectors(base, tensors, weights, divisor, lambda_, dtype)
+
     def weighted_delta(i: int) -> torch.Tensor:
         delta = task_vector(tensors[i], base, dtype)
         if sparsify is not None:
             delta = sparsify(i, delta)
         return delta.mul_(weights[i])
 
-    if consensus is None:
+    if consensus is None:  # a sparsified task arithmetic (DARE, Breadcrumbs without consensus)
         total = torch.zeros_like(base, dtype=acc)
         for i in range(len(tensors)):
             total += weighted_delta(i)
         mixed = total.to(dtype)
         del total
         if normalize:
-            weight_sum(weights, "normalize")  # the one rule: weights summing to zero are refused
+            weight_sum(weights, "normalize")
             mixed /= rounded(math.fsum(weights), dtype)
     else:
         # Pass 1 elects the sign. Sparsification (a sort-like top-k, or a random draw) is the costly
@@ -139,6 +154,77 @@ def generalized_task_arithmetic(
         del elected
         mixed = _disjoint_sum(base, tensors, weights, kept if sparsify is not None else None, positive,
                               dtype, normalize)
+    if lambda_ != 1:
+        mixed *= lambda_
+    return mixed.add_(base.to(dtype)).to(base.dtype)
+
+
+def masked_by_rules(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                    rules: Sequence[TopK], offset: int, *, consensus: Consensus | None, normalize: bool,
+                    lambda_: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`generalized_task_arithmetic` of a piece of a tensor (flat entries from ``offset``) whose models'
+    task vectors are masked by their top-k ``rules``, found over the whole tensor (TIES, Breadcrumbs streamed
+    by the engine): the compiled loops where they apply, else the torch formula; the same bits either way."""
+    if len(tensors) != len(weights) or len(rules) != len(tensors):
+        raise ValueError(f"got {len(tensors)} tensors, {len(weights)} weights and {len(rules)} rules")
+    arithmetic = arithmetic_dtype(base, dtype)
+    if tensors and normalize and consensus is None:
+        weight_sum(weights, "normalize")  # the one rule: weights summing to zero are refused
+    fused = masked_task_arithmetic(base, tensors, [rounded(w, arithmetic) for w in weights], rules, offset,
+                                   consensus, normalize, lambda_, arithmetic, _masked_by_rules_torch, _probe_rules)
+    return fused if fused is not None else _masked_by_rules_torch(base, tensors, weights, rules, offset, consensus,
+                                                                  normalize, lambda_, dtype)
+
+
+def rules_of(base: torch.Tensor, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None,
+             rule: Callable[[int, torch.Tensor], TopK | None]) -> list[TopK] | None:
+    """Each model's top-k rule, ``rule(i, keys)`` on the magnitude keys of its whole task vector (computed in
+    the arithmetic ``dtype``), for :func:`masked_by_rules`; None where a model has none (NaN, float64, a rule
+    that needs the real sort), or where the compiled loops are not loaded (the mask is then found as before)."""
+    if loops() is None:
+        return None
+    arithmetic = arithmetic_dtype(base, dtype)
+    rules = []
+    for i, tensor in enumerate(tensors):
+        keys = magnitude_keys(task_vector(tensor, base, arithmetic))
+        found = rule(i, keys.reshape(-1)) if keys is not None else None
+        if found is None:
+            return None
+        rules.append(found)
+    return rules
+
+
+def _masked_by_rules_torch(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                           rules: Sequence[TopK], offset: int, consensus: Consensus | None, normalize: bool,
+                           lambda_: float, dtype: torch.dtype | None) -> torch.Tensor:
+    def keep(i: int, delta: torch.Tensor) -> torch.Tensor:
+        return rules[i].apply(delta, offset).reshape(delta.shape)
+
+    return generalized_task_arithmetic(base, tensors, weights, keep=keep, consensus=consensus, normalize=normalize,
+                                       lambda_=lambda_, dtype=dtype)
+
+
+def _probe_rules(base: torch.Tensor, tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[list[TopK | None]]:
+    """TIES' and Breadcrumbs' rules for the compiled loop's probe inputs (:mod:`mergelab.kernels.masked`)."""
+    keys = [magnitude_keys(task_vector(x, base, dtype)) for x in tensors]
+    if any(k is None for k in keys):
+        return []
+    densities = [0.3, 0.6, 0.05, 0.5][: len(keys)]
+    return [[topk_of_keys(k.clone(), d) for k, d in zip(keys, densities, strict=True)],  # type: ignore[union-attr]
+            [band_of_keys(k.clone(), d, 0.05) for k, d in zip(keys, densities, strict=True)]]  # type: ignore[union-attr]
+
+
+def _weighted_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                           divisor: float | None, lambda_: float, dtype: torch.dtype) -> torch.Tensor:
+    """``base + λ Σ_i w_i (θ_i − base) / divisor`` (no division when ``divisor`` is None): task arithmetic in
+    eager torch, each step rounded to ``dtype`` (mergelab.kernels.weighted_sums gives the same bits)."""
+    total = torch.zeros_like(base, dtype=accumulator_dtype(dtype))
+    for tensor, weight in zip(tensors, weights, strict=True):
+        total += task_vector(tensor, base, dtype).mul_(weight)
+    mixed = total.to(dtype)
+    del total
+    if divisor is not None:
+        mixed /= divisor
     if lambda_ != 1:
         mixed *= lambda_
     return mixed.add_(base.to(dtype)).to(base.dtype)

@@ -12,7 +12,7 @@ import torch
 
 from mergelab.methods.registry import MergeMethod, Param, TopKPass, register
 from mergelab.methods.sparsify import TopK, magnitude_mask, threshold_mask, topk_of_keys
-from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic
+from mergelab.methods.task_vectors import Consensus, generalized_task_arithmetic, masked_by_rules, rules_of
 
 
 def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
@@ -45,9 +45,13 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
     if topk is not None and (thresholds is not None or rescale):
         raise ValueError("ties: per-tensor top-k rules apply to scope: tensor without rescale only")
 
+    if topk is None and thresholds is None and not rescale:  # a whole tensor: its rules, as a streamed one's
+        topk = rules_of(base, tensors, dtype, lambda i, keys: topk_of_keys(keys, densities[i], overwrite=True))
+    if topk is not None:
+        return masked_by_rules(base, tensors, weights, topk, offset, consensus=consensus, normalize=normalize,
+                               lambda_=lambda_, dtype=dtype)
+
     def keep(i: int, delta: torch.Tensor) -> torch.Tensor:
-        if topk is not None:
-            return topk[i].apply(delta, offset).reshape(delta.shape)
         if thresholds is not None:
             return threshold_mask(delta, thresholds[i])
         return magnitude_mask(delta, densities[i])
@@ -75,6 +79,7 @@ register(MergeMethod(
     topk_pass=TopKPass(applies=lambda params: params["scope"] == "tensor" and not params["rescale"],
                        of_keys=lambda keys, p: topk_of_keys(keys, p["density"], overwrite=True),
                        of_delta=lambda delta, p: magnitude_mask(delta, p["density"])),
+    compiled=True,
     summary="Trim each task vector to its top-k entries, elect a sign per entry, average those that agree.",
     paper="Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
     formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̂_i)=γ] δ̂_i / Σ_i w_i [sgn(δ̂_i)=γ],  γ = sgn Σ_i w_i δ̂_i",

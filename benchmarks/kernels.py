@@ -1,0 +1,152 @@
+"""The compiled loops (mergelab/kernels) beside the torch/numpy code they replace: CPU ms per call, one thread.
+
+    python benchmarks/kernels.py            # print the table
+    python benchmarks/kernels.py --report   # and append it to benchmarks/results/<date>.md
+
+Each row times both on the same inputs in this one process (best of 5 rounds, ``time.thread_time``), checks
+that they give the same bits, and prints the ratio: the numbers move with the machine's load, the ratio
+much less. Inputs are a streamed piece as the engine merges it: 1 Mi entries of three bfloat16 models close to
+a base (their task vectors' magnitudes tie by the thousand, as a fine-tune's do); the sort replay runs on the
+8 Mi magnitude keys of one such task vector at density 0.3. The first row is the one-time cost of loading the
+loops (numba's import and its cache), which the engine pays on a thread of its own ahead of a large merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ENTRIES = 1 << 20
+
+
+def best_ms(fn: Callable[[], object], rounds: int = 5, calls: int = 4) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.thread_time()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.thread_time() - start) / calls)
+    return best * 1e3
+
+
+def load_seconds() -> float:
+    code = ("import time, torch; from mergelab.kernels.dispatch import warm_up; t = time.perf_counter(); "
+            "warm_up(); print(time.perf_counter() - t)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    width = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    return a.dtype == b.dtype and torch.equal(a.view(width), b.view(width))
+
+
+def rows() -> list[tuple[str, float, float, bool]]:
+    from mergelab.kernels import dispatch
+    from mergelab.methods import std_sort
+    from mergelab.methods.linear import _linear_torch, linear_merge
+    from mergelab.methods.sparsify import band_of_keys, magnitude_keys, topk_of_keys
+    from mergelab.methods.task_vectors import (
+        _masked_by_rules_torch,
+        _weighted_task_vectors,
+        generalized_task_arithmetic,
+        masked_by_rules,
+        task_vector,
+    )
+
+    if not dispatch.warm_up():
+        raise SystemExit("the compiled loops did not load (numba missing, or MERGELAB_KERNELS=0)")
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(ENTRIES, generator=g) * 0.02
+    models = [(base + torch.randn(ENTRIES, generator=g) * 0.002).bfloat16() for _ in range(3)]
+    base = base.bfloat16()
+    weights = [0.3, 0.5, 0.7]
+    out: list[tuple[str, float, float, bool]] = []
+
+    def row(name: str, fused: Callable[[], torch.Tensor], formula: Callable[[], torch.Tensor]) -> None:
+        out.append((name, best_ms(fused), best_ms(formula), same(fused(), formula())))
+
+    row("linear, 3 models", lambda: linear_merge(models, weights), lambda: _linear_torch(models, weights, True))
+    for steps in (torch.float32, torch.bfloat16):
+        def fused(steps: torch.dtype = steps) -> torch.Tensor:
+            return generalized_task_arithmetic(base, models, weights, dtype=steps)
+
+        def formula(steps: torch.dtype = steps) -> torch.Tensor:
+            ws = [float(torch.tensor(w, dtype=steps)) for w in weights]
+            return _weighted_task_vectors(base, models, ws, None, 1.0, steps)
+
+        row(f"task arithmetic, 3 models, {str(steps).removeprefix('torch.')} steps", fused, formula)
+    for name, band, consensus in (("TIES (top-k rules, sign election)", False, "sum"),
+                                  ("Breadcrumbs (two-sided rules, no election)", True, None)):
+        for steps in (None, torch.bfloat16):
+            keys = [magnitude_keys(task_vector(m, base, steps or torch.float32)) for m in models]
+            rules = [band_of_keys(k, 0.3, 0.01) if band else topk_of_keys(k, 0.3) for k in keys]  # type: ignore[arg-type]
+
+            def fused_masked(steps: torch.dtype | None = steps, rules: list = rules,  # type: ignore[type-arg]
+                             consensus: str | None = consensus) -> torch.Tensor:
+                return masked_by_rules(base, models, weights, rules, 0, consensus=consensus,  # type: ignore[arg-type]
+                                       normalize=consensus is not None, dtype=steps)
+
+            def formula_masked(steps: torch.dtype | None = steps, rules: list = rules,  # type: ignore[type-arg]
+                               consensus: str | None = consensus) -> torch.Tensor:
+                return _masked_by_rules_torch(base, models, weights, rules, 0, consensus,  # type: ignore[arg-type]
+                                              consensus is not None, 1.0, steps)
+
+            label = "float32" if steps is None else "bfloat16"
+            row(f"{name}, 3 models, {label} steps", fused_masked, formula_masked)
+    n = 8 << 20
+    keys16 = ((torch.randn(n, generator=g) * 0.002).bfloat16().abs()).view(torch.int16).numpy()
+    k = int(0.3 * n)
+    bounds = np.asarray([k], np.int64)
+    loops = dispatch.loops()
+
+    def replay_compiled() -> np.ndarray:
+        v, idx = keys16.copy(), np.arange(n, dtype=np.int32)
+        loops.sort_replay_loop(v, idx, bounds, 2 * (n.bit_length() - 1))  # type: ignore[union-attr]
+        return idx[:k]
+
+    def replay_numpy() -> np.ndarray:
+        v, idx = keys16.copy(), np.arange(n, dtype=np.int32)
+        std_sort._replay_numpy(v, idx, 0, k)
+        return idx[:k]
+
+    equal = np.array_equal(np.sort(replay_compiled()), np.sort(replay_numpy()))
+    out.append(("std::sort replay, top 30 % of 8 Mi bfloat16 keys (copies included)",
+                best_ms(replay_compiled, rounds=3, calls=1), best_ms(replay_numpy, rounds=3, calls=1), equal))
+    return out
+
+
+def table(load_s: float, measured: list[tuple[str, float, float, bool]]) -> str:
+    lines = [f"`python benchmarks/kernels.py` ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+             f"torch {torch.__version__}, one thread; loading the loops: {load_s:.2f} s once per process)", "",
+             "| call (1 Mi-entry piece unless said) | compiled ms | torch/numpy ms | torch ÷ compiled | same bits |",
+             "|---|---:|---:|---:|---|"]
+    for name, fused, formula, equal in measured:
+        lines.append(f"| {name} | {fused:.2f} | {formula:.2f} | {formula / fused:.1f} | {'yes' if equal else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--report", action="store_true", help="append the table to benchmarks/results/<date>.md")
+    args = parser.parse_args()
+    text = table(load_seconds(), rows())
+    print(text)
+    if args.report:
+        path = Path(__file__).parent / "results" / f"{datetime.date.today():%Y-%m-%d}.md"
+        with path.open("a", encoding="utf-8") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

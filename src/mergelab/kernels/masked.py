@@ -1,0 +1,106 @@
+"""Task arithmetic of task vectors masked by top-k rules (TIES, Breadcrumbs, with or without a sign election)
+in compiled passes, or None where the torch formula must run.
+
+A piece of a streamed tensor is merged from each model's rule (:class:`~mergelab.methods.sparsify.TopK`,
+found by the engine over the whole tensor): one pass per model finds the kept entries from the task vector's
+magnitude keys, the rule's tied entries are set from its list, and one pass over the models elects the sign
+and sums. Eager torch took ~19 ms per 1 Mi-entry bfloat16 TIES piece of two models (15 calls per 64 Ki-entry
+chunk, 2026-12-02); see ``benchmarks/kernels.py`` for the loop's time measured beside it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from mergelab.kernels.dispatch import as_array, eligible, loops, probe, same_bits, verified
+
+_NEVER = 1 << 40  # a key no dtype reaches: "keep nothing above it" / "everything is below it"
+ELECTIONS = {None: 0, "sum": 1, "count": 2}
+
+Formula = Callable[..., torch.Tensor]
+"""``formula(base, tensors, weights, rules, offset, consensus, normalize, lambda_, dtype)``."""
+ProbeRules = Callable[[torch.Tensor, Sequence[torch.Tensor], torch.dtype], Sequence[Sequence[object]]]
+"""``probe_rules(base, tensors, dtype)``: rule sets for the probe's task vectors, each one rule per model (one
+set with ceilings, one without), as the methods make them."""
+
+
+def _sides(module: object, base: np.ndarray, x: np.ndarray, rule: object, offset: int, like: np.generic,
+           n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(above, below)``: where the rule keeps an entry of the piece from below and from above."""
+    threshold = _NEVER if rule.threshold is None else rule.threshold  # type: ignore[attr-defined]
+    ceiling = _NEVER if rule.ceiling is None else rule.ceiling  # type: ignore[attr-defined]
+    ties, ceiling_ties = rule.ties, rule.ceiling_ties  # type: ignore[attr-defined]
+    above, below = np.empty(n, np.bool_), np.empty(n, np.bool_)
+    nans = module.rule_sides_loop(base, x, like, np.int64(threshold), ties is None, np.int64(ceiling),  # type: ignore[attr-defined]
+                                  ceiling_ties is None, above, below)
+    if nans:
+        return None
+    for side, listed in ((above, ties), (below, ceiling_ties)):
+        if listed is not None and listed.numel():
+            positions = listed.numpy()
+            lo, hi = np.searchsorted(positions, [offset, offset + n])
+            side[positions[lo:hi] - offset] = True
+    return above, below
+
+
+def masked_task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                           rules: Sequence[object], offset: int, consensus: str | None, normalize: bool,
+                           lambda_: float, arithmetic: torch.dtype, formula: Formula,
+                           probe_rules: ProbeRules) -> torch.Tensor | None:
+    """``formula(...)`` (the same arguments): ``base + λ Σ_i w_i m_i δ_i``, ``m_i`` rule ``i`` applied to the
+    piece of the flat task vector that starts at ``offset``, with ``consensus`` TIES' election and disjoint
+    mean, else ``/ Σ_i w_i`` when ``normalize``; every step rounded to ``arithmetic`` as the formula rounds
+    it. ``weights`` are ``arithmetic`` numbers already. None where the loops do not apply. ``probe_rules``:
+    rules for the check's probe inputs."""
+    module = loops() if tensors else None
+    if module is None or not eligible([base, *tensors]) or any(r.kept is not None for r in rules):  # type: ignore[attr-defined]
+        return None
+    dtype = base.dtype
+    if arithmetic not in (torch.float32, dtype):
+        return None
+    like = np.uint16(0) if arithmetic == torch.bfloat16 else np.float32(0)
+
+    def run(b: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[float], rs: Sequence[object], start: int,
+            election: str | None, norm: bool, lam: float) -> tuple[torch.Tensor, int] | None:
+        """The merged piece and how many of its entries are NaN; None where a task-vector entry is NaN."""
+        n = b.numel()
+        divisor = float(torch.tensor(math.fsum(ws), dtype=arithmetic))  # as generalized_task_arithmetic rounds it
+        base_array = as_array(b)
+        arrays = tuple(as_array(x) for x in xs)
+        sides = [_sides(module, base_array, x, r, start, like, n) for x, r in zip(arrays, rs, strict=True)]
+        if any(s is None for s in sides):
+            return None
+        out = torch.empty(b.shape, dtype=dtype)
+        nans = module.masked_consensus_loop(
+            base_array, arrays, tuple(s[0] for s in sides), tuple(s[1] for s in sides),  # type: ignore[index]
+            np.asarray(ws, np.float32), ELECTIONS[election], norm, np.float32(divisor),
+            np.float32(lam), like, as_array(out, writable=True))
+        return out, nans
+
+    def check() -> bool:
+        big = torch.finfo(dtype).max
+        b, xs = probe(dtype, 3)
+        b, xs = b.nan_to_num(0.0, big, -big), [x.nan_to_num(0.0, big, -big) for x in xs]  # no NaN task vector
+        rule_sets = probe_rules(b, xs, arithmetic)
+        if not rule_sets or any(r is None for rules in rule_sets for r in rules):
+            return False
+        ws = [float(torch.tensor(w, dtype=arithmetic)) for w in (0.5, 0.75, -0.3)]
+        cases = [("sum", True, 1.0), ("count", False, 0.7), (None, False, 1.0), (None, True, 1.0), ("sum", True, 1.3)]
+        for rs in rule_sets:
+            for (election, norm, lam), (start, stop) in itertools.product(cases, ((0, b.numel()), (1000, 3001))):
+                piece = [x[start:stop] for x in xs]
+                fused = run(b[start:stop], piece, ws, rs, start, election, norm, lam)
+                expected = formula(b[start:stop], piece, ws, rs, start, election, norm, lam, arithmetic)
+                if fused is None or not same_bits(fused[0], expected):
+                    return False
+        return True
+
+    if not verified(f"masked task arithmetic in {arithmetic}", dtype, check):
+        return None
+    merged = run(base, tensors, weights, rules, offset, consensus, normalize, lambda_)
+    return merged[0] if merged is not None and not merged[1] else None

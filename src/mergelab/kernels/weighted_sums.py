@@ -1,0 +1,80 @@
+"""Weighted sums (linear, task arithmetic) in one compiled pass, or None where the torch formula must run.
+
+Each function takes the arguments of the torch formula it replaces and the formula itself: on first use per
+dtype both run on :func:`~mergelab.kernels.dispatch.probe` inputs, and the loop is used only if every bit
+agrees. A result with a NaN is left to the formula (see ``_loops``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from mergelab.kernels.dispatch import as_array, eligible, loops, probe, same_bits, verified
+
+LinearFormula = Callable[[Sequence[torch.Tensor], Sequence[float], bool], torch.Tensor]
+TaskArithmeticFormula = Callable[[torch.Tensor, Sequence[torch.Tensor], Sequence[float], "float | None", float],
+                                 torch.Tensor]
+
+
+def linear_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool,
+               formula: LinearFormula) -> torch.Tensor | None:
+    """``formula(tensors, weights, normalize)``: ``Σ w_i x_i`` accumulated in float32 by fused multiply-adds,
+    ``/ Σ w_i`` when ``normalize``, in the inputs' dtype; or None where the loop does not apply."""
+    module = loops() if tensors else None
+    if module is None or not eligible(tensors):
+        return None
+    dtype = tensors[0].dtype
+
+    def run(xs: Sequence[torch.Tensor], ws: Sequence[float], norm: bool) -> tuple[torch.Tensor, int]:
+        out = torch.empty(xs[0].shape, dtype=dtype)
+        nans = module.linear_loop(tuple(as_array(x) for x in xs), np.asarray(ws, np.float32),
+                                  np.float32(float(sum(ws)) if norm else 1.0), as_array(out, writable=True))
+        return out, nans
+
+    def check() -> bool:
+        _, xs = probe(dtype, 3)
+        return all(same_bits(run(xs, ws, norm)[0], formula(xs, ws, norm))
+                   for ws, norm in (([0.3, 0.45, 0.7], True), ([1 / 3] * 3, True), ([0.7, -1.3, 2.1], False)))
+
+    if not verified("linear", dtype, check):
+        return None
+    out, nans = run(tensors, weights, normalize)
+    return None if nans else out
+
+
+def task_arithmetic_sum(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                        divisor: float | None, lambda_: float, arithmetic: torch.dtype,
+                        formula: TaskArithmeticFormula) -> torch.Tensor | None:
+    """``formula(base, tensors, weights, divisor, lambda_)``: ``b + λ Σ_i w_i (x_i − b)`` (``/ divisor``
+    before ``λ``) with every step rounded to ``arithmetic`` (float32; or bfloat16 for bfloat16 inputs, the
+    sum over models in float32), in the base's dtype; or None where the loop does not apply. ``weights`` and
+    ``divisor`` are ``arithmetic`` numbers already (the formula's rounding)."""
+    module = loops() if tensors else None
+    if module is None or not eligible([base, *tensors]):
+        return None
+    dtype = base.dtype
+    if arithmetic not in (torch.float32, dtype):
+        return None
+    like = np.uint16(0) if arithmetic == torch.bfloat16 else np.float32(0)  # the loop's rounding of each step
+
+    def run(b: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[float], div: float | None,
+            lam: float) -> tuple[torch.Tensor, int]:
+        out = torch.empty(b.shape, dtype=dtype)
+        nans = module.task_arithmetic_loop(
+            as_array(b), tuple(as_array(x) for x in xs), np.asarray(ws, np.float32),
+            np.float32(div if div is not None else 1.0), np.float32(lam), like, as_array(out, writable=True))
+        return out, nans
+
+    def check() -> bool:
+        b, xs = probe(dtype, 3)
+        cases: list[tuple[list[float], float | None, float]] = [
+            ([0.3, 0.45, 0.7], None, 1.0), ([0.3, 0.45, 0.7], 1.45, 0.7), ([1.0, -0.5, 2.0], 2.5, 1.0)]
+        return all(same_bits(run(b, xs, ws, div, lam)[0], formula(b, xs, ws, div, lam)) for ws, div, lam in cases)
+
+    if not verified(f"task_arithmetic in {arithmetic}", dtype, check):
+        return None
+    out, nans = run(base, tensors, weights, divisor, lambda_)
+    return None if nans else out

@@ -1,0 +1,387 @@
+"""The compiled loops (mergelab/kernels) give the torch formulas' bits, on every input they take, and are
+used only where they do; the engine's output is the same byte for byte with them and without them."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import assert_same_safetensors, weighted_config
+from mergelab.kernels import dispatch
+from mergelab.kernels.weighted_sums import linear_sum, task_arithmetic_sum
+from mergelab.merge import engine
+from mergelab.methods.linear import _linear_torch, linear_merge
+from mergelab.methods.sparsify import TopK, band_of_keys, magnitude_keys, topk_of_keys
+from mergelab.methods.task_arithmetic import task_arithmetic_merge
+from mergelab.methods.task_vectors import (
+    _masked_by_rules_torch,
+    _weighted_task_vectors,
+    generalized_task_arithmetic,
+    masked_by_rules,
+    rounded,
+    task_vector,
+)
+
+Families = dict[str, tuple[Path, list[Path]]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def loaded() -> None:
+    assert dispatch.warm_up(), "numba is a dependency: the loops must load (MERGELAB_KERNELS=0 in the environment?)"
+
+
+@pytest.fixture
+def torch_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """As if the loops were not loaded: every call runs the torch formula."""
+    monkeypatch.setattr(dispatch, "_loaded", [None])
+    yield
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+                   torch.float64: torch.int64}[t.dtype])
+
+
+def _bf16(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.bfloat16)
+
+
+# -- golden values ----------------------------------------------------------------------------------------------
+
+def test_a_bfloat16_mean_halfway_between_two_bfloat16_numbers_rounds_to_the_even_one() -> None:
+    # bfloat16 has 8 significant bits: between 1 and 2 its numbers are 1 + k/128. The mean of 1 and 1 + 1/128 is
+    # 1 + 1/256, halfway: ties go to the even significand, 1. The mean of 1 + 1/128 and 1 + 2/128 is halfway
+    # between an odd and an even one: 1 + 2/128.
+    merged = linear_merge([_bf16(1.0, 1 + 1 / 128, 3.0), _bf16(1 + 1 / 128, 1 + 2 / 128, 5.0)], [1.0, 1.0])
+    assert merged.tolist() == [1.0, 1 + 2 / 128, 4.0]
+    assert dispatch.verdicts()[("linear", torch.bfloat16)]
+
+
+def test_linear_multiplies_and_adds_with_one_rounding_as_torch_does() -> None:
+    # float32 holds 24 significant bits. −1 first, then (1 + 2^-23)·(1 + 2^-22) = 1 + 2^-22 + 2^-23 + 2^-45 added:
+    # rounded once after the addition (a fused multiply-add) the sum is 2^-22 + 2^-23 + 2^-45, exactly; with the
+    # product rounded first (to 1 + 3·2^-23) it would be 2^-22 + 2^-23.
+    x = torch.full((4096,), 1 + 2.0 ** -23, dtype=torch.float32)
+    minus_one = torch.full((4096,), -1.0, dtype=torch.float32)
+    merged = linear_merge([minus_one, x], [1.0, 1 + 2.0 ** -22], normalize=False)
+    assert merged[0].item() == 2.0 ** -22 + 2.0 ** -23 + 2.0 ** -45
+    assert torch.equal(_bits(merged), _bits(_linear_torch([minus_one, x], [1.0, 1 + 2.0 ** -22], False)))
+
+
+def test_task_arithmetic_in_bfloat16_rounds_each_step_to_bfloat16() -> None:
+    # base 1, model 1 + 3/128, weight 0.5: δ = 3/128, w·δ = 1.5/128, base + 1.5/128 is halfway between 1 + 1/128
+    # (odd) and 1 + 2/128 (even): 1 + 2/128. In float32 steps the sum is exact (1.01171875) and rounds to the same
+    # bfloat16 once; with weight 0.25, w·δ = 0.75/128, base + it = 1.005859375 → 1 + 1/128 either way.
+    base, model = _bf16(1.0, 1.0), _bf16(1 + 3 / 128, 1 + 3 / 128)
+    assert generalized_task_arithmetic(base, [model], [0.5], dtype=torch.bfloat16).tolist() == [1 + 2 / 128] * 2
+    assert generalized_task_arithmetic(base, [model], [0.25], dtype=torch.bfloat16).tolist() == [1 + 1 / 128] * 2
+    assert dispatch.verdicts()[("task_arithmetic in torch.bfloat16", torch.bfloat16)]
+
+
+# -- the torch formulas' bits -----------------------------------------------------------------------------------
+
+def _inputs(count: int, n: int, dtype: torch.dtype, seed: int, special: bool) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(n, generator=generator) * (0.02 if i % 2 else 3.0) for i in range(count)]
+    if special and n >= 16:
+        big = torch.finfo(dtype).max
+        for i, t in enumerate(tensors):  # overflow, Inf, subnormals, signed zeros, rolled so that they meet
+            t[:10] = torch.tensor([big, -big, big / 3, float("inf"), -float("inf"), 1e-40, -1e-40, 0.0, -0.0,
+                                   2e-38]).roll(i)
+    return [t.to(dtype) for t in tensors]
+
+
+CASES = [(count, n, dtype, special) for count in (1, 2, 3, 5) for n in (1, 7, 4099)
+         for dtype in (torch.bfloat16, torch.float32) for special in (False, True)]
+
+
+@pytest.mark.parametrize(("count", "n", "dtype", "special"), CASES)
+def test_linear_gives_the_bits_of_the_torch_formula(count: int, n: int, dtype: torch.dtype, special: bool) -> None:
+    tensors = _inputs(count, n, dtype, seed=count * 100 + n, special=special)
+    for weights, normalize in (([0.3 + 0.2 * i for i in range(count)], True), ([1.0] * count, True),
+                               ([0.7 - 0.9 * i for i in range(count)], False)):
+        fused = linear_sum(tensors, weights, normalize, _linear_torch)
+        reference = _linear_torch(tensors, weights, normalize)
+        if fused is None:  # only where the result holds a NaN (Inf − Inf): then the formula runs
+            assert reference.isnan().any()
+        else:
+            assert torch.equal(_bits(fused), _bits(reference))
+        assert torch.equal(_bits(linear_merge(tensors, weights, normalize=normalize)), _bits(reference))
+
+
+@pytest.mark.parametrize(("count", "n", "dtype", "special"), CASES)
+@pytest.mark.parametrize("arithmetic", [torch.float32, torch.bfloat16])
+def test_task_arithmetic_gives_the_bits_of_the_torch_formula(count: int, n: int, dtype: torch.dtype, special: bool,
+                                                             arithmetic: torch.dtype) -> None:
+    base, *tensors = _inputs(count + 1, n, dtype, seed=count * 100 + n + 1, special=special)
+    cases = (([0.3 + 0.2 * i for i in range(count)], False, 1.0), ([0.5] * count, True, 0.7),
+             ([1.0 - 0.6 * i for i in range(count)], False, 1.3))
+    for weights, normalize, lambda_ in cases:
+        ws = [rounded(w, arithmetic) for w in weights]
+        divisor = rounded(math.fsum(ws), arithmetic) if normalize else None
+        reference = _weighted_task_vectors(base, tensors, ws, divisor, lambda_, arithmetic)
+        fused = task_arithmetic_sum(base, tensors, ws, divisor, lambda_, arithmetic,
+                                    lambda b, xs, w, d, lam: _weighted_task_vectors(b, xs, w, d, lam, arithmetic))
+        if arithmetic == torch.bfloat16 and dtype == torch.float32:
+            assert fused is None  # bfloat16 steps on float32 inputs: the loop does not cover it
+        elif fused is None:
+            assert reference.isnan().any()
+        else:
+            assert torch.equal(_bits(fused), _bits(reference))
+        merged = task_arithmetic_merge(base, tensors, weights, lambda_=lambda_, normalize=normalize, dtype=arithmetic)
+        assert torch.equal(_bits(merged), _bits(reference))
+
+
+def test_a_nan_in_the_inputs_gives_the_nan_torch_gives() -> None:
+    # which NaN Inf + NaN gives depends on the operands' order in the instruction: the formula runs instead
+    x = _inputs(3, 5000, torch.float32, seed=0, special=False)
+    x[0][17], x[1][17], x[2][17] = -float("inf"), float("inf"), float("nan")
+    x[1][99] = float("nan")
+    assert task_arithmetic_sum(x[0], x[1:], [0.3, 0.45], None, 1.0, torch.float32,
+                               lambda b, xs, w, d, lam: _weighted_task_vectors(b, xs, w, d, lam, torch.float32)) is None
+    merged = task_arithmetic_merge(x[0], x[1:], [0.3, 0.45])
+    assert torch.equal(_bits(merged), _bits(_weighted_task_vectors(x[0], x[1:], [0.3, 0.45], None, 1.0, torch.float32)))
+    assert linear_sum(x, [1.0, 1.0, 1.0], True, _linear_torch) is None
+
+
+@pytest.mark.parametrize("case", ["strided", "float16", "float64", "mixed dtypes", "shapes differ", "requires grad",
+                                  "empty"])
+def test_inputs_the_loops_do_not_take_run_the_torch_formula(case: str) -> None:
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    tensors = {"strided": [a.t(), b.t()], "float16": [a.half(), b.half()], "float64": [a.double(), b.double()],
+               "mixed dtypes": [a, b.bfloat16()], "shapes differ": [a, b[:1]],
+               "requires grad": [a.requires_grad_(), b], "empty": [a[:0], b[:0]]}[case]
+    assert linear_sum(tensors, [0.5, 0.5], True, _linear_torch) is None
+    if case != "shapes differ":  # torch broadcasts there; the formula decides what that means
+        with torch.no_grad():
+            assert torch.equal(linear_merge(tensors, [0.5, 0.5]), _linear_torch(tensors, [0.5, 0.5], True))
+
+
+def test_merges_on_two_threads_at_once_give_the_one_thread_bits() -> None:
+    tensors = _inputs(3, 1 << 18, torch.bfloat16, seed=5, special=False)
+    expected = _linear_torch(tensors, [0.2, 0.3, 0.5], True)
+    results: list[torch.Tensor] = []
+
+    def work() -> None:
+        results.extend(linear_merge(tensors, [0.2, 0.3, 0.5]) for _ in range(20))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 40 and all(torch.equal(_bits(r), _bits(expected)) for r in results)
+
+
+# -- masks from top-k rules (TIES, Breadcrumbs) ---------------------------------------------------------------
+
+def _family(dtype: torch.dtype, n: int, count: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A base and fine-tunes close to it: in bfloat16 their task vectors' magnitudes tie by the thousand."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=generator) * 0.02
+    return base.to(dtype), [(base + torch.randn(n, generator=generator) * 0.002).to(dtype) for _ in range(count)]
+
+
+def _rules(base: torch.Tensor, tensors: list[torch.Tensor], arithmetic: torch.dtype, band: bool) -> list[TopK]:
+    keys = [magnitude_keys(task_vector(x, base, arithmetic)) for x in tensors]
+    rules = [band_of_keys(k, d, 0.05) if band else topk_of_keys(k, d)  # type: ignore[arg-type]
+             for k, d in zip(keys, (0.3, 0.6, 0.05), strict=False)]
+    assert all(r is not None for r in rules)
+    return rules  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("arithmetic", [None, "inputs"], ids=["float32 steps", "input dtype steps"])
+@pytest.mark.parametrize(("band", "consensus", "normalize", "lambda_"), [
+    (False, "sum", True, 1.0), (False, "count", False, 0.7), (False, "sum", False, 1.3),
+    (True, None, False, 1.0), (True, None, True, 0.5), (True, "sum", True, 1.0)])
+def test_masked_task_arithmetic_gives_the_bits_of_the_torch_formula(
+        dtype: torch.dtype, arithmetic: str | None, band: bool, consensus: str | None, normalize: bool,
+        lambda_: float) -> None:
+    arith = dtype if arithmetic == "inputs" else None
+    base, tensors = _family(dtype, 30_011, 3, seed=7)
+    rules = _rules(base, tensors, arith or torch.float32, band)
+    assert rules[0].ties is not None or rules[0].ceiling_ties is not None or dtype == torch.float32
+    weights = [0.5, 0.75, -0.3]
+    for start, stop in ((0, 30_011), (0, 10_000), (10_000, 20_000), (29_000, 30_011)):  # pieces, as streamed
+        piece, piece_base = [t[start:stop] for t in tensors], base[start:stop]
+        fused = masked_by_rules(piece_base, piece, weights, rules, start, consensus=consensus,  # type: ignore[arg-type]
+                                normalize=normalize, lambda_=lambda_, dtype=arith)
+        reference = _masked_by_rules_torch(piece_base, piece, weights, rules, start, consensus,  # type: ignore[arg-type]
+                                           normalize, lambda_, arith)
+        assert torch.equal(_bits(fused), _bits(reference)), (start, stop)
+    assert dispatch.verdicts()[(f"masked task arithmetic in {arith or torch.float32}", dtype)]
+
+
+def test_a_nan_in_a_masked_task_vector_gets_the_formula_and_its_error() -> None:
+    base, tensors = _family(torch.bfloat16, 5000, 2, seed=3)
+    rules = _rules(base, tensors, torch.float32, band=False)
+    tensors[1][77] = float("nan")
+    with pytest.raises(ValueError, match="without keys"):
+        _masked_by_rules_torch(base, tensors, [0.5, 0.5], rules, 0, "sum", True, 1.0, None)
+    with pytest.raises(ValueError, match="without keys"):
+        masked_by_rules(base, tensors, [0.5, 0.5], rules, 0, consensus="sum", normalize=True)
+
+
+def test_masked_weights_summing_to_zero_are_refused_as_by_the_formula() -> None:
+    base, tensors = _family(torch.bfloat16, 5000, 2, seed=3)
+    rules = _rules(base, tensors, torch.float32, band=True)
+    with pytest.raises(ValueError, match="sum to zero"):
+        masked_by_rules(base, tensors, [0.5, -0.5], rules, 0, consensus=None, normalize=True)
+
+
+@pytest.mark.parametrize("n", [17, 1000, 100_003])
+def test_the_compiled_sort_replay_keeps_the_tied_entries_torchs_argsort_keeps(n: int) -> None:
+    values = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.002).bfloat16().abs()
+    keys = magnitude_keys(values)
+    k = n // 3
+    rule = topk_of_keys(keys.clone(), k / n)  # type: ignore[union-attr]
+    order = torch.argsort(values.float(), descending=True)[:k]
+    assert rule is not None and rule.threshold is not None
+    kept = set(rule.mask(keys).nonzero().flatten().tolist())  # type: ignore[arg-type]
+    assert kept == set(order.tolist())
+    assert dispatch.verdicts()[("sort replay", None)]
+
+
+def test_the_compiled_sort_replay_declines_where_introsort_would_fall_back_to_heapsort() -> None:
+    keys = (np.abs(np.random.default_rng(0).normal(size=1000)) * 40).astype(np.int16)
+    v, idx = keys.copy(), np.arange(1000, dtype=np.int32)
+    module = dispatch.loops()
+    assert module is not None
+    assert not module.sort_replay_loop(v, idx, np.asarray([300], np.int64), 0)  # depth limit reached at once
+    assert module.sort_replay_loop(v, idx, np.asarray([300], np.int64), 2 * (1000).bit_length())
+
+
+# -- loading ------------------------------------------------------------------------------------------------------
+
+def _python(code: str, **env: str) -> str:
+    import os
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src"), **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_nothing_loads_numba_until_asked() -> None:
+    out = _python("import sys, torch\n"
+                  "from mergelab.methods import linear_merge\n"
+                  "import mergelab.merge.engine\n"
+                  "x = torch.randn(1 << 20).bfloat16()\n"
+                  "linear_merge([x, x], [1.0, 2.0])\n"
+                  "print('numba' in sys.modules)")
+    assert out == "False"
+
+
+def test_with_mergelab_kernels_0_nothing_loads_and_merges_still_run() -> None:
+    out = _python("import sys, torch\n"
+                  "from mergelab.kernels.dispatch import warm_up\n"
+                  "from mergelab.methods import linear_merge\n"
+                  "print(warm_up(), 'numba' in sys.modules, linear_merge([torch.ones(3), torch.zeros(3)]).tolist())",
+                  MERGELAB_KERNELS="0")
+    assert out == "False False [0.5, 0.5, 0.5]"
+
+
+def test_under_a_memory_limit_the_loops_are_not_loaded() -> None:
+    # numba's load imports scipy's OpenBLAS, which spins forever in mmap when its buffers do not fit a limit
+    out = _python("import resource, sys\n"
+                  "limit = 64 << 30\n"
+                  "resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))\n"
+                  "from mergelab.kernels.dispatch import warm_up\n"
+                  "print(warm_up(), 'numba' in sys.modules)")
+    assert out == "False False"
+
+
+# -- in the engine ----------------------------------------------------------------------------------------------
+
+def _config(method: str, base: Path, fts: list[Path], extra: dict[str, Any]) -> dict[str, Any]:
+    config = weighted_config(method, base, fts, **extra)
+    for i, model in enumerate(config["models"]):
+        if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+            model["parameters"]["density"] = [0.3, 0.6, 0.05][i]
+        if method.startswith("breadcrumbs"):
+            model["parameters"]["gamma"] = 0.05
+    return config
+
+
+@pytest.mark.parametrize(("method", "extra"), [
+    ("linear", {}), ("linear", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
+    ("task_arithmetic", {}), ("task_arithmetic", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
+    ("task_arithmetic", {"parameters": {"normalize": True, "lambda": 0.6}}),
+    ("ties", {}), ("ties", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
+    ("ties", {"parameters": {"consensus": "count", "lambda": 0.8, "normalize": False}}),
+    ("breadcrumbs", {}), ("breadcrumbs", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
+    ("breadcrumbs_ties", {"parameters": {"normalize": True}}),
+])
+@pytest.mark.parametrize("piece_entries", [37, 1 << 30], ids=["streamed", "whole"])
+def test_a_merge_gives_the_same_bytes_with_the_loops_and_without(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+        extra: dict[str, Any], piece_entries: int) -> None:
+    base, fts = families["llama"]
+    config = _config(method, base, fts, extra)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", piece_entries)
+    calls: list[bool] = []
+    real = dispatch.loops
+
+    def spy() -> Any:
+        module = real()
+        calls.append(module is not None)
+        return module
+
+    for module in ("weighted_sums", "masked"):
+        monkeypatch.setattr(f"mergelab.kernels.{module}.loops", spy)
+    fused = engine.run_merge(config, tmp_path / "fused", progress=False, hash_inputs=False).out_dir
+    assert calls and all(calls)
+    monkeypatch.setattr(dispatch, "_loaded", [None])
+    calls.clear()
+    formula = engine.run_merge(config, tmp_path / "torch", progress=False, hash_inputs=False).out_dir
+    assert not any(calls)  # (a whole TIES tensor does not even ask: its masks are found as before)
+    assert_same_safetensors(fused, formula)
+
+
+@pytest.mark.parametrize(("method", "threshold", "warmed"), [
+    ("linear", 0, True), ("task_arithmetic", 0, True), ("ties", 0, True), ("breadcrumbs", 0, True),
+    ("linear", 1 << 40, False), ("slerp", 0, False)])
+def test_the_engine_loads_the_loops_ahead_of_large_merges_of_methods_that_have_them(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, threshold: int,
+        warmed: bool) -> None:
+    base, fts = families["llama"]
+    calls: list[int] = []
+    monkeypatch.setattr(engine, "_WARM_UP_BYTES", threshold)
+    monkeypatch.setattr(engine, "warm_up_in_background", lambda: calls.append(1))
+    config = weighted_config(method, base, fts)
+    if method in ("ties", "breadcrumbs"):
+        config["parameters"] = {"density": 0.5}
+    if method == "slerp":
+        config = {"merge_method": "slerp", "base_model": str(base), "parameters": {"t": 0.4},
+                  "models": [{"model": str(base)}, {"model": str(fts[0])}]}
+    engine.run_merge(config, tmp_path / "out", progress=False, hash_inputs=False)
+    assert bool(calls) is warmed
+
+
+def test_a_merge_that_starts_before_the_loops_are_loaded_gives_the_same_bytes(
+        families: Families, tmp_path: Path) -> None:
+    # a fresh process: the engine loads the loops in the background and merges with torch until they are ready
+    base, fts = families["llama"]
+    code = ("import sys, threading\n"
+            "from mergelab.merge import engine\n"
+            "from mergelab.kernels import dispatch\n"
+            "engine._WARM_UP_BYTES = 0\n"
+            "engine._PIECE_ENTRIES = 37\n"
+            f"config = {weighted_config('linear', base, fts)!r}\n"
+            "engine.run_merge(config, sys.argv[1], progress=False, hash_inputs=False)\n"
+            "print(dispatch.warm_up())\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "background")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+    reference = engine.run_merge(weighted_config("linear", base, fts), tmp_path / "here", progress=False,
+                                 hash_inputs=False).out_dir
+    assert_same_safetensors(tmp_path / "background", reference)
