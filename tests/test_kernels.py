@@ -19,6 +19,7 @@ from cli_helpers import assert_same_safetensors, weighted_config
 from mergelab.kernels import dispatch
 from mergelab.kernels.weighted_sums import linear_sum, task_arithmetic_sum
 from mergelab.merge import engine
+from mergelab.methods.dare import dare_merge
 from mergelab.methods.linear import _linear_torch, linear_merge
 from mergelab.methods.sparsify import TopK, band_of_keys, magnitude_keys, topk_of_keys
 from mergelab.methods.task_arithmetic import task_arithmetic_merge
@@ -222,6 +223,22 @@ def test_masked_task_arithmetic_gives_the_bits_of_the_torch_formula(
     assert dispatch.verdicts()[(f"masked task arithmetic in {arith or torch.float32}", dtype)]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("arithmetic", [None, "inputs"], ids=["float32 steps", "input dtype steps"])
+@pytest.mark.parametrize(("consensus", "normalize", "lambda_"), [("sum", True, 1.0), ("count", False, 0.6)])
+def test_dare_ties_with_random_masks_gives_the_bits_of_the_torch_formula(
+        dtype: torch.dtype, arithmetic: str | None, consensus: str, normalize: bool, lambda_: float,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    arith = dtype if arithmetic == "inputs" else None
+    base, tensors = _family(dtype, 30_011, 3, seed=11)
+    kwargs = {"seed": 5, "consensus": consensus, "normalize": normalize, "lambda_": lambda_, "dtype": arith}
+    fused = dare_merge(base, tensors, [0.5, 0.75, -0.3], [0.3, 0.9, 0.5], **kwargs)  # type: ignore[arg-type]
+    assert dispatch.verdicts()[(f"masked task arithmetic with masks in {arith or torch.float32}", dtype)]
+    monkeypatch.setattr(dispatch, "_loaded", [None])
+    reference = dare_merge(base, tensors, [0.5, 0.75, -0.3], [0.3, 0.9, 0.5], **kwargs)  # type: ignore[arg-type]
+    assert torch.equal(_bits(fused), _bits(reference))
+
+
 def test_a_nan_in_a_masked_task_vector_gets_the_formula_and_its_error() -> None:
     base, tensors = _family(torch.bfloat16, 5000, 2, seed=3)
     rules = _rules(base, tensors, torch.float32, band=False)
@@ -305,7 +322,7 @@ def test_under_a_memory_limit_the_loops_are_not_loaded() -> None:
 def _config(method: str, base: Path, fts: list[Path], extra: dict[str, Any]) -> dict[str, Any]:
     config = weighted_config(method, base, fts, **extra)
     for i, model in enumerate(config["models"]):
-        if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        if method in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties"):
             model["parameters"]["density"] = [0.3, 0.6, 0.05][i]
         if method.startswith("breadcrumbs"):
             model["parameters"]["gamma"] = 0.05
@@ -320,6 +337,7 @@ def _config(method: str, base: Path, fts: list[Path], extra: dict[str, Any]) -> 
     ("ties", {"parameters": {"consensus": "count", "lambda": 0.8, "normalize": False}}),
     ("breadcrumbs", {}), ("breadcrumbs", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
     ("breadcrumbs_ties", {"parameters": {"normalize": True}}),
+    ("dare_ties", {}), ("dare_ties", {"dtype": "bfloat16", "out_dtype": "bfloat16", "parameters": {"lambda": 0.9}}),
 ])
 @pytest.mark.parametrize("piece_entries", [37, 1 << 30], ids=["streamed", "whole"])
 def test_a_merge_gives_the_same_bytes_with_the_loops_and_without(
@@ -338,6 +356,8 @@ def test_a_merge_gives_the_same_bytes_with_the_loops_and_without(
 
     for module in ("weighted_sums", "masked"):
         monkeypatch.setattr(f"mergelab.kernels.{module}.loops", spy)
+    if method == "dare_ties":
+        config["seed"] = 3
     fused = engine.run_merge(config, tmp_path / "fused", progress=False, hash_inputs=False).out_dir
     assert calls and all(calls)
     monkeypatch.setattr(dispatch, "_loaded", [None])

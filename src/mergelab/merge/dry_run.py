@@ -1,10 +1,11 @@
 """``mergelab merge --dry-run``: the plan, checked, without reading any tensor data.
 
 The estimates follow the engine's memory model (engine.py's docstring) and this project's CPU benchmark
-(``benchmarks/results/2026-12-02.md``, "3 × 2GB": ``mergelab merge`` end to end, every input hashed, 2 idle
-cores, 3 × 1.98 GB bf16 inputs): linear 9.2 s, task arithmetic 10.5 s, TIES 44.5 s, DARE-TIES 24.2 s,
-Breadcrumbs 42.6 s, DELLA 189 s, Model Stock 17.2 s for 5.95 GB of input, SLERP 12.5 s for 3.97 GB. They
-are orders of magnitude for planning, not promises: disks, cores and dtypes change them.
+(``benchmarks/results/2026-12-02.md``, "Compiled loops", 3 × 2GB: ``mergelab merge`` end to end, every
+input hashed, 2 idle cores, 3 × 1.98 GB bf16 inputs): linear 8.5 s, task arithmetic 10.0 s, TIES 23.8 s,
+DARE-TIES 25.1 s, Breadcrumbs 24.2 s, Model Stock 15.0 s for 5.95 GB of input, SLERP 9.8 s for 3.97 GB;
+DELLA from the earlier run of that day (189 s). They are orders of magnitude for planning, not promises:
+disks, cores and dtypes change them.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ from typing import Any
 from mergelab.errors import ConfigError
 from mergelab.io.writer import ShardPlan, parse_size
 from mergelab.merge.config import MergeConfig, load_config
-from mergelab.merge.engine import _PIECE_ENTRIES, _streams_with_scalars, _streams_with_topk
+from mergelab.merge.engine import _PIECE_ENTRIES, _WARM_UP_BYTES, _streams_with_scalars, _streams_with_topk
 from mergelab.merge.plan import plan_merge
 
 # Seconds per GB of input on the benchmark machine (see the module docstring).
-_SECONDS_PER_GB = {"linear": 1.6, "task_arithmetic": 1.8, "ties": 7.5, "dare_ties": 4.1, "breadcrumbs": 7.2,
-                   "della": 32.0, "slerp": 3.1, "model_stock": 2.9}
+_SECONDS_PER_GB = {"linear": 1.4, "task_arithmetic": 1.7, "ties": 4.0, "dare_ties": 4.2, "breadcrumbs": 4.1,
+                   "della": 32.0, "slerp": 2.5, "model_stock": 2.5}
 _DEFAULT_SECONDS_PER_GB = 15.0  # methods not benchmarked: about TIES' cost (two passes, sorting)
 _TORCH_BASELINE = 300 * 2**20  # resident size of Python + torch before any tensor (measured ~290 MiB)
+# what the compiled loops add where the engine loads them (mergelab.kernels; measured 2026-12-02: scipy.linalg
+# 18 MiB, numba 52, the loops from numba's cache 49)
+_KERNELS_RESIDENT = 120 * 2**20
 
 
 @dataclass
@@ -92,6 +96,8 @@ def summarize_merge(config: str | Path | dict[str, Any] | MergeConfig, *, max_sh
         if after_topk:
             work = in_meta.nbytes // in_meta.dtype.itemsize * 10
         peak = _TORCH_BASELINE + (n_inputs + 2) * unit + work
+        if plan.method.compiled and input_bytes >= _WARM_UP_BYTES:
+            peak += _KERNELS_RESIDENT
         seconds = input_bytes / 1e9 * _SECONDS_PER_GB.get(cfg.merge_method, _DEFAULT_SECONDS_PER_GB)
         merged = sum(1 for n in plan.names if plan.reference.meta(n).dtype.is_floating_point)
         labels = ([f"{cfg.base_model} (base)"] if plan.base is not None else []) + plan.labels

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 
 from mergelab.kernels.dispatch import loops
-from mergelab.kernels.masked import masked_task_arithmetic
+from mergelab.kernels.masked import masked_consensus_with_masks, masked_task_arithmetic
 from mergelab.kernels.weighted_sums import task_arithmetic_sum
 from mergelab.methods.sparsify import TopK, band_of_keys, drop_work_dtype, magnitude_keys, match_l1, topk_of_keys
 from mergelab.methods.weighting import weight_sum
@@ -330,6 +330,10 @@ def _masked_consensus(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
         masks.append(keep(i, delta).reshape(-1).to(torch.int8).neg_())  # -1 (all bits) kept, 0 dropped
         bound += float(delta.abs().max()) / divisors[i] * abs(w) if n else 0.0
         del delta
+    fused = masked_consensus_with_masks(base, tensors, weights, masks, divisors, consensus, normalize, lambda_,
+                                        dtype, _masked_consensus_float)
+    if fused is not None:
+        return fused.reshape(base.shape)
     bits = _BITS.get(dtype)
     same = all(t.dtype == dtype for t in (base, *tensors))
     # the bit tests read signs and zeros off the patterns, which NaN would fool: only where no weighted
