@@ -155,14 +155,15 @@ def test_a_nan_in_the_inputs_gives_the_nan_torch_gives() -> None:
 
 
 @pytest.mark.parametrize("case", ["strided", "float16", "float64", "mixed dtypes", "shapes differ", "requires grad",
-                                  "empty"])
+                                  "empty", "sparse"])
 def test_inputs_the_loops_do_not_take_run_the_torch_formula(case: str) -> None:
     a, b = torch.randn(64, 64), torch.randn(64, 64)
     tensors = {"strided": [a.t(), b.t()], "float16": [a.half(), b.half()], "float64": [a.double(), b.double()],
                "mixed dtypes": [a, b.bfloat16()], "shapes differ": [a, b[:1]],
-               "requires grad": [a.requires_grad_(), b], "empty": [a[:0], b[:0]]}[case]
+               "requires grad": [a.requires_grad_(), b], "empty": [a[:0], b[:0]],
+               "sparse": [a.to_sparse(), b.to_sparse()]}[case]
     assert linear_sum(tensors, [0.5, 0.5], True, _linear_torch) is None
-    if case != "shapes differ":  # torch broadcasts there; the formula decides what that means
+    if case not in ("shapes differ", "sparse"):  # the formula decides what those mean
         with torch.no_grad():
             assert torch.equal(linear_merge(tensors, [0.5, 0.5]), _linear_torch(tensors, [0.5, 0.5], True))
 
