@@ -110,50 +110,35 @@ def generalized_task_arithmetic(
             kept = _divided(delta.masked_fill_(~keep(i, delta), 0), divisors[i])
             return match_l1(kept, before) if before is not None else kept
 
-    if sparsify is None and consensus is None:
+    if consensus is None:
         divisor = None
         if normalize:
             weight_sum(weights, "normalize")  # the one rule: weights summing to zero are refused
             divisor = rounded(math.fsum(weights), dtype)
-        fused = task_arithmetic_sum(base, tensors, weights, divisor, lambda_, dtype,
-                                    functools.partial(_weighted_task_vectors, dtype=dtype))
-        if fused is not None:
-            return fused
-        return _weighted_task_vectors(base, tensors, weights, divisor, lambda_, dtype)
+        if sparsify is None:
+            fused = task_arithmetic_sum(base, tensors, weights, divisor, lambda_, dtype,
+                                        functools.partial(_weighted_task_vectors, dtype=dtype))
+            if fused is not None:
+                return fused
+        return _weighted_task_vectors(base, tensors, weights, divisor, lambda_, dtype, sparsify)
 
-    def weighted_delta(i: int) -> torch.Tensor:
-        delta = task_vector(tensors[i], base, dtype)
+    # Pass 1 elects the sign. Sparsification (a sort-like top-k, or a random draw) is the costly step, so
+    # each sparsified delta is kept compactly (mask + kept values: 1 + 4·density bytes per entry instead of 4)
+    # for pass 2 rather than recomputed.
+    elected = torch.zeros_like(base, dtype=acc)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i in range(len(tensors)):
+        wd = _weighted_task_vector(tensors[i], base, weights[i], dtype, i, sparsify)
+        elected += wd if consensus == "sum" else wd.sign()
         if sparsify is not None:
-            delta = sparsify(i, delta)
-        return delta.mul_(weights[i])
-
-    if consensus is None:  # a sparsified task arithmetic (DARE, Breadcrumbs without consensus)
-        total = torch.zeros_like(base, dtype=acc)
-        for i in range(len(tensors)):
-            total += weighted_delta(i)
-        mixed = total.to(dtype)
-        del total
-        if normalize:
-            weight_sum(weights, "normalize")
-            mixed /= rounded(math.fsum(weights), dtype)
-    else:
-        # Pass 1 elects the sign. Sparsification (a sort-like top-k, or a random draw) is the costly
-        # step, so each sparsified delta is kept compactly (mask + kept values: 1 + 4·density bytes per
-        # entry instead of 4) for pass 2 rather than recomputed.
-        elected = torch.zeros_like(base, dtype=acc)
-        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for i in range(len(tensors)):
-            wd = weighted_delta(i)
-            elected += wd if consensus == "sum" else wd.sign()
-            if sparsify is not None:
-                nonzero = wd != 0
-                kept.append((nonzero, wd[nonzero]))
-            del wd
-        # the vote is rounded to the arithmetic dtype before its sign is read, as mergekit's sum is
-        positive = (elected.to(dtype) >= 0).reshape(-1)
-        del elected
-        mixed = _disjoint_sum(base, tensors, weights, kept if sparsify is not None else None, positive,
-                              dtype, normalize)
+            nonzero = wd != 0
+            kept.append((nonzero, wd[nonzero]))
+        del wd
+    # the vote is rounded to the arithmetic dtype before its sign is read, as mergekit's sum is
+    positive = (elected.to(dtype) >= 0).reshape(-1)
+    del elected
+    mixed = _disjoint_sum(base, tensors, weights, kept if sparsify is not None else None, positive, dtype,
+                          normalize)
     if lambda_ != 1:
         mixed *= lambda_
     return mixed.add_(base.to(dtype)).to(base.dtype)
@@ -214,13 +199,23 @@ def _probe_rules(base: torch.Tensor, tensors: Sequence[torch.Tensor], dtype: tor
             [band_of_keys(k.clone(), d, 0.05) for k, d in zip(keys, densities, strict=True)]]  # type: ignore[union-attr]
 
 
+def _weighted_task_vector(tensor: torch.Tensor, base: torch.Tensor, weight: float, dtype: torch.dtype, i: int,
+                          sparsify: Sparsifier | None) -> torch.Tensor:
+    """``w_i · sparsify(θ_i − base)`` in ``dtype``, a fresh tensor."""
+    delta = task_vector(tensor, base, dtype)
+    return (sparsify(i, delta) if sparsify is not None else delta).mul_(weight)
+
+
 def _weighted_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
-                           divisor: float | None, lambda_: float, dtype: torch.dtype) -> torch.Tensor:
-    """``base + λ Σ_i w_i (θ_i − base) / divisor`` (no division when ``divisor`` is None): task arithmetic in
-    eager torch, each step rounded to ``dtype`` (mergelab.kernels.weighted_sums gives the same bits)."""
+                           divisor: float | None, lambda_: float, dtype: torch.dtype,
+                           sparsify: Sparsifier | None = None) -> torch.Tensor:
+    """``base + λ Σ_i w_i s_i(θ_i − base) / divisor`` (no division when ``divisor`` is None; ``s_i``:
+    ``sparsify``, or none): task arithmetic in eager torch, each step rounded to ``dtype``, the sum over
+    models accumulated as :func:`accumulator_dtype` says (mergelab.kernels.weighted_sums gives the same bits
+    without sparsification)."""
     total = torch.zeros_like(base, dtype=accumulator_dtype(dtype))
-    for tensor, weight in zip(tensors, weights, strict=True):
-        total += task_vector(tensor, base, dtype).mul_(weight)
+    for i, (tensor, weight) in enumerate(zip(tensors, weights, strict=True)):
+        total += _weighted_task_vector(tensor, base, weight, dtype, i, sparsify)
     mixed = total.to(dtype)
     del total
     if divisor is not None:
