@@ -197,13 +197,16 @@ def _replay(v: np.ndarray, idx: np.ndarray, start: int, stop: int) -> tuple[np.n
     """:func:`_simulate`'s introsort on keys ``v`` (comparator ``a > b``) and ``idx``, in place: the compiled
     loop (mergelab.kernels: 3× less CPU on 8 Mi bfloat16 keys, benchmarks/kernels.py) where it is loaded and
     agrees with the numpy replay below, else that one."""
-    n = v.size
-    bounds = [b for b in (start, stop) if 0 < b < n]
-    module = loops()
-    if module is not None and verified("sort replay", None, _check_compiled):
-        done = module.sort_replay_loop(v, idx, np.asarray(bounds, np.int64), 2 * (n.bit_length() - 1))
-        return (v, idx) if done else None
+    if loops() is not None and verified("sort replay", None, _check_compiled):
+        return (v, idx) if _replay_compiled(v, idx, start, stop) else None
     return _replay_numpy(v, idx, start, stop)
+
+
+def _replay_compiled(v: np.ndarray, idx: np.ndarray, start: int, stop: int) -> bool:
+    """The compiled replay, in place; False where introsort would fall back to heapsort."""
+    n = v.size
+    bounds = np.asarray([b for b in (start, stop) if 0 < b < n], np.int64)
+    return bool(loops().sort_replay_loop(v, idx, bounds, 2 * (n.bit_length() - 1)))  # type: ignore[union-attr]
 
 
 def _replay_numpy(v: np.ndarray, idx: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -229,14 +232,12 @@ def _replay_numpy(v: np.ndarray, idx: np.ndarray, start: int, stop: int) -> tupl
 def _check_compiled() -> bool:
     """Whether the compiled replay puts the same entries at the wanted ranks as the numpy one, on heavily tied
     keys of several sizes and both key widths (both directions are the same comparisons on negated keys)."""
-    module = loops()
     rng = np.random.default_rng(0)
     for n, dtype in ((17, np.int16), (300, np.int16), (5_000, np.int32), (70_000, np.int16), (70_000, np.int32)):
         keys = (np.abs(rng.normal(size=n)) * 40).astype(dtype)
         for start, stop in ((0, n // 3), (n // 5, n - n // 4)):
             compiled = keys.copy(), np.arange(n, dtype=np.int32)
-            bounds = np.asarray([b for b in (start, stop) if 0 < b < n], np.int64)
-            if not module.sort_replay_loop(*compiled, bounds, 2 * (n.bit_length() - 1)):  # type: ignore[union-attr]
+            if not _replay_compiled(*compiled, start, stop):
                 return False
             numpy_replay = _replay_numpy(keys.copy(), np.arange(n, dtype=np.int32), start, stop)
             if numpy_replay is None or not np.array_equal(np.sort(compiled[1][start:stop]),
