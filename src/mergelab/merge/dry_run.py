@@ -17,7 +17,13 @@ from typing import Any
 from mergelab.errors import ConfigError
 from mergelab.io.writer import ShardPlan, parse_size
 from mergelab.merge.config import MergeConfig, load_config
-from mergelab.merge.engine import _PIECE_ENTRIES, _WARM_UP_BYTES, _streams_with_scalars, _streams_with_topk
+from mergelab.merge.engine import (
+    _PIECE_ENTRIES,
+    _input_bytes,
+    _loads_kernels,
+    _streams_with_scalars,
+    _streams_with_topk,
+)
 from mergelab.merge.plan import plan_merge
 
 # Seconds per GB of input on the benchmark machine (see the module docstring).
@@ -82,7 +88,7 @@ def summarize_merge(config: str | Path | dict[str, Any] | MergeConfig, *, max_sh
         largest = max(metas, key=lambda n: metas[n].nbytes)
         in_meta = plan.reference.meta(largest)
         n_inputs = len(plan.readers)
-        input_bytes = sum(r.meta(n).nbytes for r in plan.readers for n in plan.names if n in r)
+        input_bytes = _input_bytes(plan)
         unit = in_meta.nbytes
         after_topk = _streams_with_topk(plan, largest, None)
         if plan.method.elementwise or after_topk or _streams_with_scalars(plan, largest, None, cfg.compute_dtype):
@@ -96,7 +102,7 @@ def summarize_merge(config: str | Path | dict[str, Any] | MergeConfig, *, max_sh
         if after_topk:
             work = in_meta.nbytes // in_meta.dtype.itemsize * 10
         peak = _TORCH_BASELINE + (n_inputs + 2) * unit + work
-        if plan.method.compiled and input_bytes >= _WARM_UP_BYTES:
+        if _loads_kernels(plan, None):
             peak += _KERNELS_RESIDENT
         seconds = input_bytes / 1e9 * _SECONDS_PER_GB.get(cfg.merge_method, _DEFAULT_SECONDS_PER_GB)
         merged = sum(1 for n in plan.names if plan.reference.meta(n).dtype.is_floating_point)

@@ -260,7 +260,13 @@ def _check_free_space(folder: Path, needed: int) -> None:
 
 
 def _input_bytes(plan: MergePlan) -> int:
-    return sum(m.nbytes for m in plan.out_metas.values()) * len(plan.readers)
+    """Bytes of every input tensor the merge reads (the dry run's measure of a merge's size too)."""
+    return sum(r.meta(n).nbytes for r in plan.readers for n in plan.names if n in r)
+
+
+def _loads_kernels(plan: MergePlan, dev: torch.device | None) -> bool:
+    """Whether the merge loads the compiled loops first (a method that has them, on the CPU, large enough)."""
+    return plan.method.compiled and (dev is None or dev.type == "cpu") and _input_bytes(plan) >= _WARM_UP_BYTES
 
 
 def _io_error(exc: OSError, out: Path) -> OutputError:
@@ -344,7 +350,7 @@ def run_merge(
         plan.close()
         _remove_created(created, out.parent)
         raise
-    if plan.method.compiled and (dev is None or dev.type == "cpu") and _input_bytes(plan) >= _WARM_UP_BYTES:
+    if _loads_kernels(plan, dev):
         warm_up_in_background()
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-hash") if hash_inputs else None
     hashes: dict[str, Future[tuple[str, bool]]] = {}
