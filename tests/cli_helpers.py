@@ -87,6 +87,25 @@ def weighted_config(method: str, base: Path, models: list[Path], **extra: Any) -
             **extra}
 
 
+def method_config(method: str, base: Path, fts: list[Path], **extra: Any) -> dict[str, Any]:
+    """A config of ``method`` on the family ``base``, ``fts``: SLERP and NearSwap of the base and the first
+    fine-tune (t 0.4), Model Stock of them all, the top-k and random-drop methods with densities 0.3, 0.6, 0.05
+    (Breadcrumbs' with gamma 0.05), others weighted (:func:`weighted_config`)."""
+    if method in ("slerp", "nearswap"):
+        return {"merge_method": method, "base_model": str(base), "parameters": {"t": 0.4},
+                "models": [{"model": str(base)}, {"model": str(fts[0])}], **extra}
+    if method == "model_stock":
+        return {"merge_method": method, "base_model": str(base), "models": [{"model": str(p)} for p in fts],
+                **extra}
+    config = weighted_config(method, base, fts, **extra)
+    for i, model in enumerate(config["models"]):
+        if method in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties"):
+            model["parameters"]["density"] = [0.3, 0.6, 0.05][i]
+        if method.startswith("breadcrumbs"):
+            model["parameters"]["gamma"] = 0.05
+    return config
+
+
 def assert_same_safetensors(a: Path, b: Path) -> None:
     """Two merged folders hold the same safetensors files, byte for byte."""
     files = sorted(p.name for p in a.glob("*.safetensors"))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import assert_same_safetensors, weighted_config
+from cli_helpers import assert_same_safetensors, method_config, weighted_config
 from mergelab.kernels import dispatch
 from mergelab.kernels.weighted_sums import linear_sum, task_arithmetic_sum
 from mergelab.merge import engine
@@ -320,16 +320,6 @@ def test_under_a_memory_limit_the_loops_are_not_loaded() -> None:
 
 # -- in the engine ----------------------------------------------------------------------------------------------
 
-def _config(method: str, base: Path, fts: list[Path], extra: dict[str, Any]) -> dict[str, Any]:
-    config = weighted_config(method, base, fts, **extra)
-    for i, model in enumerate(config["models"]):
-        if method in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties"):
-            model["parameters"]["density"] = [0.3, 0.6, 0.05][i]
-        if method.startswith("breadcrumbs"):
-            model["parameters"]["gamma"] = 0.05
-    return config
-
-
 @pytest.mark.parametrize(("method", "extra"), [
     ("linear", {}), ("linear", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
     ("task_arithmetic", {}), ("task_arithmetic", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
@@ -345,7 +335,7 @@ def test_a_merge_gives_the_same_bytes_with_the_loops_and_without(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
         extra: dict[str, Any], piece_entries: int) -> None:
     base, fts = families["llama"]
-    config = _config(method, base, fts, extra)
+    config = method_config(method, base, fts, **extra)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", piece_entries)
     calls: list[bool] = []
     real = dispatch.loops
@@ -378,12 +368,7 @@ def test_the_engine_loads_the_loops_ahead_of_large_merges_of_methods_that_have_t
     calls: list[int] = []
     monkeypatch.setattr(engine, "_WARM_UP_BYTES", threshold)
     monkeypatch.setattr(engine, "warm_up_in_background", lambda: calls.append(1))
-    config = weighted_config(method, base, fts)
-    if method in ("ties", "breadcrumbs"):
-        config["parameters"] = {"density": 0.5}
-    if method == "slerp":
-        config = {"merge_method": "slerp", "base_model": str(base), "parameters": {"t": 0.4},
-                  "models": [{"model": str(base)}, {"model": str(fts[0])}]}
+    config = method_config(method, base, fts)
     engine.run_merge(config, tmp_path / "out", progress=False, hash_inputs=False)
     assert bool(calls) is warmed
 

@@ -17,6 +17,7 @@ from cli_helpers import (
     assert_refused,
     assert_same_safetensors,
     load_folder,
+    method_config,
     run_cli,
     save_model_folder,
     weighted_config,
@@ -103,24 +104,6 @@ def _spy_on_merges(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return seen
 
 
-def _method_config(method: str, base: Path, fts: list[Path], **extra: Any) -> dict[str, Any]:
-    """A config of ``method`` on the family ``base``, ``fts``: SLERP and NearSwap of the base and the first
-    fine-tune (t 0.4), Model Stock of them all, TIES and Breadcrumbs with a density per model, others weighted."""
-    if method in ("slerp", "nearswap"):
-        return {"merge_method": method, "base_model": str(base), "parameters": {"t": 0.4},
-                "models": [{"model": str(base)}, {"model": str(fts[0])}], **extra}
-    if method == "model_stock":
-        return {"merge_method": method, "base_model": str(base), "models": [{"model": str(p)} for p in fts],
-                **extra}
-    config = weighted_config(method, base, fts, **extra)
-    if method in ("ties", "breadcrumbs"):
-        for i, m in enumerate(config["models"]):
-            m["parameters"]["density"] = [0.3, 0.6, 0.05][i]
-            if method == "breadcrumbs":
-                m["parameters"]["gamma"] = 0.05
-    return config
-
-
 @pytest.mark.parametrize(("method", "extra"), [
     ("linear", {}), ("task_arithmetic", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
     ("ties", {}), ("ties", {"dtype": "bfloat16", "out_dtype": "bfloat16"}), ("breadcrumbs", {}),
@@ -131,7 +114,7 @@ def test_pieces_merged_side_by_side_give_the_bytes_of_one_at_a_time(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
         extra: dict[str, Any]) -> None:
     base, fts = families["llama"]
-    config = _method_config(method, base, fts, **extra)
+    config = method_config(method, base, fts, **extra)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)  # pieces cross rows and end mid-row
     _threads(monkeypatch, 1)
     one = engine.run_merge(config, tmp_path / "one", progress=False, hash_inputs=False).out_dir
@@ -250,7 +233,7 @@ def test_the_next_tensors_pass_runs_while_this_ones_pieces_merge(
     monkeypatch.setattr(engine, "merge_tensor", merge_spy)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)
     _threads(monkeypatch, 2)
-    engine.run_merge(_method_config(method, base, fts), tmp_path / "out", progress=False, hash_inputs=False)
+    engine.run_merge(method_config(method, base, fts), tmp_path / "out", progress=False, hash_inputs=False)
     passes = [name for kind, name in events if kind == "pass"]
     assert len(passes) == len(set(passes)) > 2  # each tensor's pass once
     # the pass of the tensor after X starts before X's first piece is merged (one after the other, it would
@@ -274,5 +257,5 @@ def test_an_error_in_a_whole_tensor_pass_names_the_tensor(
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)
     _threads(monkeypatch, threads)
     out = tmp_path / "out"
-    assert_refused(run_cli(write_config(tmp_path, _method_config("slerp", base, fts)), out), out,
+    assert_refused(run_cli(write_config(tmp_path, method_config("slerp", base, fts)), out), out,
                    "method 'slerp' cannot merge tensor 'model.layers.1.mlp.up_proj.weight': the inputs disagree")
