@@ -104,6 +104,7 @@ def rows() -> list[tuple[str, float, float, bool]]:
 
             label = "float32" if steps is None else "bfloat16"
             row(f"{name}, 3 models, {label} steps", fused_masked, formula_masked)
+    _interpolation_rows(row, base, models)
     n = 8 << 20
     keys16 = ((torch.randn(n, generator=g) * 0.002).bfloat16().abs()).view(torch.int16).numpy()
     k = int(0.3 * n)
@@ -124,6 +125,49 @@ def rows() -> list[tuple[str, float, float, bool]]:
     out.append(("std::sort replay, top 30 % of 8 Mi bfloat16 keys (copies included)",
                 best_ms(replay_compiled, rounds=3, calls=1), best_ms(replay_numpy, rounds=3, calls=1), equal))
     return out
+
+
+def _interpolation_rows(row: Callable[[str, Callable[[], torch.Tensor], Callable[[], torch.Tensor]], None],
+                        base: torch.Tensor, models: list[torch.Tensor]) -> None:
+    """SLERP's and Model Stock's scalar passes (torch's row sums replayed) and element-wise steps, each with
+    its loop and with the loop switched off (the module-level hook that finds it made to return None)."""
+    from mergelab.methods import model_stock, slerp
+    from mergelab.methods.registry import FlatSource
+
+    def without(module: object, hook: str, call: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            real = getattr(module, hook)
+            setattr(module, hook, lambda *a: None)
+            try:
+                return call()
+            finally:
+                setattr(module, hook, real)
+        return run
+
+    def coefficients() -> torch.Tensor:
+        return torch.cat(slerp.slerp_coefficients(0.4, FlatSource.of(base, models[:1])))
+
+    row("SLERP scalar pass (chunk norms, then normalised dot), float32", coefficients,
+        without(slerp, "_compiled_sums", coefficients))
+    scalars = slerp.slerp_coefficients(0.4, FlatSource.of(base, models[:1]))
+
+    def interpolated() -> torch.Tensor:
+        return slerp.slerp_apply(scalars, base, models[0])
+
+    row("SLERP element-wise step", interpolated, without(slerp, "interpolation_sum", interpolated))
+    for steps in (torch.float32, torch.bfloat16):
+        label = str(steps).removeprefix("torch.")
+
+        def streamed(steps: torch.dtype = steps) -> torch.Tensor:
+            return model_stock.model_stock_ratio(FlatSource.of(base, models), dtype=steps)
+
+        def whole(steps: torch.dtype = steps) -> torch.Tensor:
+            return model_stock.model_stock_merge(base, models, dtype=steps)
+
+        row(f"Model Stock scalar pass, 3 models, {label} steps (loop vs numpy replay)", streamed,
+            without(model_stock, "_compiled_sums", streamed))
+        row(f"Model Stock whole tensor, 3 models, {label} steps (loops vs torch)", whole,
+            without(model_stock, "_compiled_sums", without(model_stock, "model_stock_sum", whole)))
 
 
 def table(load_s: float, measured: list[tuple[str, float, float, bool]]) -> str:

@@ -16,11 +16,14 @@ import pytest
 import torch
 
 from cli_helpers import assert_same_safetensors, method_config, weighted_config
-from mergelab.kernels import dispatch
+from mergelab.kernels import dispatch, row_reductions
 from mergelab.kernels.weighted_sums import linear_sum, task_arithmetic_sum
 from mergelab.merge import engine
+from mergelab.merge.core import one_thread
+from mergelab.methods import model_stock, row_sums, slerp
 from mergelab.methods.dare import dare_merge
 from mergelab.methods.linear import _linear_torch, linear_merge
+from mergelab.methods.registry import FlatSource
 from mergelab.methods.sparsify import TopK, band_of_keys, magnitude_keys, topk_of_keys
 from mergelab.methods.task_arithmetic import task_arithmetic_merge
 from mergelab.methods.task_vectors import (
@@ -318,6 +321,124 @@ def test_under_a_memory_limit_the_loops_are_not_loaded() -> None:
     assert out == "False False"
 
 
+# -- torch's row sums (SLERP, Model Stock) ------------------------------------------------------------------------
+
+LANES = row_sums.lanes_for(torch.float32)
+
+
+def _offset_sums(base: torch.Tensor, xs: list[torch.Tensor], dtype: torch.dtype,
+                 piece: int = 65_536) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    sums = row_reductions.offset_sums(len(xs), base.numel(), dtype, row_sums.lanes_for(dtype))
+    assert sums is not None
+    for a in range(0, base.numel(), piece):
+        assert sums.add(base[a:a + piece], [x[a:a + piece] for x in xs])
+    return sums.results()
+
+
+def test_a_row_is_summed_lane_by_lane_as_torchs_vectors_sum_it_not_in_entry_order() -> None:
+    # 16 float32 entries = two vectors of 8 lanes: lane 0 gets 2^24 + (−2^24) = 0, lanes 1 and 2 get 1 each, so the
+    # lanes add up to 2; in entry order, 2^24 + 1 rounds back to 2^24 twice and the sum is 0
+    row = torch.zeros(16)
+    row[0], row[1], row[2], row[8] = 2.0 ** 24, 1.0, 1.0, -(2.0 ** 24)
+    assert LANES == 8
+    with one_thread():
+        assert float(row.reshape(1, -1).sum(dim=-1)) == 2.0
+    norms, dots = _offset_sums(torch.zeros(16), [row, torch.ones(16)], torch.float32)
+    assert float(dots[0]) == 2.0
+    assert float(norms[1]) == 4.0  # √16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [16, 17, 4099, 70_001, 300_007])  # 300 007: past the cascade's third level
+def test_model_stock_sums_fed_in_pieces_are_torchs_sums_of_the_whole_rows(dtype: torch.dtype, n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    base = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    xs = [(base.float() + torch.randn(n, generator=g) * 0.002).to(dtype) for _ in range(3)]
+    norms, dots = _offset_sums(base, xs, dtype)
+    offsets = [(x - base).reshape(1, -1) for x in xs]
+    with one_thread():
+        assert [_bits(x) for x in norms] == [_bits(d.norm(dim=-1)) for d in offsets]
+        assert [_bits(x) for x in dots] == [_bits((offsets[i] * offsets[j]).sum(dim=-1))
+                                            for i in range(3) for j in range(i + 1, 3)]
+
+
+def test_model_stock_pieces_off_the_vector_grid_are_declined() -> None:
+    n = 4096
+    sums = row_reductions.offset_sums(2, n, torch.bfloat16, row_sums.lanes_for(torch.bfloat16))
+    assert sums is not None
+    x = torch.randn(n).to(torch.bfloat16)
+    assert sums.add(x[:100], [x[:100], x[:100]])  # 100 entries: not a whole number of 64-entry steps
+    assert not sums.add(x[100:], [x[100:], x[100:]])
+
+
+def test_model_stock_sums_that_overflow_are_left_to_the_numpy_replay() -> None:
+    big = torch.full((4096,), 3e38)
+    assert _offset_sums(torch.zeros(4096), [big, -big], torch.float32) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("chunk", [1 << 20, 4096])
+def test_model_stock_ratio_has_the_bits_of_the_numpy_replay(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                             chunk: int) -> None:
+    monkeypatch.setattr(model_stock, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(1)
+    base = (torch.randn(300, 1001, generator=g) * 0.02).to(torch.bfloat16)
+    xs = [(base.float() + torch.randn(300, 1001, generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    calls: list[bool] = []
+    real = model_stock._compiled_sums
+    monkeypatch.setattr(model_stock, "_compiled_sums", lambda *a: calls.append(True) or real(*a))  # type: ignore[func-returns-value]
+    with one_thread():
+        compiled = model_stock.model_stock_ratio(FlatSource.of(base, xs), dtype=dtype)
+        assert calls
+        monkeypatch.setattr(model_stock, "_compiled_sums", lambda *a: None)
+        replayed = model_stock.model_stock_ratio(FlatSource.of(base, xs), dtype=dtype)
+        whole = model_stock.model_stock_merge(base, xs, dtype=dtype)
+    assert torch.equal(_bits(compiled), _bits(replayed))
+    assert torch.equal(_bits(model_stock.model_stock_merge(base, xs, dtype=dtype, scalars=compiled)), _bits(whole))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [16, 17, 4099, 1 << 20])
+def test_slerp_chunk_sums_are_torchs_on_one_thread(dtype: torch.dtype, n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    a, b = torch.randn(n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    sums = row_reductions.chunk_sums(dtype, LANES)
+    assert sums is not None
+    with one_thread():
+        a32, b32 = a.reshape(1, -1).float(), b.reshape(1, -1).float()
+        na, nb = torch.linalg.vector_norm(a32, dim=1), torch.linalg.vector_norm(b32, dim=1)
+        dot = (a32 / na * (b32 / nb)).sum(dim=1)
+        assert sums.norms(a, b) == (float(na), float(nb))
+        assert sums.normalized_dot(a, b, float(na), float(nb)) == float(dot)
+
+
+def test_slerp_chunk_sums_are_declined_on_more_than_one_torch_thread() -> None:
+    # torch splits a long row's sum between its threads, in an order of their own
+    sums = row_reductions.chunk_sums(torch.float32, LANES)
+    assert sums is not None
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert sums.norms(torch.ones(1 << 16), torch.ones(1 << 16)) is None
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_slerp_coefficients_have_the_bits_of_torchs_chunk_sums(monkeypatch: pytest.MonkeyPatch,
+                                                               dtype: torch.dtype) -> None:
+    monkeypatch.setattr(slerp, "_CHUNK", 70_001)  # chunks that end mid-vector
+    g = torch.Generator().manual_seed(2)
+    v0 = torch.randn(300, 1001, generator=g).to(dtype)
+    v1 = (v0.float() + torch.randn(300, 1001, generator=g) * 0.3).to(dtype)
+    with one_thread():
+        compiled = slerp.slerp_coefficients(0.4, FlatSource.of(v0, [v1]))
+        monkeypatch.setattr(slerp, "_compiled_sums", lambda x: None)
+        formula = slerp.slerp_coefficients(0.4, FlatSource.of(v0, [v1]))
+    assert all(torch.equal(_bits(c), _bits(f)) for c, f in zip(compiled, formula, strict=True))
+    assert ("chunk sums 8", dtype) in dispatch.verdicts() and dispatch.verdicts()[("chunk sums 8", dtype)]
+
+
 # -- in the engine ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("method", "extra"), [
@@ -329,6 +450,8 @@ def test_under_a_memory_limit_the_loops_are_not_loaded() -> None:
     ("breadcrumbs", {}), ("breadcrumbs", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
     ("breadcrumbs_ties", {"parameters": {"normalize": True}}),
     ("dare_ties", {}), ("dare_ties", {"dtype": "bfloat16", "out_dtype": "bfloat16", "parameters": {"lambda": 0.9}}),
+    ("slerp", {}), ("slerp", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
+    ("model_stock", {}), ("model_stock", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
 ])
 @pytest.mark.parametrize("piece_entries", [37, 1 << 30], ids=["streamed", "whole"])
 def test_a_merge_gives_the_same_bytes_with_the_loops_and_without(
@@ -345,7 +468,7 @@ def test_a_merge_gives_the_same_bytes_with_the_loops_and_without(
         calls.append(module is not None)
         return module
 
-    for module in ("weighted_sums", "masked"):
+    for module in ("weighted_sums", "masked", "row_reductions"):
         monkeypatch.setattr(f"mergelab.kernels.{module}.loops", spy)
     if method == "dare_ties":
         config["seed"] = 3
@@ -360,7 +483,7 @@ def test_a_merge_gives_the_same_bytes_with_the_loops_and_without(
 
 @pytest.mark.parametrize(("method", "threshold", "warmed"), [
     ("linear", 0, True), ("task_arithmetic", 0, True), ("ties", 0, True), ("breadcrumbs", 0, True),
-    ("linear", 1 << 40, False), ("slerp", 0, False)])
+    ("slerp", 0, True), ("model_stock", 0, True), ("linear", 1 << 40, False), ("nearswap", 0, False)])
 def test_the_engine_loads_the_loops_ahead_of_large_merges_of_methods_that_have_them(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, threshold: int,
         warmed: bool) -> None:

@@ -3,9 +3,11 @@
 Eager torch runs a weighted sum of three bfloat16 pieces as about six passes over a float32 accumulator
 (convert, multiply-add per model, divide, round): 0.55 CPU s per GB of input, the largest stage of a linear
 merge (benchmarks/engine_threads.py, 2026-12-02). A loop does the same arithmetic per entry in registers, in
-one pass. The loops here: weighted sums (linear, task arithmetic: :mod:`.weighted_sums`), task arithmetic of
-task vectors masked by top-k rules with or without TIES' sign election (:mod:`.masked`), and the replay of
-torch's ``std::sort`` that decides which tied magnitudes a top-k keeps (methods/std_sort.py). Their times
+one pass. The loops here: weighted sums (linear, task arithmetic, SLERP's and Model Stock's element-wise steps:
+:mod:`.weighted_sums`), task arithmetic of task vectors masked by top-k rules with or without TIES' sign
+election (:mod:`.masked`), torch's one-thread sum and 2-norm of long rows replayed while their entries are
+computed (SLERP's and Model Stock's scalar passes: :mod:`.row_reductions`), and the replay of torch's
+``std::sort`` that decides which tied magnitudes a top-k keeps (methods/std_sort.py). Their times
 beside the code they replace: ``benchmarks/kernels.py``.
 
 A loop is used only where it gives the same bits: on first use in a process each runs beside the formula it

@@ -5,13 +5,14 @@ Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 20
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from mergelab.kernels import row_reductions as row_sums_compiled
+from mergelab.kernels.weighted_sums import model_stock_sum
 from mergelab.methods import row_sums
 from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, register
 
@@ -35,7 +36,7 @@ def _cosines(offsets: list[torch.Tensor]) -> list[torch.Tensor]:
             for i in range(len(offsets)) for j in range(i + 1, len(offsets))]
 
 
-def _ratio(cosines: list[torch.Tensor], n: int, shape: Sequence[int]) -> torch.Tensor:
+def _ratio(cosines: list[torch.Tensor], n: int, shape: Sequence[int], stacklevel: int = 3) -> torch.Tensor:
     """``t`` from the pairwise cosines (one per row), with mergekit's guard; warns where it leaves [0, 1]."""
     cos_phi = torch.stack(cosines).mean(dim=0)
     denominator = 1 + (n - 1) * cos_phi
@@ -48,8 +49,44 @@ def _ratio(cosines: list[torch.Tensor], n: int, shape: Sequence[int]) -> torch.T
                       + f" is outside [0, 1] for a tensor of shape {list(shape)}: its task vectors point in "
                       "opposing directions (mean cos φ < 0), so the merge moves away from their average and "
                       "|t| grows without bound as cos φ nears −1/(N−1). Check that every model was fine-tuned "
-                      "from this base, or use another method", stacklevel=3)
+                      "from this base, or use another method", stacklevel=stacklevel)
     return ratio
+
+
+Sums = tuple[list[torch.Tensor], list[torch.Tensor]]  # the task vectors' norms, the pairs' dot products
+
+
+def _pairs(count: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(count) for j in range(i + 1, count)]
+
+
+def _compiled_sums(source: FlatSource, count: int, work: torch.dtype, lanes: int | None) -> Sums | None:
+    """The sums of :func:`_replayed_sums` from the compiled loop in one pass over the inputs (4.8× less CPU
+    than the numpy replay and torch's offsets and products: 11.6 against 56 ms per three 8 Mi-entry
+    bfloat16 tensors); None where it does not apply."""
+    sums = row_sums_compiled.offset_sums(count, source.numel, work, lanes)
+    if sums is None:
+        return None
+    for base, tensors in source.chunks(_CHUNK):
+        assert base is not None
+        if not sums.add(base, tensors):
+            return None
+    return sums.results()
+
+
+def _replayed_sums(source: FlatSource, count: int, work: torch.dtype, lanes: int) -> Sums:
+    """Each task vector's norm and each pair's dot product, summed as torch sums a whole ``work`` row on one
+    thread, from the chunks' task vectors and products (torch ops) by the numpy replay."""
+    pairs = _pairs(count)
+    norm_sums = row_sums.RowNorms(count, source.numel, work, lanes)
+    dot_sums = row_sums.RowSums(len(pairs), source.numel, work, lanes)
+    for base, tensors in source.chunks(_CHUNK):
+        assert base is not None
+        w0 = base.to(work)
+        offsets = [t.to(work) - w0 for t in tensors]
+        norm_sums.add(offsets)
+        dot_sums.add([offsets[i] * offsets[j] for i, j in pairs])
+    return norm_sums.results(), dot_sums.results()
 
 
 def model_stock_ratio(source: FlatSource, *, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -57,41 +94,43 @@ def model_stock_ratio(source: FlatSource, *, dtype: torch.dtype | None = None) -
     ``t`` from the base and models read in flat chunks, with the norms and dot products of the task
     vectors summed as torch sums a whole row on one thread (:mod:`mergelab.methods.row_sums`), so that
     ``t`` has the bits of the whole-tensor computation. ``dtype`` as in :func:`model_stock_merge`."""
-    chunks = source.chunks(_CHUNK)
-    base, tensors = next(chunks)
+    base, tensors = source.read(0, min(source.numel, 1))  # the dtypes and the number of models
     if len(tensors) < 2:
         raise ValueError("model_stock needs a base model and at least two other models")
     assert base is not None  # model_stock requires a base
     work = _arithmetic_dtype(base, dtype)
     lanes = row_sums.lanes_for(work)
-    pairs = [(i, j) for i in range(len(tensors)) for j in range(i + 1, len(tensors))]
     if lanes is None or source.numel < 2 * lanes:  # not replayed: the rows whole, summed by torch itself
         base, tensors = source.read(0, source.numel)
         assert base is not None
         return _ratio(_cosines([_one_row(t.to(work) - base.to(work)) for t in tensors]), len(tensors), source.shape)
-    norm_sums = row_sums.RowNorms(len(tensors), source.numel, work, lanes)
-    dot_sums = row_sums.RowSums(len(pairs), source.numel, work, lanes)
-    for base_chunk, chunk in itertools.chain([(base, tensors)], chunks):
-        assert base_chunk is not None
-        w0 = base_chunk.to(work)
-        offsets = [t.to(work) - w0 for t in chunk]
-        norm_sums.add(offsets)
-        dot_sums.add([offsets[i] * offsets[j] for i, j in pairs])
-    norms = norm_sums.results()
-    cosines = [_cosine(dot, norms[i], norms[j]) for (i, j), dot in zip(pairs, dot_sums.results(), strict=True)]
-    return _ratio(cosines, len(tensors), source.shape)
+    sums = _compiled_sums(source, len(tensors), work, lanes) or _replayed_sums(source, len(tensors), work, lanes)
+    return _ratio_of_sums(sums, source.shape)
+
+
+def _ratio_of_sums(sums: Sums, shape: Sequence[int]) -> torch.Tensor:
+    norms, dots = sums
+    pairs = _pairs(len(norms))
+    cosines = [_cosine(dot, norms[i], norms[j]) for (i, j), dot in zip(pairs, dots, strict=True)]
+    return _ratio(cosines, len(norms), shape, stacklevel=4)  # the warning names the caller of the caller
 
 
 def model_stock_apply(ratio: torch.Tensor, base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
                       filter_wise: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The element-wise step of :func:`model_stock_merge`: ``t · θ_avg + (1 − t) · θ_0`` per row of
     ``ratio`` (one row unless ``filter_wise``), rounded to the base's dtype; with one ratio, any flat slice
-    of the inputs gives that slice of the result."""
+    of the inputs gives that slice of the result. One ratio is applied in one compiled pass where it
+    applies (4.8 against 9.0 ms per three 8 Mi-entry bfloat16 tensors in bfloat16 steps), else by torch."""
     work = _arithmetic_dtype(base, dtype)
     flat = _rows if filter_wise and base.dim() >= 2 else _one_row
-    avg = sum(flat(t.to(work)) for t in tensors) / len(tensors)
-    merged = ratio.unsqueeze(-1) * avg + (1 - ratio.unsqueeze(-1)) * flat(base.to(work))
-    return merged.reshape(base.shape).to(base.dtype)
+
+    def formula(b: torch.Tensor, xs: Sequence[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        avg = sum(flat(x.to(work)) for x in xs) / len(xs)
+        merged = t.unsqueeze(-1) * avg + (1 - t.unsqueeze(-1)) * flat(b.to(work))
+        return merged.reshape(b.shape).to(b.dtype)
+
+    fused = model_stock_sum(base, tensors, ratio, formula) if flat is _one_row and ratio.dtype == work else None
+    return fused if fused is not None else formula(base, tensors, ratio)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -124,9 +163,14 @@ def model_stock_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
         return base.clone()
     work = _arithmetic_dtype(base, dtype)
     flat = _rows if filter_wise and base.dim() >= 2 else _one_row
-    w0 = base.to(work)
-    offsets = [flat(t.to(work) - w0) for t in tensors]
-    ratio = _ratio(_cosines(offsets), len(tensors), base.shape)
+    # one ratio on one torch thread (the engine's merges): torch's sums, from the compiled loop where it applies
+    sums = (_compiled_sums(FlatSource.of(base, tensors), len(tensors), work, row_sums.lanes_for(work))
+            if flat is _one_row and torch.get_num_threads() == 1 else None)
+    if sums is not None:
+        ratio = _ratio_of_sums(sums, base.shape)
+    else:
+        w0 = base.to(work)
+        ratio = _ratio(_cosines([flat(t.to(work) - w0) for t in tensors]), len(tensors), base.shape)
     return model_stock_apply(ratio, base, tensors, filter_wise=filter_wise, dtype=dtype)
 
 
@@ -147,4 +191,5 @@ register(MergeMethod(
     formula="θ = t θ_avg + (1−t) θ_0,  t = N cos φ / (1 + (N−1) cos φ)",
     min_models=2,
     scalar_pass=ScalarPass(model_stock_ratio, applies=_streams),
+    compiled=True,
 ))

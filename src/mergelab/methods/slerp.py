@@ -12,6 +12,9 @@ from collections.abc import Iterator
 
 import torch
 
+from mergelab.kernels import row_reductions as row_sums_compiled
+from mergelab.kernels.weighted_sums import interpolation_sum
+from mergelab.methods import row_sums
 from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, register
 
 _CHUNK = 1 << 20  # entries per chunk of the float32 work: bounded scratch for any tensor size
@@ -19,6 +22,13 @@ _CHUNK = 1 << 20  # entries per chunk of the float32 work: bounded scratch for a
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _compiled_sums(x: torch.Tensor) -> row_sums_compiled.ChunkSums | None:
+    """The compiled loop for a chunk's float32 norms and dot product (the same numbers as torch's on one
+    thread, in one pass over the chunk instead of torch's conversions, divisions and reductions: 13 against
+    26 ms per two 8 Mi-entry bfloat16 tensors), or None."""
+    return row_sums_compiled.chunk_sums(x.dtype, row_sums.lanes_for(torch.float32))
 
 
 def slerp_coefficients(t: float, source: FlatSource, *, dot_threshold: float = 0.9995,
@@ -29,18 +39,27 @@ def slerp_coefficients(t: float, source: FlatSource, *, dot_threshold: float = 0
     def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for v0, (v1,) in source.chunks(_CHUNK):
             assert v0 is not None  # slerp's v0 is the base
-            dtype = _work_dtype(v0)
-            yield v0.reshape(1, -1).to(dtype), v1.reshape(1, -1).to(dtype)
+            yield v0.reshape(-1), v1.reshape(-1)
+
+    def as_work(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = _work_dtype(v0)
+        return v0.reshape(1, -1).to(dtype), v1.reshape(1, -1).to(dtype)
 
     # Each chunk's norm and dot product is kept as a Python number, and the stack of the chunks' [1, 1]
     # results is made at the end: small tensors allocated between two chunks' large buffers and kept pin
     # the heap there (the pass over a 32.8 M-entry tensor grew the RSS by 229 MiB).
     work = torch.float32
     parts_a, parts_b = [], []
-    for a, b in pairs():
-        work = a.dtype
-        parts_a.append(float(torch.linalg.vector_norm(a, dim=1, keepdim=True)))
-        parts_b.append(float(torch.linalg.vector_norm(b, dim=1, keepdim=True)))
+    for v0, v1 in pairs():
+        work = _work_dtype(v0)
+        compiled = _compiled_sums(v0)
+        norms = compiled.norms(v0, v1) if compiled is not None else None
+        if norms is None:
+            a, b = as_work(v0, v1)
+            norms = (float(torch.linalg.vector_norm(a, dim=1, keepdim=True)),
+                     float(torch.linalg.vector_norm(b, dim=1, keepdim=True)))
+        parts_a.append(norms[0])
+        parts_b.append(norms[1])
 
     def stacked(values: list[float]) -> torch.Tensor:  # torch.stack of the chunks' [1, 1] results
         return torch.tensor(values, dtype=work).reshape(-1, 1, 1)
@@ -50,7 +69,16 @@ def slerp_coefficients(t: float, source: FlatSource, *, dot_threshold: float = 0
     norm_b = torch.linalg.vector_norm(stacked(parts_b), dim=0)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = stacked([float((a / norm_a * (b / norm_b)).sum(dim=1, keepdim=True)) for a, b in pairs()])
+
+    def chunk_dot(v0: torch.Tensor, v1: torch.Tensor) -> float:
+        compiled = _compiled_sums(v0)
+        dot = compiled.normalized_dot(v0, v1, float(norm_a), float(norm_b)) if compiled is not None else None
+        if dot is None:
+            a, b = as_work(v0, v1)
+            dot = float((a / norm_a * (b / norm_b)).sum(dim=1, keepdim=True))
+        return dot
+
+    dot = stacked([chunk_dot(v0, v1) for v0, v1 in pairs()])
     dot = dot.sum(dim=0).clamp(-1, 1)
     t_ = torch.tensor([[t]], dtype=dot.dtype)
     linear = dot.abs() > dot_threshold
@@ -64,8 +92,14 @@ def slerp_coefficients(t: float, source: FlatSource, *, dot_threshold: float = 0
 def slerp_apply(coefficients: tuple[torch.Tensor, torch.Tensor], v0: torch.Tensor,
                 v1: torch.Tensor) -> torch.Tensor:
     """The element-wise step of :func:`slerp_merge`: ``c0 · v0 + c1 · v1`` in the coefficients' dtype,
-    rounded to ``v0``'s; any flat slice of the inputs gives that slice of the result."""
+    rounded to ``v0``'s; any flat slice of the inputs gives that slice of the result. One compiled pass
+    where it applies (2.4 against 10.7 ms per two 8 Mi-entry bfloat16 tensors), else torch's chunks."""
     c0, c1 = coefficients
+    fused = interpolation_sum(v0, v1, c0, c1, _interpolated)
+    return fused if fused is not None else _interpolated(v0, v1, c0, c1)
+
+
+def _interpolated(v0: torch.Tensor, v1: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     out = torch.empty_like(a)
     for s in range(0, a.shape[1], _CHUNK):
@@ -109,4 +143,5 @@ register(MergeMethod(
     min_models=1,
     max_models=1,
     scalar_pass=ScalarPass(slerp_coefficients),
+    compiled=True,
 ))
