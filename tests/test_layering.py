@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     # foundations: torch/stdlib only, usable everywhere
     "mergelab._version": 0, "mergelab.errors": 0, "mergelab.types": 0, "mergelab.signals": 0,
     "mergelab.safe_yaml": 0, "mergelab.evaluation": 0, "mergelab.runtime": 0, "mergelab.terminal": 0,
+    "mergelab.imports": 0,
     "mergelab.kernels": 0,  # compiled loops the methods call: torch, numpy and numba only
     # the merge engine's parts: readers/writer and the pure methods, then the engine
     "mergelab.io": 1, "mergelab.methods": 1,

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
+from mergelab.imports import collector_paused
 from mergelab.terminal import GuardedGroup, console, err_console, plain
 
 
@@ -105,7 +106,8 @@ def merge(
     """Merge the checkpoints described in CONFIG into OUT."""
     _logging(verbose, quiet)
     if dry_run:
-        from mergelab.merge.dry_run import summarize_merge
+        with collector_paused():
+            from mergelab.merge.dry_run import summarize_merge
 
         summary = summarize_merge(config, max_shard_size=max_shard_size, take_missing_from=take_missing_from)
         table = Table("plan", "", show_header=False)
@@ -115,8 +117,9 @@ def merge(
         return
     if out is None:
         raise ValueError("missing option '-o' / '--out': the folder to write the merged model to")
-    from mergelab.merge.allocator import recycle_freed_memory
-    from mergelab.merge.engine import run_merge
+    with collector_paused():
+        from mergelab.merge.allocator import recycle_freed_memory
+        from mergelab.merge.engine import run_merge
 
     observer = None
     if diagnostics:

@@ -18,6 +18,8 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from mergelab.imports import collector_paused
+
 # bfloat16 travels as its uint16 bit pattern (numpy has no bfloat16)
 _NUMPY_VIEW: dict[torch.dtype, tuple[torch.dtype | None, type[np.generic]]] = {
     torch.bfloat16: (torch.int16, np.uint16), torch.float32: (None, np.float32)}
@@ -49,8 +51,9 @@ def _load() -> ModuleType | None:
             # tests/test_memory_bound.py, 2026-12-02); such a merge runs the torch formulas, same bytes.
             if os.environ.get("MERGELAB_KERNELS", "1") != "0" and not _memory_limited():
                 try:
-                    from mergelab.kernels import _loops as module
-                    module.load_cached()
+                    with collector_paused():
+                        from mergelab.kernels import _loops as module
+                        module.load_cached()
                 except Exception as exc:  # numba absent, or unable to compile or cache here
                     log.debug("compiled loops not loaded (%s: %s); the torch formulas run", type(exc).__name__, exc)
                     module = None
