@@ -439,6 +439,21 @@ def test_slerp_coefficients_have_the_bits_of_torchs_chunk_sums(monkeypatch: pyte
     assert ("chunk sums 8", dtype) in dispatch.verdicts() and dispatch.verdicts()[("chunk sums 8", dtype)]
 
 
+@pytest.mark.parametrize("special", [float("nan"), float("inf")])
+def test_a_nan_or_inf_in_slerp_and_model_stock_inputs_gets_the_torch_numbers(monkeypatch: pytest.MonkeyPatch,
+                                                                              special: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(5000, generator=g).to(torch.bfloat16)
+    xs = [(base.float() + torch.randn(5000, generator=g) * 0.1).to(torch.bfloat16) for _ in range(2)]
+    xs[1][4321] = special
+    with one_thread():
+        fused = (slerp.slerp_merge(0.4, base, xs[1]), model_stock.model_stock_merge(base, xs, dtype=torch.bfloat16))
+        monkeypatch.setattr(dispatch, "_loaded", [None])
+        formula = (slerp.slerp_merge(0.4, base, xs[1]), model_stock.model_stock_merge(base, xs, dtype=torch.bfloat16))
+    for f, t in zip(fused, formula, strict=True):
+        assert torch.equal(f.isnan(), t.isnan()) and torch.equal(_bits(f)[~t.isnan()], _bits(t)[~t.isnan()])
+
+
 # -- in the engine ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("method", "extra"), [
