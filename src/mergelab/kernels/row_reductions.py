@@ -3,10 +3,10 @@
 :mod:`mergelab.methods.row_sums` replays torch's order of additions with numpy (its notes say which order);
 these loops make the same float32 additions, in the same order, in one pass over the inputs that also
 computes the rows' entries: SLERP's chunk norms and dot products, Model Stock's task-vector norms and
-pairwise dot products. Each is checked against torch (and the numpy replay) on first use per dtype, and
-anything they do not cover returns None: the caller then runs the torch or numpy code, which gives the same
-bits. A row with a NaN or an infinity among its sums is left to that code too (the order of a NaN's operands
-decides its payload, see ``_loops``).
+pairwise dot products. Each is checked against torch on first use per dtype (tests/test_kernels.py also
+against the numpy replay), and anything they do not cover returns None: the caller then runs the torch or
+numpy code, which gives the same bits. A row with a NaN or an infinity among its sums is left to that code
+too (the order of a NaN's operands decides its payload, see ``_loops``).
 """
 
 from __future__ import annotations
