@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # vs_mergekit, beside this file
-from vs_mergekit import METHODS, build_models, config_for, io_floor
+from vs_mergekit import METHODS, build_models, config_for, io_floor, settle
 
 from mergelab.io.writer import parse_size
 
@@ -83,6 +83,7 @@ def measure(method: str, work: Path) -> dict[str, float]:
     # warm the digests and the page cache: one merge first, not timed
     for _ in range(2):
         shutil.rmtree(out, ignore_errors=True)
+        settle()
         proc = subprocess.run([sys.executable, __file__, "--one", str(cfg_path), "--out", str(out)], env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0:

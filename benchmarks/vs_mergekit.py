@@ -112,6 +112,7 @@ def _children_cpu() -> float:
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, float]:
     """Wall seconds, peak RSS (bytes, whole process tree) and CPU seconds (user + system, every process it
     waited for) of a command. CPU seconds change far less than wall seconds when other jobs share the cores."""
+    settle()
     cpu_before = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -158,6 +159,7 @@ def engine_seconds(cfg_path: Path, out: Path, device: str, hash_cache: Path) -> 
     Python and the import of torch (which every torch-based tool pays; see ``import_seconds``). Input
     digests come from the warm ``hash_cache``."""
     shutil.rmtree(out, ignore_errors=True)
+    settle()
     done = subprocess.run([sys.executable, "-c", _ENGINE_ONLY, str(cfg_path), str(out), device],
                           capture_output=True, text=True, check=True,
                           env={**os.environ, "MERGELAB_HASH_CACHE": str(hash_cache)})
@@ -181,6 +183,13 @@ def import_seconds() -> float:
     return time.perf_counter() - start
 
 
+def settle() -> None:
+    """Write back the dirty pages that earlier runs left (outputs written, some deleted since) before a timed
+    run: the kernel throttles a writer once dirty pages pass its threshold, so a run paid for the outputs of
+    the runs before it (linear's engine at 3 × 2 GB took 4.87 s right after mergekit's run, 1.35 s alone)."""
+    os.sync()
+
+
 def io_floor(paths: list[Path], out_bytes: int, scratch: Path) -> float:
     """Seconds to read every input file once and write ``out_bytes`` (the floor for a streamed merge).
 
@@ -191,6 +200,7 @@ def io_floor(paths: list[Path], out_bytes: int, scratch: Path) -> float:
     buf = bytearray(os.urandom(1 << 24))
     view = memoryview(buf)
     scratch.mkdir(parents=True, exist_ok=True)
+    settle()
     start = time.perf_counter()
     for p in paths:
         for f in sorted(p.glob("*.safetensors")):
