@@ -166,6 +166,7 @@ def model_stock_loop(base: Any, xs: Any, ratio: Any, keep: Any, count: Any, like
         _store(out, j, _step(_step(ratio * mean, like) + _step(keep * _load(base[j]), like), like))
     return _count_nan(out)
 
+
 def _key(value, like):  # type: ignore[no-untyped-def]
     """The magnitude key of ``value`` (already rounded to ``like``'s dtype): the bits of ``|value|`` in that
     dtype, as :func:`~mergelab.methods.sparsify.magnitude_keys` makes them."""
@@ -335,6 +336,7 @@ def sort_replay_loop(v: Any, idx: Any, bounds: Any, depth_limit: int) -> bool:
         stack_first[top + 1], stack_last[top + 1], stack_depth[top + 1] = first, cut, depth - 1
         top += 2
     return True
+
 
 # torch's CPU sum and 2-norm of a long row, replayed (methods/row_sums.py says in which order torch adds):
 # each row's state is its accumulators, fed whole steps (sums) or whole vectors (norms) a block at a time, the

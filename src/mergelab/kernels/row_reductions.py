@@ -23,9 +23,11 @@ _ILP = 4
 _F32 = np.float32
 
 
-def ceil_log2(x: int) -> int:
-    """``at::native::utils::CeilLog2``, which sets the cascade's level size."""
-    return 1 if x <= 2 else (x - 1).bit_length()
+def cascade_power(steps: int) -> int:
+    """log2 of the steps per level of torch's 4-level cascade sum over a row of ``steps`` steps (SumKernel's
+    ``level_power = max(4, CeilLog2(size) / num_levels)``); shared with the numpy replay."""
+    ceil_log2 = 1 if steps <= 2 else (steps - 1).bit_length()  # at::native::utils::CeilLog2
+    return max(4, ceil_log2 // 4)
 
 
 class _Rows:
@@ -37,7 +39,7 @@ class _Rows:
         entries = lanes * (2 if dtype == torch.bfloat16 else 1)
         vectors = numel // entries
         steps = vectors // _ILP
-        power = max(4, ceil_log2(steps) // 4)  # steps per cascade level (sum_kernel's level_power)
+        power = cascade_power(steps)
         self.module, self.numel, self.step = module, numel, _ILP * entries
         self.state = np.array([lanes, entries, power, steps * self.step, vectors * entries, 0], np.int64)
         self.sums = np.zeros((sums, 4, _ILP, lanes), _F32)

@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from mergelab.kernels.row_reductions import cascade_power
+
 _F32 = np.float32
 _ILP = 4  # vectors per cascade step (row_sum's ilp_factor)
 _LEVELS = 4
@@ -42,10 +44,6 @@ _NONE = np.zeros(0, _F32)  # an empty carry: a fresh empty array, or an empty vi
 def _keep(x: np.ndarray) -> np.ndarray:
     """``x`` kept until the next piece: a copy (not a view holding a piece's whole buffer), or :data:`_NONE`."""
     return x.copy() if x.size else _NONE
-
-
-def _ceil_log2(x: int) -> int:
-    return 1 if x <= 2 else (x - 1).bit_length()  # at::native::utils::CeilLog2
 
 
 def _seq(x: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -142,7 +140,7 @@ class RowSums:
         self.entries = lanes * (2 if dtype == torch.bfloat16 else 1)  # per vector load
         vectors = numel // self.entries
         steps = vectors // _ILP
-        power = max(4, _ceil_log2(steps) // _LEVELS)
+        power = cascade_power(steps)
         self.per_block = 1 << power  # steps per level-0 sum
         self.vectors_end = vectors * self.entries
         self.rows = _Rows(k, numel, steps * _ILP * self.entries, self.per_block * _ILP * self.entries)
