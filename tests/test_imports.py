@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,15 @@ def test_loading_the_compiled_loops_leaves_the_collector_as_it_was(disabled_befo
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(not disabled_before)
+
+
+def test_exit_skips_the_collection_of_live_objects_and_still_flushes_open_files(tmp_path: Path) -> None:
+    # a check registered before runs after (atexit is last in, first out): it sees the collector frozen
+    code = ("import atexit, gc\nfrom mergelab.imports import no_collection_at_exit\n"
+            "atexit.register(lambda: print(gc.isenabled(), gc.get_freeze_count() > 0))\n"
+            "no_collection_at_exit()\nno_collection_at_exit()\n"
+            f"f = open({str(tmp_path / 'left-open.txt')!r}, 'w')\nf.write('written')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]
+    assert (tmp_path / "left-open.txt").read_text() == "written"

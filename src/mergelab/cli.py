@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
-from mergelab.imports import collector_paused
+from mergelab.imports import collector_paused, no_collection_at_exit
 from mergelab.terminal import GuardedGroup, console, err_console, plain
 
 
@@ -73,6 +73,7 @@ def main(
     = False,
 ) -> None:
     """Merge neural networks in weight space, compare with ensembles, explain why it works."""
+    no_collection_at_exit()
 
 
 @app.command(cls=_Command)
@@ -117,20 +118,24 @@ def merge(
         return
     if out is None:
         raise ValueError("missing option '-o' / '--out': the folder to write the merged model to")
-    with collector_paused():
-        from mergelab.merge.allocator import recycle_freed_memory
-        from mergelab.merge.engine import run_merge
+    from mergelab.merge.inputs import config_input_files, digests_started
 
-    observer = None
-    if diagnostics:
-        from mergelab.report.layer_diagnostics import LayerDiagnosticsWriter
+    # the inputs' digests start on the second core while the first imports torch (merge/inputs.py)
+    with digests_started([] if no_hash else config_input_files(config)):
+        with collector_paused():
+            from mergelab.merge.allocator import recycle_freed_memory
+            from mergelab.merge.engine import run_merge
 
-        observer = LayerDiagnosticsWriter()
-    recycle_freed_memory()
-    result = run_merge(config, out, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
-                       allow_nonfinite=allow_nonfinite, progress=not quiet, hash_inputs=not no_hash,
-                       take_missing_from=take_missing_from, model_card=not no_model_card,
-                       intermediate_dir=intermediate_dir, observer=observer)
+        observer = None
+        if diagnostics:
+            from mergelab.report.layer_diagnostics import LayerDiagnosticsWriter
+
+            observer = LayerDiagnosticsWriter()
+        recycle_freed_memory()
+        result = run_merge(config, out, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
+                           allow_nonfinite=allow_nonfinite, progress=not quiet, hash_inputs=not no_hash,
+                           take_missing_from=take_missing_from, model_card=not no_model_card,
+                           intermediate_dir=intermediate_dir, observer=observer)
     console.print(f"wrote {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) to {plain(result.out_dir)}",
                   soft_wrap=True)
     if diagnostics:

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from mergelab.errors import CheckpointError
+from mergelab.io.checkpoint_files import PICKLE_SUFFIXES, files_in_folder
 from mergelab.io.safetensors_file import SAFETENSORS_DTYPES, SafetensorsFile, is_safetensors
 
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 READABLE_DTYPES = frozenset(SAFETENSORS_DTYPES.values())  # what the writer can write back
 
 
@@ -243,55 +243,6 @@ def _holds_safetensors(file: Path) -> bool:
     return file.suffix == ".safetensors" and not looks_pickled
 
 
-def _shard_path(folder: Path, shard: str, index: Path) -> Path:
-    """``folder / shard``, refusing a name that leaves the folder (``../x``, ``/abs``): an index must not
-    make mergelab read (and hash into the record) files outside the model it describes. Checked on the name,
-    not the resolved path, so that shards which are symlinks (the Hugging Face cache) still work."""
-    parts = Path(shard).parts
-    # a backslash is a folder separator where the index may have been written (Windows)
-    if not parts or Path(shard).is_absolute() or ".." in parts or "\\" in shard:
-        raise CheckpointError(f"{index}: shard '{shard}' is not a file name inside {folder}; an index may only "
-                              "name files in its own folder")
-    return folder / shard
-
-
-def _read_weight_map(index: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("'weight_map' must map tensor names to shard file names")
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:  # ValueError: bad JSON
-        raise CheckpointError(f"{index}: invalid shard index ({type(exc).__name__}: {exc}); expected a "
-                              "'weight_map'") from None
-    if not weight_map:
-        raise CheckpointError(f"{index}: the shard index lists no tensors ('weight_map' is empty); there is "
-                              "nothing to merge")
-    return weight_map
-
-
-def _files_in_folder(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if index.is_file():
-            weight_map = _read_weight_map(index)
-            files: dict[Path, None] = {}  # "x" and "./x" are one file
-            for shard in dict.fromkeys(weight_map.values()):
-                path = _shard_path(folder, shard, index)
-                if not path.is_file():
-                    raise CheckpointError(f"{index}: lists shard '{shard}', which is missing from {folder}")
-                files[path] = None
-            return list(files), weight_map
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / single).is_file():
-            return [folder / single], None
-    found = (sorted(folder.glob("*.safetensors"))
-             or sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES))
-    if not found:
-        raise CheckpointError(f"{folder}: no model.safetensors, sharded index or pytorch_model.bin found in "
-                              "this folder")
-    return found, None
-
-
 def open_checkpoint(path: str | Path) -> CheckpointReader:
     """Open a model folder or a checkpoint file.
 
@@ -299,10 +250,10 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
     """
     p = Path(path).expanduser()
     if p.is_dir():
-        files, weight_map = _files_in_folder(p)
+        files, weight_map = files_in_folder(p)
         return CheckpointReader(p, files, p, weight_map)
     if p.is_file():
-        if p.suffix != ".safetensors" and p.suffix not in _PICKLE_SUFFIXES and not is_safetensors(p):
+        if p.suffix != ".safetensors" and p.suffix not in PICKLE_SUFFIXES and not is_safetensors(p):
             raise CheckpointError(f"{p}: unknown checkpoint type '{p.suffix}'; use .safetensors, .bin, .pt "
                                   "or .pth")
         return CheckpointReader(p, [p], None)

@@ -353,12 +353,3 @@ def load_config(config: str | Path | Mapping[str, Any] | MergeConfig) -> tuple[M
         return MergeConfig.model_validate(data), folder
     except ValidationError as exc:
         raise config_error(exc, source, "merge config", MergeConfig) from None
-
-
-def resolve_model_path(model: str, config_folder: Path | None) -> Path:
-    """A model path as mergekit reads it (relative to the working directory), else relative to the YAML."""
-    p = Path(model).expanduser()
-    if p.exists() or p.is_absolute() or config_folder is None:
-        return p
-    alt = config_folder / p
-    return alt if alt.exists() else p

@@ -51,7 +51,7 @@ from rich.progress import (
 )
 
 from mergelab.errors import CompatibilityError, ConfigError, OutputError, OutputExistsError, UsageError
-from mergelab.io.file_hashes import cached_sha256
+from mergelab.io.file_hashes import DIGESTS
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.kernels.dispatch import warm_up_in_background
@@ -352,13 +352,15 @@ def run_merge(
         raise
     if _loads_kernels(plan, dev):
         warm_up_in_background()
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-hash") if hash_inputs else None
+    # the digests run on the pool's threads beside the merge; those the CLI started before importing torch
+    # (merge/inputs.py) are the same jobs
     hashes: dict[str, Future[tuple[str, bool]]] = {}
     try:
-        if hasher is not None:
+        if hash_inputs:
             for reader in plan.readers:
                 for f in reader.files:
-                    hashes[str(f)] = hasher.submit(cached_sha256, f)
+                    if str(f) not in hashes:
+                        hashes[str(f)] = DIGESTS.acquire(f)
         result = _stream(plan, tmp, cfg, dev, shard_bytes, allow_nonfinite, progress, observer)
         copied = _copy_model_files(plan, tmp, cfg.output_dtype)
         record = {
@@ -409,8 +411,8 @@ def run_merge(
         _remove_created(created, out.parent)
         raise
     finally:
-        if hasher is not None:
-            hasher.shutdown(wait=True, cancel_futures=True)
+        for future in hashes.values():  # a failed merge stops its digests within one read block
+            DIGESTS.release(future)
         plan.close()
     return MergeResult(out, [out / f for f in files], result[0], result[1], record)
 

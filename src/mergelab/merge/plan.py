@@ -19,7 +19,8 @@ from mergelab.errors import CheckpointError, CompatibilityError
 from mergelab.io.borrow import borrow_missing
 from mergelab.io.models import open_model
 from mergelab.io.readers import CheckpointReader, TensorMeta
-from mergelab.merge.config import MergeConfig, resolve_model_path
+from mergelab.merge.config import MergeConfig
+from mergelab.merge.inputs import resolve_model_path
 from mergelab.merge.params import (
     ResolvedParams,
     check_parameter_names,

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from mergelab.errors import ConfigError
-from mergelab.merge.config import resolve_model_path
+from mergelab.merge.inputs import model_refs, resolve_model_path
 
 
 def read_stage_documents(path: Path) -> list[dict[str, Any]] | None:
@@ -37,36 +37,6 @@ def read_stage_documents(path: Path) -> list[dict[str, Any]] | None:
     return docs
 
 
-def _model_refs(doc: dict[str, Any]) -> list[tuple[Callable[[str], None], str]]:
-    """(setter, value) of every model path in one stage's config."""
-    refs: list[tuple[Callable[[str], None], str]] = []
-
-    def take(holder: dict[str, Any], key: str) -> None:
-        if isinstance(holder.get(key), str):
-            refs.append((lambda v, h=holder, k=key: h.__setitem__(k, v), holder[key]))
-
-    take(doc, "base_model")
-    take(doc, "tokenizer_source")
-    tokenizer = doc.get("tokenizer")
-    if isinstance(tokenizer, dict):
-        take(tokenizer, "source")
-        for setting in (tokenizer.get("tokens") or {}).values():
-            if isinstance(setting, dict):
-                take(setting, "source")
-                if isinstance(setting.get("source"), dict):
-                    take(setting["source"], "model")
-    for entry in doc.get("models") or []:
-        if isinstance(entry, dict):
-            take(entry, "model")
-    for sl in doc.get("slices") or []:
-        if isinstance(sl, dict):
-            take(sl, "base_model")
-            for src in sl.get("sources") or []:
-                if isinstance(src, dict):
-                    take(src, "model")
-    return refs
-
-
 def order_stages(docs: list[dict[str, Any]], source: str) -> tuple[list[tuple[str | None, dict[str, Any]]], str | None]:
     """Stages in dependency order and the name of the final one (None: the unnamed document)."""
     names = [d.get("name") for d in docs]
@@ -80,7 +50,7 @@ def order_stages(docs: list[dict[str, Any]], source: str) -> tuple[list[tuple[st
     if names.count(None) > 1:
         raise ConfigError(f"{source}: more than one document has no 'name'; only the final merge may be unnamed")
     by_name = {n: d for n, d in zip(names, docs, strict=True)}
-    deps = {n: {v for _, v in _model_refs(d) if v in by_name and v is not None} for n, d in by_name.items()}
+    deps = {n: {v for _, v in model_refs(d) if v in by_name and v is not None} for n, d in by_name.items()}
     order: list[str | None] = []
     state: dict[str | None, str] = {}
 
@@ -126,7 +96,7 @@ def run_stages(path: Path, docs: list[dict[str, Any]], out: Path, *, intermediat
     try:
         for name, doc in stages:
             config = {k: v for k, v in yaml.safe_load(yaml.safe_dump(doc)).items() if k != "name"}
-            for set_value, value in _model_refs(config):
+            for set_value, value in model_refs(config):
                 # an earlier stage's output, else the path as the single-document config would read it
                 set_value(str(outputs[value]) if value in outputs else
                           str(resolve_model_path(value, path.parent)) if value not in ("base", "union") else value)

@@ -34,7 +34,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import ConfigError
-from mergelab.merge.config import MergeConfig, config_error, load_config, read_config_source, resolve_model_path
+from mergelab.merge.config import MergeConfig, config_error, load_config, read_config_source
+from mergelab.merge.inputs import resolve_model_path
 
 
 class _Strict(BaseModel):
