@@ -46,7 +46,7 @@ def load_seconds() -> float:
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    width = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    width = {torch.bfloat16: torch.int16, torch.float32: torch.int32}.get(a.dtype, a.dtype)  # integer keys as they are
     return a.dtype == b.dtype and torch.equal(a.view(width), b.view(width))
 
 
@@ -61,6 +61,7 @@ def rows() -> list[tuple[str, float, float, bool]]:
         generalized_task_arithmetic,
         masked_by_rules,
         task_vector,
+        task_vector_keys,
     )
 
     if not dispatch.warm_up():
@@ -104,6 +105,15 @@ def rows() -> list[tuple[str, float, float, bool]]:
 
             label = "float32" if steps is None else "bfloat16"
             row(f"{name}, 3 models, {label} steps", fused_masked, formula_masked)
+    for steps in (torch.float32, torch.bfloat16):
+        def keys_fused(steps: torch.dtype = steps) -> torch.Tensor:
+            return task_vector_keys(models[0], base, steps)  # type: ignore[return-value]
+
+        def keys_formula(steps: torch.dtype = steps) -> torch.Tensor:
+            return magnitude_keys(task_vector(models[0], base, steps)).reshape(-1)  # type: ignore[union-attr]
+
+        row(f"top-k pass: magnitude keys of a task vector, {str(steps).removeprefix('torch.')} steps", keys_fused,
+            keys_formula)
     _interpolation_rows(row, base, models)
     n = 8 << 20
     keys16 = ((torch.randn(n, generator=g) * 0.002).bfloat16().abs()).view(torch.int16).numpy()

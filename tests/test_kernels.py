@@ -33,6 +33,7 @@ from mergelab.methods.task_vectors import (
     masked_by_rules,
     rounded,
     task_vector,
+    task_vector_keys,
 )
 
 Families = dict[str, tuple[Path, list[Path]]]
@@ -258,6 +259,36 @@ def test_masked_weights_summing_to_zero_are_refused_as_by_the_formula() -> None:
     rules = _rules(base, tensors, torch.float32, band=True)
     with pytest.raises(ValueError, match="sum to zero"):
         masked_by_rules(base, tensors, [0.5, -0.5], rules, 0, consensus=None, normalize=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("arithmetic", [torch.float32, torch.bfloat16])
+def test_task_vector_keys_in_one_pass_are_the_keys_of_torchs_task_vector(dtype: torch.dtype,
+                                                                         arithmetic: torch.dtype) -> None:
+    base, (x, *_) = dispatch.probe(dtype, 2)
+    base, x = base.nan_to_num(0.0), x.nan_to_num(0.0)  # ±Inf, ±0, subnormals, the largest values stay
+    expected = magnitude_keys(task_vector(x, base, arithmetic)).reshape(-1)  # type: ignore[union-attr]
+    out = torch.full((base.numel() + 10,), -1, dtype=expected.dtype)
+    got = task_vector_keys(x, base, arithmetic, out=out[5:-5])
+    assert got is not None and got.data_ptr() == out[5:].data_ptr()  # written where asked, not a copy
+    assert torch.equal(got, expected)
+    assert (out[:5] == -1).all() and (out[-5:] == -1).all()
+    # float32 inputs with bfloat16 steps are left to torch (the loops take float32 steps or the inputs' dtype)
+    compiled = dtype == arithmetic or arithmetic == torch.float32
+    assert dispatch.verdicts().get((f"magnitude keys in {arithmetic}", dtype)) is (True if compiled else None)
+
+
+def test_a_nan_task_vector_has_no_keys_with_the_loop_or_without(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = torch.zeros(100, dtype=torch.bfloat16)
+    x = torch.ones(100, dtype=torch.bfloat16)
+    x[37] = float("nan")
+    assert task_vector_keys(x, base, torch.bfloat16) is None
+    # -0.0 and +0.0 are one key, and +Inf is a key (not a NaN)
+    x[37], x[0], x[1] = float("inf"), -0.0, 0.0
+    keys = task_vector_keys(x, base, torch.bfloat16)
+    assert keys is not None and keys[0] == keys[1] == 0 and keys[37] == 0x7F80
+    monkeypatch.setattr(dispatch, "_loaded", [None])
+    assert torch.equal(task_vector_keys(x, base, torch.bfloat16), keys)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("n", [17, 1000, 100_003])

@@ -182,6 +182,19 @@ def _key_impl(value, like):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
+def magnitude_keys_loop(base: Any, x: Any, like: Any, keys: Any) -> int:
+    """``keys[j]``: the magnitude key of the task-vector entry ``x[j] − base[j]`` rounded to ``like``'s dtype
+    (:func:`~mergelab.methods.sparsify.magnitude_keys` of ``task_vector``). Returns the largest key: above
+    +Inf's bits where an entry is NaN."""
+    top = 0
+    for j in range(keys.shape[0]):
+        key = _key(_step(_load(x[j]) - _load(base[j]), like), like)
+        keys[j] = key
+        top = max(top, key)
+    return top
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def rule_sides_loop(base: Any, x: Any, like: Any, threshold: Any, all_at_threshold: bool, ceiling: Any,
                     all_at_ceiling: bool, above: Any, below: Any) -> int:
     """One model's top-k rule (:class:`~mergelab.methods.sparsify.TopK`) on its task vector ``x − base``:

@@ -66,8 +66,8 @@ from mergelab.merge.stages import read_stage_documents, run_stages
 from mergelab.merge.thresholds import global_threshold
 from mergelab.merge.tokenizer import write_tokenizer
 from mergelab.methods.registry import FlatSource
-from mergelab.methods.sparsify import TopK, magnitude_keys
-from mergelab.methods.task_vectors import arithmetic_dtype, task_vector
+from mergelab.methods.sparsify import KEY_SPECS, TopK
+from mergelab.methods.task_vectors import arithmetic_dtype, task_vector, task_vector_keys
 from mergelab.runtime import available_cores, make_progress
 
 COPIED_FILES = (
@@ -575,13 +575,18 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
         keys: torch.Tensor | None = None
         for a in range(0, numel, entries):
             b = min(numel, a + entries)
-            piece = magnitude_keys(task_vector_piece(reader, a, b))
-            if piece is None:
+            base_piece = prepared(base.get_flat(name, a, b), None, compute_dtype)
+            arithmetic = arithmetic_dtype(base_piece, compute_dtype)
+            if keys is None:
+                spec = KEY_SPECS.get(arithmetic)
+                if spec is None:  # float64: no keys
+                    break
+                keys = torch.empty(numel, dtype=spec[0])
+            # written into the whole tensor's keys, in one compiled pass where the loops are loaded
+            if task_vector_keys(prepared(reader.get_flat(name, a, b), None, compute_dtype), base_piece, arithmetic,
+                                out=keys[a:b]) is None:  # a NaN
                 keys = None
                 break
-            if keys is None:
-                keys = torch.empty(numel, dtype=piece.dtype)
-            keys[a:b] = piece
         rule = topk_pass.of_keys(keys, model_params) if keys is not None else None
         del keys
         if rule is None:

@@ -122,7 +122,7 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return _mask_at(_float_flat(delta.abs()), threshold, k).reshape(delta.shape)
 
 
-_KEY_DTYPES = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+KEY_SPECS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
                torch.float32: (torch.int32, 0x7F800000)}  # (same-width integer, bits of +inf)
 
 
@@ -131,7 +131,7 @@ def magnitude_keys(delta: torch.Tensor) -> torch.Tensor | None:
     compares as its bits do, so the integers order the magnitudes exactly as the floats do, ties
     included (-0.0 and 0.0 both become 0). None off the CPU, for other dtypes, and where a NaN is present.
     """
-    spec = _KEY_DTYPES.get(delta.dtype)
+    spec = KEY_SPECS.get(delta.dtype)
     if spec is None or delta.device.type != "cpu":
         return None
     int_dtype, inf_bits = spec

@@ -28,9 +28,17 @@ from typing import Literal
 import torch
 
 from mergelab.kernels.dispatch import loops
-from mergelab.kernels.masked import masked_consensus_with_masks, masked_task_arithmetic
+from mergelab.kernels.masked import KEY_DTYPES, magnitude_keys_into, masked_consensus_with_masks, masked_task_arithmetic
 from mergelab.kernels.weighted_sums import task_arithmetic_sum
-from mergelab.methods.sparsify import TopK, band_of_keys, drop_work_dtype, magnitude_keys, match_l1, topk_of_keys
+from mergelab.methods.sparsify import (
+    KEY_SPECS,
+    TopK,
+    band_of_keys,
+    drop_work_dtype,
+    magnitude_keys,
+    match_l1,
+    topk_of_keys,
+)
 from mergelab.methods.weighting import weight_sum
 
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
@@ -161,6 +169,29 @@ def masked_by_rules(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
                                                                   normalize, lambda_, dtype)
 
 
+def _keys_formula(base: torch.Tensor, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    keys = magnitude_keys(task_vector(tensor, base, dtype))
+    return None if keys is None else keys.reshape(-1)
+
+
+def task_vector_keys(tensor: torch.Tensor, base: torch.Tensor, dtype: torch.dtype,
+                     out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The flat magnitude keys (:func:`~mergelab.methods.sparsify.magnitude_keys`) of the task vector
+    ``tensor − base`` computed in ``dtype``, written into ``out`` when given (a flat tensor of the keys' dtype;
+    then returned); None where an entry is NaN or keys cannot order the magnitudes (float64, off the CPU).
+    One compiled pass where the loops are loaded (mergelab.kernels.masked), torch's three otherwise."""
+    key_dtype = KEY_DTYPES.get(dtype)
+    if key_dtype is not None:
+        into = out if out is not None else torch.empty(base.numel(), dtype=key_dtype)
+        top = magnitude_keys_into(base, tensor, dtype, into, _keys_formula)
+        if top is not None:
+            return into if top <= KEY_SPECS[dtype][1] else None  # above +Inf's bits: a NaN
+    keys = _keys_formula(base, tensor, dtype)
+    if keys is None or out is None:
+        return keys
+    return out.copy_(keys)
+
+
 def rules_of(base: torch.Tensor, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None,
              rule: Callable[[int, torch.Tensor], TopK | None]) -> list[TopK] | None:
     """Each model's top-k rule, ``rule(i, keys)`` on the magnitude keys of its whole task vector (computed in
@@ -171,8 +202,8 @@ def rules_of(base: torch.Tensor, tensors: Sequence[torch.Tensor], dtype: torch.d
     arithmetic = arithmetic_dtype(base, dtype)
     rules = []
     for i, tensor in enumerate(tensors):
-        keys = magnitude_keys(task_vector(tensor, base, arithmetic))
-        found = rule(i, keys.reshape(-1)) if keys is not None else None
+        keys = task_vector_keys(tensor, base, arithmetic)
+        found = rule(i, keys) if keys is not None else None
         if found is None:
             return None
         rules.append(found)
