@@ -11,7 +11,8 @@ grouped by the engine's thread names: the reader (``mergelab-read``: copies each
 cache), the merge threads (``mergelab-merge``: the method and the NaN/Inf scan of its result), the writer
 (``mergelab-write``), the whole-tensor passes (``mergelab-pass``: SLERP's and Model Stock's scalars, TIES'
 rules; the next tensor's while this one's pieces merge), the threads that find two models' top-k rules at once
-(``mergelab-topk``) and the main thread (everything else: hand-offs, the plan, the record).
+(``mergelab-topk``), the threads that draw DARE's and DELLA's coins one piece ahead (``mergelab-coins``) and
+the main thread (everything else: hand-offs, the plan, the record).
 
 Reading the table: the engine's wall time cannot be less than its busiest stage, nor than its total CPU over
 the 2 cores. Where the wall time is near CPU / 2, the cores are the limit and only less CPU helps; where it is
@@ -38,8 +39,8 @@ from vs_mergekit import METHODS, build_models, config_for, io_floor, settle
 
 from mergelab.io.writer import parse_size
 
-GROUPS = ("MainThread", "mergelab-read", "mergelab-merge", "mergelab-pass", "mergelab-topk", "mergelab-write",
-          "mergelab-hash")
+GROUPS = ("MainThread", "mergelab-read", "mergelab-merge", "mergelab-pass", "mergelab-topk", "mergelab-coins",
+          "mergelab-write", "mergelab-hash")
 
 
 def _group(thread_name: str) -> str:
@@ -96,13 +97,13 @@ def table(size: str, in_bytes: int, floor: float, rows: dict[str, dict[str, floa
     lines = [f"## {size}: CPU seconds per thread of one merge (3 models, {in_bytes / 1e9:.2f} GB of input; "
              f"floor {floor:.2f} s)", "",
              "| method | wall s | × floor | CPU s | CPU / 2 cores ÷ floor | main | read | merge | pass | top-k "
-             "| write |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| coins | write |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for method, r in rows.items():
         lines.append(f"| {method} | {r['wall']:.2f} | {r['wall'] / floor:.2f} | {r['cpu']:.2f} | "
                      f"{r['cpu'] / 2 / floor:.2f} | {r['MainThread']:.2f} | {r['mergelab-read']:.2f} | "
                      f"{r['mergelab-merge']:.2f} | {r['mergelab-pass']:.2f} | {r['mergelab-topk']:.2f} | "
-                     f"{r['mergelab-write']:.2f} |")
+                     f"{r.get('mergelab-coins', 0.0):.2f} | {r['mergelab-write']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -130,7 +131,7 @@ def main() -> None:
         r = rows[method]
         print(f"  {method:16s} wall {r['wall']:6.2f} s  CPU {r['cpu']:6.2f} s  main {r['MainThread']:.2f}  "
               f"read {r['mergelab-read']:.2f}  merge {r['mergelab-merge']:.2f}  pass {r['mergelab-pass']:.2f}  "
-              f"top-k {r['mergelab-topk']:.2f}  "
+              f"top-k {r['mergelab-topk']:.2f}  coins {r.get('mergelab-coins', 0.0):.2f}  "
               f"write {r['mergelab-write']:.2f}", flush=True)
     text = table(args.size, in_bytes, floor, rows)
     print(text)

@@ -195,3 +195,32 @@ def test_fused_path_keeps_the_formula_where_values_overflow_or_are_not_finite(dt
             fused = dare_merge(base, values, [1.0, 1.0], [0.3, 0.3], **kw)  # type: ignore[arg-type]
             expected = _two_pass(base, values, [1.0, 1.0], [0.3, 0.3], **kw)
         assert torch.equal(_bits(fused), _bits(expected))
+
+
+@pytest.mark.parametrize(("requests", "ahead"), [
+    ([5, 5, 5, 2], [5, 5, 2, 0]),      # pieces of one size, the last one shorter: what the engine streams
+    ([7, 3, 10, 1], [7, 3, 1, 0]),     # fewer asked than drawn ahead (spare kept), then more (the rest drawn)
+    ([4, 4], [0, 0]),                  # nothing drawn ahead
+])
+def test_coins_drawn_ahead_in_pieces_are_one_whole_draw(requests: list[int], ahead: list[int]) -> None:
+    from mergelab.methods.dare import DrawsAhead
+
+    whole = torch.rand(sum(requests), generator=torch.Generator().manual_seed(5), dtype=torch.float32)
+    coins = DrawsAhead(torch.Generator().manual_seed(5))
+    got = []
+    for count, next_count in zip(requests, ahead, strict=True):
+        coins.next_count = next_count
+        got.append(coins((count,)))
+    assert torch.equal(torch.cat(got), whole)
+    assert coins._thread is None  # nothing left to draw: its thread is gone
+
+
+def test_coins_come_shaped_as_torch_rand_shapes_them() -> None:
+    from mergelab.methods.dare import DrawsAhead
+
+    coins = DrawsAhead(torch.Generator().manual_seed(1))
+    coins.next_count = 12
+    first, second = coins((3, 4)), coins((2, 6))
+    reference = torch.Generator().manual_seed(1)
+    assert torch.equal(first, torch.rand((3, 4), generator=reference))
+    assert torch.equal(second, torch.rand((2, 6), generator=reference))

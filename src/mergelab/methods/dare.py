@@ -13,17 +13,54 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, register
-from mergelab.methods.sparsify import bernoulli_mask, drop_work_dtype, generator_for, match_l1
+from mergelab.methods.sparsify import Coins, bernoulli_mask, drop_work_dtype, generator_for, match_l1
 from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
 
 KeepProbability = Callable[[int, torch.Tensor], "float | torch.Tensor"]
 """``(model_index, delta) -> keep probability``: one number (DARE) or one value per entry (DELLA)."""
+
+
+class DrawsAhead:
+    """One model's coins for a tensor merged in pieces: its generator's uniform draws, the next piece's drawn
+    on a thread of their own while this piece merges. torch's CPU uniform kernel is serial (~4 ms per 1 Mi
+    draws), so two models' coins took longer than DARE-TIES' compiled merge of their piece. A CPU generator
+    drawn in consecutive ranges gives the numbers of one whole draw, so the coins are the same whatever the
+    pieces' sizes (tests/test_methods_dare.py)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.next_count = 0  # how many to draw ahead once this piece's coins are handed out (set by the taker)
+        self._thread: ThreadPoolExecutor | None = None
+        self._ahead: Future[torch.Tensor] | None = None
+
+    def _draw(self, count: int, spare: torch.Tensor | None = None) -> torch.Tensor:
+        drawn = torch.rand(count, generator=self.generator, dtype=torch.float32)
+        return drawn if spare is None else torch.cat([spare, drawn])
+
+    def __call__(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """The next ``prod(shape)`` draws, shaped: what ``torch.rand(shape, generator=...)`` would give."""
+        count = math.prod(shape)
+        drawn = self._ahead.result() if self._ahead is not None else None
+        self._ahead = None
+        if drawn is None or drawn.numel() < count:  # nothing is drawing now: the generator is free
+            drawn = self._draw(count - (0 if drawn is None else drawn.numel()), drawn)
+        spare = drawn[count:] if drawn.numel() > count else None
+        ahead, self.next_count = self.next_count, 0
+        if ahead or spare is not None:
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix="mergelab-coins")
+            self._ahead = self._thread.submit(self._draw, ahead, spare)
+        elif self._thread is not None:  # the tensor's last piece: nothing more to draw
+            self._thread.shutdown(wait=False)
+            self._thread = None
+        return drawn[:count].reshape(shape)
 
 
 @dataclass
@@ -36,21 +73,27 @@ class CarriedGenerators:
     generators: list[torch.Generator]
     shape: tuple[int, ...]
     position: int = 0
+    _draws: list[DrawsAhead] | None = None
 
-    def take(self, method: str, offset: int, numel: int) -> list[torch.Generator]:
-        """The generators for the piece of ``numel`` entries at flat ``offset``, which must be the next one."""
+    def take(self, method: str, offset: int, numel: int) -> list[DrawsAhead]:
+        """Each model's coins for the piece of ``numel`` entries at flat ``offset``, which must be the next one
+        (call one with the piece's shape); the next piece's start drawing as soon as this piece's are out."""
         total = math.prod(self.shape)
         if offset != self.position or offset + numel > total:
             raise ValueError(f"{method}: the pieces of a tensor with carried generators must be merged in order, "
                              f"each once: the next one starts at flat entry {self.position} of {total}, got "
                              f"{numel} entries at {offset}; make a new scalar pass to merge the tensor again")
         self.position += numel
-        return self.generators
+        if self._draws is None:
+            self._draws = [DrawsAhead(g) for g in self.generators]
+        for draws in self._draws:  # once this piece's coins are drawn, the next piece's (as large, or the rest)
+            draws.next_count = min(numel, total - self.position)
+        return self._draws
 
 
 def random_drop_sparsifier(densities: Sequence[float], keep_probability: KeepProbability, seed: int, *,
                            rescale: bool = True, rescale_mode: str = "density",
-                           generators: Sequence[torch.Generator] | None = None) -> Sparsifier:
+                           generators: Sequence[torch.Generator | Coins] | None = None) -> Sparsifier:
     """Keep entry ``j`` of model ``i``'s delta with probability ``p_ij = keep_probability(i, δ_i)`` (a coin
     from the seeded generator of (tensor, model), or ``generators[i]`` carried from an earlier piece), then
     rescale the kept ones by ``1 / p_ij`` (``"density"``, unbiased) or by ``‖δ‖₁ / ‖m ⊙ δ‖₁`` (``"l1"``,
@@ -137,7 +180,7 @@ def drops_in_pieces(params: Mapping[str, Any], dtype: torch.dtype) -> bool:
     return not params["rescale"] or params["rescale_mode"] == "density"
 
 
-def dare_mask(shape: torch.Size, density: float, generator: torch.Generator,
+def dare_mask(shape: torch.Size, density: float, generator: torch.Generator | Coins,
               device: torch.device | str = "cpu") -> torch.Tensor:
     """The entries DARE keeps: all where ``density ≥ 1``, none where ``≤ 0`` (nothing drawn), else a draw."""
     if density <= 0:

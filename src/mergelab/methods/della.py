@@ -32,7 +32,7 @@ from mergelab.methods.dare import (
     random_drop_sparsifier,
 )
 from mergelab.methods.registry import MergeMethod, Param, ScalarPass, register
-from mergelab.methods.sparsify import drop_work_dtype
+from mergelab.methods.sparsify import Coins, drop_work_dtype
 from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
 
 
@@ -75,7 +75,7 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
 
 def della_sparsifier(densities: Sequence[float], epsilons: Sequence[float], seed: int, *, rescale: bool = True,
                      rescale_mode: str = "density",
-                     generators: Sequence[torch.Generator] | None = None) -> Sparsifier:
+                     generators: Sequence[torch.Generator | Coins] | None = None) -> Sparsifier:
     """MagPrune for model ``i``: keep entry ``j`` with probability ``p_j`` (:func:`magprune_probabilities`),
     then rescale survivors by ``1 / p_j`` (``"density"``, the paper) or by ``‖δ‖₁ / ‖m ⊙ δ‖₁`` (``"l1"``,
     mergekit). ``generators``: each model's, carried from an earlier piece (else made from ``seed``)."""

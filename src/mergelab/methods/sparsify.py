@@ -11,6 +11,7 @@ entry flips a TIES vote.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -311,17 +312,23 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     return keep_upto & ~drop_top
 
 
-def bernoulli_mask(shape: torch.Size, density: float | torch.Tensor, generator: torch.Generator,
+Coins = Callable[[torch.Size], torch.Tensor]
+"""``coins(shape)``: the next uniform float32 draws of a CPU generator, shaped (``methods.dare.DrawsAhead``)."""
+
+
+def bernoulli_mask(shape: torch.Size, density: float | torch.Tensor, generator: torch.Generator | Coins,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Random keep-mask with keep probability ``density`` (a number, or one float32 probability per entry,
-    as DELLA's), drawn on the CPU from ``generator``: entry ``j`` is kept when ``u_j < p_j``, ``u ~ U[0, 1)``.
+    as DELLA's), drawn on the CPU from ``generator`` (or its draws, :data:`Coins`): entry ``j`` is kept when
+    ``u_j < p_j``, ``u ~ U[0, 1)``.
 
     Drawn on the CPU (torch's uniform kernel there is serial) so that the same seed gives the same mask on
     every device and thread count.
     """
     if isinstance(density, (int, float)) and density >= 1:
         return torch.ones(shape, dtype=torch.bool, device=device)
-    draws = torch.rand(shape, generator=generator, dtype=torch.float32)
+    draws = (torch.rand(shape, generator=generator, dtype=torch.float32) if isinstance(generator, torch.Generator)
+             else generator(shape))
     if isinstance(density, torch.Tensor):
         return draws.to(density.device) < density
     return (draws < density).to(device)
