@@ -350,12 +350,7 @@ def _masked_consensus(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
     ``divisors[i]`` before the weight, as DARE's rescale does (:func:`_divided`).
     """
     n = base.numel()
-    masks, bound = [], 0.0
-    for i, w in enumerate(weights):
-        delta = task_vector(tensors[i], base, dtype)
-        masks.append(keep(i, delta).reshape(-1).to(torch.int8).neg_())  # -1 (all bits) kept, 0 dropped
-        bound += float(delta.abs().max()) / divisors[i] * abs(w) if n else 0.0
-        del delta
+    masks = [keep(i, task_vector(tensors[i], base, dtype)).reshape(-1) for i in range(len(weights))]  # booleans
     fused = masked_consensus_with_masks(base, tensors, weights, masks, divisors, consensus, normalize, lambda_,
                                         dtype, _masked_consensus_float)
     if fused is not None:
@@ -364,9 +359,12 @@ def _masked_consensus(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
     same = all(t.dtype == dtype for t in (base, *tensors))
     # the bit tests read signs and zeros off the patterns, which NaN would fool: only where no weighted
     # task vector nor any sum of them can overflow (bound: Σ_i w_i max|δ_i| far below the dtype's max)
+    bound = sum(float(task_vector(t, base, dtype).abs().max()) / d * abs(w)
+                for t, d, w in zip(tensors, divisors, weights, strict=True)) if n and bits is not None and same else 0.0
     if bits is None or not same or not math.isfinite(bound) or bound >= torch.finfo(dtype).max / 4:
         return _masked_consensus_float(base, tensors, weights, masks, divisors, consensus, normalize, lambda_,
                                        dtype)
+    masks = [m.to(torch.int8).neg_() for m in masks]  # -1 (all bits) kept, 0 dropped
     int_dtype, one = bits
     shift = torch.iinfo(int_dtype).bits - 1
     mag = torch.iinfo(int_dtype).max
@@ -427,7 +425,7 @@ def _masked_consensus_float(base: torch.Tensor, tensors: Sequence[torch.Tensor],
         elected = torch.zeros(b - a, dtype=acc_dtype, device=base.device)
         wds = []
         for i, w in enumerate(weights):
-            wd = _divided(task_vector(flats[i][a:b], base_flat[a:b], dtype).masked_fill_(masks[i][a:b] == 0, 0),
+            wd = _divided(task_vector(flats[i][a:b], base_flat[a:b], dtype).masked_fill_(~masks[i][a:b], 0),
                           divisors[i]).mul_(w)
             elected += wd if consensus == "sum" else wd.sign()
             wds.append(wd)
