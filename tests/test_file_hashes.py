@@ -152,3 +152,12 @@ def test_a_failed_cli_merge_leaves_no_digest_held(families: dict[str, tuple[Path
     assert result.exit_code != 0 and "density" in result.output
     assert DIGESTS._jobs == {}
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fifo_is_not_hashed_and_does_not_block(tmp_path: Path) -> None:
+    from mergelab.io.file_hashes import sha256_file
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        sha256_file(fifo)  # opened without waiting for a writer

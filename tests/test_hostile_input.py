@@ -328,3 +328,33 @@ def test_hugging_face_cache_links_into_blobs_are_copied(families: Families, tmp_
     out = tmp_path / "out"
     assert_ok(run_cli(write_config(tmp_path, _ties(snapshot, fts)), out))
     assert (out / "tokenizer.json").read_text() == '{"tokenizer": 1}'
+
+
+@pytest.mark.parametrize("where", ["folder", "direct", "shard"])
+def test_a_fifo_or_device_as_checkpoint_is_refused_promptly_and_the_process_exits(
+        families: Families, tmp_path: Path, where: str) -> None:
+    # opening a FIFO for reading waits for a writer: the reader (and the digests started before torch is
+    # imported) must never open one, or the merge, and then the interpreter's exit, would wait forever
+    import os
+    import subprocess
+    import sys
+
+    base, fts = families["llama"]
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    model = tmp_path / "model"
+    model.mkdir()
+    if where == "folder":
+        (model / "model.safetensors").symlink_to(fifo)
+    elif where == "shard":
+        (model / "model-00001-of-00001.safetensors").symlink_to(fifo)
+        (model / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}}))
+    spec = str(fifo) if where == "direct" else str(model)
+    config = write_config(tmp_path, _linear([base, fts[0]]) | {"models": [{"model": str(base)}, {"model": spec}]})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    done = subprocess.run([sys.executable, "-m", "mergelab.cli", "merge", str(config), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "not a regular file" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -48,6 +48,7 @@ def files_in_folder(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
             files: dict[Path, None] = {}  # "x" and "./x" are one file
             for shard in dict.fromkeys(weight_map.values()):
                 path = _shard_path(folder, shard, index)
+                refuse_special_file(path)
                 if not path.is_file():
                     raise CheckpointError(f"{index}: lists shard '{shard}', which is missing from {folder}")
                 files[path] = None
@@ -57,7 +58,17 @@ def files_in_folder(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
             return [folder / single], None
     found = (sorted(folder.glob("*.safetensors"))
              or sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES))
+    for path in found:
+        refuse_special_file(path)
     if not found:
         raise CheckpointError(f"{folder}: no model.safetensors, sharded index or pytorch_model.bin found in "
                               "this folder")
     return found, None
+
+
+def refuse_special_file(path: Path) -> None:
+    """A :class:`CheckpointError` for a path that exists but is no regular file (a FIFO, socket or device,
+    perhaps behind a symlink): reading one blocks or never ends."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, socket or device); a checkpoint must be a "
+                              "file on disk")

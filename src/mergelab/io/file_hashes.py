@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +36,13 @@ def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
     h = hashlib.sha256()
     buf = bytearray(_READ_BLOCK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
+    # opened without blocking (a FIFO's open waits for a writer, which would hold the process at exit) and
+    # hashed only if it is a regular file
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path}: not a regular file")
+    with open(fd, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             if stop is not None and stop.is_set():
                 raise DigestAbandoned(str(path))

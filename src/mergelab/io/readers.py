@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mergelab.errors import CheckpointError
-from mergelab.io.checkpoint_files import PICKLE_SUFFIXES, files_in_folder
+from mergelab.io.checkpoint_files import PICKLE_SUFFIXES, files_in_folder, refuse_special_file
 from mergelab.io.safetensors_file import SAFETENSORS_DTYPES, SafetensorsFile, is_safetensors
 
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
@@ -249,6 +249,7 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
     Never downloads: a hub id that is not a local path is an error.
     """
     p = Path(path).expanduser()
+    refuse_special_file(p)
     if p.is_dir():
         files, weight_map = files_in_folder(p)
         return CheckpointReader(p, files, p, weight_map)
