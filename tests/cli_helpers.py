@@ -90,7 +90,8 @@ def weighted_config(method: str, base: Path, models: list[Path], **extra: Any) -
 def method_config(method: str, base: Path, fts: list[Path], **extra: Any) -> dict[str, Any]:
     """A config of ``method`` on the family ``base``, ``fts``: SLERP and NearSwap of the base and the first
     fine-tune (t 0.4), Model Stock of them all, the top-k and random-drop methods with densities 0.3, 0.6, 0.05
-    (Breadcrumbs' with gamma 0.05), others weighted (:func:`weighted_config`)."""
+    (Breadcrumbs' with gamma 0.05; DELLA's 0.3, 0.6, 0.2 with epsilon 0.1), others weighted
+    (:func:`weighted_config`)."""
     if method in ("slerp", "nearswap"):
         return {"merge_method": method, "base_model": str(base), "parameters": {"t": 0.4},
                 "models": [{"model": str(base)}, {"model": str(fts[0])}], **extra}
@@ -99,8 +100,10 @@ def method_config(method: str, base: Path, fts: list[Path], **extra: Any) -> dic
                 **extra}
     config = weighted_config(method, base, fts, **extra)
     for i, model in enumerate(config["models"]):
-        if method in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties"):
+        if method in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"):
             model["parameters"]["density"] = [0.3, 0.6, 0.05][i]
+        if method.startswith("della"):  # keep probabilities density ± epsilon inside (0, 1)
+            model["parameters"].update({"density": [0.3, 0.6, 0.2][i], "epsilon": 0.1})
         if method.startswith("breadcrumbs"):
             model["parameters"]["gamma"] = 0.05
     return config

@@ -197,30 +197,45 @@ def test_fused_path_keeps_the_formula_where_values_overflow_or_are_not_finite(dt
         assert torch.equal(_bits(fused), _bits(expected))
 
 
-@pytest.mark.parametrize(("requests", "ahead"), [
-    ([5, 5, 5, 2], [5, 5, 2, 0]),      # pieces of one size, the last one shorter: what the engine streams
-    ([7, 3, 10, 1], [7, 3, 1, 0]),     # fewer asked than drawn ahead (spare kept), then more (the rest drawn)
-    ([4, 4], [0, 0]),                  # nothing drawn ahead
-])
-def test_coins_drawn_ahead_in_pieces_are_one_whole_draw(requests: list[int], ahead: list[int]) -> None:
-    from mergelab.methods.dare import DrawsAhead
+@pytest.mark.parametrize("sizes", [[5, 5, 5, 2], [7, 3, 10, 1], [17]])
+def test_coins_reserved_in_order_and_taken_in_any_order_are_one_whole_draw(sizes: list[int]) -> None:
+    from mergelab.methods.dare import CarriedGenerators
 
-    whole = torch.rand(sum(requests), generator=torch.Generator().manual_seed(5), dtype=torch.float32)
-    coins = DrawsAhead(torch.Generator().manual_seed(5))
-    got = []
-    for count, next_count in zip(requests, ahead, strict=True):
-        coins.next_count = next_count
-        got.append(coins((count,)))
-    assert torch.equal(torch.cat(got), whole)
-    assert coins._thread is None  # nothing left to draw: its thread is gone
+    total = sum(sizes)
+    whole = [torch.rand(total, generator=torch.Generator().manual_seed(seed)) for seed in (5, 6)]
+    carried = CarriedGenerators([torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)], (total,),
+                                [True, True])
+    offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+    reserved = [carried.for_piece("dare", a, n) for a, n in zip(offsets, sizes, strict=True)]
+    got: dict[int, list[torch.Tensor]] = {}
+    for piece, a, n in reversed(list(zip(reserved, offsets, sizes, strict=True))):  # merged last piece first
+        got[a] = [coins((n,)) for coins in piece.take("dare", a, n)]
+    for i in range(2):
+        assert torch.equal(torch.cat([got[a][i] for a in offsets]), whole[i])
 
 
-def test_coins_come_shaped_as_torch_rand_shapes_them() -> None:
-    from mergelab.methods.dare import DrawsAhead
+def test_coins_come_shaped_as_torch_rand_shapes_them_and_only_for_models_that_draw() -> None:
+    from mergelab.methods.dare import CarriedGenerators
 
-    coins = DrawsAhead(torch.Generator().manual_seed(1))
-    coins.next_count = 12
-    first, second = coins((3, 4)), coins((2, 6))
+    idle = torch.Generator().manual_seed(2)
+    state = idle.get_state()
+    carried = CarriedGenerators([torch.Generator().manual_seed(1), idle], (24,), [True, False])
+    first = carried.for_piece("della", 0, 12).take("della", 0, 12)
+    second = carried.for_piece("della", 12, 12).take("della", 12, 12)
     reference = torch.Generator().manual_seed(1)
-    assert torch.equal(first, torch.rand((3, 4), generator=reference))
-    assert torch.equal(second, torch.rand((2, 6), generator=reference))
+    assert torch.equal(first[0]((3, 4)), torch.rand((3, 4), generator=reference))
+    assert torch.equal(second[0]((2, 6)), torch.rand((2, 6), generator=reference))
+    assert torch.equal(idle.get_state(), state)  # a density of 0 or 1 draws nothing
+    with pytest.raises(ValueError, match="draws no coins"):
+        first[1]((12,))
+
+
+def test_coins_are_given_only_to_the_piece_they_were_reserved_for() -> None:
+    from mergelab.methods.dare import CarriedGenerators
+
+    carried = CarriedGenerators([torch.Generator().manual_seed(1)], (10,), [True])
+    piece = carried.for_piece("dare", 0, 4)
+    with pytest.raises(ValueError, match="reserved for 4 entries at flat entry 0"):
+        piece.take("dare", 4, 4)
+    with pytest.raises(ValueError, match="in order"):
+        carried.for_piece("dare", 5, 5)

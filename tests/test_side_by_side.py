@@ -49,14 +49,14 @@ def test_two_merge_threads_where_there_are_two_cores(monkeypatch: pytest.MonkeyP
     assert engine._merge_threads(plan, torch.device("cpu")) == expected  # type: ignore[arg-type]
 
 
-def test_one_merge_thread_for_randomized_methods_and_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    # a randomized method's pieces draw from one generator per model in order: side by side, the draws would
-    # depend on which thread came first
+def test_one_merge_thread_on_a_gpu_and_two_for_randomized_methods(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a randomized method's pieces draw from one generator per model in order: the engine reserves each piece's
+    # coins in that order before the pieces merge side by side (bytes: the tests below)
     monkeypatch.setattr(engine, "available_cores", lambda: 8)
     randomized = sorted(m.name for m in all_methods() if m.randomized)
     assert {"dare_ties", "dare_linear", "della", "della_linear"} <= set(randomized)
     for name in randomized:
-        assert engine._merge_threads(SimpleNamespace(method=get_method(name)), None) == 1, name  # type: ignore[arg-type]
+        assert engine._merge_threads(SimpleNamespace(method=get_method(name)), None) == 2, name  # type: ignore[arg-type]
     plan = SimpleNamespace(method=get_method("linear"))
     assert engine._merge_threads(plan, torch.device("cuda")) == 1  # type: ignore[arg-type]
 
@@ -108,6 +108,8 @@ def _spy_on_merges(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     ("linear", {}), ("task_arithmetic", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
     ("ties", {}), ("ties", {"dtype": "bfloat16", "out_dtype": "bfloat16"}), ("breadcrumbs", {}),
     ("slerp", {}), ("model_stock", {}), ("nearswap", {}), ("cart", {}),
+    ("dare_ties", {"seed": 3}), ("dare_linear", {"dtype": "bfloat16", "out_dtype": "bfloat16", "seed": 4}),
+    ("della", {"seed": 5}), ("della_linear", {"dtype": "bfloat16", "out_dtype": "bfloat16", "seed": 6}),
 ])
 @pytest.mark.filterwarnings("ignore:model_stock. interpolation ratio")
 def test_pieces_merged_side_by_side_give_the_bytes_of_one_at_a_time(

@@ -65,7 +65,7 @@ from mergelab.merge.plan import MergePlan, count_nonfinite, nonfinite_message, p
 from mergelab.merge.stages import read_stage_documents, run_stages
 from mergelab.merge.thresholds import global_threshold
 from mergelab.merge.tokenizer import write_tokenizer
-from mergelab.methods.registry import FlatSource
+from mergelab.methods.registry import FlatSource, PieceScalars
 from mergelab.methods.sparsify import KEY_SPECS, TopK
 from mergelab.methods.task_vectors import arithmetic_dtype, task_vector, task_vector_keys
 from mergelab.runtime import available_cores, make_progress
@@ -528,11 +528,11 @@ def _fit_together(piece: _Piece, next_piece: _Piece, budget: int) -> bool:
 
 
 def _merge_threads(plan: MergePlan, dev: torch.device | None) -> int:
-    """How many pieces merge at once (:func:`_merge_all`): two where there are two cores, except for a
-    randomized method, whose pieces of one tensor draw their masks in order from one generator per model
-    (:attr:`~mergelab.methods.registry.MergeMethod.randomized`), and on a GPU. Any other piece's merge is
-    a function of its own inputs (and of its tensor's whole-tensor pass), so the bytes do not depend on it."""
-    if plan.method.randomized or (dev is not None and dev.type != "cpu"):
+    """How many pieces merge at once (:func:`_merge_all`): two where there are two cores, except on a GPU.
+    A piece's merge is a function of its own inputs and of its tensor's whole-tensor pass, so the bytes do
+    not depend on it; a randomized method's pieces (DARE, DELLA) get their coins reserved in the pieces' order
+    before they merge (:class:`~mergelab.methods.registry.PieceScalars`), so they too may merge side by side."""
+    if dev is not None and dev.type != "cpu":
         return 1
     return min(_MERGE_THREADS, available_cores())
 
@@ -788,6 +788,10 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                     first_pass = {piece.name: method_result(piece.name, passing)}
                     pass_ahead(i)
                 whole = first_pass[piece.name]
+                scalars = whole.get("scalars")
+                if isinstance(scalars, PieceScalars):  # reserved here, in order: the merges may then run side by side
+                    whole = {**whole, "scalars": scalars.for_piece(cfg.merge_method, piece.start,
+                                                                   piece.stop - piece.start)}
             in_flight.append((piece, merge_pool.submit(merge_piece, piece, base_t, tensors, whole), base_t,
                               tensors, found))
             del base_t, tensors

@@ -11,10 +11,11 @@ the delta; ``rescale_mode: l1`` reproduces that. The mask comes from a seeded CP
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,68 +28,67 @@ KeepProbability = Callable[[int, torch.Tensor], "float | torch.Tensor"]
 """``(model_index, delta) -> keep probability``: one number (DARE) or one value per entry (DELLA)."""
 
 
-class DrawsAhead:
-    """One model's coins for a tensor merged in pieces: its generator's uniform draws, the next piece's drawn
-    on a thread of their own while this piece merges. torch's CPU uniform kernel is serial (~4 ms per 1 Mi
-    draws), so two models' coins took longer than DARE-TIES' compiled merge of their piece. A CPU generator
-    drawn in consecutive ranges gives the numbers of one whole draw, so the coins are the same whatever the
-    pieces' sizes (tests/test_methods_dare.py)."""
+class PieceCoins:
+    """The coins of one piece of a tensor merged in flat pieces: each drawing model's uniform draws for the
+    piece's ``numel`` entries at flat ``offset``, reserved in the pieces' order (:meth:`CarriedGenerators.for_piece`)
+    and drawn on that model's thread. So the pieces may then merge side by side, in any order, each with the
+    coins of the whole tensor's draw at its place (a CPU generator drawn in consecutive ranges gives the
+    numbers of one whole draw). ``shape``: the whole tensor's."""
 
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
-        self.next_count = 0  # how many to draw ahead once this piece's coins are handed out (set by the taker)
-        self._thread: ThreadPoolExecutor | None = None
-        self._ahead: Future[torch.Tensor] | None = None
+    def __init__(self, shape: tuple[int, ...], offset: int, numel: int,
+                 draws: list[Future[torch.Tensor] | None]) -> None:
+        self.shape, self.offset, self.numel, self._draws = shape, offset, numel, draws
 
-    def _draw(self, count: int, spare: torch.Tensor | None = None) -> torch.Tensor:
-        drawn = torch.rand(count, generator=self.generator, dtype=torch.float32)
-        return drawn if spare is None else torch.cat([spare, drawn])
+    def take(self, method: str, offset: int, numel: int) -> list[Coins]:
+        """Each model's coins (call one with the piece's shape); the piece must be the one reserved."""
+        if (offset, numel) != (self.offset, self.numel):
+            raise ValueError(f"{method}: coins were reserved for {self.numel} entries at flat entry {self.offset}, "
+                             f"not for {numel} at {offset}")
+        return [functools.partial(_drawn, draws) for draws in self._draws]
 
-    def __call__(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-        """The next ``prod(shape)`` draws, shaped: what ``torch.rand(shape, generator=...)`` would give."""
-        count = math.prod(shape)
-        drawn = self._ahead.result() if self._ahead is not None else None
-        self._ahead = None
-        if drawn is None or drawn.numel() < count:  # nothing is drawing now: the generator is free
-            drawn = self._draw(count - (0 if drawn is None else drawn.numel()), drawn)
-        spare = drawn[count:] if drawn.numel() > count else None
-        ahead, self.next_count = self.next_count, 0
-        if ahead or spare is not None:
-            if self._thread is None:
-                self._thread = ThreadPoolExecutor(1, thread_name_prefix="mergelab-coins")
-            self._ahead = self._thread.submit(self._draw, ahead, spare)
-        elif self._thread is not None:  # the tensor's last piece: nothing more to draw
-            self._thread.shutdown(wait=False)
-            self._thread = None
-        return drawn[:count].reshape(shape)
+
+def _drawn(draws: Future[torch.Tensor] | None, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    if draws is None:
+        raise ValueError("a model whose density keeps or drops everything draws no coins")
+    return draws.result().reshape(shape)
 
 
 @dataclass
 class CarriedGenerators:
     """The scalar pass of a random drop (DARE, DELLA) for a tensor merged in flat pieces: each model's
     generator, carried from piece to piece, and where the next piece must start. A generator advances with
-    every draw, so a piece merged out of order, twice or not at all would silently draw other coins than the
-    whole tensor's: :meth:`take` refuses it. ``shape``: the whole tensor's."""
+    every draw, so coins reserved out of order, twice or not at all would silently be other coins than the
+    whole tensor's: :meth:`for_piece` refuses it. ``shape``: the whole tensor's; ``draws``: which models
+    draw (a density of 0 or 1 draws nothing)."""
 
     generators: list[torch.Generator]
     shape: tuple[int, ...]
+    draws: list[bool]
     position: int = 0
-    _draws: list[DrawsAhead] | None = None
+    _threads: list[ThreadPoolExecutor] = field(default_factory=list)
 
-    def take(self, method: str, offset: int, numel: int) -> list[DrawsAhead]:
-        """Each model's coins for the piece of ``numel`` entries at flat ``offset``, which must be the next one
-        (call one with the piece's shape); the next piece's start drawing as soon as this piece's are out."""
+    def for_piece(self, method: str, offset: int, numel: int) -> PieceCoins:
+        """Reserve the coins of the piece of ``numel`` entries at flat ``offset``, which must be the next one:
+        each drawing model's are drawn on a thread of its own (torch's CPU uniform kernel is serial, ~4 ms per
+        1 Mi draws: two models' coins took longer than DARE-TIES' compiled merge of their piece)."""
         total = math.prod(self.shape)
         if offset != self.position or offset + numel > total:
             raise ValueError(f"{method}: the pieces of a tensor with carried generators must be merged in order, "
                              f"each once: the next one starts at flat entry {self.position} of {total}, got "
                              f"{numel} entries at {offset}; make a new scalar pass to merge the tensor again")
         self.position += numel
-        if self._draws is None:
-            self._draws = [DrawsAhead(g) for g in self.generators]
-        for draws in self._draws:  # once this piece's coins are drawn, the next piece's (as large, or the rest)
-            draws.next_count = min(numel, total - self.position)
-        return self._draws
+        if not self._threads:
+            self._threads = [ThreadPoolExecutor(1, thread_name_prefix="mergelab-coins") for _ in self.generators]
+        draws = [thread.submit(torch.rand, numel, generator=g, dtype=torch.float32) if drawing else None
+                 for thread, g, drawing in zip(self._threads, self.generators, self.draws, strict=True)]
+        if self.position == total:  # the last piece: the threads end once its coins are drawn
+            for thread in self._threads:
+                thread.shutdown(wait=False)
+        return PieceCoins(self.shape, offset, numel, draws)
+
+    def take(self, method: str, offset: int, numel: int) -> list[Coins]:
+        """Each model's coins for the next piece (:meth:`for_piece` and :meth:`PieceCoins.take` at once)."""
+        return self.for_piece(method, offset, numel).take(method, offset, numel)
 
 
 def random_drop_sparsifier(densities: Sequence[float], keep_probability: KeepProbability, seed: int, *,
@@ -134,7 +134,7 @@ def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
                densities: Sequence[float], *, seed: int, consensus: Consensus | None = None,
                normalize: bool = False, lambda_: float = 1.0, rescale: bool = True,
                rescale_mode: str = "density", dtype: torch.dtype | None = None,
-               scalars: CarriedGenerators | None = None, offset: int = 0) -> torch.Tensor:
+               scalars: CarriedGenerators | PieceCoins | None = None, offset: int = 0) -> torch.Tensor:
     """DARE on one tensor: ``δ̃_i = m_i ⊙ δ_i / p_i`` with ``m_i ~ Bernoulli(p_i)``, ``p_i = density``,
     then task arithmetic (``consensus=None``, dare_linear) or TIES' sign election (``"sum"``, dare_ties),
     computed in ``dtype`` (float32 when None).
@@ -171,7 +171,8 @@ def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
 def dare_generators(source: FlatSource, seed: int, densities: Sequence[float]) -> CarriedGenerators:
     """DARE's "scalar pass": nothing of the tensor is read (``source`` gives its shape), only each model's
     generator is made, which the pieces of the tensor then draw from in turn (:func:`dare_merge`'s ``scalars``)."""
-    return CarriedGenerators([generator_for(seed, i) for i in range(len(densities))], source.shape)
+    return CarriedGenerators([generator_for(seed, i) for i in range(len(densities))], source.shape,
+                             [0 < d < 1 for d in densities])
 
 
 def drops_in_pieces(params: Mapping[str, Any], dtype: torch.dtype) -> bool:

@@ -26,6 +26,7 @@ import torch
 
 from mergelab.methods.dare import (
     CarriedGenerators,
+    PieceCoins,
     dare_generators,
     drops_in_pieces,
     random_drop_params,
@@ -90,7 +91,7 @@ def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
                 densities: Sequence[float], epsilons: Sequence[float], *, seed: int,
                 consensus: Consensus | None = "sum", normalize: bool = True, lambda_: float = 1.0,
                 rescale: bool = True, rescale_mode: str = "density", dtype: torch.dtype | None = None,
-                scalars: CarriedGenerators | None = None, offset: int = 0) -> torch.Tensor:
+                scalars: CarriedGenerators | PieceCoins | None = None, offset: int = 0) -> torch.Tensor:
     """DELLA on one tensor: ``δ̃_i = m_i ⊙ δ_i / p_i`` with ``m_i ~ Bernoulli(p_i)`` and ``p_i`` from the
     magnitude ranks of ``δ_i`` (MagPrune), then TIES' sign election and disjoint mean (``consensus="sum"``,
     della) or task arithmetic (``consensus=None``, della_linear), computed in ``dtype`` (float32 when None).

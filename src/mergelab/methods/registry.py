@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -239,6 +239,16 @@ class ScalarPass:
     unit: Callable[[tuple[int, ...]], int | None] | None = None
     """Given a tensor's shape: the entries each piece must hold a whole number of (DELLA: one slice along
     dim 0, where its rows are ranked), or None where the tensor merges whole; no ``unit``: any flat range."""
+
+
+@runtime_checkable
+class PieceScalars(Protocol):
+    """Scalars whose pieces must be prepared in the pieces' order (a random drop's coins, drawn from one
+    generator per model): the engine calls :meth:`for_piece` for each piece in order, then may merge the
+    pieces side by side with what it returned as their ``scalars``."""
+
+    def for_piece(self, method: str, offset: int, numel: int) -> Any:
+        """The scalars of the piece of ``numel`` entries at flat ``offset``, the next one in order."""
 
 
 @dataclass(frozen=True)
