@@ -95,7 +95,7 @@ def random_drop_sparsifier(densities: Sequence[float], keep_probability: KeepPro
                            rescale: bool = True, rescale_mode: str = "density",
                            generators: Sequence[torch.Generator | Coins] | None = None) -> Sparsifier:
     """Keep entry ``j`` of model ``i``'s delta with probability ``p_ij = keep_probability(i, δ_i)`` (a coin
-    from the seeded generator of (tensor, model), or ``generators[i]`` carried from an earlier piece), then
+    from the seeded generator of (tensor, model), or ``generators[i]``: a piece's coins, :class:`PieceCoins`), then
     rescale the kept ones by ``1 / p_ij`` (``"density"``, unbiased) or by ``‖δ‖₁ / ‖m ⊙ δ‖₁`` (``"l1"``,
     mergekit). ``densities[i]`` of 1 keeps, 0 drops all."""
     if rescale_mode not in ("density", "l1"):

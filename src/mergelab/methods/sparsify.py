@@ -313,7 +313,7 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
 
 
 Coins = Callable[[torch.Size], torch.Tensor]
-"""``coins(shape)``: the next uniform float32 draws of a CPU generator, shaped (``methods.dare.DrawsAhead``)."""
+"""``coins(shape)``: a piece's uniform float32 draws of a CPU generator, shaped (``methods.dare.PieceCoins``)."""
 
 
 def bernoulli_mask(shape: torch.Size, density: float | torch.Tensor, generator: torch.Generator | Coins,
