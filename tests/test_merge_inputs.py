@@ -88,3 +88,14 @@ def test_the_cli_records_every_input_digest_once_whether_found_early_or_not(
     files = sorted(str(f.resolve()) for p in (base, *fts) for f in p.glob("*.safetensors"))
     assert sorted(digests) == files
     assert all(digests[f] == hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files)
+
+
+def test_a_multi_stage_config_with_models_not_a_list_is_a_config_error_not_a_crash(tmp_path: Path) -> None:
+    # the stages' model references are read before any document is validated (a TypeError escaped here before)
+    config = tmp_path / "stages.yml"
+    config.write_text("name: mid\nmerge_method: linear\nmodels: 7\n---\nmerge_method: linear\nmodels:\n"
+                      "  - model: mid\n")
+    result = run_cli(config, tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "Input should be a valid list" in result.output and "bug in mergelab" not in result.output
+    assert config_input_files(config) == []
