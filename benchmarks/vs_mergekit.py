@@ -343,17 +343,24 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    today = time.strftime("%Y-%m-%d", time.gmtime())
+    run_start = time.time()
+    today = time.strftime("%Y-%m-%d", time.gmtime(run_start))
     report = args.report or Path(__file__).parent / "results" / f"{today}.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/vs_mergekit.py " + " ".join(sys.argv[1:])
     sections: list[str] = []
     summaries: list[dict] = []
+    # a day's file holds that day's earlier runs and notes: this run is appended, never written over them
+    before = report.read_text().rstrip() + "\n\n" if report.exists() else ""
+    heading = "## mergelab vs mergekit" if before else f"# mergelab vs mergekit, {today}"
+    json_path = report.with_suffix(".json")
+    earlier = json.loads(json_path.read_text()) if json_path.exists() else []
 
     def write(section: str, summary: dict) -> None:
         done = len(sections)  # sections of the sizes already finished, then this size so far
-        report.write_text(f"# mergelab vs mergekit, {today}\n\n`{command}`\n\n" + "\n".join([*sections, section]))
-        report.with_suffix(".json").write_text(json.dumps([*summaries[:done], summary], indent=2))
+        started = time.strftime("%H:%M UTC", time.gmtime(run_start))
+        report.write_text(before + f"{heading} ({started})\n\n`{command}`\n\n" + "\n".join([*sections, section]))
+        json_path.write_text(json.dumps([*earlier, *summaries[:done], summary], indent=2))
 
     for size_text in args.size:
         section, summary = measure_size(size_text, args, on_method=write)
