@@ -8,6 +8,7 @@ mergelab never downloads: an id resolves only to a snapshot already in the Huggi
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from mergelab.errors import CheckpointError
@@ -21,6 +22,14 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     if m is None or spec.startswith(("./", "../")) or spec.endswith((".safetensors", ".bin", ".pt", ".pth")):
         return None
     return m.group("repo"), m.group("rev")
+
+
+def locate(spec: str, resolve: Callable[[str], Path]) -> Path:
+    """The local path of ``spec``: ``resolve(spec)`` if it exists, else the cached snapshot of a Hub id."""
+    path = resolve(spec)
+    if path.exists() or parse_hub_id(spec) is None:
+        return path
+    return resolve_hub_id(spec)
 
 
 def resolve_hub_id(spec: str) -> Path:

@@ -7,21 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mergelab.errors import CheckpointError
-from mergelab.io.hub import parse_hub_id, resolve_hub_id
+from mergelab.io.hub import locate
 from mergelab.io.peft import adapter_base_name, fold_lora, is_adapter_folder
 from mergelab.io.readers import CheckpointReader, open_checkpoint
 
 
 def _plain(spec: str) -> Path:
     return Path(spec).expanduser()
-
-
-def locate(spec: str, resolve: Callable[[str], Path] = _plain) -> Path:
-    """The local path of ``spec``: ``resolve(spec)`` if it exists, else the cached snapshot of a Hub id."""
-    path = resolve(spec)
-    if path.exists() or parse_hub_id(spec) is None:
-        return path
-    return resolve_hub_id(spec)
 
 
 def open_model(spec: str, resolve: Callable[[str], Path] = _plain) -> CheckpointReader:

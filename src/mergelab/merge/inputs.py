@@ -19,7 +19,7 @@ import yaml
 from mergelab.errors import MergeLabError
 from mergelab.io.checkpoint_files import files_in_folder
 from mergelab.io.file_hashes import DIGESTS
-from mergelab.io.hub import parse_hub_id, resolve_hub_id
+from mergelab.io.hub import locate
 
 
 def resolve_model_path(model: str, config_folder: Path | None) -> Path:
@@ -67,11 +67,13 @@ def model_refs(doc: dict[str, Any]) -> list[tuple[Callable[[str], None], str]]:
 
 
 def _weight_files(spec: str, folder: Path) -> list[Path]:
-    path = resolve_model_path(spec, folder)
-    if not path.exists() and "+" in spec:  # mergekit's MODEL+ADAPTER: the model's files are the large ones
-        path = resolve_model_path(spec.rsplit("+", 1)[0], folder)
-    if not path.exists() and parse_hub_id(spec) is not None:
-        path = resolve_hub_id(spec)
+    """The weight files of the model ``spec`` names, found as ``io.models.open_model`` finds them."""
+    def resolve(s: str) -> Path:
+        return resolve_model_path(s, folder)
+
+    if not resolve(spec).exists() and "+" in spec:  # mergekit's MODEL+ADAPTER: the model's files are the large ones
+        spec = spec.rsplit("+", 1)[0]
+    path = locate(spec, resolve)
     if path.is_file():
         return [path]
     return files_in_folder(path)[0] if path.is_dir() else []
