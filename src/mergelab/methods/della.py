@@ -79,7 +79,7 @@ def della_sparsifier(densities: Sequence[float], epsilons: Sequence[float], seed
                      generators: Sequence[torch.Generator | Coins] | None = None) -> Sparsifier:
     """MagPrune for model ``i``: keep entry ``j`` with probability ``p_j`` (:func:`magprune_probabilities`),
     then rescale survivors by ``1 / p_j`` (``"density"``, the paper) or by ``‖δ‖₁ / ‖m ⊙ δ‖₁`` (``"l1"``,
-    mergekit). ``generators``: each model's, carried from an earlier piece (else made from ``seed``)."""
+    mergekit). ``generators``: each model's coins for a streamed piece (else generators made from ``seed``)."""
     for density, epsilon in zip(densities, epsilons, strict=True):
         check_epsilon(density, epsilon)
     return random_drop_sparsifier(

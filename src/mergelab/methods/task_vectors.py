@@ -350,17 +350,28 @@ def _masked_consensus(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
     ``divisors[i]`` before the weight, as DARE's rescale does (:func:`_divided`).
     """
     n = base.numel()
-    masks = [keep(i, task_vector(tensors[i], base, dtype)).reshape(-1) for i in range(len(weights))]  # booleans
+
+    def bound_term(i: int, delta: torch.Tensor) -> float:  # w_i max|δ_i| / divisor_i
+        return float(delta.abs().max()) / divisors[i] * abs(weights[i]) if n else 0.0
+
+    # the compiled loop needs no overflow bound: with it loaded, the bound is found only where it declines
+    compiled = loops() is not None
+    masks, bound = [], 0.0
+    for i in range(len(weights)):
+        delta = task_vector(tensors[i], base, dtype)
+        masks.append(keep(i, delta).reshape(-1))  # booleans
+        bound += 0.0 if compiled else bound_term(i, delta)
+        del delta
     fused = masked_consensus_with_masks(base, tensors, weights, masks, divisors, consensus, normalize, lambda_,
-                                        dtype, _masked_consensus_float)
+                                        dtype, _masked_consensus_float) if compiled else None
     if fused is not None:
         return fused.reshape(base.shape)
+    if compiled:
+        bound = sum(bound_term(i, task_vector(t, base, dtype)) for i, t in enumerate(tensors))
     bits = _BITS.get(dtype)
     same = all(t.dtype == dtype for t in (base, *tensors))
     # the bit tests read signs and zeros off the patterns, which NaN would fool: only where no weighted
     # task vector nor any sum of them can overflow (bound: Σ_i w_i max|δ_i| far below the dtype's max)
-    bound = sum(float(task_vector(t, base, dtype).abs().max()) / d * abs(w)
-                for t, d, w in zip(tensors, divisors, weights, strict=True)) if n and bits is not None and same else 0.0
     if bits is None or not same or not math.isfinite(bound) or bound >= torch.finfo(dtype).max / 4:
         return _masked_consensus_float(base, tensors, weights, masks, divisors, consensus, normalize, lambda_,
                                        dtype)
