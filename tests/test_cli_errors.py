@@ -6,6 +6,8 @@ markup (``[red]``, ``[/]``) and emoji codes (``:smile:``) in paths and names are
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -35,6 +37,7 @@ def _boom(exc: BaseException):  # type: ignore[no-untyped-def]
     (ZeroDivisionError("division by zero"), 1, "unexpected ZeroDivisionError"),
     (MemoryError(), 1, "out of memory"),
     (PermissionError(13, "Permission denied", "/x/out"), 1, "/x/out: Permission denied"),
+    (BrokenPipeError(32, "Broken pipe", "/x/fifo"), 1, "/x/fifo: Broken pipe"),
     (RecursionError("maximum recursion depth exceeded"), 1, "unexpected RecursionError"),
     (KeyboardInterrupt(), 130, "interrupted"),
 ])
@@ -100,3 +103,24 @@ def test_warnings_print_as_one_line_each(tmp_path: Path, monkeypatch: pytest.Mon
     result = run_cli(write_config(tmp_path, {"merge_method": "linear"}), tmp_path / "out")
     assert result.output.count("warning: model_stock: t = -3 is outside [0, 1]") == 1, result.output
     assert "UserWarning" not in result.output and ".py:" not in result.output
+
+
+
+def test_a_reader_that_leaves_our_output_stops_the_command_without_a_word(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # `mergelab merge --help | head -40`: head leaves while we print; this said "error: Broken pipe; check the
+    # path and its permissions", naming no path of the user's
+    monkeypatch.setattr(engine, "run_merge", _boom(BrokenPipeError(32, "Broken pipe")))
+    result = run_cli(write_config(tmp_path, {"merge_method": "linear"}), tmp_path / "out")
+    assert result.exit_code == 1 and "error" not in result.output and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize("args", [["merge", "--help"], ["--help"], ["methods"]])
+def test_output_into_a_pipe_closed_at_once_ends_without_a_message(args: list[str]) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "mergelab.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader left before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 1)  # 1 where a write hit the closed pipe (click's and typer's code)
+    assert "error" not in err and "Traceback" not in err and "Exception ignored" not in err, err

@@ -7,7 +7,8 @@ Every command of the CLI runs inside :class:`GuardedGroup`, so a new command get
 - Ctrl-C exits 130, SIGTERM/SIGHUP 128 + signal (mergelab.signals), after the cleanups have run;
 - anything else (a bug, or a failure nobody anticipated) prints one paragraph naming the exception and
   asking for ``--debug``, which shows the traceback (so does ``MERGELAB_DEBUG=1``);
-- warnings print as ``warning: ...`` lines, not as Python's ``file:line: UserWarning`` blocks.
+- warnings print as ``warning: ...`` lines, not as Python's ``file:line: UserWarning`` blocks;
+- a reader that leaves our output (``mergelab merge --help | head``) stops the command quietly with exit 1.
 
 User text (paths, tensor names, device names) goes through :func:`plain`: rich would otherwise read
 ``[red]`` as markup (and raise on ``[/x]``) and ``:smile:`` as an emoji code.
@@ -114,5 +115,11 @@ class GuardedGroup(TyperGroup):
                 return super().invoke(ctx)
         except (typer.Exit, typer.Abort, TyperException, SystemExit):
             raise  # typer's own exits and usage errors (exit 2) print themselves
+        except BrokenPipeError as exc:
+            if exc.filename is not None:
+                raise typer.Exit(print_error(exc, debug=debug_requested(ctx))) from None
+            # whoever read our output left (`mergelab merge --help | head`): typer exits 1 without a word, as
+            # click, git and coreutils do; "Broken pipe; check the path" would name no path of the user's
+            raise
         except BaseException as exc:  # the one place that turns every error into a message
             raise typer.Exit(print_error(exc, debug=debug_requested(ctx))) from None
