@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # vs_mergekit, beside this file
-from vs_mergekit import METHODS, build_models, config_for, io_floor, settle
+from vs_mergekit import IDLE_S, METHODS, build_models, config_for, io_floor, settle
 
 from mergelab.io.writer import parse_size
 
@@ -47,8 +47,10 @@ def _group(thread_name: str) -> str:
     return next((g for g in GROUPS if thread_name.startswith(g)), "other")
 
 
-def one_merge(cfg_path: Path, out: Path) -> dict[str, float]:
-    """Run one merge in this process: wall seconds, process CPU seconds and CPU seconds per thread group."""
+def one_merge(cfg_path: Path, out: Path, direct_io: bool = False, idle_s: float = 0.0) -> dict[str, float]:
+    """Run one merge in this process: wall seconds, process CPU seconds and CPU seconds per thread group.
+    ``idle_s``: seconds of quiet before the merge (vs_mergekit.IDLE_S: the memory the output goes into is then
+    what the VM has handed back to its host, as the floor's)."""
     from mergelab.kernels.dispatch import warm_up
     from mergelab.merge.allocator import recycle_freed_memory
     from mergelab.merge.engine import run_merge
@@ -67,14 +69,15 @@ def one_merge(cfg_path: Path, out: Path) -> dict[str, float]:
                 per_group[_group(self.name)] += time.thread_time()
 
     threading.Thread.run = timed_run  # type: ignore[method-assign]
+    time.sleep(idle_s)
     wall, cpu, main = time.perf_counter(), time.process_time(), time.thread_time()
-    run_merge(cfg_path, out, progress=False)
+    run_merge(cfg_path, out, progress=False, direct_io=direct_io)
     per_group["MainThread"] += time.thread_time() - main
     result = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
     return result | {g: per_group.get(g, 0.0) for g in (*GROUPS, "other")}
 
 
-def measure(method: str, work: Path) -> dict[str, float]:
+def measure(method: str, work: Path, extra: list[str]) -> dict[str, float]:
     paths = [work / n for n in ("base", "ft1", "ft2")]
     cfg_path = work / f"{method}.yml"
     cfg_path.write_text(yaml.safe_dump(config_for(method, paths), sort_keys=False))
@@ -85,7 +88,7 @@ def measure(method: str, work: Path) -> dict[str, float]:
     for _ in range(2):
         shutil.rmtree(out, ignore_errors=True)
         settle()
-        proc = subprocess.run([sys.executable, __file__, "--one", str(cfg_path), "--out", str(out)], env=env,
+        proc = subprocess.run([sys.executable, __file__, "--one", str(cfg_path), "--out", str(out), *extra], env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{method}: {proc.stderr[-2000:]}")
@@ -114,20 +117,24 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/mergelab-bench"))
     ap.add_argument("--report", type=Path, nargs="?", const=True, default=None,
                     help="append the table to this Markdown file (no value: results/<date>.md)")
+    ap.add_argument("--direct-io", action="store_true", help="merge with run_merge(direct_io=True)")
+    ap.add_argument("--idle", type=float, default=IDLE_S,
+                    help="seconds of quiet before each timed merge and floor (vs_mergekit.IDLE_S)")
     ap.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one is not None:
-        print(json.dumps(one_merge(args.one, args.out)))
+        print(json.dumps(one_merge(args.one, args.out, args.direct_io, args.idle)))
         return
     work = args.work / args.size
     paths = build_models(work, parse_size(args.size))
     in_bytes = sum(f.stat().st_size for p in paths for f in p.glob("*.safetensors"))
     out_bytes = sum(f.stat().st_size for f in paths[0].glob("*.safetensors"))
-    floor = min(io_floor(paths, out_bytes, work / "scratch") for _ in range(3))
+    floor = min(io_floor(paths, out_bytes, work / "scratch", idle_s=args.idle) for _ in range(3))
+    extra = ["--idle", str(args.idle)] + (["--direct-io"] if args.direct_io else [])
     rows = {}
     for method in args.methods:
-        rows[method] = measure(method, work)
+        rows[method] = measure(method, work, extra)
         r = rows[method]
         print(f"  {method:16s} wall {r['wall']:6.2f} s  CPU {r['cpu']:6.2f} s  main {r['MainThread']:.2f}  "
               f"read {r['mergelab-read']:.2f}  merge {r['mergelab-merge']:.2f}  pass {r['mergelab-pass']:.2f}  "

@@ -35,8 +35,17 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from mergelab.io.output_file import open_output_file
 from mergelab.io.writer import parse_size, write_state_dict
 
+# This VM (a Firecracker guest with free page reporting: /sys/module/page_reporting) hands memory that stayed free
+# for about a second back to its host, and a write into such memory waits for the host to back every page: a new
+# 0.47 GiB file took 0.8-1.35 s to write that way and 0.09-0.46 s right after another file was deleted
+# (benchmarks/page_backing.py, 2026-12-03 01:05 UTC). A merge's output meets the first kind unless a file was
+# deleted just before; the floor's back-to-back runs had met the second, and each engine run a mixture (3 x 2 GB
+# linear: 1.81-3.33 s in three runs). Both are timed after IDLE_S seconds of quiet, in the same state; the floor
+# of back-to-back runs is kept beside it as the *hot* floor.
+IDLE_S = 3.0
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "slerp", "model_stock")
 RANDOM = ("dare_ties", "della")  # random masks: mergekit and mergelab draw them from different generators
 
@@ -148,19 +157,22 @@ from mergelab.merge.engine import run_merge
 from mergelab.kernels.dispatch import warm_up
 recycle_freed_memory()  # as the CLI does
 warm_up()  # the compiled loops load once per process, like an import (kernels_seconds)
+time.sleep(float(sys.argv[4]))  # IDLE_S: the output's memory in the floor's state
 start = time.perf_counter()
-run_merge(sys.argv[1], sys.argv[2], progress=False, device=sys.argv[3])
+run_merge(sys.argv[1], sys.argv[2], progress=False, device=sys.argv[3], direct_io=sys.argv[5] == "direct")
 print(time.perf_counter() - start)
 """
 
 
-def engine_seconds(cfg_path: Path, out: Path, device: str, hash_cache: Path) -> float:
-    """Seconds of ``run_merge`` alone, timed inside a fresh process: the CLI's wall time less the start of
-    Python and the import of torch (which every torch-based tool pays; see ``import_seconds``). Input
-    digests come from the warm ``hash_cache``."""
+def engine_seconds(cfg_path: Path, out: Path, device: str, hash_cache: Path, idle_s: float = IDLE_S,
+                   direct_io: bool = False) -> float:
+    """Seconds of ``run_merge`` alone, timed inside a fresh process after ``idle_s`` of quiet: the CLI's wall
+    time less the start of Python and the import of torch (which every torch-based tool pays; see
+    ``import_seconds``). Input digests come from the warm ``hash_cache``."""
     shutil.rmtree(out, ignore_errors=True)
     settle()
-    done = subprocess.run([sys.executable, "-c", _ENGINE_ONLY, str(cfg_path), str(out), device],
+    done = subprocess.run([sys.executable, "-c", _ENGINE_ONLY, str(cfg_path), str(out), device, str(idle_s),
+                           "direct" if direct_io else "buffered"],
                           capture_output=True, text=True, check=True,
                           env={**os.environ, "MERGELAB_HASH_CACHE": str(hash_cache)})
     shutil.rmtree(out, ignore_errors=True)
@@ -190,8 +202,10 @@ def settle() -> None:
     os.sync()
 
 
-def io_floor(paths: list[Path], out_bytes: int, scratch: Path) -> float:
-    """Seconds to read every input file once and write ``out_bytes`` (the floor for a streamed merge).
+def io_floor(paths: list[Path], out_bytes: int, scratch: Path, idle_s: float = 0.0, direct: bool = False) -> float:
+    """Seconds to read every input file once and write ``out_bytes`` (the floor for a streamed merge), timed
+    after ``idle_s`` of quiet (``IDLE_S``: the output goes into memory the VM has handed back to its host);
+    ``direct``: written with ``O_DIRECT`` as ``--direct-io`` writes (io/output_file.py), buffered if refused.
 
     One 16 MiB buffer serves every read and every write: a fresh zero-filled ``bytearray`` per read and a sliced
     copy of the block per write had made the floor itself 2.3x as long at 3 x 0.5 GB (0.75 s against 0.32 s,
@@ -201,16 +215,17 @@ def io_floor(paths: list[Path], out_bytes: int, scratch: Path) -> float:
     view = memoryview(buf)
     scratch.mkdir(parents=True, exist_ok=True)
     settle()
+    time.sleep(idle_s)
     start = time.perf_counter()
     for p in paths:
         for f in sorted(p.glob("*.safetensors")):
             with open(f, "rb") as fh:
                 while fh.readinto(buf):
                     pass
-    with open(scratch / "floor.bin", "wb") as fh:
-        left = out_bytes
-        while left > 0:
-            left -= fh.write(view[: min(left, len(buf))])
+    out = open_output_file(scratch / "floor.bin", direct=direct)
+    for offset in range(0, out_bytes, len(buf)):
+        out.write_at(view[: min(out_bytes - offset, len(buf))], offset)
+    out.close()
     elapsed = time.perf_counter() - start
     (scratch / "floor.bin").unlink()
     return elapsed
@@ -247,9 +262,16 @@ def measure_size(size_text: str, args: argparse.Namespace,
     in_bytes = sum(f.stat().st_size for f in inputs)
     out_bytes = sum(f.stat().st_size for f in paths[0].glob("*.safetensors"))
     io_floor(paths, 0, work / "scratch")  # warm the page cache once
-    # The fastest of 5: the floor is a lower bound, and 10 back-to-back runs at 3 × 0.5 GB took 0.29-1.75 s on
-    # this VM (2026-12-02 15:20 UTC; the median of 3 had given 0.24 s and 0.63 s an hour apart).
-    floor = min(io_floor(paths, out_bytes, work / "scratch") for _ in range(5))
+    # The fastest of several: the floor is a lower bound, and 10 back-to-back runs at 3 × 0.5 GB took 0.29-1.75 s
+    # on this VM (2026-12-02 15:20 UTC; the median of 3 had given 0.24 s and 0.63 s an hour apart). Back to back,
+    # each run writes into the memory the last one freed (hot); after IDLE_S, into memory handed back (IDLE_S).
+    floor_hot = min(io_floor(paths, out_bytes, work / "scratch") for _ in range(5))
+    floor = min(io_floor(paths, out_bytes, work / "scratch", idle_s=args.idle) for _ in range(3))
+    floor_direct = min((io_floor(paths, out_bytes, work / "scratch", idle_s=args.idle, direct=True)
+                        for _ in range(3 if args.direct_io else 0)), default=float("nan"))
+    floors = (floor, floor_hot, floor_direct)
+    print(f"  I/O floor {floor:.2f} s after {args.idle:g} s of quiet, {floor_hot:.2f} s back to back, "
+          f"{floor_direct:.2f} s with O_DIRECT", flush=True)
     torch_import = statistics.median(import_seconds() for _ in range(3))
     kernels_s = statistics.median(kernels_seconds() for _ in range(3))
     hash_cache = work / "hash-cache"
@@ -293,51 +315,66 @@ def measure_size(size_text: str, args: argparse.Namespace,
         # The fastest of several, as for the floor: the same 2 GB buffered write took 0.63-7.05 s of CPU in 8
         # back-to-back runs on this VM (2026-12-02 19:55 UTC), so one engine run against the floor's fastest
         # compared a slow write with a fast one. Every run is kept in the record.
-        engine_runs = [engine_seconds(cfg_path, work / f"out-engine-{method}", args.device, hash_cache)
+        engine_runs = [engine_seconds(cfg_path, work / f"out-engine-{method}", args.device, hash_cache, args.idle)
                        for _ in range(args.engine_repeats)]
         engine = min(engine_runs)
+        direct_runs = [engine_seconds(cfg_path, work / f"out-engine-{method}", args.device, hash_cache, args.idle,
+                                      direct_io=True) for _ in range(args.engine_repeats if args.direct_io else 0)]
         diff = max_abs_diff(work / f"out-mergelab-{method}", work / f"out-mergekit-{method}")
         (ml_t, ml_m), (mk_t, mk_m) = results["mergelab"], results["mergekit"]
         rows.append({"method": method, "mergelab_s": ml_t, "mergekit_s": mk_t, "time_ratio": ml_t / mk_t,
                      "floor_ratio": ml_t / floor, "engine_s": engine, "engine_runs_s": engine_runs,
-                     "engine_floor_ratio": engine / floor,
+                     "engine_floor_ratio": engine / floor, "engine_hot_floor_ratio": engine / floor_hot,
+                     "engine_direct_runs_s": direct_runs,
                      "mergelab_rss_mib": ml_m / 2**20, "mergekit_rss_mib": mk_m / 2**20,
                      "rss_ratio": ml_m / mk_m, "max_abs_diff": diff, "mergelab_cpu_s": cpu_s["mergelab"],
                      "mergekit_cpu_s": cpu_s["mergekit"],
                      "load": (load_before, os.getloadavg()[0])})
-        print(f"  {method:16s} engine    {engine:7.2f} s  ({engine / floor:.2f}x floor; slowest of "
-              f"{len(engine_runs)} {max(engine_runs):.2f} s)", flush=True)
+        print(f"  {method:16s} engine    {engine:7.2f} s  ({engine / floor:.2f}x floor, {engine / floor_hot:.2f}x "
+              f"hot floor; slowest of {len(engine_runs)} {max(engine_runs):.2f} s)"
+              + (f"; --direct-io {min(direct_runs):.2f} s ({min(direct_runs) / floor_direct:.2f}x direct floor)"
+                 if direct_runs else ""), flush=True)
         for tool in ("mergelab", "mergekit"):
             shutil.rmtree(work / f"out-{tool}-{method}", ignore_errors=True)
         if on_method is not None:  # the report so far: a long run cut short still leaves its numbers
-            on_method(*_section(size_text, in_bytes, floor, torch_import, kernels_s, hash_s, rows, args))
-    return _section(size_text, in_bytes, floor, torch_import, kernels_s, hash_s, rows, args)
+            on_method(*_section(size_text, in_bytes, floors, torch_import, kernels_s, hash_s, rows, args))
+    return _section(size_text, in_bytes, floors, torch_import, kernels_s, hash_s, rows, args)
 
 
-def _section(size_text: str, in_bytes: int, floor: float, torch_import: float, kernels_s: float, hash_s: float,
-             rows: list[dict], args: argparse.Namespace) -> tuple[str, dict]:
+def _section(size_text: str, in_bytes: int, floors: tuple[float, float, float], torch_import: float,
+             kernels_s: float, hash_s: float, rows: list[dict], args: argparse.Namespace) -> tuple[str, dict]:
+    floor, floor_hot, floor_direct = floors
     header = (f"Merging 3 models of {in_bytes / 3 / 1e9:.2f} GB each (bf16, Llama-style, safetensors in 1 GB shards), "
-              f"device {args.device}, {os.cpu_count()} CPUs, torch {torch.__version__}. I/O floor (fastest of 5: "
-              f"read inputs once + write one output, warm cache): {floor:.2f} s. `import torch` alone: "
+              f"device {args.device}, {os.cpu_count()} CPUs, torch {torch.__version__}. I/O floor (read inputs once + "
+              f"write one output, warm cache; the fastest of 3 runs, each after {args.idle:g} s of quiet, when this "
+              f"VM has handed freed memory back to its host, as a merge meets it): {floor:.2f} s; *hot* floor "
+              f"(the fastest of 5 back-to-back runs, each writing into the memory the last one freed): "
+              f"{floor_hot:.2f} s; *direct* floor (as the floor, the output written with O_DIRECT): "
+              f"{floor_direct:.2f} s. `import torch` alone: "
               f"{torch_import:.2f} s. Loading mergelab's compiled loops (numba, after torch): {kernels_s:.2f} s. "
               f"sha256 of all inputs (cold, one thread): {hash_s:.2f} s. *mergelab s*: `mergelab merge` with the hash "
               "cache off (every input hashed); *engine* = `run_merge` timed inside the process (no interpreter start, "
               "imports or loading of the compiled loops), digests from the warm hash cache, the fastest of "
-              f"{args.engine_repeats} runs as the floor is the fastest of its 5 (*slowest*: the slowest of them). "
+              f"{args.engine_repeats} runs, each after {args.idle:g} s of quiet like the floor (*slowest*: the "
+              "slowest of them); *direct*: the same with `--direct-io`, over the direct floor. "
               "*load*: 1-minute load average before/after the method (2 cores: above 2 means other processes were "
               "waiting for them).\n\n")
     table = ("| method | mergelab s | mergekit s | time mergelab/mergekit | mergelab/floor | engine s | engine/floor "
-             "| engine slowest s | CPU s mergelab / mergekit | mergelab peak RSS MiB | mergekit peak RSS MiB "
-             "| RSS mergelab/mergekit | max abs diff | load |\n" + "|---" * 14 + "|\n")
+             "| engine/hot floor | engine slowest s | direct s | direct/floor | CPU s mergelab / mergekit "
+             "| mergelab peak RSS MiB | mergekit peak RSS MiB | RSS mergelab/mergekit | max abs diff | load |\n"
+             + "|---" * 17 + "|\n")
     for r in rows:
         diff = "random masks differ" if r["method"] in RANDOM else f"{r['max_abs_diff']:.3g}"
+        fastest = min(r["engine_direct_runs_s"], default=None)
+        direct = "– | –" if fastest is None else f"{fastest:.2f} | {fastest / floor_direct:.2f}"
         table += (f"| {r['method']} | {r['mergelab_s']:.2f} | {r['mergekit_s']:.2f} | {r['time_ratio']:.2f} | "
                   f"{r['floor_ratio']:.2f} | {r['engine_s']:.2f} | {r['engine_floor_ratio']:.2f} | "
-                  f"{max(r['engine_runs_s']):.2f} | "
+                  f"{r['engine_hot_floor_ratio']:.2f} | {max(r['engine_runs_s']):.2f} | {direct} | "
                   f"{r['mergelab_cpu_s']:.1f} / {r['mergekit_cpu_s']:.1f} | "
                   f"{r['mergelab_rss_mib']:.0f} | {r['mergekit_rss_mib']:.0f} | "
                   f"{r['rss_ratio']:.2f} | {diff} | {r['load'][0]:.1f}/{r['load'][1]:.1f} |\n")
-    summary = {"size": size_text, "floor_s": floor, "torch_import_s": torch_import, "kernels_load_s": kernels_s,
+    summary = {"size": size_text, "floor_s": floor, "floor_hot_s": floor_hot, "floor_direct_s": floor_direct,
+               "idle_s": args.idle, "torch_import_s": torch_import, "kernels_load_s": kernels_s,
                "hash_s": hash_s, "rows": rows}
     return f"## 3 × {size_text}\n\n" + header + table, summary
 
@@ -350,6 +387,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per tool and method (median reported)")
     ap.add_argument("--engine-repeats", type=int, default=3,
                     help="engine-only runs per method (the fastest reported, as for the I/O floor)")
+    ap.add_argument("--idle", type=float, default=IDLE_S,
+                    help="seconds of quiet before each timed floor and engine run (see IDLE_S)")
+    ap.add_argument("--direct-io", action="store_true", help="also time the engine with --direct-io")
     ap.add_argument("--report", type=Path, default=None, help="Markdown output (default benchmarks/results/<date>.md)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()

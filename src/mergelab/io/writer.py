@@ -13,10 +13,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
+from mergelab.io.output_file import OutputFile, open_output_file
 from mergelab.io.readers import TensorMeta
 from mergelab.io.safetensors_file import SAFETENSORS_DTYPES
 from mergelab.io.safetensors_header import FORMAT_DTYPES
@@ -103,18 +103,24 @@ class StreamingSafetensorsWriter:
     """Write tensors, in the plan's order, into the shard files of ``folder``.
 
     ``write`` must be called once per planned tensor in plan order with the planned shape and dtype;
-    ``close`` checks that every tensor was written and writes the index for sharded output.
+    ``close`` checks that every tensor was written and writes the index for sharded output. ``direct``:
+    write the shards with ``O_DIRECT`` where the file system takes it (io/output_file.py says when that pays);
+    ``direct_io`` then says whether every shard got it.
     """
 
-    def __init__(self, folder: Path, plan: ShardPlan, metadata: Mapping[str, str] | None = None) -> None:
+    def __init__(self, folder: Path, plan: ShardPlan, metadata: Mapping[str, str] | None = None, *,
+                 direct: bool = False) -> None:
         self.folder = folder
         self.plan = plan
         self.metadata = dict(metadata or {"format": "pt"})
+        self.direct = direct
+        self.direct_io = direct
         self._order: list[tuple[int, str]] = [(i, n) for i, s in enumerate(plan.shards) for n in s.names]
         self._next = 0
-        self._file: BinaryIO | None = None
+        self._file: OutputFile | None = None
         self._shard = -1
         self._partial = 0  # bytes of the current tensor written so far (write_part)
+        self._position = 0  # file offset of the next byte of the current tensor
         self._offsets: dict[str, int] = {}  # tensor -> file offset of its data, in the open shard
         self.bytes_written = 0
 
@@ -122,9 +128,10 @@ class StreamingSafetensorsWriter:
         if self._file is not None:
             self._file.close()
         self._shard = index
-        self._file = open(self.folder / self.plan.filenames()[index], "wb")  # noqa: SIM115 (closed in close())
+        self._file = open_output_file(self.folder / self.plan.filenames()[index], direct=self.direct)
+        self.direct_io = self.direct_io and self._file.direct
         header = self.plan.header(index, self.metadata)
-        self._file.write(header)
+        self._file.write_at(memoryview(header), 0)
         self._offsets = {name: len(header) + offset for name, offset in self.plan.layout(index).items()}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -156,14 +163,14 @@ class StreamingSafetensorsWriter:
         if shard != self._shard:
             self._open_shard(shard)
         if self._partial == 0:
-            assert self._file is not None
-            self._file.seek(self._offsets[name])
+            self._position = self._offsets[name]
         return self.plan.metas[name]
 
     def _put(self, meta: TensorMeta, tensor: torch.Tensor) -> None:
         assert self._file is not None
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        self._file.write_at(memoryview(data), self._position)
+        self._position += data.nbytes
         self._partial += data.nbytes
         self.bytes_written += data.nbytes
         if self._partial == meta.nbytes:
@@ -187,7 +194,7 @@ class StreamingSafetensorsWriter:
 
     def abort(self) -> None:
         if self._file is not None:
-            self._file.close()
+            self._file.abandon()
             self._file = None
 
 

@@ -295,6 +295,7 @@ def run_merge(
     intermediate_dir: str | Path | None = None,
     record_extra: Mapping[str, Any] | None = None,
     observer: TensorObserver | None = None,
+    direct_io: bool = False,
 ) -> MergeResult:
     """Merge the checkpoints described by ``config`` into the folder ``out_dir``.
 
@@ -304,6 +305,8 @@ def run_merge(
     A multi-document YAML is a multi-stage merge (merge/stages.py): named stages go to ``intermediate_dir``
     (kept) or a temporary folder. ``record_extra``: more keys for ``mergelab.json``. ``observer``: sees each
     merged tensor whole with its inputs (:class:`TensorObserver`) and writes its files beside the merge.
+    ``direct_io``: write the weights with ``O_DIRECT`` where the file system takes it (io/output_file.py: on
+    a VM that hands free memory back to its host, 5x faster than through the page cache); the same bytes.
     """
     if isinstance(config, (str, Path)) and (docs := read_stage_documents(Path(config))) is not None:
         if observer is not None:
@@ -313,7 +316,8 @@ def run_merge(
         def run_one(stage: dict[str, Any], target: Path, extra: Mapping[str, Any] | None = None) -> MergeResult:
             return run_merge(stage, target, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
                              allow_nonfinite=allow_nonfinite, progress=progress, hash_inputs=hash_inputs,
-                             take_missing_from=take_missing_from, model_card=model_card, record_extra=extra)
+                             take_missing_from=take_missing_from, model_card=model_card, record_extra=extra,
+                             direct_io=direct_io)
         if Path(out_dir).exists() and not overwrite:
             raise OutputExistsError(f"{out_dir} exists; pass --overwrite to replace it")
         return run_stages(Path(config), docs, Path(out_dir), intermediate_dir=intermediate_dir, run_one=run_one)
@@ -361,7 +365,7 @@ def run_merge(
                 for f in reader.files:
                     if str(f) not in hashes:
                         hashes[str(f)] = DIGESTS.acquire(f)
-        result = _stream(plan, tmp, cfg, dev, shard_bytes, allow_nonfinite, progress, observer)
+        result = _stream(plan, tmp, cfg, dev, shard_bytes, allow_nonfinite, progress, observer, direct_io)
         copied = _copy_model_files(plan, tmp, cfg.output_dtype)
         record = {
             "mergelab_version": _version(),
@@ -378,6 +382,8 @@ def run_merge(
             "num_layers": plan.num_layers,
             "tensors": result[0],
             "bytes": result[1],
+            # how the weights were written (asked for O_DIRECT and got it, or through the page cache)
+            "direct_io": result[2],
             "copied_files": copied,
             "warnings": plan.warnings,
             "inputs_sha256": {k: v.result()[0] for k, v in hashes.items()},
@@ -424,10 +430,12 @@ def _version() -> str:
 
 
 def _stream(plan: MergePlan, tmp: Path, cfg: MergeConfig, dev: torch.device | None, shard_bytes: int,
-            allow_nonfinite: bool, show_progress: bool, observer: TensorObserver | None = None) -> tuple[int, int]:
+            allow_nonfinite: bool, show_progress: bool, observer: TensorObserver | None = None,
+            direct_io: bool = False) -> tuple[int, int, bool]:
     thresholds = _global_thresholds(plan, dev) if plan.global_densities is not None else None
     writer = StreamingSafetensorsWriter(tmp, ShardPlan.build(plan.out_metas, shard_bytes),
-                                        metadata={"format": "pt", "mergelab_method": cfg.merge_method})
+                                        metadata={"format": "pt", "mergelab_method": cfg.merge_method},
+                                        direct=direct_io)
     problems: list[str] = []
     try:
         # One torch thread for the whole stream. Its ops are small (1 Mi-entry pieces) and its parallelism is
@@ -446,7 +454,7 @@ def _stream(plan: MergePlan, tmp: Path, cfg: MergeConfig, dev: torch.device | No
         writer.abort()
         raise CompatibilityError(problems)
     writer.close()
-    return len(plan.names), sum(m.nbytes for m in plan.out_metas.values())
+    return len(plan.names), sum(m.nbytes for m in plan.out_metas.values()), writer.direct_io
 
 
 @dataclass(frozen=True)
