@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 
 import mergelab.io.output_file as output_file
-from cli_helpers import assert_ok, assert_same_safetensors, run_cli, weighted_config, write_config
+from cli_helpers import (
+    assert_ok,
+    assert_refused,
+    assert_same_safetensors,
+    run_cli,
+    weighted_config,
+    write_config,
+)
 from mergelab.io.output_file import BufferedOutputFile, DirectOutputFile, open_output_file
 from mergelab.merge.engine import run_merge
 
@@ -135,3 +143,23 @@ def test_the_cli_flag_asks_for_direct_io(tmp_path: Path, sharded_family: tuple[P
     config = write_config(tmp_path, weighted_config("linear", base, fts))
     assert_ok(run_cli(config, tmp_path / "out", "--direct-io", "--no-hash"))
     assert asked and all(asked)
+
+
+def test_a_device_that_fills_up_under_direct_io_is_the_disk_full_error(
+        tmp_path: Path, sharded_family: tuple[Path, list[Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) > 5:  # the probe and a few blocks, then the device is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    base, fts = sharded_family
+    out = tmp_path / "out"
+    config = write_config(tmp_path, weighted_config("linear", base, fts))
+    assert_refused(run_cli(config, out, "--direct-io", "--no-hash", "--max-shard-size", "30KB"), out,
+                   "No space left on device", "temporary files were removed")
+    assert len(calls) > 5

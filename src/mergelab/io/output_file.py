@@ -142,7 +142,10 @@ class DirectOutputFile:
             self._pending.clear()
             os.close(fd)
             self._view.release()
-            self._stage.close()
+            try:
+                self._stage.close()
+            except BufferError:  # a slice of it is still held (by a failed write's traceback): unmapped with it
+                pass
 
 
 def open_output_file(path: Path, *, direct: bool) -> OutputFile:
