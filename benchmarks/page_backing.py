@@ -11,9 +11,9 @@ and the next write into it waits for the host to back every page again. This scr
 of the same size and pausing 0 ... 5 s, then after the longest pause with the writes split over two threads, and
 with ``O_DIRECT`` (no page cache: the device's speed), and prints each beside the write right after the free.
 
-Measured here (2026-12-03 00:40 UTC, Firecracker guest, 2 vCPUs, ``page_reporting_order`` 9): 0.5 GB written
-0.12-0.15 s right after the free and 1.2-2.05 s after a pause of 1 s or more (10-15x); two threads 1.23-1.62 s
-against one thread's 1.16-1.80 (the host backs the pages one at a time); ``O_DIRECT`` 0.33 s (1.6 GB/s).
+Measured here (2026-12-03, Firecracker guest, 2 vCPUs, ``page_reporting_order`` 9; medians of 3, 0.47 GiB):
+0.31 s right after the free (0.08-0.56), 0.76 s after 3 s, 0.80 s after 5 s, 1.00 s with two threads, 0.20 s
+with ``O_DIRECT`` (benchmarks/results/2026-12-03.md).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> None:
     for label, pause, how in cases:
         try:
             runs = [free_then_write(args.folder, nbytes, pause, **how) for _ in range(args.repeats)]
-        except OSError as err:  # O_DIRECT on a file system without it (tmpfs)
+        except OSError as err:  # O_DIRECT on a file system without it
             print(f"  {label:28s} not measured: {err}", file=sys.stderr)
             continue
         median = statistics.median(runs)

@@ -43,8 +43,10 @@ from mergelab.io.writer import parse_size, write_state_dict
 # 0.47 GiB file took 0.8-1.35 s to write that way and 0.09-0.46 s right after another file was deleted
 # (benchmarks/page_backing.py, 2026-12-03 01:05 UTC). A merge's output meets the first kind unless a file was
 # deleted just before; the floor's back-to-back runs had met the second, and each engine run a mixture (3 x 2 GB
-# linear: 1.81-3.33 s in three runs). Both are timed after IDLE_S seconds of quiet, in the same state; the floor
-# of back-to-back runs is kept beside it as the *hot* floor.
+# linear: 1.81-3.33 s in three runs). Both are timed after IDLE_S seconds of quiet, to meet the same state; the
+# floor of back-to-back runs is kept beside it as the *hot* floor. The quiet does not always make memory cold (at
+# 3 x 0.5 GB on 2026-12-03 the floor after it still wrote into backed memory), so --direct-io adds the one pair
+# the VM's state does not move: the engine with --direct-io over a floor that also writes with O_DIRECT.
 IDLE_S = 3.0
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "slerp", "model_stock")
 RANDOM = ("dare_ties", "della")  # random masks: mergekit and mergelab draw them from different generators

@@ -35,7 +35,7 @@ BLOCK = output_file._BLOCK
 def _direct_or_skip(path: Path) -> DirectOutputFile:
     try:
         return DirectOutputFile(path)
-    except OSError as exc:  # a file system without O_DIRECT (tmpfs): the fallback tests below cover it
+    except OSError as exc:  # a file system without O_DIRECT: the fallback tests below cover it
         pytest.skip(f"O_DIRECT refused under {path.parent}: {exc}")
     except AttributeError:
         pytest.skip("no O_DIRECT on this platform")

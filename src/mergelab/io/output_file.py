@@ -11,13 +11,14 @@ its inputs' cached pages instead of evicting them for its output.
 ``O_DIRECT`` takes only block-aligned buffers, offsets and lengths, while the engine writes each tensor at its
 own offset, in the merge's order rather than the file's. Whole blocks go through one page-aligned staging
 buffer; a block two writes share waits in memory until all its bytes are there; the last block is written
-padded and the file then cut to its size. File systems that refuse ``O_DIRECT`` (tmpfs, some network and FUSE
-file systems: ``EINVAL`` on open or on the first aligned write) get the buffered file instead, and the caller
-is told which it got.
+padded and the file then cut to its size. File systems that refuse ``O_DIRECT`` (tmpfs on older kernels,
+some network and FUSE file systems: ``EINVAL`` on open or on the first aligned write) get the buffered file
+instead, and the caller is told which it got.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -142,10 +143,9 @@ class DirectOutputFile:
             self._pending.clear()
             os.close(fd)
             self._view.release()
-            try:
+            # a slice of it may still be held (by a failed write's traceback): then it is unmapped with it
+            with contextlib.suppress(BufferError):
                 self._stage.close()
-            except BufferError:  # a slice of it is still held (by a failed write's traceback): unmapped with it
-                pass
 
 
 def open_output_file(path: Path, *, direct: bool) -> OutputFile:
