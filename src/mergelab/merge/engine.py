@@ -306,7 +306,8 @@ def run_merge(
     (kept) or a temporary folder. ``record_extra``: more keys for ``mergelab.json``. ``observer``: sees each
     merged tensor whole with its inputs (:class:`TensorObserver`) and writes its files beside the merge.
     ``direct_io``: write the weights with ``O_DIRECT`` where the file system takes it (io/output_file.py: on
-    a VM that hands free memory back to its host, 5x faster than through the page cache); the same bytes.
+    a VM that hands free memory back to its host, a new 0.47 GiB file took 0.20 s that way against 0.76 s through
+    the page cache); the same bytes.
     """
     if isinstance(config, (str, Path)) and (docs := read_stage_documents(Path(config))) is not None:
         if observer is not None:
