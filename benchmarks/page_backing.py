@@ -7,19 +7,21 @@ A merge writes its output into page-cache pages taken from free memory. On a vir
 driver reports free memory to the host (Linux free page reporting: ``/sys/module/page_reporting`` exists, and
 ``page_reporting_order`` gives the smallest block reported), a block free for about a second is handed back,
 and the next write into it waits for the host to back every page again. This script writes the same bytes
-(one reused buffer, 2 MiB per ``pwrite``, as the engine writes its pieces) into a new file after freeing a file
+(one reused 2 MiB piece at a time, through the engine's own output files) into a new file after freeing a file
 of the same size and pausing 0 ... 5 s, then after the longest pause with the writes split over two threads, and
 with ``O_DIRECT`` (no page cache: the device's speed), and prints each beside the write right after the free.
 
-Measured here (2026-12-03, Firecracker guest, 2 vCPUs, ``page_reporting_order`` 9; medians of 3, 0.47 GiB):
-0.31 s right after the free (0.08-0.56), 0.76 s after 3 s, 0.80 s after 5 s, 1.00 s with two threads, 0.20 s
-with ``O_DIRECT`` (benchmarks/results/2026-12-03.md).
+Measured here (2026-12-03, Firecracker guest, 2 vCPUs, ``page_reporting_order`` 9; 0.47 GiB): with raw
+``pwrite`` calls from one aligned buffer (this script's first version; medians of 3) 0.31 s right after the free
+(0.08-0.56), 0.76 s after 3 s, 0.80 s after 5 s, 1.00 s with two threads, 0.20 s with ``O_DIRECT``
+(benchmarks/results/2026-12-03.md); through the output files (``--pauses 0 3 --repeats 2``) 0.24 s, 1.36 s,
+1.47 s and 0.29 s (``O_DIRECT`` now including the staging copy the engine pays).
 """
 
 from __future__ import annotations
 
 import argparse
-import mmap
+import errno
 import os
 import statistics
 import sys
@@ -27,37 +29,40 @@ import threading
 import time
 from pathlib import Path
 
+from mergelab.io.output_file import open_output_file
 from mergelab.io.writer import parse_size
 
-_BLOCK = 1 << 21  # 2 MiB: the engine's 1 Mi-entry bf16 pieces
-_DIRECT_ALIGN = 4096
+_PIECE = 1 << 21  # 2 MiB: the engine's 1 Mi-entry bf16 pieces
 
 
 def write_file(path: Path, nbytes: int, *, threads: int = 1, direct: bool = False) -> float:
-    """Wall seconds to write ``nbytes`` into a new file at ``path`` in 2 MiB ``pwrite`` calls."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
-    buf = mmap.mmap(-1, _BLOCK)  # page-aligned, as O_DIRECT needs
-    buf.write(os.urandom(_BLOCK))
-    view = memoryview(buf)
-    offsets = list(range(0, nbytes - nbytes % _DIRECT_ALIGN, _BLOCK))
+    """Wall seconds to write ``nbytes`` into a new file at ``path`` in 2 MiB pieces, through the engine's own
+    output files (io/output_file.py: ``pwrite`` calls, or ``O_DIRECT`` blocks as ``--direct-io`` writes them).
+    Raises ``OSError`` where ``O_DIRECT`` is asked for and refused."""
+    if direct and threads != 1:
+        raise ValueError("the O_DIRECT file is written by one thread (its staging buffer is shared)")
+    piece = memoryview(os.urandom(_PIECE))
+    offsets = list(range(0, nbytes, _PIECE))
     start = time.perf_counter()
-    fd = os.open(path, flags, 0o644)
+    out = open_output_file(path, direct=direct)
+    if direct and not out.direct:
+        out.abandon()
+        raise OSError(errno.EINVAL, "O_DIRECT refused by the file system", str(path))
     try:
         def run(share: list[int]) -> None:
             for off in share:
-                os.pwrite(fd, view[: min(_BLOCK, nbytes - off) // _DIRECT_ALIGN * _DIRECT_ALIGN], off)
+                out.write_at(piece[: min(_PIECE, nbytes - off)], off)
 
         workers = [threading.Thread(target=run, args=(offsets[k::threads],)) for k in range(threads)]
         for w in workers:
             w.start()
         for w in workers:
             w.join()
-    finally:
-        os.close(fd)
-    elapsed = time.perf_counter() - start
-    view.release()
-    buf.close()
-    return elapsed
+        out.close()
+    except BaseException:
+        out.abandon()
+        raise
+    return time.perf_counter() - start
 
 
 def free_then_write(folder: Path, nbytes: int, pause_s: float, **how: object) -> float:

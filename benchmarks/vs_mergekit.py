@@ -225,6 +225,10 @@ def io_floor(paths: list[Path], out_bytes: int, scratch: Path, idle_s: float = 0
                 while fh.readinto(buf):
                     pass
     out = open_output_file(scratch / "floor.bin", direct=direct)
+    if direct and not out.direct:  # a buffered write labelled as the direct floor would mislead
+        out.abandon()
+        raise SystemExit(f"O_DIRECT refused under {scratch}: no direct floor there (drop --direct-io or pick "
+                         "another --work)")
     for offset in range(0, out_bytes, len(buf)):
         out.write_at(view[: min(out_bytes - offset, len(buf))], offset)
     out.close()
