@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from cli_helpers import (
     weighted_config,
     write_config,
 )
+from mergelab.errors import CompatibilityError
 from mergelab.io.readers import TensorMeta, open_checkpoint
 from mergelab.io.safetensors_file import SafetensorsFile
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, write_state_dict
@@ -387,6 +389,7 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_
     reads.clear()
     monkeypatch.setattr(slerp, "_CHUNK", 64)
     monkeypatch.setattr(model_stock, "_CHUNK", 64)
+    monkeypatch.setattr(engine, "_KEPT_BYTES", 0)  # no tensor small enough to keep (the next test keeps them)
     _merge(tmp_path, {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
                       "parameters": {"t": 0.4}}, "slerp")
     assert max(reads) == 64 * 4  # SLERP: its scalar pass reads chunks, its merge pieces
@@ -412,6 +415,49 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_
     _merge(tmp_path, {**weighted_config("breadcrumbs", base, fts), "parameters": {"density": 0.5, "rescale": True}},
            "breadcrumbs_rescale")
     assert max(reads) == largest  # with the rescale (L1 norms of each whole task vector): whole
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock", "dare_ties"])
+def test_a_small_tensor_is_read_once_by_its_scalar_pass_and_its_pieces_are_cut_from_that_read(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    base, fts = families["llama"]
+    config: dict[str, Any] = {"merge_method": method, "base_model": str(base),
+                              "models": [{"model": str(p)} for p in (fts[:1] if method == "slerp" else fts)],
+                              "parameters": {"t": 0.4} if method == "slerp" else {}}
+    if method == "dare_ties":
+        config = {**weighted_config("dare_ties", base, fts), "parameters": {"density": 0.5}}
+    read: dict[tuple[Path, str], int] = {}
+    real_read = SafetensorsFile._read
+
+    def spy(self: SafetensorsFile, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        read[self.path, name] = read.get((self.path, name), 0) + nbytes
+        return real_read(self, name, offset, nbytes)
+
+    monkeypatch.setattr(SafetensorsFile, "_read", spy)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 64)
+    monkeypatch.setattr(slerp, "_CHUNK", 48)  # the pass's chunks cross the pieces' edges
+    monkeypatch.setattr(model_stock, "_CHUNK", 48)
+    kept = _merge(tmp_path, config, "kept")
+    sizes = _tensor_sizes(base, *fts)
+    read_by_merge = {key: sizes[key] for key in read}
+    # every tensor of every input read exactly once, though SLERP's pass reads each chunk twice and the pieces
+    # read the inputs again; DARE's pass reads nothing, so its pieces read as usual: also once
+    assert read == read_by_merge
+    monkeypatch.setattr(engine, "_KEPT_BYTES", 0)
+    read.clear()
+    again = _merge(tmp_path, config, "read_again")
+    assert sum(read.values()) > sum(read_by_merge.values()) or method == "dare_ties"
+    assert_same_safetensors(kept, again)
+
+
+def _tensor_sizes(*folders: Path) -> dict[tuple[Path, str], int]:
+    """The bytes of each tensor of each safetensors file in ``folders``."""
+    sizes = {}
+    for path in (f for folder in folders for f in sorted(folder.glob("*.safetensors"))):
+        file = SafetensorsFile(path)
+        sizes.update({(path, name): e.nbytes for name, e in file.entries.items()})
+        file.close()
+    return sizes
 
 
 @pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "out_dtype": "bfloat16"},
@@ -602,3 +648,23 @@ def test_parameters_are_resolved_once_per_tensor_however_many_pieces(
     per_tensor = 1 + len(fts)  # linear: 'normalize' once, 'weight' per model
     assert sorted(set(calls)) == sorted(floating)
     assert len(calls) == per_tensor * len(floating)  # before: once per piece, 18,456 calls instead of 120
+
+
+def test_a_scalar_pass_that_fails_is_reported_naming_the_tensor_and_nothing_is_written(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, fts = families["llama"]
+    real_scalars = engine.tensor_scalars
+    failing = "model.layers.1.mlp.up_proj.weight"
+
+    def scalars(method: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == failing:
+            raise ValueError("no finite angle between these two tensors")
+        return real_scalars(method, name, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "tensor_scalars", scalars)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 64)  # streamed, its inputs kept by the pass that fails
+    config = {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
+              "parameters": {"t": 0.4}}
+    with pytest.raises(CompatibilityError, match=f"cannot merge tensor '{re.escape(failing)}': no finite angle"):
+        engine.run_merge(config, tmp_path / "out", progress=False, hash_inputs=False)
+    assert list(tmp_path.iterdir()) == []

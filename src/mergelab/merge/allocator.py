@@ -26,7 +26,7 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-_MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
+MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
 _TRIM_THRESHOLD = 512 << 20
 _ARENA_MAX = 1
 
@@ -40,6 +40,6 @@ def recycle_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     # mallopt returns 1 on success; musl's stub returns 0 and changes nothing
-    return all(mallopt(option, value) == 1 for option, value in ((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
+    return all(mallopt(option, value) == 1 for option, value in ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
                                                                  (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
                                                                  (_M_ARENA_MAX, _ARENA_MAX)))

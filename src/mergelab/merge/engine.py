@@ -14,12 +14,14 @@ Breadcrumbs (no rescale) streams the same way, its rule two-sided: the band of r
 keeps (:func:`~mergelab.methods.sparsify.band_of_keys`). Methods with a scalar pass (SLERP: two norms and a
 dot product; Model Stock: its task vectors' norms and pairwise dot products, summed in torch's order) stream
 like the element-wise ones, after that pass has read the inputs in flat ranges (:func:`_flat_source`): nothing
-of the tensor stays whole. DARE (density rescale or none) streams the same way: its "scalar pass" reads
-nothing and makes each model's random generator, which the pieces draw their masks from in order (the whole
-draw's numbers); so does DELLA, in pieces of whole rows (its keep probabilities are ranked within rows:
-:func:`_piece_unit`). Shards are written tensor by tensor (io.writer), never buffered. Safety: everything goes
-to a hidden temporary folder beside OUT_DIR, renamed into place only when complete; on any error the temporary
-folder is removed and an existing OUT_DIR is left untouched.
+of the tensor stays whole, except where its inputs are small (together at most ``_KEPT_BYTES``): those the
+pass reads once, whole, and the pieces are cut from them instead of being read again (:class:`_KeptInputs`).
+DARE (density rescale or none) streams the same way: its "scalar pass" reads nothing and makes each model's
+random generator, which the pieces draw their masks from in order (the whole draw's numbers); so does DELLA,
+in pieces of whole rows (its keep probabilities are ranked within rows: :func:`_piece_unit`). Shards are
+written tensor by tensor (io.writer), never buffered. Safety: everything goes to a hidden temporary folder
+beside OUT_DIR, renamed into place only when complete; on any error the temporary folder is removed and an
+existing OUT_DIR is left untouched.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import bisect
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import sys
+import threading
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,6 +59,7 @@ from mergelab.io.file_hashes import DIGESTS
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.kernels.dispatch import warm_up_in_background
+from mergelab.merge.allocator import MMAP_THRESHOLD
 from mergelab.merge.config import MergeConfig, load_config
 from mergelab.merge.core import FLOAT8_DTYPES, merge_tensor, one_thread, prepared, tensor_scalars
 from mergelab.merge.extra_files import copy_extra_files, refuse_outside
@@ -89,6 +94,15 @@ _MERGE_THREADS = 2
 # this size: loading costs ~0.5 CPU s, and the loops save ~0.45 CPU s per GB of input against eager torch
 # (linear, 3 bfloat16 inputs, 2026-12-02: benchmarks/kernels.py).
 _WARM_UP_BYTES = 1 << 30
+# A streamed tensor whose inputs together are at most this many bytes, none above the allocator's mmap
+# threshold (a fresh mapping is faulted in page by page: merge/allocator.py), is read once, whole, by its
+# whole-tensor pass, and its pieces are cut from what the pass read (:class:`_KeptInputs`).
+_KEPT_BYTES = 96 << 20
+# How many streamed tensors ahead of the pieces a scalar pass may run (a top-k pass: one, its keys and sort work
+# space being as large as the tensor). A scalar pass holds at most the kept inputs; with one, a large tensor's
+# pass beside a small tensor's pieces kept the merge threads waiting (Model Stock, 3 × 2 GB: 0.77–0.82 s with
+# only the pass running, 0.55–0.59 s with two; 2026-12-03, two alternations each).
+_SCALAR_PASSES_AHEAD = 2
 log = logging.getLogger(__name__)
 
 
@@ -546,17 +560,60 @@ def _merge_threads(plan: MergePlan, dev: torch.device | None) -> int:
     return min(_MERGE_THREADS, available_cores())
 
 
-def _flat_source(plan: MergePlan, name: str, compute_dtype: torch.dtype | None) -> FlatSource:
-    """The inputs of tensor ``name`` (base and models), read from the checkpoints in flat ranges on demand,
-    as the method gets them (:func:`~mergelab.merge.core.prepared`): what a scalar pass sees."""
-    base = plan.base
-    readers, _ = plan.inputs_for(name)
-    meta = plan.out_metas[name]
+Inputs = tuple[torch.Tensor | None, list[torch.Tensor]]  # flat ranges of the base (None without one) and models
 
-    def read(a: int, b: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        base_piece = prepared(base.get_flat(name, a, b), None, compute_dtype) if base is not None else None
-        return base_piece, [prepared(r.get_flat(name, a, b), None, compute_dtype) for r in readers]
-    return FlatSource(tuple(meta.shape), read)
+
+class _KeptInputs:
+    """The inputs of one streamed tensor as its checkpoints hold them, read whole the first time its
+    whole-tensor pass asks for a range, then sliced: for the pass's later ranges (SLERP reads every chunk
+    twice) and for the tensor's pieces, which the reader thread then cuts from here instead of reading the
+    files again. A pass that reads nothing (DARE's coins) leaves it empty, and the pieces are read as usual."""
+
+    def __init__(self, plan: MergePlan, name: str) -> None:
+        self._plan, self._name = plan, name
+        self._inputs: Inputs | None = None  # filled on the pass's thread; read by others once the pass is over
+
+    @staticmethod
+    def sizes(plan: MergePlan, name: str) -> list[int]:
+        """The bytes of each input of tensor ``name`` (base first)."""
+        readers = ([plan.base] if plan.base is not None else []) + plan.inputs_for(name)[0]
+        return [r.meta(name).nbytes for r in readers]
+
+    @staticmethod
+    def fits(plan: MergePlan, name: str) -> bool:
+        """Whether tensor ``name``'s inputs are small enough to keep (:data:`_KEPT_BYTES`)."""
+        sizes = _KeptInputs.sizes(plan, name)
+        return sum(sizes) <= _KEPT_BYTES and max(sizes, default=0) <= MMAP_THRESHOLD
+
+    def read(self, a: int, b: int) -> Inputs:
+        """Entries ``[a, b)`` of the flattened base and models (views of the whole tensors)."""
+        if self._inputs is None:
+            self._inputs = _read_flat(self._plan, self._name, 0, math.prod(self._plan.out_metas[self._name].shape))
+        base_t, tensors = self._inputs
+        return (base_t[a:b] if base_t is not None else None), [t[a:b] for t in tensors]
+
+    @property
+    def loaded(self) -> bool:
+        return self._inputs is not None
+
+
+def _read_flat(plan: MergePlan, name: str, a: int, b: int) -> Inputs:
+    """Entries ``[a, b)`` of the flattened inputs of tensor ``name``, read from the checkpoints."""
+    base = plan.base
+    return (base.get_flat(name, a, b) if base is not None else None,
+            [r.get_flat(name, a, b) for r in plan.inputs_for(name)[0]])
+
+
+def _flat_source(plan: MergePlan, name: str, compute_dtype: torch.dtype | None,
+                 kept: _KeptInputs | None = None) -> FlatSource:
+    """The inputs of tensor ``name`` (base and models), read in flat ranges on demand (from ``kept`` where
+    given, else from the checkpoints), as the method gets them (:func:`~mergelab.merge.core.prepared`): what
+    a scalar pass sees."""
+    def read(a: int, b: int) -> Inputs:
+        base_piece, pieces = kept.read(a, b) if kept is not None else _read_flat(plan, name, a, b)
+        return (prepared(base_piece, None, compute_dtype) if base_piece is not None else None,
+                [prepared(p, None, compute_dtype) for p in pieces])
+    return FlatSource(tuple(plan.out_metas[name].shape), read)
 
 
 def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, entries: int, *,
@@ -615,12 +672,12 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
 
 
 def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None,
-                       seed: int, threads: int = 1) -> dict[str, Any]:
+                       seed: int, threads: int = 1, kept: _KeptInputs | None = None) -> dict[str, Any]:
     """What each piece of tensor ``name`` needs of the whole tensor, as keywords of
     :func:`~mergelab.merge.core.merge_tensor`: the method's scalars, or each model's top-k rule (found on
-    up to ``threads`` threads)."""
+    up to ``threads`` threads). ``kept``: where the pass reads the inputs from and keeps them for the pieces."""
     if plan.method.scalar_pass is not None:
-        return {"scalars": tensor_scalars(plan.method, name, _flat_source(plan, name, compute_dtype),
+        return {"scalars": tensor_scalars(plan.method, name, _flat_source(plan, name, compute_dtype, kept),
                                           params=plan.params[name], compute_dtype=compute_dtype, seed=seed)}
     return {"topk": _topk_rules(plan, name, compute_dtype, _PIECE_ENTRIES, threads=threads)}
 
@@ -654,9 +711,13 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                 return reader.get(piece.name)
             return reader.get_flat(piece.name, piece.start, piece.stop)
 
-        base_t = get(base) if base is not None else None
-        readers, _ = plan.inputs_for(piece.name)
-        tensors = [get(r) for r in readers]
+        kept = kept_inputs(piece)
+        if kept is not None:
+            base_t, tensors = kept.read(piece.start, piece.stop)
+        else:
+            base_t = get(base) if base is not None else None
+            readers, _ = plan.inputs_for(piece.name)
+            tensors = [get(r) for r in readers]
         if piece.name in plan.input_models:  # token-indexed: rows put in the output vocabulary's order
             inputs = ([base_t] if base_t is not None else []) + tensors
             if cfg.compute_dtype is not None:  # mergekit fills missing rows in the config's dtype
@@ -686,26 +747,56 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
         ).to(out_dtypes[piece.name])
         return merged, 0 if allow_nonfinite else count_nonfinite(merged)
 
-    def whole_pass(name: str) -> dict[str, Any]:
-        return _whole_tensor_pass(plan, name, cfg.compute_dtype, cfg.seed, side_by_side)
+    def whole_pass(name: str) -> tuple[dict[str, Any], _KeptInputs | None]:
+        kept = _KeptInputs(plan, name) if name in keepable else None
+        return _whole_tensor_pass(plan, name, cfg.compute_dtype, cfg.seed, side_by_side, kept), kept
+
+    # Each streamed tensor's pass, submitted once (by the main thread, or by the reader thread that waits for
+    # what it kept) and dropped when the main thread moves on to the next streamed tensor.
+    keepable = {p.name for p in pieces if p.stop is not None and p.start == 0 and plan.method.scalar_pass is not None
+                and not plan.method.elementwise and _KeptInputs.fits(plan, p.name)}
+    passes: dict[str, Future[tuple[dict[str, Any], _KeptInputs | None]]] = {}
+    passes_lock = threading.Lock()
+
+    def pass_of(name: str) -> Future[tuple[dict[str, Any], _KeptInputs | None]]:
+        with passes_lock:
+            if name not in passes:
+                passes[name] = pass_pool.submit(whole_pass, name)
+            return passes[name]
+
+    def kept_inputs(piece: _Piece) -> _KeptInputs | None:
+        """What tensor ``piece.name``'s pass read and kept, once it has run; None where it kept nothing or
+        failed (the main thread reports that failure)."""
+        if piece.stop is None or piece.name not in keepable or nonfinite:  # after a bad input: only scans
+            return None
+        try:
+            kept = pass_of(piece.name).result()[1]
+        except Exception:  # reported where the main thread waits for the same pass
+            return None
+        return kept if kept is not None and kept.loaded else None
 
     # The whole-tensor pass of the next streamed tensor runs on its own thread while this one's pieces merge
     # (SLERP's and Model Stock's scalars, TIES' rules: at 3 × 2 GB the main thread spent 4.6 of SLERP's 8.4 s
     # and 8.2 of Model Stock's 12.5 on them while the merge threads waited; benchmarks/engine_threads.py),
-    # where the two tensors together are no larger than the largest, so that the peak does not grow.
+    # where the tensors together are no larger than the largest, so that the peak does not grow; a scalar
+    # pass runs up to _SCALAR_PASSES_AHEAD tensors ahead.
     first_pieces = [j for j, p in enumerate(pieces) if p.stop is not None and p.start == 0]
+    first_index = {pieces[j].name: j for j in first_pieces}
     largest = max((m.nbytes for m in plan.out_metas.values()), default=0)
-    ahead: dict[str, Future[dict[str, Any]]] = {}
+
+    ahead_count = _SCALAR_PASSES_AHEAD if plan.method.scalar_pass is not None else 1
 
     def pass_ahead(i: int) -> None:
-        """Start the pass of the streamed tensor after piece ``i``'s, if any and if it fits beside it."""
+        """Start the passes of the streamed tensors after piece ``i``'s, if any and if they fit beside it."""
         if side_by_side == 1:
             return
         after = bisect.bisect_right(first_pieces, i)
-        later = pieces[first_pieces[after]] if after < len(first_pieces) else None
-        this = plan.out_metas[pieces[i].name].nbytes
-        if later is not None and this + plan.out_metas[later.name].nbytes <= largest:
-            ahead[later.name] = pass_pool.submit(whole_pass, later.name)
+        total = plan.out_metas[pieces[i].name].nbytes
+        for j in first_pieces[after:after + ahead_count]:
+            total += plan.out_metas[pieces[j].name].nbytes
+            if total > largest:
+                break
+            pass_of(pieces[j].name)
 
     # Merged, not yet written: (piece, its merge, its inputs, their NaN/Inf counts if scanned), oldest first.
     in_flight: deque[tuple[_Piece, Future[tuple[torch.Tensor, int]], torch.Tensor | None, list[torch.Tensor],
@@ -793,8 +884,10 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             whole: dict[str, Any] = {}  # what a piece needs of its whole tensor
             if piece.stop is not None and not plan.method.elementwise:
                 if piece.start == 0:  # before the first piece: the pass over the whole tensor
-                    passing = ahead.pop(piece.name, None) or pass_pool.submit(whole_pass, piece.name)
-                    first_pass = {piece.name: method_result(piece.name, passing)}
+                    first_pass = {piece.name: method_result(piece.name, pass_of(piece.name))[0]}
+                    with passes_lock:  # the reader is past the tensors before this one: what they kept can go
+                        for name in [n for n in passes if first_index[n] < i]:
+                            del passes[name]
                     pass_ahead(i)
                 whole = first_pass[piece.name]
                 scalars = whole.get("scalars")
