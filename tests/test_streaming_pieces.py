@@ -25,6 +25,7 @@ from cli_helpers import (
     assert_refused,
     assert_same_safetensors,
     load_folder,
+    method_config,
     run_cli,
     save_model_folder,
     weighted_config,
@@ -421,11 +422,7 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_
 def test_a_small_tensor_is_read_once_by_its_scalar_pass_and_its_pieces_are_cut_from_that_read(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     base, fts = families["llama"]
-    config: dict[str, Any] = {"merge_method": method, "base_model": str(base),
-                              "models": [{"model": str(p)} for p in (fts[:1] if method == "slerp" else fts)],
-                              "parameters": {"t": 0.4} if method == "slerp" else {}}
-    if method == "dare_ties":
-        config = {**weighted_config("dare_ties", base, fts), "parameters": {"density": 0.5}}
+    config = method_config(method, base, fts)
     read: dict[tuple[Path, str], int] = {}
     real_read = SafetensorsFile._read
 
