@@ -128,3 +128,24 @@ def test_values_are_left_untouched_when_the_simulation_declines(monkeypatch: pyt
     monkeypatch.setattr(std_sort, "loops", lambda: None)  # the numpy replay, even where the compiled one is loaded
     assert sorted_ranks(values, 0, 20_000, descending=descending) is None
     assert np.array_equal(values, before) and len(calls) == 3
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kept_and_band_ties_are_the_same_with_a_dirty_positions_scratch(seed: int) -> None:
+    # the engine hands the replay one scratch for every tensor (merge/rank_workspace.py): what it held before
+    # must not matter, and one too small is not used
+    from mergelab.methods.std_sort import band_ties, kept_ties
+
+    rng = np.random.default_rng(300 + seed)
+    keys = (_bf16_magnitudes(int(rng.integers(1_000, 60_000)), seed) * 2**20).astype(np.int16)
+    n = keys.size
+    k = int(rng.integers(1, n))
+    threshold = int(np.sort(keys)[::-1][k - 1])
+    low, high = (int(x) for x in np.sort(keys)[[n // 4, n // 2 - 1]])
+    expected = kept_ties(keys, k, threshold), band_ties(keys, n // 4, n // 2, low, high)
+    for scratch in (np.full(4 * n, 0x5A, np.uint8), np.full(n, -7, np.int64), np.zeros(4 * n - 1, np.uint8)):
+        got = kept_ties(keys, k, threshold, positions=scratch), band_ties(keys, n // 4, n // 2, low, high,
+                                                                          positions=scratch)
+        assert expected[0] is not None and got[0] is not None and expected[1] is not None and got[1] is not None
+        assert np.array_equal(np.sort(got[0]), np.sort(expected[0]))
+        assert all(np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(got[1], expected[1], strict=True))

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,7 +120,9 @@ def test_breadcrumbs_pieces_with_rank_rules_give_the_whole_merge_bit_for_bit(
     for t, model_params in zip(tensors, params.model_params, strict=True):  # as engine._topk_rules finds them
         delta = task_vector(t, base, arithmetic_dtype(base)).reshape(-1)
         keys = magnitude_keys(delta)
-        rule = m.topk_pass.of_keys(keys.clone(), model_params) if keys is not None else None
+        # the engine's positions scratch is reused: dirty here
+        scratch = np.full(base.numel() * 8, 0xAB, np.uint8)
+        rule = m.topk_pass.of_keys(keys.clone(), model_params, scratch) if keys is not None else None
         rules.append(rule if rule is not None else TopK(None, kept=m.topk_pass.of_delta(delta, model_params)))
     whole = merge_tensor(m, name, tensors, base=base, params=params, seed=0).reshape(-1)
     flat = [t.reshape(-1) for t in tensors]
@@ -382,6 +385,7 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_
 
     monkeypatch.setattr(SafetensorsFile, "_read", spy)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 64)
+    monkeypatch.setattr(engine, "_KEPT_BYTES", 0)  # no tensor small enough to keep (the next test keeps them)
     _merge(tmp_path, weighted_config("linear", base, fts), "linear")
     assert reads and max(reads) == 64 * 4  # float32 inputs: no read larger than one piece
     reads.clear()
@@ -390,7 +394,6 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_
     reads.clear()
     monkeypatch.setattr(slerp, "_CHUNK", 64)
     monkeypatch.setattr(model_stock, "_CHUNK", 64)
-    monkeypatch.setattr(engine, "_KEPT_BYTES", 0)  # no tensor small enough to keep (the next test keeps them)
     _merge(tmp_path, {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
                       "parameters": {"t": 0.4}}, "slerp")
     assert max(reads) == 64 * 4  # SLERP: its scalar pass reads chunks, its merge pieces
@@ -418,8 +421,8 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_
     assert max(reads) == largest  # with the rescale (L1 norms of each whole task vector): whole
 
 
-@pytest.mark.parametrize("method", ["slerp", "model_stock", "dare_ties"])
-def test_a_small_tensor_is_read_once_by_its_scalar_pass_and_its_pieces_are_cut_from_that_read(
+@pytest.mark.parametrize("method", ["slerp", "model_stock", "dare_ties", "ties", "breadcrumbs"])
+def test_a_small_tensor_is_read_once_by_its_whole_tensor_pass_and_its_pieces_are_cut_from_that_read(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     base, fts = families["llama"]
     config = method_config(method, base, fts)
@@ -437,8 +440,9 @@ def test_a_small_tensor_is_read_once_by_its_scalar_pass_and_its_pieces_are_cut_f
     kept = _merge(tmp_path, config, "kept")
     sizes = _tensor_sizes(base, *fts)
     read_by_merge = {key: sizes[key] for key in read}
-    # every tensor of every input read exactly once, though SLERP's pass reads each chunk twice and the pieces
-    # read the inputs again; DARE's pass reads nothing, so its pieces read as usual: also once
+    # every tensor of every input read exactly once, though SLERP's pass reads each chunk twice, a top-k pass
+    # the base once per model, and the pieces read the inputs again; DARE's pass reads nothing, so its pieces
+    # read as usual: also once
     assert read == read_by_merge
     monkeypatch.setattr(engine, "_KEPT_BYTES", 0)
     read.clear()

@@ -15,7 +15,8 @@ keeps (:func:`~mergelab.methods.sparsify.band_of_keys`). Methods with a scalar p
 dot product; Model Stock: its task vectors' norms and pairwise dot products, summed in torch's order) stream
 like the element-wise ones, after that pass has read the inputs in flat ranges (:func:`_flat_source`): nothing
 of the tensor stays whole, except where its inputs are small (together at most ``_KEPT_BYTES``): those the
-pass reads once, whole, and the pieces are cut from them instead of being read again (:class:`_KeptInputs`).
+pass (a scalar or a top-k one) reads once, whole, and the pieces are cut from them instead of being read again
+(:class:`_KeptInputs`).
 DARE (density rescale or none) streams the same way: its "scalar pass" reads nothing and makes each model's
 random generator, which the pieces draw their masks from in order (the whole draw's numbers); so does DELLA,
 in pieces of whole rows (its keep probabilities are ranked within rows: :func:`_piece_unit`). Shards are
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import yaml
 from rich.progress import (
@@ -67,6 +69,7 @@ from mergelab.merge.install import check_replaces_nothing_owned, exists
 from mergelab.merge.install import install as _install
 from mergelab.merge.model_card import library_name, render_model_card
 from mergelab.merge.plan import MergePlan, count_nonfinite, nonfinite_message, plan_merge
+from mergelab.merge.rank_workspace import RankWorkspace
 from mergelab.merge.stages import read_stage_documents, run_stages
 from mergelab.merge.thresholds import global_threshold
 from mergelab.merge.tokenizer import write_tokenizer
@@ -566,8 +569,9 @@ Inputs = tuple[torch.Tensor | None, list[torch.Tensor]]  # flat ranges of the ba
 class _KeptInputs:
     """The inputs of one streamed tensor as its checkpoints hold them, read whole the first time its
     whole-tensor pass asks for a range, then sliced: for the pass's later ranges (SLERP reads every chunk
-    twice) and for the tensor's pieces, which the reader thread then cuts from here instead of reading the
-    files again. A pass that reads nothing (DARE's coins) leaves it empty, and the pieces are read as usual."""
+    twice; a top-k pass reads the base once per model) and for the tensor's pieces, which the reader thread
+    then cuts from here instead of reading the files again. A pass that reads nothing (DARE's coins) leaves
+    it empty, and the pieces are read as usual."""
 
     def __init__(self, plan: MergePlan, name: str) -> None:
         self._plan, self._name = plan, name
@@ -617,13 +621,16 @@ def _flat_source(plan: MergePlan, name: str, compute_dtype: torch.dtype | None,
 
 
 def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, entries: int, *,
-                threads: int = 1) -> list[TopK]:
+                threads: int = 1, kept: _KeptInputs | None = None,
+                workspace: RankWorkspace | None = None) -> list[TopK]:
     """Each model's exact top-k of its task vector ``name`` (the method's rank rule: TIES' top-k,
     Breadcrumbs' band), read in flat pieces of ``entries``: only the magnitude keys of one model's task
     vector are whole in memory (2 bytes per entry in bf16) with the sort replay's work space where ties
     straddle a kept rank's edge, instead of every input and the work space of a whole-tensor merge. Where
     keys cannot decide (NaN, float64), the task vector is made whole and the rule is its mask. ``threads``:
-    how many models' rules may be found at once (each on its own thread)."""
+    how many models' rules may be found at once (each on its own thread). ``kept``: the inputs are read from
+    there, whole and once (the base once for all models instead of once per model), and stay for the pieces.
+    ``workspace``: where the keys and the sort replay's positions go, instead of fresh memory."""
     assert plan.base is not None and plan.method.topk_pass is not None
     topk_pass = plan.method.topk_pass
     base = plan.base
@@ -631,33 +638,49 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
     params = plan.params[name]
     meta = plan.out_metas[name]
     numel = meta.nbytes // meta.dtype.itemsize
+    if kept is not None:
+        kept.read(0, 0)  # read here, before the models' threads share it
 
-    def task_vector_piece(reader: CheckpointReader, a: int, b: int) -> torch.Tensor:
-        base_piece = prepared(base.get_flat(name, a, b), None, compute_dtype)
-        return task_vector(prepared(reader.get_flat(name, a, b), None, compute_dtype), base_piece,
-                           arithmetic_dtype(base_piece, compute_dtype))
+    def inputs(i: int, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries ``[a, b)`` of the flat base and of model ``i``, as the method gets them."""
+        if kept is not None:
+            base_piece, pieces = kept.read(a, b)
+            assert base_piece is not None
+            return prepared(base_piece, None, compute_dtype), prepared(pieces[i], None, compute_dtype)
+        return (prepared(base.get_flat(name, a, b), None, compute_dtype),
+                prepared(readers[i].get_flat(name, a, b), None, compute_dtype))
 
-    def rule_of(reader: CheckpointReader, model_params: Mapping[str, Any]) -> TopK:
+    def task_vector_piece(i: int, a: int, b: int) -> torch.Tensor:
+        base_piece, piece = inputs(i, a, b)
+        return task_vector(piece, base_piece, arithmetic_dtype(base_piece, compute_dtype))
+
+    def rule_of(i: int, model_params: Mapping[str, Any]) -> TopK:
         keys: torch.Tensor | None = None
-        for a in range(0, numel, entries):
-            b = min(numel, a + entries)
-            base_piece = prepared(base.get_flat(name, a, b), None, compute_dtype)
-            arithmetic = arithmetic_dtype(base_piece, compute_dtype)
-            if keys is None:
-                spec = KEY_SPECS.get(arithmetic)
-                if spec is None:  # float64: no keys
+        positions: np.ndarray | None = None
+        slot = None  # of the workspace, where the keys and positions are
+        try:
+            for a in range(0, numel, entries):
+                b = min(numel, a + entries)
+                base_piece, piece = inputs(i, a, b)
+                arithmetic = arithmetic_dtype(base_piece, compute_dtype)
+                if keys is None:
+                    spec = KEY_SPECS.get(arithmetic)
+                    if spec is None:  # float64: no keys
+                        break
+                    slot = workspace.take(side_by_side, numel, spec[0]) if workspace is not None else None
+                    keys, positions = (slot[1], slot[2]) if slot is not None else (torch.empty(numel, dtype=spec[0]),
+                                                                                   None)
+                # written into the whole tensor's keys, in one compiled pass where the loops are loaded
+                if task_vector_keys(piece, base_piece, arithmetic, out=keys[a:b]) is None:  # a NaN
+                    keys = None
                     break
-                keys = torch.empty(numel, dtype=spec[0])
-            # written into the whole tensor's keys, in one compiled pass where the loops are loaded
-            if task_vector_keys(prepared(reader.get_flat(name, a, b), None, compute_dtype), base_piece, arithmetic,
-                                out=keys[a:b]) is None:  # a NaN
-                keys = None
-                break
-        rule = topk_pass.of_keys(keys, model_params) if keys is not None else None
-        del keys
+            rule = topk_pass.of_keys(keys, model_params, positions) if keys is not None else None
+        finally:
+            if slot is not None:
+                workspace.give_back(slot[0])  # type: ignore[union-attr]
+        del keys, positions, slot
         if rule is None:
-            delta = torch.cat([task_vector_piece(reader, a, min(numel, a + entries))
-                               for a in range(0, numel, entries)])
+            delta = torch.cat([task_vector_piece(i, a, min(numel, a + entries)) for a in range(0, numel, entries)])
             rule = TopK(None, kept=topk_pass.of_delta(delta, model_params).reshape(-1))
         return rule
 
@@ -665,21 +688,25 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
     # such work spaces fit in the largest tensor's, so the peak does not grow.
     largest = max(m.nbytes // m.dtype.itemsize for m in plan.out_metas.values())
     side_by_side = min(threads, len(readers)) if 2 * numel <= largest else 1
+    models = range(len(readers))
     if side_by_side == 1:
-        return [rule_of(r, p) for r, p in zip(readers, params.model_params, strict=True)]
+        return [rule_of(i, p) for i, p in zip(models, params.model_params, strict=True)]
     with ThreadPoolExecutor(max_workers=side_by_side, thread_name_prefix="mergelab-topk") as pool:
-        return list(pool.map(rule_of, readers, params.model_params))
+        return list(pool.map(rule_of, models, params.model_params))
 
 
-def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None,
-                       seed: int, threads: int = 1, kept: _KeptInputs | None = None) -> dict[str, Any]:
+def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, seed: int,
+                       threads: int = 1, kept: _KeptInputs | None = None,
+                       workspace: RankWorkspace | None = None) -> dict[str, Any]:
     """What each piece of tensor ``name`` needs of the whole tensor, as keywords of
     :func:`~mergelab.merge.core.merge_tensor`: the method's scalars, or each model's top-k rule (found on
-    up to ``threads`` threads). ``kept``: where the pass reads the inputs from and keeps them for the pieces."""
+    up to ``threads`` threads). ``kept``: where the pass reads the inputs from and keeps them for the pieces;
+    ``workspace``: a top-k pass's keys and positions (:mod:`mergelab.merge.rank_workspace`)."""
     if plan.method.scalar_pass is not None:
         return {"scalars": tensor_scalars(plan.method, name, _flat_source(plan, name, compute_dtype, kept),
                                           params=plan.params[name], compute_dtype=compute_dtype, seed=seed)}
-    return {"topk": _topk_rules(plan, name, compute_dtype, _PIECE_ENTRIES, threads=threads)}
+    return {"topk": _topk_rules(plan, name, compute_dtype, _PIECE_ENTRIES, threads=threads, kept=kept,
+                                workspace=workspace)}
 
 
 def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
@@ -747,14 +774,20 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
         ).to(out_dtypes[piece.name])
         return merged, 0 if allow_nonfinite else count_nonfinite(merged)
 
+    # one work space for every top-k pass, at the largest size one sees
+    ranked = [p.name for p in pieces if p.stop is not None and p.start == 0 and plan.method.topk_pass is not None
+              and plan.method.scalar_pass is None and not plan.method.elementwise]
+    workspace = RankWorkspace(max(plan.out_metas[n].nbytes // plan.out_metas[n].dtype.itemsize for n in ranked)) \
+        if ranked else None
+
     def whole_pass(name: str) -> tuple[dict[str, Any], _KeptInputs | None]:
         kept = _KeptInputs(plan, name) if name in keepable else None
-        return _whole_tensor_pass(plan, name, cfg.compute_dtype, cfg.seed, side_by_side, kept), kept
+        return _whole_tensor_pass(plan, name, cfg.compute_dtype, cfg.seed, side_by_side, kept, workspace), kept
 
     # Each streamed tensor's pass, submitted once (by the main thread, or by the reader thread that waits for
     # what it kept) and dropped when the main thread moves on to the next streamed tensor.
-    keepable = {p.name for p in pieces if p.stop is not None and p.start == 0 and plan.method.scalar_pass is not None
-                and not plan.method.elementwise and _KeptInputs.fits(plan, p.name)}
+    keepable = {p.name for p in pieces if p.stop is not None and p.start == 0 and not plan.method.elementwise
+                and _KeptInputs.fits(plan, p.name)}
     passes: dict[str, Future[tuple[dict[str, Any], _KeptInputs | None]]] = {}
     passes_lock = threading.Lock()
 

@@ -61,7 +61,8 @@ def _params() -> tuple[Param, ...]:
 _PAPER = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
 # each model's band of magnitude ranks, found over the whole task vector, then the tensor merged in pieces
 _TOPK_PASS = TopKPass(applies=lambda params: not params["rescale"],
-                      of_keys=lambda keys, p: band_of_keys(keys, p["density"], p["gamma"], overwrite=True),
+                      of_keys=lambda keys, p, positions: band_of_keys(keys, p["density"], p["gamma"],
+                                                                      overwrite=True, positions=positions),
                       of_delta=lambda delta, p: outlier_mask(delta, p["density"], p["gamma"]))
 register(MergeMethod(
     name="breadcrumbs", function=breadcrumbs_merge, params=_params(),

@@ -17,9 +17,12 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REQUIRED: Any = object()
 PEER_TOOLS = ("mergekit", "FusionBench")
@@ -257,10 +260,11 @@ class TopKPass:
 
     applies: Callable[[Mapping[str, Any]], bool]
     """Given a tensor's resolved global parameters: whether the rules are the merge's only whole-tensor step."""
-    of_keys: Callable[[torch.Tensor, Mapping[str, Any]], Any]
-    """``(keys, model_params)``: the rule (``methods.sparsify.TopK``) of a model's whole task vector from its
-    flat magnitude keys (``sparsify.magnitude_keys``, which it may overwrite), or None where keys cannot
-    decide (the sort must be run for real)."""
+    of_keys: Callable[[torch.Tensor, Mapping[str, Any], np.ndarray | None], Any]
+    """``(keys, model_params, positions)``: the rule (``methods.sparsify.TopK``) of a model's whole task vector
+    from its flat magnitude keys (``sparsify.magnitude_keys``, which it may overwrite), or None where keys
+    cannot decide (the sort must be run for real); ``positions``: scratch space for the sort replay's flat
+    indices (``std_sort.kept_ties``; None: a fresh array)."""
     of_delta: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]
     """``(delta, model_params)``: the kept entries of a model's whole task vector, where keys cannot decide
     (NaN, float64) or ``of_keys`` returned None."""

@@ -191,10 +191,12 @@ def _one_side(keys: torch.Tensor, edge: int, ties: torch.Tensor | None, start: i
     return mask
 
 
-def topk_of_keys(keys: torch.Tensor, density: float, *, overwrite: bool = False) -> TopK | None:
+def topk_of_keys(keys: torch.Tensor, density: float, *, overwrite: bool = False,
+                 positions: np.ndarray | None = None) -> TopK | None:
     """The entries of 1-D ``keys`` (:func:`magnitude_keys`) that ``magnitude_mask`` keeps at ``density``:
     the ``k`` largest as ``torch.argsort`` puts them first. None where the sort must be run for real.
-    ``overwrite``: ``keys`` may serve as the sort replay's scratch space (and are then left unordered).
+    ``overwrite``: ``keys`` may serve as the sort replay's scratch space (and are then left unordered);
+    ``positions``: scratch space for its flat indices (``std_sort.kept_ties``).
 
     The k-th largest key comes from one histogram of all 2^15 patterns for 16-bit keys (a bincount pass:
     7 ms for 8 Mi entries on one core, where numpy's partition of the float32 magnitudes took 24 ms plus
@@ -226,18 +228,20 @@ def topk_of_keys(keys: torch.Tensor, density: float, *, overwrite: bool = False)
     # tied magnitudes straddle the k-th rank: the sort's order decides which are kept, as in mergekit
     if not matches_torch_sort():
         return None
-    kept = kept_ties(keys.numpy(), k, threshold, overwrite=overwrite)
+    kept = kept_ties(keys.numpy(), k, threshold, overwrite=overwrite, positions=positions)
     if kept is None:
         return None
     kept.sort()
     return TopK(threshold, torch.from_numpy(kept).long())
 
 
-def band_of_keys(keys: torch.Tensor, density: float, gamma: float, *, overwrite: bool = False) -> TopK | None:
+def band_of_keys(keys: torch.Tensor, density: float, gamma: float, *, overwrite: bool = False,
+                 positions: np.ndarray | None = None) -> TopK | None:
     """The entries of 1-D ``keys`` (:func:`magnitude_keys`) that :func:`outlier_mask` keeps at ``density`` and
     ``gamma``, as a two-sided rule: the ranks ``[n_bottom, n_bottom + target)`` of torch's ascending sort
     (one sort decides the ties at both edges, as in mergekit). None where the sort must be run for real.
-    ``overwrite``: ``keys`` may serve as the sort replay's scratch space (and are then left unordered).
+    ``overwrite``: ``keys`` may serve as the sort replay's scratch space (and are then left unordered);
+    ``positions``: scratch space for its flat indices (as :func:`topk_of_keys`').
 
     The keys at the two edge ranks come from one histogram for 16-bit keys, numpy's partition for 32-bit
     ones (as in :func:`topk_of_keys`); the sort is replayed only where tied keys straddle an edge.
@@ -267,7 +271,7 @@ def band_of_keys(keys: torch.Tensor, density: float, gamma: float, *, overwrite:
         return TopK(low, ceiling=high)
     if not matches_torch_sort():
         return None
-    ties = band_ties(keys.numpy(), start, stop, low, high, overwrite=overwrite)
+    ties = band_ties(keys.numpy(), start, stop, low, high, overwrite=overwrite, positions=positions)
     if ties is None:
         return None
     low_ties, high_ties = (np.sort(t) for t in ties)

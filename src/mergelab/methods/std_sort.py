@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
 
 from mergelab.kernels.dispatch import loops, verified
 
@@ -153,35 +154,41 @@ def sorted_ranks(values: np.ndarray, start: int, stop: int, *, descending: bool)
     return None if ranks is None else ranks[1][max(start, 0):stop]
 
 
-def kept_ties(keys: np.ndarray, k: int, threshold: int, *, overwrite: bool = False) -> np.ndarray | None:
+def kept_ties(keys: np.ndarray, k: int, threshold: int, *, overwrite: bool = False,
+              positions: np.ndarray | None = None) -> np.ndarray | None:
     """Flat indices of the entries equal to ``threshold`` among the ``k`` first of ``keys`` sorted
     descending by torch's CPU sort (``threshold``: the k-th largest key); None as for :func:`sorted_ranks`.
     The rest of the top k is every key above ``threshold``, which the caller finds by comparison.
-    ``overwrite``: integer ``keys`` are scratch space (left in no useful order): one copy less."""
-    ranks = _simulate(keys, 0, k, descending=True, overwrite=overwrite)
+    ``overwrite``: integer ``keys`` are scratch space (left in no useful order): one copy less. ``positions``:
+    scratch space for the flat indices (:func:`_simulate`)."""
+    ranks = _simulate(keys, 0, k, descending=True, overwrite=overwrite, positions=positions)
     if ranks is None:
         return None
     v, idx = ranks[0][:k], ranks[1][:k]
     return idx[v == threshold]
 
 
-def band_ties(keys: np.ndarray, start: int, stop: int, low: int, high: int, *,
-              overwrite: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+def band_ties(keys: np.ndarray, start: int, stop: int, low: int, high: int, *, overwrite: bool = False,
+              positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """Flat indices of the entries equal to ``low`` and of those equal to ``high`` among the ranks
     ``[start, stop)`` of integer ``keys`` sorted ascending by torch's CPU sort (``low``, ``high``: the keys at
     ranks ``start`` and ``stop - 1``); None as for :func:`sorted_ranks`. The rest of the range is every key
-    strictly between them, which the caller finds by comparison. ``overwrite``: ``keys`` are scratch space."""
-    ranks = _simulate(keys, start, stop, descending=False, overwrite=overwrite)
+    strictly between them, which the caller finds by comparison. ``overwrite``: ``keys`` are scratch space;
+    ``positions``: scratch space for the flat indices (:func:`_simulate`)."""
+    ranks = _simulate(keys, start, stop, descending=False, overwrite=overwrite, positions=positions)
     if ranks is None:
         return None
     v, idx = ranks[0][start:stop], ranks[1][start:stop]  # keys negated: ascending is descending by -key
     return idx[v == -low], idx[v == -high]
 
 
-def _simulate(values: np.ndarray, start: int, stop: int, *, descending: bool,
-              overwrite: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+def _simulate(values: np.ndarray, start: int, stop: int, *, descending: bool, overwrite: bool = False,
+              positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """Keys and flat indices in an order whose positions ``[start, stop)`` hold the entries torch's sort
-    puts there (positions outside are left unfinished). ``overwrite``: integer ``values`` serve as the keys."""
+    puts there (positions outside are left unfinished). ``overwrite``: integer ``values`` serve as the keys.
+    ``positions``: contiguous scratch (any dtype) of at least 4 bytes per entry (8 from 2^31 entries) that the
+    flat indices are written into instead of a fresh array (the engine's top-k passes reuse one for every
+    tensor: merge/rank_workspace.py); a smaller one is not used."""
     n = values.size
     v = values if overwrite and values.dtype.kind == "i" else _order_keys(values)
     if v is None:
@@ -189,7 +196,12 @@ def _simulate(values: np.ndarray, start: int, stop: int, *, descending: bool,
     # ascending by a < b is descending by -a > -b, with the same comparisons (negation of keys is exact)
     if not descending:
         np.negative(v, out=v)
-    idx = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)  # v[j] is always the key of entry idx[j]
+    dtype = np.dtype(np.int32 if n < 2**31 else np.int64)
+    if positions is None or positions.nbytes < n * dtype.itemsize:
+        idx = np.arange(n, dtype=dtype)  # v[j] is always the key of entry idx[j]
+    else:
+        idx = positions.reshape(-1).view(np.uint8)[:n * dtype.itemsize].view(dtype)
+        torch.arange(n, out=torch.from_numpy(idx))
     return _replay(v, idx, start, stop)
 
 
@@ -251,8 +263,6 @@ def matches_torch_sort() -> bool:
     """Whether this torch build sorts as simulated here (libstdc++ introsort), checked once per process on
     tied inputs of several sizes in both directions; elsewhere (another C++ library, a future torch sort
     kernel) the callers sort for real, which is always right, only slower."""
-    import torch
-
     g = torch.Generator().manual_seed(0)
     for n in (17, 300, 5_000, 40_000):
         values = (torch.randn(n, generator=g) * 0.002).bfloat16().abs().float()

@@ -1,0 +1,50 @@
+"""RankWorkspace: the top-k passes' keys and positions, one buffer shared by the models found side by side."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mergelab.merge.rank_workspace import RankWorkspace
+
+
+def _span(a: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    address = a.data_ptr() if isinstance(a, torch.Tensor) else a.__array_interface__["data"][0]
+    nbytes = a.numel() * a.element_size() if isinstance(a, torch.Tensor) else a.nbytes
+    return address, address + nbytes
+
+
+def test_two_slots_do_not_overlap_and_together_touch_what_one_full_slot_touches() -> None:
+    space = RankWorkspace(1000)
+    first = space.take(2, 500, torch.int16)
+    second = space.take(2, 500, torch.int16)
+    assert first is not None and second is not None and {first[0], second[0]} == {0, 1}
+    (k0, k1), (p0, p1) = sorted([_span(first[1]), _span(second[1])]), sorted([_span(first[2]), _span(second[2])])
+    assert k0[1] <= k1[0] and p0[1] <= p1[0]  # disjoint
+    assert first[1].numel() == 500 and first[1].dtype == torch.int16 and first[2].nbytes == 500 * 4
+    space.give_back(first[0])
+    space.give_back(second[0])
+    whole = space.take(1, 1000, torch.int16)
+    assert whole is not None
+    # a bfloat16 merge's keys and int32 positions fill the same first bytes whether one or two models run
+    assert _span(whole[1]) == (k0[0], k1[1]) and _span(whole[2]) == (p0[0], p1[1])
+
+
+def test_no_slot_for_a_tensor_larger_than_its_share_or_when_every_slot_is_taken() -> None:
+    space = RankWorkspace(1000)
+    assert space.take(2, 501, torch.int16) is None
+    assert space.take(1, 1001, torch.int32) is None
+    taken = space.take(1, 1000, torch.int32)
+    assert taken is not None and taken[1].numel() == 1000
+    assert space.take(1, 10, torch.int16) is None  # the only slot is in use
+    space.give_back(taken[0])
+    assert space.take(1, 10, torch.int16) is not None
+
+
+def test_keys_and_positions_are_reused_not_reallocated() -> None:
+    space = RankWorkspace(64)
+    a = space.take(1, 64, torch.int32)
+    assert a is not None
+    space.give_back(a[0])
+    b = space.take(1, 32, torch.int16)
+    assert b is not None and _span(a[1])[0] == _span(b[1])[0] and _span(a[2])[0] == _span(b[2])[0]
