@@ -105,12 +105,10 @@ def summarize_merge(config: str | Path | dict[str, Any] | MergeConfig, *, max_sh
         if after_topk:
             work = in_meta.nbytes // in_meta.dtype.itemsize * 10
         peak = _TORCH_BASELINE + (n_inputs + 2) * unit + work
-        if not plan.method.elementwise:  # small tensors' inputs kept by their passes for their pieces
+        if plan.method.scalar_pass is not None:  # small tensors' inputs kept by their passes for their pieces
             kept = [sum(_KeptInputs.sizes(plan, n)) for n in plan.names
-                    if (_streams_with_scalars(plan, n, None, cfg.compute_dtype) or _streams_with_topk(plan, n, None))
-                    and _KeptInputs.fits(plan, n)]
-            ahead = _SCALAR_PASSES_AHEAD if plan.method.scalar_pass is not None else 1
-            peak += (1 + ahead) * max(kept, default=0)
+                    if _streams_with_scalars(plan, n, None, cfg.compute_dtype) and _KeptInputs.fits(plan, n)]
+            peak += (1 + _SCALAR_PASSES_AHEAD) * max(kept, default=0)
         if _loads_kernels(plan, None):
             peak += _KERNELS_RESIDENT
         seconds = input_bytes / 1e9 * _SECONDS_PER_GB.get(cfg.merge_method, _DEFAULT_SECONDS_PER_GB)
