@@ -48,3 +48,18 @@ def test_keys_and_positions_are_reused_not_reallocated() -> None:
     space.give_back(a[0])
     b = space.take(1, 32, torch.int16)
     assert b is not None and _span(a[1])[0] == _span(b[1])[0] and _span(a[2])[0] == _span(b[2])[0]
+
+
+def test_shrinking_lets_the_buffers_go_only_when_free_and_at_most_half_the_size() -> None:
+    space = RankWorkspace(1000)
+    taken = space.take(1, 1000, torch.int16)
+    assert taken is not None
+    space.shrink_to(100)
+    assert space.capacity == 1000  # a slot is in use: nothing changes
+    space.give_back(taken[0])
+    space.shrink_to(600)
+    assert space.capacity == 1000  # not worth making again
+    space.shrink_to(400)
+    assert space.capacity == 400 and space.take(1, 401, torch.int16) is None
+    small = space.take(2, 200, torch.int16)
+    assert small is not None and small[1].numel() == 200 and small[2].nbytes == 200 * 4

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import itertools
 import json
 import logging
 import math
@@ -765,14 +766,17 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
         ).to(out_dtypes[piece.name])
         return merged, 0 if allow_nonfinite else count_nonfinite(merged)
 
-    # one work space for every top-k pass, at the largest size one sees
+    # one work space for every top-k pass, at the largest size still to come (passes run in the pieces' order)
     ranked = [p.name for p in pieces if p.stop is not None and p.start == 0 and plan.method.topk_pass is not None
               and plan.method.scalar_pass is None and not plan.method.elementwise]
-    workspace = RankWorkspace(max(plan.out_metas[n].nbytes // plan.out_metas[n].dtype.itemsize for n in ranked)) \
-        if ranked else None
+    sizes = [plan.out_metas[n].nbytes // plan.out_metas[n].dtype.itemsize for n in ranked]
+    largest_to_come = dict(zip(ranked, list(itertools.accumulate(sizes[::-1], max))[::-1], strict=True))
+    workspace = RankWorkspace(largest_to_come[ranked[0]]) if ranked else None
 
     def whole_pass(name: str) -> tuple[dict[str, Any], _KeptInputs | None]:
         kept = _KeptInputs(plan, name) if name in keepable else None
+        if workspace is not None and name in largest_to_come:
+            workspace.shrink_to(largest_to_come[name])
         return _whole_tensor_pass(plan, name, cfg.compute_dtype, cfg.seed, side_by_side, kept, workspace), kept
 
     # Each streamed tensor's pass, submitted once (by the main thread, or by the reader thread that waits for

