@@ -661,8 +661,10 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
                     if spec is None:  # float64: no keys
                         break
                     slot = workspace.take(side_by_side, numel, spec[0]) if workspace is not None else None
-                    keys, positions = (slot[1], slot[2]) if slot is not None else (torch.empty(numel, dtype=spec[0]),
-                                                                                   None)
+                    if slot is not None:
+                        _, keys, positions = slot
+                    else:
+                        keys = torch.empty(numel, dtype=spec[0])
                 # written into the whole tensor's keys, in one compiled pass where the loops are loaded
                 if task_vector_keys(piece, base_piece, arithmetic, out=keys[a:b]) is None:  # a NaN
                     keys = None
