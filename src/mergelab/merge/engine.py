@@ -638,23 +638,19 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
     meta = plan.out_metas[name]
     numel = meta.nbytes // meta.dtype.itemsize
 
-    def inputs(i: int, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Entries ``[a, b)`` of the flat base and of model ``i``, as the method gets them."""
-        return (prepared(base.get_flat(name, a, b), None, compute_dtype),
-                prepared(readers[i].get_flat(name, a, b), None, compute_dtype))
+    def task_vector_piece(reader: CheckpointReader, a: int, b: int) -> torch.Tensor:
+        base_piece = prepared(base.get_flat(name, a, b), None, compute_dtype)
+        return task_vector(prepared(reader.get_flat(name, a, b), None, compute_dtype), base_piece,
+                           arithmetic_dtype(base_piece, compute_dtype))
 
-    def task_vector_piece(i: int, a: int, b: int) -> torch.Tensor:
-        base_piece, piece = inputs(i, a, b)
-        return task_vector(piece, base_piece, arithmetic_dtype(base_piece, compute_dtype))
-
-    def rule_of(i: int, model_params: Mapping[str, Any]) -> TopK:
+    def rule_of(reader: CheckpointReader, model_params: Mapping[str, Any]) -> TopK:
         keys: torch.Tensor | None = None
         positions: np.ndarray | None = None
         slot = None  # of the workspace, where the keys and positions are
         try:
             for a in range(0, numel, entries):
                 b = min(numel, a + entries)
-                base_piece, piece = inputs(i, a, b)
+                base_piece = prepared(base.get_flat(name, a, b), None, compute_dtype)
                 arithmetic = arithmetic_dtype(base_piece, compute_dtype)
                 if keys is None:
                     spec = KEY_SPECS.get(arithmetic)
@@ -666,7 +662,8 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
                     else:
                         keys = torch.empty(numel, dtype=spec[0])
                 # written into the whole tensor's keys, in one compiled pass where the loops are loaded
-                if task_vector_keys(piece, base_piece, arithmetic, out=keys[a:b]) is None:  # a NaN
+                if task_vector_keys(prepared(reader.get_flat(name, a, b), None, compute_dtype), base_piece,
+                                    arithmetic, out=keys[a:b]) is None:  # a NaN
                     keys = None
                     break
             rule = topk_pass.of_keys(keys, model_params, positions) if keys is not None else None
@@ -675,7 +672,8 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
                 workspace.give_back(slot[0])  # type: ignore[union-attr]
         del keys, positions, slot
         if rule is None:
-            delta = torch.cat([task_vector_piece(i, a, min(numel, a + entries)) for a in range(0, numel, entries)])
+            delta = torch.cat([task_vector_piece(reader, a, min(numel, a + entries))
+                               for a in range(0, numel, entries)])
             rule = TopK(None, kept=topk_pass.of_delta(delta, model_params).reshape(-1))
         return rule
 
@@ -683,11 +681,10 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
     # such work spaces fit in the largest tensor's, so the peak does not grow.
     largest = max(m.nbytes // m.dtype.itemsize for m in plan.out_metas.values())
     side_by_side = min(threads, len(readers)) if 2 * numel <= largest else 1
-    models = range(len(readers))
     if side_by_side == 1:
-        return [rule_of(i, p) for i, p in zip(models, params.model_params, strict=True)]
+        return [rule_of(r, p) for r, p in zip(readers, params.model_params, strict=True)]
     with ThreadPoolExecutor(max_workers=side_by_side, thread_name_prefix="mergelab-topk") as pool:
-        return list(pool.map(rule_of, models, params.model_params))
+        return list(pool.map(rule_of, readers, params.model_params))
 
 
 def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, seed: int,
@@ -769,8 +766,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
         return merged, 0 if allow_nonfinite else count_nonfinite(merged)
 
     # one work space for every top-k pass, at the largest size still to come (passes run in the pieces' order)
-    ranked = [p.name for p in pieces if p.stop is not None and p.start == 0 and plan.method.topk_pass is not None
-              and plan.method.scalar_pass is None and not plan.method.elementwise]
+    ranked = [p.name for p in pieces if p.stop is not None and p.start == 0 and _streams_with_topk(plan, p.name, dev)]
     sizes = [plan.out_metas[n].nbytes // plan.out_metas[n].dtype.itemsize for n in ranked]
     largest_to_come = dict(zip(ranked, list(itertools.accumulate(sizes[::-1], max))[::-1], strict=True))
     workspace = RankWorkspace(largest_to_come[ranked[0]]) if ranked else None

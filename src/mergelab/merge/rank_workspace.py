@@ -18,6 +18,8 @@ import threading
 import numpy as np
 import torch
 
+from mergelab.methods.std_sort import position_dtype
+
 _KEY_BYTES = 4  # the widest keys: int32, of float32 task vectors
 _POSITION_BYTES = 8  # the widest flat indices: int64, for 2^31 entries or more
 
@@ -36,7 +38,7 @@ class RankWorkspace:
 
     def take(self, slots: int, numel: int, key_dtype: torch.dtype) -> tuple[int, torch.Tensor, np.ndarray] | None:
         """A free slot of ``slots`` equal shares: its index, flat keys of ``numel`` entries in ``key_dtype`` and
-        position scratch for as many (``std_sort``'s widths: 4 bytes per entry, 8 from 2^31 entries); None where
+        position scratch for as many (:func:`~mergelab.methods.std_sort.position_dtype`); None where
         ``numel`` exceeds a share or no slot is free. Give the index back with :meth:`give_back`."""
         share = self.capacity // slots
         if numel > share or key_dtype.itemsize > _KEY_BYTES:
@@ -54,7 +56,7 @@ class RankWorkspace:
         # merge touch the same first pages whether they run one or two at a time
         width = key_dtype.itemsize
         keys = keys_bytes[index * share * width:(index * share + numel) * width].view(key_dtype)
-        position_width = 4 if numel < 2**31 else _POSITION_BYTES
+        position_width = position_dtype(numel).itemsize
         start = index * share * position_width
         return index, keys, positions_bytes[start:start + numel * position_width]
 

@@ -182,11 +182,16 @@ def band_ties(keys: np.ndarray, start: int, stop: int, low: int, high: int, *, o
     return idx[v == -low], idx[v == -high]
 
 
+def position_dtype(n: int) -> np.dtype:
+    """The dtype of the replay's flat indices for ``n`` entries (what ``positions`` scratch must hold per entry)."""
+    return np.dtype(np.int32 if n < 2**31 else np.int64)
+
+
 def _simulate(values: np.ndarray, start: int, stop: int, *, descending: bool, overwrite: bool = False,
               positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """Keys and flat indices in an order whose positions ``[start, stop)`` hold the entries torch's sort
     puts there (positions outside are left unfinished). ``overwrite``: integer ``values`` serve as the keys.
-    ``positions``: contiguous scratch (any dtype) of at least 4 bytes per entry (8 from 2^31 entries) that the
+    ``positions``: contiguous scratch (any dtype) of at least :func:`position_dtype`'s bytes per entry that the
     flat indices are written into instead of a fresh array (the engine's top-k passes reuse one for every
     tensor: merge/rank_workspace.py); a smaller one is not used."""
     n = values.size
@@ -196,7 +201,7 @@ def _simulate(values: np.ndarray, start: int, stop: int, *, descending: bool, ov
     # ascending by a < b is descending by -a > -b, with the same comparisons (negation of keys is exact)
     if not descending:
         np.negative(v, out=v)
-    dtype = np.dtype(np.int32 if n < 2**31 else np.int64)
+    dtype = position_dtype(n)
     if positions is None or positions.nbytes < n * dtype.itemsize:
         idx = np.arange(n, dtype=dtype)  # v[j] is always the key of entry idx[j]
     else:
