@@ -17,6 +17,7 @@ import torch
 
 from cli_helpers import assert_same_safetensors, method_config, weighted_config
 from mergelab.kernels import dispatch, row_reductions
+from mergelab.kernels.masked import key_histogram
 from mergelab.kernels.weighted_sums import linear_sum, task_arithmetic_sum
 from mergelab.merge import engine
 from mergelab.merge.core import one_thread
@@ -311,6 +312,22 @@ def test_the_compiled_sort_replay_declines_where_introsort_would_fall_back_to_he
     assert module is not None
     assert not module.sort_replay_loop(v, idx, np.asarray([300], np.int64), 0)  # depth limit reached at once
     assert module.sort_replay_loop(v, idx, np.asarray([300], np.int64), 2 * (1000).bit_length())
+
+
+def test_the_key_histogram_counts_each_key_as_bincount_does() -> None:
+    # by hand: keys 3, 3, 0, 32767, 3 (five: one past the loop's groups of four) -> counts 1 at 0, 3 at 3, 1 at 32767
+    counts = key_histogram(torch.tensor([3, 3, 0, 32767, 3], dtype=torch.int16))
+    assert counts is not None and counts.dtype == torch.int64 and counts.numel() == 1 << 15
+    assert (counts[0], counts[3], counts[32767], int(counts.sum())) == (1, 3, 1, 5)
+    keys = magnitude_keys((torch.randn(100_003, generator=torch.Generator().manual_seed(1)) * 0.002).bfloat16())
+    assert torch.equal(key_histogram(keys), torch.bincount(keys, minlength=1 << 15))  # type: ignore[arg-type]
+    assert dispatch.verdicts()[("key histogram", torch.int16)]
+
+
+def test_the_key_histogram_declines_negative_keys_and_other_dtypes() -> None:
+    assert key_histogram(torch.tensor([1, -2, 3], dtype=torch.int16)) is None
+    assert key_histogram(torch.tensor([1, 2, 3], dtype=torch.int32)) is None
+    assert key_histogram(torch.tensor([1, 2, 3, 4], dtype=torch.int16)[::2]) is None  # not contiguous
 
 
 # -- loading ------------------------------------------------------------------------------------------------------

@@ -38,7 +38,9 @@ class TensorMeta:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        # dtype.itemsize, not an element_size() of a new tensor: this runs per piece in the engine's loops
+        # (0.6 s of a TIES merge's threads at 3 × 2 GB, py-spy)
+        return n * self.dtype.itemsize
 
 
 class CheckpointReader:

@@ -197,3 +197,33 @@ def magnitude_keys_into(base: torch.Tensor, x: torch.Tensor, arithmetic: torch.d
     if not verified(f"magnitude keys in {arithmetic}", base.dtype, check):
         return None
     return run(base, x, out)
+
+
+def key_histogram(keys: torch.Tensor) -> torch.Tensor | None:
+    """How many of the 1-D int16 magnitude ``keys`` are each of the 2^15 values (int64, as ``torch.bincount``
+    with ``minlength=2**15`` gives it), in one compiled pass; None where the loop does not apply (not
+    loaded, not contiguous int16 keys on the CPU, 2^31 entries or more) or a key is negative."""
+    module = loops()
+    if (module is None or keys.dtype != torch.int16 or keys.dim() != 1 or not keys.is_contiguous()
+            or keys.device.type != "cpu" or keys.numel() >= 1 << 31):
+        return None
+
+    def run(k: torch.Tensor) -> torch.Tensor | None:
+        counts = np.zeros((4, 1 << 15), np.int32)
+        if not module.key_histogram_loop(k.numpy().view(np.uint16), counts):
+            return None
+        return torch.from_numpy(counts[0].astype(np.int64))
+
+    def check() -> bool:
+        generator = torch.Generator().manual_seed(0)
+        for n in (1, 3, 4, 4099):
+            k = torch.randint(0, 1 << 15, (n,), generator=generator, dtype=torch.int16)
+            k[: n // 2] = k[0]  # runs of one key
+            got = run(k)
+            if got is None or not torch.equal(got, torch.bincount(k, minlength=1 << 15)):
+                return False
+        return run(torch.tensor([5, -1, 7], dtype=torch.int16)) is None
+
+    if not verified("key histogram", torch.int16, check):
+        return None
+    return run(keys.detach())

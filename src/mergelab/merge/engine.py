@@ -677,14 +677,20 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
             rule = TopK(None, kept=topk_pass.of_delta(delta, model_params).reshape(-1))
         return rule
 
-    # Each model's rule is its own (the sort replay reads only that model's keys): two at once where two
-    # such work spaces fit in the largest tensor's, so the peak does not grow.
-    largest = max(m.nbytes // m.dtype.itemsize for m in plan.out_metas.values())
-    side_by_side = min(threads, len(readers)) if 2 * numel <= largest else 1
+    side_by_side = _topk_side_by_side(plan, name, threads)
     if side_by_side == 1:
         return [rule_of(r, p) for r, p in zip(readers, params.model_params, strict=True)]
     with ThreadPoolExecutor(max_workers=side_by_side, thread_name_prefix="mergelab-topk") as pool:
         return list(pool.map(rule_of, readers, params.model_params))
+
+
+def _topk_side_by_side(plan: MergePlan, name: str, threads: int) -> int:
+    """How many models' rules of tensor ``name`` a top-k pass finds at once. Each model's rule is its own (the
+    sort replay reads only that model's keys): two at once where two such work spaces fit in the largest
+    tensor's, so the peak does not grow."""
+    numel = plan.out_metas[name].nbytes // plan.out_metas[name].dtype.itemsize
+    largest = max(m.nbytes // m.dtype.itemsize for m in plan.out_metas.values())
+    return min(threads, len(plan.inputs_for(name)[0])) if 2 * numel <= largest else 1
 
 
 def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, seed: int,
@@ -765,9 +771,13 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
         ).to(out_dtypes[piece.name])
         return merged, 0 if allow_nonfinite else count_nonfinite(merged)
 
-    # one work space for every top-k pass, at the largest size still to come (passes run in the pieces' order)
+    # One work space for every top-k pass, at the largest size still to come (passes run in the pieces' order):
+    # a tensor's entries times the models found side by side (until 2026-12-03, 67ca0d9 to this change, only
+    # the entries: once shrunk, the work space held one model where two ran, and 60 of a TIES merge's 242 rules
+    # at 3 × 2 GB, 90 of 94 at 3 × 0.5 GB, were found in fresh memory).
     ranked = [p.name for p in pieces if p.stop is not None and p.start == 0 and _streams_with_topk(plan, p.name, dev)]
-    sizes = [plan.out_metas[n].nbytes // plan.out_metas[n].dtype.itemsize for n in ranked]
+    sizes = [plan.out_metas[n].nbytes // plan.out_metas[n].dtype.itemsize * _topk_side_by_side(plan, n, side_by_side)
+             for n in ranked]
     largest_to_come = dict(zip(ranked, list(itertools.accumulate(sizes[::-1], max))[::-1], strict=True))
     workspace = RankWorkspace(largest_to_come[ranked[0]]) if ranked else None
 

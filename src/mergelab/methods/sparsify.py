@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mergelab.kernels.masked import key_histogram
 from mergelab.methods.std_sort import band_ties, kept_ties, matches_torch_sort, sorted_ranks
 
 
@@ -191,6 +192,13 @@ def _one_side(keys: torch.Tensor, edge: int, ties: torch.Tensor | None, start: i
     return mask
 
 
+def _histogram(keys: torch.Tensor) -> torch.Tensor:
+    """How many 16-bit magnitude ``keys`` have each of the 2^15 values: the compiled count where it is
+    loaded, else ``torch.bincount`` (the same counts)."""
+    counts = key_histogram(keys)
+    return counts if counts is not None else torch.bincount(keys, minlength=1 << 15)
+
+
 def topk_of_keys(keys: torch.Tensor, density: float, *, overwrite: bool = False,
                  positions: np.ndarray | None = None) -> TopK | None:
     """The entries of 1-D ``keys`` (:func:`magnitude_keys`) that ``magnitude_mask`` keeps at ``density``:
@@ -211,7 +219,7 @@ def topk_of_keys(keys: torch.Tensor, density: float, *, overwrite: bool = False,
     if k >= n:
         return TopK(0)
     if keys.dtype == torch.int16:
-        hist = torch.bincount(keys, minlength=1 << 15)
+        hist = _histogram(keys)
         above_or_at = hist.flip(0).cumsum(0)  # [j]: entries at or above key 2^15-1-j
         j = int(torch.searchsorted(above_or_at, k))
         threshold = (1 << 15) - 1 - j
@@ -253,7 +261,7 @@ def band_of_keys(keys: torch.Tensor, density: float, gamma: float, *, overwrite:
     if stop == start:
         return TopK(None)
     if keys.dtype == torch.int16:
-        at_or_below = torch.bincount(keys, minlength=1 << 15).cumsum(0)  # [j]: entries at or below key j
+        at_or_below = _histogram(keys).cumsum(0)  # [j]: entries at or below key j
         low, high = torch.searchsorted(at_or_below, torch.tensor([start, stop - 1]), right=True).tolist()
         below_low, up_to_high = (int(at_or_below[low - 1]) if low else 0), int(at_or_below[high])
         del at_or_below
