@@ -18,6 +18,7 @@ import torch
 from cli_helpers import assert_same_safetensors, method_config, weighted_config
 from mergelab.kernels import dispatch, row_reductions
 from mergelab.kernels.masked import key_histogram
+from mergelab.kernels.row_ranks import argsort_ranks
 from mergelab.kernels.weighted_sums import linear_sum, task_arithmetic_sum
 from mergelab.merge import engine
 from mergelab.merge.core import one_thread
@@ -330,6 +331,27 @@ def test_the_key_histogram_declines_negative_keys_and_other_dtypes() -> None:
     assert key_histogram(torch.tensor([1, 2, 3, 4], dtype=torch.int16)[::2]) is None  # not contiguous
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_row_ranks_are_where_torchs_argsort_puts_each_entry_ties_included(dtype: torch.dtype) -> None:
+    # by hand: row [0.5, 0.25, 0.5] ascending is 0.25, then the two 0.5s in the order std::sort leaves them
+    ranks = argsort_ranks(torch.tensor([[0.5, 0.25, 0.5]], dtype=dtype))
+    assert ranks is not None and ranks[0, 1] == 0 and sorted(ranks[0].tolist()) == [0, 1, 2]
+    values = (torch.randn(40, 2048, generator=torch.Generator().manual_seed(2)) * 0.002).to(dtype).abs()
+    values[3] = values[3, 0]  # a whole row of one magnitude
+    order = torch.argsort(values, dim=1)
+    expected = torch.empty_like(order).scatter_(1, order, torch.arange(2048).expand_as(order))
+    got = argsort_ranks(values)
+    assert got is not None and torch.equal(got.long(), expected)
+    assert dispatch.verdicts()[("row ranks", dtype)]
+
+
+def test_row_ranks_leave_nan_other_dtypes_and_other_shapes_to_torch() -> None:
+    assert argsort_ranks(torch.tensor([[1.0, float("nan"), 2.0]])) is None  # torch ties every NaN
+    assert argsort_ranks(torch.tensor([[1.0, 2.0]], dtype=torch.float64)) is None
+    assert argsort_ranks(torch.tensor([1.0, 2.0])) is None  # 1-D: the caller makes it one row
+    assert argsort_ranks(torch.tensor([[1.0, -2.0]])) is None  # not magnitudes
+
+
 # -- loading ------------------------------------------------------------------------------------------------------
 
 def _python(code: str, **env: str) -> str:
@@ -515,6 +537,7 @@ def test_a_nan_or_inf_in_slerp_and_model_stock_inputs_gets_the_torch_numbers(mon
     ("dare_ties", {}), ("dare_ties", {"dtype": "bfloat16", "out_dtype": "bfloat16", "parameters": {"lambda": 0.9}}),
     ("slerp", {}), ("slerp", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
     ("model_stock", {}), ("model_stock", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
+    ("della", {}), ("della", {"dtype": "bfloat16", "out_dtype": "bfloat16"}), ("della_linear", {"dtype": "float16"}),
 ])
 @pytest.mark.parametrize("piece_entries", [37, 1 << 30], ids=["streamed", "whole"])
 def test_a_merge_gives_the_same_bytes_with_the_loops_and_without(
@@ -531,9 +554,9 @@ def test_a_merge_gives_the_same_bytes_with_the_loops_and_without(
         calls.append(module is not None)
         return module
 
-    for module in ("weighted_sums", "masked", "row_reductions"):
+    for module in ("weighted_sums", "masked", "row_reductions", "row_ranks"):
         monkeypatch.setattr(f"mergelab.kernels.{module}.loops", spy)
-    if method == "dare_ties":
+    if method in ("dare_ties", "della", "della_linear"):
         config["seed"] = 3
     fused = engine.run_merge(config, tmp_path / "fused", progress=False, hash_inputs=False).out_dir
     assert calls and all(calls)

@@ -331,22 +331,17 @@ def _hoare_partition(v, idx, first, last, lefts, rights):  # type: ignore[no-unt
         i_right += 1
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def sort_replay_loop(v: Any, idx: Any, bounds: Any, depth_limit: int) -> bool:
-    """libstdc++'s introsort of ``v`` with comparator ``a > b`` (``std::sort`` as torch's CPU sort runs it),
-    moving ``idx`` alongside, following only the segments that hold a rank in ``bounds`` (as
-    :func:`mergelab.methods.std_sort._simulate` does with numpy's vectorized partitions). False where
-    introsort would fall back to heapsort (the caller then sorts for real)."""
-    lefts, rights = np.empty(_STOPS, np.int64), np.empty(_STOPS, np.int64)
-    stack_first = np.empty(256, np.int64)
-    stack_last = np.empty(256, np.int64)
-    stack_depth = np.empty(256, np.int64)
+@njit(nogil=True, inline="always", error_model="numpy")
+def _introsort(v, idx, bounds, every_rank, depth_limit, lefts, rights, stack_first, stack_last, stack_depth):  # type: ignore[no-untyped-def]
+    """libstdc++'s introsort of ``v`` (comparator ``a > b``), moving ``idx`` alongside, following the segments
+    that hold a rank in ``bounds`` (every segment with ``every_rank``: the whole sort). False where introsort
+    would fall back to heapsort."""
     stack_first[0], stack_last[0], stack_depth[0] = 0, v.shape[0], depth_limit
     top = 1
     while top > 0:
         top -= 1
         first, last, depth = stack_first[top], stack_last[top], stack_depth[top]
-        holds_bound = False
+        holds_bound = every_rank
         for b in bounds:
             holds_bound |= (first < b) & (b < last)
         if not holds_bound:
@@ -380,6 +375,41 @@ def sort_replay_loop(v: Any, idx: Any, bounds: Any, depth_limit: int) -> bool:
         stack_first[top + 1], stack_last[top + 1], stack_depth[top + 1] = first, cut, depth - 1
         top += 2
     return True
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def sort_replay_loop(v: Any, idx: Any, bounds: Any, depth_limit: int) -> bool:
+    """libstdc++'s introsort of ``v`` with comparator ``a > b`` (``std::sort`` as torch's CPU sort runs it),
+    moving ``idx`` alongside, following only the segments that hold a rank in ``bounds`` (as
+    :func:`mergelab.methods.std_sort._simulate` does with numpy's vectorized partitions). False where
+    introsort would fall back to heapsort (the caller then sorts for real)."""
+    lefts, rights = np.empty(_STOPS, np.int64), np.empty(_STOPS, np.int64)
+    stacks = np.empty((3, 256), np.int64)
+    return _introsort(v, idx, bounds, False, depth_limit, lefts, rights, stacks[0], stacks[1], stacks[2])
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def row_ranks_loop(keys: Any, depth_limit: int, ranks: Any) -> int:
+    """``ranks[r, j]``: where ``torch.argsort(x, dim=1)`` (ascending, CPU, not stable) puts entry ``j`` of row
+    ``r``, from integer ``keys`` that compare as ``x`` does (each row sorted whole by the replay, on negated
+    keys: ascending by ``a < b`` is descending by ``-a > -b``). Returns -1, or the first row where introsort
+    would fall back to heapsort (``ranks`` then unfinished)."""
+    n = keys.shape[1]
+    # int32 (rows below 2^31 entries; negated keys of 16- and 32-bit magnitudes fit): 0.19 against 0.21 s for
+    # int64 on a 5504 × 2048 bfloat16 task vector
+    v, idx = np.empty(n, np.int32), np.empty(n, np.int32)
+    lefts, rights = np.empty(_STOPS, np.int64), np.empty(_STOPS, np.int64)
+    stacks = np.empty((3, 256), np.int64)
+    no_bounds = np.empty(0, np.int64)
+    for r in range(keys.shape[0]):
+        for j in range(n):
+            v[j] = -np.int32(keys[r, j])
+            idx[j] = j
+        if not _introsort(v, idx, no_bounds, True, depth_limit, lefts, rights, stacks[0], stacks[1], stacks[2]):
+            return r
+        for j in range(n):
+            ranks[r, idx[j]] = j
+    return -1
 
 
 # torch's CPU sum and 2-norm of a long row, replayed (methods/row_sums.py says in which order torch adds):
