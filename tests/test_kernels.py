@@ -295,9 +295,13 @@ def test_a_nan_task_vector_has_no_keys_with_the_loop_or_without(monkeypatch: pyt
 
 @pytest.mark.parametrize("n", [17, 1000, 100_003])
 def test_the_compiled_sort_replay_keeps_the_tied_entries_torchs_argsort_keeps(n: int) -> None:
-    values = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.002).bfloat16().abs()
+    # few distinct magnitudes (multiples of 0.002 up to ~0.02), so that ties straddle the k-th entry at every n:
+    # only then does the replay run (with n = 17 drawn continuously, no tie did, and no verdict was recorded)
+    values = ((torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3).round().abs() * 0.002).bfloat16()
     keys = magnitude_keys(values)
     k = n // 3
+    descending = values.float().sort(descending=True).values
+    assert descending[k - 1] == descending[k]  # the premise: a tie straddles the boundary
     rule = topk_of_keys(keys.clone(), k / n)  # type: ignore[union-attr]
     order = torch.argsort(values.float(), descending=True)[:k]
     assert rule is not None and rule.threshold is not None
