@@ -159,7 +159,10 @@ def masked_consensus_with_masks(base: torch.Tensor, tensors: Sequence[torch.Tens
 KeysFormula = Callable[[torch.Tensor, torch.Tensor, torch.dtype], "torch.Tensor | None"]
 """``formula(base, x, arithmetic)``: the flat magnitude keys of the task vector ``x − base`` computed in
 ``arithmetic`` (None where one is NaN), as the methods make them."""
-KEY_DTYPES = {torch.bfloat16: torch.int16, torch.float32: torch.int32}  # the arithmetic's keys, as sparsify's
+KEY_SPECS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+             torch.float32: (torch.int32, 0x7F800000)}  # (same-width integer, bits of +inf) of a magnitude's keys
+# the arithmetics whose keys this module's loops compute
+KEY_DTYPES = {dtype: KEY_SPECS[dtype][0] for dtype in (torch.bfloat16, torch.float32)}
 
 
 def magnitude_keys_into(base: torch.Tensor, x: torch.Tensor, arithmetic: torch.dtype, out: torch.Tensor,

@@ -15,11 +15,7 @@ import numpy as np
 import torch
 
 from mergelab.kernels.dispatch import loops, verified
-
-# magnitudes (sign bit clear) whose bit patterns order as their values, and the pattern of +Inf: above it, NaN
-_KEYS: dict[torch.dtype, tuple[torch.dtype, int]] = {
-    torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
-    torch.float32: (torch.int32, 0x7F800000)}
+from mergelab.kernels.masked import KEY_SPECS
 
 
 def argsort_ranks(magnitudes: torch.Tensor) -> torch.Tensor | None:
@@ -28,7 +24,7 @@ def argsort_ranks(magnitudes: torch.Tensor) -> torch.Tensor | None:
     loops are not loaded, the input is another kind, a value is NaN (torch's comparator ties every NaN) or
     introsort would fall back to heapsort."""
     module = loops()
-    spec = _KEYS.get(magnitudes.dtype)
+    spec = KEY_SPECS.get(magnitudes.dtype)  # bit patterns of magnitudes order as their values; above +Inf: NaN
     if (module is None or spec is None or magnitudes.dim() != 2 or magnitudes.device.type != "cpu"
             or magnitudes.shape[1] < 2 or magnitudes.numel() == 0 or magnitudes.shape[1] >= 1 << 31):
         return None

@@ -104,7 +104,7 @@ def summarize_merge(config: str | Path | dict[str, Any] | MergeConfig, *, max_sh
         # replay's positions and masks (measured 9.3 bytes per entry in bf16: 562 MiB for 32.8 M entries).
         work = numel * 4 * (1 if plan.method.elementwise else 3)
         if after_topk:
-            work = in_meta.nbytes // in_meta.dtype.itemsize * 10
+            work = in_meta.numel * 10
         peak = _TORCH_BASELINE + (n_inputs + 2) * unit + work
         if plan.method.scalar_pass is not None:  # small tensors' inputs kept by their passes for their pieces
             kept = [sum(_KeptInputs.sizes(plan, n)) for n in plan.names

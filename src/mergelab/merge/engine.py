@@ -31,7 +31,6 @@ import errno
 import itertools
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -61,6 +60,7 @@ from mergelab.io.file_hashes import DIGESTS
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.kernels.dispatch import warm_up_in_background
+from mergelab.kernels.masked import KEY_SPECS
 from mergelab.merge.allocator import MMAP_THRESHOLD
 from mergelab.merge.config import MergeConfig, load_config
 from mergelab.merge.core import FLOAT8_DTYPES, merge_tensor, one_thread, prepared, tensor_scalars
@@ -74,7 +74,7 @@ from mergelab.merge.stages import read_stage_documents, run_stages
 from mergelab.merge.thresholds import global_threshold
 from mergelab.merge.tokenizer import write_tokenizer
 from mergelab.methods.registry import FlatSource, PieceScalars
-from mergelab.methods.sparsify import KEY_SPECS, TopK
+from mergelab.methods.sparsify import TopK
 from mergelab.methods.task_vectors import arithmetic_dtype, task_vector, task_vector_keys
 from mergelab.runtime import available_cores, make_progress
 
@@ -526,7 +526,7 @@ def _pieces(plan: MergePlan, entries: int, dev: torch.device | None = None,
     pieces = []
     for name in plan.names:
         meta = plan.out_metas[name]
-        numel = meta.nbytes // meta.dtype.itemsize
+        numel = meta.numel
         by_scalars = not plan.method.elementwise and _streams_with_scalars(plan, name, dev, compute_dtype)
         streamed = plan.method.elementwise or _streams_with_topk(plan, name, dev) or by_scalars
         if not streamed or numel <= entries or name in plan.input_models:
@@ -593,7 +593,7 @@ class _KeptInputs:
     def read(self, a: int, b: int) -> Inputs:
         """Entries ``[a, b)`` of the flattened base and models (views of the whole tensors)."""
         if self._inputs is None:
-            self._inputs = _read_flat(self._plan, self._name, 0, math.prod(self._plan.out_metas[self._name].shape))
+            self._inputs = _read_flat(self._plan, self._name, 0, self._plan.out_metas[self._name].numel)
         base_t, tensors = self._inputs
         return (base_t[a:b] if base_t is not None else None), [t[a:b] for t in tensors]
 
@@ -635,8 +635,7 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
     base = plan.base
     readers, _ = plan.inputs_for(name)
     params = plan.params[name]
-    meta = plan.out_metas[name]
-    numel = meta.nbytes // meta.dtype.itemsize
+    numel = plan.out_metas[name].numel
 
     def task_vector_piece(reader: CheckpointReader, a: int, b: int) -> torch.Tensor:
         base_piece = prepared(base.get_flat(name, a, b), None, compute_dtype)
@@ -688,9 +687,8 @@ def _topk_side_by_side(plan: MergePlan, name: str, threads: int) -> int:
     """How many models' rules of tensor ``name`` a top-k pass finds at once. Each model's rule is its own (the
     sort replay reads only that model's keys): two at once where two such work spaces fit in the largest
     tensor's, so the peak does not grow."""
-    numel = plan.out_metas[name].nbytes // plan.out_metas[name].dtype.itemsize
-    largest = max(m.nbytes // m.dtype.itemsize for m in plan.out_metas.values())
-    return min(threads, len(plan.inputs_for(name)[0])) if 2 * numel <= largest else 1
+    largest = max(m.numel for m in plan.out_metas.values())
+    return min(threads, len(plan.inputs_for(name)[0])) if 2 * plan.out_metas[name].numel <= largest else 1
 
 
 def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, seed: int,
@@ -776,8 +774,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
     # the entries: once shrunk, the work space held one model where two ran, and 60 of a TIES merge's 242 rules
     # at 3 × 2 GB, 90 of 94 at 3 × 0.5 GB, were found in fresh memory).
     ranked = [p.name for p in pieces if p.stop is not None and p.start == 0 and _streams_with_topk(plan, p.name, dev)]
-    sizes = [plan.out_metas[n].nbytes // plan.out_metas[n].dtype.itemsize * _topk_side_by_side(plan, n, side_by_side)
-             for n in ranked]
+    sizes = [plan.out_metas[n].numel * _topk_side_by_side(plan, n, side_by_side) for n in ranked]
     largest_to_come = dict(zip(ranked, list(itertools.accumulate(sizes[::-1], max))[::-1], strict=True))
     workspace = RankWorkspace(largest_to_come[ranked[0]]) if ranked else None
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mergelab.kernels.masked import key_histogram
+from mergelab.kernels.masked import KEY_SPECS, key_histogram
 from mergelab.methods.std_sort import band_ties, kept_ties, matches_torch_sort, sorted_ranks
 
 
@@ -122,10 +122,6 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     # float64, another device, NaN, or a torch that sorts otherwise: select in float and sort where tied
     threshold = _kth_largest(_float_flat(delta.abs()), k)
     return _mask_at(_float_flat(delta.abs()), threshold, k).reshape(delta.shape)
-
-
-KEY_SPECS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
-               torch.float32: (torch.int32, 0x7F800000)}  # (same-width integer, bits of +inf)
 
 
 def magnitude_keys(delta: torch.Tensor) -> torch.Tensor | None:

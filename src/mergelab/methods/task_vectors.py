@@ -28,10 +28,15 @@ from typing import Literal
 import torch
 
 from mergelab.kernels.dispatch import loops
-from mergelab.kernels.masked import KEY_DTYPES, magnitude_keys_into, masked_consensus_with_masks, masked_task_arithmetic
+from mergelab.kernels.masked import (
+    KEY_DTYPES,
+    KEY_SPECS,
+    magnitude_keys_into,
+    masked_consensus_with_masks,
+    masked_task_arithmetic,
+)
 from mergelab.kernels.weighted_sums import task_arithmetic_sum
 from mergelab.methods.sparsify import (
-    KEY_SPECS,
     TopK,
     band_of_keys,
     drop_work_dtype,
