@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import assert_same_safetensors, method_config, weighted_config
+from cli_helpers import STREAM_PIECE, assert_same_safetensors, method_config, weighted_config
 from mergelab.kernels import dispatch, row_reductions
 from mergelab.kernels.masked import key_histogram
 from mergelab.kernels.row_ranks import argsort_ranks
@@ -543,7 +543,7 @@ def test_a_nan_or_inf_in_slerp_and_model_stock_inputs_gets_the_torch_numbers(mon
     ("model_stock", {}), ("model_stock", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
     ("della", {}), ("della", {"dtype": "bfloat16", "out_dtype": "bfloat16"}), ("della_linear", {"dtype": "float16"}),
 ])
-@pytest.mark.parametrize("piece_entries", [37, 1 << 30], ids=["streamed", "whole"])
+@pytest.mark.parametrize("piece_entries", [STREAM_PIECE, 1 << 30], ids=["streamed", "whole"])
 def test_a_merge_gives_the_same_bytes_with_the_loops_and_without(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
         extra: dict[str, Any], piece_entries: int) -> None:

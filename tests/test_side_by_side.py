@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cli_helpers import (
+    STREAM_PIECE,
     assert_refused,
     assert_same_safetensors,
     load_folder,
@@ -118,7 +119,7 @@ def test_pieces_merged_side_by_side_give_the_bytes_of_one_at_a_time(
         extra: dict[str, Any]) -> None:
     base, fts = families["llama"]
     config = method_config(method, base, fts, **extra)
-    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)  # pieces cross rows and end mid-row
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)  # pieces cross rows and end mid-row
     _threads(monkeypatch, 1)
     one = engine.run_merge(config, tmp_path / "one", progress=False, hash_inputs=False).out_dir
     _threads(monkeypatch, 2)
@@ -179,7 +180,7 @@ def test_every_top_k_rule_of_a_streamed_merge_is_found_in_the_work_space_also_af
     # the work space is sized for the models found side by side (a shrink to one tensor's entries left the
     # second model of every later pass in fresh memory: 90 of 94 rules of TIES at 3 x 0.5 GB)
     base, fts = families["llama"]
-    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
     _threads(monkeypatch, 2)
     given: list[tuple[bool, int]] = []
     take = RankWorkspace.take
@@ -256,7 +257,7 @@ def test_the_next_tensors_pass_runs_while_this_ones_pieces_merge(
 
     monkeypatch.setattr(engine, "_whole_tensor_pass", pass_spy)
     monkeypatch.setattr(engine, "merge_tensor", merge_spy)
-    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
     _threads(monkeypatch, 2)
     engine.run_merge(method_config(method, base, fts), tmp_path / "out", progress=False, hash_inputs=False)
     passes = [name for kind, name in events if kind == "pass"]
@@ -279,7 +280,7 @@ def test_an_error_in_a_whole_tensor_pass_names_the_tensor(
         return whole_pass(plan, name, *args)
 
     monkeypatch.setattr(engine, "_whole_tensor_pass", failing)
-    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
     _threads(monkeypatch, threads)
     out = tmp_path / "out"
     assert_refused(run_cli(write_config(tmp_path, method_config("slerp", base, fts)), out), out,

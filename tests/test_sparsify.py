@@ -221,14 +221,15 @@ def test_band_rule_of_all_equal_magnitudes_lists_the_sorts_choice_at_both_edges(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(4))
 def test_band_rule_applied_piece_by_piece_is_the_whole_outlier_mask(dtype: torch.dtype, seed: int) -> None:
     # heavy ties (bf16/fp16 magnitudes, float32 rounded to a few hundred levels, signed zeros): the edges
     # straddle tied keys in many cases, and the rule must keep what torch's one ascending sort keeps
     from mergelab.methods.sparsify import band_of_keys, magnitude_keys
 
     g = torch.Generator().manual_seed(seed)
-    n, piece_sizes = [(3_001, (1, 37, 1000)), (20_001, (37, 1000)), (50_001, (1000,))][seed]
+    # pieces of one entry on 401 entries: a call per entry on 3,001 took 5-6 s per dtype
+    n, piece_sizes = [(401, (1, 37)), (3_001, (37, 1000)), (20_001, (37, 1000)), (50_001, (1000,))][seed]
     delta = (torch.randn(n, generator=g) * 0.002).to(dtype)
     if dtype == torch.float32:
         delta = (delta * 2e4).round() / 2e4

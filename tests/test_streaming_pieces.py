@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from cli_helpers import (
+    STREAM_PIECE,
     assert_ok,
     assert_refused,
     assert_same_safetensors,
@@ -97,6 +98,12 @@ def test_breadcrumbs_streams_without_rescale_only() -> None:
         assert applies({"rescale": False}) and not applies({"rescale": True})
 
 
+def _matrix_for(piece: int) -> tuple[int, int]:
+    """The matrix merged whole and in pieces of ``piece`` entries: rows that the pieces cross, several pieces
+    of each size. Pieces of one entry cut a smaller one: a merge per entry of 41 x 53 took 5-9 s per case."""
+    return (11, 13) if piece == 1 else (41, 53)
+
+
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize(("densities", "gammas"), [((0.05, 0.5, 0.9), (0.01, 0.1, 0.0)),
@@ -110,8 +117,9 @@ def test_breadcrumbs_pieces_with_rank_rules_give_the_whole_merge_bit_for_bit(
     m = get_method(method)
     assert m.topk_pass is not None
     g = torch.Generator().manual_seed(len(densities))
-    base = torch.randn(41, 53, generator=g).to(dtype)
-    tensors = [(base + (0.002 * torch.randn(41, 53, generator=g)).bfloat16()).to(dtype) for _ in densities]
+    shape = _matrix_for(piece)
+    base = torch.randn(shape, generator=g).to(dtype)
+    tensors = [(base + (0.002 * torch.randn(shape, generator=g)).bfloat16()).to(dtype) for _ in densities]
     name = "model.layers.0.mlp.up_proj.weight"
     settings = [{"weight": 0.3 + 0.4 * i, "density": d, "gamma": y}
                 for i, (d, y) in enumerate(zip(densities, gammas, strict=True))]
@@ -203,8 +211,9 @@ def test_dare_pieces_drawn_in_order_give_the_whole_merge_bit_for_bit(
         method: str, dtype: torch.dtype, densities: tuple[float, ...], piece: int) -> None:
     m = get_method(method)
     g = torch.Generator().manual_seed(len(densities))
-    base = torch.randn(41, 53, generator=g).to(dtype)
-    tensors = [(base + 0.3 * torch.randn(41, 53, generator=g)).to(dtype) for _ in densities]
+    shape = _matrix_for(piece)
+    base = torch.randn(shape, generator=g).to(dtype)
+    tensors = [(base + 0.3 * torch.randn(shape, generator=g)).to(dtype) for _ in densities]
     name = "model.layers.0.mlp.up_proj.weight"
     settings = [{"weight": 0.3 + 0.4 * i, "density": d} for i, d in enumerate(densities)]
     params = resolve_parameters(m, name, 0.0, {}, settings)
@@ -293,12 +302,12 @@ def test_della_refuses_pieces_that_cut_a_row() -> None:
 
 
 def _whole_and_streamed(tmp_path: Path, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Merge ``config`` with whole tensors, then in pieces of 37 entries after a scalar pass whose chunks
-    (50 entries) cross the pieces' edges: the files must be the same bytes."""
+    """Merge ``config`` with whole tensors, then in pieces of ``STREAM_PIECE`` entries after a scalar pass whose
+    chunks (50 entries) cross the pieces' edges: the files must be the same bytes."""
     _small_chunks(monkeypatch)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 1 << 40)
     whole = engine.run_merge(config, tmp_path / "whole", progress=False, hash_inputs=False).out_dir
-    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
     pieces = engine.run_merge(config, tmp_path / "pieces", progress=False, hash_inputs=False).out_dir
     assert_same_safetensors(whole, pieces)
 
@@ -364,7 +373,7 @@ def test_streamed_in_pieces_same_bytes_as_whole(families: Families, sharded_fami
         config = weighted_config(method, base, fts, **extra)
         monkeypatch.setattr(engine, "_PIECE_ENTRIES", 1 << 40)
         whole = _merge(tmp_path, config, f"{arch}-whole", "--max-shard-size", "30KB")
-        monkeypatch.setattr(engine, "_PIECE_ENTRIES", 7)  # pieces cross rows and end mid-row
+        monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)  # pieces cross rows and end mid-row
         pieces = _merge(tmp_path, config, f"{arch}-pieces", "--max-shard-size", "30KB")
         files = sorted(p.name for p in whole.glob("*.safetensors"))
         assert len(files) >= 2 and files == sorted(p.name for p in pieces.glob("*.safetensors"))
@@ -384,37 +393,37 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_
         return real_read(self, name, offset, nbytes)
 
     monkeypatch.setattr(SafetensorsFile, "_read", spy)
-    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 64)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 256)  # a fourth of the largest matrices, 8 or 4 rows
     monkeypatch.setattr(engine, "_KEPT_BYTES", 0)  # no tensor small enough to keep (the next test keeps them)
     _merge(tmp_path, weighted_config("linear", base, fts), "linear")
-    assert reads and max(reads) == 64 * 4  # float32 inputs: no read larger than one piece
+    assert reads and max(reads) == 256 * 4  # float32 inputs: no read larger than one piece
     reads.clear()
     _merge(tmp_path, {**weighted_config("ties", base, fts), "parameters": {"density": 0.5}}, "ties")
-    assert max(reads) == 64 * 4  # TIES too: its top-k rules are found from pieces first
+    assert max(reads) == 256 * 4  # TIES too: its top-k rules are found from pieces first
     reads.clear()
-    monkeypatch.setattr(slerp, "_CHUNK", 64)
-    monkeypatch.setattr(model_stock, "_CHUNK", 64)
+    monkeypatch.setattr(slerp, "_CHUNK", 256)
+    monkeypatch.setattr(model_stock, "_CHUNK", 256)
     _merge(tmp_path, {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
                       "parameters": {"t": 0.4}}, "slerp")
-    assert max(reads) == 64 * 4  # SLERP: its scalar pass reads chunks, its merge pieces
+    assert max(reads) == 256 * 4  # SLERP: its scalar pass reads chunks, its merge pieces
     reads.clear()
     _merge(tmp_path, {"merge_method": "model_stock", "base_model": str(base),
                       "models": [{"model": str(p)} for p in fts]}, "model_stock")
-    assert max(reads) == 64 * 4  # Model Stock likewise
+    assert max(reads) == 256 * 4  # Model Stock likewise
     reads.clear()
     _merge(tmp_path, {**weighted_config("dare_ties", base, fts), "parameters": {"density": 0.5}}, "dare_ties")
-    assert max(reads) == 64 * 4  # DARE: its masks are drawn piece by piece
+    assert max(reads) == 256 * 4  # DARE: its masks are drawn piece by piece
     reads.clear()
     _merge(tmp_path, {**weighted_config("dare_ties", base, fts), "parameters": {"density": 0.5, "rescale_mode": "l1"}},
            "dare_ties_l1")
     assert max(reads) == largest  # with the L1 rescale (a norm of each whole dropped task vector): whole
     reads.clear()
     _merge(tmp_path, {**weighted_config("della", base, fts), "parameters": {"density": 0.5, "epsilon": 0.1}}, "della")
-    assert max(reads) == 64 * 4  # DELLA: pieces of whole rows (here 1–2 rows of 64 or 32 entries)
+    assert max(reads) == 256 * 4  # DELLA: pieces of whole rows (here 4 rows of 64 or 8 of 32 entries)
     reads.clear()
     _merge(tmp_path, {**weighted_config("breadcrumbs_ties", base, fts), "parameters": {"density": 0.5, "gamma": 0.1}},
            "breadcrumbs_ties")
-    assert max(reads) == 64 * 4  # Breadcrumbs: its rank rules are found from pieces first, as TIES'
+    assert max(reads) == 256 * 4  # Breadcrumbs: its rank rules are found from pieces first, as TIES'
     reads.clear()
     _merge(tmp_path, {**weighted_config("breadcrumbs", base, fts), "parameters": {"density": 0.5, "rescale": True}},
            "breadcrumbs_rescale")
@@ -434,9 +443,9 @@ def test_a_small_tensor_is_read_once_by_its_scalar_pass_and_its_pieces_are_cut_f
         return real_read(self, name, offset, nbytes)
 
     monkeypatch.setattr(SafetensorsFile, "_read", spy)
-    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 64)
-    monkeypatch.setattr(slerp, "_CHUNK", 48)  # the pass's chunks cross the pieces' edges
-    monkeypatch.setattr(model_stock, "_CHUNK", 48)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 256)
+    monkeypatch.setattr(slerp, "_CHUNK", 200)  # the pass's chunks cross the pieces' edges
+    monkeypatch.setattr(model_stock, "_CHUNK", 200)
     kept = _merge(tmp_path, config, "kept")
     sizes = _tensor_sizes(base, *fts)
     read_by_merge = {key: sizes[key] for key in read}
@@ -472,7 +481,7 @@ def test_ties_streamed_after_its_top_k_same_bytes_as_whole(families: Families, t
         m["parameters"]["density"] = [0.3, 0.6, 0.05][i % 3]
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 1 << 40)
     whole = _merge(tmp_path, config, "whole")
-    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 37)  # pieces cross rows and end mid-row
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)  # pieces cross rows and end mid-row
     pieces = _merge(tmp_path, config, "pieces")
     assert_same_safetensors(whole, pieces)
 
@@ -641,13 +650,13 @@ def test_parameters_are_resolved_once_per_tensor_however_many_pieces(
         return real(param, scopes, tensor_name, t, where)
 
     monkeypatch.setattr(params_module, "_resolve", spy)
-    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 7)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
     _merge(tmp_path, weighted_config("linear", base, fts), "linear")
     reader = open_checkpoint(base)
     floating = [n for n in reader.names if reader.meta(n).dtype.is_floating_point]
     per_tensor = 1 + len(fts)  # linear: 'normalize' once, 'weight' per model
     assert sorted(set(calls)) == sorted(floating)
-    assert len(calls) == per_tensor * len(floating)  # before: once per piece, 18,456 calls instead of 120
+    assert len(calls) == per_tensor * len(floating)  # before: once per piece (18,456 calls in pieces of 7)
 
 
 def test_a_scalar_pass_that_fails_is_reported_naming_the_tensor_and_nothing_is_written(
