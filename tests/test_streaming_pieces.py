@@ -394,37 +394,38 @@ def test_pieces_bound_every_read_for_elementwise_methods_ties_slerp_model_stock_
         return real_read(self, name, offset, nbytes)
 
     monkeypatch.setattr(SafetensorsFile, "_read", spy)
-    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 256)  # a fourth of the largest matrices, 8 or 4 rows
+    piece = 256  # entries: a fourth of the largest matrices, 8 or 4 rows
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", piece)
     monkeypatch.setattr(engine, "_KEPT_BYTES", 0)  # no tensor small enough to keep (the next test keeps them)
     _merge(tmp_path, weighted_config("linear", base, fts), "linear")
-    assert reads and max(reads) == 256 * 4  # float32 inputs: no read larger than one piece
+    assert reads and max(reads) == piece * 4  # float32 inputs: no read larger than one piece
     reads.clear()
     _merge(tmp_path, {**weighted_config("ties", base, fts), "parameters": {"density": 0.5}}, "ties")
-    assert max(reads) == 256 * 4  # TIES too: its top-k rules are found from pieces first
+    assert max(reads) == piece * 4  # TIES too: its top-k rules are found from pieces first
     reads.clear()
-    monkeypatch.setattr(slerp, "_CHUNK", 256)
-    monkeypatch.setattr(model_stock, "_CHUNK", 256)
+    monkeypatch.setattr(slerp, "_CHUNK", piece)
+    monkeypatch.setattr(model_stock, "_CHUNK", piece)
     _merge(tmp_path, {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
                       "parameters": {"t": 0.4}}, "slerp")
-    assert max(reads) == 256 * 4  # SLERP: its scalar pass reads chunks, its merge pieces
+    assert max(reads) == piece * 4  # SLERP: its scalar pass reads chunks, its merge pieces
     reads.clear()
     _merge(tmp_path, {"merge_method": "model_stock", "base_model": str(base),
                       "models": [{"model": str(p)} for p in fts]}, "model_stock")
-    assert max(reads) == 256 * 4  # Model Stock likewise
+    assert max(reads) == piece * 4  # Model Stock likewise
     reads.clear()
     _merge(tmp_path, {**weighted_config("dare_ties", base, fts), "parameters": {"density": 0.5}}, "dare_ties")
-    assert max(reads) == 256 * 4  # DARE: its masks are drawn piece by piece
+    assert max(reads) == piece * 4  # DARE: its masks are drawn piece by piece
     reads.clear()
     _merge(tmp_path, {**weighted_config("dare_ties", base, fts), "parameters": {"density": 0.5, "rescale_mode": "l1"}},
            "dare_ties_l1")
     assert max(reads) == largest  # with the L1 rescale (a norm of each whole dropped task vector): whole
     reads.clear()
     _merge(tmp_path, {**weighted_config("della", base, fts), "parameters": {"density": 0.5, "epsilon": 0.1}}, "della")
-    assert max(reads) == 256 * 4  # DELLA: pieces of whole rows (here 4 rows of 64 or 8 of 32 entries)
+    assert max(reads) == piece * 4  # DELLA: pieces of whole rows (here 4 rows of 64 or 8 of 32 entries)
     reads.clear()
     _merge(tmp_path, {**weighted_config("breadcrumbs_ties", base, fts), "parameters": {"density": 0.5, "gamma": 0.1}},
            "breadcrumbs_ties")
-    assert max(reads) == 256 * 4  # Breadcrumbs: its rank rules are found from pieces first, as TIES'
+    assert max(reads) == piece * 4  # Breadcrumbs: its rank rules are found from pieces first, as TIES'
     reads.clear()
     _merge(tmp_path, {**weighted_config("breadcrumbs", base, fts), "parameters": {"density": 0.5, "rescale": True}},
            "breadcrumbs_rescale")
