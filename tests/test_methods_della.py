@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from mergelab.methods import dare_merge, della_merge, get_method
-from mergelab.methods.della import della_sparsifier, magprune_probabilities
+from mergelab.methods.della import della_sparsifier, magprune_probabilities, rank_probabilities
 from mergelab.methods.registry import TensorInputs
 
 G = torch.Generator().manual_seed(77)
@@ -53,6 +53,20 @@ def test_probabilities_computed_in_mergekits_dtype() -> None:
     assert magprune_probabilities(torch.randn(4, 8).half(), 0.5, 0.1).dtype == torch.float32
     p = magprune_probabilities(torch.randn(1000).bfloat16(), 0.5, 0.1)
     assert p.dtype == torch.bfloat16 and len(set(p.tolist())) < 1000
+
+
+@pytest.mark.parametrize("work", [torch.bfloat16, torch.float32])
+def test_probabilities_looked_up_by_rank_are_mergekits_formula_over_the_whole_tensor(work: torch.dtype) -> None:
+    # mergekit: r = ranks + 1 in the working dtype, (r − min) / (max − min) per row, then (d − ε) + 2ε · that;
+    # rows of 1000 entries, so bfloat16 ranks above 256 round and several ranks share one probability
+    g = torch.Generator().manual_seed(3)
+    ranks = torch.stack([torch.randperm(1000, generator=g) for _ in range(4)])
+    r = ranks.to(work) + 1
+    lowest, highest = r.min(dim=1, keepdim=True).values, r.max(dim=1, keepdim=True).values
+    expected = (0.3 - 0.1) + ((r - lowest) / (highest - lowest)).clamp(0, 1) * 2 * 0.1
+    table = rank_probabilities(1000, 0.3, 0.1, work)
+    assert table.dtype == work and torch.equal(table[ranks], expected)
+    assert (len(set(table.tolist())) < 200) == (work == torch.bfloat16)
 
 
 def test_kept_entries_divided_by_their_own_keep_probability() -> None:

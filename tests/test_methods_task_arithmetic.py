@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from mergelab.kernels import dispatch
 from mergelab.methods import get_method, task_arithmetic_merge
 from mergelab.methods.registry import TensorInputs
-from mergelab.methods.task_vectors import generalized_task_arithmetic
+from mergelab.methods.task_vectors import generalized_task_arithmetic, merge_task_vectors
 
 BASE = torch.tensor([[1.0, -1.0], [0.5, 2.0]], dtype=torch.float64)
 D1 = torch.tensor([[2.0, 0.0], [-1.0, 4.0]], dtype=torch.float64)
@@ -89,3 +90,45 @@ def test_adapter() -> None:
     x = TensorInputs(name="w", tensors=[T1, T2], model_params=[{"weight": 1.0}, {"weight": 2.0}],
                      params={"lambda": 0.5, "normalize": False}, base=BASE)
     assert_close(m.adapter(x), task_arithmetic_merge(BASE, [T1, T2], [1.0, 2.0], lambda_=0.5))
+
+
+def test_task_vectors_given_already_sparsified_are_merged_onto_the_base() -> None:
+    # TIES on δ1 = (0.5, −1), δ2 = (0.25, 1), w = (1, 1): entry 0 elects + and averages (0.5 + 0.25) / 2; entry
+    # 1's votes cancel and 0 counts as +, so only δ2 agrees: 1 / 1. Without a consensus: the sum (0.75, 0).
+    base = torch.tensor([1.0, 2.0])
+    deltas = [torch.tensor([0.5, -1.0]), torch.tensor([0.25, 1.0])]
+    assert merge_task_vectors(base, deltas, [1.0, 1.0], consensus="sum", normalize=True).tolist() == [1.375, 3.0]
+    assert merge_task_vectors(base, deltas, [1.0, 1.0]).tolist() == [1.75, 2.0]
+    assert merge_task_vectors(base, [], []).tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match="base's shape"):
+        merge_task_vectors(base, [torch.tensor([0.5, -1.0, 0.0])], [1.0])
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["loops", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("consensus", "normalize", "lambda_"),
+                         [("sum", True, 1.0), ("count", False, 0.7), (None, True, -1.3), (None, False, 1.0)])
+def test_given_task_vectors_merge_to_the_bits_of_a_sparsifier_that_returns_them(
+        monkeypatch: pytest.MonkeyPatch, loaded: bool, dtype: torch.dtype, consensus: str | None, normalize: bool,
+        lambda_: float) -> None:
+    # what DELLA relies on: handing its sparsified task vectors over as models of a base of −0 changes no bit,
+    # signed zeros in the base and in the task vectors included (a negative λ turns +0 results into −0)
+    if loaded:
+        assert dispatch.warm_up()
+    else:
+        monkeypatch.setattr(dispatch, "_loaded", [None])
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(4099, generator=g) * 0.02).to(dtype)
+    base[:3] = torch.tensor([0.0, -0.0, -0.0])
+    deltas = [((torch.randn(4099, generator=g) * 0.003) * (torch.rand(4099, generator=g) < 0.4)).to(dtype)
+              for _ in range(3)]
+    deltas[0][::7] = -0.0
+    weights = [0.5, 0.75, -0.3]
+    ours = merge_task_vectors(base, deltas, weights, consensus=consensus, normalize=normalize,  # type: ignore[arg-type]
+                              lambda_=lambda_, dtype=dtype)
+    formula = generalized_task_arithmetic(base, [base] * 3, weights, sparsify=lambda i, _: deltas[i].clone(),
+                                          consensus=consensus, normalize=normalize,  # type: ignore[arg-type]
+                                          lambda_=lambda_, dtype=dtype)
+    as_int = torch.int32 if dtype == torch.float32 else torch.int16
+    assert ours.dtype == formula.dtype == dtype
+    assert torch.equal(ours.view(as_int), formula.view(as_int))

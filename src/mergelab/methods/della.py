@@ -35,7 +35,7 @@ from mergelab.methods.dare import (
 )
 from mergelab.methods.registry import MergeMethod, Param, ScalarPass, register
 from mergelab.methods.sparsify import Coins, drop_work_dtype
-from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
+from mergelab.methods.task_vectors import Consensus, Sparsifier, arithmetic_dtype, merge_task_vectors, task_vector
 
 
 def check_epsilon(density: float, epsilon: float) -> None:
@@ -62,23 +62,28 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
         return torch.full(delta.shape, density, dtype=work, device=delta.device)
     # sorted on the CPU whatever the device: CUDA orders ties differently (see sparsify._sorted_range)
     magnitudes = rows.abs().cpu()
-    replayed = argsort_ranks(magnitudes)  # the compiled replay of that sort, where it applies
-    if replayed is not None:
-        ranks = replayed.to(work) + 1
-    else:
+    ranks = argsort_ranks(magnitudes)  # the compiled replay of that sort, where it applies
+    if ranks is None:
         order = torch.argsort(magnitudes, dim=1)
         # each entry's rank is the inverse permutation of ``order``, put in place by one scatter: mergekit's
         # second argsort gives the same (a permutation has no ties) at 11× the CPU (2048 × 4096 bf16, one
         # thread: 0.415 s against 0.037)
         positions = torch.arange(n).view(1, n, *[1] * (order.dim() - 2)).expand_as(order)  # along dim 1, any rank
-        ranks = torch.empty_like(order).scatter_(1, order, positions).to(work) + 1
+        ranks = torch.empty_like(order).scatter_(1, order, positions)
         del order
     del magnitudes
-    # mergekit's operations in mergekit's order, so that the probabilities are the same numbers
-    lowest = ranks.min(dim=1, keepdim=True).values
-    highest = ranks.max(dim=1, keepdim=True).values
+    return rank_probabilities(n, density, epsilon, work)[ranks].reshape(delta.shape).to(delta.device)
+
+
+def rank_probabilities(n: int, density: float, epsilon: float, work: torch.dtype) -> torch.Tensor:
+    """The keep probability of ranks ``0 … n − 1`` in a row of ``n`` entries: mergekit's operations in mergekit's
+    order, in ``work``, so that they are the same numbers. Every row's ranks are a permutation of these, so its
+    lowest and highest rank are the table's, and looking an entry's probability up by its rank gives what the
+    formula over the tensor gives (on a 2752 × 1024 bf16 task vector 9 instead of 15 ms, one thread)."""
+    ranks = torch.arange(n).to(work) + 1
+    lowest, highest = ranks.min(), ranks.max()
     rank_norm = ((ranks - lowest) / (highest - lowest)).clamp(0, 1)
-    return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(delta.shape).to(delta.device)
+    return (density - epsilon) + rank_norm * 2 * epsilon
 
 
 def della_sparsifier(densities: Sequence[float], epsilons: Sequence[float], seed: int, *, rescale: bool = True,
@@ -126,8 +131,10 @@ def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
         base, tensors = base.reshape(rows), [t.reshape(rows) for t in tensors]
     sparsify = della_sparsifier(densities, epsilons, seed, rescale=rescale, rescale_mode=rescale_mode,
                                 generators=generators)
-    merged = generalized_task_arithmetic(base, tensors, weights, sparsify=sparsify, consensus=consensus,
-                                         normalize=normalize, lambda_=lambda_, dtype=dtype)
+    arithmetic = arithmetic_dtype(base, dtype)
+    deltas = [sparsify(i, task_vector(tensor, base, arithmetic)) for i, tensor in enumerate(tensors)]
+    merged = merge_task_vectors(base, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_,
+                                dtype=dtype)
     return merged.reshape(flat_shape)
 
 

@@ -157,6 +157,32 @@ def generalized_task_arithmetic(
     return mixed.add_(base.to(dtype)).to(base.dtype)
 
 
+def merge_task_vectors(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
+                       consensus: Consensus | None = None, normalize: bool = False, lambda_: float = 1.0,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`generalized_task_arithmetic` of task vectors already computed and sparsified (``deltas[i]``: what
+    its ``sparsify`` returns for model ``i``, in the arithmetic dtype), with the same bits, merged by the fused
+    passes. The deltas go in as the models of a base of −0, since ``x − (−0)`` is ``x`` and ``y + (−0)`` is ``y``
+    bit for bit, signed zeros included; every model's entries are kept (a dropped one is a zero, which no sum
+    sees and no sign election counts); the true base is added last, as the formula adds it. For sparsifiers
+    with no mask of their own (DELLA's per-entry rescale): its two-pass election compacted the kept values
+    and indexed them back (on a 2752 × 1024 bf16 tensor of two models, 0.21 of DELLA's 0.40 s besides the
+    sort, one thread)."""
+    if len(deltas) != len(weights):
+        raise ValueError(f"got {len(deltas)} task vectors but {len(weights)} weights")
+    if not deltas:
+        return base.clone()
+    arithmetic = arithmetic_dtype(base, dtype)
+    if any(d.dtype != arithmetic or d.shape != base.shape for d in deltas):
+        raise ValueError(f"task vectors must have the base's shape {list(base.shape)} and dtype {arithmetic}")
+    origin = torch.full(base.shape, -0.0, dtype=arithmetic, device=base.device)
+    everything = torch.ones(base.numel(), dtype=torch.bool, device=base.device)
+    merged = generalized_task_arithmetic(origin, deltas, weights, keep=None if consensus is None else
+                                         lambda i, _: everything, consensus=consensus, normalize=normalize,
+                                         lambda_=lambda_, dtype=arithmetic)
+    return merged.add_(base.to(arithmetic)).to(base.dtype)
+
+
 def masked_by_rules(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                     rules: Sequence[TopK], offset: int, *, consensus: Consensus | None, normalize: bool,
                     lambda_: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
