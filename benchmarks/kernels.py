@@ -7,8 +7,9 @@ Each row times both on the same inputs in this one process (best of 5 rounds, ``
 that they give the same bits, and prints the ratio: the numbers move with the machine's load, the ratio
 much less. Inputs are a streamed piece as the engine merges it: 1 Mi entries of three bfloat16 models close to
 a base (their task vectors' magnitudes tie by the thousand, as a fine-tune's do); the sort replay runs on the
-8 Mi magnitude keys of one such task vector at density 0.3. The first row is the one-time cost of loading the
-loops (numba's import and its cache), which the engine pays on a thread of its own ahead of a large merge.
+8 Mi magnitude keys of one such task vector at density 0.3; DELLA's rows view the piece as 1024 × 1024. The
+first row is the one-time cost of loading the loops (numba's import and its cache), which the engine pays on a
+thread of its own ahead of a large merge.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def rows() -> list[tuple[str, float, float, bool]]:
         row(f"top-k pass: magnitude keys of a task vector, {str(steps).removeprefix('torch.')} steps", keys_fused,
             keys_formula)
     _interpolation_rows(row, base, models)
+    _della_rows(row, base, models, weights)
     n = 8 << 20
     keys16 = ((torch.randn(n, generator=g) * 0.002).bfloat16().abs()).view(torch.int16).numpy()
     k = int(0.3 * n)
@@ -178,6 +180,47 @@ def _interpolation_rows(row: Callable[[str, Callable[[], torch.Tensor], Callable
             without(model_stock, "_compiled_sums", streamed))
         row(f"Model Stock whole tensor, 3 models, {label} steps (loops vs torch)", whole,
             without(model_stock, "_compiled_sums", without(model_stock, "model_stock_sum", whole)))
+
+
+def _della_rows(row: Callable[[str, Callable[[], torch.Tensor], Callable[[], torch.Tensor]], None],
+                base: torch.Tensor, models: list[torch.Tensor], weights: list[float]) -> None:
+    """DELLA on the piece as 1024 rows of 1024 entries: its keep probabilities (ranks found by the sort replay and
+    looked up as they are found, against torch's argsort, its inverting scatter and a gather), its drop with
+    the per-entry rescale, and the whole merge, with the loops and as if they were not loaded."""
+    from mergelab.kernels import dispatch
+    from mergelab.kernels.random_drops import rescaled_drop
+    from mergelab.methods.dare import _rescaled_drop
+    from mergelab.methods.della import della_merge, magprune_probabilities
+    from mergelab.methods.sparsify import uniform_draws
+    from mergelab.methods.task_vectors import task_vector
+
+    def torch_only(call: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            loaded = dispatch._loaded[:]
+            dispatch._loaded[:] = [None]
+            try:
+                return call()
+            finally:
+                dispatch._loaded[:] = loaded
+        return run
+
+    rows_base, rows_models = base.reshape(1024, -1), [m.reshape(1024, -1) for m in models]
+    delta = task_vector(rows_models[0], rows_base, torch.bfloat16)
+
+    def probabilities() -> torch.Tensor:
+        return magprune_probabilities(delta, 0.3, 0.1)
+
+    row("DELLA keep probabilities, 1024 rows of 1024 (ranks; torch: argsort, scatter, gather)", probabilities,
+        torch_only(probabilities))
+    p = probabilities()
+    draws = uniform_draws(delta.shape, torch.Generator().manual_seed(1))
+    row("DELLA drop, per-entry rescale", lambda: rescaled_drop(delta, p, draws, _rescaled_drop),  # type: ignore[arg-type,return-value]
+        lambda: _rescaled_drop(delta.clone(), p, draws))
+
+    def merged() -> torch.Tensor:
+        return della_merge(rows_base, rows_models, weights, [0.3] * 3, [0.1] * 3, seed=0, dtype=torch.bfloat16)
+
+    row("DELLA, 3 models, bfloat16 steps (loops vs torch)", merged, torch_only(merged))
 
 
 def table(load_s: float, measured: list[tuple[str, float, float, bool]]) -> str:

@@ -18,12 +18,14 @@ import torch
 from cli_helpers import STREAM_PIECE, assert_same_safetensors, method_config, weighted_config
 from mergelab.kernels import dispatch, row_reductions
 from mergelab.kernels.masked import key_histogram
+from mergelab.kernels.random_drops import rescaled_drop
 from mergelab.kernels.row_ranks import argsort_ranks
 from mergelab.kernels.weighted_sums import linear_sum, task_arithmetic_sum
 from mergelab.merge import engine
 from mergelab.merge.core import one_thread
 from mergelab.methods import model_stock, row_sums, slerp
-from mergelab.methods.dare import dare_merge
+from mergelab.methods.dare import _rescaled_drop, dare_merge
+from mergelab.methods.della import della_merge
 from mergelab.methods.linear import _linear_torch, linear_merge
 from mergelab.methods.registry import FlatSource
 from mergelab.methods.sparsify import TopK, band_of_keys, magnitude_keys, topk_of_keys
@@ -246,6 +248,50 @@ def test_dare_ties_with_random_masks_gives_the_bits_of_the_torch_formula(
     assert torch.equal(_bits(fused), _bits(reference))
 
 
+def test_a_rescaled_drop_divides_the_entries_whose_coin_falls_below_their_probability() -> None:
+    # coins 0.1 < 0.5 and 0.2 < 0.5: kept, 2 / 0.5 and -8 / 0.5; 0.25 = 0.25: dropped. 3 / 0.75 = 4 rounds in
+    # bfloat16 from float32's 4.0 exactly; 1 / 0.375 = 2.6667 rounds to 2.671875 (8 significant bits)
+    delta = _bf16(2.0, 4.0, -8.0, 3.0, 1.0)
+    probabilities = _bf16(0.5, 0.25, 0.5, 0.75, 0.375)
+    coins = torch.tensor([0.1, 0.25, 0.2, 0.74, 0.3])
+    dropped = rescaled_drop(delta, probabilities, coins, _rescaled_drop)
+    assert dropped is not None and dropped.tolist() == [4.0, 0.0, -16.0, 4.0, 2.671875]
+    assert delta.tolist() == [2.0, 4.0, -8.0, 3.0, 1.0]  # a new tensor: the formula can still run on delta
+    assert dispatch.verdicts()[("rescaled drop", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_rescaled_drop_gives_the_bits_of_the_torch_formula_and_leaves_nan_to_it(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(4)
+    delta = (torch.randn(30_011, generator=generator) * 0.002).to(dtype)
+    delta[:4] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])
+    probabilities = (0.2 + 0.2 * torch.rand(30_011, generator=generator)).to(dtype)
+    coins = torch.rand(30_011, generator=generator)
+    coins[:4] = 0.0  # every special value kept
+    fused = rescaled_drop(delta, probabilities, coins, _rescaled_drop)
+    assert fused is not None and torch.equal(_bits(fused), _bits(_rescaled_drop(delta.clone(), probabilities, coins)))
+    delta[9], coins[9] = float("nan"), 0.0
+    assert rescaled_drop(delta, probabilities, coins, _rescaled_drop) is None
+    assert rescaled_drop(delta.half(), probabilities.half(), coins, _rescaled_drop) is None  # no float16 loops
+    assert rescaled_drop(delta, probabilities, coins.double(), _rescaled_drop) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("consensus", "normalize", "lambda_"), [("sum", True, 1.0), (None, False, 0.6)])
+def test_della_with_the_loops_gives_the_bits_of_the_torch_formula(
+        dtype: torch.dtype, consensus: str | None, normalize: bool, lambda_: float,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # rows of 1009 entries: ranks above 256 round in bfloat16, so several ranks share one keep probability
+    base, tensors = _family(dtype, 30 * 1009, 3, seed=12)
+    base, tensors = base.reshape(30, 1009), [t.reshape(30, 1009) for t in tensors]
+    kwargs = {"seed": 5, "consensus": consensus, "normalize": normalize, "lambda_": lambda_, "dtype": dtype}
+    fused = della_merge(base, tensors, [0.5, 0.75, -0.3], [0.3, 0.6, 0.5], [0.1, 0.2, 0.05], **kwargs)  # type: ignore[arg-type]
+    assert dispatch.verdicts()[("rescaled drop", dtype)] and dispatch.verdicts()[("row ranks", dtype)]
+    monkeypatch.setattr(dispatch, "_loaded", [None])
+    reference = della_merge(base, tensors, [0.5, 0.75, -0.3], [0.3, 0.6, 0.5], [0.1, 0.2, 0.05], **kwargs)  # type: ignore[arg-type]
+    assert torch.equal(_bits(fused), _bits(reference))
+
+
 def test_a_nan_in_a_masked_task_vector_gets_the_formula_and_its_error() -> None:
     base, tensors = _family(torch.bfloat16, 5000, 2, seed=3)
     rules = _rules(base, tensors, torch.float32, band=False)
@@ -347,6 +393,10 @@ def test_row_ranks_are_where_torchs_argsort_puts_each_entry_ties_included(dtype:
     got = argsort_ranks(values)
     assert got is not None and torch.equal(got.long(), expected)
     assert dispatch.verdicts()[("row ranks", dtype)]
+    for table_dtype in (torch.bfloat16, torch.float32):  # a value per rank, looked up as the ranks are found
+        table = torch.linspace(0.2, 0.4, 2048).to(table_dtype)
+        looked_up = argsort_ranks(values, table)
+        assert looked_up is not None and looked_up.dtype == table_dtype and torch.equal(looked_up, table[expected])
 
 
 def test_row_ranks_leave_nan_other_dtypes_and_other_shapes_to_torch() -> None:
@@ -354,6 +404,9 @@ def test_row_ranks_leave_nan_other_dtypes_and_other_shapes_to_torch() -> None:
     assert argsort_ranks(torch.tensor([[1.0, 2.0]], dtype=torch.float64)) is None
     assert argsort_ranks(torch.tensor([1.0, 2.0])) is None  # 1-D: the caller makes it one row
     assert argsort_ranks(torch.tensor([[1.0, -2.0]])) is None  # not magnitudes
+    # a table must hold one value per rank, of a dtype the loops write
+    assert argsort_ranks(torch.tensor([[1.0, 2.0]]), torch.tensor([0.1, 0.2, 0.3])) is None
+    assert argsort_ranks(torch.tensor([[1.0, 2.0]]), torch.tensor([0.1, 0.2], dtype=torch.float16)) is None
 
 
 # -- loading ------------------------------------------------------------------------------------------------------

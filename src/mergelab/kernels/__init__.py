@@ -6,9 +6,10 @@ merge (benchmarks/engine_threads.py, 2026-12-02). A loop does the same arithmeti
 one pass. The loops here: weighted sums (linear, task arithmetic, SLERP's and Model Stock's element-wise steps:
 :mod:`.weighted_sums`), task arithmetic of task vectors masked by top-k rules with or without TIES' sign
 election (:mod:`.masked`), torch's one-thread sum and 2-norm of long rows replayed while their entries are
-computed (SLERP's and Model Stock's scalar passes: :mod:`.row_reductions`), and the replay of torch's
-``std::sort`` that decides which tied magnitudes a top-k keeps (methods/std_sort.py). Their times
-beside the code they replace: ``benchmarks/kernels.py``.
+computed (SLERP's and Model Stock's scalar passes: :mod:`.row_reductions`), the replay of torch's
+``std::sort`` that decides which tied magnitudes a top-k keeps (methods/std_sort.py) or ranks every entry of a
+row (DELLA's keep probabilities: :mod:`.row_ranks`), and DELLA's drop with its per-entry rescale
+(:mod:`.random_drops`). Their times beside the code they replace: ``benchmarks/kernels.py``.
 
 A loop is used only where it gives the same bits: on first use in a process each runs beside the formula it
 replaces on probe inputs chosen to tell roundings apart (fused multiply-add or not, rounding of each step,

@@ -276,6 +276,20 @@ def masked_consensus_loop(base: Any, xs: Any, aboves: Any, belows: Any, weights:
     return _count_nan(out)
 
 
+@njit(nogil=True, cache=True, error_model="numpy")
+def rescaled_drop_loop(delta: Any, probabilities: Any, draws: Any, out: Any) -> int:
+    """``out = delta / p`` where ``draws < p``, else +0: torch's ``delta.masked_fill_(~(draws < p), 0).div_(p)``
+    (DELLA's drop with its paper's rescale), each entry rounded once to ``out``'s dtype. ``out`` may be
+    ``delta``."""
+    for j in range(out.shape[0]):
+        p = _load(probabilities[j])
+        quotient = _load(delta[j]) / p
+        # in a variable: the conditional expression passed straight to _store stored garbage (numba 0.68)
+        value = quotient if draws[j] < p else np.float32(0.0)
+        _store(out, j, value)
+    return _count_nan(out)
+
+
 _INSERTION = 16  # libstdc++'s _S_threshold: introsort leaves segments of this size to the insertion sort
 _STOPS = 512  # scan positions per refill of a partition's stop lists
 
@@ -389,11 +403,13 @@ def sort_replay_loop(v: Any, idx: Any, bounds: Any, depth_limit: int) -> bool:
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def row_ranks_loop(keys: Any, depth_limit: int, ranks: Any) -> int:
-    """``ranks[r, j]``: where ``torch.argsort(x, dim=1)`` (ascending, CPU, not stable) puts entry ``j`` of row
-    ``r``, from integer ``keys`` that compare as ``x`` does (each row sorted whole by the replay, on negated
-    keys: ascending by ``a < b`` is descending by ``-a > -b``). Returns -1, or the first row where introsort
-    would fall back to heapsort (``ranks`` then unfinished)."""
+def row_ranks_loop(keys: Any, depth_limit: int, inf_bits: int, table: Any, out: Any) -> int:
+    """``out[r · n + j] = table[k]``, ``k`` where ``torch.argsort(x, dim=1)`` (ascending, CPU, not stable) puts
+    entry ``j`` of row ``r`` (``table`` the ranks themselves: the ranks), from integer ``keys`` that compare as
+    ``x`` does (each row sorted whole by the replay, on negated keys: ascending by ``a < b`` is descending by
+    ``-a > -b``). Returns -1; -2 where a key is negative or above ``inf_bits`` (a sign bit, or NaN: torch's
+    comparator ties every NaN); or the first row where introsort would fall back to heapsort (``out`` then
+    unfinished)."""
     n = keys.shape[1]
     # int32 (rows below 2^31 entries; negated keys of 16- and 32-bit magnitudes fit): 0.19 against 0.21 s for
     # int64 on a 5504 × 2048 bfloat16 task vector
@@ -402,13 +418,19 @@ def row_ranks_loop(keys: Any, depth_limit: int, ranks: Any) -> int:
     stacks = np.empty((3, 256), np.int64)
     no_bounds = np.empty(0, np.int64)
     for r in range(keys.shape[0]):
+        outside = False
         for j in range(n):
-            v[j] = -np.int32(keys[r, j])
+            key = np.int32(keys[r, j])
+            outside |= (key < 0) | (key > inf_bits)
+            v[j] = -key
             idx[j] = j
+        if outside:
+            return -2
         if not _introsort(v, idx, no_bounds, True, depth_limit, lefts, rights, stacks[0], stacks[1], stacks[2]):
             return r
+        row = r * n
         for j in range(n):
-            ranks[r, idx[j]] = j
+            out[row + idx[j]] = table[j]
     return -1
 
 

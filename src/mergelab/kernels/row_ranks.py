@@ -6,7 +6,8 @@ torch sorts each row with libstdc++'s ``std::sort`` (:mod:`mergelab.methods.std_
 that introsort on integer keys (a magnitude's bit pattern) gives the same permutation in under half the time
 (a 5504 × 2048 bfloat16 task vector of the 3 × 2 GB benchmark models, one thread: 0.19 against 0.44 s for
 ``argsort`` and the scatter that inverts it; scratch benchmark, 2026-12-03). Checked against torch on tied
-rows on first use per dtype; None where it does not apply, and the caller sorts.
+rows on first use per dtype; None where it does not apply, and the caller sorts. DELLA wants one value per
+rank (its keep probability), so each row's values can be written where its ranks are found.
 """
 
 from __future__ import annotations
@@ -14,31 +15,39 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mergelab.kernels.dispatch import loops, verified
+from mergelab.kernels.dispatch import as_array, loops, verified
 from mergelab.kernels.masked import KEY_SPECS
 
+_TABLE_DTYPES = (torch.bfloat16, torch.float32)  # what a rank may be looked up in (numpy views them)
 
-def argsort_ranks(magnitudes: torch.Tensor) -> torch.Tensor | None:
+
+def argsort_ranks(magnitudes: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor | None:
     """``ranks[r, j]``: the position ``torch.argsort(magnitudes, dim=1)`` (ascending) gives entry ``j`` of row
-    ``r``, as int32, for a 2-D CPU tensor of non-negative bfloat16, float16 or float32 values; None where the
-    loops are not loaded, the input is another kind, a value is NaN (torch's comparator ties every NaN) or
-    introsort would fall back to heapsort."""
+    ``r``, as int32, for a 2-D CPU tensor of non-negative bfloat16, float16 or float32 values; with ``table`` (one
+    bfloat16 or float32 value per rank), ``table[ranks]``, looked up as each row's ranks are found (DELLA's keep
+    probabilities: a gather of 2.8 Mi entries saved, 9 ms). None where the loops are not loaded, the input is
+    another kind, a value is NaN (torch's comparator ties every NaN) or introsort would fall back to heapsort."""
     module = loops()
     spec = KEY_SPECS.get(magnitudes.dtype)  # bit patterns of magnitudes order as their values; above +Inf: NaN
     if (module is None or spec is None or magnitudes.dim() != 2 or magnitudes.device.type != "cpu"
             or magnitudes.shape[1] < 2 or magnitudes.numel() == 0 or magnitudes.shape[1] >= 1 << 31):
         return None
+    if table is not None and (table.dtype not in _TABLE_DTYPES or table.shape != (magnitudes.shape[1],)
+                              or table.device.type != "cpu"):
+        return None
     key_dtype, inf_bits = spec
 
-    def run(values: torch.Tensor) -> torch.Tensor | None:
+    def run(values: torch.Tensor, lookup: torch.Tensor | None) -> torch.Tensor | None:
         keys = values.contiguous().view(key_dtype)
-        if bool((keys > inf_bits).any()) or bool((keys < 0).any()):  # NaN, or a sign bit: not magnitudes
-            return None
         n = keys.shape[1]
-        ranks = np.empty(tuple(keys.shape), np.int32)
-        if module.row_ranks_loop(keys.numpy(), 2 * (n.bit_length() - 1), ranks) >= 0:
-            return None
-        return torch.from_numpy(ranks)
+        if lookup is None:
+            out = torch.empty(keys.shape, dtype=torch.int32)
+            entries, by_rank = out.view(-1).numpy(), np.arange(n, dtype=np.int32)
+        else:
+            out = torch.empty(keys.shape, dtype=lookup.dtype)
+            entries, by_rank = as_array(out, writable=True), as_array(lookup.contiguous())
+        done = module.row_ranks_loop(keys.numpy(), 2 * (n.bit_length() - 1), inf_bits, by_rank, entries)
+        return out if done == -1 else None
 
     def check() -> bool:
         generator = torch.Generator().manual_seed(0)
@@ -47,11 +56,16 @@ def argsort_ranks(magnitudes: torch.Tensor) -> torch.Tensor | None:
             values[0, : n // 2] = values[0, 0]  # a long run of one magnitude
             order = torch.argsort(values, dim=1)
             expected = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand_as(order))
-            got = run(values)
+            got = run(values, None)
             if got is None or not torch.equal(got.long(), expected):
                 return False
+            for dtype in _TABLE_DTYPES:
+                lookup = torch.randn(n, generator=generator).to(dtype)
+                got = run(values, lookup)
+                if got is None or not torch.equal(got, lookup[expected]):
+                    return False
         return True
 
     if not verified("row ranks", magnitudes.dtype, check):
         return None
-    return run(magnitudes)
+    return run(magnitudes, table)

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from mergelab.kernels.random_drops import rescaled_drop
 from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, register
-from mergelab.methods.sparsify import Coins, bernoulli_mask, drop_work_dtype, generator_for, match_l1
+from mergelab.methods.sparsify import Coins, bernoulli_mask, drop_work_dtype, generator_for, match_l1, uniform_draws
 from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
 
 KeepProbability = Callable[[int, torch.Tensor], "float | torch.Tensor"]
@@ -109,17 +110,29 @@ def random_drop_sparsifier(densities: Sequence[float], keep_probability: KeepPro
             return torch.zeros_like(delta)
         p = keep_probability(i, delta)
         generator = generators[i] if generators is not None else generator_for(seed, i)
+        # rescaled in mergekit's working dtype (float16 deltas in float32), then rounded back, as mergekit does
+        work = delta.to(drop_work_dtype(delta.dtype)) if rescale else delta
+        if rescale and rescale_mode == "density" and isinstance(p, torch.Tensor):  # DELLA's p per entry
+            draws = uniform_draws(delta.shape, generator)
+            kept = rescaled_drop(work, p, draws, _rescaled_drop)
+            if kept is None:
+                kept = _rescaled_drop(work, p, draws)
+            return kept if kept.dtype == delta.dtype else delta.copy_(kept)
         mask = bernoulli_mask(delta.shape, p, generator, device=delta.device)
         if not rescale:
             return delta.masked_fill_(~mask, 0)  # in place on the caller's fresh copy (see Sparsifier)
-        # rescaled in mergekit's working dtype (float16 deltas in float32), then rounded back, as mergekit does
-        work = delta.to(drop_work_dtype(delta.dtype))
         before = work.abs().sum() if rescale_mode == "l1" else None
         kept = work.masked_fill_(~mask, 0)
         del mask
         kept = kept.div_(p) if before is None else match_l1(kept, before)
         return kept if kept.dtype == delta.dtype else delta.copy_(kept)
     return drop
+
+
+def _rescaled_drop(delta: torch.Tensor, probabilities: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """``delta`` divided by ``probabilities`` where ``draws < probabilities``, else 0, in place: the mask of
+    :func:`~mergelab.methods.sparsify.bernoulli_mask`, then the rescale."""
+    return delta.masked_fill_(~(draws.to(probabilities.device) < probabilities), 0).div_(probabilities)
 
 
 def dare_sparsifier(densities: Sequence[float], seed: int, *, rescale: bool = True,

@@ -335,11 +335,17 @@ def bernoulli_mask(shape: torch.Size, density: float | torch.Tensor, generator: 
     """
     if isinstance(density, (int, float)) and density >= 1:
         return torch.ones(shape, dtype=torch.bool, device=device)
-    draws = (torch.rand(shape, generator=generator, dtype=torch.float32) if isinstance(generator, torch.Generator)
-             else generator(shape))
+    draws = uniform_draws(shape, generator)
     if isinstance(density, torch.Tensor):
         return draws.to(density.device) < density
     return (draws < density).to(device)
+
+
+def uniform_draws(shape: torch.Size | tuple[int, ...], generator: torch.Generator | Coins) -> torch.Tensor:
+    """The coins of a random drop: float32 ``u ~ U[0, 1)`` from a CPU ``generator``, or a piece's draws."""
+    if isinstance(generator, torch.Generator):
+        return torch.rand(shape, generator=generator, dtype=torch.float32)
+    return generator(shape)
 
 
 def drop_work_dtype(dtype: torch.dtype) -> torch.dtype:
