@@ -23,7 +23,7 @@ from mergelab.kernels.row_ranks import argsort_ranks
 from mergelab.kernels.weighted_sums import linear_sum, task_arithmetic_sum
 from mergelab.merge import engine
 from mergelab.merge.core import one_thread
-from mergelab.methods import model_stock, row_sums, slerp
+from mergelab.methods import get_method, model_stock, row_sums, slerp
 from mergelab.methods.dare import _rescaled_drop, dare_merge
 from mergelab.methods.della import della_merge
 from mergelab.methods.linear import _linear_torch, linear_merge
@@ -624,9 +624,35 @@ def test_a_merge_gives_the_same_bytes_with_the_loops_and_without(
     assert_same_safetensors(fused, formula)
 
 
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties",
+                                    "dare_linear", "dare_ties", "della", "della_linear", "slerp", "model_stock",
+                                    "nearswap"])
+def test_a_method_is_marked_compiled_exactly_when_its_merge_uses_the_loops(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    # the mark is what makes the engine load the loops ahead of a large merge: DARE-TIES and DELLA lacked it, so
+    # `mergelab merge` ran them with the torch formulas (DELLA 3 × 0.5 GB: 22 s against 10 s with the loops)
+    base, fts = families["llama"]
+    used: list[bool] = []
+    real = dispatch.loops
+
+    def spy() -> Any:
+        module = real()
+        used.append(module is not None)
+        return module
+
+    for module in ("weighted_sums", "masked", "row_reductions", "row_ranks", "random_drops"):
+        monkeypatch.setattr(f"mergelab.kernels.{module}.loops", spy)
+    config = method_config(method, base, fts, dtype="bfloat16")
+    if get_method(method).randomized:
+        config["seed"] = 3
+    engine.run_merge(config, tmp_path / "out", progress=False, hash_inputs=False)
+    assert get_method(method).compiled == any(used)
+
+
 @pytest.mark.parametrize(("method", "threshold", "warmed"), [
     ("linear", 0, True), ("task_arithmetic", 0, True), ("ties", 0, True), ("breadcrumbs", 0, True),
-    ("slerp", 0, True), ("model_stock", 0, True), ("linear", 1 << 40, False), ("nearswap", 0, False)])
+    ("slerp", 0, True), ("model_stock", 0, True), ("dare_ties", 0, True), ("della", 0, True),
+    ("della_linear", 0, True), ("linear", 1 << 40, False), ("nearswap", 0, False), ("dare_linear", 0, False)])
 def test_the_engine_loads_the_loops_ahead_of_large_merges_of_methods_that_have_them(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, threshold: int,
         warmed: bool) -> None:

@@ -236,7 +236,7 @@ register(MergeMethod(
     also_in=("mergekit", "FusionBench"),
     summary="DARE drop-and-rescale followed by TIES sign election and disjoint merge.",
     paper=_PAPER + "; Yadav et al. 2023, TIES (arXiv:2306.01708)", randomized=True,
-    scalar_pass=ScalarPass(dare_generators, applies=drops_in_pieces),
+    scalar_pass=ScalarPass(dare_generators, applies=drops_in_pieces), compiled=True,
     formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̃_i)=γ] δ̃_i,  γ = sgn Σ_i w_i δ̃_i,  δ̃_i = m_i ⊙ δ_i / p_i "
             "(÷ Σ_i w_i [sgn(δ̃_i)=γ] with normalize)",
 ))

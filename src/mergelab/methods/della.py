@@ -164,13 +164,13 @@ register(MergeMethod(
     name="della", function=della_merge, params=_params(True),
     summary="Magnitude-ranked random drop (MagPrune), rescale, then TIES sign election and disjoint mean.",
     paper=_PAPER + "; Yadav et al. 2023, TIES (arXiv:2306.01708)", randomized=True, also_in=("mergekit",),
-    scalar_pass=_SCALAR_PASS,
+    scalar_pass=_SCALAR_PASS, compiled=True,
     formula="θ = θ_0 + λ Σ_i w_i [sgn(δ̃_i)=γ] δ̃_i / Σ_i w_i [sgn(δ̃_i)=γ],  γ = sgn Σ_i w_i δ̃_i,  "
             f"δ̃_i = m_i ⊙ δ_i / p_i,  {_DROP}",
 ))
 register(MergeMethod(
     name="della_linear", function=della_merge, params=_params(False), fixed={"consensus": None},
     summary="Magnitude-ranked random drop (MagPrune), rescale, then task arithmetic.",
-    paper=_PAPER, randomized=True, also_in=("mergekit",), scalar_pass=_SCALAR_PASS,
+    paper=_PAPER, randomized=True, also_in=("mergekit",), scalar_pass=_SCALAR_PASS, compiled=True,
     formula=f"θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i) / p_i,  {_DROP}",
 ))
