@@ -5,8 +5,9 @@ The estimates follow the engine's memory model (engine.py's docstring) and this 
 input hashed, 2 idle cores, 3 × 1.98 GB bf16 inputs): linear 8.5 s, task arithmetic 10.0 s, TIES 23.8 s,
 DARE-TIES 25.1 s, Breadcrumbs 24.2 s for 5.95 GB of input; Model Stock 8.6 s and SLERP 7.7 s (for 3.97 GB)
 from the 14:39 run, after their scalar passes got compiled loops ("SLERP's and Model Stock's passes"); DELLA
-from ``benchmarks/results/2026-12-03.md`` (10:48 UTC run, after its ranks got a compiled loop: 122.5 s, on a
-machine where mergekit and the I/O floor were about twice as slow as on the runs above, so a high estimate).
+from ``benchmarks/results/2026-12-03.md`` (16:27 UTC run, after its probabilities, drop and election got
+compiled loops and the CLI began to load them for it: 45.3 s, on a machine where mergekit took 1.5× its time
+of the 2026-12-02 runs, so a high estimate).
 They are orders of magnitude for planning, not promises: disks, cores and dtypes change them.
 """
 
@@ -32,7 +33,7 @@ from mergelab.merge.plan import plan_merge
 
 # Seconds per GB of input on the benchmark machine (see the module docstring).
 _SECONDS_PER_GB = {"linear": 1.4, "task_arithmetic": 1.7, "ties": 4.0, "dare_ties": 4.2, "breadcrumbs": 4.1,
-                   "della": 20.6, "slerp": 2.0, "model_stock": 1.5}
+                   "della": 7.6, "slerp": 2.0, "model_stock": 1.5}
 _DEFAULT_SECONDS_PER_GB = 15.0  # methods not benchmarked: about TIES' cost (two passes, sorting)
 _TORCH_BASELINE = 300 * 2**20  # resident size of Python + torch before any tensor (measured ~290 MiB)
 # what the compiled loops add where the engine loads them (mergelab.kernels; measured 2026-12-02: scipy.linalg
