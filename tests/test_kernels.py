@@ -583,6 +583,21 @@ def test_a_nan_or_inf_in_slerp_and_model_stock_inputs_gets_the_torch_numbers(mon
 
 # -- in the engine ----------------------------------------------------------------------------------------------
 
+def _watch_loops(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Every later ask of a kernel module for the loops, in order: whether it got them."""
+    asks: list[bool] = []
+    real = dispatch.loops
+
+    def spy() -> Any:
+        module = real()
+        asks.append(module is not None)
+        return module
+
+    for module in ("weighted_sums", "masked", "row_reductions", "row_ranks", "random_drops"):
+        monkeypatch.setattr(f"mergelab.kernels.{module}.loops", spy)
+    return asks
+
+
 @pytest.mark.parametrize(("method", "extra"), [
     ("linear", {}), ("linear", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
     ("task_arithmetic", {}), ("task_arithmetic", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
@@ -603,16 +618,7 @@ def test_a_merge_gives_the_same_bytes_with_the_loops_and_without(
     base, fts = families["llama"]
     config = method_config(method, base, fts, **extra)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", piece_entries)
-    calls: list[bool] = []
-    real = dispatch.loops
-
-    def spy() -> Any:
-        module = real()
-        calls.append(module is not None)
-        return module
-
-    for module in ("weighted_sums", "masked", "row_reductions", "row_ranks"):
-        monkeypatch.setattr(f"mergelab.kernels.{module}.loops", spy)
+    calls = _watch_loops(monkeypatch)
     if method in ("dare_ties", "della", "della_linear"):
         config["seed"] = 3
     fused = engine.run_merge(config, tmp_path / "fused", progress=False, hash_inputs=False).out_dir
@@ -630,18 +636,9 @@ def test_a_merge_gives_the_same_bytes_with_the_loops_and_without(
 def test_a_method_is_marked_compiled_exactly_when_its_merge_uses_the_loops(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     # the mark is what makes the engine load the loops ahead of a large merge: DARE-TIES and DELLA lacked it, so
-    # `mergelab merge` ran them with the torch formulas (DELLA 3 × 0.5 GB: 22 s against 10 s with the loops)
+    # `mergelab merge` ran them with the torch formulas (DELLA 3 × 0.5 GB: 26.8–27.1 s, 12.3–12.4 with the loops)
     base, fts = families["llama"]
-    used: list[bool] = []
-    real = dispatch.loops
-
-    def spy() -> Any:
-        module = real()
-        used.append(module is not None)
-        return module
-
-    for module in ("weighted_sums", "masked", "row_reductions", "row_ranks", "random_drops"):
-        monkeypatch.setattr(f"mergelab.kernels.{module}.loops", spy)
+    used = _watch_loops(monkeypatch)
     config = method_config(method, base, fts, dtype="bfloat16")
     if get_method(method).randomized:
         config["seed"] = 3
