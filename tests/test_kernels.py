@@ -292,6 +292,25 @@ def test_della_with_the_loops_gives_the_bits_of_the_torch_formula(
     assert torch.equal(_bits(fused), _bits(reference))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_rule_without_a_threshold_keeps_no_infinite_entry_and_one_without_a_ceiling_keeps_it(
+        dtype: torch.dtype) -> None:
+    # the loop compares keys as int32 against int32's largest for "no threshold" / "no ceiling": above the key
+    # of ±Inf (0x7F80 in bfloat16, 0x7F800000 in float32), so an infinite task-vector entry is not kept by a
+    # rule that keeps nothing, and is kept by one with no ceiling
+    base, tensors = _family(dtype, 4096, 2, seed=5)
+    tensors[0][10], tensors[1][20], tensors[1][30] = float("inf"), float("-inf"), float("inf")
+    for rules in ([TopK(None), TopK(0)], [TopK(0), TopK(None)], [TopK(0, ceiling=None), TopK(0)]):
+        for consensus in ("sum", None):
+            fused = masked_by_rules(base, tensors, [0.5, 0.5], rules, 0, consensus=consensus, normalize=False)
+            reference = _masked_by_rules_torch(base, tensors, [0.5, 0.5], rules, 0, consensus, False, 1.0, None)
+            assert torch.equal(_bits(fused), _bits(reference)), (rules, consensus)
+            kept_inf = [bool(torch.isinf(fused[j])) for j in (10, 20, 30)]
+            assert kept_inf == [rules[0].threshold is not None, rules[1].threshold is not None,
+                                rules[1].threshold is not None], (rules, consensus)
+    assert dispatch.verdicts()[("masked task arithmetic in torch.float32", dtype)]
+
+
 def test_a_nan_in_a_masked_task_vector_gets_the_formula_and_its_error() -> None:
     base, tensors = _family(torch.bfloat16, 5000, 2, seed=3)
     rules = _rules(base, tensors, torch.float32, band=False)

@@ -19,7 +19,10 @@ import torch
 
 from mergelab.kernels.dispatch import as_array, eligible, loops, probe, same_bits, verified
 
-_NEVER = 1 << 40  # a key no dtype reaches: "keep nothing above it" / "everything is below it"
+# "keep nothing above it" / "everything is below it": above every number's key (bfloat16 keys reach 0x7F80,
+# float32 ones 0x7F800000 at Inf; only a NaN's may reach it, and a NaN makes the rule not apply) and within
+# the int32 the loop compares keys in
+_NEVER = np.iinfo(np.int32).max
 ELECTIONS = {None: 0, "sum": 1, "count": 2}
 
 Formula = Callable[..., torch.Tensor]
@@ -36,10 +39,9 @@ def _sides(module: object, base: np.ndarray, x: np.ndarray, rule: object, offset
     ceiling = _NEVER if rule.ceiling is None else rule.ceiling  # type: ignore[attr-defined]
     ties, ceiling_ties = rule.ties, rule.ceiling_ties  # type: ignore[attr-defined]
     above, below = np.empty(n, np.bool_), np.empty(n, np.bool_)
-    nans = module.rule_sides_loop(base, x, like, np.int64(threshold), ties is None, np.int64(ceiling),  # type: ignore[attr-defined]
-                                  ceiling_ties is None, above, below)
-    if nans:
-        return None
+    if module.rule_sides_loop(base, x, like, np.int64(threshold), ties is None, np.int64(ceiling),  # type: ignore[attr-defined]
+                              ceiling_ties is None, above, below):
+        return None  # a NaN task-vector entry
     for side, listed in ((above, ties), (below, ceiling_ties)):
         if listed is not None and listed.numel():
             positions = listed.numpy()
@@ -78,7 +80,7 @@ def masked_task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], 
         out = torch.empty(b.shape, dtype=dtype)
         nans = module.masked_consensus_loop(
             base_array, arrays, tuple(s[0] for s in sides), tuple(s[1] for s in sides),  # type: ignore[index]
-            np.asarray(ws, np.float32), np.ones(len(ws), np.float32), ELECTIONS[election], norm, np.float32(divisor),
+            np.asarray(ws, np.float32), None, ELECTIONS[election], norm, np.float32(divisor),
             np.float32(lam), like, as_array(out, writable=True))
         return out, nans
 
@@ -131,9 +133,11 @@ def masked_consensus_with_masks(base: torch.Tensor, tensors: Sequence[torch.Tens
         # booleans, viewed as they are: tested as int8 the selects became branches (24 against 3 ms per 1 Mi-entry
         # piece), and making booleans of int8 masks took as long as the loop (2 ms per piece of two models)
         kept = tuple(m.reshape(-1).numpy() for m in ms)
+        # none where every divisor is 1, which changes no bit (DELLA's task vectors come already rescaled)
+        divisors = None if all(d == 1.0 for d in divs) else np.asarray(divs, np.float32)
         nans = module.masked_consensus_loop(
             as_array(b), tuple(as_array(x) for x in xs), kept, kept, np.asarray(ws, np.float32),
-            np.asarray(divs, np.float32), ELECTIONS[election], norm, np.float32(1.0), np.float32(lam), like,
+            divisors, ELECTIONS[election], norm, np.float32(1.0), np.float32(lam), like,
             as_array(out, writable=True))
         return out, nans
 
@@ -145,7 +149,7 @@ def masked_consensus_with_masks(base: torch.Tensor, tensors: Sequence[torch.Tens
         ms = [torch.rand(b.numel(), generator=generator) < p for p in (0.3, 0.9, 0.5)]
         ws = [float(torch.tensor(w, dtype=arithmetic)) for w in (0.5, 0.75, -0.3)]
         cases = (([0.3, 0.9, 0.5], "sum", True, 1.0), ([1.0, 0.9, 1.0], "count", False, 0.7),
-                 ([0.3, 0.9, 0.5], "sum", False, 1.3))
+                 ([0.3, 0.9, 0.5], "sum", False, 1.3), ([1.0, 1.0, 1.0], "sum", True, 1.0))
         return all(same_bits(run(b, xs, ws, ms, divs, election, norm, lam)[0],
                              formula(b, xs, ws, ms, divs, election, norm, lam, arithmetic))
                    for divs, election, norm, lam in cases)
