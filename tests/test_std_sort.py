@@ -149,3 +149,59 @@ def test_kept_and_band_ties_are_the_same_with_a_dirty_positions_scratch(seed: in
         assert expected[0] is not None and got[0] is not None and expected[1] is not None and got[1] is not None
         assert np.array_equal(np.sort(got[0]), np.sort(expected[0]))
         assert all(np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(got[1], expected[1], strict=True))
+
+
+def _in_room(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``keys`` (int16) copied into the first half of a buffer of 4 bytes per entry, as the engine's work space
+    lays them out, and that buffer."""
+    room = np.full(4 * keys.size, 0xA5, np.uint8)  # dirty: what the buffer held before must not matter
+    held = room[:2 * keys.size].view(np.int16)
+    held[:] = keys
+    return held, room
+
+
+def _torch_ties(keys: np.ndarray, start: int, stop: int, edge: int, descending: bool) -> np.ndarray:
+    # floats, as mergekit sorts them (torch may sort integer tensors by another algorithm)
+    values = torch.from_numpy(keys.astype(np.float32))
+    order = torch.argsort(values, descending=True) if descending else torch.sort(values).indices
+    chosen = order[start:stop].numpy()
+    return np.sort(chosen[keys[chosen] == edge])
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("compiled", [True, False], ids=["tagged replay", "numpy replay"])
+def test_keys_widened_in_their_own_room_give_torch_sorts_tied_entries(seed: int, compiled: bool,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # the engine's bfloat16 keys sit in the first half of a room of 4 bytes per entry and the replay may widen
+    # them in place, each tied entry carrying its flat index (no positions array); without the compiled loop
+    # the room is not used as positions (it holds the keys) and the numpy replay gives the same entries
+    from mergelab.kernels import dispatch
+    from mergelab.methods import std_sort
+
+    if compiled and not dispatch.warm_up():
+        pytest.skip("numba is not installed")
+    if compiled:  # its check runs once per process, through the same function: before counting the calls
+        assert dispatch.verified("tagged sort replay", None, std_sort._check_tagged)
+    if not compiled:
+        monkeypatch.setattr(std_sort, "loops", lambda: None)
+    tagged_calls: list[int] = []
+    tagged = std_sort._tagged_ties
+    monkeypatch.setattr(std_sort, "_tagged_ties", lambda *a, **kw: tagged_calls.append(1) or tagged(*a, **kw))
+    rng = np.random.default_rng(500 + seed)
+    keys = (_bf16_magnitudes(int(rng.integers(1_000, 80_000)), seed) * 2**20).astype(np.int16)
+    n = keys.size
+    ordered = np.sort(keys)
+    k = int(rng.integers(1, n))
+    threshold = int(ordered[::-1][k - 1])
+    held, room = _in_room(keys)
+    kept = std_sort.kept_ties(held, k, threshold, overwrite=True, positions=room)
+    assert kept is not None and np.array_equal(np.sort(kept), _torch_ties(keys, 0, k, threshold, True))
+    start = int(rng.integers(0, n // 2))
+    stop = int(rng.integers(start + 1, n + 1))
+    for low, high in ((int(ordered[start]), int(ordered[stop - 1])), (int(ordered[start]), int(ordered[start]))):
+        held, room = _in_room(keys)
+        ties = std_sort.band_ties(held, start, stop, low, high, overwrite=True, positions=room)
+        assert ties is not None
+        assert np.array_equal(np.sort(ties[0]), _torch_ties(keys, start, stop, low, False))
+        assert np.array_equal(np.sort(ties[1]), _torch_ties(keys, start, stop, high, False))
+    assert len(tagged_calls) == (3 if compiled else 0)

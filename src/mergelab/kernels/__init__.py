@@ -9,7 +9,7 @@ election (:mod:`.masked`), torch's one-thread sum and 2-norm of long rows replay
 computed (SLERP's and Model Stock's scalar passes: :mod:`.row_reductions`), the replay of torch's
 ``std::sort`` that decides which tied magnitudes a top-k keeps (methods/std_sort.py) or ranks every entry of a
 row (DELLA's keep probabilities: :mod:`.row_ranks`), and DELLA's drop with its per-entry rescale
-(:mod:`.random_drops`). Their times beside the code they replace: ``benchmarks/kernels.py``.
+(:mod:`.random_drops`). Their times beside the code they replace: ``benchmarks/compiled_loops.py``.
 
 A loop is used only where it gives the same bits: on first use in a process each runs beside the formula it
 replaces on probe inputs chosen to tell roundings apart (fused multiply-add or not, rounding of each step,

@@ -269,7 +269,7 @@ def masked_consensus_loop(base: Any, xs: Any, aboves: Any, belows: Any, weights:
         if election != 0:
             total = np.float32(0.0)
             # the term again, written out: as an inline helper shared by both passes, TIES' bfloat16 piece of three
-            # models took 37.5 against 6.0 ms (benchmarks/kernels.py, 2026-12-03)
+            # models took 37.5 against 6.0 ms (benchmarks/compiled_loops.py, 2026-12-03)
             for i in range(len(xs)):
                 kept = aboves[i][j] & belows[i][j]
                 d = _step(_load(xs[i][j]) - b, like)
@@ -305,12 +305,138 @@ def rescaled_drop_loop(delta: Any, probabilities: Any, draws: Any, out: Any) -> 
 
 _INSERTION = 16  # libstdc++'s _S_threshold: introsort leaves segments of this size to the insertion sort
 _STOPS = 512  # scan positions per refill of a partition's stop lists
+# A tagged replay's entries (tagged_replay_loop): below TAG a key; an entry equal to the first edge key
+# ``TAG + flat index``, one equal to the second ``TAG + n + flat index`` (``n`` entries). Keys are 16-bit magnitudes,
+# negated for an ascending sort: |key| < TAG.
+TAG = 1 << 16
+_EVERYTHING = 1 << 62  # a range width that no difference of two int32 reaches
+
+
+def _sort_key(v, i, edges):  # type: ignore[no-untyped-def]
+    """The key of entry ``i`` of the replay's array: ``v[i]`` itself, or decoded from a tag (``edges``: the
+    tagged replay's two edge keys and ``TAG + n``, None for plain keys)."""
+
+
+@overload(_sort_key, inline="always")
+def _sort_key_impl(v, i, edges):  # type: ignore[no-untyped-def]
+    if isinstance(edges, types.NoneType):
+        return lambda v, i, edges: v[i]
+
+    def decoded(v, i, edges):  # type: ignore[no-untyped-def]
+        # arithmetic, not a conditional: numba's IR inliner warned of a variable out of scope with one (0.68)
+        c = np.int64(v[i])
+        first, second = np.int64(c >= TAG), np.int64(c >= edges[2])
+        return c * (1 - first) + edges[0] * (first - second) + edges[1] * second
+    return decoded
+
+
+def _scan_ranges(pivot, edges):  # type: ignore[no-untyped-def]
+    """What a partition around key ``pivot`` counts, as two ranges of raw entries that one unsigned comparison
+    each tests (:func:`_at_most`, :func:`_at_least`): the entries at most the pivot are those outside ``(pivot,
+    at_most_end)``, those at least the pivot inside ``[pivot, at_least_end)``; returns ``(pivot + 1,
+    at_most_end - pivot - 1, pivot, at_least_end - pivot)``. For tags, above every key, the ends say which count:
+    the second edge's tags lie above the first's and its key is not above the first's (``edges[1] <=
+    edges[0]``), so that the counted tags are always a run at one end: where an edge is at most the pivot, so is
+    every tag above its first; where one is at least the pivot, every tag below its last. So a scan decodes no
+    tag (a decoded comparison made the replay of 32 Mi bfloat16 keys 1.5–2× slower: scratch benchmark,
+    2026-12-03)."""
+
+
+@overload(_scan_ranges, inline="always")
+def _scan_ranges_impl(pivot, edges):  # type: ignore[no-untyped-def]
+    if isinstance(edges, types.NoneType):
+        return lambda pivot, edges: (np.int64(0), np.int64(0), np.int64(0), np.int64(0))  # unused: _at_most
+
+    def ranges(pivot, edges):  # type: ignore[no-untyped-def]
+        p, split = np.int64(pivot), edges[2]
+        # at most: tags from TAG (both edges), from split (the second only), or none
+        at_most_end = p + 1 + _EVERYTHING
+        at_most_end -= (edges[1] <= p) * (at_most_end - split)
+        at_most_end -= (edges[0] <= p) * (at_most_end - TAG)
+        # at least: tags up to the end (both), up to split (the first only), or none
+        at_least_end = np.int64(TAG)
+        at_least_end += (edges[0] >= p) * (split - at_least_end)
+        at_least_end += (edges[1] >= p) * (p + _EVERYTHING - at_least_end)
+        return p + 1, at_most_end - p - 1, p, at_least_end - p
+    return ranges
+
+
+def _at_most(c, pivot, ranges, edges):  # type: ignore[no-untyped-def]
+    """Whether entry ``c``'s key is at most ``pivot`` (``ranges``: :func:`_scan_ranges`'): plain keys compare
+    themselves, as cheap as before the tagged replay."""
+
+
+@overload(_at_most, inline="always")
+def _at_most_impl(c, pivot, ranges, edges):  # type: ignore[no-untyped-def]
+    if isinstance(edges, types.NoneType):
+        return lambda c, pivot, ranges, edges: c <= pivot
+    # outside (pivot, at_most_end), as one unsigned comparison
+    return lambda c, pivot, ranges, edges: np.uint64(np.int64(c) - ranges[0]) >= np.uint64(ranges[1])
+
+
+def _at_least(c, pivot, ranges, edges):  # type: ignore[no-untyped-def]
+    """Whether entry ``c``'s key is at least ``pivot`` (as :func:`_at_most`)."""
+
+
+@overload(_at_least, inline="always")
+def _at_least_impl(c, pivot, ranges, edges):  # type: ignore[no-untyped-def]
+    if isinstance(edges, types.NoneType):
+        return lambda c, pivot, ranges, edges: c >= pivot
+    # inside [pivot, at_least_end), as one unsigned comparison
+    return lambda c, pivot, ranges, edges: np.uint64(np.int64(c) - ranges[2]) < np.uint64(ranges[3])
+
+
+def _swap(v, idx, a, b):  # type: ignore[no-untyped-def]
+    """Exchange entries ``a`` and ``b`` of the replay's array and of its flat indices ``idx`` (None where the
+    entries carry what is needed of their indices: the tagged replay)."""
+
+
+@overload(_swap, inline="always")
+def _swap_impl(v, idx, a, b):  # type: ignore[no-untyped-def]
+    if isinstance(idx, types.NoneType):
+        def swap(v, idx, a, b):  # type: ignore[no-untyped-def]
+            v[a], v[b] = v[b], v[a]
+        return swap
+
+    def swap_both(v, idx, a, b):  # type: ignore[no-untyped-def]
+        v[a], v[b] = v[b], v[a]
+        idx[a], idx[b] = idx[b], idx[a]
+    return swap_both
+
+
+def _index_at(idx, i):  # type: ignore[no-untyped-def]
+    """``idx[i]``, or 0 where there are no flat indices (the tagged replay)."""
+
+
+@overload(_index_at, inline="always")
+def _index_at_impl(idx, i):  # type: ignore[no-untyped-def]
+    if isinstance(idx, types.NoneType):
+        return lambda idx, i: 0
+    return lambda idx, i: idx[i]
+
+
+def _set_index(idx, i, value):  # type: ignore[no-untyped-def]
+    """``idx[i] = value``, nothing where there are no flat indices. The insertion sort shifts entries instead of
+    swapping them: DELLA's whole-row sorts, many of them insertion sorts, took 31–34 ms per 1024 rows of 1024 with
+    swaps, 29 with shifts, as before the tagged replay (benchmarks/compiled_loops.py, 2026-12-03)."""
+
+
+@overload(_set_index, inline="always")
+def _set_index_impl(idx, i, value):  # type: ignore[no-untyped-def]
+    if isinstance(idx, types.NoneType):
+        def nothing(idx, i, value):  # type: ignore[no-untyped-def]
+            pass
+        return nothing
+
+    def store(idx, i, value):  # type: ignore[no-untyped-def]
+        idx[i] = value
+    return store
 
 
 @njit(nogil=True, inline="always", error_model="numpy")
-def _hoare_partition(v, idx, first, last, lefts, rights):  # type: ignore[no-untyped-def]
-    """libstdc++'s ``__unguarded_partition(first + 1, last, first)`` (comparator ``a > b``, pivot ``v[first]``),
-    moving ``idx`` alongside; returns the cut (-1 where the scan would run off the segment).
+def _hoare_partition(v, idx, edges, first, last, lefts, rights):  # type: ignore[no-untyped-def]
+    """libstdc++'s ``__unguarded_partition(first + 1, last, first)`` (comparator ``a > b``, pivot the key of
+    ``v[first]``), moving ``idx`` alongside; returns the cut (-1 where the scan would run off the segment).
 
     Its i-th swap exchanges the i-th entry from the left not strictly before the pivot (``v <= pivot``) with
     the i-th from the right not strictly after it (``v >= pivot``) for as long as the two are in order; after
@@ -322,7 +448,8 @@ def _hoare_partition(v, idx, first, last, lefts, rights):  # type: ignore[no-unt
     access, which halved the replay's speed (11.3 Mi bfloat16 task-vector keys at density 0.3, one thread:
     28.7 against 14.7 ms, the same ranks; scratch benchmark, 2026-12-03)."""
     u = np.uint64
-    pivot = v[u(first)]
+    pivot = _sort_key(v, u(first), edges)
+    ranges = _scan_ranges(pivot, edges)
     next_left, next_right = first + 1, last - 1  # the next positions to scan
     n_left = i_left = n_right = i_right = 0
     last_right = last  # where the last swap's right entry was (none yet)
@@ -332,7 +459,7 @@ def _hoare_partition(v, idx, first, last, lefts, rights):  # type: ignore[no-unt
             end = min(next_left + lefts.shape[0], last)
             for p in range(next_left, end):
                 lefts[u(n_left)] = p
-                n_left += v[u(p)] <= pivot
+                n_left += _at_most(v[u(p)], pivot, ranges, edges)
             next_left = end
             if n_left == 0:
                 if next_left >= last:  # no left stop remains: the scan ends at the last swap's right entry
@@ -343,26 +470,24 @@ def _hoare_partition(v, idx, first, last, lefts, rights):  # type: ignore[no-unt
             end = max(next_right - rights.shape[0], first - 1)  # down to the pivot itself, which stops it
             for p in range(next_right, end, -1):
                 rights[u(n_right)] = p
-                n_right += v[u(p)] >= pivot
+                n_right += _at_least(v[u(p)], pivot, ranges, edges)
             next_right = end
             if n_right == 0:
                 continue
         lo, hi = lefts[u(i_left)], rights[u(i_right)]
         if not lo < hi:
             return min(lo, last_right)
-        at_lo, at_hi = u(lo), u(hi)
-        v[at_lo], v[at_hi] = v[at_hi], v[at_lo]
-        idx[at_lo], idx[at_hi] = idx[at_hi], idx[at_lo]
+        _swap(v, idx, u(lo), u(hi))
         last_right = hi
         i_left += 1
         i_right += 1
 
 
 @njit(nogil=True, inline="always", error_model="numpy")
-def _introsort(v, idx, bounds, every_rank, depth_limit, lefts, rights, stack_first, stack_last, stack_depth):  # type: ignore[no-untyped-def]
-    """libstdc++'s introsort of ``v`` (comparator ``a > b``), moving ``idx`` alongside, following the segments
-    that hold a rank in ``bounds`` (every segment with ``every_rank``: the whole sort). False where introsort
-    would fall back to heapsort."""
+def _introsort(v, idx, edges, bounds, every_rank, depth_limit, lefts, rights, stack_first, stack_last, stack_depth):  # type: ignore[no-untyped-def]
+    """libstdc++'s introsort of ``v`` (comparator ``a > b`` on the keys: :func:`_sort_key`), moving ``idx``
+    alongside, following the segments that hold a rank in ``bounds`` (every segment with ``every_rank``: the
+    whole sort). False where introsort would fall back to heapsort."""
     stack_first[0], stack_last[0], stack_depth[0] = 0, v.shape[0], depth_limit
     top = 1
     while top > 0:
@@ -375,27 +500,29 @@ def _introsort(v, idx, bounds, every_rank, depth_limit, lefts, rights, stack_fir
             continue  # its inner order decides nothing
         if last - first <= _INSERTION:  # the final insertion sort: stable within the segment
             for i in range(first + 1, last):
-                key, entry, j = v[i], idx[i], i
-                while j > first and key > v[j - 1]:
-                    v[j], idx[j] = v[j - 1], idx[j - 1]
+                entry, key, position, j = v[i], _sort_key(v, i, edges), _index_at(idx, i), i
+                while j > first and key > _sort_key(v, j - 1, edges):
+                    v[j] = v[j - 1]
+                    _set_index(idx, j, _index_at(idx, j - 1))
                     j -= 1
-                v[j], idx[j] = key, entry
+                v[j] = entry
+                _set_index(idx, j, position)
             continue
         if depth == 0:
             return False
         # __move_median_to_first(first, first + 1, mid, last - 1)
         a, b, c = first + 1, first + (last - first) // 2, last - 1
-        if v[a] > v[b]:
-            m = b if v[b] > v[c] else (c if v[a] > v[c] else a)
-        elif v[a] > v[c]:
+        ka, kb, kc = _sort_key(v, a, edges), _sort_key(v, b, edges), _sort_key(v, c, edges)
+        if ka > kb:
+            m = b if kb > kc else (c if ka > kc else a)
+        elif ka > kc:
             m = a
-        elif v[b] > v[c]:
+        elif kb > kc:
             m = c
         else:
             m = b
-        v[first], v[m] = v[m], v[first]
-        idx[first], idx[m] = idx[m], idx[first]
-        cut = _hoare_partition(v, idx, first, last, lefts, rights)
+        _swap(v, idx, first, m)
+        cut = _hoare_partition(v, idx, edges, first, last, lefts, rights)
         if cut < 0:
             return False
         stack_first[top], stack_last[top], stack_depth[top] = cut, last, depth - 1
@@ -412,7 +539,36 @@ def sort_replay_loop(v: Any, idx: Any, bounds: Any, depth_limit: int) -> bool:
     introsort would fall back to heapsort (the caller then sorts for real)."""
     lefts, rights = np.empty(_STOPS, np.int64), np.empty(_STOPS, np.int64)
     stacks = np.empty((3, 256), np.int64)
-    return _introsort(v, idx, bounds, False, depth_limit, lefts, rights, stacks[0], stacks[1], stacks[2])
+    return _introsort(v, idx, None, bounds, False, depth_limit, lefts, rights, stacks[0], stacks[1], stacks[2])
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def tagged_replay_loop(room: Any, n: int, edges: Any, negate: bool, bounds: Any, depth_limit: int) -> bool:
+    """:func:`sort_replay_loop` for ``n`` 16-bit keys held in the first half of ``room`` (int32, ``n`` entries:
+    the keys' own memory, twice as wide), with no array of flat indices: the keys are widened in place, last
+    first (entry ``i`` is written over keys ``2i`` and ``2i + 1``, both read by then), negated where ``negate``
+    (an ascending sort), and each entry equal to ``edges[0]`` or ``edges[1]`` (the keys negated alike, the second
+    not above the first) is tagged with its flat index instead (:data:`TAG`), which the comparisons read as the
+    edge's key.
+    So the ranks in ``bounds`` end up holding the entries torch's sort puts there, the tied ones telling their
+    flat index: 4 bytes per entry instead of the keys' 2 and the indices' 4. False as for the plain replay."""
+    for i in range(n - 1, -1, -1):
+        word = room[i >> 1]
+        key = np.int32((word >> (16 * (i & 1))) & 0xFFFF)  # little-endian: key 2m is the low half of word m
+        if negate:
+            key = -key
+        # branches beat arithmetic selects here: 42 against 60 ms for 32 Mi entries (scratch benchmark)
+        if key == edges[0]:
+            key = np.int32(TAG + i)
+        elif key == edges[1]:
+            key = np.int32(TAG + n + i)
+        room[i] = key
+    lefts, rights = np.empty(_STOPS, np.int64), np.empty(_STOPS, np.int64)
+    stacks = np.empty((3, 256), np.int64)
+    decoding = np.empty(3, np.int64)  # what _sort_key and _scan_ranges decode tags with
+    decoding[0], decoding[1], decoding[2] = edges[0], edges[1], TAG + n
+    v = room[:n]
+    return _introsort(v, None, decoding, bounds, False, depth_limit, lefts, rights, stacks[0], stacks[1], stacks[2])
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -439,7 +595,7 @@ def row_ranks_loop(keys: Any, depth_limit: int, inf_bits: int, table: Any, out: 
             idx[j] = j
         if outside:
             return -2
-        if not _introsort(v, idx, no_bounds, True, depth_limit, lefts, rights, stacks[0], stacks[1], stacks[2]):
+        if not _introsort(v, idx, None, no_bounds, True, depth_limit, lefts, rights, stacks[0], stacks[1], stacks[2]):
             return r
         row = r * n
         for j in range(n):

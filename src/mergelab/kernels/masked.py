@@ -5,7 +5,7 @@ A piece of a streamed tensor is merged from each model's rule (:class:`~mergelab
 found by the engine over the whole tensor): one pass per model finds the kept entries from the task vector's
 magnitude keys, the rule's tied entries are set from its list, and one pass over the models elects the sign
 and sums. Eager torch took ~19 ms per 1 Mi-entry bfloat16 TIES piece of two models (15 calls per 64 Ki-entry
-chunk, 2026-12-02); see ``benchmarks/kernels.py`` for the loop's time measured beside it.
+chunk, 2026-12-02); see ``benchmarks/compiled_loops.py`` for the loop's time measured beside it.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def magnitude_keys_into(base: torch.Tensor, x: torch.Tensor, arithmetic: torch.d
                         formula: KeysFormula) -> int | None:
     """Write the magnitude keys of the task vector ``x − base`` (computed in ``arithmetic``) into the flat
     ``out`` (:data:`KEY_DTYPES`) in one compiled pass, where torch takes a subtraction, a mask and a copy
-    (1 Mi bf16 entries: 0.18 against 0.35 ms, benchmarks/kernels.py; a fresh 11.3 M-entry tensor: 2.2 against
+    (1 Mi bf16 entries: 0.18 against 0.35 ms, benchmarks/compiled_loops.py; a fresh 11.3 M-entry tensor: 2.2 against
     20 ms). Returns the largest key (above +Inf's bits where an entry is NaN), or None where the loop does not
     apply (``out`` left untouched)."""
     module = loops()

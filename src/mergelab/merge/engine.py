@@ -9,7 +9,8 @@ Element-wise methods (linear, task arithmetic) go further: large tensors are str
 ``_PIECE_ENTRIES`` entries (read a range of every input, merge, write that range), so their peak does not grow
 with the model at all. TIES (per-tensor scope, no rescale) streams too, after a first pass over each model's
 task vector in pieces finds its exact top-k rule (:func:`_topk_rules`): what stays whole is one model's 2-byte
-magnitude keys of the tensor and the sort replay's work space, about 10 bytes per entry of the largest tensor.
+magnitude keys of the tensor, which the sort replay widens in place to 4 bytes per entry (its work space: no
+array of positions, :mod:`~mergelab.merge.rank_workspace`), beside the pieces in flight.
 Breadcrumbs (no rescale) streams the same way, its rule two-sided: the band of ranks its one ascending sort
 keeps (:func:`~mergelab.methods.sparsify.band_of_keys`). Methods with a scalar pass (SLERP: two norms and a
 dot product; Model Stock: its task vectors' norms and pairwise dot products, summed in torch's order) stream
@@ -95,7 +96,7 @@ _SIDE_BY_SIDE_BYTES = _PIECE_ENTRIES * 4
 _MERGE_THREADS = 2
 # A merge of a method with compiled loops loads them first, on a thread of their own, when its inputs reach
 # this size: loading costs ~0.5 CPU s, and the loops save ~0.45 CPU s per GB of input against eager torch
-# (linear, 3 bfloat16 inputs, 2026-12-02: benchmarks/kernels.py).
+# (linear, 3 bfloat16 inputs, 2026-12-02: benchmarks/compiled_loops.py).
 _WARM_UP_BYTES = 1 << 30
 # A streamed tensor whose inputs together are at most this many bytes, none above the allocator's mmap
 # threshold (a fresh mapping is faulted in page by page: merge/allocator.py), is read once, whole, by its

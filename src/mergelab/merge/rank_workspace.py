@@ -8,7 +8,11 @@ symbol under ``perf record`` of that merge (8.5 % of its CPU samples, 2026-12-03
 the host back each of them again. One buffer of each kind at the largest tensor's size, shared by the models
 whose rules are found side by side, is faulted in once. Pages never touched cost no memory, so the buffers
 are sized for the widest keys (4 bytes, float32 arithmetic) and positions (8 bytes, 2^31 entries or more)
-and a bfloat16 merge touches what it uses.
+and a merge touches what it uses. A bfloat16 merge's 2-byte keys get 4 bytes per entry of the keys' buffer,
+which the sort replay widens them into in place, each tied entry carrying its flat index
+(``std_sort._room``): it touches 4 bytes per entry of the tensor and no positions (TIES at 3 × 0.5 GB, whose
+embedding and head have 32.8 M entries: peak RSS of ``mergelab merge`` 649–697 → 593–608 MiB in six
+alternations, docs/scale.md).
 """
 
 from __future__ import annotations
@@ -52,10 +56,16 @@ class RankWorkspace:
                 self._keys = torch.empty(self.capacity * _KEY_BYTES, dtype=torch.uint8)
                 self._positions = np.empty(self.capacity * _POSITION_BYTES, np.uint8)
             keys_bytes, positions_bytes = self._keys, self._positions
-        # each share starts at its index times the share in the widths used, so that the models of a bfloat16
+        if key_dtype.itemsize == 2:
+            # 16-bit keys get their share's 4 bytes per entry, the keys in the first half: the sort replay widens
+            # them in place and tags the tied ones with their flat indices (std_sort._room), so that the
+            # positions buffer is never touched (6 → 4 bytes per entry of the tensor)
+            start = index * share * _KEY_BYTES
+            room = keys_bytes[start:start + numel * _KEY_BYTES]
+            return index, room[:numel * 2].view(key_dtype), room.numpy()
+        # each share starts at its index times the share in the widths used, so that the models of a float32
         # merge touch the same first pages whether they run one or two at a time
-        width = key_dtype.itemsize
-        keys = keys_bytes[index * share * width:(index * share + numel) * width].view(key_dtype)
+        keys = keys_bytes[index * share * _KEY_BYTES:(index * share + numel) * _KEY_BYTES].view(key_dtype)
         position_width = position_dtype(numel).itemsize
         start = index * share * position_width
         return index, keys, positions_bytes[start:start + numel * position_width]

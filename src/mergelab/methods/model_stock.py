@@ -63,7 +63,7 @@ def _pairs(count: int) -> list[tuple[int, int]]:
 def _compiled_sums(source: FlatSource, count: int, work: torch.dtype, lanes: int | None) -> Sums | None:
     """The sums of :func:`_replayed_sums` from the compiled loop in one pass over the inputs (2.65 against
     34.6 ms per 1 Mi-entry piece of three bfloat16 models in bfloat16 steps, torch's offsets and products and
-    the numpy replay: ``benchmarks/kernels.py``); None where it does not apply."""
+    the numpy replay: ``benchmarks/compiled_loops.py``); None where it does not apply."""
     sums = row_sums_compiled.offset_sums(count, source.numel, work, lanes)
     if sums is None:
         return None

@@ -27,7 +27,7 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
 def _compiled_sums(x: torch.Tensor) -> row_sums_compiled.ChunkSums | None:
     """The compiled loop for a chunk's float32 norms and dot product (the same numbers as torch's on one
     thread, in one pass over the chunk instead of torch's conversions, divisions and reductions: 1.04 against
-    7.79 ms for both passes over a 1 Mi-entry bfloat16 chunk, ``benchmarks/kernels.py``), or None."""
+    7.79 ms for both passes over a 1 Mi-entry bfloat16 chunk, ``benchmarks/compiled_loops.py``), or None."""
     return row_sums_compiled.chunk_sums(x.dtype, row_sums.lanes_for(torch.float32))
 
 

@@ -27,11 +27,12 @@ cores): 140 ms, where ``torch.argsort`` takes 1.6 s (the float version with two-
 from __future__ import annotations
 
 import functools
+import sys
 
 import numpy as np
 import torch
 
-from mergelab.kernels.dispatch import loops, verified
+from mergelab.kernels.dispatch import loops, verified, warm_up
 
 _THRESHOLD = 16  # libstdc++'s _S_threshold: introsort leaves segments of this size to the insertion sort
 _BLOCK = 1 << 20  # entries scanned per block for the partition's stop positions (8 MiB of positions at most)
@@ -160,7 +161,11 @@ def kept_ties(keys: np.ndarray, k: int, threshold: int, *, overwrite: bool = Fal
     descending by torch's CPU sort (``threshold``: the k-th largest key); None as for :func:`sorted_ranks`.
     The rest of the top k is every key above ``threshold``, which the caller finds by comparison.
     ``overwrite``: integer ``keys`` are scratch space (left in no useful order): one copy less. ``positions``:
-    scratch space for the flat indices (:func:`_simulate`)."""
+    scratch space for the flat indices (:func:`_simulate`), or the keys' own memory widened (:func:`_room`)."""
+    room = _room(keys, positions, overwrite=overwrite)
+    if room is not None:
+        ties = _tagged_ties(room, keys.size, 0, k, (threshold, threshold), negate=False)
+        return None if ties is None else ties[0]
     ranks = _simulate(keys, 0, k, descending=True, overwrite=overwrite, positions=positions)
     if ranks is None:
         return None
@@ -174,12 +179,57 @@ def band_ties(keys: np.ndarray, start: int, stop: int, low: int, high: int, *, o
     ``[start, stop)`` of integer ``keys`` sorted ascending by torch's CPU sort (``low``, ``high``: the keys at
     ranks ``start`` and ``stop - 1``); None as for :func:`sorted_ranks`. The rest of the range is every key
     strictly between them, which the caller finds by comparison. ``overwrite``: ``keys`` are scratch space;
-    ``positions``: scratch space for the flat indices (:func:`_simulate`)."""
+    ``positions``: scratch space for the flat indices (:func:`_simulate`), or the keys' own memory widened
+    (:func:`_room`)."""
+    room = _room(keys, positions, overwrite=overwrite)
+    if room is not None:  # ascending by a < b is descending by -a > -b (as in _simulate)
+        return _tagged_ties(room, keys.size, start, stop, (-low, -high), negate=True)
     ranks = _simulate(keys, start, stop, descending=False, overwrite=overwrite, positions=positions)
     if ranks is None:
         return None
     v, idx = ranks[0][start:stop], ranks[1][start:stop]  # keys negated: ascending is descending by -key
     return idx[v == -low], idx[v == -high]
+
+
+def _room(keys: np.ndarray, positions: np.ndarray | None, *, overwrite: bool) -> np.ndarray | None:
+    """``positions`` as the tagged replay's int32 entries (``kernels._loops.tagged_replay_loop``), where they
+    may serve: 16-bit integer ``keys`` given as scratch, ``positions`` beginning where the keys begin with 4
+    bytes per entry (the engine's work space lays them out so: merge/rank_workspace.py), fewer than 2^30
+    entries, and the compiled loop in use. The replay then needs 4 bytes per entry in all instead of the keys'
+    2 and the flat indices' 4 (3 × 0.5 GB TIES: 125 instead of 188 MiB for the 32.8 M-entry embedding)."""
+    n = keys.size
+    if (not overwrite or keys.dtype != np.int16 or positions is None or not keys.flags.c_contiguous
+            or not positions.flags.c_contiguous or positions.nbytes < 4 * n or n >= 1 << 30
+            or sys.byteorder != "little"
+            or positions.__array_interface__["data"][0] != keys.__array_interface__["data"][0]):
+        return None
+    # the engine loads the loops on a thread of its own as a large merge starts, and its first tensor (the
+    # embedding) reaches here before they are in: waiting for them is what lets the room serve at all (the numpy
+    # replay needs positions of its own, 4 more bytes per entry), and the compiled replay is faster than the wait
+    if loops() is None:
+        warm_up()
+    if loops() is None or not verified("tagged sort replay", None, _check_tagged):
+        return None
+    return positions.reshape(-1).view(np.uint8)[:4 * n].view(np.int32)
+
+
+def _tagged_ties(room: np.ndarray, n: int, start: int, stop: int, edges: tuple[int, int], *,
+                 negate: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """The flat indices of the entries equal to ``edges[0]`` and to ``edges[1]`` (keys as compared: negated
+    where ``negate``) that the replay puts at ranks ``[start, stop)``; None where introsort would fall back to
+    heapsort."""
+    if edges[1] > edges[0]:
+        raise ValueError(f"the tagged replay's second edge key must not be above its first: {edges}")
+    bounds = np.asarray([b for b in (start, stop) if 0 < b < n], np.int64)
+    module = loops()
+    if not module.tagged_replay_loop(room, n, np.asarray(edges, np.int32), negate, bounds,  # type: ignore[union-attr]
+                                     2 * (n.bit_length() - 1)):
+        return None
+    ranked = room[max(start, 0):stop]
+    tags = ranked[ranked >= module.TAG] - module.TAG  # type: ignore[union-attr]
+    first = tags[tags < n]
+    # an entry equal to both edges is tagged as the first's
+    return first, first if edges[0] == edges[1] else tags[tags >= n] - n
 
 
 def position_dtype(n: int) -> np.dtype:
@@ -202,7 +252,7 @@ def _simulate(values: np.ndarray, start: int, stop: int, *, descending: bool, ov
     if not descending:
         np.negative(v, out=v)
     dtype = position_dtype(n)
-    if positions is None or positions.nbytes < n * dtype.itemsize:
+    if positions is None or positions.nbytes < n * dtype.itemsize or np.may_share_memory(positions, v):
         idx = np.arange(n, dtype=dtype)  # v[j] is always the key of entry idx[j]
     else:
         idx = positions.reshape(-1).view(np.uint8)[:n * dtype.itemsize].view(dtype)
@@ -212,7 +262,7 @@ def _simulate(values: np.ndarray, start: int, stop: int, *, descending: bool, ov
 
 def _replay(v: np.ndarray, idx: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray] | None:
     """:func:`_simulate`'s introsort on keys ``v`` (comparator ``a > b``) and ``idx``, in place: the compiled
-    loop (mergelab.kernels: 3× less CPU on 8 Mi bfloat16 keys, benchmarks/kernels.py) where it is loaded and
+    loop (mergelab.kernels: 3× less CPU on 8 Mi bfloat16 keys, benchmarks/compiled_loops.py) where it is loaded and
     agrees with the numpy replay below, else that one."""
     if loops() is not None and verified("sort replay", None, _check_compiled):
         return (v, idx) if _replay_compiled(v, idx, start, stop) else None
@@ -259,6 +309,27 @@ def _check_compiled() -> bool:
             numpy_replay = _replay_numpy(keys.copy(), np.arange(n, dtype=np.int32), start, stop)
             if numpy_replay is None or not np.array_equal(np.sort(compiled[1][start:stop]),
                                                           np.sort(numpy_replay[1][start:stop])):
+                return False
+    return True
+
+
+def _check_tagged() -> bool:
+    """Whether the tagged replay finds the same tied entries at the wanted ranks as the numpy replay, on heavily
+    tied 16-bit keys of several sizes, both directions, one edge and two."""
+    rng = np.random.default_rng(1)
+    for n in (17, 301, 70_001):
+        keys = (np.abs(rng.normal(size=n)) * 40).astype(np.int16)
+        for start, stop, negate in ((0, n // 3, False), (n // 5, n - n // 4, True)):
+            ranks = _replay_numpy(-keys.astype(np.int32) if negate else keys.astype(np.int32),
+                                  np.arange(n, dtype=np.int32), start, stop)
+            if ranks is None:
+                return False
+            v, idx = ranks[0][start:stop], ranks[1][start:stop]
+            edges = (int(v[0]), int(v[-1]))
+            room = np.zeros(n, np.int32)
+            room.view(np.int16)[:n] = keys
+            ties = _tagged_ties(room, n, start, stop, edges, negate=negate)
+            if ties is None or any(not np.array_equal(np.sort(t), np.sort(idx[v == e])) for t, e in zip(ties, edges)):
                 return False
     return True
 

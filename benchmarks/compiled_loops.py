@@ -1,7 +1,7 @@
 """The compiled loops (mergelab/kernels) beside the torch/numpy code they replace: CPU ms per call, one thread.
 
-    python benchmarks/kernels.py            # print the table
-    python benchmarks/kernels.py --report   # and append it to benchmarks/results/<date>.md
+    python benchmarks/compiled_loops.py            # print the table
+    python benchmarks/compiled_loops.py --report   # and append it to benchmarks/results/<date>.md
 
 Each row times both on the same inputs in this one process (best of 5 rounds, ``time.thread_time``), checks
 that they give the same bits, and prints the ratio: the numbers move with the machine's load, the ratio
@@ -136,6 +136,21 @@ def rows() -> list[tuple[str, float, float, bool]]:
     equal = np.array_equal(np.sort(replay_compiled()), np.sort(replay_numpy()))
     out.append(("std::sort replay, top 30 % of 8 Mi bfloat16 keys (copies included)",
                 best_ms(replay_compiled, rounds=3, calls=1), best_ms(replay_numpy, rounds=3, calls=1), equal))
+    threshold = int(np.sort(keys16)[::-1][k - 1])
+
+    def ties_tagged() -> np.ndarray:  # the keys widened in their own room: 4 bytes per entry instead of 6
+        room = np.empty(4 * n, np.uint8)
+        held = room[:2 * n].view(np.int16)
+        held[:] = keys16
+        return np.sort(std_sort.kept_ties(held, k, threshold, overwrite=True, positions=room))  # type: ignore[arg-type]
+
+    def ties_with_positions() -> np.ndarray:
+        kept = std_sort.kept_ties(keys16.copy(), k, threshold, overwrite=True, positions=np.empty(4 * n, np.uint8))
+        return np.sort(kept)  # type: ignore[arg-type]
+
+    equal = np.array_equal(ties_tagged(), ties_with_positions())
+    out.append(("tied entries kept at the top 30 % of 8 Mi bfloat16 keys: tagged replay (vs keys and positions)",
+                best_ms(ties_tagged, rounds=3, calls=1), best_ms(ties_with_positions, rounds=3, calls=1), equal))
     return out
 
 
@@ -224,7 +239,8 @@ def _della_rows(row: Callable[[str, Callable[[], torch.Tensor], Callable[[], tor
 
 
 def table(load_s: float, measured: list[tuple[str, float, float, bool]]) -> str:
-    lines = [f"`python benchmarks/kernels.py` ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+    now = datetime.datetime.now(datetime.timezone.utc)
+    lines = [f"`python benchmarks/compiled_loops.py` ({now:%Y-%m-%d %H:%M} UTC, "
              f"torch {torch.__version__}, one thread; loading the loops: {load_s:.2f} s once per process)", "",
              "| call (1 Mi-entry piece unless said) | compiled ms | torch/numpy ms | torch ÷ compiled | same bits |",
              "|---|---:|---:|---:|---|"]
