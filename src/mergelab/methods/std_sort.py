@@ -205,7 +205,9 @@ def _room(keys: np.ndarray, positions: np.ndarray | None, *, overwrite: bool) ->
         return None
     # the engine loads the loops on a thread of its own as a large merge starts, and its first tensor (the
     # embedding) reaches here before they are in: waiting for them is what lets the room serve at all (the numpy
-    # replay needs positions of its own, 4 more bytes per entry), and the compiled replay is faster than the wait
+    # replay needs positions of its own, 4 more bytes per entry). The wait is at most the load (0.46-0.74 s in
+    # benchmarks/vs_mergekit.py runs), against a numpy replay 3-4x the compiled one (99-138 against 31-34 ms per
+    # 8 Mi keys, benchmarks/compiled_loops.py); alternated merges showed no difference in time (docs/scale.md)
     if loops() is None:
         warm_up()
     if loops() is None or not verified("tagged sort replay", None, _check_tagged):
