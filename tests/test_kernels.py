@@ -418,6 +418,16 @@ def test_row_ranks_are_where_torchs_argsort_puts_each_entry_ties_included(dtype:
         assert looked_up is not None and looked_up.dtype == table_dtype and torch.equal(looked_up, table[expected])
 
 
+@pytest.mark.parametrize("n", [1 << 16, (1 << 16) + 1])
+def test_row_ranks_of_rows_too_long_to_pack_a_position_beside_a_16_bit_key_are_torchs_too(n: int) -> None:
+    # up to 2^16 entries a row's 16-bit keys and positions share one word; one more entry takes two arrays
+    values = (torch.randn(2, n, generator=torch.Generator().manual_seed(3)) * 0.002).bfloat16().abs()
+    order = torch.argsort(values, dim=1)
+    expected = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand_as(order))
+    got = argsort_ranks(values)
+    assert got is not None and torch.equal(got.long(), expected)
+
+
 def test_row_ranks_leave_nan_other_dtypes_and_other_shapes_to_torch() -> None:
     assert argsort_ranks(torch.tensor([[1.0, float("nan"), 2.0]])) is None  # torch ties every NaN
     assert argsort_ranks(torch.tensor([[1.0, 2.0]], dtype=torch.float64)) is None
