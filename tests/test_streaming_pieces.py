@@ -26,6 +26,7 @@ from cli_helpers import (
     assert_ok,
     assert_refused,
     assert_same_safetensors,
+    leftovers,
     load_folder,
     method_config,
     run_cli,
@@ -39,7 +40,7 @@ from mergelab.io.safetensors_file import SafetensorsFile
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, write_state_dict
 from mergelab.merge import engine
 from mergelab.merge import params as params_module
-from mergelab.merge.core import merge_tensor, tensor_scalars
+from mergelab.merge.core import merge_tensor, tensor_scalars, vouched_scalars
 from mergelab.merge.params import resolve_parameters
 from mergelab.merge.plan import count_nonfinite
 from mergelab.methods import all_methods, get_method, model_stock, row_sums, slerp
@@ -461,6 +462,82 @@ def test_a_small_tensor_is_read_once_by_its_scalar_pass_and_its_pieces_are_cut_f
     assert_same_safetensors(kept, again)
 
 
+@pytest.mark.parametrize("method", ["slerp", "model_stock"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [None, "nan in a model", "inf in the base", "a difference past the dtype's range"])
+def test_scalar_passes_vouch_for_their_inputs_only_where_every_norm_they_summed_is_finite(
+        method: str, dtype: torch.dtype, bad: str | None) -> None:
+    m = get_method(method)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 33, generator=g).to(dtype)
+    n = 1 if method == "slerp" else 2
+    tensors = [(base.float() + 0.1 * torch.randn(64, 33, generator=g)).to(dtype) for _ in range(n)]
+    if bad == "nan in a model":
+        tensors[-1][5, 7] = float("nan")
+    elif bad == "inf in the base":
+        base[0, 0] = float("inf")
+    elif bad == "a difference past the dtype's range":  # every entry finite: the proof fails, the scan decides
+        base[3, 3], tensors[0][3, 3] = 3e38, -3e38
+    name = "model.layers.0.mlp.up_proj.weight"
+    params = resolve_parameters(m, name, 0.0, {"t": 0.3} if method == "slerp" else {}, [{}] * n)
+    got = vouched_scalars(m, name, FlatSource.of(base, tensors), params=params)
+    assert got.inputs_finite is (bad is None)
+    if bad is None:  # what the pieces get is the unvouched pass's value
+        value = tensor_scalars(m, name, FlatSource.of(base, tensors), params=params)
+        assert all(torch.equal(a, b) for a, b in zip(torch.atleast_1d(got.value), torch.atleast_1d(value),
+                                                     strict=True))
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock"])
+def test_pieces_cut_from_inputs_their_pass_proved_finite_skip_the_inputs_nonfinite_scan(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    base, fts = families["llama"]
+    config = method_config(method, base, fts)
+    inputs = 2 if method == "slerp" else 1 + len(fts)  # the base and the models merged into it
+    scans: list[int] = []
+    merges = {"streamed": 0, "whole": 0}  # a streamed piece gets its tensor's scalars; a small tensor merges whole
+    real_count, real_merge = engine.count_nonfinite, engine.merge_tensor
+
+    def count_spy(t: torch.Tensor) -> int:
+        scans.append(t.numel())
+        return real_count(t)
+
+    def merge_spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        merges["streamed" if "scalars" in kwargs else "whole"] += 1
+        return real_merge(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "count_nonfinite", count_spy)
+    monkeypatch.setattr(engine, "merge_tensor", merge_spy)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 256)
+    vouched = _merge(tmp_path, config, "vouched")
+    streamed, whole = merges["streamed"], merges["whole"]
+    assert streamed > 0 and whole > 0
+    # every merged result scanned; the inputs of the whole tensors only, never those of a streamed piece
+    assert len(scans) == streamed + whole * (1 + inputs)
+    scans.clear()
+    monkeypatch.setattr(engine, "_KEPT_BYTES", 0)  # nothing kept, nothing vouched: every piece's inputs scanned
+    scanned = _merge(tmp_path, config, "scanned")
+    assert len(scans) == (streamed + whole) * (1 + inputs)
+    assert_same_safetensors(vouched, scanned)
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock"])
+def test_a_nan_in_a_tensor_kept_by_its_scalar_pass_is_reported_naming_the_input(
+        families: Families, tmp_path: Path, method: str) -> None:
+    base, fts = families["llama"]
+    state = load_folder(fts[0])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    state[name][1, 2] = float("nan")
+    bad = save_model_folder(tmp_path / "bad", state, fts[0])
+    out = tmp_path / "out"
+    result = run_cli(write_config(tmp_path, method_config(method, base, [bad, *fts[1:]])), out)
+    # the family's random task vectors make Model Stock warn of ratios outside [0, 1] before the error
+    assert result.exit_code not in (0, None) and "Traceback" not in result.output, result.output
+    error = result.output[result.output.index("error:"):]
+    assert f"{bad}: tensor '{name}' has 1 NaN/Inf value(s)" in error, error
+    assert not out.exists() and leftovers(out) == []
+
+
 def _tensor_sizes(*folders: Path) -> dict[tuple[Path, str], int]:
     """The bytes of each tensor of each safetensors file in ``folders``."""
     sizes = {}
@@ -664,7 +741,7 @@ def test_parameters_are_resolved_once_per_tensor_however_many_pieces(
 def test_a_scalar_pass_that_fails_is_reported_naming_the_tensor_and_nothing_is_written(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, fts = families["llama"]
-    real_scalars = engine.tensor_scalars
+    real_scalars = engine.vouched_scalars
     failing = "model.layers.1.mlp.up_proj.weight"
 
     def scalars(method: Any, name: str, *args: Any, **kwargs: Any) -> Any:
@@ -672,7 +749,7 @@ def test_a_scalar_pass_that_fails_is_reported_naming_the_tensor_and_nothing_is_w
             raise ValueError("no finite angle between these two tensors")
         return real_scalars(method, name, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "tensor_scalars", scalars)
+    monkeypatch.setattr(engine, "vouched_scalars", scalars)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", 64)  # streamed, its inputs kept by the pass that fails
     config = {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
               "parameters": {"t": 0.4}}

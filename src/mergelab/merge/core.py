@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mergelab.merge.params import ResolvedParams
-from mergelab.methods.registry import FlatSource, MergeMethod, TensorInputs
+from mergelab.methods.registry import FlatSource, MergeMethod, TensorInputs, VouchedScalars
 
 
 def tensor_seed(seed: int, tensor_name: str) -> int:
@@ -83,13 +83,21 @@ def tensor_scalars(method: MergeMethod, name: str, source: FlatSource, *, params
     inputs of tensor ``name``, read from ``source`` (ranges already as :func:`prepared` makes them), on one
     thread as :func:`merge_tensor` runs it: its sums are the whole-tensor merge's, bit for bit. ``seed``: the
     merge seed; the pass gets the tensor's (:func:`tensor_seed`), as :func:`merge_tensor` gives the method."""
+    return vouched_scalars(method, name, source, params=params, compute_dtype=compute_dtype, seed=seed).value
+
+
+def vouched_scalars(method: MergeMethod, name: str, source: FlatSource, *, params: ResolvedParams,
+                    compute_dtype: torch.dtype | None = None, seed: int = 0) -> VouchedScalars:
+    """:func:`tensor_scalars` with what the pass vouches for: whether its sums proved every input entry finite
+    (never, for a pass that does not say)."""
     adapter = method.scalar_adapter
     if adapter is None:
         raise ValueError(f"method '{method.name}' has no scalar pass")
     inputs = TensorInputs(name=name, tensors=[], model_params=params.model_params, params=params.params,
                           dtype=compute_dtype, source=source, seed=tensor_seed(seed, name))
     with one_thread():
-        return adapter(inputs)
+        result = adapter(inputs)
+    return result if isinstance(result, VouchedScalars) else VouchedScalars(result, inputs_finite=False)
 
 
 def prepared(x: torch.Tensor, device: torch.device | None, compute_dtype: torch.dtype | None) -> torch.Tensor:

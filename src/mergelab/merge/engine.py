@@ -64,7 +64,7 @@ from mergelab.kernels.dispatch import warm_up_in_background
 from mergelab.kernels.masked import KEY_SPECS
 from mergelab.merge.allocator import MMAP_THRESHOLD
 from mergelab.merge.config import MergeConfig, load_config
-from mergelab.merge.core import FLOAT8_DTYPES, merge_tensor, one_thread, prepared, tensor_scalars
+from mergelab.merge.core import FLOAT8_DTYPES, merge_tensor, one_thread, prepared, vouched_scalars
 from mergelab.merge.extra_files import copy_extra_files, refuse_outside
 from mergelab.merge.install import check_replaces_nothing_owned, exists
 from mergelab.merge.install import install as _install
@@ -578,6 +578,9 @@ class _KeptInputs:
     def __init__(self, plan: MergePlan, name: str) -> None:
         self._plan, self._name = plan, name
         self._inputs: Inputs | None = None  # filled on the pass's thread; read by others once the pass is over
+        # set by the pass: its sums proved every entry of these inputs finite (VouchedScalars), so the pieces cut
+        # from them skip the NaN/Inf scan (Model Stock, 3 × 2 GB: the reader's CPU 1.4-1.8 -> 0.3-0.5 s)
+        self.inputs_finite = False
 
     @staticmethod
     def sizes(plan: MergePlan, name: str) -> list[int]:
@@ -700,8 +703,11 @@ def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | 
     up to ``threads`` threads). ``kept``: where the pass reads the inputs from and keeps them for the pieces;
     ``workspace``: a top-k pass's keys and positions (:mod:`mergelab.merge.rank_workspace`)."""
     if plan.method.scalar_pass is not None:
-        return {"scalars": tensor_scalars(plan.method, name, _flat_source(plan, name, compute_dtype, kept),
-                                          params=plan.params[name], compute_dtype=compute_dtype, seed=seed)}
+        scalars = vouched_scalars(plan.method, name, _flat_source(plan, name, compute_dtype, kept),
+                                  params=plan.params[name], compute_dtype=compute_dtype, seed=seed)
+        if kept is not None:
+            kept.inputs_finite = scalars.inputs_finite
+        return {"scalars": scalars.value}
     return {"topk": _topk_rules(plan, name, compute_dtype, _PIECE_ENTRIES, threads=threads, workspace=workspace)}
 
 
@@ -751,7 +757,9 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                 raise CompatibilityError([str(exc)]) from None
             base_t, tensors = (inputs[0], inputs[1:]) if base_t is not None else (None, inputs)
         # checked here, on the reader thread, so it overlaps the merge; None: left to the merged result's scan
-        found = None if allow_nonfinite or (trust_result and not nonfinite) else scan(piece.name, base_t, tensors)
+        vouched = kept is not None and kept.inputs_finite and piece.name not in plan.input_models
+        found = (None if allow_nonfinite or vouched or (trust_result and not nonfinite)
+                 else scan(piece.name, base_t, tensors))
         return base_t, tensors, found
 
     # an observer sees whole tensors

@@ -14,7 +14,7 @@ import torch
 from mergelab.kernels import row_reductions as row_sums_compiled
 from mergelab.kernels.weighted_sums import model_stock_sum
 from mergelab.methods import row_sums
-from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, register
+from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, VouchedScalars, register
 
 # mergekit's guard: where 1 + (N−1) cos φ is this close to zero there is no finite estimate of t, and the
 # base is kept (t = 0) instead of amplifying opposing task vectors without bound.
@@ -94,6 +94,12 @@ def model_stock_ratio(source: FlatSource, *, dtype: torch.dtype | None = None) -
     ``t`` from the base and models read in flat chunks, with the norms and dot products of the task
     vectors summed as torch sums a whole row on one thread (:mod:`mergelab.methods.row_sums`), so that
     ``t`` has the bits of the whole-tensor computation. ``dtype`` as in :func:`model_stock_merge`."""
+    return model_stock_scalars(source, dtype=dtype).value
+
+
+def model_stock_scalars(source: FlatSource, *, dtype: torch.dtype | None = None) -> VouchedScalars:
+    """:func:`model_stock_ratio`, vouching for the inputs where every task vector's norm is finite (the
+    engine then skips the NaN/Inf scan of the inputs it kept: 1.1 of 10 CPU s at 3 × 2 GB)."""
     base, tensors = source.read(0, min(source.numel, 1))  # the dtypes and the number of models
     if len(tensors) < 2:
         raise ValueError("model_stock needs a base model and at least two other models")
@@ -103,16 +109,20 @@ def model_stock_ratio(source: FlatSource, *, dtype: torch.dtype | None = None) -
     if lanes is None or source.numel < 2 * lanes:  # not replayed: the rows whole, summed by torch itself
         base, tensors = source.read(0, source.numel)
         assert base is not None
-        return _ratio(_cosines([_one_row(t.to(work) - base.to(work)) for t in tensors]), len(tensors), source.shape)
+        ratio = _ratio(_cosines([_one_row(t.to(work) - base.to(work)) for t in tensors]), len(tensors),
+                       source.shape, stacklevel=4)
+        return VouchedScalars(ratio, inputs_finite=False)  # a row of a few entries: not worth a proof
     sums = _compiled_sums(source, len(tensors), work, lanes) or _replayed_sums(source, len(tensors), work, lanes)
-    return _ratio_of_sums(sums, source.shape)
+    norms = sums[0]
+    return VouchedScalars(_ratio_of_sums(sums, source.shape, stacklevel=5),
+                          inputs_finite=all(bool(torch.isfinite(n).all()) for n in norms))
 
 
-def _ratio_of_sums(sums: Sums, shape: Sequence[int]) -> torch.Tensor:
+def _ratio_of_sums(sums: Sums, shape: Sequence[int], stacklevel: int = 4) -> torch.Tensor:
     norms, dots = sums
     pairs = _pairs(len(norms))
     cosines = [_cosine(dot, norms[i], norms[j]) for (i, j), dot in zip(pairs, dots, strict=True)]
-    return _ratio(cosines, len(norms), shape, stacklevel=4)  # the warning names the caller of the caller
+    return _ratio(cosines, len(norms), shape, stacklevel=stacklevel)  # by default, names the caller's caller
 
 
 def model_stock_apply(ratio: torch.Tensor, base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
@@ -190,6 +200,6 @@ register(MergeMethod(
     paper="Jang et al. 2024, Model Stock (arXiv:2403.19522)",
     formula="θ = t θ_avg + (1−t) θ_0,  t = N cos φ / (1 + (N−1) cos φ)",
     min_models=2,
-    scalar_pass=ScalarPass(model_stock_ratio, applies=_streams),
+    scalar_pass=ScalarPass(model_stock_scalars, applies=_streams),
     compiled=True,
 ))

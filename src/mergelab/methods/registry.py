@@ -234,14 +234,28 @@ class ScalarPass:
 
     function: Callable[..., Any]
     """Takes the tensor's inputs as a :class:`FlatSource` (``source``) and the method's parameters it names;
-    returns what the method's function takes as ``scalars``. Its sums run over its own fixed grid of
-    chunks, so they add up in the same order however the caller holds the tensor."""
+    returns what the method's function takes as ``scalars``, or a :class:`VouchedScalars` holding it. Its sums
+    run over its own fixed grid of chunks, so they add up in the same order however the caller holds the
+    tensor."""
     applies: Callable[[Mapping[str, Any], torch.dtype], bool] = _always
     """Given a tensor's resolved global parameters and the dtype its inputs reach the method in (the
     config's ``dtype``, else the checkpoint's): whether the scalar pass covers that merge."""
     unit: Callable[[tuple[int, ...]], int | None] | None = None
     """Given a tensor's shape: the entries each piece must hold a whole number of (DELLA: one slice along
     dim 0, where its rows are ranked), or None where the tensor merges whole; no ``unit``: any flat range."""
+
+
+@dataclass(frozen=True)
+class VouchedScalars:
+    """A scalar pass's result that also vouches for its inputs: ``value`` is what the method takes as
+    ``scalars``; ``inputs_finite`` is True only where the pass's own sums prove every entry of every input in
+    its ``source`` finite. A finite 2-norm of each ``x`` or of each ``x − base`` does: a NaN or ±Inf entry of
+    ``x`` or ``base`` makes that entry of the difference non-finite, its square too, and a sum of squares (no
+    term negative, nothing to cancel) stays non-finite. The engine then skips the NaN/Inf scan of the pieces
+    it cuts from those same bytes."""
+
+    value: Any
+    inputs_finite: bool
 
 
 @runtime_checkable

@@ -8,6 +8,7 @@ linear interpolation, where SLERP is numerically unstable and LERP is equal to f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from mergelab.kernels import row_reductions as row_sums_compiled
 from mergelab.kernels.weighted_sums import interpolation_sum
 from mergelab.methods import row_sums
-from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, register
+from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, VouchedScalars, register
 
 _CHUNK = 1 << 20  # entries per chunk of the float32 work: bounded scratch for any tensor size
 
@@ -36,6 +37,15 @@ def slerp_coefficients(t: float, source: FlatSource, *, dot_threshold: float = 0
     """The whole-tensor step of :func:`slerp_merge`: its coefficients ``(c0, c1)`` (``[1, 1]`` tensors),
     from the base ``v0`` and the other model ``v1`` read in flat chunks of ``_CHUNK`` entries, twice (the
     norms, then the dot product of the normalised chunks), in mergekit's order and precision."""
+    coefficients: tuple[torch.Tensor, torch.Tensor] = slerp_scalars(
+        t, source, dot_threshold=dot_threshold, eps=eps).value
+    return coefficients
+
+
+def slerp_scalars(t: float, source: FlatSource, *, dot_threshold: float = 0.9995,
+                  eps: float = 1e-8) -> VouchedScalars:
+    """:func:`slerp_coefficients`, vouching for the inputs where every chunk's norm is finite (the engine then
+    skips the NaN/Inf scan of the inputs it kept)."""
     def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for v0, (v1,) in source.chunks(_CHUNK):
             assert v0 is not None  # slerp's v0 is the base
@@ -86,7 +96,7 @@ def slerp_coefficients(t: float, source: FlatSource, *, dot_threshold: float = 0
     sin_theta = torch.sin(theta)
     c0 = torch.where(linear, 1 - t_, torch.sin((1 - t_) * theta) / sin_theta)
     c1 = torch.where(linear, t_, torch.sin(t_ * theta) / sin_theta)
-    return c0, c1
+    return VouchedScalars((c0, c1), inputs_finite=all(math.isfinite(x) for x in (*parts_a, *parts_b)))
 
 
 def slerp_apply(coefficients: tuple[torch.Tensor, torch.Tensor], v0: torch.Tensor,
@@ -142,6 +152,6 @@ register(MergeMethod(
     formula="θ = sin((1−t)Ω)/sin Ω · θ_0 + sin(tΩ)/sin Ω · θ_1",
     min_models=1,
     max_models=1,
-    scalar_pass=ScalarPass(slerp_coefficients),
+    scalar_pass=ScalarPass(slerp_scalars),
     compiled=True,
 ))
