@@ -76,6 +76,7 @@ from mergelab.merge.thresholds import global_threshold
 from mergelab.merge.tokenizer import write_tokenizer
 from mergelab.methods.registry import FlatSource, PieceScalars
 from mergelab.methods.sparsify import TopK
+from mergelab.methods.std_sort import position_dtype
 from mergelab.methods.task_vectors import arithmetic_dtype, task_vector, task_vector_keys
 from mergelab.runtime import available_cores, make_progress
 
@@ -111,6 +112,11 @@ _SCALAR_PASSES_AHEAD = 2
 # one at a time, the main thread waited on the last write before handing over the next, 0.32 s of a 0.79 s task
 # arithmetic merge at 3 x 0.5 GB (waits timed by caller, 2026-12-04), while the reader and the merges stood still
 _WRITES_AHEAD = 4
+# Two models' top-k rules of one of the largest tensors run side by side where their two work spaces take at most
+# this share of the merge's input bytes. TIES at 3 x 2 GB (the 65.5 M-entry head and embedding: 2 x 262 MB of
+# 5.95 GB): 13.34/13.50 -> 12.48/12.28 s, peak RSS 786-805 -> 1022 MiB (0.23 of mergekit's 4525); at 3 x 0.5 GB
+# (2 x 131 MB of 1.53 GB) they stay one at a time: 753 MiB there is 0.30 of mergekit's (2026-12-04)
+_WORK_SPACE_SHARE = 8
 log = logging.getLogger(__name__)
 
 
@@ -685,19 +691,28 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
             rule = TopK(None, kept=topk_pass.of_delta(delta, model_params).reshape(-1))
         return rule
 
-    side_by_side = _topk_side_by_side(plan, name, threads)
+    side_by_side = _topk_side_by_side(plan, name, threads, compute_dtype)
     if side_by_side == 1:
         return [rule_of(r, p) for r, p in zip(readers, params.model_params, strict=True)]
     with ThreadPoolExecutor(max_workers=side_by_side, thread_name_prefix="mergelab-topk") as pool:
         return list(pool.map(rule_of, readers, params.model_params))
 
 
-def _topk_side_by_side(plan: MergePlan, name: str, threads: int) -> int:
+def _topk_side_by_side(plan: MergePlan, name: str, threads: int, compute_dtype: torch.dtype | None = None) -> int:
     """How many models' rules of tensor ``name`` a top-k pass finds at once. Each model's rule is its own (the
     sort replay reads only that model's keys): two at once where two such work spaces fit in the largest
-    tensor's, so the peak does not grow."""
-    largest = max(m.numel for m in plan.out_metas.values())
-    return min(threads, len(plan.inputs_for(name)[0])) if 2 * plan.out_metas[name].numel <= largest else 1
+    tensor's, so the peak does not grow, or where they take at most 1/_WORK_SPACE_SHARE of the merge's input
+    bytes (the largest tensors of a large merge; the work space is 4 bytes per entry and model with bfloat16
+    keys, 8-12 with float32 ones and their positions, none with float64, which has no keys)."""
+    models = min(threads, len(plan.inputs_for(name)[0]))
+    numel = plan.out_metas[name].numel
+    if 2 * numel <= max(m.numel for m in plan.out_metas.values()):
+        return models
+    spec = KEY_SPECS.get(compute_dtype or torch.float32)
+    if spec is None:
+        return 1
+    per_entry = 4 if spec[0].itemsize == 2 else spec[0].itemsize + position_dtype(numel).itemsize
+    return models if models * numel * per_entry * _WORK_SPACE_SHARE <= _input_bytes(plan) else 1
 
 
 def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, seed: int,
@@ -788,7 +803,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
     # the entries: once shrunk, the work space held one model where two ran, and 60 of a TIES merge's 242 rules
     # at 3 × 2 GB, 90 of 94 at 3 × 0.5 GB, were found in fresh memory).
     ranked = [p.name for p in pieces if p.stop is not None and p.start == 0 and _streams_with_topk(plan, p.name, dev)]
-    sizes = [plan.out_metas[n].numel * _topk_side_by_side(plan, n, side_by_side) for n in ranked]
+    sizes = [plan.out_metas[n].numel * _topk_side_by_side(plan, n, side_by_side, cfg.compute_dtype) for n in ranked]
     largest_to_come = dict(zip(ranked, list(itertools.accumulate(sizes[::-1], max))[::-1], strict=True))
     workspace = RankWorkspace(largest_to_come[ranked[0]]) if ranked else None
 
