@@ -26,6 +26,7 @@ from cli_helpers import (
 )
 from mergelab.merge import engine
 from mergelab.merge.config import load_config
+from mergelab.merge.dry_run import summarize_merge
 from mergelab.merge.plan import plan_merge
 from mergelab.merge.rank_workspace import RankWorkspace
 from mergelab.methods import all_methods, get_method
@@ -353,3 +354,19 @@ def test_a_large_merged_piece_is_handed_to_the_writer_only_after_every_write_bef
     # every piece counts as large here: at most one merged piece waits for the writer, as before the queue
     monkeypatch.setattr(engine, "_SIDE_BY_SIDE_BYTES", 8)
     assert _writes_waiting(families, tmp_path, monkeypatch, "large") == 1
+
+
+def test_the_dry_runs_peak_counts_a_work_space_for_each_model_found_side_by_side_on_the_largest_tensor(
+        families: Families, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, fts = families["llama"]
+    config = weighted_config("ties", base, fts)
+    _threads(monkeypatch, 2)
+    plan = plan_merge(*load_config(config))
+    numel = max(m.numel for m in plan.out_metas.values())
+    plan.close()
+    peaks = {}
+    for share in (1 << 40, 1):  # never, always
+        monkeypatch.setattr(engine, "_WORK_SPACE_SHARE", share)
+        peaks[share] = summarize_merge(config).peak_memory_bytes
+    # float32 keys and int32 positions (8 bytes) and about one more byte per entry, for one more model
+    assert peaks[1] - peaks[1 << 40] == numel * (8 + 1)

@@ -26,8 +26,11 @@ from mergelab.merge.engine import (
     _input_bytes,
     _KeptInputs,
     _loads_kernels,
+    _merge_threads,
     _streams_with_scalars,
     _streams_with_topk,
+    _topk_side_by_side,
+    rank_bytes_per_entry,
 )
 from mergelab.merge.plan import plan_merge
 
@@ -101,11 +104,14 @@ def summarize_merge(config: str | Path | dict[str, Any] | MergeConfig, *, max_sh
         numel = unit // in_meta.dtype.itemsize
         # (inputs + 2) pieces in flight (reader thread, merge, writer thread) plus float32 work space: one
         # accumulator for element-wise methods, about three tensors' worth for the sparsifying ones; TIES
-        # streamed after its top-k holds one model's magnitude keys of the largest tensor and the sort
-        # replay's positions and masks (measured 9.3 bytes per entry in bf16: 562 MiB for 32.8 M entries).
+        # streamed after its top-k holds the rank work space of the largest tensor for the models found side by
+        # side, and about a byte per entry more (peaks of `mergelab merge` TIES in bf16, 2026-12-04: 610 MiB at
+        # 3 x 0.5 GB, one model's 4 bytes per entry of 32.8 M; 1058-1081 MiB at 3 x 2 GB, two of 65.5 M)
         work = numel * 4 * (1 if plan.method.elementwise else 3)
         if after_topk:
-            work = in_meta.numel * 10
+            per_entry = rank_bytes_per_entry(in_meta.numel, cfg.compute_dtype)
+            side_by_side = _topk_side_by_side(plan, largest, _merge_threads(plan, None), cfg.compute_dtype)
+            work = in_meta.numel * (10 if per_entry is None else side_by_side * (per_entry + 1))
         peak = _TORCH_BASELINE + (n_inputs + 2) * unit + work
         if plan.method.scalar_pass is not None:  # small tensors' inputs kept by their passes for their pieces
             kept = [sum(_KeptInputs.sizes(plan, n)) for n in plan.names

@@ -702,17 +702,22 @@ def _topk_side_by_side(plan: MergePlan, name: str, threads: int, compute_dtype: 
     """How many models' rules of tensor ``name`` a top-k pass finds at once. Each model's rule is its own (the
     sort replay reads only that model's keys): two at once where two such work spaces fit in the largest
     tensor's, so the peak does not grow, or where they take at most 1/_WORK_SPACE_SHARE of the merge's input
-    bytes (the largest tensors of a large merge; the work space is 4 bytes per entry and model with bfloat16
-    keys, 8-12 with float32 ones and their positions, none with float64, which has no keys)."""
+    bytes (the largest tensors of a large merge; :func:`rank_bytes_per_entry`)."""
     models = min(threads, len(plan.inputs_for(name)[0]))
     numel = plan.out_metas[name].numel
     if 2 * numel <= max(m.numel for m in plan.out_metas.values()):
         return models
+    per_entry = rank_bytes_per_entry(numel, compute_dtype)
+    return models if per_entry and models * numel * per_entry * _WORK_SPACE_SHARE <= _input_bytes(plan) else 1
+
+
+def rank_bytes_per_entry(numel: int, compute_dtype: torch.dtype | None) -> int | None:
+    """The top-k work space's bytes per entry and model of a tensor of ``numel`` entries: 16-bit keys widened
+    in place (4), or 32-bit keys beside the replay's positions; None where there are no keys (float64)."""
     spec = KEY_SPECS.get(compute_dtype or torch.float32)
     if spec is None:
-        return 1
-    per_entry = 4 if spec[0].itemsize == 2 else spec[0].itemsize + position_dtype(numel).itemsize
-    return models if models * numel * per_entry * _WORK_SPACE_SHARE <= _input_bytes(plan) else 1
+        return None
+    return 4 if spec[0].itemsize == 2 else spec[0].itemsize + position_dtype(numel).itemsize
 
 
 def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, seed: int,
