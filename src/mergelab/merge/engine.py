@@ -114,8 +114,9 @@ _SCALAR_PASSES_AHEAD = 2
 _WRITES_AHEAD = 4
 # Two models' top-k rules of one of the largest tensors run side by side where their two work spaces take at most
 # this share of the merge's input bytes. TIES at 3 x 2 GB (the 65.5 M-entry head and embedding: 2 x 262 MB of
-# 5.95 GB): 13.34/13.50 -> 12.48/12.28 s, peak RSS 786-805 -> 1022 MiB (0.23 of mergekit's 4525); at 3 x 0.5 GB
-# (2 x 131 MB of 1.53 GB) they stay one at a time: 753 MiB there is 0.30 of mergekit's (2026-12-04)
+# 5.95 GB): `mergelab merge` 13.34/13.50 -> 12.48/12.28 s, peak RSS 787-805 -> 1047-1081 MiB (0.23-0.24 of
+# mergekit's 4525); at 3 x 0.5 GB (2 x 131 MB of 1.53 GB) they stay one at a time: there both at once peaked at
+# 753 MiB, 0.30 of mergekit's (2026-12-04, docs/scale.md)
 _WORK_SPACE_SHARE = 8
 log = logging.getLogger(__name__)
 
@@ -708,7 +709,8 @@ def _topk_side_by_side(plan: MergePlan, name: str, threads: int, compute_dtype: 
     if 2 * numel <= max(m.numel for m in plan.out_metas.values()):
         return models
     per_entry = rank_bytes_per_entry(numel, compute_dtype)
-    return models if per_entry and models * numel * per_entry * _WORK_SPACE_SHARE <= _input_bytes(plan) else 1
+    fits = per_entry is not None and models * numel * per_entry * _WORK_SPACE_SHARE <= _input_bytes(plan)
+    return models if fits else 1
 
 
 def rank_bytes_per_entry(numel: int, compute_dtype: torch.dtype | None) -> int | None:
