@@ -105,8 +105,8 @@ def summarize_merge(config: str | Path | dict[str, Any] | MergeConfig, *, max_sh
         # (inputs + 2) pieces in flight (reader thread, merge, writer thread) plus float32 work space: one
         # accumulator for element-wise methods, about three tensors' worth for the sparsifying ones; TIES
         # streamed after its top-k holds the rank work space of the largest tensor for the models found side by
-        # side, and about a byte per entry more (peaks of `mergelab merge` TIES in bf16, 2026-12-04: 610 MiB at
-        # 3 x 0.5 GB, one model's 4 bytes per entry of 32.8 M; 1058-1081 MiB at 3 x 2 GB, two of 65.5 M)
+        # side, and about a byte per entry more (peaks of `mergelab merge` TIES in bf16, 2026-12-04: 590-601 MiB at
+        # 3 x 0.5 GB, one model's 4 bytes per entry of 32.8 M; 1022-1055 MiB at 3 x 2 GB, two of 65.5 M)
         work = numel * 4 * (1 if plan.method.elementwise else 3)
         if after_topk:
             per_entry = rank_bytes_per_entry(in_meta.numel, cfg.compute_dtype)

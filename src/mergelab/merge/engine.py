@@ -114,9 +114,9 @@ _SCALAR_PASSES_AHEAD = 2
 _WRITES_AHEAD = 4
 # Two models' top-k rules of one of the largest tensors run side by side where their two work spaces take at most
 # this share of the merge's input bytes. TIES at 3 x 2 GB (the 65.5 M-entry head and embedding: 2 x 262 MB of
-# 5.95 GB): `mergelab merge` 13.34/13.50 -> 12.48/12.28 s, peak RSS 787-805 -> 1047-1081 MiB (0.23-0.24 of
-# mergekit's 4525); at 3 x 0.5 GB (2 x 131 MB of 1.53 GB) they stay one at a time: there both at once peaked at
-# 753 MiB, 0.30 of mergekit's (2026-12-04, docs/scale.md)
+# 5.95 GB): `mergelab merge` 13.34/13.50 -> 12.48/12.28 s, peak RSS 769-786 -> 1022-1055 MiB (0.23 of
+# mergekit's 4537); at 3 x 0.5 GB (2 x 131 MB of 1.53 GB) they stay one at a time: there both at once peaked at
+# 735-740 MiB, 0.29-0.30 of mergekit's (2026-12-04, docs/scale.md)
 _WORK_SPACE_SHARE = 8
 log = logging.getLogger(__name__)
 
