@@ -317,6 +317,10 @@ def _writes_waiting(families: Families, tmp_path: Path, monkeypatch: pytest.Monk
     pool_class = engine.ThreadPoolExecutor
 
     class CountingPool(pool_class):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.writes = kwargs.get("thread_name_prefix", "").startswith("mergelab-write")
+
         def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
             nonlocal waiting, most
 
@@ -328,7 +332,7 @@ def _writes_waiting(families: Families, tmp_path: Path, monkeypatch: pytest.Monk
                     waiting -= 1
                 return result
 
-            if not self._thread_name_prefix.startswith("mergelab-write"):
+            if not self.writes:
                 return super().submit(fn, *args, **kwargs)
             with lock:
                 waiting += 1
@@ -370,3 +374,29 @@ def test_the_dry_runs_peak_counts_a_work_space_for_each_model_found_side_by_side
         peaks[share] = summarize_merge(config).peak_memory_bytes
     # float32 keys and int32 positions (8 bytes) and about one more byte per entry, for one more model
     assert peaks[1] - peaks[1 << 40] == numel * (8 + 1)
+
+
+def test_the_rank_work_space_per_entry_follows_the_task_vectors_arithmetic(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, fts = families["llama"]
+    monkeypatch.setattr(engine, "_WORK_SPACE_SHARE", 1)  # any work space fits beside the inputs
+    plan = plan_merge(*load_config(weighted_config("ties", base, fts)))
+    name = max(plan.out_metas, key=lambda n: plan.out_metas[n].numel)
+    assert plan.base is not None and plan.base.meta(name).dtype == torch.float32
+    try:
+        assert engine.rank_bytes_per_entry(plan, name, None) == 4 + 4  # float32 keys, int32 positions
+        assert engine.rank_bytes_per_entry(plan, name, torch.bfloat16) == 4  # 16-bit keys widened in place
+        assert engine.rank_bytes_per_entry(plan, name, torch.float64) is None  # no keys: one model at a time
+        assert engine._topk_side_by_side(plan, name, 2, None) == 2
+        assert engine._topk_side_by_side(plan, name, 2, torch.float64) == 1
+    finally:
+        plan.close()
+    # float64 inputs with no compute dtype are task vectors in float64 too: no keys either
+    wide = [save_model_folder(tmp_path / p.name, {k: v.double() for k, v in load_folder(p).items()}, p)
+            for p in (base, *fts)]
+    plan = plan_merge(*load_config(weighted_config("ties", wide[0], wide[1:])))
+    try:
+        assert engine.rank_bytes_per_entry(plan, name, None) is None
+        assert engine._topk_side_by_side(plan, name, 2, None) == 1
+    finally:
+        plan.close()

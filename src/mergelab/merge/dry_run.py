@@ -109,7 +109,7 @@ def summarize_merge(config: str | Path | dict[str, Any] | MergeConfig, *, max_sh
         # 3 x 0.5 GB, one model's 4 bytes per entry of 32.8 M; 1022-1055 MiB at 3 x 2 GB, two of 65.5 M)
         work = numel * 4 * (1 if plan.method.elementwise else 3)
         if after_topk:
-            per_entry = rank_bytes_per_entry(in_meta.numel, cfg.compute_dtype)
+            per_entry = rank_bytes_per_entry(plan, largest, cfg.compute_dtype)
             side_by_side = _topk_side_by_side(plan, largest, _merge_threads(plan, None), cfg.compute_dtype)
             work = in_meta.numel * (10 if per_entry is None else side_by_side * (per_entry + 1))
         peak = _TORCH_BASELINE + (n_inputs + 2) * unit + work

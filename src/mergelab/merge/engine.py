@@ -76,7 +76,6 @@ from mergelab.merge.thresholds import global_threshold
 from mergelab.merge.tokenizer import write_tokenizer
 from mergelab.methods.registry import FlatSource, PieceScalars
 from mergelab.methods.sparsify import TopK
-from mergelab.methods.std_sort import position_dtype
 from mergelab.methods.task_vectors import arithmetic_dtype, task_vector, task_vector_keys
 from mergelab.runtime import available_cores, make_progress
 
@@ -699,7 +698,7 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
         return list(pool.map(rule_of, readers, params.model_params))
 
 
-def _topk_side_by_side(plan: MergePlan, name: str, threads: int, compute_dtype: torch.dtype | None = None) -> int:
+def _topk_side_by_side(plan: MergePlan, name: str, threads: int, compute_dtype: torch.dtype | None) -> int:
     """How many models' rules of tensor ``name`` a top-k pass finds at once. Each model's rule is its own (the
     sort replay reads only that model's keys): two at once where two such work spaces fit in the largest
     tensor's, so the peak does not grow, or where they take at most 1/_WORK_SPACE_SHARE of the merge's input
@@ -708,18 +707,19 @@ def _topk_side_by_side(plan: MergePlan, name: str, threads: int, compute_dtype: 
     numel = plan.out_metas[name].numel
     if 2 * numel <= max(m.numel for m in plan.out_metas.values()):
         return models
-    per_entry = rank_bytes_per_entry(numel, compute_dtype)
+    per_entry = rank_bytes_per_entry(plan, name, compute_dtype)
     fits = per_entry is not None and models * numel * per_entry * _WORK_SPACE_SHARE <= _input_bytes(plan)
     return models if fits else 1
 
 
-def rank_bytes_per_entry(numel: int, compute_dtype: torch.dtype | None) -> int | None:
-    """The top-k work space's bytes per entry and model of a tensor of ``numel`` entries: 16-bit keys widened
-    in place (4), or 32-bit keys beside the replay's positions; None where there are no keys (float64)."""
-    spec = KEY_SPECS.get(compute_dtype or torch.float32)
-    if spec is None:
-        return None
-    return 4 if spec[0].itemsize == 2 else spec[0].itemsize + position_dtype(numel).itemsize
+def rank_bytes_per_entry(plan: MergePlan, name: str, compute_dtype: torch.dtype | None) -> int | None:
+    """The top-k work space's bytes per entry of tensor ``name`` and per model (:meth:`RankWorkspace.bytes_per_entry`
+    of the keys :func:`_topk_rules` makes, in the arithmetic its task vectors are computed in); None where that
+    arithmetic has no keys (float64: each model's task vector is then made whole instead)."""
+    assert plan.base is not None
+    like = prepared(torch.empty(0, dtype=plan.base.meta(name).dtype), None, compute_dtype)
+    spec = KEY_SPECS.get(arithmetic_dtype(like, compute_dtype))
+    return None if spec is None else RankWorkspace.bytes_per_entry(plan.out_metas[name].numel, spec[0])
 
 
 def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, seed: int,

@@ -70,6 +70,12 @@ class RankWorkspace:
         start = index * share * position_width
         return index, keys, positions_bytes[start:start + numel * position_width]
 
+    @staticmethod
+    def bytes_per_entry(numel: int, key_dtype: torch.dtype) -> int:
+        """What :meth:`take` touches per entry of a tensor of ``numel`` entries and per model: 16-bit keys get
+        4 bytes (widened in place by the sort replay), wider keys their own bytes and the replay's positions."""
+        return _KEY_BYTES if key_dtype.itemsize == 2 else key_dtype.itemsize + position_dtype(numel).itemsize
+
     def give_back(self, index: int) -> None:
         with self._lock:
             self._taken.discard(index)
