@@ -239,3 +239,29 @@ def test_coins_are_given_only_to_the_piece_they_were_reserved_for() -> None:
         piece.take("dare", 4, 4)
     with pytest.raises(ValueError, match="in order"):
         carried.for_piece("dare", 5, 5)
+
+
+def test_dare_ties_with_compiled_loops_draws_its_masks_without_computing_a_task_vector(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergelab.kernels import dispatch
+    from mergelab.methods import task_vectors
+
+    dispatch.warm_up()
+    if dispatch.loops() is None:
+        pytest.skip("compiled loops off or numba missing")
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(50_000, generator=g) * 0.02).to(torch.bfloat16)
+    tuned = [(base.float() + torch.randn(50_000, generator=g) * 1e-3).to(torch.bfloat16) for _ in range(2)]
+    kw = {"consensus": "sum", "normalize": False, "lambda_": 1.0, "dtype": torch.bfloat16, "seed": 4,
+          "rescale": True, "rescale_mode": "density"}
+    with one_thread():
+        expected = _two_pass(base, tuned, [0.5, 0.5], [0.3, 0.3], **kw)
+        dare_merge(base, tuned, [0.5, 0.5], [0.3, 0.3], **kw)  # type: ignore[arg-type]  # the loop's first-use check
+
+    def refused(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("a DARE mask needs only the tensor's shape")
+
+    monkeypatch.setattr(task_vectors, "task_vector", refused)
+    with one_thread():
+        fused = dare_merge(base, tuned, [0.5, 0.5], [0.3, 0.3], **kw)  # type: ignore[arg-type]
+    assert torch.equal(_bits(fused), _bits(expected))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -246,3 +247,19 @@ def test_band_rule_applied_piece_by_piece_is_the_whole_outlier_mask(dtype: torch
                 pieces = [rule.apply(delta[a:a + piece], a) for a in range(0, n, piece)]
                 assert torch.equal(torch.cat(pieces), whole), (density, gamma, piece)
     assert straddled >= 5  # the sort replay is exercised, not only key intervals
+
+
+def test_bernoulli_mask_compares_draws_with_the_float32_the_density_rounds_to_as_torch_does() -> None:
+    # p lies a quarter of the way from a = float32(0.3) to the next float32 up, so it rounds down to a: a draw
+    # equal to a is not below float32(p) (torch's `draws < p`), though it is below p itself
+    a = float(np.float32(0.3))
+    up = float(np.nextafter(np.float32(0.3), np.float32(1)))
+    below = float(np.nextafter(np.float32(0.3), np.float32(0)))
+    p = a + (up - a) / 4
+    draws = torch.tensor([below, a, up, 0.0], dtype=torch.float32)
+    mask = bernoulli_mask(draws.shape, p, lambda shape: draws.reshape(shape))
+    assert mask.tolist() == [True, False, False, True]
+    assert torch.equal(mask, draws < p)
+    # a single entry (0-d) comes back a 0-d boolean tensor
+    scalar = bernoulli_mask(torch.Size([]), 0.5, lambda shape: torch.tensor(0.25).reshape(shape))
+    assert scalar.shape == () and scalar.dtype == torch.bool and bool(scalar)

@@ -23,7 +23,7 @@ import torch
 from mergelab.kernels.random_drops import rescaled_drop
 from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, register
 from mergelab.methods.sparsify import Coins, bernoulli_mask, drop_work_dtype, generator_for, match_l1, uniform_draws
-from mergelab.methods.task_vectors import Consensus, Sparsifier, generalized_task_arithmetic
+from mergelab.methods.task_vectors import Consensus, DrawnMask, Sparsifier, generalized_task_arithmetic
 
 KeepProbability = Callable[[int, torch.Tensor], "float | torch.Tensor"]
 """``(model_index, delta) -> keep probability``: one number (DARE) or one value per entry (DELLA)."""
@@ -172,13 +172,13 @@ def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
     if rescale_mode not in ("density", "l1"):
         raise ValueError(f"rescale_mode must be 'density' or 'l1', got {rescale_mode!r}")
 
-    def keep(i: int, delta: torch.Tensor) -> torch.Tensor:
+    def draw(i: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
         generator = generators[i] if generators is not None else generator_for(seed, i)
-        return dare_mask(delta.shape, densities[i], generator, device=delta.device)
+        return dare_mask(shape, densities[i], generator, device=device)
 
     divisors = [p if rescale and 0 < p < 1 else 1.0 for p in densities]
-    return generalized_task_arithmetic(base, tensors, weights, keep=keep, divide_kept=divisors, consensus=consensus,
-                                       normalize=normalize, lambda_=lambda_, dtype=dtype)
+    return generalized_task_arithmetic(base, tensors, weights, keep=DrawnMask(draw), divide_kept=divisors,
+                                       consensus=consensus, normalize=normalize, lambda_=lambda_, dtype=dtype)
 
 
 def dare_generators(source: FlatSource, seed: int, densities: Sequence[float]) -> CarriedGenerators:

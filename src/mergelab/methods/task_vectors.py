@@ -55,6 +55,20 @@ Masker = Callable[[int, torch.Tensor], torch.Tensor]
 sparsifier that only zeroes entries. Given as ``keep``, the merge after the masks runs fused, chunk by chunk
 (see :func:`_masked_consensus`)."""
 
+
+
+class DrawnMask:
+    """A :data:`Masker` that reads only the task vector's shape and device: a random drop (DARE), whose mask is
+    coins. :func:`_masked_consensus` then computes no task vector to make the mask: that subtraction was a fifth
+    of a DARE-TIES piece's CPU (1.3 of 6.1 ms per 1 Mi entries of two bfloat16 models, one thread, 2026-12-04)."""
+
+    def __init__(self, draw: Callable[[int, torch.Size, torch.device], torch.Tensor]) -> None:
+        self.draw = draw  # (model_index, shape, device) -> boolean mask, true where kept
+
+    def __call__(self, i: int, delta: torch.Tensor) -> torch.Tensor:
+        return self.draw(i, delta.shape, delta.device)
+
+
 Consensus = Literal["sum", "count"]
 
 _CHUNK = 1 << 20  # entries per chunk of the element-wise steps (4 MiB of float32)
@@ -389,6 +403,9 @@ def _masked_consensus(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
     compiled = loops() is not None
     masks, bound = [], 0.0
     for i in range(len(weights)):
+        if compiled and isinstance(keep, DrawnMask):
+            masks.append(keep.draw(i, base.shape, base.device).reshape(-1))
+            continue
         delta = task_vector(tensors[i], base, dtype)
         masks.append(keep(i, delta).reshape(-1))  # booleans
         bound += 0.0 if compiled else bound_term(i, delta)
