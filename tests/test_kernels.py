@@ -709,3 +709,39 @@ def test_a_merge_that_starts_before_the_loops_are_loaded_gives_the_same_bytes(
     reference = engine.run_merge(weighted_config("linear", base, fts), tmp_path / "here", progress=False,
                                  hash_inputs=False).out_dir
     assert_same_safetensors(tmp_path / "background", reference)
+
+
+# --- the Mersenne Twister's draws ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 7, 2**32 - 1, 2**32 + 7, 2**63 - 2])
+def test_compiled_twister_draws_torch_rands_numbers_across_the_states_refills(seed: int) -> None:
+    from mergelab.kernels.mersenne_draws import MersenneDraws, mersenne_draws
+
+    reference, draws = torch.Generator().manual_seed(seed), MersenneDraws(seed)
+    # 624 words per refill: pieces that end one before, on, and one after a refill, then a long one
+    for numel in (623, 1, 1, 1_248, 100_003):
+        assert torch.equal(draws.take(numel), torch.rand(numel, generator=reference))
+    assert mersenne_draws(torch.Generator().manual_seed(seed)) is not None
+    assert dispatch.verdicts()[("mersenne twister draws", None)]
+
+
+def test_a_generator_that_has_drawn_gets_no_compiled_twin() -> None:
+    from mergelab.kernels.mersenne_draws import mersenne_draws
+
+    used = torch.Generator().manual_seed(3)
+    torch.rand(1, generator=used)
+    assert mersenne_draws(used) is None
+    assert mersenne_draws(torch.Generator().manual_seed(3)) is not None
+
+
+def test_carried_generators_draw_with_the_compiled_twins_and_leave_the_generators_untouched() -> None:
+    from mergelab.methods.dare import CarriedGenerators
+
+    generators = [torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)]
+    states = [g.get_state() for g in generators]
+    carried = CarriedGenerators(generators, (3_000,), [True, True])
+    coins = [carried.for_piece("dare", a, 1_000).take("dare", a, 1_000) for a in (0, 1_000, 2_000)]
+    for i, seed in enumerate((11, 12)):
+        whole = torch.rand(3_000, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(torch.cat([piece[i]((1_000,)) for piece in coins]), whole)
+        assert torch.equal(generators[i].get_state(), states[i])  # the twins drew, not torch's kernel

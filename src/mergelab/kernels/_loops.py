@@ -303,6 +303,64 @@ def rescaled_drop_loop(delta: Any, probabilities: Any, draws: Any, out: Any) -> 
     return _count_nan(out)
 
 
+# The 32-bit Mersenne Twister (Matsumoto & Nishimura 1998) as torch's CPU generator runs it (at::mt19937), and
+# torch's float32 uniform: the low 24 bits of one output times 2^-24 (at::uniform_real_distribution).
+_MT_N, _MT_M = 624, 397
+_MT_UPPER, _MT_LOWER, _MT_MATRIX = np.uint32(0x80000000), np.uint32(0x7FFFFFFF), np.uint32(0x9908B0DF)
+_MT_B, _MT_C, _MT_24 = np.uint32(0x9D2C5680), np.uint32(0xEFC60000), np.uint32(0xFFFFFF)
+_U1, _U7, _U11, _U15, _U18 = (np.uint32(k) for k in (1, 7, 11, 15, 18))
+_TWO_TO_MINUS_24 = np.float32(2.0 ** -24)
+
+
+@njit(nogil=True, inline="always")
+def _mt_twist(mt):  # type: ignore[no-untyped-def]
+    """The next 624 words of the state in place. The modulo of the reference loop split into its three ranges
+    and the branch on the low bit made a mask, so that the loops vectorize."""
+    for k in range(_MT_N - _MT_M):
+        y = (mt[k] & _MT_UPPER) | (mt[k + 1] & _MT_LOWER)
+        mt[k] = mt[k + _MT_M] ^ (y >> _U1) ^ ((np.uint32(0) - (y & _U1)) & _MT_MATRIX)
+    for k in range(_MT_N - _MT_M, _MT_N - 1):
+        y = (mt[k] & _MT_UPPER) | (mt[k + 1] & _MT_LOWER)
+        mt[k] = mt[k + _MT_M - _MT_N] ^ (y >> _U1) ^ ((np.uint32(0) - (y & _U1)) & _MT_MATRIX)
+    y = (mt[_MT_N - 1] & _MT_UPPER) | (mt[0] & _MT_LOWER)
+    mt[_MT_N - 1] = mt[_MT_M - 1] ^ (y >> _U1) ^ ((np.uint32(0) - (y & _U1)) & _MT_MATRIX)
+
+
+@njit(nogil=True, cache=True)
+def mt_seed_loop(seed, mt):  # type: ignore[no-untyped-def]
+    """``mt`` (624 uint32) as torch's ``manual_seed(seed)`` leaves it: Knuth's initialization from the seed's
+    low 32 bits (``init_genrand``)."""
+    mt[0] = np.uint32(seed & 0xFFFFFFFF)
+    for k in range(1, _MT_N):
+        previous = np.uint64(mt[k - 1])
+        mt[k] = np.uint32((np.uint64(1812433253) * (previous ^ (previous >> np.uint64(30))) + np.uint64(k))
+                          & np.uint64(0xFFFFFFFF))
+
+
+@njit(nogil=True, cache=True)
+def mt_uniform_loop(mt, position, out):  # type: ignore[no-untyped-def]
+    """Fill the float32 ``out`` with the next draws of the twister ``mt`` whose next word is ``position[0]``
+    (624: twist first), as ``torch.rand(n, generator=g)``; advances ``mt`` and ``position``. Tempered a block of
+    the state at a time, which vectorizes: 0.9 against torch's 2.7–2.9 ms per 1 Mi draws, one thread
+    (2026-12-04)."""
+    at, n, j = position[0], out.shape[0], 0
+    while j < n:
+        if at >= _MT_N:
+            _mt_twist(mt)
+            at = 0
+        m = min(_MT_N - at, n - j)
+        for i in range(m):
+            y = mt[at + i]
+            y ^= y >> _U11
+            y ^= (y << _U7) & _MT_B
+            y ^= (y << _U15) & _MT_C
+            y ^= y >> _U18
+            out[j + i] = np.float32(y & _MT_24) * _TWO_TO_MINUS_24
+        at += m
+        j += m
+    position[0] = at
+
+
 _INSERTION = 16  # libstdc++'s _S_threshold: introsort leaves segments of this size to the insertion sort
 _STOPS = 512  # scan positions per refill of a partition's stop lists
 # A tagged replay's entries (tagged_replay_loop): below TAG a key; an entry equal to the first edge key
@@ -833,6 +891,9 @@ def normalized_dot_loop(a, b, norm_a, norm_b, values, sums, norms, state, rest_s
 def load_cached() -> None:
     """Run each loop once on one entry per dtype: numba's first load from its cache (or compilation, the
     first time on a machine) happens here, ~0.4 s of it importing numba's numpy support."""
+    state, position = np.zeros(_MT_N, np.uint32), np.full(1, _MT_N, np.int64)
+    mt_seed_loop(0, state)
+    mt_uniform_loop(state, position, np.zeros(1, np.float32))
     for dtype in (np.uint16, np.float32):
         x = np.zeros(1, dtype)
         x.setflags(write=False)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mergelab.kernels.mersenne_draws import MersenneDraws, mersenne_draws
 from mergelab.kernels.random_drops import rescaled_drop
 from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, register
 from mergelab.methods.sparsify import Coins, bernoulli_mask, drop_work_dtype, generator_for, match_l1, uniform_draws
@@ -67,21 +68,30 @@ class CarriedGenerators:
     draws: list[bool]
     position: int = 0
     _threads: list[ThreadPoolExecutor] = field(default_factory=list)
+    # the generators' compiled twins, decided at the first piece: every model's, or None (torch draws)
+    _compiled: list[MersenneDraws | None] | None = None
 
     def for_piece(self, method: str, offset: int, numel: int) -> PieceCoins:
         """Reserve the coins of the piece of ``numel`` entries at flat ``offset``, which must be the next one:
         each drawing model's are drawn on a thread of its own (torch's CPU uniform kernel is serial, ~4 ms per
-        1 Mi draws: two models' coins took longer than DARE-TIES' compiled merge of their piece)."""
+        1 Mi draws: two models' coins took longer than DARE-TIES' compiled merge of their piece), by the
+        generators' compiled twins where the loops are loaded (:mod:`mergelab.kernels.mersenne_draws`, the same
+        numbers at a third of the CPU; the generators themselves then stay where they were)."""
         total = math.prod(self.shape)
         if offset != self.position or offset + numel > total:
             raise ValueError(f"{method}: the pieces of a tensor with carried generators must be merged in order, "
                              f"each once: the next one starts at flat entry {self.position} of {total}, got "
                              f"{numel} entries at {offset}; make a new scalar pass to merge the tensor again")
+        if offset == 0:
+            compiled = [mersenne_draws(g) for g in self.generators]
+            self._compiled = compiled if all(c is not None for c in compiled) else None
         self.position += numel
         if not self._threads:
             self._threads = [ThreadPoolExecutor(1, thread_name_prefix="mergelab-coins") for _ in self.generators]
-        draws = [thread.submit(torch.rand, numel, generator=g, dtype=torch.float32) if drawing else None
-                 for thread, g, drawing in zip(self._threads, self.generators, self.draws, strict=True)]
+        draws = [(thread.submit(twin.take, numel) if twin is not None else
+                  thread.submit(torch.rand, numel, generator=g, dtype=torch.float32)) if drawing else None
+                 for thread, g, twin, drawing in zip(self._threads, self.generators, self._compiled or
+                                                     [None] * len(self.generators), self.draws, strict=True)]
         if self.position == total:  # the last piece: the threads end once its coins are drawn
             for thread in self._threads:
                 thread.shutdown(wait=False)
