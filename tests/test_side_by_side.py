@@ -400,3 +400,41 @@ def test_the_rank_work_space_per_entry_follows_the_task_vectors_arithmetic(
         assert engine._topk_side_by_side(plan, name, 2, None) == 1
     finally:
         plan.close()
+
+
+def test_a_scalar_pass_that_keeps_nothing_runs_ahead_beside_the_largest_tensors_pieces(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Model Stock's pass over a tensor too large to keep reads a chunk at a time: it holds no tensor, so it need
+    # not wait for the largest tensor's pieces (which the fits-beside rule made it do for any tensor after it)
+    base, fts = families["llama"]
+    config = write_config(tmp_path, method_config("model_stock", base, fts))
+    _threads(monkeypatch, 2)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
+    monkeypatch.setattr(engine, "_KEPT_BYTES", 0)  # nothing kept: every pass reads its chunks from the files
+    reference = tmp_path / "reference"
+    engine.run_merge(config, reference, progress=False, hash_inputs=False)
+    plan = plan_merge(*load_config(config))
+    largest = max(plan.out_metas, key=lambda n: plan.out_metas[n].numel)
+    plan.close()
+    passes: list[str] = []
+    next_pass = threading.Event()
+    waited: list[bool] = []
+    whole_pass, merge_tensor = engine._whole_tensor_pass, engine.merge_tensor
+
+    def recorded_pass(plan: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        passes.append(name)
+        if largest in passes[:-1]:
+            next_pass.set()
+        return whole_pass(plan, name, *args, **kwargs)
+
+    def first_piece_waits(method: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == largest and kwargs.get("offset") == 0:
+            waited.append(next_pass.wait(timeout=20))  # the pass after the largest's, while its pieces merge
+        return merge_tensor(method, name, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_whole_tensor_pass", recorded_pass)
+    monkeypatch.setattr(engine, "merge_tensor", first_piece_waits)
+    out = tmp_path / "ahead"
+    engine.run_merge(config, out, progress=False, hash_inputs=False)
+    assert waited == [True]
+    assert_same_safetensors(reference, out)

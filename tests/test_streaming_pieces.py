@@ -756,3 +756,33 @@ def test_a_scalar_pass_that_fails_is_reported_naming_the_tensor_and_nothing_is_w
     with pytest.raises(CompatibilityError, match=f"cannot merge tensor '{re.escape(failing)}': no finite angle"):
         engine.run_merge(config, tmp_path / "out", progress=False, hash_inputs=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_source_that_reads_ahead_gives_the_same_chunks_reading_at_most_one_ahead_on_another_thread() -> None:
+    import threading
+
+    base, tensors = torch.arange(10.0), [torch.arange(10.0) * 2, torch.arange(10.0) * 3]
+    whole = FlatSource.of(base, tensors)
+    reads: list[tuple[int, str]] = []
+
+    def read(a: int, b: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        reads.append((a, threading.current_thread().name))
+        return whole.read(a, b)
+
+    ahead = FlatSource(whole.shape, read, read_ahead=True)
+    got = []
+    for k, (b, ts) in enumerate(ahead.chunks(4)):  # [0, 4), [4, 8), [8, 10)
+        assert len(reads) <= k + 2  # this chunk and the next one, no more
+        got.append((b, ts))
+    expected = list(whole.chunks(4))
+    assert len(got) == len(expected) == 3
+    for (b, ts), (eb, ets) in zip(got, expected, strict=True):
+        assert torch.equal(b, eb) and all(torch.equal(t, e) for t, e in zip(ts, ets, strict=True))
+    assert [a for a, _ in reads] == [0, 4, 8]
+    assert all(name.startswith("mergelab-pass-read") for _, name in reads)
+    # a caller that stops early leaves no read running past the one ahead
+    reads.clear()
+    chunks = ahead.chunks(2)
+    next(chunks)
+    chunks.close()
+    assert [a for a, _ in reads] == [0, 2]

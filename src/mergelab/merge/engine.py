@@ -633,7 +633,7 @@ def _flat_source(plan: MergePlan, name: str, compute_dtype: torch.dtype | None,
         base_piece, pieces = kept.read(a, b) if kept is not None else _read_flat(plan, name, a, b)
         return (prepared(base_piece, None, compute_dtype) if base_piece is not None else None,
                 [prepared(p, None, compute_dtype) for p in pieces])
-    return FlatSource(tuple(plan.out_metas[name].shape), read)
+    return FlatSource(tuple(plan.out_metas[name].shape), read, read_ahead=kept is None)
 
 
 def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, entries: int, *,
@@ -862,7 +862,10 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
         after = bisect.bisect_right(first_pieces, i)
         total = plan.out_metas[pieces[i].name].nbytes
         for j in first_pieces[after:after + ahead_count]:
-            total += plan.out_metas[pieces[j].name].nbytes
+            # a scalar pass that keeps nothing holds a chunk or two of each input, not the tensor: it runs ahead
+            # of any tensor (Model Stock's embedding pass beside the head's pieces, 3 x 0.5 GB, 2026-12-04)
+            holds_tensor = plan.method.scalar_pass is None or pieces[j].name in keepable
+            total += plan.out_metas[pieces[j].name].nbytes if holds_tensor else 0
             if total > largest:
                 break
             pass_of(pieces[j].name)
