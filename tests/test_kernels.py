@@ -713,7 +713,7 @@ def test_a_merge_that_starts_before_the_loops_are_loaded_gives_the_same_bytes(
 
 # --- the Mersenne Twister's draws ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("seed", [0, 7, 2**32 - 1, 2**32 + 7, 2**63 - 2])
+@pytest.mark.parametrize("seed", [0, 7, 2**32 - 1, 2**32 + 7, 2**63 - 2, 2**64 - 1])
 def test_compiled_twister_draws_torch_rands_numbers_across_the_states_refills(seed: int) -> None:
     from mergelab.kernels.mersenne_draws import MersenneDraws, mersenne_draws
 

@@ -28,7 +28,7 @@ class MersenneDraws:
         self._module = module
         self._state = np.empty(_STATE_WORDS, np.uint32)
         self._position = np.full(1, _STATE_WORDS, np.int64)  # a fresh state twists before its first word
-        module.mt_seed_loop(seed, self._state)
+        module.mt_seed_loop(seed & 0xFFFFFFFF, self._state)  # torch seeds with the low 32 bits (any uint64 seed)
 
     def take(self, numel: int) -> torch.Tensor:
         """The next ``numel`` draws: ``torch.rand(numel, generator=g)`` for the generator this replaces."""
@@ -50,7 +50,7 @@ def mersenne_draws(generator: torch.Generator) -> MersenneDraws | None:
 
 
 def _check() -> bool:
-    for seed in (0, 5, 2**32 - 1, 2**40 + 3, 2**63 - 2):
+    for seed in (0, 5, 2**32 - 1, 2**40 + 3, 2**64 - 1):
         generator, draws = torch.Generator().manual_seed(seed), MersenneDraws(seed)
         for numel in (1, 622, 625, 5_000, 70_001, 3):  # across refills, ending anywhere in the state
             if not torch.equal(draws.take(numel), torch.rand(numel, generator=generator)):
