@@ -305,7 +305,7 @@ def rescaled_drop_loop(delta: Any, probabilities: Any, draws: Any, out: Any) -> 
 
 # The 32-bit Mersenne Twister (Matsumoto & Nishimura 1998) as torch's CPU generator runs it (at::mt19937), and
 # torch's float32 uniform: the low 24 bits of one output times 2^-24 (at::uniform_real_distribution).
-_MT_N, _MT_M = 624, 397
+MT_WORDS, _MT_M = 624, 397  # the state's words (mersenne_draws sizes it), the twist's offset
 _MT_UPPER, _MT_LOWER, _MT_MATRIX = np.uint32(0x80000000), np.uint32(0x7FFFFFFF), np.uint32(0x9908B0DF)
 _MT_B, _MT_C, _MT_24 = np.uint32(0x9D2C5680), np.uint32(0xEFC60000), np.uint32(0xFFFFFF)
 _U1, _U7, _U11, _U15, _U18 = (np.uint32(k) for k in (1, 7, 11, 15, 18))
@@ -316,14 +316,14 @@ _TWO_TO_MINUS_24 = np.float32(2.0 ** -24)
 def _mt_twist(mt):  # type: ignore[no-untyped-def]
     """The next 624 words of the state in place. The modulo of the reference loop split into its three ranges
     and the branch on the low bit made a mask, so that the loops vectorize."""
-    for k in range(_MT_N - _MT_M):
+    for k in range(MT_WORDS - _MT_M):
         y = (mt[k] & _MT_UPPER) | (mt[k + 1] & _MT_LOWER)
         mt[k] = mt[k + _MT_M] ^ (y >> _U1) ^ ((np.uint32(0) - (y & _U1)) & _MT_MATRIX)
-    for k in range(_MT_N - _MT_M, _MT_N - 1):
+    for k in range(MT_WORDS - _MT_M, MT_WORDS - 1):
         y = (mt[k] & _MT_UPPER) | (mt[k + 1] & _MT_LOWER)
-        mt[k] = mt[k + _MT_M - _MT_N] ^ (y >> _U1) ^ ((np.uint32(0) - (y & _U1)) & _MT_MATRIX)
-    y = (mt[_MT_N - 1] & _MT_UPPER) | (mt[0] & _MT_LOWER)
-    mt[_MT_N - 1] = mt[_MT_M - 1] ^ (y >> _U1) ^ ((np.uint32(0) - (y & _U1)) & _MT_MATRIX)
+        mt[k] = mt[k + _MT_M - MT_WORDS] ^ (y >> _U1) ^ ((np.uint32(0) - (y & _U1)) & _MT_MATRIX)
+    y = (mt[MT_WORDS - 1] & _MT_UPPER) | (mt[0] & _MT_LOWER)
+    mt[MT_WORDS - 1] = mt[_MT_M - 1] ^ (y >> _U1) ^ ((np.uint32(0) - (y & _U1)) & _MT_MATRIX)
 
 
 @njit(nogil=True, cache=True)
@@ -331,7 +331,7 @@ def mt_seed_loop(seed, mt):  # type: ignore[no-untyped-def]
     """``mt`` (624 uint32) as torch's ``manual_seed(seed)`` leaves it: Knuth's initialization from the seed's
     low 32 bits (``init_genrand``)."""
     mt[0] = np.uint32(seed & 0xFFFFFFFF)
-    for k in range(1, _MT_N):
+    for k in range(1, MT_WORDS):
         previous = np.uint64(mt[k - 1])
         mt[k] = np.uint32((np.uint64(1812433253) * (previous ^ (previous >> np.uint64(30))) + np.uint64(k))
                           & np.uint64(0xFFFFFFFF))
@@ -345,10 +345,10 @@ def mt_uniform_loop(mt, position, out):  # type: ignore[no-untyped-def]
     (2026-12-04)."""
     at, n, j = position[0], out.shape[0], 0
     while j < n:
-        if at >= _MT_N:
+        if at >= MT_WORDS:
             _mt_twist(mt)
             at = 0
-        m = min(_MT_N - at, n - j)
+        m = min(MT_WORDS - at, n - j)
         for i in range(m):
             y = mt[at + i]
             y ^= y >> _U11
@@ -891,7 +891,7 @@ def normalized_dot_loop(a, b, norm_a, norm_b, values, sums, norms, state, rest_s
 def load_cached() -> None:
     """Run each loop once on one entry per dtype: numba's first load from its cache (or compilation, the
     first time on a machine) happens here, ~0.4 s of it importing numba's numpy support."""
-    state, position = np.zeros(_MT_N, np.uint32), np.full(1, _MT_N, np.int64)
+    state, position = np.zeros(MT_WORDS, np.uint32), np.full(1, MT_WORDS, np.int64)
     mt_seed_loop(0, state)
     mt_uniform_loop(state, position, np.zeros(1, np.float32))
     for dtype in (np.uint16, np.float32):

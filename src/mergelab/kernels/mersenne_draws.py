@@ -15,8 +15,6 @@ import torch
 
 from mergelab.kernels.dispatch import loops, verified
 
-_STATE_WORDS = 624
-
 
 class MersenneDraws:
     """The draws of one seeded CPU generator, continued call after call as the generator's would be."""
@@ -26,8 +24,8 @@ class MersenneDraws:
         if module is None:
             raise RuntimeError("the compiled loops are not loaded")
         self._module = module
-        self._state = np.empty(_STATE_WORDS, np.uint32)
-        self._position = np.full(1, _STATE_WORDS, np.int64)  # a fresh state twists before its first word
+        self._state = np.empty(module.MT_WORDS, np.uint32)
+        self._position = np.full(1, module.MT_WORDS, np.int64)  # a fresh state twists before its first word
         module.mt_seed_loop(seed & 0xFFFFFFFF, self._state)  # torch seeds with the low 32 bits (any uint64 seed)
 
     def take(self, numel: int) -> torch.Tensor:

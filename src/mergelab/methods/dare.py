@@ -68,8 +68,8 @@ class CarriedGenerators:
     draws: list[bool]
     position: int = 0
     _threads: list[ThreadPoolExecutor] = field(default_factory=list)
-    # the generators' compiled twins, decided at the first piece: every model's, or None (torch draws)
-    _compiled: list[MersenneDraws | None] | None = None
+    # each drawing model's compiled twin of its generator, made at the first piece (None: torch's kernel draws)
+    _twins: list[MersenneDraws | None] = field(default_factory=list)
 
     def for_piece(self, method: str, offset: int, numel: int) -> PieceCoins:
         """Reserve the coins of the piece of ``numel`` entries at flat ``offset``, which must be the next one:
@@ -83,15 +83,15 @@ class CarriedGenerators:
                              f"each once: the next one starts at flat entry {self.position} of {total}, got "
                              f"{numel} entries at {offset}; make a new scalar pass to merge the tensor again")
         if offset == 0:
-            compiled = [mersenne_draws(g) for g in self.generators]
-            self._compiled = compiled if all(c is not None for c in compiled) else None
+            self._twins = [mersenne_draws(g) if drawing else None for g, drawing in zip(self.generators, self.draws,
+                                                                                        strict=True)]
         self.position += numel
         if not self._threads:
             self._threads = [ThreadPoolExecutor(1, thread_name_prefix="mergelab-coins") for _ in self.generators]
-        draws = [(thread.submit(twin.take, numel) if twin is not None else
-                  thread.submit(torch.rand, numel, generator=g, dtype=torch.float32)) if drawing else None
-                 for thread, g, twin, drawing in zip(self._threads, self.generators, self._compiled or
-                                                     [None] * len(self.generators), self.draws, strict=True)]
+        draws = [None if not drawing else thread.submit(twin.take, numel) if twin is not None else
+                 thread.submit(torch.rand, numel, generator=g, dtype=torch.float32)
+                 for thread, g, twin, drawing in zip(self._threads, self.generators, self._twins, self.draws,
+                                                     strict=True)]
         if self.position == total:  # the last piece: the threads end once its coins are drawn
             for thread in self._threads:
                 thread.shutdown(wait=False)

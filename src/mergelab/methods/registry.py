@@ -138,7 +138,7 @@ class FlatSource:
         # Model Stock's pass over a 65 MB bfloat16 head per model read its chunks for about half of its time,
         # on one core while the other waited for that pass (3 x 0.5 GB, direct I/O, 2026-12-04)
         with ThreadPoolExecutor(1, thread_name_prefix="mergelab-pass-read") as reader:
-            upcoming = reader.submit(self.read, starts[0], min(self.numel, size))
+            upcoming = reader.submit(self.read, 0, min(self.numel, size))
             for a in starts:
                 chunk = upcoming.result()
                 if a + size < self.numel:

@@ -56,7 +56,6 @@ sparsifier that only zeroes entries. Given as ``keep``, the merge after the mask
 (see :func:`_masked_consensus`)."""
 
 
-
 class DrawnMask:
     """A :data:`Masker` that reads only the task vector's shape and device: a random drop (DARE), whose mask is
     coins. :func:`_masked_consensus` then computes no task vector to make the mask: that subtraction was a fifth
