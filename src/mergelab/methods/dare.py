@@ -24,7 +24,13 @@ from mergelab.kernels.mersenne_draws import MersenneDraws, mersenne_draws
 from mergelab.kernels.random_drops import rescaled_drop
 from mergelab.methods.registry import FlatSource, MergeMethod, Param, ScalarPass, register
 from mergelab.methods.sparsify import Coins, bernoulli_mask, drop_work_dtype, generator_for, match_l1, uniform_draws
-from mergelab.methods.task_vectors import Consensus, DrawnMask, Sparsifier, generalized_task_arithmetic
+from mergelab.methods.task_vectors import (
+    Consensus,
+    DrawnMask,
+    Sparsifier,
+    divide_as_the_cpu,
+    generalized_task_arithmetic,
+)
 
 KeepProbability = Callable[[int, torch.Tensor], "float | torch.Tensor"]
 """``(model_index, delta) -> keep probability``: one number (DARE) or one value per entry (DELLA)."""
@@ -134,7 +140,7 @@ def random_drop_sparsifier(densities: Sequence[float], keep_probability: KeepPro
         before = work.abs().sum() if rescale_mode == "l1" else None
         kept = work.masked_fill_(~mask, 0)
         del mask
-        kept = kept.div_(p) if before is None else match_l1(kept, before)
+        kept = divide_as_the_cpu(kept, p) if before is None else match_l1(kept, before)
         return kept if kept.dtype == delta.dtype else delta.copy_(kept)
     return drop
 

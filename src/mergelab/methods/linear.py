@@ -13,6 +13,7 @@ import torch
 
 from mergelab.kernels.weighted_sums import linear_sum
 from mergelab.methods.registry import MergeMethod, Param, register
+from mergelab.methods.task_vectors import divide_as_the_cpu
 from mergelab.methods.weighting import weight_sum
 
 
@@ -42,7 +43,7 @@ def _linear_torch(tensors: Sequence[torch.Tensor], weights: Sequence[float], nor
     for tensor, weight in zip(tensors, weights, strict=True):
         out.add_(tensor, alpha=weight)  # mixed-dtype add upcasts in the kernel: no temporary copy
     if normalize:
-        out.div_(float(sum(weights)))
+        divide_as_the_cpu(out, float(sum(weights)))
     return out.to(first.dtype)
 
 

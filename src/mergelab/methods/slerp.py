@@ -83,9 +83,9 @@ def slerp_scalars(t: float, source: FlatSource, *, dot_threshold: float = 0.9995
     def chunk_dot(v0: torch.Tensor, v1: torch.Tensor) -> float:
         compiled = _compiled_sums(v0)
         dot = compiled.normalized_dot(v0, v1, float(norm_a), float(norm_b)) if compiled is not None else None
-        if dot is None:
+        if dot is None:  # the norms are made on the CPU from Python numbers; a GPU's chunk takes copies
             a, b = as_work(v0, v1)
-            dot = float((a / norm_a * (b / norm_b)).sum(dim=1, keepdim=True))
+            dot = float((a / norm_a.to(a.device) * (b / norm_b.to(b.device))).sum(dim=1, keepdim=True))
         return dot
 
     dot = stacked([chunk_dot(v0, v1) for v0, v1 in pairs()])
@@ -104,7 +104,8 @@ def slerp_apply(coefficients: tuple[torch.Tensor, torch.Tensor], v0: torch.Tenso
     """The element-wise step of :func:`slerp_merge`: ``c0 · v0 + c1 · v1`` in the coefficients' dtype,
     rounded to ``v0``'s; any flat slice of the inputs gives that slice of the result. One compiled pass
     where it applies (0.16 against 7.05 ms per 1 Mi-entry bfloat16 piece), else torch's chunks."""
-    c0, c1 = coefficients
+    # the coefficients are made on the CPU from Python numbers (slerp_scalars); a GPU's merge takes copies
+    c0, c1 = (c.to(v0.device) for c in coefficients)
     fused = interpolation_sum(v0, v1, c0, c1, _interpolated)
     return fused if fused is not None else _interpolated(v0, v1, c0, c1)
 

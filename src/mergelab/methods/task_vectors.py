@@ -294,7 +294,7 @@ def _weighted_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], 
     mixed = total.to(dtype)
     del total
     if divisor is not None:
-        mixed /= divisor
+        divide_as_the_cpu(mixed, divisor)
     if lambda_ != 1:
         mixed *= lambda_
     return mixed.add_(base.to(dtype)).to(base.dtype)
@@ -304,8 +304,19 @@ def _divided(delta: torch.Tensor, divisor: float) -> torch.Tensor:
     """``delta / divisor`` in place, computed in DARE's working dtype (float32 for float16) and rounded back."""
     if divisor == 1:
         return delta
-    work = delta.to(drop_work_dtype(delta.dtype)).div_(divisor)
+    work = divide_as_the_cpu(delta.to(drop_work_dtype(delta.dtype)), divisor)
     return work if work.dtype == delta.dtype else delta.copy_(work)
+
+
+def divide_as_the_cpu(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x /= divisor`` in place, each entry divided as torch divides on the CPU (in float32 for half
+    precision). Given a Python number, torch's CUDA kernel multiplies by its reciprocal instead, which moves
+    the last bit of some quotients; divided by a number on the GPU, it divides entry by entry."""
+    if x.device.type == "cpu":
+        return x.div_(divisor)
+    opmath = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    on_device = torch.tensor(divisor, dtype=opmath, device=x.device)
+    return x.div_(on_device) if opmath == x.dtype else x.copy_(x.to(opmath).div_(on_device))
 
 
 def task_vector(tensor: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
