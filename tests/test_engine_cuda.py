@@ -88,3 +88,13 @@ def test_a_division_on_cuda_gives_the_cpus_quotients(dtype: torch.dtype, divisor
     # the last bit of 990,066 of 4 Mi float32 quotients by 0.3, 1,397,690 by 3.0 and 1.5; the CPU divides
     x = (torch.randn(1 << 16, generator=torch.Generator().manual_seed(0)) * 0.002).to(dtype)
     assert torch.equal(divide_as_the_cpu(x.cuda(), divisor).cpu(), x.clone().div_(divisor))
+
+
+def test_a_large_gpu_merge_loads_the_compiled_loops_for_its_cpu_steps(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, fts = families["llama"]
+    calls: list[int] = []
+    monkeypatch.setattr(engine, "_WARM_UP_BYTES", 0)
+    monkeypatch.setattr(engine, "warm_up_in_background", lambda: calls.append(1))
+    _merge(tmp_path, method_config("ties", base, fts), "out", "--device", "cuda")
+    assert calls == [1]

@@ -745,3 +745,33 @@ def test_carried_generators_draw_with_the_compiled_twins_and_leave_the_generator
         whole = torch.rand(3_000, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(torch.cat([piece[i]((1_000,)) for piece in coins]), whole)
         assert torch.equal(generators[i].get_state(), states[i])  # the twins drew, not torch's kernel
+
+
+def test_every_compiled_loop_declines_tensors_off_the_cpu() -> None:
+    # a GPU merge loads the loops too (its selections stay on the CPU), so no loop may take a device tensor;
+    # meta tensors stand in for CUDA ones here (tests/test_engine_cuda.py runs the real thing)
+    from mergelab.kernels.masked import magnitude_keys_into, masked_consensus_with_masks, masked_task_arithmetic
+    from mergelab.kernels.weighted_sums import interpolation_sum, model_stock_sum
+
+    def never(*_: object) -> torch.Tensor:
+        raise AssertionError("a loop's fallback formula was called for tensors it should have declined")
+
+    off = torch.empty(64, dtype=torch.bfloat16, device="meta")
+    scalar = torch.tensor([[0.5]], dtype=torch.float32)
+    assert linear_sum([off, off], [0.5, 0.5], True, never) is None
+    assert task_arithmetic_sum(off, [off], [0.5], None, 1.0, torch.float32, never) is None
+    assert interpolation_sum(off, off, scalar, scalar, never) is None
+    assert model_stock_sum(off, [off, off], scalar.reshape(1), never) is None
+    assert masked_task_arithmetic(off, [off], [0.5], [TopK(None)], 0, "sum", False, 1.0, torch.float32, never,
+                                  never) is None
+    assert masked_consensus_with_masks(off, [off], [0.5], [torch.empty(64, dtype=torch.bool, device="meta")],
+                                       [1.0], "sum", False, 1.0, torch.float32, never) is None
+    assert magnitude_keys_into(off, off, torch.float32, torch.empty(64, dtype=torch.int32), never) is None
+    assert key_histogram(torch.empty(64, dtype=torch.int16, device="meta")) is None
+    assert rescaled_drop(off, off, torch.rand(64), never) is None
+    assert argsort_ranks(off.reshape(8, 8)) is None
+    lanes = row_sums.lanes_for(torch.float32)
+    sums = row_reductions.chunk_sums(torch.bfloat16, lanes)
+    assert sums is not None and sums.norms(off, off) is None and sums.normalized_dot(off, off, 1.0, 1.0) is None
+    pairs = row_reductions.offset_sums(2, 64, torch.bfloat16, lanes)
+    assert pairs is not None and pairs.add(off, [off, off]) is False

@@ -117,7 +117,7 @@ def summarize_merge(config: str | Path | dict[str, Any] | MergeConfig, *, max_sh
             kept = [sum(_KeptInputs.sizes(plan, n)) for n in plan.names
                     if _streams_with_scalars(plan, n, None, cfg.compute_dtype) and _KeptInputs.fits(plan, n)]
             peak += (1 + _SCALAR_PASSES_AHEAD) * max(kept, default=0)
-        if _loads_kernels(plan, None):
+        if _loads_kernels(plan):
             peak += _KERNELS_RESIDENT
         seconds = input_bytes / 1e9 * _SECONDS_PER_GB.get(cfg.merge_method, _DEFAULT_SECONDS_PER_GB)
         merged = sum(1 for n in plan.names if plan.reference.meta(n).dtype.is_floating_point)

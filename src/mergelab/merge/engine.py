@@ -292,9 +292,13 @@ def _input_bytes(plan: MergePlan) -> int:
     return sum(r.meta(n).nbytes for r in plan.readers for n in plan.names if n in r)
 
 
-def _loads_kernels(plan: MergePlan, dev: torch.device | None) -> bool:
-    """Whether the merge loads the compiled loops first (a method that has them, on the CPU, large enough)."""
-    return plan.method.compiled and (dev is None or dev.type == "cpu") and _input_bytes(plan) >= _WARM_UP_BYTES
+def _loads_kernels(plan: MergePlan) -> bool:
+    """Whether the merge loads the compiled loops first (a method that has them, large enough). Also for a GPU
+    merge: its selections stay on the CPU (a top-k edge of tied magnitudes is ordered by the replay of the
+    CPU's sort), and every loop refuses tensors that are not on the CPU. The replay over a whole task vector,
+    as the GPU path runs it, took 0.05 -> 0.02 s for a 2.8 M-entry one and 0.75-1.63 -> 0.47-0.53 s for the
+    32.8 M-entry head with the loops (3 x 0.5 GB, 2026-12-04); TIES on an H200 had taken 8.4 s without them."""
+    return plan.method.compiled and _input_bytes(plan) >= _WARM_UP_BYTES
 
 
 def _io_error(exc: OSError, out: Path) -> OutputError:
@@ -383,7 +387,7 @@ def run_merge(
         plan.close()
         _remove_created(created, out.parent)
         raise
-    if _loads_kernels(plan, dev):
+    if _loads_kernels(plan):
         warm_up_in_background()
     # the digests run on the pool's threads beside the merge; those the CLI started before importing torch
     # (merge/inputs.py) are the same jobs
