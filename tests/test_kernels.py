@@ -775,3 +775,19 @@ def test_every_compiled_loop_declines_tensors_off_the_cpu() -> None:
     assert sums is not None and sums.norms(off, off) is None and sums.normalized_dot(off, off, 1.0, 1.0) is None
     pairs = row_reductions.offset_sums(2, 64, torch.bfloat16, lanes)
     assert pairs is not None and pairs.add(off, [off, off]) is False
+
+
+def test_a_tensor_drawn_whole_takes_its_fresh_generators_numbers_from_the_compiled_twin(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergelab.methods import dare
+    from mergelab.methods.sparsify import generator_for, uniform_draws
+
+    coins = dare.fresh_coins(11, 1)
+    assert not isinstance(coins, torch.Generator)  # the loops are loaded: the twin draws
+    assert torch.equal(uniform_draws(torch.Size([37, 29]), coins), torch.rand(37, 29, generator=generator_for(11, 1)))
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 96, generator=g).bfloat16()
+    tuned = [base + 0.01 * torch.randn(64, 96, generator=g).bfloat16() for _ in range(2)]
+    twin = dare_merge(base, tuned, [0.5, 0.7], [0.3, 0.6], seed=5, consensus="sum")
+    monkeypatch.setattr(dare, "mersenne_draws", lambda generator: None)  # torch's kernel draws
+    assert torch.equal(twin, dare_merge(base, tuned, [0.5, 0.7], [0.3, 0.6], seed=5, consensus="sum"))

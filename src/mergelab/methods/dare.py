@@ -125,7 +125,7 @@ def random_drop_sparsifier(densities: Sequence[float], keep_probability: KeepPro
         if density <= 0:
             return torch.zeros_like(delta)
         p = keep_probability(i, delta)
-        generator = generators[i] if generators is not None else generator_for(seed, i)
+        generator = generators[i] if generators is not None else fresh_coins(seed, i)
         # rescaled in mergekit's working dtype (float16 deltas in float32), then rounded back, as mergekit does
         work = delta.to(drop_work_dtype(delta.dtype)) if rescale else delta
         if rescale and rescale_mode == "density" and isinstance(p, torch.Tensor):  # DELLA's p per entry
@@ -189,7 +189,7 @@ def dare_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
         raise ValueError(f"rescale_mode must be 'density' or 'l1', got {rescale_mode!r}")
 
     def draw(i: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        generator = generators[i] if generators is not None else generator_for(seed, i)
+        generator = generators[i] if generators is not None else fresh_coins(seed, i)
         return dare_mask(shape, densities[i], generator, device=device)
 
     divisors = [p if rescale and 0 < p < 1 else 1.0 for p in densities]
@@ -208,6 +208,18 @@ def drops_in_pieces(params: Mapping[str, Any], dtype: torch.dtype) -> bool:
     """The coins are the only whole-tensor step of a random drop (DARE; DELLA: with its per-row ranks), with
     the density rescale or none (no L1 norm of a whole task vector): merged in pieces."""
     return not params["rescale"] or params["rescale_mode"] == "density"
+
+
+def fresh_coins(seed: int, index: int) -> torch.Generator | Coins:
+    """Model ``index``'s coins for a tensor drawn whole (:func:`generator_for`): the fresh generator's compiled
+    twin where the loops give torch's numbers (0.9 against 2.7-2.9 ms per 1 Mi draws; the generator is made
+    here and dropped, so nothing else draws from it), else the generator. Every tensor of a GPU merge is
+    drawn whole."""
+    generator = generator_for(seed, index)
+    twin = mersenne_draws(generator)
+    if twin is None:
+        return generator
+    return lambda shape: twin.take(math.prod(shape)).reshape(shape)
 
 
 def dare_mask(shape: torch.Size, density: float, generator: torch.Generator | Coins,
