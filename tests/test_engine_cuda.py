@@ -51,6 +51,21 @@ def test_element_wise_top_k_and_random_drop_methods_give_the_cpus_bits_on_cuda(
     assert not differ, differ
 
 
+@pytest.mark.parametrize(("method", "extra"), [
+    ("ties", {"parameters": {"scope": "global"}}), ("ties", {"dtype": "bfloat16", "out_dtype": "bfloat16"}),
+    ("dare_ties", {"dtype": "bfloat16", "out_dtype": "bfloat16"}), ("linear", {"dtype": "float16"}),
+    ("task_arithmetic", {"parameters": {"normalize": True}})])
+def test_global_thresholds_and_half_precision_arithmetic_give_the_cpus_bits_on_cuda(
+        families: Families, tmp_path: Path, method: str, extra: dict) -> None:
+    base, fts = families["llama"]
+    config = method_config(method, base, fts, **extra)
+    cpu = _merge(tmp_path, config, "cpu")
+    gpu = _merge(tmp_path, config, "cuda", "--device", "cuda")
+    assert list(gpu) == list(cpu)
+    differ = [name for name in cpu if not torch.equal(gpu[name], cpu[name])]
+    assert not differ, differ
+
+
 @pytest.mark.parametrize("method", REDUCED + DECOMPOSED)
 def test_methods_with_whole_tensor_sums_or_decompositions_merge_on_cuda_as_on_the_cpu(
         families: Families, tmp_path: Path, method: str) -> None:
