@@ -42,7 +42,7 @@ from mergelab.merge.engine import run_merge
 
 def compare_outputs(a: Path, b: Path) -> dict[str, float | int]:
     """Two merged folders, tensor by tensor: how many tensors, how many bit-equal, the entries that differ,
-    the largest absolute difference and the largest in units in the last place (same-sign floats' bits)."""
+    the largest absolute difference and the largest in units in the last place (:func:`_ordered`)."""
     equal, total, entries, worst, ulps = 0, 0, 0, 0.0, 0
     for fa in sorted(a.glob("*.safetensors")):
         with safe_open(str(fa), "pt") as ha, safe_open(str(b / fa.name), "pt") as hb:
@@ -55,10 +55,17 @@ def compare_outputs(a: Path, b: Path) -> dict[str, float | int]:
                 entries += int((x != y).sum())
                 worst = max(worst, float((x.float() - y.float()).abs().max()))
                 if x.is_floating_point():
-                    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
-                    ulps = max(ulps, int((x.view(bits).long() - y.view(bits).long()).abs().max()))
+                    ulps = max(ulps, int((_ordered(x) - _ordered(y)).abs().max()))
     return {"tensors": total, "bit_equal": equal, "entries_differing": entries, "max_abs_diff": worst,
             "max_ulps": ulps}
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """Float bit patterns as integers in the floats' order (-0.0 and 0.0 both 0): their difference counts the
+    representable numbers between two values, across zero too."""
+    bits = x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]).long()
+    magnitude = bits & ((1 << (8 * x.element_size() - 1)) - 1)
+    return torch.where(bits < 0, -magnitude, magnitude)
 
 
 def timed_merge(cfg: Path, out: Path, device: str) -> tuple[float, int]:
