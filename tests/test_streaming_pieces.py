@@ -8,6 +8,7 @@ and the allocator tuning of the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import platform
@@ -502,8 +503,12 @@ def test_pieces_cut_from_inputs_their_pass_proved_finite_skip_the_inputs_nonfini
         scans.append(t.numel())
         return real_count(t)
 
+    streamed_tensors: set[str] = set()
+
     def merge_spy(*args: Any, **kwargs: Any) -> torch.Tensor:
         merges["streamed" if "scalars" in kwargs else "whole"] += 1
+        if "scalars" in kwargs:
+            streamed_tensors.add(args[1])
         return real_merge(*args, **kwargs)
 
     monkeypatch.setattr(engine, "count_nonfinite", count_spy)
@@ -515,7 +520,22 @@ def test_pieces_cut_from_inputs_their_pass_proved_finite_skip_the_inputs_nonfini
     # every merged result scanned; the inputs of the whole tensors only, never those of a streamed piece
     assert len(scans) == streamed + whole * (1 + inputs)
     scans.clear()
-    monkeypatch.setattr(engine, "_KEPT_BYTES", 0)  # nothing kept, nothing vouched: every piece's inputs scanned
+    # nothing kept: the pieces are read from the files again, and those read after their pass ended skip the
+    # scan too; every piece from a tensor's third on is (its read starts after the first piece waited for the
+    # pass), the first two may be read while it runs
+    monkeypatch.setattr(engine, "_KEPT_BYTES", 0)
+    reread = _merge(tmp_path, config, "reread")
+    assert streamed + whole * (1 + inputs) <= len(scans) <= (streamed + whole * (1 + inputs)
+                                                             + 2 * inputs * len(streamed_tensors))
+    assert len(scans) < (streamed + whole) * (1 + inputs)  # before 2026-12-04 every input here was scanned
+    assert_same_safetensors(vouched, reread)
+    scans.clear()
+    real_vouched = engine.vouched_scalars
+
+    def proves_nothing(*args: Any, **kwargs: Any) -> Any:
+        return dataclasses.replace(real_vouched(*args, **kwargs), inputs_finite=False)
+
+    monkeypatch.setattr(engine, "vouched_scalars", proves_nothing)  # nothing vouched: every input scanned
     scanned = _merge(tmp_path, config, "scanned")
     assert len(scans) == (streamed + whole) * (1 + inputs)
     assert_same_safetensors(vouched, scanned)
