@@ -541,18 +541,19 @@ def test_pieces_cut_from_inputs_their_pass_proved_finite_skip_the_inputs_nonfini
     assert_same_safetensors(vouched, scanned)
 
 
+@pytest.mark.parametrize("where", [(1, 2), (-1, -1)], ids=["first-piece", "last-piece"])
 @pytest.mark.parametrize("kept_bytes", [None, 0], ids=["kept", "read-again"])
 @pytest.mark.parametrize("method", ["slerp", "model_stock"])
 def test_a_nan_in_a_tensor_kept_by_its_scalar_pass_is_reported_naming_the_input(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
-        kept_bytes: int | None) -> None:
+        kept_bytes: int | None, where: tuple[int, int]) -> None:
     if kept_bytes is not None:  # the pieces read from the files again after the pass (no proof: a NaN was summed)
         monkeypatch.setattr(engine, "_KEPT_BYTES", kept_bytes)
         monkeypatch.setattr(engine, "_PIECE_ENTRIES", 256)
     base, fts = families["llama"]
     state = load_folder(fts[0])
     name = "model.layers.0.self_attn.q_proj.weight"
-    state[name][1, 2] = float("nan")
+    state[name][where] = float("nan")
     bad = save_model_folder(tmp_path / "bad", state, fts[0])
     out = tmp_path / "out"
     result = run_cli(write_config(tmp_path, method_config(method, base, [bad, *fts[1:]])), out)
@@ -560,6 +561,8 @@ def test_a_nan_in_a_tensor_kept_by_its_scalar_pass_is_reported_naming_the_input(
     assert result.exit_code not in (0, None) and "Traceback" not in result.output, result.output
     error = result.output[result.output.index("error:"):]
     assert f"{bad}: tensor '{name}' has 1 NaN/Inf value(s)" in error, error
+    # the pieces merged before the bad one were spread its NaN by the tensor's scalars: the input is the cause
+    assert "from finite inputs" not in error, error
     assert not out.exists() and leftovers(out) == []
 
 

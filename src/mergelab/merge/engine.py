@@ -1012,7 +1012,12 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             finish_oldest()
         while writes:
             writes.popleft()[0].result()
+    # A whole-tensor step (Model Stock's ratio, SLERP's coefficients) spreads one input's NaN to every piece of
+    # its tensor, also to pieces merged before the bad one was read: that input, named, is the cause
+    named = {name for label, name in nonfinite if label != produced}
     for (label, name), n in nonfinite.items():
+        if label == produced and name in named:
+            continue
         message = nonfinite_message(label, name, n)
         if label == produced:
             message += f" (method '{cfg.merge_method}' produced it from finite inputs)"
