@@ -31,10 +31,13 @@ def _merge(tmp_path: Path, config: dict, name: str, *args: str) -> dict[str, tor
     return load_folder(out)
 
 
-def _cpu_and_cuda(families: Families, tmp_path: Path, method: str) -> tuple[dict, dict]:
+def _config(families: Families, method: str, **extra: object) -> dict:
     base, fts = families["llama"]
     fts = fts[:2] if method == "nuslerp" else fts[:1] if method == "arcee_fusion" else fts
-    config = method_config(method, base, fts)
+    return method_config(method, base, fts, **extra)
+
+
+def _cpu_and_cuda(tmp_path: Path, config: dict) -> tuple[dict, dict]:
     cpu = _merge(tmp_path, config, "cpu")
     gpu = _merge(tmp_path, config, "cuda", "--device", "cuda")
     assert list(gpu) == list(cpu)
@@ -46,7 +49,7 @@ def _cpu_and_cuda(families: Families, tmp_path: Path, method: str) -> tuple[dict
 @pytest.mark.parametrize("method", BIT_EQUAL)
 def test_element_wise_top_k_and_random_drop_methods_give_the_cpus_bits_on_cuda(
         families: Families, tmp_path: Path, method: str) -> None:
-    cpu, gpu = _cpu_and_cuda(families, tmp_path, method)
+    cpu, gpu = _cpu_and_cuda(tmp_path, _config(families, method))
     differ = [name for name in cpu if not torch.equal(gpu[name], cpu[name])]
     assert not differ, differ
 
@@ -57,11 +60,7 @@ def test_element_wise_top_k_and_random_drop_methods_give_the_cpus_bits_on_cuda(
     ("task_arithmetic", {"parameters": {"normalize": True}})])
 def test_global_thresholds_and_half_precision_arithmetic_give_the_cpus_bits_on_cuda(
         families: Families, tmp_path: Path, method: str, extra: dict) -> None:
-    base, fts = families["llama"]
-    config = method_config(method, base, fts, **extra)
-    cpu = _merge(tmp_path, config, "cpu")
-    gpu = _merge(tmp_path, config, "cuda", "--device", "cuda")
-    assert list(gpu) == list(cpu)
+    cpu, gpu = _cpu_and_cuda(tmp_path, _config(families, method, **extra))
     differ = [name for name in cpu if not torch.equal(gpu[name], cpu[name])]
     assert not differ, differ
 
@@ -69,7 +68,7 @@ def test_global_thresholds_and_half_precision_arithmetic_give_the_cpus_bits_on_c
 @pytest.mark.parametrize("method", REDUCED + DECOMPOSED)
 def test_methods_with_whole_tensor_sums_or_decompositions_merge_on_cuda_as_on_the_cpu(
         families: Families, tmp_path: Path, method: str) -> None:
-    cpu, gpu = _cpu_and_cuda(families, tmp_path, method)
+    cpu, gpu = _cpu_and_cuda(tmp_path, _config(families, method))
     rtol, atol = (1e-5, 1e-6) if method in REDUCED else (1e-3, 1e-4)
     for name, want in cpu.items():
         torch.testing.assert_close(gpu[name], want, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")

@@ -592,10 +592,6 @@ class _KeptInputs:
     def __init__(self, plan: MergePlan, name: str) -> None:
         self._plan, self._name = plan, name
         self._inputs: Inputs | None = None  # filled on the pass's thread; read by others once the pass is over
-        # set by the pass: its sums proved every entry of these inputs finite (VouchedScalars), so the pieces cut
-        # from them skip the NaN/Inf scan (Model Stock, 3 × 2 GB, 4 alternated pairs: the reader's CPU
-        # 1.31-1.66 -> 0.41-0.58 s)
-        self.inputs_finite = False
 
     @staticmethod
     def sizes(plan: MergePlan, name: str) -> list[int]:
@@ -728,8 +724,11 @@ def rank_bytes_per_entry(plan: MergePlan, name: str, compute_dtype: torch.dtype 
 
 @dataclass(frozen=True)
 class _PassResult:
-    """A streamed tensor's whole-tensor pass: what its pieces need (:func:`_whole_tensor_pass`), the inputs it
-    kept for them, and whether it proved every input entry finite."""
+    """A streamed tensor's whole-tensor pass: what its pieces need, as keywords of
+    :func:`~mergelab.merge.core.merge_tensor`, the inputs it kept for them, and whether its sums proved every
+    input entry finite (:class:`~mergelab.methods.registry.VouchedScalars`): the pieces then skip the NaN/Inf
+    scan of their inputs (Model Stock, 3 × 2 GB, 4 alternated pairs, pieces cut from kept inputs: the reader's
+    CPU 1.31-1.66 -> 0.41-0.58 s)."""
 
     whole: dict[str, Any]
     kept: _KeptInputs | None
@@ -738,20 +737,16 @@ class _PassResult:
 
 def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, seed: int,
                        threads: int = 1, kept: _KeptInputs | None = None,
-                       workspace: RankWorkspace | None = None) -> tuple[dict[str, Any], bool]:
-    """What each piece of tensor ``name`` needs of the whole tensor, as keywords of
-    :func:`~mergelab.merge.core.merge_tensor`: the method's scalars, or each model's top-k rule (found on
-    up to ``threads`` threads); and whether the pass proved every input entry finite (its sums did). ``kept``:
-    where the pass reads the inputs from and keeps them for the pieces; ``workspace``: a top-k pass's keys and
-    positions (:mod:`mergelab.merge.rank_workspace`)."""
+                       workspace: RankWorkspace | None = None) -> _PassResult:
+    """What each piece of tensor ``name`` needs of the whole tensor: the method's scalars, or each model's top-k
+    rule (found on up to ``threads`` threads). ``kept``: where the pass reads the inputs from and keeps them for
+    the pieces; ``workspace``: a top-k pass's keys and positions (:mod:`mergelab.merge.rank_workspace`)."""
     if plan.method.scalar_pass is not None:
         scalars = vouched_scalars(plan.method, name, _flat_source(plan, name, compute_dtype, kept),
                                   params=plan.params[name], compute_dtype=compute_dtype, seed=seed)
-        if kept is not None:
-            kept.inputs_finite = scalars.inputs_finite
-        return {"scalars": scalars.value}, scalars.inputs_finite
+        return _PassResult({"scalars": scalars.value}, kept, scalars.inputs_finite)
     rules = _topk_rules(plan, name, compute_dtype, _PIECE_ENTRIES, threads=threads, workspace=workspace)
-    return {"topk": rules}, False
+    return _PassResult({"topk": rules}, kept, inputs_finite=False)
 
 
 def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
@@ -800,8 +795,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                 raise CompatibilityError([str(exc)]) from None
             base_t, tensors = (inputs[0], inputs[1:]) if base_t is not None else (None, inputs)
         # checked here, on the reader thread, so it overlaps the merge; None: left to the merged result's scan
-        vouched = piece.name not in plan.input_models and (
-            kept.inputs_finite if kept is not None else proved_finite(piece))
+        vouched = piece.name not in plan.input_models and proved_finite(piece)
         found = (None if allow_nonfinite or vouched or (trust_result and not nonfinite)
                  else scan(piece.name, base_t, tensors))
         return base_t, tensors, found
@@ -835,8 +829,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
         kept = _KeptInputs(plan, name) if name in keepable else None
         if workspace is not None and name in largest_to_come:
             workspace.shrink_to(largest_to_come[name])
-        whole, finite = _whole_tensor_pass(plan, name, cfg.compute_dtype, cfg.seed, side_by_side, kept, workspace)
-        return _PassResult(whole, kept, finite)
+        return _whole_tensor_pass(plan, name, cfg.compute_dtype, cfg.seed, side_by_side, kept, workspace)
 
     # Each streamed tensor's pass, submitted once (by the main thread, or by the reader thread that waits for
     # what it kept) and dropped when the main thread moves on to the next streamed tensor.
@@ -863,12 +856,13 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
         return kept if kept is not None and kept.loaded else None
 
     def proved_finite(piece: _Piece) -> bool:
-        """Whether tensor ``piece.name``'s pass has ended and proved every input entry finite, for a piece read
-        from the files again (a tensor too large to keep): it read the same bytes. The merged piece is still
-        scanned, and its inputs then too where it holds a NaN or Inf, so a file rewritten during the merge
-        cannot slip one into the output. Model Stock, 3 x 0.5 GB: 60 of the head's and the embedding's 64
-        pieces skip it, the reader's scans 0.15-0.16 -> 0.085-0.091 CPU s (wall within the noise, 8 alternated
-        pairs: medians 1.23 -> 1.21 s; 2026-12-04)."""
+        """Whether tensor ``piece.name``'s pass has ended and proved every input entry finite: for pieces cut
+        from what it kept (whose reader waited for it) and for pieces read from the files again (a tensor too
+        large to keep), which hold the same bytes. The merged piece is still scanned, and its inputs then too
+        where it holds a NaN or Inf, so a file rewritten during the merge cannot slip one into the output.
+        Model Stock, 3 x 0.5 GB: 60 of the head's and the embedding's 64 pieces read again skip it, the
+        reader's scans 0.15-0.16 -> 0.085-0.091 CPU s (wall within the noise, 8 alternated pairs: medians
+        1.23 -> 1.21 s; 2026-12-04)."""
         if piece.stop is None or nonfinite:
             return False
         with passes_lock:
