@@ -30,6 +30,7 @@ from mergelab.merge.dry_run import summarize_merge
 from mergelab.merge.plan import plan_merge
 from mergelab.merge.rank_workspace import RankWorkspace
 from mergelab.methods import all_methods, get_method
+from tiny_models import make_family
 
 Families = dict[str, tuple[Path, list[Path]]]
 MiB = 1 << 20
@@ -280,6 +281,107 @@ def test_the_next_tensors_pass_runs_while_this_ones_pieces_merge(
     # start only once X's pieces were all handed to the merge threads)
     at = {event: k for k, event in reversed(list(enumerate(events)))}  # first occurrence of each event
     assert any(at[("pass", later)] < at[("merge", this)] for this, later in itertools.pairwise(passes))
+
+
+# -- the largest tensors' top-k passes first, their pieces last ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wide_vocabulary(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A Llama family whose head and embedding (256 x 32) are four times its largest other tensor, as a language
+    model's are."""
+    return make_family(tmp_path_factory.mktemp("wide"), "llama", vocab=256, layers=2, seed=4)
+
+
+def _merge_order(config: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    """The tensors in the order their passes started and their first pieces merged, merged into shards of a few
+    tensors each (the head's and the embedding's shards written last)."""
+    passes: list[str] = []
+    merges: list[str] = []
+    lock = threading.Lock()
+    whole_pass, merge = engine._whole_tensor_pass, engine.merge_tensor
+
+    def pass_spy(plan: Any, name: str, *args: Any) -> Any:
+        with lock:
+            passes.append(name)
+        return whole_pass(plan, name, *args)
+
+    def merge_spy(method_: Any, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with lock:
+            if name not in merges:
+                merges.append(name)
+        return merge(method_, name, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "_whole_tensor_pass", pass_spy)
+        m.setattr(engine, "merge_tensor", merge_spy)
+        engine.run_merge(config, out, progress=False, hash_inputs=False, max_shard_size="20KB")
+    return passes, merges
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_the_largest_tensors_top_k_passes_run_first_and_their_pieces_merge_last(
+        wide_vocabulary: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        method: str) -> None:
+    base, fts = wide_vocabulary
+    config = write_config(tmp_path, method_config(method, base, fts))
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
+    _threads(monkeypatch, 2)
+    plan = plan_merge(*load_config(config))
+    largest = {n for n, m in plan.out_metas.items() if m.numel == max(m.numel for m in plan.out_metas.values())}
+    first = engine._passes_first(plan, engine._pieces(plan, STREAM_PIECE))
+    plan.close()
+    assert set(first) == largest == {"lm_head.weight", "model.embed_tokens.weight"}
+    passes, merges = _merge_order(config, tmp_path / "first", monkeypatch)
+    assert passes[0] in largest  # started with the merge, not after the tensors before it in the file
+    assert set(merges[-2:]) == largest and len(merges) == len(set(merges)) > 2
+    # in the files' order, the bytes are the same: each tensor goes to its place in its shard
+    monkeypatch.setattr(engine, "_passes_first", lambda plan, pieces: [])
+    passes, merges = _merge_order(config, tmp_path / "in-order", monkeypatch)
+    assert merges[0] == "lm_head.weight"
+    assert_same_safetensors(tmp_path / "in-order", tmp_path / "first")
+    files = sorted(p.name for p in (tmp_path / "first").glob("model*.safetensors*"))
+    assert len(files) > 2 and files == sorted(p.name for p in (tmp_path / "in-order").glob("model*.safetensors*"))
+    for name in files:
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "in-order" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("method", ["model_stock", "slerp", "dare_ties", "linear"])
+def test_no_tensor_moves_for_methods_without_a_top_k_pass(
+        wide_vocabulary: tuple[Path, list[Path]], tmp_path: Path, method: str) -> None:
+    base, fts = wide_vocabulary
+    plan = plan_merge(*load_config(write_config(tmp_path, method_config(method, base, fts))))
+    try:
+        assert engine._passes_first(plan, engine._pieces(plan, STREAM_PIECE)) == []
+    finally:
+        plan.close()
+
+
+def test_a_failed_first_pass_stops_the_merge_before_the_other_tensors_are_merged(
+        wide_vocabulary: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, fts = wide_vocabulary
+    whole_pass, merge = engine._whole_tensor_pass, engine.merge_tensor
+    merged: list[str] = []
+
+    def failing(plan: Any, name: str, *args: Any) -> Any:
+        if name == "lm_head.weight":
+            raise ValueError("the inputs disagree here; fix them")
+        return whole_pass(plan, name, *args)
+
+    def slow_merge(method_: Any, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        time.sleep(0.005)  # long enough for the failed pass to be seen before the last piece
+        merged.append(name)
+        return merge(method_, name, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_whole_tensor_pass", failing)
+    monkeypatch.setattr(engine, "merge_tensor", slow_merge)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
+    _threads(monkeypatch, 2)
+    out, config = tmp_path / "out", write_config(tmp_path, method_config("ties", base, fts))
+    assert_refused(run_cli(config, out), out, "method 'ties' cannot merge tensor 'lm_head.weight': the inputs disagree")
+    plan = plan_merge(*load_config(config))
+    others = len(plan.names) - 2
+    plan.close()
+    assert len(set(merged)) < others  # reported when it failed, not when the head's turn came
 
 
 @pytest.mark.parametrize("threads", [1, 2])

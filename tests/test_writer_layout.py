@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mergelab.io.readers import open_checkpoint
+from mergelab.io.readers import TensorMeta, open_checkpoint
 from mergelab.io.safetensors_file import SAFETENSORS_DTYPES
-from mergelab.io.writer import write_state_dict
+from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, write_state_dict
 
 
 def _tensor(dtype: torch.dtype, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
@@ -79,3 +79,38 @@ def test_layout_is_the_librarys_order(tmp_path: Path) -> None:
     _, mine = _layout(ours)
     _, theirs = _layout(tmp_path / "theirs.safetensors")
     assert {k: v["data_offsets"] for k, v in mine.items()} == {k: v["data_offsets"] for k, v in theirs.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tensors_written_in_any_order_make_the_same_files(tmp_path: Path, seed: int) -> None:
+    # the engine merges the largest top-k tensors last (merge/engine.py, _passes_first): each tensor goes to its
+    # planned place, so the shards, their headers and the index are those of a write in the plan's order
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"t{i:02d}": torch.randn(int(torch.randint(1, 40, (1,), generator=g)), generator=g)
+               for i in range(12)}
+    metas = {n: TensorMeta(tuple(t.shape), t.dtype) for n, t in tensors.items()}
+    write_state_dict(tmp_path / "planned", tensors, max_shard_size=300)
+    plan = ShardPlan.build(metas, 300)
+    assert len(plan.shards) >= 3  # a shard left open while others are written, and reopened by no one
+    order = list(tensors)
+    random.Random(seed).shuffle(order)
+    (tmp_path / "shuffled").mkdir()
+    writer = StreamingSafetensorsWriter(tmp_path / "shuffled", plan, order=order)
+    for name in order:
+        flat = tensors[name].reshape(-1)
+        for a in range(0, flat.numel(), 7):  # in parts, as streamed pieces are
+            writer.write_part(name, flat[a:a + 7])
+    files = writer.close()
+    assert len(files) == len(plan.shards)
+    for path in sorted((tmp_path / "planned").iterdir()):
+        assert (tmp_path / "shuffled" / path.name).read_bytes() == path.read_bytes(), path.name
+
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(ValueError, match="every planned tensor once"):
+        StreamingSafetensorsWriter(tmp_path / "bad", plan, order=order[1:])
+    with pytest.raises(ValueError, match="every planned tensor once"):
+        StreamingSafetensorsWriter(tmp_path / "bad", plan, order=[*order, order[0]])
+    writer = StreamingSafetensorsWriter(tmp_path / "bad", plan, order=order)
+    with pytest.raises(RuntimeError, match=f"out of order; expected '{order[0]}'"):
+        writer.write(order[1], tensors[order[1]])
+    writer.abort()

@@ -100,39 +100,44 @@ class ShardPlan:
 
 
 class StreamingSafetensorsWriter:
-    """Write tensors, in the plan's order, into the shard files of ``folder``.
+    """Write tensors, in the plan's order or in ``order``, into the shard files of ``folder``.
 
-    ``write`` must be called once per planned tensor in plan order with the planned shape and dtype;
-    ``close`` checks that every tensor was written and writes the index for sharded output. ``direct``:
-    write the shards with ``O_DIRECT`` where the file system takes it (io/output_file.py says when that pays);
-    ``direct_io`` then says whether every shard got it.
+    ``write`` must be called once per planned tensor, in that order, with the planned shape and dtype (or
+    ``write_part`` for its parts, one after the other); ``close`` checks that every tensor was written and
+    writes the index for sharded output. Where a tensor goes in its shard is fixed by the plan
+    (:meth:`ShardPlan.layout`), so the order of the writes does not change a byte of the files: a shard's file
+    stays open from its first tensor written to its last. ``direct``: write the shards with ``O_DIRECT`` where
+    the file system takes it (io/output_file.py says when that pays); ``direct_io`` then says whether every
+    shard got it.
     """
 
     def __init__(self, folder: Path, plan: ShardPlan, metadata: Mapping[str, str] | None = None, *,
-                 direct: bool = False) -> None:
+                 direct: bool = False, order: Sequence[str] | None = None) -> None:
         self.folder = folder
         self.plan = plan
         self.metadata = dict(metadata or {"format": "pt"})
         self.direct = direct
         self.direct_io = direct
-        self._order: list[tuple[int, str]] = [(i, n) for i, s in enumerate(plan.shards) for n in s.names]
+        shard_of = {n: i for i, s in enumerate(plan.shards) for n in s.names}
+        names = [n for s in plan.shards for n in s.names] if order is None else list(order)
+        if sorted(names) != sorted(shard_of):
+            raise ValueError("the order of the writes must name every planned tensor once")
+        self._order: list[tuple[int, str]] = [(shard_of[n], n) for n in names]
         self._next = 0
-        self._file: OutputFile | None = None
-        self._shard = -1
+        self._files: dict[int, OutputFile] = {}  # open shards: from their first tensor written to their last
+        self._left = [len(s.names) for s in plan.shards]  # tensors of each shard not yet written
+        self._offsets: dict[str, int] = {}  # tensor -> file offset of its data, in its shard
         self._partial = 0  # bytes of the current tensor written so far (write_part)
         self._position = 0  # file offset of the next byte of the current tensor
-        self._offsets: dict[str, int] = {}  # tensor -> file offset of its data, in the open shard
         self.bytes_written = 0
 
     def _open_shard(self, index: int) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._shard = index
-        self._file = open_output_file(self.folder / self.plan.filenames()[index], direct=self.direct)
-        self.direct_io = self.direct_io and self._file.direct
+        file = open_output_file(self.folder / self.plan.filenames()[index], direct=self.direct)
+        self._files[index] = file
+        self.direct_io = self.direct_io and file.direct
         header = self.plan.header(index, self.metadata)
-        self._file.write_at(memoryview(header), 0)
-        self._offsets = {name: len(header) + offset for name, offset in self.plan.layout(index).items()}
+        file.write_at(memoryview(header), 0)
+        self._offsets.update({name: len(header) + offset for name, offset in self.plan.layout(index).items()})
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the whole tensor ``name``."""
@@ -160,27 +165,30 @@ class StreamingSafetensorsWriter:
         shard, expected = self._order[self._next]
         if name != expected:
             raise RuntimeError(f"tensor '{name}' written out of order; expected '{expected}'")
-        if shard != self._shard:
+        if shard not in self._files:
             self._open_shard(shard)
         if self._partial == 0:
             self._position = self._offsets[name]
         return self.plan.metas[name]
 
     def _put(self, meta: TensorMeta, tensor: torch.Tensor) -> None:
-        assert self._file is not None
+        shard = self._order[self._next][0]
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write_at(memoryview(data), self._position)
+        self._files[shard].write_at(memoryview(data), self._position)
         self._position += data.nbytes
         self._partial += data.nbytes
         self.bytes_written += data.nbytes
         if self._partial == meta.nbytes:
             self._next += 1
             self._partial = 0
+            self._left[shard] -= 1
+            if self._left[shard] == 0:
+                self._files.pop(shard).close()
 
     def close(self) -> list[Path]:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for file in self._files.values():  # shards left open by an incomplete output
+            file.close()
+        self._files.clear()
         if self._next != len(self._order):
             missing = [n for _, n in self._order[self._next:]][:5]
             raise RuntimeError(f"output incomplete: {len(self._order) - self._next} tensors not written, "
@@ -193,9 +201,10 @@ class StreamingSafetensorsWriter:
         return [self.folder / n for n in names]
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.abandon()
-            self._file = None
+        files = list(self._files.values())
+        self._files.clear()
+        for file in files:
+            file.abandon()
 
 
 def write_state_dict(path: Path, tensors: Sequence[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
