@@ -33,6 +33,7 @@ from mergelab.methods.task_arithmetic import task_arithmetic_merge
 from mergelab.methods.task_vectors import (
     _masked_by_rules_torch,
     _weighted_task_vectors,
+    checked_task_vector_keys,
     generalized_task_arithmetic,
     masked_by_rules,
     rounded,
@@ -356,6 +357,32 @@ def test_a_nan_task_vector_has_no_keys_with_the_loop_or_without(monkeypatch: pyt
     assert keys is not None and keys[0] == keys[1] == 0 and keys[37] == 0x7F80
     monkeypatch.setattr(dispatch, "_loaded", [None])
     assert torch.equal(task_vector_keys(x, base, torch.bfloat16), keys)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("arithmetic", [torch.bfloat16, torch.float32])
+def test_keys_below_infinitys_prove_the_model_and_the_base_finite(
+        monkeypatch: pytest.MonkeyPatch, loaded: bool, arithmetic: torch.dtype) -> None:
+    if loaded:
+        assert dispatch.warm_up()
+    else:
+        monkeypatch.setattr(dispatch, "_loaded", [None])
+    base, x = torch.zeros(100, dtype=arithmetic), torch.linspace(-1, 1, 100, dtype=arithmetic)
+    found = checked_task_vector_keys(x, base, arithmetic)
+    assert found is not None and found[1] is True
+    assert torch.equal(found[0], magnitude_keys(task_vector(x, base, arithmetic)).reshape(-1))  # type: ignore[union-attr]
+    for where, value in (("model", float("inf")), ("model", -float("inf")), ("base", float("inf"))):
+        y, b = x.clone(), base.clone()
+        (y if where == "model" else b)[41] = value
+        found = checked_task_vector_keys(y, b, arithmetic)
+        assert found is not None and found[1] is False, (where, value)  # an Inf: keys, but no proof
+    y, b = x.clone(), base.clone()
+    y[41], b[41] = float("inf"), float("inf")
+    assert checked_task_vector_keys(y, b, arithmetic) is None  # Inf - Inf: a NaN, no keys
+    y, b = x.clone(), base.clone()
+    y[41], b[41] = 3e38, -3e38  # finite inputs whose difference overflows: no proof, the scan decides
+    found = checked_task_vector_keys(y, b, arithmetic)
+    assert found is not None and found[1] is False
 
 
 @pytest.mark.parametrize("n", [17, 1000, 100_003])

@@ -145,8 +145,8 @@ def test_top_k_rules_found_two_at_a_time_are_those_found_one_at_a_time(
     for name in [*small[:3], max(entries, key=entries.__getitem__)]:
         one = engine._topk_rules(plan, name, None, 37, threads=1)
         two = engine._topk_rules(plan, name, None, 37, threads=2)
-        assert len(one) == len(two) == len(fts)
-        for a, b in zip(one, two, strict=True):
+        assert len(one.rules) == len(two.rules) == len(fts) and one.inputs_finite is two.inputs_finite is True
+        for a, b in zip(one.rules, two.rules, strict=True):
             assert (a.threshold, a.ceiling) == (b.threshold, b.ceiling)
             for x, y in ((a.ties, b.ties), (a.ceiling_ties, b.ceiling_ties), (a.kept, b.kept)):
                 assert (x is None and y is None) or torch.equal(x, y)

@@ -44,7 +44,7 @@ from mergelab.merge import params as params_module
 from mergelab.merge.core import merge_tensor, tensor_scalars, vouched_scalars
 from mergelab.merge.params import resolve_parameters
 from mergelab.merge.plan import count_nonfinite
-from mergelab.methods import all_methods, get_method, model_stock, row_sums, slerp
+from mergelab.methods import all_methods, get_method, model_stock, row_sums, slerp, task_vectors
 from mergelab.methods.registry import FlatSource
 from mergelab.methods.sparsify import TopK, magnitude_keys
 from mergelab.methods.task_vectors import arithmetic_dtype, task_vector
@@ -539,6 +539,69 @@ def test_pieces_cut_from_inputs_their_pass_proved_finite_skip_the_inputs_nonfini
     scanned = _merge(tmp_path, config, "scanned")
     assert len(scans) == (streamed + whole) * (1 + inputs)
     assert_same_safetensors(vouched, scanned)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_top_k_pieces_read_after_their_keys_proved_the_inputs_finite_skip_the_inputs_nonfinite_scan(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    # every model's keys are |model - base|: all below +Inf's only where both are finite (an Inf or NaN in
+    # either makes the difference Inf or NaN), so the rules' pass vouches for every input of the tensor
+    base, fts = families["llama"]
+    config = method_config(method, base, fts)
+    inputs = 1 + len(fts)
+    scans: list[int] = []
+    merges = {"streamed": 0, "whole": 0}
+    streamed_tensors: set[str] = set()
+    real_count, real_merge = engine.count_nonfinite, engine.merge_tensor
+
+    def count_spy(t: torch.Tensor) -> int:
+        scans.append(t.numel())
+        return real_count(t)
+
+    def merge_spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        merges["streamed" if "topk" in kwargs else "whole"] += 1
+        if "topk" in kwargs:
+            streamed_tensors.add(args[1])
+        return real_merge(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "count_nonfinite", count_spy)
+    monkeypatch.setattr(engine, "merge_tensor", merge_spy)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 256)
+    vouched = _merge(tmp_path, config, "vouched")
+    streamed, whole = merges["streamed"], merges["whole"]
+    assert streamed > 0 and whole > 0
+    # every result scanned, the inputs of the whole tensors, and of the pieces read before their pass ended:
+    # each tensor's first two at most (the reader reads ahead while the main thread waits for the pass)
+    assert streamed + whole * (1 + inputs) <= len(scans) <= (streamed + whole * (1 + inputs)
+                                                             + 2 * inputs * len(streamed_tensors))
+    assert len(scans) < (streamed + whole) * (1 + inputs)  # before 2026-12-04 every input here was scanned
+    scans.clear()
+
+    def proves_nothing(*args: Any, **kwargs: Any) -> Any:
+        found = task_vectors.checked_task_vector_keys(*args, **kwargs)
+        return None if found is None else (found[0], False)
+
+    monkeypatch.setattr(engine, "checked_task_vector_keys", proves_nothing)  # nothing vouched: all scanned
+    scanned = _merge(tmp_path, config, "scanned")
+    assert len(scans) == (streamed + whole) * (1 + inputs)
+    assert_same_safetensors(vouched, scanned)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("in_base", [False, True], ids=["model", "base"])
+def test_a_nonfinite_entry_in_a_top_k_streamed_tensor_is_named_with_its_input(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: float, in_base: bool) -> None:
+    base, fts = families["llama"]
+    name = "model.layers.1.mlp.down_proj.weight"
+    state = load_folder(base if in_base else fts[1])
+    state[name][-1, -1] = bad  # the last piece: read after the pass, whose keys saw it and proved nothing
+    path = save_model_folder(tmp_path / "bad", state, base if in_base else fts[1])
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 256)
+    config = method_config("ties", path if in_base else base, [fts[0], *([fts[1]] if in_base else [path]), fts[2]])
+    out = tmp_path / "out"
+    text = assert_refused(run_cli(write_config(tmp_path, config), out), out,
+                          f"{path}: tensor '{name}' has 1 NaN/Inf value(s)")
+    assert "produced it from finite inputs" not in text
 
 
 @pytest.mark.parametrize("where", [(1, 2), (-1, -1)], ids=["first-piece", "last-piece"])

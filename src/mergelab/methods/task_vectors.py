@@ -224,16 +224,27 @@ def task_vector_keys(tensor: torch.Tensor, base: torch.Tensor, dtype: torch.dtyp
     ``tensor − base`` computed in ``dtype``, written into ``out`` when given (a flat tensor of the keys' dtype;
     then returned); None where an entry is NaN or keys cannot order the magnitudes (float64, off the CPU).
     One compiled pass where the loops are loaded (mergelab.kernels.masked), torch's three otherwise."""
+    found = checked_task_vector_keys(tensor, base, dtype, out)
+    return None if found is None else found[0]
+
+
+def checked_task_vector_keys(tensor: torch.Tensor, base: torch.Tensor, dtype: torch.dtype,
+                             out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool] | None:
+    """:func:`task_vector_keys`, and whether every key is below +Inf's: then every entry of ``tensor`` and
+    ``base`` is finite too (an Inf or NaN in either makes their difference Inf or NaN; a finite difference that
+    overflows to Inf proves nothing, and the caller scans)."""
     key_dtype = KEY_DTYPES.get(dtype)
     if key_dtype is not None:
         into = out if out is not None else torch.empty(base.numel(), dtype=key_dtype)
         top = magnitude_keys_into(base, tensor, dtype, into, _keys_formula)
         if top is not None:
-            return into if top <= KEY_SPECS[dtype][1] else None  # above +Inf's bits: a NaN
+            inf_bits = KEY_SPECS[dtype][1]
+            return (into, top < inf_bits) if top <= inf_bits else None  # above +Inf's bits: a NaN
     keys = _keys_formula(base, tensor, dtype)
-    if keys is None or out is None:
-        return keys
-    return out.copy_(keys)
+    if keys is None:
+        return None
+    finite = keys.numel() == 0 or int(keys.amax()) < KEY_SPECS[dtype][1]  # keys exist only for these dtypes
+    return (keys if out is None else out.copy_(keys)), finite
 
 
 def rules_of(base: torch.Tensor, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None,
