@@ -328,14 +328,22 @@ def test_the_largest_tensors_top_k_passes_run_first_and_their_pieces_merge_last(
     _threads(monkeypatch, 2)
     plan = plan_merge(*load_config(config))
     largest = {n for n, m in plan.out_metas.items() if m.numel == max(m.numel for m in plan.out_metas.values())}
-    first = engine._passes_first(plan, engine._pieces(plan, STREAM_PIECE))
+    # one model's work space for the head: 8192 entries x 8 bytes (float32 keys and positions) of ~600 KB inputs
+    work_space = 8192 * 8
+    share = engine._input_bytes(plan) // work_space
+    assert share >= 4
+    pieces = engine._pieces(plan, STREAM_PIECE)
+    monkeypatch.setattr(engine, "_PASSES_FIRST_SHARE", share + 1)  # a larger share of the inputs: in place
+    assert engine._passes_first(plan, pieces) == []
+    monkeypatch.setattr(engine, "_PASSES_FIRST_SHARE", share)
+    first = engine._passes_first(plan, pieces)
     plan.close()
     assert set(first) == largest == {"lm_head.weight", "model.embed_tokens.weight"}
     passes, merges = _merge_order(config, tmp_path / "first", monkeypatch)
     assert passes[0] in largest  # started with the merge, not after the tensors before it in the file
     assert set(merges[-2:]) == largest and len(merges) == len(set(merges)) > 2
     # in the files' order, the bytes are the same: each tensor goes to its place in its shard
-    monkeypatch.setattr(engine, "_passes_first", lambda plan, pieces: [])
+    monkeypatch.setattr(engine, "_passes_first", lambda *args: [])
     passes, merges = _merge_order(config, tmp_path / "in-order", monkeypatch)
     assert merges[0] == "lm_head.weight"
     assert_same_safetensors(tmp_path / "in-order", tmp_path / "first")
@@ -375,6 +383,7 @@ def test_a_failed_first_pass_stops_the_merge_before_the_other_tensors_are_merged
     monkeypatch.setattr(engine, "_whole_tensor_pass", failing)
     monkeypatch.setattr(engine, "merge_tensor", slow_merge)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
+    monkeypatch.setattr(engine, "_PASSES_FIRST_SHARE", 1)
     _threads(monkeypatch, 2)
     out, config = tmp_path / "out", write_config(tmp_path, method_config("ties", base, fts))
     assert_refused(run_cli(config, out), out, "method 'ties' cannot merge tensor 'lm_head.weight': the inputs disagree")

@@ -120,6 +120,16 @@ _WRITES_AHEAD = 4
 # mergekit's 4537); at 3 x 0.5 GB (2 x 131 MB of 1.53 GB) they stay one at a time: there both at once peaked at
 # 735-740 MiB, 0.29-0.30 of mergekit's (2026-12-04, docs/scale.md)
 _WORK_SPACE_SHARE = 8
+# The largest tensors' top-k passes run first, beside the merge of the others, where one model's work space for
+# the largest of them is at most this share of the merge's input bytes (:func:`_passes_first`). TIES at 3 x 2 GB
+# (262 MB of 5.95 GB): in-process engine 12.47 -> 12.33 s and `mergelab merge` 14.2-14.8 -> 13.9 s, peak RSS
+# 1028-1045 -> 857-865 MiB (one model at a time instead of two side by side); with the rules' keys vouching for
+# the inputs, the benchmark's direct engine 6.70-6.83 -> 6.01x its floor. At 3 x 0.5 GB (131 MB of 1.53 GB) the
+# passes first saved more time (TIES 3.40-3.55 -> 2.95-3.15 s, in-process, alternated pairs), but the merge's
+# other work beside the work space raised the peak by 40-50 MiB (the heap's high water met the work space,
+# sampled with mallinfo2): 613-639 MiB in the benchmark, 0.24-0.26 of mergekit's; so there they stay in place.
+# 2026-12-04.
+_PASSES_FIRST_SHARE = 16
 log = logging.getLogger(__name__)
 
 
@@ -471,7 +481,7 @@ def _stream(plan: MergePlan, tmp: Path, cfg: MergeConfig, dev: torch.device | No
     thresholds = _global_thresholds(plan, dev) if plan.global_densities is not None else None
     # an observer sees whole tensors
     pieces = _pieces(plan, _PIECE_ENTRIES if observer is None else sys.maxsize, dev, cfg.compute_dtype)
-    passes_first = _passes_first(plan, pieces)
+    passes_first = _passes_first(plan, pieces, cfg.compute_dtype)
     pieces = [p for p in pieces if p.name not in passes_first] + [p for p in pieces if p.name in passes_first]
     writer = StreamingSafetensorsWriter(tmp, ShardPlan.build(plan.out_metas, shard_bytes),
                                         metadata={"format": "pt", "mergelab_method": cfg.merge_method},
@@ -576,24 +586,27 @@ def _fit_together(piece: _Piece, next_piece: _Piece, budget: int) -> bool:
     return small or piece.nbytes + next_piece.nbytes <= budget
 
 
-def _passes_first(plan: MergePlan, pieces: list[_Piece]) -> list[str]:
+def _passes_first(plan: MergePlan, pieces: list[_Piece], compute_dtype: torch.dtype | None = None) -> list[str]:
     """The streamed tensors whose top-k passes run first, one after the other on a thread of their own beside
     the rest of the merge, and whose pieces merge last: the largest (over half the largest tensor's entries,
     as the head and the embedding of a language model), whose pass could not run beside the merge of the
     tensor before it (together they are larger than the largest: ``pass_ahead`` in :func:`_merge_all`), so
-    that every other piece waited for it. TIES at 3 x 0.5 GB, where the head and the embedding come first:
-    their passes took 0.9 s of a 3.4 s merge, with one core busy (pass timings, CPU sampled from /proc);
-    with this order 3.40-3.55 -> 2.95-3.15 s, Breadcrumbs 3.72-3.81 -> 3.16-3.21 s (in-process engine,
-    alternated pairs, 2026-12-04). Not for scalar passes: Model Stock's head pass is a fifth of that (5 pairs:
-    1.08-1.20 s before, 1.08-1.25 after) and its peak RSS grew by 40 MiB. Empty where no other tensor is left
-    to merge beside them. The output's bytes are the same in any order: each tensor goes to its planned place
-    (:class:`~mergelab.io.writer.StreamingSafetensorsWriter`)."""
-    if plan.method.scalar_pass is not None or plan.method.topk_pass is None or plan.method.elementwise:
+    that every other piece waited for it. Only where one model's work space for the largest of them takes at
+    most 1/:data:`_PASSES_FIRST_SHARE` of the input bytes, and not for scalar passes (Model Stock's head pass
+    is a fifth of TIES': 5 alternated pairs, 1.08-1.20 s before, 1.08-1.25 after, and 40 MiB more peak). Empty
+    where no other tensor is left to merge beside them. The output's bytes are the same in any order: each
+    tensor goes to its planned place (:class:`~mergelab.io.writer.StreamingSafetensorsWriter`)."""
+    if (plan.method.scalar_pass is not None or plan.method.topk_pass is None or plan.method.elementwise
+            or plan.base is None):
         return []
     largest = max((m.numel for m in plan.out_metas.values()), default=0)
     first = [p.name for p in pieces
              if p.stop is not None and p.start == 0 and 2 * plan.out_metas[p.name].numel > largest]
-    return first if len(first) < len({p.name for p in pieces}) else []
+    if not first or len(first) == len({p.name for p in pieces}):
+        return []
+    per_entry = [rank_bytes_per_entry(plan, name, compute_dtype) for name in first]
+    work_space = max(plan.out_metas[name].numel * (b or 0) for name, b in zip(first, per_entry, strict=True))
+    return first if work_space * _PASSES_FIRST_SHARE <= _input_bytes(plan) else []
 
 
 @contextlib.contextmanager
