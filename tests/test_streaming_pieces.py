@@ -489,34 +489,56 @@ def test_scalar_passes_vouch_for_their_inputs_only_where_every_norm_they_summed_
                                                      strict=True))
 
 
+@dataclasses.dataclass
+class _ScanSpy:
+    """What a merge scanned for NaN/Inf (entries per scan) and how many pieces merged with the whole tensor's
+    ``whole`` keyword (streamed: ``scalars`` or ``topk``) or without (merged whole), in which tensors."""
+
+    whole: str
+    scans: list[int] = dataclasses.field(default_factory=list)
+    streamed: int = 0
+    merged_whole: int = 0
+    streamed_tensors: set[str] = dataclasses.field(default_factory=set)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real_count, real_merge = engine.count_nonfinite, engine.merge_tensor
+
+        def count_spy(t: torch.Tensor) -> int:
+            self.scans.append(t.numel())
+            return real_count(t)
+
+        def merge_spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if self.whole in kwargs:
+                self.streamed += 1
+                self.streamed_tensors.add(args[1])
+            else:
+                self.merged_whole += 1
+            return real_merge(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "count_nonfinite", count_spy)
+        monkeypatch.setattr(engine, "merge_tensor", merge_spy)
+
+
+def _spied_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: dict[str, Any],
+                 whole: str) -> tuple[_ScanSpy, Path]:
+    """The merge of ``config`` in pieces of 256 entries, watched by a :class:`_ScanSpy`, and its output."""
+    spy = _ScanSpy(whole)
+    spy.install(monkeypatch)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 256)
+    out = _merge(tmp_path, config, "vouched")
+    assert spy.streamed > 0 and spy.merged_whole > 0
+    return spy, out
+
+
 @pytest.mark.parametrize("method", ["slerp", "model_stock"])
 def test_pieces_cut_from_inputs_their_pass_proved_finite_skip_the_inputs_nonfinite_scan(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     base, fts = families["llama"]
     config = method_config(method, base, fts)
     inputs = 2 if method == "slerp" else 1 + len(fts)  # the base and the models merged into it
-    scans: list[int] = []
-    merges = {"streamed": 0, "whole": 0}  # a streamed piece gets its tensor's scalars; a small tensor merges whole
-    real_count, real_merge = engine.count_nonfinite, engine.merge_tensor
-
-    def count_spy(t: torch.Tensor) -> int:
-        scans.append(t.numel())
-        return real_count(t)
-
-    streamed_tensors: set[str] = set()
-
-    def merge_spy(*args: Any, **kwargs: Any) -> torch.Tensor:
-        merges["streamed" if "scalars" in kwargs else "whole"] += 1
-        if "scalars" in kwargs:
-            streamed_tensors.add(args[1])
-        return real_merge(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "count_nonfinite", count_spy)
-    monkeypatch.setattr(engine, "merge_tensor", merge_spy)
-    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 256)
-    vouched = _merge(tmp_path, config, "vouched")
-    streamed, whole = merges["streamed"], merges["whole"]
-    assert streamed > 0 and whole > 0
+    # a streamed piece gets its tensor's scalars; a small tensor merges whole
+    spy, vouched = _spied_merge(tmp_path, monkeypatch, config, "scalars")
+    scans, streamed_tensors, streamed, whole = spy.scans, spy.streamed_tensors, spy.streamed, spy.merged_whole
     # every merged result scanned; the inputs of the whole tensors only, never those of a streamed piece
     assert len(scans) == streamed + whole * (1 + inputs)
     scans.clear()
@@ -549,27 +571,8 @@ def test_top_k_pieces_read_after_their_keys_proved_the_inputs_finite_skip_the_in
     base, fts = families["llama"]
     config = method_config(method, base, fts)
     inputs = 1 + len(fts)
-    scans: list[int] = []
-    merges = {"streamed": 0, "whole": 0}
-    streamed_tensors: set[str] = set()
-    real_count, real_merge = engine.count_nonfinite, engine.merge_tensor
-
-    def count_spy(t: torch.Tensor) -> int:
-        scans.append(t.numel())
-        return real_count(t)
-
-    def merge_spy(*args: Any, **kwargs: Any) -> torch.Tensor:
-        merges["streamed" if "topk" in kwargs else "whole"] += 1
-        if "topk" in kwargs:
-            streamed_tensors.add(args[1])
-        return real_merge(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "count_nonfinite", count_spy)
-    monkeypatch.setattr(engine, "merge_tensor", merge_spy)
-    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 256)
-    vouched = _merge(tmp_path, config, "vouched")
-    streamed, whole = merges["streamed"], merges["whole"]
-    assert streamed > 0 and whole > 0
+    spy, vouched = _spied_merge(tmp_path, monkeypatch, config, "topk")
+    scans, streamed_tensors, streamed, whole = spy.scans, spy.streamed_tensors, spy.streamed, spy.merged_whole
     # every result scanned, the inputs of the whole tensors, and of the pieces read before their pass ended:
     # each tensor's first two at most (the reader reads ahead while the main thread waits for the pass)
     assert streamed + whole * (1 + inputs) <= len(scans) <= (streamed + whole * (1 + inputs)
