@@ -259,10 +259,10 @@ def test_the_next_tensors_pass_runs_while_this_ones_pieces_merge(
     lock = threading.Lock()
     whole_pass, merge = engine._whole_tensor_pass, engine.merge_tensor
 
-    def pass_spy(plan: Any, name: str, *args: Any) -> Any:
+    def pass_spy(plan: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         with lock:
             events.append(("pass", name))
-        return whole_pass(plan, name, *args)
+        return whole_pass(plan, name, *args, **kwargs)
 
     def merge_spy(method_: Any, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
         time.sleep(0.002)  # a merge long enough for the next pass to start beside it
@@ -300,10 +300,10 @@ def _merge_order(config: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> tu
     lock = threading.Lock()
     whole_pass, merge = engine._whole_tensor_pass, engine.merge_tensor
 
-    def pass_spy(plan: Any, name: str, *args: Any) -> Any:
+    def pass_spy(plan: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         with lock:
             passes.append(name)
-        return whole_pass(plan, name, *args)
+        return whole_pass(plan, name, *args, **kwargs)
 
     def merge_spy(method_: Any, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
         with lock:
@@ -370,10 +370,10 @@ def test_a_failed_first_pass_stops_the_merge_before_the_other_tensors_are_merged
     whole_pass, merge = engine._whole_tensor_pass, engine.merge_tensor
     merged: list[str] = []
 
-    def failing(plan: Any, name: str, *args: Any) -> Any:
+    def failing(plan: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         if name == "lm_head.weight":
             raise ValueError("the inputs disagree here; fix them")
-        return whole_pass(plan, name, *args)
+        return whole_pass(plan, name, *args, **kwargs)
 
     def slow_merge(method_: Any, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
         time.sleep(0.005)  # long enough for the failed pass to be seen before the last piece
@@ -393,16 +393,48 @@ def test_a_failed_first_pass_stops_the_merge_before_the_other_tensors_are_merged
     assert len(set(merged)) < others  # reported when it failed, not when the head's turn came
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_bad_input_of_a_tensor_merged_last_is_found_by_its_pass_and_counted_once(
+        wide_vocabulary: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        bad: float) -> None:
+    base, fts = wide_vocabulary
+    first, second = load_folder(fts[0]), load_folder(fts[1])
+    first["lm_head.weight"][200, 3] = bad  # a tensor whose pass runs first and whose pieces merge last
+    second["model.layers.1.mlp.up_proj.weight"][5, 7] = float("nan")  # one merged in the file's order
+    second["model.embed_tokens.weight"][10, 2] = float("nan")  # the other one merged last: its pass is skipped
+    a = save_model_folder(tmp_path / "a", first, fts[0])
+    b = save_model_folder(tmp_path / "b", second, fts[1])
+    merged: list[str] = []
+    merge = engine.merge_tensor
+
+    def slow_merge(method_: Any, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        time.sleep(0.005)  # long enough for the head's pass to end before the other tensors are merged
+        merged.append(name)
+        return merge(method_, name, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "merge_tensor", slow_merge)
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
+    monkeypatch.setattr(engine, "_PASSES_FIRST_SHARE", 1)
+    _threads(monkeypatch, 2)
+    out, config = tmp_path / "out", write_config(tmp_path, method_config("ties", base, [a, b, fts[2]]))
+    text = assert_refused(run_cli(config, out), out, f"{a}: tensor 'lm_head.weight' has 1 NaN/Inf value(s)",
+                          f"{b}: tensor 'model.layers.1.mlp.up_proj.weight' has 1 NaN/Inf value(s)",
+                          f"{b}: tensor 'model.embed_tokens.weight' has 1 NaN/Inf value(s)")
+    assert text.count("NaN/Inf value(s)") == 3 and "produced it from finite inputs" not in text
+    # merging stopped when the head's pass found its bad input, not when the later one was read (or at the end)
+    assert merged and not any(name.startswith("model.layers.1.") for name in merged)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_an_error_in_a_whole_tensor_pass_names_the_tensor(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
     base, fts = families["llama"]
     whole_pass = engine._whole_tensor_pass
 
-    def failing(plan: Any, name: str, *args: Any) -> Any:
+    def failing(plan: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         if name.endswith("layers.1.mlp.up_proj.weight"):
             raise ValueError("the inputs disagree here; fix them")
-        return whole_pass(plan, name, *args)
+        return whole_pass(plan, name, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_whole_tensor_pass", failing)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
