@@ -759,7 +759,11 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
 
     side_by_side = _topk_side_by_side(plan, name, threads, compute_dtype)
     if side_by_side == 1:
-        found = [rule_of(r, p) for r, p in zip(readers, params.model_params, strict=True)]
+        found = []
+        for reader, model_params in zip(readers, params.model_params, strict=True):
+            found.append(rule_of(reader, model_params))
+            if found[-1][0] is None:  # a NaN, and no rules wanted: the other models' are not needed either
+                break
     else:
         with ThreadPoolExecutor(max_workers=side_by_side, thread_name_prefix="mergelab-topk") as pool:
             found = list(pool.map(rule_of, readers, params.model_params))
