@@ -292,17 +292,19 @@ def wide_vocabulary(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, lis
     return make_family(tmp_path_factory.mktemp("wide"), "llama", vocab=256, layers=2, seed=4)
 
 
-def _merge_order(config: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
-    """The tensors in the order their passes started and their first pieces merged, merged into shards of a few
-    tensors each (the head's and the embedding's shards written last)."""
-    passes: list[str] = []
+def _merge_order(config: Path, out: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[str, bool]], list[str]]:
+    """The tensors whose passes ran (with whether on the thread that runs passes first) and the tensors in the
+    order their first pieces merged, merged into shards of a few tensors each (the head's and the embedding's
+    shards written last)."""
+    passes: list[tuple[str, bool]] = []
     merges: list[str] = []
     lock = threading.Lock()
     whole_pass, merge = engine._whole_tensor_pass, engine.merge_tensor
 
     def pass_spy(plan: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         with lock:
-            passes.append(name)
+            passes.append((name, threading.current_thread().name.startswith("mergelab-first")))
         return whole_pass(plan, name, *args, **kwargs)
 
     def merge_spy(method_: Any, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -340,7 +342,9 @@ def test_the_largest_tensors_top_k_passes_run_first_and_their_pieces_merge_last(
     plan.close()
     assert set(first) == largest == {"lm_head.weight", "model.embed_tokens.weight"}
     passes, merges = _merge_order(config, tmp_path / "first", monkeypatch)
-    assert passes[0] in largest  # started with the merge, not after the tensors before it in the file
+    # on the thread started with the merge (before the first piece is read), not in the file's order; which
+    # pass starts first is up to the scheduler (on CI one ran after another thread's, 2026-12-04)
+    assert {name for name, first in passes if first} == largest
     assert set(merges[-2:]) == largest and len(merges) == len(set(merges)) > 2
     # in the files' order, the bytes are the same: each tensor goes to its place in its shard
     monkeypatch.setattr(engine, "_passes_first", lambda *args: [])
@@ -422,7 +426,8 @@ def test_a_bad_input_of_a_tensor_merged_last_is_found_by_its_pass_and_counted_on
                           f"{b}: tensor 'model.embed_tokens.weight' has 1 NaN/Inf value(s)")
     assert text.count("NaN/Inf value(s)") == 3 and "produced it from finite inputs" not in text
     # merging stopped when the head's pass found its bad input, not when the later one was read (or at the end)
-    assert merged and not any(name.startswith("model.layers.1.") for name in merged)
+    # (on a loaded machine the head's pass may find it before any tensor is merged: CI, 2026-12-04)
+    assert not any(name.startswith("model.layers.1.") for name in merged)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
