@@ -467,6 +467,56 @@ def test_row_ranks_leave_nan_other_dtypes_and_other_shapes_to_torch() -> None:
 
 # -- loading ------------------------------------------------------------------------------------------------------
 
+def test_a_loop_is_checked_once_when_two_threads_need_its_verdict_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "_verdicts", {})
+    runs: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    def check() -> bool:
+        runs.append(threading.current_thread().name)
+        started.set()
+        assert release.wait(10)  # the other thread asks while this check runs
+        return True
+
+    verdicts: list[bool] = []
+    first = threading.Thread(target=lambda: verdicts.append(dispatch.verified("probe loop", torch.float32, check)))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: verdicts.append(dispatch.verified("probe loop", torch.float32, check)))
+    second.start()
+    second.join(0.2)
+    assert second.is_alive()  # waiting for the verdict, not checking again
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert verdicts == [True, True] and len(runs) == 1
+    assert dispatch.verdicts()[("probe loop", torch.float32)] is True and not dispatch._checking
+
+
+def test_a_check_that_needs_its_own_verdict_finds_the_loop_unverified(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "_verdicts", {})
+    inner: list[bool] = []
+
+    def check() -> bool:
+        inner.append(dispatch.verified("probe loop", None, check))  # no deadlock: the loop is not used in it
+        return True
+
+    assert dispatch.verified("probe loop", None, check) is True and inner == [False]
+
+
+def test_an_interrupted_check_leaves_no_verdict_and_the_next_caller_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "_verdicts", {})
+
+    def interrupted() -> bool:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dispatch.verified("probe loop", None, interrupted)
+    assert ("probe loop", None) not in dispatch.verdicts() and not dispatch._checking
+    assert dispatch.verified("probe loop", None, lambda: False) is False  # a failed check: the formula runs
+    assert dispatch.verified("probe loop", None, lambda: True) is False  # found once per process
+
+
 def _python(code: str, **env: str) -> str:
     import os
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
