@@ -430,6 +430,55 @@ def test_a_bad_input_of_a_tensor_merged_last_is_found_by_its_pass_and_counted_on
     assert not any(name.startswith("model.layers.1.") for name in merged)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("in_base", [False, True], ids=["model", "base"])
+def test_rules_not_wanted_stop_at_the_first_nan_or_inf_of_an_input(
+        wide_vocabulary: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: float,
+        in_base: bool) -> None:
+    base, fts = wide_vocabulary
+    state = load_folder(base if in_base else fts[0])
+    state["lm_head.weight"].view(-1)[STREAM_PIECE + 5] = bad  # in the second piece
+    changed = save_model_folder(tmp_path / "bad", state, base if in_base else fts[0])
+    models = fts if in_base else [changed, *fts[1:]]
+    plan = plan_merge(*load_config(write_config(tmp_path, method_config("ties", changed if in_base else base,
+                                                                            models))))
+    keyed: list[int] = []
+    keys = engine.checked_task_vector_keys
+
+    def keys_spy(*args: Any, **kwargs: Any) -> Any:
+        keyed.append(1)
+        return keys(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "checked_task_vector_keys", keys_spy)
+    try:
+        assert engine._topk_rules(plan, "lm_head.weight", None, STREAM_PIECE, nan_stops=True).rules is None
+        assert len(keyed) == 2  # the first model's first two pieces: not its last ones, not the other models'
+        # wanted (a merge allowed to hold them): every model's rule
+        found = engine._topk_rules(plan, "lm_head.weight", None, STREAM_PIECE)
+        assert found.rules is not None and len(found.rules) == len(models) and not found.inputs_finite
+    finally:
+        plan.close()
+
+
+def test_rules_not_wanted_prove_by_a_scan_the_inputs_whose_keys_prove_nothing(
+        wide_vocabulary: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # keys past +Inf's bits from finite inputs: a difference beyond the dtype's range (here: said of every piece)
+    base, fts = wide_vocabulary
+    plan = plan_merge(*load_config(write_config(tmp_path, method_config("ties", base, fts))))
+    keys, scans = engine.checked_task_vector_keys, []
+    monkeypatch.setattr(engine, "checked_task_vector_keys",
+                        lambda *args, **kwargs: (keys(*args, **kwargs)[0], False))  # type: ignore[index]
+    monkeypatch.setattr(engine, "count_nonfinite", lambda t: scans.append(t.numel()) or 0)
+    try:
+        found = engine._topk_rules(plan, "lm_head.weight", None, STREAM_PIECE, nan_stops=True)
+        pieces = -(-plan.out_metas["lm_head.weight"].numel // STREAM_PIECE)
+        assert found.rules is not None and found.inputs_finite  # the pieces then skip their inputs' scans
+        assert len(scans) == pieces * (len(fts) + 1)  # every model's pieces, the base's once
+        assert engine._topk_rules(plan, "lm_head.weight", None, STREAM_PIECE).inputs_finite is False  # no scan
+    finally:
+        plan.close()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_an_error_in_a_whole_tensor_pass_names_the_tensor(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:

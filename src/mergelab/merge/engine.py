@@ -692,7 +692,7 @@ class TopKRules(NamedTuple):
     entry finite (every model's, the base's: :func:`~mergelab.methods.task_vectors.checked_task_vector_keys`):
     the pieces then skip the NaN/Inf scan of their inputs, as after a scalar pass (:class:`_PassResult`)."""
 
-    rules: list[TopK] | None  # None: a model's task vector holds a NaN (``nan_stops``)
+    rules: list[TopK] | None  # None: a model's task vector holds a NaN, or an input an Inf (``nan_stops``)
     inputs_finite: bool
 
 
@@ -705,13 +705,16 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
     keys cannot decide (NaN, float64), the task vector is made whole and the rule is its mask. ``threads``:
     how many models' rules may be found at once (each on its own thread). ``workspace``: where the keys and
     the sort replay's positions go, instead of fresh memory. ``nan_stops``: no rules (None) where a model's
-    task vector holds a NaN, for a merge that will refuse it."""
+    task vector holds a NaN or an input an Inf, for a merge that will refuse it: the inputs of a piece whose
+    keys prove nothing are scanned there, so that the rules stop at an Inf too, and where the scan finds them
+    finite it proves them."""
     assert plan.base is not None and plan.method.topk_pass is not None
     topk_pass = plan.method.topk_pass
     base = plan.base
     readers, _ = plan.inputs_for(name)
     params = plan.params[name]
     numel = plan.out_metas[name].numel
+    base_clean: set[int] = set()  # the base's pieces (by start) scanned and found finite (``nan_stops``)
 
     def task_vector_piece(reader: CheckpointReader, a: int, b: int) -> torch.Tensor:
         base_piece = prepared(base.get_flat(name, a, b), None, compute_dtype)
@@ -726,7 +729,8 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
         try:
             for a in range(0, numel, entries):
                 b = min(numel, a + entries)
-                base_piece = prepared(base.get_flat(name, a, b), None, compute_dtype)
+                base_raw = base.get_flat(name, a, b)
+                base_piece = prepared(base_raw, None, compute_dtype)
                 arithmetic = arithmetic_dtype(base_piece, compute_dtype)
                 if keys is None:
                     spec = KEY_SPECS.get(arithmetic)
@@ -738,8 +742,14 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
                     else:
                         keys = torch.empty(numel, dtype=spec[0])
                 # written into the whole tensor's keys, in one compiled pass where the loops are loaded
-                found = checked_task_vector_keys(prepared(reader.get_flat(name, a, b), None, compute_dtype),
-                                                 base_piece, arithmetic, out=keys[a:b])
+                model_raw = reader.get_flat(name, a, b)
+                found = checked_task_vector_keys(prepared(model_raw, None, compute_dtype), base_piece, arithmetic,
+                                                 out=keys[a:b])
+                if nan_stops and found is not None and not found[1]:  # an Inf, or a difference past the range
+                    if count_nonfinite(model_raw) or (a not in base_clean and count_nonfinite(base_raw)):
+                        return None, False  # an Inf: as at a NaN, the merge will refuse it
+                    base_clean.add(a)
+                    found = (found[0], True)  # proved by the scan
                 if found is None:  # a NaN
                     keys = None
                     if nan_stops:
@@ -926,8 +936,8 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
     def first_pass_of(name: str) -> _PassResult:
         """The top-k pass of a tensor whose pass runs first. Where its keys could have proved the inputs finite
         and did not (an Inf, a NaN, a difference past the dtype's range), it scans them, so that a bad input of
-        a tensor merged last is reported when found, not after everything else; at a NaN it stops finding the
-        rules, which the merge will not use, and the passes after it do nothing (TIES 3 x 2 GB, a NaN in one
+        a tensor merged last is reported when found, not after everything else; at a NaN or Inf it stops finding
+        the rules, which the merge will not use, and the passes after it do nothing (TIES 3 x 2 GB, a NaN in one
         model's head: 9.6 s to the error with the head first; with its pass first, 22.7-25.6 s when the rules were
         found from the whole task vector and the error waited for the head's turn, 6.5 s now)."""
         def rules(nan_stops: bool) -> _PassResult:
