@@ -470,7 +470,15 @@ def test_row_ranks_leave_nan_other_dtypes_and_other_shapes_to_torch() -> None:
 def test_a_loop_is_checked_once_when_two_threads_need_its_verdict_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dispatch, "_verdicts", {})
     runs: list[str] = []
-    started, release = threading.Event(), threading.Event()
+    started, release, waiting = threading.Event(), threading.Event(), threading.Event()
+
+    class SeenWaiting(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waiting.set()
+            return super().wait(timeout)
+
+    check_of = dispatch._Check
+    monkeypatch.setattr(dispatch, "_Check", lambda thread, _: check_of(thread, SeenWaiting()))
 
     def check() -> bool:
         runs.append(threading.current_thread().name)
@@ -484,8 +492,7 @@ def test_a_loop_is_checked_once_when_two_threads_need_its_verdict_at_once(monkey
     assert started.wait(10)
     second = threading.Thread(target=lambda: verdicts.append(dispatch.verified("probe loop", torch.float32, check)))
     second.start()
-    second.join(0.2)
-    assert second.is_alive()  # waiting for the verdict, not checking again
+    assert waiting.wait(10) and len(runs) == 1  # waiting for the verdict, not checking again
     release.set()
     first.join(10)
     second.join(10)
