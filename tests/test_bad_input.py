@@ -188,6 +188,11 @@ def test_missing_config_file(tmp_path: Path) -> None:
     assert_refused(run_cli(tmp_path / "list.yml", out), out, "expected a mapping")
     (tmp_path / "binary.yml").write_bytes(b"\xff\xfe\x00garbage")
     assert_refused(run_cli(tmp_path / "binary.yml", out), out, "binary.yml")
+    # a folder: said so, with the YAML files it holds
+    assert_refused(run_cli(tmp_path, out), out, f"{tmp_path}: is a folder, not a config file",
+                   "(it holds bad.yml, binary.yml, list.yml)")
+    (tmp_path / "empty").mkdir()
+    assert_refused(run_cli(tmp_path / "empty", out), out, "empty: is a folder, not a config file; give the path")
 
 
 def test_method_refusal_mid_merge_is_a_clean_error(families: Families, tmp_path: Path) -> None:
