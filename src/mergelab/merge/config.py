@@ -326,7 +326,7 @@ def read_config_source(config: str | Path | Mapping[str, Any], what: str) -> tup
 def read_yaml(path: Path, what: str) -> Any:
     """The parsed YAML at ``path``; a missing, unreadable or invalid file is a :class:`ConfigError`."""
     if path.is_dir():  # a model folder or the folder of the config, given by mistake
-        yamls = sorted(q.name for q in path.glob("*.y*ml") if q.is_file())[:3]
+        yamls = sorted(q.name for q in path.iterdir() if q.suffix in (".yml", ".yaml") and q.is_file())[:3]
         hint = f" (it holds {', '.join(yamls)})" if yamls else ""
         raise ConfigError(f"{path}: is a folder, not a {what}{hint}; give the path of the YAML file itself")
     if not path.is_file():

@@ -772,7 +772,7 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
         found = []
         for reader, model_params in zip(readers, params.model_params, strict=True):
             found.append(rule_of(reader, model_params))
-            if found[-1][0] is None:  # a NaN, and no rules wanted: the other models' are not needed either
+            if found[-1][0] is None:  # a NaN or Inf, no rules wanted: the other models' are not needed either
                 break
     else:
         with ThreadPoolExecutor(max_workers=side_by_side, thread_name_prefix="mergelab-topk") as pool:
@@ -827,7 +827,7 @@ def _whole_tensor_pass(plan: MergePlan, name: str, compute_dtype: torch.dtype | 
     """What each piece of tensor ``name`` needs of the whole tensor: the method's scalars, or each model's top-k
     rule (found on up to ``threads`` threads). ``kept``: where the pass reads the inputs from and keeps them for
     the pieces; ``workspace``: a top-k pass's keys and positions (:mod:`mergelab.merge.rank_workspace`);
-    ``nan_stops``: no top-k rules (None) where a task vector holds a NaN (:func:`_topk_rules`)."""
+    ``nan_stops``: no top-k rules (None) where a task vector holds a NaN or an input an Inf (:func:`_topk_rules`)."""
     if plan.method.scalar_pass is not None:
         scalars = vouched_scalars(plan.method, name, _flat_source(plan, name, compute_dtype, kept),
                                   params=plan.params[name], compute_dtype=compute_dtype, seed=seed)
@@ -934,12 +934,13 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
         return _whole_tensor_pass(plan, name, cfg.compute_dtype, cfg.seed, side_by_side, kept, workspace)
 
     def first_pass_of(name: str) -> _PassResult:
-        """The top-k pass of a tensor whose pass runs first. Where its keys could have proved the inputs finite
-        and did not (an Inf, a NaN, a difference past the dtype's range), it scans them, so that a bad input of
-        a tensor merged last is reported when found, not after everything else; at a NaN or Inf it stops finding
-        the rules, which the merge will not use, and the passes after it do nothing (TIES 3 x 2 GB, a NaN in one
-        model's head: 9.6 s to the error with the head first; with its pass first, 22.7-25.6 s when the rules were
-        found from the whole task vector and the error waited for the head's turn, 6.5 s now)."""
+        """The top-k pass of a tensor whose pass runs first. Its rules stop at a NaN or Inf (the merge will not
+        use them; ``nan_stops`` in :func:`_topk_rules`, which also scans the pieces whose keys prove nothing);
+        where its inputs are then not proved finite, it scans them all for the counts, so that a bad input of a
+        tensor merged last is reported when found, not after everything else, and the passes after it do
+        nothing (TIES 3 x 2 GB, a NaN in one model's head: 9.6 s to the error with the head first; with its pass
+        first, 22.7-25.6 s when the rules were found from the whole task vector and the error waited for the
+        head's turn, 6.5 s now)."""
         def rules(nan_stops: bool) -> _PassResult:
             return _whole_tensor_pass(plan, name, cfg.compute_dtype, cfg.seed, 1, None, first_workspace,
                                       nan_stops=nan_stops)
