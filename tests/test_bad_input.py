@@ -293,10 +293,11 @@ def test_existing_output_refused_without_overwrite(families: Families, tmp_path:
     assert (out / "precious.txt").read_text() == "keep me"
     assert leftovers(out) == []
 
-    assert_ok(run_cli(config, out, "--overwrite"))
-    assert not (out / "precious.txt").exists()
-    assert (out / "model.safetensors").is_file() and (out / "mergelab.json").is_file()
-    assert leftovers(out) == []
+    # --overwrite replaces an earlier merge, never a folder of the user's files
+    text = assert_clean_message(run_cli(config, out, "--overwrite"))
+    assert "precious.txt" in text and "not the output of a merge" in text and "Move them out" in text
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    assert (out / "precious.txt").read_text() == "keep me" and leftovers(out) == []
 
 
 def test_output_folder_holding_an_input_is_refused(families: Families, tmp_path: Path) -> None:

@@ -211,6 +211,95 @@ def test_dangling_symlink_output_needs_overwrite_and_is_replaced(families: Famil
     assert (out / "model.safetensors").is_file() and leftovers(out) == []
 
 
+def test_overwrite_replaces_an_earlier_merge_with_every_file_it_wrote(families: Families, tmp_path: Path) -> None:
+    base, fts = families["llama"]
+    out = tmp_path / "out"
+    assert_ok(run_cli(write_config(tmp_path, _ties(base, fts)), out, "--max-shard-size", "20KB"))
+    first = json.loads((out / "mergelab.json").read_text())["files"]
+    assert first == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert len([f for f in first if f.startswith("model-")]) > 1, "the first merge is sharded"
+    assert_ok(run_cli(write_config(tmp_path, _linear(fts), "linear.yml"), out, "--overwrite"))
+    second = json.loads((out / "mergelab.json").read_text())
+    assert second["method"] == "linear" and "model.safetensors" in second["files"]
+    assert sorted(p.name for p in out.iterdir()) == second["files"], "no stale shard of the first merge is left"
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("added", ["notes.txt", "sub/notes.txt", "empty folder/", "link"])
+def test_overwrite_refuses_an_earlier_merge_holding_a_file_it_did_not_write(families: Families, tmp_path: Path,
+                                                                            added: str) -> None:
+    base, fts = families["llama"]
+    out = tmp_path / "out"
+    config = write_config(tmp_path, _ties(base, fts))
+    assert_ok(run_cli(config, out))
+    if added == "link":
+        (out / added).symlink_to(tmp_path)
+    elif added.endswith("/"):
+        (out / added).mkdir()
+    else:
+        (out / added).parent.mkdir(exist_ok=True)
+        (out / added).write_text("mine")
+    before = _snapshot(out)
+    text = assert_clean_message(run_cli(config, out, "--overwrite"))
+    assert f"holds files no merge wrote there: {added}" in text and "never deletes" in text
+    assert _snapshot(out) == before and (out / added.rstrip("/")).exists() and leftovers(out) == []
+
+
+@pytest.mark.parametrize("what", ["model folder", "file", "old record"])
+def test_overwrite_refuses_what_no_merge_wrote(families: Families, tmp_path: Path, what: str) -> None:
+    """A model folder that is not an input (an earlier fine-tune, a mergekit output) is the user's too."""
+    base, fts = families["llama"]
+    out = tmp_path / "out"
+    if what == "model folder":
+        shutil.copytree(fts[0], out)
+    elif what == "file":
+        out.write_text("my thesis")
+    else:  # a record of an older mergelab lists no files: what it wrote is known by name
+        assert_ok(run_cli(write_config(tmp_path, _ties(base, fts)), out, "--max-shard-size", "20KB"))
+        record = json.loads((out / "mergelab.json").read_text())
+        del record["files"]
+        (out / "mergelab.json").write_text(json.dumps(record))
+        (out / "train.log").write_text("mine")
+    before = _snapshot(out) if out.is_dir() else out.read_bytes()
+    text = assert_clean_message(run_cli(write_config(tmp_path, _linear(fts)), out, "--overwrite"))
+    expected = {"model folder": "is not the output of a merge", "file": "is a file, not the output folder",
+                "old record": "holds files no merge wrote there: train.log"}[what]
+    assert expected in text and str(out) in text
+    assert (_snapshot(out) if out.is_dir() else out.read_bytes()) == before and leftovers(out) == []
+    if what == "old record":  # without the user's file, the older merge is replaced
+        (out / "train.log").unlink()
+        assert_ok(run_cli(write_config(tmp_path, _linear(fts)), out, "--overwrite"))
+        assert sorted(p.name for p in out.iterdir()) == json.loads((out / "mergelab.json").read_text())["files"]
+
+
+def test_a_file_put_into_the_old_output_during_the_merge_stops_the_swap(families: Families,
+                                                                         tmp_path: Path) -> None:
+    """The check runs again just before the swap: a merge may take an hour, and OUT is the user's meanwhile."""
+    from mergelab.errors import OutputError
+    from mergelab.merge.engine import run_merge
+    from mergelab.merge.install import install
+
+    base, fts = families["llama"]
+    out = tmp_path / "out"
+    run_merge(_ties(base, fts), out, progress=False)
+    tmp = tmp_path / ".out.tmp-1"
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"new merge")
+    (out / "notes.txt").write_text("written while the merge ran")
+    before = _snapshot(out)
+    with pytest.raises(OutputError, match=r"notes\.txt"):
+        install(tmp, out, overwrite=True)
+    assert _snapshot(out) == before and (tmp / "model.safetensors").read_bytes() == b"new merge"
+
+
+def test_an_empty_output_folder_is_replaced_with_overwrite(families: Families, tmp_path: Path) -> None:
+    base, fts = families["llama"]
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_ok(run_cli(write_config(tmp_path, _ties(base, fts)), out, "--overwrite"))
+    assert (out / "model.safetensors").is_file() and leftovers(out) == []
+
+
 # -- linear's base_model ---------------------------------------------------------------------------------------
 def test_linear_copies_config_and_tokenizer_from_its_base_model(families: Families, tmp_path: Path) -> None:
     base_src, fts = families["llama"]

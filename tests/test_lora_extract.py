@@ -83,6 +83,10 @@ def test_extract_refuses_existing_output_and_bad_rank(families: Families, tmp_pa
     out.mkdir()
     result = CliRunner().invoke(app, ["extract-lora", str(base), str(fts[0]), "-o", str(out)])
     assert result.exit_code != 0 and "--overwrite" in result.output
+    before = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()}
+    result = CliRunner().invoke(app, ["extract-lora", str(base), str(fts[0]), "-o", str(base), "--overwrite"])
+    assert result.exit_code != 0 and "not the output of a merge" in result.output  # the base is never replaced
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == before
     result = CliRunner().invoke(app, ["extract-lora", str(base), str(fts[0]), "-o", str(tmp_path / "x"),
                                       "--rank", "0"])
     assert result.exit_code != 0 and "at least 1" in result.output

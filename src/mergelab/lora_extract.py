@@ -23,9 +23,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from safetensors.torch import save_file
 
-from mergelab.errors import CompatibilityError, ConfigError, OutputExistsError
+from mergelab.errors import CompatibilityError, ConfigError
 from mergelab.io.models import open_model
 from mergelab.io.readers import CheckpointReader
+from mergelab.merge.install import RECORD_NAME, check_replaceable, install, written_files
 from mergelab.methods.spectral import thin_svd
 
 _EMBEDDING = re.compile(r"(embed|(^|\.)wte|(^|\.)wpe|(^|\.)shared)\b|embeddings?\.weight$")
@@ -68,8 +69,7 @@ def extract_lora(base: str | Path, tuned: str | Path, out_dir: str | Path, *, ra
     if rank < 1:
         raise ConfigError(f"--rank {rank}: must be at least 1")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
+    check_replaceable(out, overwrite)  # an existing OUT is replaced only when it holds an earlier output
     with open_model(str(base)) as b, open_model(str(tuned)) as t:
         problems = _check_pair(b, t)
         if problems:
@@ -133,8 +133,6 @@ def _adapter_config(base: str, rank: int, targets: list[str], rank_pattern: dict
 
 def _write(out: Path, overwrite: bool, state: dict[str, torch.Tensor], config: dict[str, Any],
            record: dict[str, Any]) -> None:
-    from mergelab.merge.engine import _install  # the same atomic rename as a merge's output
-
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -143,6 +141,7 @@ def _write(out: Path, overwrite: bool, state: dict[str, torch.Tensor], config: d
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        record = {**record, "files": written_files(tmp, RECORD_NAME, "README.md")}
         (tmp / "mergelab.json").write_text(json.dumps(record, indent=2) + "\n")
         worst = max((e["relative_error"] for e in record["tensors"].values()), default=0.0)
         (tmp / "README.md").write_text(
@@ -152,7 +151,7 @@ def _write(out: Path, overwrite: bool, state: dict[str, torch.Tensor], config: d
             f"{worst:.3g}; per tensor in `mergelab.json`). Deltas LoRA cannot hold (biases, norms): "
             f"{len(record['not_captured_delta_norms'])} tensor(s), listed in `mergelab.json`.\n",
             encoding="utf-8")
-        _install(tmp, out, overwrite)
+        install(tmp, out, overwrite)  # the same atomic swap as a merge's output
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

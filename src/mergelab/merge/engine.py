@@ -69,7 +69,13 @@ from mergelab.merge.allocator import MMAP_THRESHOLD
 from mergelab.merge.config import MergeConfig, load_config
 from mergelab.merge.core import FLOAT8_DTYPES, merge_tensor, one_thread, prepared, vouched_scalars
 from mergelab.merge.extra_files import copy_extra_files, refuse_outside
-from mergelab.merge.install import check_replaces_nothing_owned, exists
+from mergelab.merge.install import (
+    RECORD_NAME,
+    check_replaceable,
+    check_replaces_nothing_owned,
+    exists,
+    written_files,
+)
 from mergelab.merge.install import install as _install
 from mergelab.merge.model_card import library_name, render_model_card
 from mergelab.merge.plan import MergePlan, count_nonfinite, nonfinite_message, plan_merge
@@ -364,8 +370,7 @@ def run_merge(
                              allow_nonfinite=allow_nonfinite, progress=progress, hash_inputs=hash_inputs,
                              take_missing_from=take_missing_from, model_card=model_card, record_extra=extra,
                              direct_io=direct_io)
-        if Path(out_dir).exists() and not overwrite:
-            raise OutputExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+        check_replaceable(Path(out_dir), overwrite)
         return run_stages(Path(config), docs, Path(out_dir), intermediate_dir=intermediate_dir, run_one=run_one)
     cfg, folder = load_config(config)
     out = Path(out_dir)
@@ -386,6 +391,7 @@ def run_merge(
     created = _first_missing(out.parent)  # removed again if the merge fails: nothing written means nothing
     try:
         check_replaces_nothing_owned(out, _protected(plan, config, folder))
+        check_replaceable(out, overwrite)  # after the inputs' check, whose message says more
         _check_free_space(out.parent, sum(m.nbytes for m in plan.out_metas.values()))
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp(out)
@@ -448,6 +454,8 @@ def run_merge(
                                    "aligned_tensors": sorted(plan.input_models)}
         config_yaml = yaml.safe_dump(cfg.model_dump(exclude_none=True, exclude={"slices"}), sort_keys=False)
         (tmp / "mergelab_config.yml").write_text(config_yaml)
+        # what this merge wrote, so that a later --overwrite replaces these files and refuses anyone else's
+        record["files"] = written_files(tmp, RECORD_NAME, *(["README.md"] if model_card else []))
         (tmp / "mergelab.json").write_text(json.dumps(record, indent=2) + "\n")
         if model_card:
             (tmp / "README.md").write_text(render_model_card(record, config_yaml, library=library_name(tmp),
