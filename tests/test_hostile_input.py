@@ -292,6 +292,32 @@ def test_a_file_put_into_the_old_output_during_the_merge_stops_the_swap(families
     assert _snapshot(out) == before and (tmp / "model.safetensors").read_bytes() == b"new merge"
 
 
+def test_a_folder_of_the_old_output_that_cannot_be_listed_counts_as_the_users(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an unreadable folder holds is unknown: --overwrite must not replace it (root reads every folder, so
+    the refusal to list it is simulated)."""
+    import os
+
+    from mergelab.errors import OutputError
+    from mergelab.merge.install import check_replaceable
+
+    out = tmp_path / "out"
+    (out / "locked").mkdir(parents=True)
+    (out / "locked" / "model.safetensors").write_bytes(b"x")
+    (out / "mergelab.json").write_text(json.dumps({"files": ["mergelab.json", "locked/model.safetensors"]}))
+    check_replaceable(out, overwrite=True)  # listed: every file is the merge's
+    scandir = os.scandir
+
+    def refusing(path: Any = ".") -> Any:
+        if Path(path) == out / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(OutputError, match="holds files no merge wrote there: locked/"):
+        check_replaceable(out, overwrite=True)
+
+
 def test_an_empty_output_folder_is_replaced_with_overwrite(families: Families, tmp_path: Path) -> None:
     base, fts = families["llama"]
     out = tmp_path / "out"

@@ -37,6 +37,7 @@ _OLD_RECORD_NAMES = {"mergelab.json", "mergelab_config.yml", "README.md", "confi
                      "model.safetensors.index.json"}
 _SHARD_NAME = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 _NAMED = 3  # entries a refusal names; the walk stops after one more
+_RECORD_MAX_BYTES = 64 << 20  # a larger record is not one mergelab wrote (3 × 0.5 GB TIES: 1.7 kB)
 
 
 def written_files(folder: Path, *about_to_write: str) -> list[str]:
@@ -49,6 +50,8 @@ def written_files(folder: Path, *about_to_write: str) -> list[str]:
 def _recorded_files(folder: Path) -> set[str] | None:
     """The files ``folder``'s ``mergelab.json`` says mergelab wrote; None when it has no readable record."""
     try:
+        if (folder / RECORD_NAME).stat().st_size > _RECORD_MAX_BYTES:
+            return None
         record = json.loads((folder / RECORD_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
@@ -65,8 +68,10 @@ def _recorded_files(folder: Path) -> set[str] | None:
 
 
 def _entries(folder: Path) -> Iterator[str]:
-    """Every file, link and empty folder under ``folder``, as POSIX paths relative to it (links not followed)."""
-    for root, dirs, files in os.walk(folder):
+    """Every file, link and empty folder under ``folder``, as POSIX paths relative to it (links not followed),
+    and every folder that could not be listed (what it holds is unknown, so it counts as the user's)."""
+    unreadable: list[OSError] = []
+    for root, dirs, files in os.walk(folder, onerror=unreadable.append):
         rel = Path(root).relative_to(folder)
         links = [d for d in dirs if (Path(root) / d).is_symlink()]
         for name in sorted(files + links):
@@ -74,6 +79,13 @@ def _entries(folder: Path) -> Iterator[str]:
         if not dirs and not files and rel != Path("."):
             yield rel.as_posix() + "/"
         dirs.sort()
+        yield from _unlisted(unreadable, folder)
+    yield from _unlisted(unreadable, folder)
+
+
+def _unlisted(errors: list[OSError], folder: Path) -> Iterator[str]:
+    while errors:
+        yield Path(str(errors.pop().filename)).relative_to(folder).as_posix() + "/"
 
 
 def check_replaceable(out: Path, overwrite: bool) -> None:
