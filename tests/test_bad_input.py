@@ -336,3 +336,12 @@ def test_methods_command_unknown_name() -> None:
     result = CliRunner().invoke(app, ["methods", "tie"])
     text = assert_clean_message(result)
     assert text.startswith("error: unknown merge method 'tie'"), text  # not the KeyError's quoted repr
+
+
+def test_an_output_folder_under_a_file_names_the_file(families: Families, tmp_path: Path) -> None:
+    base, fts = families["llama"]
+    config = write_config(tmp_path, _ties(base, fts))
+    out = config / "out"  # the config file is not a folder
+    text = assert_clean_message(run_cli(config, out))
+    assert f"{config} is a file, not a folder" in text and "-o" in text
+    assert config.is_file() and leftovers(out) == []

@@ -101,3 +101,60 @@ def test_an_unknown_key_anywhere_names_the_keys_allowed_where_it_stands() -> Non
         "groups": [{"name": "g", "filter": "f", "zz": 1}], "parameters": [{"name": "w", "low": 0, "high": 1}]}})
     assert "unknown key 'search.groups.list[GroupSpec].0.zz'. Allowed keys here: name, filter" in search
     assert "'search.groups.literal['blocks','model']': Input should be 'blocks' or 'model'" in search
+
+
+# -- what `mergelab merge` reads before the config's own checks ------------------------------------------------
+# The CLI reads the config three times before load_config: for the inputs' digests (merge/inputs.py), for its
+# stages (merge/stages.py), then to merge. Until 2026-12-05 the first two used plain yaml: 3,000 nested '[' ended
+# in "unexpected RecursionError ... a bug in mergelab", /dev/zero filled memory until the kernel killed the
+# process, and a FIFO blocked it for good.
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("merge_method: " + "[" * 3_000 + "]" * 3_000, "nested too deeply"),
+    ("x:\n" + "".join(" " * i + "- \n" for i in range(1, 3000)), "nested too deeply"),
+    (GOOD + "---\n" + GOOD.replace("models:", "merge_method: ties\nmodels:"), "key 'merge_method' appears twice"),
+    (GOOD + "---\n" + BOMB, "expands to more than"),
+])
+def test_the_cli_refuses_what_the_config_loader_refuses_with_exit_code_2(tmp_path: Path, text: str,
+                                                                         fragment: str) -> None:
+    config = tmp_path / "merge.yml"
+    config.write_text(text)
+    result = run_cli(config, tmp_path / "out")
+    assert_refused(result, tmp_path / "out", fragment)
+    assert result.exit_code == 2 and "bug in mergelab" not in result.output
+
+
+def test_an_oversized_config_is_refused_by_its_size_before_it_is_parsed(tmp_path: Path) -> None:
+    from mergelab.safe_yaml import MAX_BYTES
+
+    config = tmp_path / "merge.yml"
+    config.write_text(GOOD + "# " + "x" * MAX_BYTES + "\n")
+    start = time.process_time()
+    result = run_cli(config, tmp_path / "out")
+    assert_refused(result, tmp_path / "out", f"{MAX_BYTES + len(GOOD) + 3} bytes, more than a config can need")
+    assert time.process_time() - start < 5  # parsed twice first: 7.6 s to refuse 12 MB (`mergelab merge`, 2026-12-05)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_pipe_or_a_device_as_the_config_is_refused_without_reading_it(tmp_path: Path, kind: str) -> None:
+    import os
+    import threading
+
+    from mergelab.merge.inputs import config_input_files
+
+    if kind == "fifo":
+        config = tmp_path / "merge.yml"
+        os.mkfifo(config)  # no writer: opening it to read would block for good
+    else:
+        config = Path("/dev/zero")  # reading it never ends
+        if not config.exists():
+            pytest.skip("no /dev/zero here")
+    found: list[object] = []
+    worker = threading.Thread(target=lambda: found.extend([config_input_files(config),
+                                                            run_cli(config, tmp_path / "out")]), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "blocked reading the config"
+    files, result = found
+    assert files == []
+    assert_refused(result, tmp_path / "out", str(config), "is not a regular file", "write the config to a file")
+    assert result.exit_code == 2

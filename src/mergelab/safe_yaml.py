@@ -10,6 +10,7 @@ budget of nodes (aliases expanded) and of depth, before anything else sees it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -61,13 +62,40 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def read_config_text(path: Path, what: str = "config") -> str:
+    """The text of the config file ``path``, read only when it is a regular file of at most :data:`MAX_BYTES`
+    (a pipe can be read once, ``/dev/zero`` never ends, and a 10 GB file would be read whole before its size
+    was refused); otherwise, or when it cannot be read, a :class:`ConfigError`."""
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path}: is not a regular file (a pipe, such as <(...), or a device); write the "
+                          f"{what} to a file and give its path")
+    try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise ConfigError(f"{path}: {size} bytes, more than a {what} can need ({MAX_BYTES}); is this the "
+                              "right file?")
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not a text file
+        raise ConfigError(f"{path}: cannot read the {what} file ({exc})") from None
+
+
 def load_yaml(text: str, source: str) -> Any:
     """Parse ``text`` (from ``source``, named in errors) or raise :class:`ConfigError`."""
+    documents = load_yaml_documents(text, source, single=True)
+    return documents[0] if documents else None
+
+
+def load_yaml_documents(text: str, source: str, *, single: bool = False) -> list[Any]:
+    """Every document of ``text`` (``single``: exactly one, as :func:`load_yaml`), with :func:`load_yaml`'s
+    limits and errors; empty documents are kept as None."""
     if len(text) > MAX_BYTES:
         raise ConfigError(f"{source}: {len(text)} characters, more than a config can need ({MAX_BYTES}); "
                           "is this the right file?")
     try:
-        value = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only
+        # a SafeLoader: plain data only
+        values = [yaml.load(text, Loader=_StrictLoader)] if single else list(yaml.load_all(text, Loader=_StrictLoader))
     except _DuplicateKey as exc:
         raise ConfigError(f"{source}: {exc}") from None
     except _TooDeep:
@@ -76,8 +104,9 @@ def load_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply to be a config (more than {MAX_DEPTH} levels)") from None
-    _check_size(value, source)
-    return value
+    for value in values:
+        _check_size(value, source)
+    return values
 
 
 def _check_size(value: Any, source: str) -> None:

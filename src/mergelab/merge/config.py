@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergelab.errors import ConfigError
 from mergelab.methods import get_method, list_methods
-from mergelab.safe_yaml import load_yaml
+from mergelab.safe_yaml import load_yaml, read_config_text
 
 log = logging.getLogger(__name__)
 
@@ -329,12 +329,7 @@ def read_yaml(path: Path, what: str) -> Any:
         yamls = sorted(q.name for q in path.iterdir() if q.suffix in (".yml", ".yaml") and q.is_file())[:3]
         hint = f" (it holds {', '.join(yamls)})" if yamls else ""
         raise ConfigError(f"{path}: is a folder, not a {what}{hint}; give the path of the YAML file itself")
-    if not path.is_file():
-        raise ConfigError(f"{path}: {what} not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not a text file
-        raise ConfigError(f"{path}: cannot read the {what} ({exc})") from None
+    text = read_config_text(path, what.removesuffix(" file"))
     return load_yaml(text, str(path))  # duplicate keys, alias bombs and deep nesting refused (safe_yaml.py)
 
 

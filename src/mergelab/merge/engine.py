@@ -326,6 +326,8 @@ def _io_error(exc: OSError, out: Path) -> OutputError:
         hint = " The disk is full: free some space or choose another output folder with -o."
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         hint = " Check that you may write to that folder, or choose another one with -o."
+    elif exc.errno in (errno.EEXIST, errno.ENOTDIR) and exc.filename and Path(exc.filename).is_file():
+        hint = f" {exc.filename} is a file, not a folder: choose an output folder under a folder with -o."
     what = f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
     return OutputError(f"{out}: the merge failed with an I/O error: {what}. Nothing was written under {out} "
                        f"and the temporary files were removed.{hint}")

@@ -14,12 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mergelab.errors import MergeLabError
+from mergelab.errors import ConfigError, MergeLabError
 from mergelab.io.checkpoint_files import files_in_folder
 from mergelab.io.file_hashes import DIGESTS
 from mergelab.io.hub import locate
+from mergelab.safe_yaml import load_yaml_documents, read_config_text
 
 
 def resolve_model_path(model: str, config_folder: Path | None) -> Path:
@@ -81,9 +80,9 @@ def _weight_files(spec: str, folder: Path) -> list[Path]:
 
 def config_input_files(config: Path) -> list[Path]:
     """The weight files the models of the YAML ``config`` name, as far as they can be found (never raises)."""
-    try:
-        docs = [d for d in yaml.safe_load_all(config.read_text(encoding="utf-8")) if isinstance(d, dict)]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+    try:  # a pipe, a device or a huge file is never read here (safe_yaml.read_config_text): the engine refuses it
+        docs = [d for d in load_yaml_documents(read_config_text(config), str(config)) if isinstance(d, dict)]
+    except ConfigError:
         return []
     found: dict[Path, None] = {}
     for doc in docs:

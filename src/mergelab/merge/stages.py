@@ -19,16 +19,15 @@ import yaml
 
 from mergelab.errors import ConfigError
 from mergelab.merge.inputs import model_refs, resolve_model_path
+from mergelab.safe_yaml import load_yaml_documents, read_config_text
 
 
 def read_stage_documents(path: Path) -> list[dict[str, Any]] | None:
     """The documents of a multi-document YAML file; None when it holds one document (a plain merge)."""
     if not path.is_file():
-        return None
-    try:
-        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
-        return None  # load_config reports it as it does for any config
+        return None  # load_config says what it is instead
+    # with the limits every config is read with (safe_yaml.py): a few thousand '[' or a 10 GB file is refused
+    docs = [d for d in load_yaml_documents(read_config_text(path), str(path)) if d is not None]
     if len(docs) < 2:
         return None
     for i, doc in enumerate(docs):
