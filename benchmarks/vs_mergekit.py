@@ -295,6 +295,13 @@ def measure_size(size_text: str, args: argparse.Namespace,
         cfg_path = work / f"{method}.yml"
         cfg_path.write_text(yaml.safe_dump(config_for(method, paths)))
         results, cpu_s = {}, {}
+        # One untimed run first: numba compiles a checkout's loops into its cache on their first use, once,
+        # and that run had been the timed one in a fresh worktree (3 x 0.5 GB, 2026-12-04 23:53: TIES 14.40 s
+        # and 17.3 CPU s, Model Stock 8.01 s, against 5-6 s and ~3.3 s warm, the peak raised by the compiler)
+        shutil.rmtree(work / "out-warm", ignore_errors=True)
+        run_measured([*mergelab_bin, "merge", str(cfg_path), "-o", str(work / "out-warm"), "--quiet", "--no-hash",
+                      "--device", args.device])
+        shutil.rmtree(work / "out-warm", ignore_errors=True)
         load_before = os.getloadavg()[0]
         for tool in ("mergelab", "mergekit"):
             out = work / f"out-{tool}-{method}"
@@ -359,7 +366,8 @@ def _section(size_text: str, in_bytes: int, floors: tuple[float, float, float], 
               f"{floor_direct:.2f} s. `import torch` alone: "
               f"{torch_import:.2f} s. Loading mergelab's compiled loops (numba, after torch): {kernels_s:.2f} s. "
               f"sha256 of all inputs (cold, one thread): {hash_s:.2f} s. *mergelab s*: `mergelab merge` with the hash "
-              "cache off (every input hashed); *engine* = `run_merge` timed inside the process (no interpreter start, "
+              "cache off (every input hashed), after one untimed run (numba compiles a checkout's loops once, on "
+              "their first use); *engine* = `run_merge` timed inside the process (no interpreter start, "
               "imports or loading of the compiled loops), digests from the warm hash cache, the fastest of "
               f"{args.engine_repeats} runs, each after {args.idle:g} s of quiet like the floor (*slowest*: the "
               "slowest of them); *direct*: the same with `--direct-io`, over the direct floor. "

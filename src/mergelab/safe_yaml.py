@@ -83,8 +83,7 @@ def read_config_text(path: Path, what: str = "config") -> str:
 
 def load_yaml(text: str, source: str) -> Any:
     """Parse ``text`` (from ``source``, named in errors) or raise :class:`ConfigError`."""
-    documents = load_yaml_documents(text, source, single=True)
-    return documents[0] if documents else None
+    return load_yaml_documents(text, source, single=True)[0]
 
 
 def load_yaml_documents(text: str, source: str, *, single: bool = False) -> list[Any]:
