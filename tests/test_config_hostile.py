@@ -158,3 +158,12 @@ def test_a_pipe_or_a_device_as_the_config_is_refused_without_reading_it(tmp_path
     assert files == []
     assert_refused(result, tmp_path / "out", str(config), "is not a regular file", "write the config to a file")
     assert result.exit_code == 2
+
+
+def test_a_key_given_twice_in_a_stage_of_a_multi_stage_config_is_refused(tmp_path: Path) -> None:
+    """The stages were parsed with plain yaml and handed on as dicts: the last value won without a word."""
+    config = tmp_path / "merge.yml"
+    config.write_text("name: soup\n" + GOOD + "---\nmerge_method: ties\n" + GOOD.replace("- model: a", "- model: soup"))
+    result = run_cli(config, tmp_path / "out")
+    assert_refused(result, tmp_path / "out", "key 'merge_method' appears twice in one mapping (lines 7 and 8)")
+    assert result.exit_code == 2
