@@ -345,3 +345,13 @@ def test_an_output_folder_under_a_file_names_the_file(families: Families, tmp_pa
     text = assert_clean_message(run_cli(config, out))
     assert f"{config} is a file, not a folder" in text and "-o" in text
     assert config.is_file() and leftovers(out) == []
+
+
+@pytest.mark.parametrize("target", ["a file", "nothing"])
+def test_eval_of_a_file_or_of_nothing_says_which(tmp_path: Path, target: str) -> None:
+    path = tmp_path / "merge.yml"
+    if target == "a file":
+        path.write_text("merge_method: linear\n")
+    result = CliRunner().invoke(app, ["eval", str(path)])
+    text = assert_clean_message(result)
+    assert ("is a file, not a folder" if target == "a file" else "no such folder") in text

@@ -110,6 +110,9 @@ def _load_input(model: Any, spec: str, notes: list[str]) -> None:
 
 def evaluate_merge(out_dir: str | Path) -> EvalReport:
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MergeLabError(f"{out}: is a file, not a folder; `mergelab eval` checks the folder mergelab merge "
+                            "wrote (the -o of the merge)")
     if not out.is_dir():
         raise MergeLabError(f"{out}: no such folder")
     inputs = _inputs(out)
