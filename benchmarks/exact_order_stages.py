@@ -9,7 +9,7 @@ do not): TIES needs each task vector's exact top-k (``sparsify.topk_of_keys``: a
 bit patterns, then the sort replayed where tied magnitudes straddle the k-th rank), Breadcrumbs the same at two
 edges (``band_of_keys``), DELLA every entry's rank within its row (``della.magprune_probabilities``: the whole
 introsort replayed row by row). This times that stage alone, on every tensor of both task vectors of
-vs_mergekit's models (a base and two fine-tunes, bf16, its configs' density 0.3, gamma 0.01, epsilon 0.1), in
+vs_mergekit's models (a base and two fine-tunes, bf16, with its configs' parameters), in
 CPU seconds of one thread (the task vectors are made and their keys taken outside the clock), and sets it
 beside, in the same run, the direct I/O floor (vs_mergekit's ``io_floor``, the output written with O_DIRECT,
 fastest of 3) and the engine itself (``engine_seconds``: ``run_merge`` in a fresh process with ``--direct-io``,
@@ -44,35 +44,36 @@ from mergelab.methods.della import magprune_probabilities
 from mergelab.methods.sparsify import band_of_keys, magnitude_keys, topk_of_keys
 
 GOAL = 5.0  # issue 16: ties, dare_ties, breadcrumbs, della engine ≤ 5× the I/O floor
-DENSITY, GAMMA, EPSILON = 0.3, 0.01, 0.1  # vs_mergekit.config_for's
 
-STAGES: dict[str, tuple[str, Callable[[torch.Tensor, torch.Tensor], object]]] = {
-    "ties": ("exact top-k: histogram + sort replay at the k-th rank",
-             lambda delta, keys: topk_of_keys(keys, DENSITY, overwrite=True)),
-    "breadcrumbs": ("exact band: histogram + sort replay at both edges",
-                    lambda delta, keys: band_of_keys(keys, DENSITY, GAMMA, overwrite=True)),
-    "della": ("every entry's rank in its row: the row sorts replayed",
-              lambda delta, keys: magprune_probabilities(delta, DENSITY, EPSILON)),
+Params = dict[str, float]
+# (what the stage is, whether it reads the magnitude keys, the stage on one task vector with its config parameters)
+STAGES: dict[str, tuple[str, bool, Callable[[torch.Tensor, torch.Tensor | None, Params], object]]] = {
+    "ties": ("exact top-k: histogram + sort replay at the k-th rank", True,
+             lambda delta, keys, p: topk_of_keys(keys, p["density"], overwrite=True)),
+    "breadcrumbs": ("exact band: histogram + sort replay at both edges", True,
+                    lambda delta, keys, p: band_of_keys(keys, p["density"], p["gamma"], overwrite=True)),
+    "della": ("every entry's rank in its row: the row sorts replayed", False,
+              lambda delta, keys, p: magprune_probabilities(delta, p["density"], p["epsilon"])),
 }
 
 
-def stage_cpu(method: str, folders: list[Path]) -> tuple[float, int]:
+def stage_cpu(method: str, folders: list[Path], params: Params) -> tuple[float, int]:
     """CPU seconds of ``method``'s exact-order stage over every tensor of both task vectors, one thread, and
-    the entries it covered. The magnitude keys are taken before the clock starts (the engine fuses that pass
-    with reading; DELLA does not use them)."""
-    _, run = STAGES[method]
+    the entries it covered; ``params``: a model's parameters in the benchmark's config. The magnitude keys are
+    taken before the clock starts (the engine fuses that pass with reading)."""
+    _, uses_keys, run = STAGES[method]
     cpu, entries = 0.0, 0
     with open_model(str(folders[0])) as base:
         for folder in folders[1:]:
             with open_model(str(folder)) as tuned:
                 for name in tuned.names:
                     delta = tuned.get(name) - base.get(name)
-                    keys = magnitude_keys(delta)
-                    if keys is None:
+                    keys = magnitude_keys(delta) if uses_keys else None
+                    if uses_keys and keys is None:
                         raise SystemExit(f"{folder} {name}: no magnitude keys (a NaN?): nothing to time")
-                    keys = keys.clone()  # the replay may use them as scratch space
+                    keys = keys.clone() if keys is not None else None  # the replay may use them as scratch space
                     start = time.thread_time()
-                    rule = run(delta, keys)
+                    rule = run(delta, keys, params)
                     cpu += time.thread_time() - start
                     if rule is None:
                         raise SystemExit(f"{method} {name}: the replay did not apply here; nothing to time")
@@ -104,9 +105,10 @@ def main() -> None:
         out_bytes = sum(f.stat().st_size for f in folders[0].glob("*.safetensors"))
         floor = min(io_floor(folders, out_bytes, args.work / "scratch", IDLE_S, direct=True) for _ in range(3))
         for method in args.methods:
-            cpu, entries = stage_cpu(method, folders)
+            config = config_for(method, folders)  # the engine's run and the stage's parameters, one source
+            cpu, entries = stage_cpu(method, folders, config["models"][0]["parameters"])
             cfg_path = args.work / size / f"stages-{method}.yml"
-            cfg_path.write_text(yaml.safe_dump(config_for(method, folders), sort_keys=False))
+            cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
             engine = min(engine_seconds(cfg_path, args.work / size / "stages-out", "cpu", args.work / "hash-cache",
                                         direct_io=True) for _ in range(args.engine_runs))
             bound = cpu / 2

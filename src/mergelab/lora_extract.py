@@ -142,7 +142,7 @@ def _write(out: Path, overwrite: bool, state: dict[str, torch.Tensor], config: d
                   metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         record = {**record, "files": written_files(tmp, RECORD_NAME, "README.md")}
-        (tmp / "mergelab.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
         worst = max((e["relative_error"] for e in record["tensors"].values()), default=0.0)
         (tmp / "README.md").write_text(
             "---\n" f"base_model: {record['base']}\nlibrary_name: peft\ntags: [lora, mergelab]\n---\n\n"

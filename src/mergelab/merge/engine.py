@@ -458,7 +458,7 @@ def run_merge(
         (tmp / "mergelab_config.yml").write_text(config_yaml)
         # what this merge wrote, so that a later --overwrite replaces these files and refuses anyone else's
         record["files"] = written_files(tmp, RECORD_NAME, *(["README.md"] if model_card else []))
-        (tmp / "mergelab.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
         if model_card:
             (tmp / "README.md").write_text(render_model_card(record, config_yaml, library=library_name(tmp),
                                                              name=cfg.name), encoding="utf-8")

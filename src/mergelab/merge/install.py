@@ -33,7 +33,7 @@ def exists(path: Path) -> bool:
 
 RECORD_NAME = "mergelab.json"
 # what the engine wrote by name before records listed their files (mergelab.json without "files")
-_OLD_RECORD_NAMES = {"mergelab.json", "mergelab_config.yml", "README.md", "config.json", "generation_config.json",
+_OLD_RECORD_NAMES = {RECORD_NAME, "mergelab_config.yml", "README.md", "config.json", "generation_config.json",
                      "model.safetensors.index.json"}
 _SHARD_NAME = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 _NAMED = 3  # entries a refusal names; the walk stops after one more
