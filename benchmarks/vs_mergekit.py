@@ -48,7 +48,10 @@ from mergelab.io.writer import parse_size, write_state_dict
 # 3 x 0.5 GB on 2026-12-03 the floor after it still wrote into backed memory), so --direct-io adds the one pair
 # the VM's state does not move: the engine with --direct-io over a floor that also writes with O_DIRECT.
 IDLE_S = 3.0
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "slerp", "model_stock")
+# mergelab's `tie_order: stable` (methods/sparsify.py), timed against mergekit's merge of the same method: the
+# magnitudes tied at a kept rank's edge are kept by flat index instead of in torch's CPU sort order
+STABLE = {"ties_stable": "ties", "breadcrumbs_stable": "breadcrumbs"}
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "slerp", "model_stock", *STABLE)
 RANDOM = ("dare_ties", "della")  # random masks: mergekit and mergelab draw them from different generators
 
 
@@ -94,6 +97,8 @@ def build_models(work: Path, target_bytes: int, seed: int = 0) -> list[Path]:
 
 
 def config_for(method: str, paths: list[Path]) -> dict:
+    if method in STABLE:
+        return {**config_for(STABLE[method], paths), "parameters": {"tie_order": "stable"}}
     base, a, b = (str(p) for p in paths)
     if method == "linear":
         return {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (base, a, b)],
@@ -246,11 +251,14 @@ def load_all(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def max_abs_diff(a: Path, b: Path) -> float:
+def max_abs_diff(a: Path, b: Path) -> tuple[float, float]:
+    """The largest absolute difference of two merges' entries, and the fraction of entries that differ."""
     ta, tb = load_all(a), load_all(b)
     if set(ta) != set(tb):
-        return float("inf")
-    return max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)
+        return float("inf"), 1.0
+    differ = sum(int(torch.count_nonzero(ta[k] != tb[k])) for k in ta)
+    return (max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta),
+            differ / sum(t.numel() for t in ta.values()))
 
 
 def measure_size(size_text: str, args: argparse.Namespace,
@@ -291,9 +299,14 @@ def measure_size(size_text: str, args: argparse.Namespace,
     mergelab_bin = [sys.executable, "-m", "mergelab.cli"]
     cold_hashes = {**os.environ, "MERGELAB_HASH_CACHE": "off"}
     rows = []
-    for method in args.methods:
+    # mergekit's run of a method whose stable variant is measured too serves both rows (its output kept until then)
+    kept_mergekit: dict[str, tuple[tuple[float, int], float]] = {}
+    for i, method in enumerate(args.methods):
         cfg_path = work / f"{method}.yml"
         cfg_path.write_text(yaml.safe_dump(config_for(method, paths)))
+        mergekit_method = STABLE.get(method, method)
+        mergekit_cfg = work / f"{mergekit_method}.yml"
+        mergekit_cfg.write_text(yaml.safe_dump(config_for(mergekit_method, paths)))
         results, cpu_s = {}, {}
         # One untimed run first: numba compiles a checkout's loops into its cache on their first use, once,
         # and that run had been the timed one in a fresh worktree (3 x 0.5 GB, 2026-12-04 23:53: TIES 14.40 s
@@ -304,7 +317,11 @@ def measure_size(size_text: str, args: argparse.Namespace,
         shutil.rmtree(work / "out-warm", ignore_errors=True)
         load_before = os.getloadavg()[0]
         for tool in ("mergelab", "mergekit"):
-            out = work / f"out-{tool}-{method}"
+            if tool == "mergekit" and mergekit_method in kept_mergekit:
+                results[tool], cpu_s[tool] = kept_mergekit[mergekit_method]
+                print(f"  {method:16s} {tool:9s} as for {mergekit_method}", flush=True)
+                continue
+            out = work / f"out-{tool}-{mergekit_method if tool == 'mergekit' else method}"
             walls, peaks, cpus = [], [], []
             for _ in range(args.repeats):
                 shutil.rmtree(out, ignore_errors=True)
@@ -313,7 +330,7 @@ def measure_size(size_text: str, args: argparse.Namespace,
                 else:
                     if mergekit_bin is None:
                         raise SystemExit("mergekit-yaml not found: pip install mergekit==0.1.5")
-                    cmd = [mergekit_bin, str(cfg_path), str(out), "--no-write-model-card", "--no-copy-tokenizer",
+                    cmd = [mergekit_bin, str(mergekit_cfg), str(out), "--no-write-model-card", "--no-copy-tokenizer",
                            "--quiet", "--random-seed", "0"]
                     if args.device != "cpu":
                         cmd += ["--device", args.device]
@@ -323,6 +340,8 @@ def measure_size(size_text: str, args: argparse.Namespace,
                 cpus.append(cpu)
             results[tool] = (statistics.median(walls), max(peaks))
             cpu_s[tool] = statistics.median(cpus)
+            if tool == "mergekit" and any(STABLE.get(m) == method for m in args.methods):
+                kept_mergekit[method] = (results[tool], cpu_s[tool])
             print(f"  {method:16s} {tool:9s} {results[tool][0]:7.2f} s  peak RSS {results[tool][1] / 2**20:8.0f} MiB"
                   f"  CPU {cpu_s[tool]:7.2f} s", flush=True)
         # The fastest of several, as for the floor: the same 2 GB buffered write took 0.63-7.05 s of CPU in 8
@@ -333,22 +352,24 @@ def measure_size(size_text: str, args: argparse.Namespace,
         engine = min(engine_runs)
         direct_runs = [engine_seconds(cfg_path, work / f"out-engine-{method}", args.device, hash_cache, args.idle,
                                       direct_io=True) for _ in range(args.engine_repeats if args.direct_io else 0)]
-        diff = max_abs_diff(work / f"out-mergelab-{method}", work / f"out-mergekit-{method}")
+        diff, differing = max_abs_diff(work / f"out-mergelab-{method}", work / f"out-mergekit-{mergekit_method}")
         (ml_t, ml_m), (mk_t, mk_m) = results["mergelab"], results["mergekit"]
         rows.append({"method": method, "mergelab_s": ml_t, "mergekit_s": mk_t, "time_ratio": ml_t / mk_t,
                      "floor_ratio": ml_t / floor, "engine_s": engine, "engine_runs_s": engine_runs,
                      "engine_floor_ratio": engine / floor, "engine_hot_floor_ratio": engine / floor_hot,
                      "engine_direct_runs_s": direct_runs,
                      "mergelab_rss_mib": ml_m / 2**20, "mergekit_rss_mib": mk_m / 2**20,
-                     "rss_ratio": ml_m / mk_m, "max_abs_diff": diff, "mergelab_cpu_s": cpu_s["mergelab"],
+                     "rss_ratio": ml_m / mk_m, "max_abs_diff": diff, "differing_fraction": differing,
+                     "mergelab_cpu_s": cpu_s["mergelab"],
                      "mergekit_cpu_s": cpu_s["mergekit"],
                      "load": (load_before, os.getloadavg()[0])})
         print(f"  {method:16s} engine    {engine:7.2f} s  ({engine / floor:.2f}x floor, {engine / floor_hot:.2f}x "
               f"hot floor; slowest of {len(engine_runs)} {max(engine_runs):.2f} s)"
               + (f"; --direct-io {min(direct_runs):.2f} s ({min(direct_runs) / floor_direct:.2f}x direct floor)"
                  if direct_runs else ""), flush=True)
-        for tool in ("mergelab", "mergekit"):
-            shutil.rmtree(work / f"out-{tool}-{method}", ignore_errors=True)
+        shutil.rmtree(work / f"out-mergelab-{method}", ignore_errors=True)
+        if method not in kept_mergekit or all(STABLE.get(m) != method for m in args.methods[i + 1:]):
+            shutil.rmtree(work / f"out-mergekit-{mergekit_method}", ignore_errors=True)
         if on_method is not None:  # the report so far: a long run cut short still leaves its numbers
             on_method(*_section(size_text, in_bytes, floors, torch_import, kernels_s, hash_s, rows, args))
     return _section(size_text, in_bytes, floors, torch_import, kernels_s, hash_s, rows, args)
@@ -372,13 +393,17 @@ def _section(size_text: str, in_bytes: int, floors: tuple[float, float, float], 
               f"{args.engine_repeats} runs, each after {args.idle:g} s of quiet like the floor (*slowest*: the "
               "slowest of them); *direct*: the same with `--direct-io`, over the direct floor. "
               "*load*: 1-minute load average before/after the method (2 cores: above 2 means other processes were "
-              "waiting for them).\n\n")
+              "waiting for them). *ties_stable*, *breadcrumbs_stable*: mergelab's `tie_order: stable` (magnitudes "
+              "tied at a kept rank's edge kept by flat index, no sort replayed) against mergekit's merge of the "
+              "method (the same run of it as that method's row).\n\n")
     table = ("| method | mergelab s | mergekit s | time mergelab/mergekit | mergelab/floor | engine s | engine/floor "
              "| engine/hot floor | engine slowest s | direct s | direct/floor | CPU s mergelab / mergekit "
              "| mergelab peak RSS MiB | mergekit peak RSS MiB | RSS mergelab/mergekit | max abs diff | load |\n"
              + "|---" * 17 + "|\n")
     for r in rows:
         diff = "random masks differ" if r["method"] in RANDOM else f"{r['max_abs_diff']:.3g}"
+        if r["method"] in STABLE:
+            diff += f" ({100 * r['differing_fraction']:.2g} % of entries differ from mergekit's)"
         fastest = min(r["engine_direct_runs_s"], default=None)
         direct = "– | –" if fastest is None else f"{fastest:.2f} | {fastest / floor_direct:.2f}"
         table += (f"| {r['method']} | {r['mergelab_s']:.2f} | {r['mergekit_s']:.2f} | {r['time_ratio']:.2f} | "

@@ -74,8 +74,8 @@ def test_resolve_per_model_over_global_and_defaults() -> None:
     )
     assert params["lambda"] == 2.0 and isinstance(params["lambda"], float)
     assert params["normalize"] is True and params["consensus"] == "sum"
-    assert per_model[0] == {"weight": pytest.approx(1.0), "density": 0.2}
-    assert per_model[1] == {"weight": pytest.approx(1.0), "density": 0.5}
+    assert per_model[0] == {"weight": pytest.approx(1.0), "density": 0.2, "tie_order": "sort"}
+    assert per_model[1] == {"weight": pytest.approx(1.0), "density": 0.5, "tie_order": "sort"}
 
 
 def test_resolve_falls_back_to_global_when_model_conditional_does_not_match() -> None:

@@ -76,7 +76,7 @@ def test_breadcrumbs_ties_elects_sign() -> None:
     out = breadcrumbs_merge(BASE, models, [1.0, 1.0], [0.5, 0.5], [0.2, 0.2], consensus="sum", normalize=True)
     assert_close(out, BASE - 2 * _only([7, 5, 9, 2, 8]))
     out = get_method("breadcrumbs_ties").adapter(TensorInputs(
-        name="w", tensors=models, model_params=[{"weight": 1.0, "density": 0.5, "gamma": 0.2}] * 2,
+        name="w", tensors=models, model_params=[{"weight": 1.0, "density": 0.5, "gamma": 0.2, "tie_order": "sort"}] * 2,
         params={"lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False}, base=BASE))
     assert_close(out, BASE - 2 * _only([7, 5, 9, 2, 8]))
 
@@ -86,7 +86,7 @@ def test_adapter_default_gamma_matches_mergekit() -> None:
     param = m.param("gamma")
     assert param is not None and param.default == 0.01 and param.scope == "model"
     x = TensorInputs(name="w", tensors=[BASE + DELTA],
-                     model_params=[{"weight": 1.0, "density": 0.5, "gamma": 0.2}],
+                     model_params=[{"weight": 1.0, "density": 0.5, "gamma": 0.2, "tie_order": "sort"}],
                      params={"lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False}, base=BASE)
     assert_close(m.adapter(x), BASE + _only([7, 5, 9, 2, 8]))
 

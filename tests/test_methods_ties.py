@@ -141,7 +141,7 @@ def test_global_scope_thresholds_replace_density() -> None:
 def _inputs(scope: str, thresholds: list[float] | None) -> TensorInputs:
     return TensorInputs(
         name="model.layers.0.mlp.weight", tensors=MODELS,
-        model_params=[{"weight": 1.0, "density": 0.5}] * 3,
+        model_params=[{"weight": 1.0, "density": 0.5, "tie_order": "sort"}] * 3,
         params={"lambda": 1.0, "normalize": True, "consensus": "sum", "scope": scope, "rescale": False,
                 "int8_mask": False},
         base=BASE, thresholds=thresholds,

@@ -82,7 +82,7 @@ def test_param_required_and_scopes() -> None:
     assert Param("t", float).default is REQUIRED
     assert not Param("t", float, 0.5).required
     ties = get_method("ties")
-    assert set(ties.model_params) == {"weight", "density"}
+    assert set(ties.model_params) == {"weight", "density", "tie_order"}
     assert {"lambda", "normalize", "consensus", "scope"} <= set(ties.global_params)
     assert ties.param("nope") is None
 

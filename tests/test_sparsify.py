@@ -263,3 +263,73 @@ def test_bernoulli_mask_compares_draws_with_the_float32_the_density_rounds_to_as
     # a single entry (0-d) comes back a 0-d boolean tensor
     scalar = bernoulli_mask(torch.Size([]), 0.5, lambda shape: torch.tensor(0.25).reshape(shape))
     assert scalar.shape == () and scalar.dtype == torch.bool and bool(scalar)
+
+
+# --- tie_order: stable -----------------------------------------------------------------------------------
+
+def _stable_sort_mask(delta: torch.Tensor, start: int, stop: int, *, descending: bool) -> torch.Tensor:
+    """The ranks ``[start, stop)`` of a stable sort of the float32 magnitudes: what ``tie_order: stable`` keeps."""
+    order = torch.sort(delta.reshape(-1).float().abs(), descending=descending, stable=True).indices
+    mask = torch.zeros(delta.numel(), dtype=torch.bool)
+    mask[order[start:stop]] = True
+    return mask.reshape(delta.shape)
+
+
+def test_stable_tie_order_keeps_the_lowest_indices_tied_at_the_kth_rank() -> None:
+    # |δ| = 2 2 5 2 2 1: k = int(0.5 · 6) = 3 keeps the 5 and two of the four 2s, the first two by index
+    delta = torch.tensor([2.0, -2.0, 5.0, 2.0, -2.0, 1.0])
+    assert _idx(magnitude_mask(delta, 0.5, "stable")) == [0, 1, 2]
+    assert _idx(magnitude_mask(delta.double(), 0.5, "stable")) == [0, 1, 2]  # float64: no keys, torch's path
+
+
+def test_stable_tie_order_band_drops_the_lowest_indices_at_the_low_edge_and_keeps_them_at_the_high_edge() -> None:
+    # |δ| = 1 1 1 1 2 2 2 2 3 3, density 0.4, gamma 0.1: ascending ranks [5, 9) of n = 10. The 2s hold ranks
+    # 4-7 by index (index 4 below the band), the 3s ranks 8-9 (index 9 above it): kept 5, 6, 7 and 8
+    delta = torch.tensor([1.0, -1.0, 1.0, 1.0, 2.0, -2.0, 2.0, 2.0, 3.0, -3.0])
+    for x in (delta, delta.bfloat16(), delta.double()):
+        assert _idx(outlier_mask(x, 0.4, 0.1, "stable")) == [5, 6, 7, 8], x.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(3))
+def test_stable_tie_order_keeps_a_stable_sorts_ranks_among_heavy_ties(dtype: torch.dtype, seed: int) -> None:
+    from mergelab.methods.sparsify import _outlier_ranks
+
+    g = torch.Generator().manual_seed(seed)
+    n = [5_003, 40_000, 1_500_001][seed]  # the last past one block of the tied entries' scan
+    delta = (torch.randn(n, generator=g) * 0.002).to(dtype)
+    if dtype in (torch.float32, torch.float64):  # ties only where values repeat: round them to a few hundred levels
+        delta = (delta * 2e4).round() / 2e4
+    delta[::7] = 0.0
+    for density, gamma in ((0.01, 0.0), (0.3, 0.01), (0.5, 0.2), (0.9, 0.05)):
+        k = max(1, int(density * n))
+        assert torch.equal(magnitude_mask(delta, density, "stable"),
+                           _stable_sort_mask(delta, 0, k, descending=True)), density
+        start, stop = _outlier_ranks(n, density, gamma)
+        assert torch.equal(outlier_mask(delta, density, gamma, "stable"),
+                           _stable_sort_mask(delta, start, stop, descending=False)), (density, gamma)
+
+
+def test_stable_and_sort_tie_orders_keep_the_same_count_and_differ_only_among_tied_magnitudes() -> None:
+    delta = (torch.randn(200_000, generator=torch.Generator().manual_seed(3)) * 0.002).bfloat16()
+    stable, sort = magnitude_mask(delta, 0.3, "stable"), magnitude_mask(delta, 0.3)
+    assert int(stable.sum()) == int(sort.sum()) == 60_000
+    differ = stable != sort
+    assert bool(differ.any())  # the sort's order is not the index order on a tensor this large
+    threshold = delta.float().abs()[sort].min()
+    assert bool((delta.float().abs()[differ] == threshold).all())
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_stable_rules_applied_piece_by_piece_are_the_whole_mask(two_sided: bool) -> None:
+    from mergelab.methods.sparsify import band_of_keys, magnitude_keys, topk_of_keys
+
+    delta = (torch.randn(30_001, generator=torch.Generator().manual_seed(5)) * 0.002).bfloat16()
+    for density in (0.01, 0.3, 0.77):
+        keys = magnitude_keys(delta)
+        rule = (band_of_keys(keys.clone(), density, 0.05, tie_order="stable") if two_sided
+                else topk_of_keys(keys.clone(), density, tie_order="stable"))
+        assert rule is not None and (rule.ties is not None or rule.ceiling_ties is not None)
+        whole = outlier_mask(delta, density, 0.05, "stable") if two_sided else magnitude_mask(delta, density, "stable")
+        pieces = [rule.apply(delta[a:a + 997], a) for a in range(0, delta.numel(), 997)]
+        assert torch.equal(torch.cat(pieces), whole), density

@@ -367,6 +367,28 @@ def test_model_stock_streamed_same_bytes_for_identical_zero_and_opposed_task_vec
     _whole_and_streamed(tmp_path, config, monkeypatch)
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_a_stable_tie_order_streamed_gives_the_whole_merges_bytes_and_other_bytes_than_the_sorts(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    # bfloat16 arithmetic: a few hundred magnitudes per task vector, tied ones straddle the kept ranks' edges
+    base, fts = families["llama"]
+    config = method_config(method, base, fts, dtype="bfloat16", out_dtype="bfloat16")
+    config["parameters"] = {"tie_order": "stable"}
+    _whole_and_streamed(tmp_path, config, monkeypatch)
+    stable = load_folder(tmp_path / "whole")
+    config["parameters"] = {"tie_order": "sort"}
+    sort = load_folder(engine.run_merge(config, tmp_path / "sort", progress=False, hash_inputs=False).out_dir)
+    assert any(not torch.equal(stable[k], sort[k]) for k in sort)  # the tie order reaches the output
+
+
+def test_an_unknown_tie_order_is_refused_with_the_two_it_knows(families: Families, tmp_path: Path) -> None:
+    base, fts = families["llama"]
+    config = method_config("ties", base, fts)
+    config["parameters"] = {"tie_order": "random"}
+    out = tmp_path / "out"
+    assert_refused(run_cli(write_config(tmp_path, config), out), out, "tie_order", "sort", "stable")
+
+
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 @pytest.mark.parametrize("extra", [{}, {"out_dtype": "bfloat16"}], ids=["float32", "bf16-out"])
 def test_streamed_in_pieces_same_bytes_as_whole(families: Families, sharded_family: tuple[Path, list[Path]],

@@ -13,12 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from mergelab.kernels.masked import KEY_SPECS, key_histogram
 from mergelab.methods.std_sort import band_ties, kept_ties, matches_torch_sort, sorted_ranks
+
+TieOrder = Literal["sort", "stable"]
+"""Which of the magnitudes tied at a kept rank's edge are kept. ``"sort"``: those ``torch.argsort`` on the CPU
+puts first, as mergekit's CPU merges keep them (the sort is replayed, ``std_sort``: 40 % of TIES' CPU at
+3 × 2 GB bf16, benchmarks/results/2026-12-05.md); ``"stable"``: those a stable sort puts first, the lowest flat
+indices first in the sort's direction, the same on every device (torch's CPU and CUDA sorts order ties
+differently) and found by one scan of the tied keys."""
+TIE_ORDERS: tuple[TieOrder, ...] = ("sort", "stable")
 
 
 def _float_flat(x: torch.Tensor) -> torch.Tensor:
@@ -51,26 +60,37 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return _kth_largest(work, k)
 
 
-def _mask_at(work: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
+def _mask_at(work: torch.Tensor, threshold: torch.Tensor, k: int, tie_order: TieOrder = "sort") -> torch.Tensor:
     """Exactly the ``k`` largest entries of 1-D ``work`` that mergekit keeps: those above ``threshold``,
-    then, when not every entry equal to it fits, the tied ones in ``torch.argsort``'s order."""
+    then, when not every entry equal to it fits, the tied ones in ``torch.argsort``'s order (``tie_order``
+    "stable": the lowest flat indices)."""
     mask = work > threshold
     missing = k - int(torch.count_nonzero(mask))  # a bool sum would materialise int64 per entry
     if missing > 0:
-        ties = torch.nonzero(work == threshold).reshape(-1)
+        ties = torch.nonzero(work == threshold).reshape(-1)  # ascending flat indices
         if ties.numel() > missing:  # straddling ties: the sort's order decides, as in mergekit
-            del mask, ties
-            return _sorted_range(work, 0, k, descending=True)
+            if tie_order == "stable":
+                ties = ties[:missing]
+            else:
+                del mask, ties
+                return _sorted_range(work, 0, k, descending=True)
         mask[ties] = True
     return mask
 
 
-def _sorted_range(work: torch.Tensor, start: int, stop: int, *, descending: bool) -> torch.Tensor:
-    """Mask of the entries at ranks ``[start, stop)`` of ``work`` sorted as mergekit sorts it on the CPU.
+def _sorted_range(work: torch.Tensor, start: int, stop: int, *, descending: bool,
+                  tie_order: TieOrder = "sort") -> torch.Tensor:
+    """Mask of the entries at ranks ``[start, stop)`` of ``work`` sorted as mergekit sorts it on the CPU
+    (``tie_order`` "stable": as a stable sort does, on the device where ``work`` is).
 
     Sorted on the CPU whatever the device, so that the same inputs keep the same entries everywhere (the
     order of tied values differs between torch's CPU and CUDA sorts).
     """
+    if tie_order == "stable":
+        order = torch.sort(work, descending=descending, stable=True).indices[start:stop]
+        mask = torch.zeros_like(work, dtype=torch.bool)
+        mask[order] = True
+        return mask
     cpu = work.cpu()
     # the same entries as the sort, found in O(n) by following only the partitions that hold a boundary
     # rank (methods/std_sort.py; 8 Mi tied bf16 magnitudes: 0.25 s instead of the sort's 1.5 s)
@@ -102,8 +122,9 @@ def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     return _mask_at(work, threshold, k).reshape(magnitude.shape)
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of largest-magnitude entries (at least one when density > 0).
+def magnitude_mask(delta: torch.Tensor, density: float, tie_order: TieOrder = "sort") -> torch.Tensor:
+    """Keep the ``density`` fraction of largest-magnitude entries (at least one when density > 0), magnitudes
+    tied at the k-th rank kept in ``tie_order`` (:data:`TieOrder`).
 
     Matches mergekit's ``magnitude`` sparsification: ``k = max(1, int(density * numel))``.
     """
@@ -116,12 +137,12 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     if k >= n:
         return torch.ones_like(delta, dtype=torch.bool)
     keys = magnitude_keys(delta)
-    rule = topk_of_keys(keys, density) if keys is not None else None
+    rule = topk_of_keys(keys, density, tie_order=tie_order) if keys is not None else None
     if rule is not None:
         return rule.mask(keys).reshape(delta.shape)  # type: ignore[arg-type]
     # float64, another device, NaN, or a torch that sorts otherwise: select in float and sort where tied
     threshold = _kth_largest(_float_flat(delta.abs()), k)
-    return _mask_at(_float_flat(delta.abs()), threshold, k).reshape(delta.shape)
+    return _mask_at(_float_flat(delta.abs()), threshold, k, tie_order).reshape(delta.shape)
 
 
 def magnitude_keys(delta: torch.Tensor) -> torch.Tensor | None:
@@ -188,6 +209,26 @@ def _one_side(keys: torch.Tensor, edge: int, ties: torch.Tensor | None, start: i
     return mask
 
 
+_SCAN = 1 << 20  # entries compared at a time: a whole tensor's comparison would hold a byte per entry
+
+
+def equal_positions(keys: np.ndarray, key: int, first: int, stop: int) -> np.ndarray:
+    """The flat indices (int64, ascending) of the entries of 1-D ``keys`` equal to ``key``, from the
+    ``first``-th such entry (0-based, clamped at 0) up to before the ``stop``-th: the tied entries a stable sort
+    puts at those places among them. Scanned a block at a time, stopping once ``stop`` are found."""
+    first = max(first, 0)
+    found: list[np.ndarray] = []
+    count = 0
+    for a in range(0, keys.size, _SCAN):
+        if count >= stop:
+            break
+        hits = np.flatnonzero(keys[a:a + _SCAN] == key)
+        take = hits[max(0, first - count):stop - count] + a
+        count += hits.size
+        found.append(take)
+    return np.concatenate(found).astype(np.int64, copy=False) if found else np.empty(0, np.int64)
+
+
 def _histogram(keys: torch.Tensor) -> torch.Tensor:
     """How many 16-bit magnitude ``keys`` have each of the 2^15 values: the compiled count where it is
     loaded, else ``torch.bincount`` (the same counts)."""
@@ -195,10 +236,11 @@ def _histogram(keys: torch.Tensor) -> torch.Tensor:
     return counts if counts is not None else torch.bincount(keys, minlength=1 << 15)
 
 
-def topk_of_keys(keys: torch.Tensor, density: float, *, overwrite: bool = False,
+def topk_of_keys(keys: torch.Tensor, density: float, *, tie_order: TieOrder = "sort", overwrite: bool = False,
                  positions: np.ndarray | None = None) -> TopK | None:
     """The entries of 1-D ``keys`` (:func:`magnitude_keys`) that ``magnitude_mask`` keeps at ``density``:
-    the ``k`` largest as ``torch.argsort`` puts them first. None where the sort must be run for real.
+    the ``k`` largest as ``torch.argsort`` puts them first (``tie_order`` "stable": as a stable sort does,
+    without the replay). None where the sort must be run for real.
     ``overwrite``: ``keys`` may serve as the sort replay's scratch space (and are then left unordered);
     ``positions``: scratch space for its flat indices (``std_sort.kept_ties``).
 
@@ -229,6 +271,8 @@ def topk_of_keys(keys: torch.Tensor, density: float, *, overwrite: bool = False,
         tied = int(torch.count_nonzero(keys == threshold))
     if above + tied == k:
         return TopK(threshold)
+    if tie_order == "stable":  # the tied keys take the ranks [above, above + tied) by flat index
+        return TopK(threshold, torch.from_numpy(equal_positions(keys.numpy(), threshold, 0, k - above)))
     # tied magnitudes straddle the k-th rank: the sort's order decides which are kept, as in mergekit
     if not matches_torch_sort():
         return None
@@ -239,11 +283,12 @@ def topk_of_keys(keys: torch.Tensor, density: float, *, overwrite: bool = False,
     return TopK(threshold, torch.from_numpy(kept).long())
 
 
-def band_of_keys(keys: torch.Tensor, density: float, gamma: float, *, overwrite: bool = False,
-                 positions: np.ndarray | None = None) -> TopK | None:
+def band_of_keys(keys: torch.Tensor, density: float, gamma: float, *, tie_order: TieOrder = "sort",
+                 overwrite: bool = False, positions: np.ndarray | None = None) -> TopK | None:
     """The entries of 1-D ``keys`` (:func:`magnitude_keys`) that :func:`outlier_mask` keeps at ``density`` and
     ``gamma``, as a two-sided rule: the ranks ``[n_bottom, n_bottom + target)`` of torch's ascending sort
-    (one sort decides the ties at both edges, as in mergekit). None where the sort must be run for real.
+    (one sort decides the ties at both edges, as in mergekit; ``tie_order`` "stable": a stable sort, without
+    the replay). None where the sort must be run for real.
     ``overwrite``: ``keys`` may serve as the sort replay's scratch space (and are then left unordered);
     ``positions``: scratch space for its flat indices (as :func:`topk_of_keys`').
 
@@ -260,6 +305,7 @@ def band_of_keys(keys: torch.Tensor, density: float, gamma: float, *, overwrite:
         at_or_below = _histogram(keys).cumsum(0)  # [j]: entries at or below key j
         low, high = torch.searchsorted(at_or_below, torch.tensor([start, stop - 1]), right=True).tolist()
         below_low, up_to_high = (int(at_or_below[low - 1]) if low else 0), int(at_or_below[high])
+        below_high = int(at_or_below[high - 1]) if high else 0
         del at_or_below
     else:
         scratch = keys.numpy().copy()
@@ -268,11 +314,17 @@ def band_of_keys(keys: torch.Tensor, density: float, gamma: float, *, overwrite:
         del scratch
         below_low = int(torch.count_nonzero(keys < low))
         up_to_high = int(torch.count_nonzero(keys <= high))
+        below_high = int(torch.count_nonzero(keys < high))
     # the entries equal to an edge key take the ascending ranks [below, below + count): they straddle the
     # edge when some of them fall outside [start, stop)
     low_straddles, high_straddles = below_low < start, up_to_high > stop
     if not (low_straddles or high_straddles):
         return TopK(low, ceiling=high)
+    if tie_order == "stable":  # each edge key's entries take their ranks by flat index
+        low_kept, high_kept = (
+            torch.from_numpy(equal_positions(keys.numpy(), key, start - below, stop - below)) if straddles else None
+            for key, below, straddles in ((low, below_low, low_straddles), (high, below_high, high_straddles)))
+        return TopK(low, low_kept, ceiling=high, ceiling_ties=high_kept)
     if not matches_torch_sort():
         return None
     ties = band_ties(keys.numpy(), start, stop, low, high, overwrite=overwrite, positions=positions)
@@ -297,8 +349,9 @@ def threshold_mask(delta: torch.Tensor, threshold: float) -> torch.Tensor:
     return delta.abs() >= threshold
 
 
-def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs: drop the ``gamma`` fraction of largest entries and enough small ones to keep ``density``.
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float, tie_order: TieOrder = "sort") -> torch.Tensor:
+    """Breadcrumbs: drop the ``gamma`` fraction of largest entries and enough small ones to keep ``density``,
+    magnitudes tied at an edge kept in ``tie_order`` (:data:`TieOrder`).
 
     Same counts as mergekit's ``magnitude_outliers``: keep ``int(density*n)`` entries, skipping the
     ``int(gamma*n)`` largest unless that would leave fewer than the target.
@@ -314,7 +367,8 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     # straddle either edge, only that sort's order says which of them are kept
     edges = [r for r in (n_bottom, n_bottom + target) if 0 < r < n]
     if any(_straddles(work, r) for r in edges):
-        return _sorted_range(work, n_bottom, n_bottom + target, descending=False).reshape(delta.shape)
+        return _sorted_range(work, n_bottom, n_bottom + target, descending=False,
+                             tie_order=tie_order).reshape(delta.shape)
     keep_upto = topk_mask(magnitude, n - n_bottom)
     drop_top = topk_mask(magnitude, n - n_bottom - target)
     return keep_upto & ~drop_top
