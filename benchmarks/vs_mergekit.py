@@ -50,7 +50,7 @@ from mergelab.io.writer import parse_size, write_state_dict
 IDLE_S = 3.0
 # mergelab's `tie_order: stable` (methods/sparsify.py), timed against mergekit's merge of the same method: the
 # magnitudes tied at a kept rank's edge are kept by flat index instead of in torch's CPU sort order
-STABLE = {"ties_stable": "ties", "breadcrumbs_stable": "breadcrumbs"}
+STABLE = {"ties_stable": "ties", "breadcrumbs_stable": "breadcrumbs", "della_stable": "della"}
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "slerp", "model_stock", *STABLE)
 RANDOM = ("dare_ties", "della")  # random masks: mergekit and mergelab draw them from different generators
 
@@ -393,16 +393,16 @@ def _section(size_text: str, in_bytes: int, floors: tuple[float, float, float], 
               f"{args.engine_repeats} runs, each after {args.idle:g} s of quiet like the floor (*slowest*: the "
               "slowest of them); *direct*: the same with `--direct-io`, over the direct floor. "
               "*load*: 1-minute load average before/after the method (2 cores: above 2 means other processes were "
-              "waiting for them). *ties_stable*, *breadcrumbs_stable*: mergelab's `tie_order: stable` (magnitudes "
-              "tied at a kept rank's edge kept by flat index, no sort replayed) against mergekit's merge of the "
+              "waiting for them). *ties_stable*, *breadcrumbs_stable*, *della_stable*: mergelab's `tie_order: stable` "
+              "(tied magnitudes ordered by flat index, no sort replayed) against mergekit's merge of the "
               "method (the same run of it as that method's row).\n\n")
     table = ("| method | mergelab s | mergekit s | time mergelab/mergekit | mergelab/floor | engine s | engine/floor "
              "| engine/hot floor | engine slowest s | direct s | direct/floor | CPU s mergelab / mergekit "
              "| mergelab peak RSS MiB | mergekit peak RSS MiB | RSS mergelab/mergekit | max abs diff | load |\n"
              + "|---" * 17 + "|\n")
     for r in rows:
-        diff = "random masks differ" if r["method"] in RANDOM else f"{r['max_abs_diff']:.3g}"
-        if r["method"] in STABLE:
+        diff = "random masks differ" if STABLE.get(r["method"], r["method"]) in RANDOM else f"{r['max_abs_diff']:.3g}"
+        if r["method"] in STABLE and STABLE[r["method"]] not in RANDOM:
             diff += f" ({100 * r['differing_fraction']:.2g} % of entries differ from mergekit's)"
         fastest = min(r["engine_direct_runs_s"], default=None)
         direct = "– | –" if fastest is None else f"{fastest:.2f} | {fastest / floor_direct:.2f}"

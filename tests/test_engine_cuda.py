@@ -59,7 +59,8 @@ def test_element_wise_top_k_and_random_drop_methods_give_the_cpus_bits_on_cuda(
     ("dare_ties", {"dtype": "bfloat16", "out_dtype": "bfloat16"}), ("linear", {"dtype": "float16"}),
     ("task_arithmetic", {"parameters": {"normalize": True}}),
     ("ties", {"dtype": "bfloat16", "parameters": {"tie_order": "stable"}}),
-    ("breadcrumbs", {"dtype": "bfloat16", "parameters": {"tie_order": "stable"}})])
+    ("breadcrumbs", {"dtype": "bfloat16", "parameters": {"tie_order": "stable"}}),
+    ("della", {"dtype": "bfloat16", "parameters": {"tie_order": "stable"}})])
 def test_global_thresholds_and_half_precision_arithmetic_give_the_cpus_bits_on_cuda(
         families: Families, tmp_path: Path, method: str, extra: dict) -> None:
     cpu, gpu = _cpu_and_cuda(tmp_path, _config(families, method, **extra))

@@ -165,7 +165,7 @@ def test_adapters_use_engine_seed_consensus_and_mergekit_defaults() -> None:
     assert della.param("epsilon").default == 0.15 and della.param("epsilon").scope == "model"  # type: ignore[union-attr]
     assert della.randomized and linear.randomized and "mergekit" in della.also_in
     params = {"lambda": 1.0, "normalize": True, "rescale": True, "rescale_mode": "density", "int8_mask": False}
-    mp = [{"weight": w, "density": 0.4, "epsilon": 0.1} for w in W]
+    mp = [{"weight": w, "density": 0.4, "epsilon": 0.1, "tie_order": "sort"} for w in W]
     x = TensorInputs(name="w", tensors=MODELS, model_params=mp, params=params, base=BASE, seed=99)
     assert_close(della.adapter(x), della_merge(BASE, MODELS, W, [0.4] * 3, [0.1] * 3, seed=99))
     x.params = {**params, "normalize": False}
@@ -187,3 +187,43 @@ def test_same_seed_same_merge_on_cuda() -> None:
     cpu = della_merge(BASE, MODELS, W, [0.4] * 3, [0.2] * 3, seed=7)
     gpu = della_merge(BASE.cuda(), [m.cuda() for m in MODELS], W, [0.4] * 3, [0.2] * 3, seed=7)
     assert_close(gpu.cpu(), cpu)
+
+
+# --- tie_order: stable -----------------------------------------------------------------------------------
+
+def test_stable_tie_order_ranks_equal_magnitudes_by_index() -> None:
+    from mergelab.methods.della import stable_row_ranks
+
+    # |δ| = 2 1 2 1: the 1s take ranks 0 and 1 in index order, then the 2s ranks 2 and 3
+    assert stable_row_ranks(torch.tensor([[2.0, 1.0, 2.0, 1.0]]).bfloat16()).tolist() == [[2, 0, 3, 1]]
+    # density 0.5, ε 0.1, n = 4: p(rank r) = 0.4 + 0.2 r / 3
+    p = magprune_probabilities(torch.tensor([[2.0, -1.0, -2.0, 1.0]]), 0.5, 0.1, "stable")
+    assert_close(p, torch.tensor([[0.4 + 0.4 / 3, 0.4, 0.6, 0.4 + 0.2 / 3]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(64, 1024), (5, 7, 3), (300,)])
+def test_stable_ranks_are_a_stable_argsorts_on_every_path(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    from mergelab.methods.della import stable_row_ranks
+
+    g = torch.Generator().manual_seed(len(shape))
+    delta = ((torch.randn(shape, generator=g) * 20).round() / 20).to(dtype)  # a few dozen magnitudes: heavy ties
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    order = torch.argsort(rows.abs().float(), dim=1, stable=True)
+    expected = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).view(1, -1, *[1] * (
+        order.dim() - 2)).expand_as(order))
+    assert torch.equal(stable_row_ranks(rows.abs()), expected)
+    table = rank_probabilities(rows.shape[1], 0.4, 0.2, torch.float32)
+    assert torch.equal(magprune_probabilities(delta.float(), 0.4, 0.2, "stable"),
+                       table[expected].reshape(delta.shape))
+
+
+def test_stable_and_sort_tie_orders_differ_only_where_magnitudes_tie() -> None:
+    delta = (torch.randn(32, 1024, generator=torch.Generator().manual_seed(2)) * 0.002).bfloat16()
+    stable, sort = (magprune_probabilities(delta, 0.3, 0.1, order) for order in ("stable", "sort"))
+    differ = stable != sort
+    assert bool(differ.any())
+    magnitudes = delta.float().abs()
+    for row in range(32):  # each differing entry shares its magnitude with another entry of its row
+        for j in torch.nonzero(differ[row]).reshape(-1).tolist():
+            assert int((magnitudes[row] == magnitudes[row, j]).sum()) > 1

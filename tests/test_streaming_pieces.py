@@ -367,7 +367,7 @@ def test_model_stock_streamed_same_bytes_for_identical_zero_and_opposed_task_vec
     _whole_and_streamed(tmp_path, config, monkeypatch)
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "della"])
 def test_a_stable_tie_order_streamed_gives_the_whole_merges_bytes_and_other_bytes_than_the_sorts(
         families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     # bfloat16 arithmetic: a few hundred magnitudes per task vector, tied ones straddle the kept ranks' edges
