@@ -192,19 +192,20 @@ def test_same_seed_same_merge_on_cuda() -> None:
 # --- tie_order: stable -----------------------------------------------------------------------------------
 
 def test_stable_tie_order_ranks_equal_magnitudes_by_index() -> None:
-    from mergelab.methods.della import stable_row_ranks
+    from mergelab.methods.della import stable_rank_values
 
     # |δ| = 2 1 2 1: the 1s take ranks 0 and 1 in index order, then the 2s ranks 2 and 3
-    assert stable_row_ranks(torch.tensor([[2.0, 1.0, 2.0, 1.0]]).bfloat16()).tolist() == [[2, 0, 3, 1]]
+    ranks = stable_rank_values(torch.tensor([[2.0, 1.0, 2.0, 1.0]]).bfloat16(), torch.arange(4.0))
+    assert ranks.tolist() == [[2.0, 0.0, 3.0, 1.0]]
     # density 0.5, ε 0.1, n = 4: p(rank r) = 0.4 + 0.2 r / 3
     p = magprune_probabilities(torch.tensor([[2.0, -1.0, -2.0, 1.0]]), 0.5, 0.1, "stable")
     assert_close(p, torch.tensor([[0.4 + 0.4 / 3, 0.4, 0.6, 0.4 + 0.2 / 3]]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(64, 1024), (5, 7, 3), (300,)])
+@pytest.mark.parametrize("shape", [(64, 1024), (300, 300), (5, 7, 3), (300,)])
 def test_stable_ranks_are_a_stable_argsorts_on_every_path(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    from mergelab.methods.della import stable_row_ranks
+    from mergelab.methods.della import stable_rank_values
 
     g = torch.Generator().manual_seed(len(shape))
     delta = ((torch.randn(shape, generator=g) * 20).round() / 20).to(dtype)  # a few dozen magnitudes: heavy ties
@@ -212,7 +213,7 @@ def test_stable_ranks_are_a_stable_argsorts_on_every_path(dtype: torch.dtype, sh
     order = torch.argsort(rows.abs().float(), dim=1, stable=True)
     expected = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).view(1, -1, *[1] * (
         order.dim() - 2)).expand_as(order))
-    assert torch.equal(stable_row_ranks(rows.abs()), expected)
+    assert torch.equal(stable_rank_values(rows.abs(), torch.arange(rows.shape[1]).double()), expected.double())
     table = rank_probabilities(rows.shape[1], 0.4, 0.2, torch.float32)
     assert torch.equal(magprune_probabilities(delta.float(), 0.4, 0.2, "stable"),
                        table[expected].reshape(delta.shape))
