@@ -19,7 +19,7 @@ CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]], int]] = {
     "nearswap": ({"t": 0.05}, [{}], 1),
     "arcee_fusion": ({}, [{}], 1),
     "della": ({"lambda": 1.0, "normalize": True, "rescale": True, "rescale_mode": "l1", "int8_mask": False},
-              [{"weight": 0.5, "density": 0.5, "epsilon": 0.1}] * 3, 3),
+              [{"weight": 0.5, "density": 0.5, "epsilon": 0.1, "tie_order": "sort"}] * 3, 3),
 }
 
 
