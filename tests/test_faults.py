@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 import mergelab
 from cli_helpers import assert_ok, assert_refused, leftovers, load_output, run_cli, write_config
 from mergelab.io.writer import StreamingSafetensorsWriter
+from mergelab.signals import Terminated
+from mergelab.terminal import describe
 
 Families = dict[str, tuple[Path, list[Path]]]
 
@@ -139,6 +141,22 @@ def test_sigterm_sighup_and_sigint_clean_up_and_exit_128_plus_signal(tmp_path: P
     assert proc.returncode == 128 + sig, (proc.returncode, message)
     assert message.startswith("error:") and "Traceback" not in message, message
     assert not out.exists() and leftovers(out) == [], leftovers(out)
+
+
+@pytest.mark.parametrize(("stop", "code"), [(Terminated(signal.SIGHUP), 129), (KeyboardInterrupt(), 130)])
+def test_an_error_raised_while_a_signals_stop_unwinds_reports_the_stop(stop: BaseException, code: int) -> None:
+    # the handler's exception can land inside a lock's code: the lock's __exit__ then raises in its place
+    def unwinding() -> None:
+        try:
+            raise stop
+        finally:
+            raise RuntimeError("cannot release un-acquired lock")
+
+    with pytest.raises(RuntimeError) as caught:
+        unwinding()
+    message, exit_code = describe(caught.value)
+    assert exit_code == code and "no output was installed" in message and "bug" not in message
+    assert describe(RuntimeError("cannot release un-acquired lock"))[1] == 1  # no stop behind it: a bug
 
 
 def test_stale_temp_folders_of_dead_merges_are_removed(families: Families, tmp_path: Path) -> None:

@@ -48,8 +48,26 @@ def _one_paragraph(text: str) -> str:
     return "\n".join(line for line in text.strip().splitlines() if line.strip())
 
 
+def _stop_behind(exc: BaseException) -> BaseException | None:
+    """The signal's :class:`Terminated` or ``KeyboardInterrupt`` that ``exc`` was raised while unwinding from,
+    if any: the exception a signal handler raises may land inside a lock's code, and the lock's ``__exit__``
+    then fails in its place (a SIGHUP during `.ci/run`, 2026-12-05: "RuntimeError: cannot release un-acquired
+    lock" reported as a bug, exit 1, where the merge had been stopped and cleaned up as asked)."""
+    seen: set[int] = set()
+    context = exc.__context__
+    while context is not None and id(context) not in seen:
+        if isinstance(context, (Terminated, KeyboardInterrupt)):
+            return context
+        seen.add(id(context))
+        context = context.__context__
+    return None
+
+
 def describe(exc: BaseException) -> tuple[str, int]:
-    """The message and exit code for an exception that reached the command line."""
+    """The message and exit code for an exception that reached the command line; one raised while a signal's
+    stop unwound reports the stop (:func:`_stop_behind`)."""
+    if not isinstance(exc, (Terminated, KeyboardInterrupt)) and (stop := _stop_behind(exc)) is not None:
+        exc = stop
     if isinstance(exc, MergeLabError):
         return str(exc), exc.exit_code
     if isinstance(exc, Terminated):
