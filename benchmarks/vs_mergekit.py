@@ -251,7 +251,7 @@ def load_all(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def max_abs_diff(a: Path, b: Path) -> tuple[float, float]:
+def output_differences(a: Path, b: Path) -> tuple[float, float]:
     """The largest absolute difference of two merges' entries, and the fraction of entries that differ."""
     ta, tb = load_all(a), load_all(b)
     if set(ta) != set(tb):
@@ -299,12 +299,13 @@ def measure_size(size_text: str, args: argparse.Namespace,
     mergelab_bin = [sys.executable, "-m", "mergelab.cli"]
     cold_hashes = {**os.environ, "MERGELAB_HASH_CACHE": "off"}
     rows = []
-    # mergekit's run of a method whose stable variant is measured too serves both rows (its output kept until then)
+    # mergekit's run of a method whose stable variant is measured later serves both rows (its output kept until then)
     kept_mergekit: dict[str, tuple[tuple[float, int], float]] = {}
     for i, method in enumerate(args.methods):
         cfg_path = work / f"{method}.yml"
         cfg_path.write_text(yaml.safe_dump(config_for(method, paths)))
         mergekit_method = STABLE.get(method, method)
+        needed_later = any(STABLE.get(m) == mergekit_method for m in args.methods[i + 1:])
         mergekit_cfg = work / f"{mergekit_method}.yml"
         mergekit_cfg.write_text(yaml.safe_dump(config_for(mergekit_method, paths)))
         results, cpu_s = {}, {}
@@ -340,8 +341,8 @@ def measure_size(size_text: str, args: argparse.Namespace,
                 cpus.append(cpu)
             results[tool] = (statistics.median(walls), max(peaks))
             cpu_s[tool] = statistics.median(cpus)
-            if tool == "mergekit" and any(STABLE.get(m) == method for m in args.methods):
-                kept_mergekit[method] = (results[tool], cpu_s[tool])
+            if tool == "mergekit" and needed_later:
+                kept_mergekit[mergekit_method] = (results[tool], cpu_s[tool])
             print(f"  {method:16s} {tool:9s} {results[tool][0]:7.2f} s  peak RSS {results[tool][1] / 2**20:8.0f} MiB"
                   f"  CPU {cpu_s[tool]:7.2f} s", flush=True)
         # The fastest of several, as for the floor: the same 2 GB buffered write took 0.63-7.05 s of CPU in 8
@@ -352,7 +353,8 @@ def measure_size(size_text: str, args: argparse.Namespace,
         engine = min(engine_runs)
         direct_runs = [engine_seconds(cfg_path, work / f"out-engine-{method}", args.device, hash_cache, args.idle,
                                       direct_io=True) for _ in range(args.engine_repeats if args.direct_io else 0)]
-        diff, differing = max_abs_diff(work / f"out-mergelab-{method}", work / f"out-mergekit-{mergekit_method}")
+        diff, differing = output_differences(work / f"out-mergelab-{method}",
+                                             work / f"out-mergekit-{mergekit_method}")
         (ml_t, ml_m), (mk_t, mk_m) = results["mergelab"], results["mergekit"]
         rows.append({"method": method, "mergelab_s": ml_t, "mergekit_s": mk_t, "time_ratio": ml_t / mk_t,
                      "floor_ratio": ml_t / floor, "engine_s": engine, "engine_runs_s": engine_runs,
@@ -368,7 +370,7 @@ def measure_size(size_text: str, args: argparse.Namespace,
               + (f"; --direct-io {min(direct_runs):.2f} s ({min(direct_runs) / floor_direct:.2f}x direct floor)"
                  if direct_runs else ""), flush=True)
         shutil.rmtree(work / f"out-mergelab-{method}", ignore_errors=True)
-        if method not in kept_mergekit or all(STABLE.get(m) != method for m in args.methods[i + 1:]):
+        if not needed_later:
             shutil.rmtree(work / f"out-mergekit-{mergekit_method}", ignore_errors=True)
         if on_method is not None:  # the report so far: a long run cut short still leaves its numbers
             on_method(*_section(size_text, in_bytes, floors, torch_import, kernels_s, hash_s, rows, args))
