@@ -333,3 +333,16 @@ def test_stable_rules_applied_piece_by_piece_are_the_whole_mask(two_sided: bool)
         whole = outlier_mask(delta, density, 0.05, "stable") if two_sided else magnitude_mask(delta, density, "stable")
         pieces = [rule.apply(delta[a:a + 997], a) for a in range(0, delta.numel(), 997)]
         assert torch.equal(torch.cat(pieces), whole), density
+
+
+def test_stable_band_inside_one_run_of_equal_magnitudes_keeps_the_middle_of_that_run() -> None:
+    from mergelab.methods.sparsify import band_of_keys, magnitude_keys
+
+    # 40 ones then 3 twos, density 0.3, gamma 0.1: n = 43, target 12, ascending ranks [27, 39), all ones, so both
+    # edges are the key of 1.0 and the band is indices 27-38 of the run, listed at both edges
+    delta = torch.tensor([1.0] * 40 + [2.0] * 3).bfloat16()
+    keys = magnitude_keys(delta)
+    rule = band_of_keys(keys.clone(), 0.3, 0.1, tie_order="stable")
+    assert rule is not None and rule.threshold == rule.ceiling
+    assert rule.ties.tolist() == rule.ceiling_ties.tolist() == list(range(27, 39))  # type: ignore[union-attr]
+    assert _idx(rule.mask(keys)) == _idx(outlier_mask(delta, 0.3, 0.1, "stable")) == list(range(27, 39))

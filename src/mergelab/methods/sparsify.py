@@ -321,9 +321,13 @@ def band_of_keys(keys: torch.Tensor, density: float, gamma: float, *, tie_order:
     if not (low_straddles or high_straddles):
         return TopK(low, ceiling=high)
     if tie_order == "stable":  # each edge key's entries take their ranks by flat index
-        low_kept, high_kept = (
-            torch.from_numpy(equal_positions(keys.numpy(), key, start - below, stop - below)) if straddles else None
-            for key, below, straddles in ((low, below_low, low_straddles), (high, below_high, high_straddles)))
+        def kept(key: int, below: int) -> torch.Tensor:
+            return torch.from_numpy(equal_positions(keys.numpy(), key, start - below, stop - below))
+
+        low_kept = kept(low, below_low) if low_straddles else None
+        # one key at both edges (below_high == below_low): the same entries, not scanned twice
+        high_kept = (None if not high_straddles else low_kept if low_kept is not None and high == low
+                     else kept(high, below_high))
         return TopK(low, low_kept, ceiling=high, ceiling_ties=high_kept)
     if not matches_torch_sort():
         return None
