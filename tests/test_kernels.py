@@ -19,7 +19,7 @@ from cli_helpers import STREAM_PIECE, assert_same_safetensors, method_config, we
 from mergelab.kernels import dispatch, row_reductions
 from mergelab.kernels.masked import key_histogram
 from mergelab.kernels.random_drops import rescaled_drop
-from mergelab.kernels.row_ranks import argsort_ranks
+from mergelab.kernels.row_ranks import argsort_ranks, stable_ranks
 from mergelab.kernels.weighted_sums import linear_sum, task_arithmetic_sum
 from mergelab.merge import engine
 from mergelab.merge.core import one_thread
@@ -464,6 +464,46 @@ def test_row_ranks_leave_nan_other_dtypes_and_other_shapes_to_torch() -> None:
     assert argsort_ranks(torch.tensor([[1.0, 2.0]]), torch.tensor([0.1, 0.2, 0.3])) is None
     assert argsort_ranks(torch.tensor([[1.0, 2.0]]), torch.tensor([0.1, 0.2], dtype=torch.float16)) is None
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stable_ranks_are_a_stable_sorts_of_the_magnitudes_ties_by_index(dtype: torch.dtype) -> None:
+    # by hand: |[-0.5, 0.25, 0.5, -0.0, 0.0]| ascending, ties by index: 0.0 (3), 0.0 (4), 0.25 (1), 0.5 (0), 0.5 (2)
+    got = stable_ranks(torch.tensor([[-0.5, 0.25, 0.5, -0.0, 0.0]], dtype=dtype), torch.arange(5.0))
+    assert got is not None and got.tolist() == [[3.0, 2.0, 4.0, 0.0, 1.0]]
+    values = (torch.randn(40, 2048, generator=torch.Generator().manual_seed(2)) * 0.002).to(dtype)
+    values[3] = values[3, 0]  # a whole row of one magnitude, both signs
+    values[3, ::2] *= -1
+    values[5, ::3] = 0.0  # runs of zeros, either sign
+    values[5, 1::3] = -0.0
+    values[7] = (values[7] * 100).round() / 100  # a handful of magnitudes, each tied many times
+    order = torch.argsort(values.abs().float(), dim=1, stable=True)
+    for table_dtype in (torch.bfloat16, torch.float32):
+        table = torch.linspace(0.2, 0.4, 2048).to(table_dtype)
+        expected = torch.empty(order.shape, dtype=table_dtype).scatter_(1, order, table.expand_as(order))
+        got = stable_ranks(values, table)
+        assert got is not None and got.dtype == table_dtype and torch.equal(got, expected)
+    assert dispatch.verdicts()[("stable row ranks", dtype)]
+
+
+def test_stable_ranks_of_rows_longer_than_a_16_bit_position_are_a_stable_sorts_too() -> None:
+    n = (1 << 16) + 3  # a position of the packed order above 16 bits
+    values = ((torch.randn(2, n, generator=torch.Generator().manual_seed(3)) * 50).round() / 1e4).bfloat16()
+    order = torch.argsort(values.abs().float(), dim=1, stable=True)
+    table = torch.arange(n, dtype=torch.float32)
+    got = stable_ranks(values, table)
+    assert got is not None and torch.equal(got.long(), torch.empty_like(order).scatter_(1, order, table.long()
+                                                                                          .expand_as(order)))
+
+
+def test_stable_ranks_leave_nan_wide_dtypes_and_other_shapes_to_the_caller() -> None:
+    table = torch.tensor([0.1, 0.2, 0.3])
+    assert stable_ranks(torch.tensor([[1.0, float("nan"), 2.0]]).bfloat16(), table) is None  # torch puts NaN last
+    assert stable_ranks(torch.tensor([[1.0, float("-inf"), 2.0]]).bfloat16(), table) is not None  # Inf is a key
+    assert stable_ranks(torch.tensor([[1.0, 2.0, 3.0]]), table) is None  # float32: 32-bit keys, numpy's sort
+    assert stable_ranks(torch.tensor([1.0, 2.0, 3.0]).bfloat16(), table) is None  # 1-D: the caller makes a row
+    assert stable_ranks(torch.tensor([[1.0, 2.0]]).bfloat16(), table) is None  # one table value per rank
+    assert stable_ranks(torch.tensor([[1.0, 2.0, 3.0]]).bfloat16(), table.double()) is None
 
 # -- loading ------------------------------------------------------------------------------------------------------
 

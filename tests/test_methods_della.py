@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from mergelab.kernels import dispatch
 from mergelab.methods import dare_merge, della_merge, get_method
 from mergelab.methods.della import della_sparsifier, magprune_probabilities, rank_probabilities
 from mergelab.methods.registry import TensorInputs
+from mergelab.methods.sparsify import drop_work_dtype
 
 G = torch.Generator().manual_seed(77)
 BASE = torch.randn(8, 16, generator=G, dtype=torch.float64)
@@ -217,6 +219,13 @@ def test_stable_ranks_are_a_stable_argsorts_on_every_path(dtype: torch.dtype, sh
     table = rank_probabilities(rows.shape[1], 0.4, 0.2, torch.float32)
     assert torch.equal(magprune_probabilities(delta.float(), 0.4, 0.2, "stable"),
                        table[expected].reshape(delta.shape))
+    # in the delta's own dtype: 2-D bfloat16 and float16 ranks come from the compiled radix sort of the bits
+    assert dispatch.warm_up()
+    work = drop_work_dtype(dtype)
+    table = rank_probabilities(rows.shape[1], 0.4, 0.2, work)
+    assert torch.equal(magprune_probabilities(delta, 0.4, 0.2, "stable"), table[expected].reshape(delta.shape))
+    if len(shape) == 2 and dtype in (torch.bfloat16, torch.float16):
+        assert dispatch.verdicts()[("stable row ranks", dtype)]
 
 
 def test_stable_and_sort_tie_orders_differ_only_where_magnitudes_tie() -> None:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from mergelab.kernels.row_ranks import argsort_ranks
+from mergelab.kernels.row_ranks import argsort_ranks, stable_ranks
 from mergelab.methods.dare import (
     CarriedGenerators,
     PieceCoins,
@@ -63,11 +63,14 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float,
     n = rows.shape[1] if rows.dim() > 1 else 1
     if rows.numel() == 0 or n == 1:
         return torch.full(delta.shape, density, dtype=work, device=delta.device)
-    # sorted on the CPU whatever the device: CUDA orders ties differently (see sparsify._sorted_range)
-    magnitudes = rows.abs().cpu()
     table = rank_probabilities(n, density, epsilon, work)
     if tie_order == "stable":
-        return stable_rank_values(magnitudes, table).reshape(delta.shape).to(delta.device)
+        looked_up = stable_ranks(rows.cpu(), table) if rows.dim() == 2 else None  # compiled, from the bits
+        if looked_up is None:
+            looked_up = stable_rank_values(rows.abs().cpu(), table)
+        return looked_up.reshape(delta.shape).to(delta.device)
+    # sorted on the CPU whatever the device: CUDA orders ties differently (see sparsify._sorted_range)
+    magnitudes = rows.abs().cpu()
     looked_up = argsort_ranks(magnitudes, table)  # the compiled replay of that sort, where it applies
     if looked_up is not None:
         return looked_up.reshape(delta.shape).to(delta.device)
