@@ -9,7 +9,7 @@ from torch.testing import assert_close
 from mergelab.kernels import dispatch
 from mergelab.methods import get_method, task_arithmetic_merge
 from mergelab.methods.registry import TensorInputs
-from mergelab.methods.task_vectors import generalized_task_arithmetic, merge_task_vectors
+from mergelab.methods.task_vectors import generalized_task_arithmetic, merge_task_vectors, task_vector
 
 BASE = torch.tensor([[1.0, -1.0], [0.5, 2.0]], dtype=torch.float64)
 D1 = torch.tensor([[2.0, 0.0], [-1.0, 4.0]], dtype=torch.float64)
@@ -103,6 +103,23 @@ def test_task_vectors_given_already_sparsified_are_merged_onto_the_base() -> Non
     with pytest.raises(ValueError, match="base's shape"):
         merge_task_vectors(base, [torch.tensor([0.5, -1.0, 0.0])], [1.0])
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_a_task_vector_is_a_fresh_tensor_of_the_differences_each_rounded_once_to_its_dtype(
+        dtype: torch.dtype, layout: str) -> None:
+    # bfloat16 models in bfloat16 take one subtraction into a new tensor; the others convert chunk by chunk:
+    # either way each difference is the float32 one rounded once, and the result is the caller's to modify
+    g = torch.Generator().manual_seed(4)
+    tensor, base = ((torch.randn(300, 70, generator=g) * s).bfloat16() for s in (1.0, 0.5))
+    if layout == "transposed":
+        tensor, base = tensor.t(), base.t()
+    before = tensor.clone(), base.clone()
+    delta = task_vector(tensor, base, dtype)
+    assert delta.dtype == dtype and delta.is_contiguous() and delta.shape == tensor.shape
+    assert torch.equal(delta, (tensor.float() - base.float()).to(dtype))
+    delta.fill_(7.0)
+    assert torch.equal(tensor, before[0]) and torch.equal(base, before[1])
 
 @pytest.mark.parametrize("loaded", [True, False], ids=["loops", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

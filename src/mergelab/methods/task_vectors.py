@@ -190,9 +190,11 @@ def merge_task_vectors(base: torch.Tensor, deltas: Sequence[torch.Tensor], weigh
         raise ValueError(f"task vectors must have the base's shape {list(base.shape)} and dtype {arithmetic}")
     origin = torch.full(base.shape, -0.0, dtype=arithmetic, device=base.device)
     everything = torch.ones(base.numel(), dtype=torch.bool, device=base.device)
+    # a DrawnMask: the fused pass then makes no task vector (a copy of each delta) to ask for the mask, which
+    # was 0.118 of 0.266 s in three merges of two 5504 × 2048 bfloat16 deltas (cProfile, one thread, 2026-12-05)
     merged = generalized_task_arithmetic(origin, deltas, weights, keep=None if consensus is None else
-                                         lambda i, _: everything, consensus=consensus, normalize=normalize,
-                                         lambda_=lambda_, dtype=arithmetic)
+                                         DrawnMask(lambda i, shape, device: everything), consensus=consensus,
+                                         normalize=normalize, lambda_=lambda_, dtype=arithmetic)
     return merged.add_(base.to(arithmetic)).to(base.dtype)
 
 
@@ -334,8 +336,13 @@ def task_vector(tensor: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) ->
     """``tensor − base`` in ``dtype``, as a fresh contiguous tensor the caller owns.
 
     Subtracted chunk by chunk: a mixed-dtype ``sub_`` (bf16 base into a float32 delta) would first convert
-    the whole base, one more tensor of memory.
+    the whole base, one more tensor of memory. Where nothing converts, one ``torch.sub`` into a fresh tensor:
+    the same rounding of each difference, in one pass instead of a copy and a subtraction (DELLA at 3 × 0.5 GB
+    bfloat16: 0.85 CPU s of the merge's 6.8 in this function, 2026-12-05).
     """
+    if (tensor.dtype == base.dtype == dtype and tensor.shape == base.shape and tensor.is_contiguous()
+            and base.is_contiguous()):
+        return torch.sub(tensor, base)
     delta = tensor.to(dtype, copy=True, memory_format=torch.contiguous_format)
     for d, b in zip(delta.view(-1).split(_CHUNK), base.reshape(-1).split(_CHUNK), strict=True):
         d.sub_(b)
