@@ -18,14 +18,14 @@ import torch
 from cli_helpers import STREAM_PIECE, assert_same_safetensors, method_config, weighted_config
 from mergelab.kernels import dispatch, row_reductions
 from mergelab.kernels.masked import key_histogram
-from mergelab.kernels.random_drops import rescaled_drop
+from mergelab.kernels.random_drops import dropped_consensus, rescaled_drop
 from mergelab.kernels.row_ranks import argsort_ranks, stable_ranks
 from mergelab.kernels.weighted_sums import linear_sum, task_arithmetic_sum
 from mergelab.merge import engine
 from mergelab.merge.core import one_thread
 from mergelab.methods import get_method, model_stock, row_sums, slerp
 from mergelab.methods.dare import _rescaled_drop, dare_merge
-from mergelab.methods.della import della_merge
+from mergelab.methods.della import _dropped_then_merged, della_merge
 from mergelab.methods.linear import _linear_torch, linear_merge
 from mergelab.methods.registry import FlatSource
 from mergelab.methods.sparsify import TopK, band_of_keys, magnitude_keys, topk_of_keys
@@ -277,17 +277,54 @@ def test_a_rescaled_drop_gives_the_bits_of_the_torch_formula_and_leaves_nan_to_i
     assert rescaled_drop(delta, probabilities, coins.double(), _rescaled_drop) is None
 
 
+def test_a_dropped_consensus_drops_rescales_and_merges_in_one_pass() -> None:
+    # by hand: δ0 = (0.5, −1), δ1 = (0.25, 1), every p = 0.5; coins keep δ0's first entry and both of δ1's, so the
+    # rescaled task vectors are (1, 0) and (0.5, 2). TIES (sum, normalized): entry 0 elects + and averages
+    # (1 + 0.5) / 2, entry 1 only δ1 agrees: 2 / 1; onto the base (1, 2): (1.75, 4). Summed without a
+    # consensus: (2.5, 4).
+    base = torch.tensor([1.0, 2.0])
+    deltas = [torch.tensor([0.5, -1.0]), torch.tensor([0.25, 1.0])]
+    probabilities = [torch.tensor([0.5, 0.5])] * 2
+    coins = [torch.tensor([0.1, 0.9]), torch.tensor([0.2, 0.3])]
+    merged = dropped_consensus(base, deltas, probabilities, coins, [1.0, 1.0], "sum", True, 1.0, torch.float32,
+                               _dropped_then_merged)
+    assert merged is not None and merged.tolist() == [1.75, 4.0]
+    summed = dropped_consensus(base, deltas, probabilities, coins, [1.0, 1.0], None, False, 1.0, torch.float32,
+                               _dropped_then_merged)
+    assert summed is not None and summed.tolist() == [2.5, 4.0]
+    assert deltas[0].tolist() == [0.5, -1.0]  # the task vectors are only read
+    assert dispatch.verdicts()[("dropped consensus in torch.float32", torch.float32)]
+
+
+def test_a_dropped_consensus_leaves_nan_float16_and_odd_inputs_to_the_formula() -> None:
+    base, one = torch.zeros(3), [torch.ones(3)] * 2
+    opposed = [torch.tensor([float("inf"), 1.0, 1.0]), torch.tensor([float("-inf"), 1.0, 1.0])]  # ∞ − ∞: NaN
+    coins = [torch.zeros(3)] * 2
+    args = ([1.0, 1.0], None, False, 1.0)
+    assert dropped_consensus(base, opposed, one, coins, *args, torch.float32, _dropped_then_merged) is None
+    assert dropped_consensus(base.half(), [t.half() for t in one], [t.half() for t in one], coins, *args,
+                             torch.float16, _dropped_then_merged) is None  # no float16 loops
+    assert dropped_consensus(base, one, one, [c.double() for c in coins], *args, torch.float32,
+                             _dropped_then_merged) is None  # coins are float32
+    assert dropped_consensus(base, one, one, coins, *args, torch.bfloat16, _dropped_then_merged) is None  # not base's
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("consensus", "normalize", "lambda_"), [("sum", True, 1.0), (None, False, 0.6)])
+@pytest.mark.parametrize(("consensus", "normalize", "lambda_"), [("sum", True, 1.0), (None, False, 0.6),
+                                                                  ("count", False, -0.8)])
+@pytest.mark.parametrize("tie_order", ["sort", "stable"])
 def test_della_with_the_loops_gives_the_bits_of_the_torch_formula(
-        dtype: torch.dtype, consensus: str | None, normalize: bool, lambda_: float,
+        dtype: torch.dtype, consensus: str | None, normalize: bool, lambda_: float, tie_order: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
     # rows of 1009 entries: ranks above 256 round in bfloat16, so several ranks share one keep probability
     base, tensors = _family(dtype, 30 * 1009, 3, seed=12)
     base, tensors = base.reshape(30, 1009), [t.reshape(30, 1009) for t in tensors]
-    kwargs = {"seed": 5, "consensus": consensus, "normalize": normalize, "lambda_": lambda_, "dtype": dtype}
+    kwargs = {"seed": 5, "consensus": consensus, "normalize": normalize, "lambda_": lambda_, "dtype": dtype,
+              "tie_orders": [tie_order] * 3}
     fused = della_merge(base, tensors, [0.5, 0.75, -0.3], [0.3, 0.6, 0.5], [0.1, 0.2, 0.05], **kwargs)  # type: ignore[arg-type]
-    assert dispatch.verdicts()[("rescaled drop", dtype)] and dispatch.verdicts()[("row ranks", dtype)]
+    assert dispatch.verdicts()[(f"dropped consensus in {dtype}", dtype)]
+    ranks = "row ranks" if tie_order == "sort" else "stable row ranks"
+    assert (dtype == torch.float32 and tie_order == "stable") or dispatch.verdicts()[(ranks, dtype)]
     monkeypatch.setattr(dispatch, "_loaded", [None])
     reference = della_merge(base, tensors, [0.5, 0.75, -0.3], [0.3, 0.6, 0.5], [0.1, 0.2, 0.05], **kwargs)  # type: ignore[arg-type]
     assert torch.equal(_bits(fused), _bits(reference))
@@ -477,6 +514,10 @@ def test_stable_ranks_are_a_stable_sorts_of_the_magnitudes_ties_by_index(dtype: 
     values[5, ::3] = 0.0  # runs of zeros, either sign
     values[5, 1::3] = -0.0
     values[7] = (values[7] * 100).round() / 100  # a handful of magnitudes, each tied many times
+    # rows whose keys span more buckets than twice their length are radix-sorted, the others counted: both here
+    values[9] = torch.exp2(torch.randint(-120, 120, (2048,), generator=torch.Generator().manual_seed(5)))
+    values[9, ::5] = values[9, 0]
+    values[11, :4] = torch.tensor([1e-30, 1e30, 0.0, -1e-30])  # a long span beside ties and zeros
     order = torch.argsort(values.abs().float(), dim=1, stable=True)
     for table_dtype in (torch.bfloat16, torch.float32):
         table = torch.linspace(0.2, 0.4, 2048).to(table_dtype)

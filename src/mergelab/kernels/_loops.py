@@ -303,6 +303,49 @@ def rescaled_drop_loop(delta: Any, probabilities: Any, draws: Any, out: Any) -> 
     return _count_nan(out)
 
 
+
+@njit(nogil=True, inline="always", error_model="numpy")
+def _dropped_term(delta, probability, draw, weight, like):  # type: ignore[no-untyped-def]
+    """One model's weighted term: its entry divided by its keep probability and rounded to ``like``'s dtype
+    where the coin keeps it, else +0 (rescaled_drop_loop's value), read back as the task vector of a base of
+    −0 (``x − (−0)``: a −0 becomes +0, as merge_task_vectors' fused pass sees it), times the weight."""
+    p = _load(probability)
+    quotient = _step(_load(delta) / p, like)
+    kept = quotient if draw < p else np.float32(0.0)
+    return _step(_step(kept - np.float32(-0.0), like) * weight, like)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def dropped_consensus_loop(base: Any, deltas: Any, probabilities: Any, draws: Any, weights: Any, election: int,
+                           normalize: bool, divisor: Any, lambda_: Any, like: Any, out: Any) -> int:
+    """DELLA's drop, rescale and merge in one pass over its task vectors (``deltas``, in the arithmetic dtype):
+    model ``i``'s entry ``j`` kept where ``draws[i][j] < probabilities[i][j]`` and divided by that probability,
+    then masked_consensus_loop's arithmetic on the kept values with the base added last, every step rounded as
+    rescaled_drop_loop followed by merge_task_vectors round it (the same bits: kernels/random_drops.py checks).
+    The two passes wrote each model's kept task vector out and read it back, and merge_task_vectors added the
+    base in a pass of its own."""
+    for j in range(out.shape[0]):
+        elected = np.float32(0.0)
+        for i in range(len(deltas)):
+            wd = _dropped_term(deltas[i][j], probabilities[i][j], draws[i][j], weights[i], like)
+            elected = elected + (np.float32(np.sign(wd)) if election == 2 else wd)
+        positive = _step(elected, like) >= np.float32(0.0)
+        total = elected
+        div = np.float32(0.0)
+        if election != 0:
+            total = np.float32(0.0)
+            for i in range(len(deltas)):
+                wd = _dropped_term(deltas[i][j], probabilities[i][j], draws[i][j], weights[i], like)
+                agree = (wd > np.float32(0.0)) if positive else (wd < np.float32(0.0))
+                total = total + wd * np.float32(agree)
+                div = div + (weights[i] if agree else np.float32(0.0))
+        mixed = _step(total, like)
+        chosen = _step(div, like) if election != 0 else divisor  # divisor ≠ 0: weight_sum refused that
+        divisor_j = chosen if normalize and chosen != np.float32(0.0) else np.float32(1.0)
+        mixed = _step(_step(mixed / divisor_j, like) * lambda_, like)
+        _store(out, j, _step(_step(mixed + np.float32(-0.0), like) + _load(base[j]), like))
+    return _count_nan(out)
+
 # The 32-bit Mersenne Twister (Matsumoto & Nishimura 1998) as torch's CPU generator runs it (at::mt19937), and
 # torch's float32 uniform: the low 24 bits of one output times 2^-24 (at::uniform_real_distribution).
 MT_WORDS, _MT_M = 624, 397  # the state's words (mersenne_draws sizes it), the twist's offset
@@ -697,57 +740,98 @@ def row_ranks_loop(keys: Any, depth_limit: int, inf_bits: int, table: Any, out: 
 
 
 
+
 _HIGH_DIGITS = 128  # values of a 15-bit magnitude key's top 7 bits
+_COUNTED_SPAN = 2  # a row whose nonzero keys span at most this many buckets per entry is ranked by counting
+
+
+@njit(nogil=True, inline="always", error_model="numpy")
+def _ranks_by_counting(row, low, span, table, out, start, counts):  # type: ignore[no-untyped-def]
+    """A counting sort's ranks of one row whose nonzero keys lie in ``[low, low + span)``: bucket 0 holds the
+    zeros, bucket ``k − low + 1`` key ``k``; each entry, in index order, takes its bucket's next rank."""
+    counts[:span + 1] = 0
+    shift = low - 1
+    magnitude = np.uint16(0x7FFF)
+    for j in range(row.shape[0]):
+        key = np.int64(row[j] & magnitude)
+        counts[(key - shift) * (key != 0)] += 1
+    below = 0
+    for d in range(span + 1):
+        count = counts[d]
+        counts[d] = below
+        below += count
+    for j in range(row.shape[0]):
+        key = np.int64(row[j] & magnitude)
+        d = (key - shift) * (key != 0)
+        out[start + j] = table[counts[d]]
+        counts[d] += 1
+
+
+@njit(nogil=True, inline="always", error_model="numpy")
+def _ranks_by_radix(row, table, out, start, low, high, order):  # type: ignore[no-untyped-def]
+    """An LSD radix sort's ranks of one row, on the key's low 8 bits then its top 7: a histogram pass, a
+    scatter by the low digit, and a pass in that order that hands out each top digit's ranks in turn. The top
+    digit's histogram is kept four times over (by ``j mod 4``): most entries of a row share two or three top
+    digits, and one counter incremented by each is a chain of dependent stores (1.06 against 1.49 ns per
+    entry for the histogram pass, 2048 × 2048 bfloat16, scratch benchmark 2026-12-05)."""
+    n = row.shape[0]
+    magnitude = np.uint16(0x7FFF)
+    low[:] = 0
+    high[:] = 0
+    for j in range(n):
+        key = row[j] & magnitude
+        low[key & 255] += 1
+        high[j & 3, key >> 8] += 1
+    below = 0
+    for d in range(256):
+        count = low[d]
+        low[d] = below
+        below += count
+    below = 0
+    for d in range(_HIGH_DIGITS):
+        count = high[0, d] + high[1, d] + high[2, d] + high[3, d]
+        high[0, d] = below
+        below += count
+    for j in range(n):
+        key = np.int64(row[j] & magnitude)
+        d = key & 255
+        order[low[d]] = (key >> 8) << 32 | j  # the top digit beside the position: no second read of the row
+        low[d] += 1
+    for t in range(n):
+        packed = order[t]
+        d = packed >> 32
+        out[start + (packed & 0xFFFFFFFF)] = table[high[0, d]]
+        high[0, d] += 1
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def stable_row_ranks_loop(bits: Any, inf_bits: int, table: Any, out: Any) -> int:
     """``out[r · n + j] = table[k]``, ``k`` where a stable ascending sort of row ``r``'s magnitudes puts entry
     ``j`` (ties by index), from the rows' 16-bit patterns (``bits``, 2-D; the sign bit is cleared here, so that
-    no ``abs`` pass is needed: a magnitude's pattern orders as its value). An LSD radix sort of each row on two
-    digits, the key's low 8 bits then its top 7: a histogram pass, a scatter by the low digit, and a pass in
-    that order that hands out each top digit's ranks in turn, so that the last scatter writes the table's value
-    where its entry sits. The top digit's histogram is kept four times over (by ``j mod 4``): a row's
-    magnitudes span a few binades, so most of its entries share two or three top digits, and one counter
-    incremented by every entry is a chain of dependent stores (the histogram pass 1.06 against 1.49 ns per
-    entry, 2048 × 2048 bfloat16, scratch benchmark 2026-12-05). Returns -1, or the first row holding a key
-    above ``inf_bits`` (NaN: the caller sorts that tensor as torch does)."""
+    no ``abs`` pass is needed: a magnitude's pattern orders as its value). A row whose nonzero keys span at
+    most ``_COUNTED_SPAN`` buckets per entry (a task vector's row spans a few binades: 0.24–0.59 on the
+    benchmark's models) is ranked by counting, any other by a radix sort (2048 × 2048 bfloat16 rows, one
+    thread: 2.7–3.1 against 4.0–4.5 ns per entry; scratch benchmark 2026-12-05). Returns -1, or the first row
+    holding a key above ``inf_bits`` (NaN: the caller sorts that tensor as torch does)."""
     rows, n = bits.shape
-    low, high = np.zeros(256, np.int64), np.zeros((4, _HIGH_DIGITS), np.int64)
-    order = np.empty(n, np.int64)  # the row's entries by low digit: top digit << 32 | position
+    counts = np.empty(_COUNTED_SPAN * n + 2, np.int64)
+    low, high = np.empty(256, np.int64), np.empty((4, _HIGH_DIGITS), np.int64)
+    order = np.empty(n, np.int64)
     magnitude = np.uint16(0x7FFF)
     for r in range(rows):
-        low[:] = 0
-        high[:] = 0
-        nan = False
+        row = bits[r]
+        smallest, largest = np.int64(0x7FFF), np.int64(0)
         for j in range(n):
-            key = bits[r, j] & magnitude
-            nan |= key > inf_bits
-            low[key & 255] += 1
-            high[j & 3, key >> 8] += 1
-        if nan:
+            key = np.int64(row[j] & magnitude)
+            largest = max(largest, key)
+            smallest = min(smallest, key if key != 0 else np.int64(0x7FFF))
+        if largest > inf_bits:
             return r
-        below = 0
-        for d in range(256):
-            count = low[d]
-            low[d] = below
-            below += count
-        below = 0
-        for d in range(_HIGH_DIGITS):
-            count = high[0, d] + high[1, d] + high[2, d] + high[3, d]
-            high[0, d] = below
-            below += count
-        for j in range(n):
-            key = np.int64(bits[r, j] & magnitude)
-            d = key & 255
-            order[low[d]] = (key >> 8) << 32 | j
-            low[d] += 1
-        start = r * n
-        for t in range(n):
-            packed = order[t]
-            d = packed >> 32
-            out[start + (packed & 0xFFFFFFFF)] = table[high[0, d]]
-            high[0, d] += 1
+        span = largest - min(smallest, largest) + 1
+        if span <= _COUNTED_SPAN * n:
+            _ranks_by_counting(row, min(smallest, largest), span, table, out, r * n, counts)
+        else:
+            _ranks_by_radix(row, table, out, r * n, low, high, order)
     return -1
 
 # torch's CPU sum and 2-norm of a long row, replayed (methods/row_sums.py says in which order torch adds):

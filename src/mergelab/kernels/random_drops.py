@@ -3,15 +3,20 @@
 Each entry is kept with its own probability ``p`` (a coin ``u < p``) and divided by it: torch takes a
 comparison, a mask, a fill and a division, four passes over the tensor (2 × 16 ms per 2752 × 1024 bfloat16
 task vector of the 3 × 0.5 GB benchmark models, one thread, 2026-12-03); the loop reads each entry once.
+:func:`dropped_consensus` also merges the dropped task vectors in the same pass (sign election, disjoint
+mean or sum, the base added), where the drop wrote each one out for the merge to read back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from mergelab.kernels.dispatch import as_array, eligible, loops, probe, same_bits, verified
+from mergelab.kernels.masked import ELECTIONS
 
 DropFormula = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``formula(delta, probabilities, draws)``: ``delta`` (modified in place and returned) divided by
@@ -46,3 +51,70 @@ def rescaled_drop(delta: torch.Tensor, probabilities: torch.Tensor, draws: torch
         return None
     out, nans = run(delta, probabilities, draws)
     return None if nans else out
+
+
+DroppedFormula = Callable[..., torch.Tensor]
+"""``formula(base, deltas, probabilities, draws, weights, consensus, normalize, lambda_, arithmetic)``: each
+delta dropped and rescaled by its coins, then merged onto ``base`` (DELLA's two steps, in torch)."""
+
+
+def dropped_consensus_applies(base: torch.Tensor, arithmetic: torch.dtype) -> bool:
+    """Whether :func:`dropped_consensus` may run for a tensor like ``base`` merged in ``arithmetic`` (the caller
+    then keeps every model's coins until the merge instead of dropping one model at a time)."""
+    return loops() is not None and eligible([base]) and arithmetic in (torch.float32, base.dtype) and (
+        arithmetic in (torch.float32, torch.bfloat16))
+
+
+def dropped_consensus(base: torch.Tensor, deltas: Sequence[torch.Tensor], probabilities: Sequence[torch.Tensor],
+                      draws: Sequence[torch.Tensor], weights: Sequence[float], consensus: str | None,
+                      normalize: bool, lambda_: float, arithmetic: torch.dtype,
+                      formula: DroppedFormula) -> torch.Tensor | None:
+    """``formula(...)`` in one compiled pass: model ``i``'s task vector ``deltas[i]`` (in ``arithmetic``) kept
+    where ``draws[i] < probabilities[i]`` and divided by that probability, then merged onto ``base`` by sign
+    election (``consensus`` "sum" or "count") or summed (None), divided by the agreeing (or all) weights with
+    ``normalize``, times ``lambda_``; ``weights`` already ``arithmetic`` numbers. None where the loop does not
+    apply or a result is NaN (whose bits the formula decides)."""
+    module = loops() if deltas else None
+    if module is None or not dropped_consensus_applies(base, arithmetic) or not eligible([*deltas, *probabilities]):
+        return None
+    if deltas[0].dtype != arithmetic or deltas[0].shape != base.shape or any(
+            u.dtype != torch.float32 or u.shape != base.shape or not u.is_contiguous() or u.device.type != "cpu"
+            for u in draws):
+        return None
+    dtype = base.dtype
+    like = np.uint16(0) if arithmetic == torch.bfloat16 else np.float32(0)
+
+    def run(b: torch.Tensor, ds: Sequence[torch.Tensor], ps: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
+            ws: Sequence[float], election: str | None, norm: bool, lam: float) -> tuple[torch.Tensor, int]:
+        out = torch.empty(b.shape, dtype=dtype)
+        divisor = float(torch.tensor(math.fsum(ws), dtype=arithmetic))  # as generalized_task_arithmetic rounds it
+        nans = module.dropped_consensus_loop(
+            as_array(b), tuple(as_array(d) for d in ds), tuple(as_array(p) for p in ps),
+            tuple(u.reshape(-1).numpy() for u in us), np.asarray(ws, np.float32), ELECTIONS[election], norm,
+            np.float32(divisor), np.float32(lam), like, as_array(out, writable=True))
+        return out, int(nans)
+
+    def check() -> bool:
+        big = torch.finfo(dtype).max
+        b, xs = probe(dtype, 3)
+        b = b.nan_to_num(0.0, big, -big)
+        ds = [x.nan_to_num(0.0, big, -big).to(arithmetic) for x in xs]
+        generator = torch.Generator().manual_seed(3)
+        ps = [torch.rand(b.shape, generator=generator).clamp(0.05, 1).to(arithmetic) for _ in ds]
+        us = [torch.rand(b.shape, generator=generator) for _ in ds]
+        for p, u in zip(ps, us, strict=True):
+            u[::7] = p[::7].float()  # a coin equal to its probability: dropped
+        ws = [float(torch.tensor(w, dtype=arithmetic)) for w in (0.5, 0.75, -0.3)]
+        cases = [("sum", True, 1.0), ("count", False, 0.7), (None, False, 1.0), (None, True, 1.0), ("sum", True, 1.3),
+                 ("sum", False, -1.0)]
+        for election, norm, lam in cases:
+            fused = run(b, ds, ps, us, ws, election, norm, lam)[0]
+            expected = formula(b, [d.clone() for d in ds], ps, us, ws, election, norm, lam, arithmetic)
+            if not same_bits(fused, expected):
+                return False
+        return True
+
+    if not verified(f"dropped consensus in {arithmetic}", dtype, check):
+        return None
+    merged, nans = run(base, deltas, probabilities, draws, weights, consensus, normalize, lambda_)
+    return None if nans else merged

@@ -125,15 +125,11 @@ def random_drop_sparsifier(densities: Sequence[float], keep_probability: KeepPro
         if density <= 0:
             return torch.zeros_like(delta)
         p = keep_probability(i, delta)
-        generator = generators[i] if generators is not None else fresh_coins(seed, i)
+        generator = model_coins(i, seed, generators)
+        if rescale and rescale_mode == "density" and isinstance(p, torch.Tensor):  # DELLA's p per entry
+            return dropped_by_entry(delta, p, uniform_draws(delta.shape, generator))
         # rescaled in mergekit's working dtype (float16 deltas in float32), then rounded back, as mergekit does
         work = delta.to(drop_work_dtype(delta.dtype)) if rescale else delta
-        if rescale and rescale_mode == "density" and isinstance(p, torch.Tensor):  # DELLA's p per entry
-            draws = uniform_draws(delta.shape, generator)
-            kept = rescaled_drop(work, p, draws, _rescaled_drop)
-            if kept is None:
-                kept = _rescaled_drop(work, p, draws)
-            return kept if kept.dtype == delta.dtype else delta.copy_(kept)
         mask = bernoulli_mask(delta.shape, p, generator, device=delta.device)
         if not rescale:
             return delta.masked_fill_(~mask, 0)  # in place on the caller's fresh copy (see Sparsifier)
@@ -143,6 +139,36 @@ def random_drop_sparsifier(densities: Sequence[float], keep_probability: KeepPro
         kept = divide_as_the_cpu(kept, p) if before is None else match_l1(kept, before)
         return kept if kept.dtype == delta.dtype else delta.copy_(kept)
     return drop
+
+
+def model_coins(i: int, seed: int, generators: Sequence[torch.Generator | Coins] | None) -> torch.Generator | Coins:
+    """Model ``i``'s coins: a streamed piece's (``generators[i]``), else fresh ones of the tensor's seed."""
+    return generators[i] if generators is not None else fresh_coins(seed, i)
+
+
+def entry_coins(keep_probability: KeepProbability, seed: int,
+                generators: Sequence[torch.Generator | Coins] | None = None,
+                ) -> Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Model ``i``'s keep probabilities (one per entry: ``keep_probability`` must give a tensor) and coins for
+    its ``delta``, drawn as :func:`random_drop_sparsifier` draws them: for a caller that drops and merges in
+    one pass (DELLA's :func:`~mergelab.kernels.random_drops.dropped_consensus`)."""
+    def coins(i: int, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = keep_probability(i, delta)
+        if not isinstance(p, torch.Tensor):
+            raise TypeError("entry_coins needs one keep probability per entry")
+        return p, uniform_draws(delta.shape, model_coins(i, seed, generators))
+    return coins
+
+
+def dropped_by_entry(delta: torch.Tensor, probabilities: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """``delta`` kept where ``draws < probabilities`` and divided by them, else 0 (DELLA's drop with the
+    paper's rescale), computed in mergekit's working dtype (float16 deltas in float32) and rounded back, as
+    mergekit does; ``delta`` (the caller's fresh copy) may be modified."""
+    work = delta.to(drop_work_dtype(delta.dtype))
+    kept = rescaled_drop(work, probabilities, draws, _rescaled_drop)
+    if kept is None:
+        kept = _rescaled_drop(work, probabilities, draws)
+    return kept if kept.dtype == delta.dtype else delta.copy_(kept)
 
 
 def _rescaled_drop(delta: torch.Tensor, probabilities: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
