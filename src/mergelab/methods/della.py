@@ -48,6 +48,7 @@ from mergelab.methods.task_vectors import (
     rounded,
     task_vector,
 )
+from mergelab.methods.weighting import weight_sum
 
 
 def check_epsilon(density: float, epsilon: float) -> None:
@@ -193,6 +194,8 @@ def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
         drawn = [coins(i, delta) for i, delta in enumerate(deltas)]
         probabilities, draws = [p for p, _ in drawn], [u for _, u in drawn]
         del drawn
+        if consensus is None and normalize:
+            weight_sum(weights, "normalize")  # as generalized_task_arithmetic refuses them: the loop would divide by 0
         rounded_weights = [rounded(w, arithmetic) for w in weights]
         merged = dropped_consensus(base, deltas, probabilities, draws, rounded_weights, consensus, normalize, lambda_,
                                    arithmetic, _dropped_then_merged)
