@@ -746,25 +746,29 @@ _COUNTED_SPAN = 2  # a row whose nonzero keys span at most this many buckets per
 
 
 @njit(nogil=True, inline="always", error_model="numpy")
-def _ranks_by_counting(row, low, span, table, out, start, counts):  # type: ignore[no-untyped-def]
-    """A counting sort's ranks of one row whose nonzero keys lie in ``[low, low + span)``: bucket 0 holds the
-    zeros, bucket ``k − low + 1`` key ``k``; each entry, in index order, takes its bucket's next rank."""
-    counts[:span + 1] = 0
-    shift = low - 1
-    magnitude = np.uint16(0x7FFF)
-    for j in range(row.shape[0]):
-        key = np.int64(row[j] & magnitude)
-        counts[(key - shift) * (key != 0)] += 1
-    below = 0
-    for d in range(span + 1):
+def _key_bucket(key):  # type: ignore[no-untyped-def]
+    """A magnitude key's bucket of the counting sort: 0 for the zeros, ``key + 1`` for the others."""
+    return (key + 1) * (key != 0)
+
+
+@njit(nogil=True, inline="always", error_model="numpy")
+def _ranks_by_counting(row, smallest, largest, table, out, start, counts):  # type: ignore[no-untyped-def]
+    """A counting sort's ranks of one row already counted into ``counts`` (by :func:`_key_bucket`), its nonzero
+    keys in ``[smallest, largest]``: each bucket's first rank, then each entry, in index order, takes its
+    bucket's next; ``counts`` is left zero."""
+    below = counts[0]
+    counts[0] = 0
+    for d in range(smallest + 1, largest + 2):
         count = counts[d]
         counts[d] = below
         below += count
+    magnitude = np.uint16(0x7FFF)
     for j in range(row.shape[0]):
-        key = np.int64(row[j] & magnitude)
-        d = (key - shift) * (key != 0)
+        d = _key_bucket(np.int64(row[j] & magnitude))
         out[start + j] = table[counts[d]]
         counts[d] += 1
+    counts[0] = 0
+    counts[smallest + 1:largest + 2] = 0
 
 
 @njit(nogil=True, inline="always", error_model="numpy")
@@ -808,13 +812,15 @@ def _ranks_by_radix(row, table, out, start, low, high, order):  # type: ignore[n
 def stable_row_ranks_loop(bits: Any, inf_bits: int, table: Any, out: Any) -> int:
     """``out[r · n + j] = table[k]``, ``k`` where a stable ascending sort of row ``r``'s magnitudes puts entry
     ``j`` (ties by index), from the rows' 16-bit patterns (``bits``, 2-D; the sign bit is cleared here, so that
-    no ``abs`` pass is needed: a magnitude's pattern orders as its value). A row whose nonzero keys span at
-    most ``_COUNTED_SPAN`` buckets per entry (a task vector's row spans a few binades: 0.24–0.59 on the
-    benchmark's models) is ranked by counting, any other by a radix sort (2048 × 2048 bfloat16 rows, one
-    thread: 2.7–3.1 against 4.0–4.5 ns per entry; scratch benchmark 2026-12-05). Returns -1, or the first row
-    holding a key above ``inf_bits`` (NaN: the caller sorts that tensor as torch does)."""
+    no ``abs`` pass is needed: a magnitude's pattern orders as its value). Each row is counted by key as its
+    smallest and largest nonzero keys are found; one whose keys span at most ``_COUNTED_SPAN`` buckets per entry
+    (a task vector's row spans a few binades: 0.24–0.59 of its length on the benchmark's models) is then ranked
+    by that count, any other by a radix sort (2048-wide bfloat16 rows, one thread: 2.4–2.7 ns per entry, against
+    2.7–3.1 with a pass of its own for the extremes and 4.0–4.5 for the radix sort alone; scratch benchmarks
+    2026-12-05). Returns -1, or the first row holding a key above ``inf_bits`` (NaN: the caller sorts that
+    tensor as torch does)."""
     rows, n = bits.shape
-    counts = np.empty(_COUNTED_SPAN * n + 2, np.int64)
+    counts = np.zeros(0x8000 + 2, np.int32)  # by _key_bucket, zero between rows
     low, high = np.empty(256, np.int64), np.empty((4, _HIGH_DIGITS), np.int64)
     order = np.empty(n, np.int64)
     magnitude = np.uint16(0x7FFF)
@@ -823,15 +829,18 @@ def stable_row_ranks_loop(bits: Any, inf_bits: int, table: Any, out: Any) -> int
         smallest, largest = np.int64(0x7FFF), np.int64(0)
         for j in range(n):
             key = np.int64(row[j] & magnitude)
+            counts[_key_bucket(key)] += 1
             largest = max(largest, key)
             smallest = min(smallest, key if key != 0 else np.int64(0x7FFF))
         if largest > inf_bits:
             return r
-        span = largest - min(smallest, largest) + 1
-        if span <= _COUNTED_SPAN * n:
-            _ranks_by_counting(row, min(smallest, largest), span, table, out, r * n, counts)
-        else:
-            _ranks_by_radix(row, table, out, r * n, low, high, order)
+        smallest = min(smallest, largest)
+        if largest - smallest + 1 <= _COUNTED_SPAN * n:
+            _ranks_by_counting(row, smallest, largest, table, out, r * n, counts)
+            continue
+        for j in range(n):  # the row's own buckets cleared: n stores, not one per bucket of its span
+            counts[_key_bucket(np.int64(row[j] & magnitude))] = 0
+        _ranks_by_radix(row, table, out, r * n, low, high, order)
     return -1
 
 # torch's CPU sum and 2-norm of a long row, replayed (methods/row_sums.py says in which order torch adds):
