@@ -366,7 +366,6 @@ def test_masked_weights_summing_to_zero_are_refused_as_by_the_formula() -> None:
         masked_by_rules(base, tensors, [0.5, -0.5], rules, 0, consensus=None, normalize=True)
 
 
-
 @pytest.mark.parametrize("loaded", [True, False], ids=["loops", "torch"])
 def test_della_linear_weights_summing_to_zero_are_refused_with_the_loops_and_without(
         loaded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -377,6 +376,10 @@ def test_della_linear_weights_summing_to_zero_are_refused_with_the_loops_and_wit
     with pytest.raises(ValueError, match="sum to zero"):
         della_merge(base, tensors, [0.5, -0.5], [0.3, 0.3], [0.1, 0.1], seed=1, consensus=None, normalize=True,
                     dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("arithmetic", [torch.float32, torch.bfloat16])
 def test_task_vector_keys_in_one_pass_are_the_keys_of_torchs_task_vector(dtype: torch.dtype,
                                                                          arithmetic: torch.dtype) -> None:
     base, (x, *_) = dispatch.probe(dtype, 2)
