@@ -242,6 +242,19 @@ def rule_sides_loop(base: Any, x: Any, like: Any, threshold: Any, all_at_thresho
     return nan
 
 
+@njit(nogil=True, inline="always", error_model="numpy")
+def _agreeing_mean(total, div, election, normalize, divisor, lambda_, like):  # type: ignore[no-untyped-def]
+    """A merged task-vector entry from its sums: ``total`` (of the agreeing terms; of all without an election)
+    divided, with ``normalize``, by the agreeing weights ``div`` (by ``divisor`` without an election; by 1 where
+    none agrees), times ``lambda_``, each step rounded to ``like``'s dtype."""
+    mixed = _step(total, like)
+    # one select, no branch: LLVM left the loop unvectorized with an if/else here (16 against 2 ms per 1 Mi-entry
+    # piece of two models, its branches mispredicted on the masks' random pattern)
+    chosen = _step(div, like) if election != 0 else divisor  # divisor ≠ 0: weight_sum refused that
+    divisor_j = chosen if normalize and chosen != np.float32(0.0) else np.float32(1.0)
+    return _step(_step(mixed / divisor_j, like) * lambda_, like)
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def masked_consensus_loop(base: Any, xs: Any, aboves: Any, belows: Any, weights: Any, divide_kept: Any,
                           election: int, normalize: bool, divisor: Any, lambda_: Any, like: Any, out: Any) -> int:
@@ -279,13 +292,7 @@ def masked_consensus_loop(base: Any, xs: Any, aboves: Any, belows: Any, weights:
                 agree = (wd > np.float32(0.0)) if positive else (wd < np.float32(0.0))
                 total = total + wd * np.float32(agree)
                 div = div + (weights[i] if agree else np.float32(0.0))
-        mixed = _step(total, like)
-        # one select, no branch: LLVM left the loop unvectorized with an if/else here (16 against 2 ms per
-        # 1 Mi-entry piece of two models, its branches mispredicted on the masks' random pattern)
-        chosen = _step(div, like) if election != 0 else divisor  # divisor ≠ 0: weight_sum refused that
-        divisor_j = chosen if normalize and chosen != np.float32(0.0) else np.float32(1.0)
-        mixed = _step(_step(mixed / divisor_j, like) * lambda_, like)
-        _store(out, j, _step(mixed + b, like))
+        _store(out, j, _step(_agreeing_mean(total, div, election, normalize, divisor, lambda_, like) + b, like))
     return _count_nan(out)
 
 
@@ -339,10 +346,7 @@ def dropped_consensus_loop(base: Any, deltas: Any, probabilities: Any, draws: An
                 agree = (wd > np.float32(0.0)) if positive else (wd < np.float32(0.0))
                 total = total + wd * np.float32(agree)
                 div = div + (weights[i] if agree else np.float32(0.0))
-        mixed = _step(total, like)
-        chosen = _step(div, like) if election != 0 else divisor  # divisor ≠ 0: weight_sum refused that
-        divisor_j = chosen if normalize and chosen != np.float32(0.0) else np.float32(1.0)
-        mixed = _step(_step(mixed / divisor_j, like) * lambda_, like)
+        mixed = _agreeing_mean(total, div, election, normalize, divisor, lambda_, like)
         _store(out, j, _step(_step(mixed + np.float32(-0.0), like) + _load(base[j]), like))
     return _count_nan(out)
 
