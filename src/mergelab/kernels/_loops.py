@@ -310,7 +310,6 @@ def rescaled_drop_loop(delta: Any, probabilities: Any, draws: Any, out: Any) -> 
     return _count_nan(out)
 
 
-
 @njit(nogil=True, inline="always", error_model="numpy")
 def _dropped_term(delta, probability, draw, weight, like):  # type: ignore[no-untyped-def]
     """One model's weighted term: its entry divided by its keep probability and rounded to ``like``'s dtype
@@ -349,6 +348,7 @@ def dropped_consensus_loop(base: Any, deltas: Any, probabilities: Any, draws: An
         mixed = _agreeing_mean(total, div, election, normalize, divisor, lambda_, like)
         _store(out, j, _step(_step(mixed + np.float32(-0.0), like) + _load(base[j]), like))
     return _count_nan(out)
+
 
 # The 32-bit Mersenne Twister (Matsumoto & Nishimura 1998) as torch's CPU generator runs it (at::mt19937), and
 # torch's float32 uniform: the low 24 bits of one output times 2^-24 (at::uniform_real_distribution).
@@ -743,8 +743,6 @@ def row_ranks_loop(keys: Any, depth_limit: int, inf_bits: int, table: Any, out: 
     return -1
 
 
-
-
 _HIGH_DIGITS = 128  # values of a 15-bit magnitude key's top 7 bits
 _COUNTED_SPAN = 2  # a row whose nonzero keys span at most this many buckets per entry is ranked by counting
 
@@ -846,6 +844,7 @@ def stable_row_ranks_loop(bits: Any, inf_bits: int, table: Any, out: Any) -> int
             counts[_key_bucket(np.int64(row[j] & magnitude))] = 0
         _ranks_by_radix(row, table, out, r * n, low, high, order)
     return -1
+
 
 # torch's CPU sum and 2-norm of a long row, replayed (methods/row_sums.py says in which order torch adds):
 # each row's state is its accumulators, fed whole steps (sums) or whole vectors (norms) a block at a time, the

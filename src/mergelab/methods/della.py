@@ -102,11 +102,13 @@ _STABLE_CHUNK = 1 << 16  # entries ranked at a time: their int64 order is 8 byte
 
 def stable_rank_values(magnitudes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``table[r]`` for each entry of ``magnitudes`` (at least 2-D, CPU), ``r`` its rank along dim 1 in a stable
-    ascending sort: tied entries ranked by their index. A 2-D tensor with magnitude keys (bfloat16, float16,
-    float32, no NaN) is sorted by numpy's stable sort of the keys, a radix sort for 16-bit ones, a block of rows
-    at a time, and the table scattered to where each rank's entry sits (2048 × 1024 bfloat16, one thread:
-    5.5 ns per entry, against 20–24 for ``torch.argsort(stable=True)`` alone and 25.6 for the replay of the
-    unstable sort with its lookup, 2026-12-05); anything else by ``torch.argsort(stable=True)``, the same."""
+    ascending sort: tied entries ranked by their index; where the compiled ranks
+    (:func:`~mergelab.kernels.row_ranks.stable_ranks`) do not apply. A 2-D tensor with magnitude keys
+    (bfloat16, float16, float32, no NaN) is sorted by numpy's stable sort of the keys, a radix sort for 16-bit
+    ones, a block of rows at a time, and the table scattered to where each rank's entry sits (2048 × 1024
+    bfloat16, one thread: 5.5 ns per entry, against 20–24 for ``torch.argsort(stable=True)`` alone and 25.6 for
+    the replay of the unstable sort with its lookup, 2026-12-05); anything else by ``torch.argsort(stable=True)``,
+    the same."""
     n = magnitudes.shape[1]
     keys = magnitude_keys(magnitudes) if magnitudes.dim() == 2 else None
     if keys is None:
