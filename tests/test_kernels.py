@@ -288,12 +288,26 @@ def test_a_dropped_consensus_drops_rescales_and_merges_in_one_pass() -> None:
     coins = [torch.tensor([0.1, 0.9]), torch.tensor([0.2, 0.3])]
     merged = dropped_consensus(base, deltas, probabilities, coins, [1.0, 1.0], "sum", True, 1.0, torch.float32,
                                _dropped_then_merged)
-    assert merged is not None and merged.tolist() == [1.75, 4.0]
+    assert merged is not None and merged.merged.tolist() == [1.75, 4.0] and merged.deltas_finite
     summed = dropped_consensus(base, deltas, probabilities, coins, [1.0, 1.0], None, False, 1.0, torch.float32,
                                _dropped_then_merged)
-    assert summed is not None and summed.tolist() == [2.5, 4.0]
+    assert summed is not None and summed.merged.tolist() == [2.5, 4.0] and summed.deltas_finite
     assert deltas[0].tolist() == [0.5, -1.0]  # the task vectors are only read
     assert dispatch.verdicts()[("dropped consensus in torch.float32", torch.float32)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_dropped_consensus_tells_of_a_nonfinite_delta_its_coin_dropped(bad: float, dtype: torch.dtype) -> None:
+    # δ0's second entry, dropped above too (coin 0.9 ≥ p 0.5), made NaN or ±Inf: the merge is the same (1.75, 4)
+    # and only the flag shows the bad entry
+    base = torch.tensor([1.0, 2.0], dtype=dtype)
+    deltas = [torch.tensor([0.5, bad], dtype=dtype), torch.tensor([0.25, 1.0], dtype=dtype)]
+    probabilities = [torch.tensor([0.5, 0.5], dtype=dtype)] * 2
+    coins = [torch.tensor([0.1, 0.9]), torch.tensor([0.2, 0.3])]
+    merged = dropped_consensus(base, deltas, probabilities, coins, [1.0, 1.0], "sum", True, 1.0, dtype,
+                               _dropped_then_merged)
+    assert merged is not None and merged.merged.float().tolist() == [1.75, 4.0] and not merged.deltas_finite
 
 
 def test_a_dropped_consensus_leaves_nan_float16_and_odd_inputs_to_the_formula() -> None:

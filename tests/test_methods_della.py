@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from mergelab.kernels import dispatch
 from mergelab.methods import dare_merge, della_merge, get_method
-from mergelab.methods.della import della_sparsifier, magprune_probabilities, rank_probabilities
+from mergelab.methods.della import della_sparsifier, magprune_probabilities, rank_probabilities, vouched_della_merge
 from mergelab.methods.registry import TensorInputs
 from mergelab.methods.sparsify import drop_work_dtype
 
@@ -133,6 +133,29 @@ def test_same_seed_same_bytes_other_seed_other_mask() -> None:
     a = della_merge(BASE, MODELS, W, [0.4] * 3, [0.2] * 3, seed=7)
     assert torch.equal(a, della_merge(BASE, MODELS, W, [0.4] * 3, [0.2] * 3, seed=7))
     assert not torch.allclose(a, della_merge(BASE, MODELS, W, [0.4] * 3, [0.2] * 3, seed=8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("bad", [None, "nan in a model", "-inf in the base", "inf in a model, dropped"])
+def test_della_vouches_for_its_inputs_only_where_its_one_pass_saw_every_task_vector_entry_finite(
+        dtype: torch.dtype, bad: str | None) -> None:
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(40, 64, generator=g).to(dtype)
+    models = [(base.float() + 0.1 * torch.randn(40, 64, generator=g)).to(dtype) for _ in range(2)]
+    densities, epsilons = [0.05, 0.3], [0.04, 0.1]  # model 0 keeps about one entry in twenty
+    if bad == "nan in a model":
+        models[1][3, 7] = float("nan")
+    elif bad == "-inf in the base":
+        base[0, 0] = -float("inf")
+    elif bad == "inf in a model, dropped":
+        models[0][5, 5] = float("inf")
+    got = vouched_della_merge(base, models, [1.0, 1.0], densities, epsilons, seed=3)
+    plain = della_merge(base, models, [1.0, 1.0], densities, epsilons, seed=3)
+    assert torch.equal(got.merged.view(torch.uint8), plain.view(torch.uint8))  # the same bytes, vouched or not
+    loops = dispatch.loops() is not None and dtype != torch.float16  # no float16 one-pass loop
+    assert got.inputs_finite is (bad is None and loops)
+    if bad == "inf in a model, dropped":  # the reason a scan is needed at all: the result does not show it
+        assert loops <= bool(torch.isfinite(got.merged).all())
 
 
 def test_same_bytes_on_any_thread_count() -> None:

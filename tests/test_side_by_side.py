@@ -30,6 +30,7 @@ from mergelab.merge.dry_run import summarize_merge
 from mergelab.merge.plan import plan_merge
 from mergelab.merge.rank_workspace import RankWorkspace
 from mergelab.methods import all_methods, get_method
+from mergelab.methods.registry import VouchedMerge
 from tiny_models import make_family
 
 Families = dict[str, tuple[Path, list[Path]]]
@@ -88,9 +89,9 @@ def _spy_on_merges(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count the merges running at once (the first few are slowed down so that they meet)."""
     seen = {"calls": 0, "active": 0, "most": 0}
     lock = threading.Lock()
-    merge = engine.merge_tensor
+    merge = engine.vouched_merge_tensor
 
-    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+    def spy(*args: Any, **kwargs: Any) -> VouchedMerge:
         with lock:
             seen["calls"] += 1
             seen["active"] += 1
@@ -104,7 +105,7 @@ def _spy_on_merges(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
             with lock:
                 seen["active"] -= 1
 
-    monkeypatch.setattr(engine, "merge_tensor", spy)
+    monkeypatch.setattr(engine, "vouched_merge_tensor", spy)
     return seen
 
 
@@ -257,21 +258,21 @@ def test_the_next_tensors_pass_runs_while_this_ones_pieces_merge(
     base, fts = families["llama"]
     events: list[tuple[str, str]] = []
     lock = threading.Lock()
-    whole_pass, merge = engine._whole_tensor_pass, engine.merge_tensor
+    whole_pass, merge = engine._whole_tensor_pass, engine.vouched_merge_tensor
 
     def pass_spy(plan: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         with lock:
             events.append(("pass", name))
         return whole_pass(plan, name, *args, **kwargs)
 
-    def merge_spy(method_: Any, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def merge_spy(method_: Any, name: str, *args: Any, **kwargs: Any) -> VouchedMerge:
         time.sleep(0.002)  # a merge long enough for the next pass to start beside it
         with lock:
             events.append(("merge", name))
         return merge(method_, name, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_whole_tensor_pass", pass_spy)
-    monkeypatch.setattr(engine, "merge_tensor", merge_spy)
+    monkeypatch.setattr(engine, "vouched_merge_tensor", merge_spy)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
     _threads(monkeypatch, 2)
     engine.run_merge(method_config(method, base, fts), tmp_path / "out", progress=False, hash_inputs=False)
@@ -300,14 +301,14 @@ def _merge_order(config: Path, out: Path,
     passes: list[tuple[str, bool]] = []
     merges: list[str] = []
     lock = threading.Lock()
-    whole_pass, merge = engine._whole_tensor_pass, engine.merge_tensor
+    whole_pass, merge = engine._whole_tensor_pass, engine.vouched_merge_tensor
 
     def pass_spy(plan: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         with lock:
             passes.append((name, threading.current_thread().name.startswith("mergelab-first")))
         return whole_pass(plan, name, *args, **kwargs)
 
-    def merge_spy(method_: Any, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def merge_spy(method_: Any, name: str, *args: Any, **kwargs: Any) -> VouchedMerge:
         with lock:
             if name not in merges:
                 merges.append(name)
@@ -315,7 +316,7 @@ def _merge_order(config: Path, out: Path,
 
     with monkeypatch.context() as m:
         m.setattr(engine, "_whole_tensor_pass", pass_spy)
-        m.setattr(engine, "merge_tensor", merge_spy)
+        m.setattr(engine, "vouched_merge_tensor", merge_spy)
         engine.run_merge(config, out, progress=False, hash_inputs=False, max_shard_size="20KB")
     return passes, merges
 
@@ -371,7 +372,7 @@ def test_no_tensor_moves_for_methods_without_a_top_k_pass(
 def test_a_failed_first_pass_stops_the_merge_before_the_other_tensors_are_merged(
         wide_vocabulary: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, fts = wide_vocabulary
-    whole_pass, merge = engine._whole_tensor_pass, engine.merge_tensor
+    whole_pass, merge = engine._whole_tensor_pass, engine.vouched_merge_tensor
     merged: list[str] = []
 
     def failing(plan: Any, name: str, *args: Any, **kwargs: Any) -> Any:
@@ -379,13 +380,13 @@ def test_a_failed_first_pass_stops_the_merge_before_the_other_tensors_are_merged
             raise ValueError("the inputs disagree here; fix them")
         return whole_pass(plan, name, *args, **kwargs)
 
-    def slow_merge(method_: Any, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def slow_merge(method_: Any, name: str, *args: Any, **kwargs: Any) -> VouchedMerge:
         time.sleep(0.005)  # long enough for the failed pass to be seen before the last piece
         merged.append(name)
         return merge(method_, name, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_whole_tensor_pass", failing)
-    monkeypatch.setattr(engine, "merge_tensor", slow_merge)
+    monkeypatch.setattr(engine, "vouched_merge_tensor", slow_merge)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
     monkeypatch.setattr(engine, "_PASSES_FIRST_SHARE", 1)
     _threads(monkeypatch, 2)
@@ -409,14 +410,14 @@ def test_a_bad_input_of_a_tensor_merged_last_is_found_by_its_pass_and_counted_on
     a = save_model_folder(tmp_path / "a", first, fts[0])
     b = save_model_folder(tmp_path / "b", second, fts[1])
     merged: list[str] = []
-    merge = engine.merge_tensor
+    merge = engine.vouched_merge_tensor
 
-    def slow_merge(method_: Any, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def slow_merge(method_: Any, name: str, *args: Any, **kwargs: Any) -> VouchedMerge:
         time.sleep(0.005)  # long enough for the head's pass to end before the other tensors are merged
         merged.append(name)
         return merge(method_, name, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "merge_tensor", slow_merge)
+    monkeypatch.setattr(engine, "vouched_merge_tensor", slow_merge)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
     monkeypatch.setattr(engine, "_PASSES_FIRST_SHARE", 1)
     _threads(monkeypatch, 2)
@@ -616,7 +617,7 @@ def test_a_scalar_pass_that_keeps_nothing_runs_ahead_beside_the_largest_tensors_
     passes: list[str] = []
     next_pass = threading.Event()
     waited: list[bool] = []
-    whole_pass, merge_tensor = engine._whole_tensor_pass, engine.merge_tensor
+    whole_pass, merge_tensor = engine._whole_tensor_pass, engine.vouched_merge_tensor
 
     def recorded_pass(plan: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         passes.append(name)
@@ -630,7 +631,7 @@ def test_a_scalar_pass_that_keeps_nothing_runs_ahead_beside_the_largest_tensors_
         return merge_tensor(method, name, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_whole_tensor_pass", recorded_pass)
-    monkeypatch.setattr(engine, "merge_tensor", first_piece_waits)
+    monkeypatch.setattr(engine, "vouched_merge_tensor", first_piece_waits)
     out = tmp_path / "ahead"
     engine.run_merge(config, out, progress=False, hash_inputs=False)
     assert waited == [True]

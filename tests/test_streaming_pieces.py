@@ -45,7 +45,7 @@ from mergelab.merge.core import merge_tensor, tensor_scalars, vouched_scalars
 from mergelab.merge.params import resolve_parameters
 from mergelab.merge.plan import count_nonfinite
 from mergelab.methods import all_methods, get_method, model_stock, row_sums, slerp, task_vectors
-from mergelab.methods.registry import FlatSource
+from mergelab.methods.registry import FlatSource, VouchedMerge
 from mergelab.methods.sparsify import TopK, magnitude_keys
 from mergelab.methods.task_vectors import arithmetic_dtype, task_vector
 
@@ -523,13 +523,13 @@ class _ScanSpy:
     streamed_tensors: set[str] = dataclasses.field(default_factory=set)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        real_count, real_merge = engine.count_nonfinite, engine.merge_tensor
+        real_count, real_merge = engine.count_nonfinite, engine.vouched_merge_tensor
 
         def count_spy(t: torch.Tensor) -> int:
             self.scans.append(t.numel())
             return real_count(t)
 
-        def merge_spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        def merge_spy(*args: Any, **kwargs: Any) -> VouchedMerge:
             if self.whole in kwargs:
                 self.streamed += 1
                 self.streamed_tensors.add(args[1])
@@ -538,7 +538,7 @@ class _ScanSpy:
             return real_merge(*args, **kwargs)
 
         monkeypatch.setattr(engine, "count_nonfinite", count_spy)
-        monkeypatch.setattr(engine, "merge_tensor", merge_spy)
+        monkeypatch.setattr(engine, "vouched_merge_tensor", merge_spy)
 
 
 def _spied_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: dict[str, Any],
@@ -610,6 +610,52 @@ def test_top_k_pieces_read_after_their_keys_proved_the_inputs_finite_skip_the_in
     scanned = _merge(tmp_path, config, "scanned")
     assert len(scans) == (streamed + whole) * (1 + inputs)
     assert_same_safetensors(vouched, scanned)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_pieces_whose_one_pass_found_every_task_vector_finite_skip_the_inputs_nonfinite_scan(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    # its one compiled pass reads every entry of every task vector |model − base|, dropped ones included: all
+    # finite only where both inputs are, so it vouches for every input of the piece it merged
+    base, fts = families["llama"]
+    config = method_config(method, base, fts)
+    inputs = 1 + len(fts)
+    spy, vouched = _spied_merge(tmp_path, monkeypatch, config, "scalars")
+    scans, streamed, whole = spy.scans, spy.streamed, spy.merged_whole
+    assert len(scans) == streamed + whole  # every merged result, no input (before this change: every input too)
+    scans.clear()
+    real = engine.vouched_merge_tensor
+
+    def proves_nothing(*args: Any, **kwargs: Any) -> VouchedMerge:
+        return dataclasses.replace(real(*args, **kwargs), inputs_finite=False)
+
+    monkeypatch.setattr(engine, "vouched_merge_tensor", proves_nothing)  # nothing vouched: scanned after the merge
+    scanned = _merge(tmp_path, config, "scanned")
+    assert len(scans) == (streamed + whole) * (1 + inputs)
+    assert_same_safetensors(vouched, scanned)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("in_base", [False, True], ids=["model", "base"])
+@pytest.mark.parametrize("where", [(0, 0), (-1, -1)], ids=["first-piece", "last-piece"])
+def test_a_nonfinite_entry_in_a_della_streamed_tensor_is_named_with_its_input_even_where_its_coin_drops_it(
+        families: Families, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: float, in_base: bool,
+        where: tuple[int, int]) -> None:
+    # density 0.05: most coins drop the entry, whose value then leaves no trace in the result; the pass's flag
+    # (or the scan after it) still names the input, and nothing is written
+    base, fts = families["llama"]
+    name = "model.layers.1.mlp.down_proj.weight"
+    state = load_folder(base if in_base else fts[1])
+    state[name][where] = bad
+    path = save_model_folder(tmp_path / "bad", state, base if in_base else fts[1])
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", 256)
+    config = method_config("della", path if in_base else base, [fts[0], *([fts[1]] if in_base else [path]), fts[2]])
+    for model in config["models"]:
+        model["parameters"].update({"density": 0.05, "epsilon": 0.04})
+    out = tmp_path / "out"
+    text = assert_refused(run_cli(write_config(tmp_path, config), out), out,
+                          f"{path}: tensor '{name}' has 1 NaN/Inf value(s)")
+    assert "produced it from finite inputs" not in text and text.count("NaN/Inf value(s)") == 1
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])

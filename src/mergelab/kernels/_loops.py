@@ -323,16 +323,20 @@ def _dropped_term(delta, probability, draw, weight, like):  # type: ignore[no-un
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def dropped_consensus_loop(base: Any, deltas: Any, probabilities: Any, draws: Any, weights: Any, election: int,
-                           normalize: bool, divisor: Any, lambda_: Any, like: Any, out: Any) -> int:
+                           normalize: bool, divisor: Any, lambda_: Any, like: Any, out: Any) -> tuple[int, bool]:
     """DELLA's drop, rescale and merge in one pass over its task vectors (``deltas``, in the arithmetic dtype):
     model ``i``'s entry ``j`` kept where ``draws[i][j] < probabilities[i][j]`` and divided by that probability,
     then masked_consensus_loop's arithmetic on the kept values with the base added last, every step rounded as
     rescaled_drop_loop followed by merge_task_vectors round it (the same bits: kernels/random_drops.py checks).
     The two passes wrote each model's kept task vector out and read it back, and merge_task_vectors added the
-    base in a pass of its own."""
+    base in a pass of its own. Returns the NaN count of ``out`` and whether every entry of every delta, kept or
+    dropped, is finite (a dropped NaN leaves no trace in ``out``: the engine scans the inputs unless this says
+    they are finite)."""
+    finite = True
     for j in range(out.shape[0]):
         elected = np.float32(0.0)
         for i in range(len(deltas)):
+            finite &= np.abs(_load(deltas[i][j])) < np.float32(np.inf)
             wd = _dropped_term(deltas[i][j], probabilities[i][j], draws[i][j], weights[i], like)
             elected = elected + (np.float32(np.sign(wd)) if election == 2 else wd)
         positive = _step(elected, like) >= np.float32(0.0)
@@ -347,7 +351,7 @@ def dropped_consensus_loop(base: Any, deltas: Any, probabilities: Any, draws: An
                 div = div + (weights[i] if agree else np.float32(0.0))
         mixed = _agreeing_mean(total, div, election, normalize, divisor, lambda_, like)
         _store(out, j, _step(_step(mixed + np.float32(-0.0), like) + _load(base[j]), like))
-    return _count_nan(out)
+    return _count_nan(out), finite
 
 
 # The 32-bit Mersenne Twister (Matsumoto & Nishimura 1998) as torch's CPU generator runs it (at::mt19937), and

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,6 +59,14 @@ DroppedFormula = Callable[..., torch.Tensor]
 delta dropped and rescaled by its coins, then merged onto ``base`` (DELLA's two steps, in torch)."""
 
 
+class DroppedMerge(NamedTuple):
+    """:func:`dropped_consensus`' merged tensor, and whether its pass found every entry of every task vector
+    finite (dropped ones included): then every entry of the inputs they were computed from is finite too."""
+
+    merged: torch.Tensor
+    deltas_finite: bool
+
+
 def dropped_consensus_applies(base: torch.Tensor, arithmetic: torch.dtype) -> bool:
     """Whether :func:`dropped_consensus` may run for a tensor like ``base`` merged in ``arithmetic`` (the caller
     then keeps every model's coins until the merge instead of dropping one model at a time)."""
@@ -68,12 +77,12 @@ def dropped_consensus_applies(base: torch.Tensor, arithmetic: torch.dtype) -> bo
 def dropped_consensus(base: torch.Tensor, deltas: Sequence[torch.Tensor], probabilities: Sequence[torch.Tensor],
                       draws: Sequence[torch.Tensor], weights: Sequence[float], consensus: str | None,
                       normalize: bool, lambda_: float, arithmetic: torch.dtype,
-                      formula: DroppedFormula) -> torch.Tensor | None:
+                      formula: DroppedFormula) -> DroppedMerge | None:
     """``formula(...)`` in one compiled pass: model ``i``'s task vector ``deltas[i]`` (in ``arithmetic``) kept
     where ``draws[i] < probabilities[i]`` and divided by that probability, then merged onto ``base`` by sign
     election (``consensus`` "sum" or "count") or summed (None), divided by the agreeing (or all) weights with
-    ``normalize``, times ``lambda_``; ``weights`` already ``arithmetic`` numbers. None where the loop does not
-    apply or a result is NaN (whose bits the formula decides)."""
+    ``normalize``, times ``lambda_``; ``weights`` already ``arithmetic`` numbers; with whether every delta entry
+    is finite. None where the loop does not apply or a result is NaN (whose bits the formula decides)."""
     module = loops() if deltas else None
     if module is None or not dropped_consensus_applies(base, arithmetic) or not eligible([*deltas, *probabilities]):
         return None
@@ -85,14 +94,14 @@ def dropped_consensus(base: torch.Tensor, deltas: Sequence[torch.Tensor], probab
     like = np.uint16(0) if arithmetic == torch.bfloat16 else np.float32(0)
 
     def run(b: torch.Tensor, ds: Sequence[torch.Tensor], ps: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
-            ws: Sequence[float], election: str | None, norm: bool, lam: float) -> tuple[torch.Tensor, int]:
+            ws: Sequence[float], election: str | None, norm: bool, lam: float) -> tuple[torch.Tensor, int, bool]:
         out = torch.empty(b.shape, dtype=dtype)
         divisor = float(torch.tensor(math.fsum(ws), dtype=arithmetic))  # as generalized_task_arithmetic rounds it
-        nans = module.dropped_consensus_loop(
+        nans, finite = module.dropped_consensus_loop(
             as_array(b), tuple(as_array(d) for d in ds), tuple(as_array(p) for p in ps),
             tuple(u.reshape(-1).numpy() for u in us), np.asarray(ws, np.float32), ELECTIONS[election], norm,
             np.float32(divisor), np.float32(lam), like, as_array(out, writable=True))
-        return out, int(nans)
+        return out, int(nans), bool(finite)
 
     def check() -> bool:
         big = torch.finfo(dtype).max
@@ -108,13 +117,18 @@ def dropped_consensus(base: torch.Tensor, deltas: Sequence[torch.Tensor], probab
         cases = [("sum", True, 1.0), ("count", False, 0.7), (None, False, 1.0), (None, True, 1.0), ("sum", True, 1.3),
                  ("sum", False, -1.0)]
         for election, norm, lam in cases:
-            fused = run(b, ds, ps, us, ws, election, norm, lam)[0]
+            fused, _, finite = run(b, ds, ps, us, ws, election, norm, lam)
             expected = formula(b, [d.clone() for d in ds], ps, us, ws, election, norm, lam, arithmetic)
-            if not same_bits(fused, expected):
+            if not same_bits(fused, expected) or not finite:
                 return False
-        return True
+        # a NaN and an Inf where every coin drops them: gone from the result, told by the flag
+        dropped = [d.clone() for d in ds]
+        dropped[0][0], dropped[-1][-1] = float("nan"), float("inf")
+        never = [torch.ones_like(u) for u in us]  # a coin of 1 is never below a probability
+        fused, nans, finite = run(b, dropped, ps, never, ws, "sum", True, 1.0)
+        return nans == 0 and not finite and bool(torch.isfinite(fused).all())
 
     if not verified(f"dropped consensus in {arithmetic}", dtype, check):
         return None
-    merged, nans = run(base, deltas, probabilities, draws, weights, consensus, normalize, lambda_)
-    return None if nans else merged
+    merged, nans, finite = run(base, deltas, probabilities, draws, weights, consensus, normalize, lambda_)
+    return None if nans else DroppedMerge(merged, finite)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mergelab.merge.params import ResolvedParams
-from mergelab.methods.registry import FlatSource, MergeMethod, TensorInputs, VouchedScalars
+from mergelab.methods.registry import FlatSource, MergeMethod, TensorInputs, VouchedMerge, VouchedScalars
 
 
 def tensor_seed(seed: int, tensor_name: str) -> int:
@@ -25,7 +25,12 @@ def passthrough(base: torch.Tensor | None, tensors: Sequence[torch.Tensor]) -> t
     return base if base is not None else tensors[0]
 
 
-def merge_tensor(
+def merge_tensor(method: MergeMethod, name: str, tensors: Sequence[torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    """Merge the tensors of one name (or one flat piece of them): :func:`vouched_merge_tensor`'s result."""
+    return vouched_merge_tensor(method, name, tensors, **kwargs).merged
+
+
+def vouched_merge_tensor(
     method: MergeMethod,
     name: str,
     tensors: Sequence[torch.Tensor],
@@ -40,14 +45,16 @@ def merge_tensor(
     topk: Sequence[Any] | None = None,
     offset: int = 0,
     scalars: Any = None,
-) -> torch.Tensor:
+) -> VouchedMerge:
     """Merge the tensors of one name (or one flat piece of them) with ``params``, resolved for that name
     (:func:`~mergelab.merge.params.resolve_parameters`; None only for a tensor that is not floating point).
     A piece of a tensor merged after a whole-tensor pass gets that pass's result: ``topk`` rules (and the
-    piece's ``offset``) or the method's ``scalars`` (:func:`tensor_scalars`)."""
+    piece's ``offset``) or the method's ``scalars`` (:func:`tensor_scalars`). With whether the method's pass
+    proved every input entry finite (:attr:`~mergelab.methods.registry.MergeMethod.vouching`; never, for a
+    method that does not say)."""
     reference = base if base is not None else tensors[0]
     if not reference.is_floating_point():
-        return passthrough(base, tensors)
+        return VouchedMerge(passthrough(base, tensors), inputs_finite=False)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
         return prepared(x, device, compute_dtype)
@@ -68,13 +75,17 @@ def merge_tensor(
         offset=offset,
         scalars=scalars,
     )
+    adapter = method.vouching_adapter or method.adapter
     if method.elementwise or (inputs.base if inputs.base is not None else inputs.tensors[0]).device.type != "cpu":
-        merged = method.adapter(inputs)
+        result = adapter(inputs)
     else:
         with one_thread():
-            merged = method.adapter(inputs)
-    # float8 inputs were computed on float32 copies (see prepare): the result is in the inputs' dtype again
-    return merged.to(reference.dtype) if compute_dtype is None and reference.dtype in FLOAT8_DTYPES else merged
+            result = adapter(inputs)
+    vouched = result if isinstance(result, VouchedMerge) else VouchedMerge(result, inputs_finite=False)
+    if compute_dtype is None and reference.dtype in FLOAT8_DTYPES:
+        # float8 inputs were computed on float32 copies (see prepare): the result is in the inputs' dtype again
+        return VouchedMerge(vouched.merged.to(reference.dtype), vouched.inputs_finite)
+    return vouched
 
 
 def tensor_scalars(method: MergeMethod, name: str, source: FlatSource, *, params: ResolvedParams,

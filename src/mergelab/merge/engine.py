@@ -67,7 +67,7 @@ from mergelab.kernels.dispatch import warm_up_in_background
 from mergelab.kernels.masked import KEY_SPECS
 from mergelab.merge.allocator import MMAP_THRESHOLD
 from mergelab.merge.config import MergeConfig, load_config
-from mergelab.merge.core import FLOAT8_DTYPES, merge_tensor, one_thread, prepared, vouched_scalars
+from mergelab.merge.core import FLOAT8_DTYPES, one_thread, prepared, vouched_merge_tensor, vouched_scalars
 from mergelab.merge.extra_files import copy_extra_files, refuse_outside
 from mergelab.merge.install import (
     RECORD_NAME,
@@ -866,6 +866,9 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
     # result is scanned until one is found; the inputs are then scanned to name it. A base that the method
     # ignores (linear given one in slices) would not show: then every input is scanned as it is read.
     trust_result = plan.method.propagates_nonfinite and (base is None or plan.method.base != "ignored")
+    # A method that vouches for its inputs (DELLA's one pass reads every task-vector entry) scans them after
+    # the merge, on the merge thread, only where it did not (:attr:`MergeMethod.vouching`)
+    trust_method = plan.method.vouching is not None
 
     def scan(name: str, base_t: torch.Tensor | None, tensors: list[torch.Tensor]) -> list[tuple[str, int]]:
         """(input label, NaN/Inf count) of each input of tensor ``name`` that has any."""
@@ -899,7 +902,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             return base_t, tensors, []
         # checked here, on the reader thread, so it overlaps the merge; None: left to the merged result's scan
         vouched = piece.name not in plan.input_models and proved_finite(piece)
-        found = (None if allow_nonfinite or vouched or (trust_result and not nonfinite)
+        found = (None if allow_nonfinite or vouched or ((trust_result or trust_method) and not nonfinite)
                  else scan(piece.name, base_t, tensors))
         return base_t, tensors, found
 
@@ -907,15 +910,22 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
     out_dtypes = {name: meta.dtype for name, meta in plan.out_metas.items()}
     side_by_side = _merge_threads(plan, dev)
 
-    def merge_piece(piece: _Piece, base_t: torch.Tensor | None, tensors: list[torch.Tensor],
-                    whole: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        """The merged piece in the output dtype and its NaN/Inf count (0 when not scanned)."""
-        merged = merge_tensor(
+    def merge_piece(piece: _Piece, base_t: torch.Tensor | None, tensors: list[torch.Tensor], whole: dict[str, Any],
+                    found: list[tuple[str, int]] | None) -> tuple[torch.Tensor, int, list[tuple[str, int]] | None]:
+        """The merged piece in the output dtype, its NaN/Inf count (0 when not scanned) and what the scan of its
+        inputs found: ``found`` (the reader's), or, where the reader left them to a vouching method
+        (``trust_method``) that did not vouch, this thread's scan of them (None: not scanned)."""
+        vouched = vouched_merge_tensor(
             plan.method, piece.name, tensors, base=base_t, params=plan.params.get(piece.name),
             seed=cfg.seed, compute_dtype=cfg.compute_dtype, device=dev, thresholds=thresholds,
             offset=piece.start, **whole,
-        ).to(out_dtypes[piece.name])
-        return merged, 0 if allow_nonfinite else count_nonfinite(merged)
+        )
+        merged = vouched.merged.to(out_dtypes[piece.name])
+        if allow_nonfinite:
+            return merged, 0, found
+        if found is None and trust_method and not vouched.inputs_finite:
+            found = scan(piece.name, base_t, tensors)
+        return merged, count_nonfinite(merged), found
 
     # One work space for every top-k pass, at the largest size still to come (passes run in the pieces' order):
     # a tensor's entries times the models found side by side (until 2026-12-03, 67ca0d9 to this change, only
@@ -1066,8 +1076,8 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
             pass_of(pieces[j].name)
 
     # Merged, not yet written: (piece, its merge, its inputs, their NaN/Inf counts if scanned), oldest first.
-    in_flight: deque[tuple[_Piece, Future[tuple[torch.Tensor, int]], torch.Tensor | None, list[torch.Tensor],
-                           list[tuple[str, int]] | None]] = deque()
+    in_flight: deque[tuple[_Piece, Future[tuple[torch.Tensor, int, list[tuple[str, int]] | None]],
+                           torch.Tensor | None, list[torch.Tensor], list[tuple[str, int]] | None]] = deque()
     # Handed to the writer, not yet written, oldest first, with their sizes: up to _WRITES_AHEAD small ones at once,
     # a larger one only after every write before it (as every write waited for the one before, until 2026-12-04)
     writes: deque[tuple[Future[None], int]] = deque()
@@ -1089,10 +1099,14 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
 
     def finish_oldest() -> None:
         """Wait for the oldest merge in flight, check it and hand it to the writer (in the pieces' order)."""
-        piece, merging, base_t, tensors, found = in_flight.popleft()
-        merged, bad = method_result(piece.name, merging)
+        piece, merging, base_t, tensors, read_found = in_flight.popleft()
+        merged, bad, found = method_result(piece.name, merging)
         if nonfinite:  # a piece merged beside an earlier bad one: its inputs are reported, nothing written
             for label, n in (found if found is not None else scan(piece.name, base_t, tensors)):
+                nonfinite[label, piece.name] += n
+            return
+        if found and read_found is None:  # scanned after the merge (a vouching method that did not vouch)
+            for label, n in found:
                 nonfinite[label, piece.name] += n
             return
         if observer is not None:
@@ -1167,7 +1181,7 @@ def _merge_all(plan: MergePlan, cfg: MergeConfig, dev: torch.device | None,
                 if isinstance(scalars, PieceScalars):  # reserved here, in order: the merges may then run side by side
                     whole = {**whole, "scalars": scalars.for_piece(cfg.merge_method, piece.start,
                                                                    piece.stop - piece.start)}
-            in_flight.append((piece, merge_pool.submit(merge_piece, piece, base_t, tensors, whole), base_t,
+            in_flight.append((piece, merge_pool.submit(merge_piece, piece, base_t, tensors, whole, found), base_t,
                               tensors, found))
             del base_t, tensors
             if read_after_merge:

@@ -38,7 +38,7 @@ from mergelab.methods.dare import (
     random_drop_params,
     random_drop_sparsifier,
 )
-from mergelab.methods.registry import MergeMethod, Param, ScalarPass, register
+from mergelab.methods.registry import MergeMethod, Param, ScalarPass, VouchedMerge, register
 from mergelab.methods.sparsify import TIE_ORDERS, Coins, TieOrder, drop_work_dtype, magnitude_keys
 from mergelab.methods.task_vectors import (
     Consensus,
@@ -160,9 +160,28 @@ def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
                 rescale: bool = True, rescale_mode: str = "density", dtype: torch.dtype | None = None,
                 scalars: CarriedGenerators | PieceCoins | None = None, offset: int = 0,
                 tie_orders: Sequence[TieOrder] | None = None) -> torch.Tensor:
-    """DELLA on one tensor: ``δ̃_i = m_i ⊙ δ_i / p_i`` with ``m_i ~ Bernoulli(p_i)`` and ``p_i`` from the
-    magnitude ranks of ``δ_i`` (MagPrune), then TIES' sign election and disjoint mean (``consensus="sum"``,
-    della) or task arithmetic (``consensus=None``, della_linear), computed in ``dtype`` (float32 when None).
+    """DELLA on one tensor (:func:`vouched_della_merge` says more): ``δ̃_i = m_i ⊙ δ_i / p_i`` with ``m_i ~
+    Bernoulli(p_i)`` and ``p_i`` from the magnitude ranks of ``δ_i`` (MagPrune), then TIES' sign election and
+    disjoint mean (``consensus="sum"``, della) or task arithmetic (``consensus=None``, della_linear), computed in
+    ``dtype`` (float32 when None)."""
+    return vouched_della_merge(base, tensors, weights, densities, epsilons, seed=seed, consensus=consensus,
+                               normalize=normalize, lambda_=lambda_, rescale=rescale, rescale_mode=rescale_mode,
+                               dtype=dtype, scalars=scalars, offset=offset, tie_orders=tie_orders).merged
+
+
+def vouched_della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                        densities: Sequence[float], epsilons: Sequence[float], *, seed: int,
+                        consensus: Consensus | None = "sum", normalize: bool = True, lambda_: float = 1.0,
+                        rescale: bool = True, rescale_mode: str = "density", dtype: torch.dtype | None = None,
+                        scalars: CarriedGenerators | PieceCoins | None = None, offset: int = 0,
+                        tie_orders: Sequence[TieOrder] | None = None) -> VouchedMerge:
+    """DELLA on one tensor, and whether its one compiled pass (below) found every task-vector entry finite,
+    dropped ones included (the engine then skips the NaN/Inf scan of the inputs: 1.7–2.0 CPU s at 3 × 2 GB);
+    the other paths vouch for nothing.
+
+    ``δ̃_i = m_i ⊙ δ_i / p_i`` with ``m_i ~ Bernoulli(p_i)`` and ``p_i`` from the magnitude ranks of ``δ_i``
+    (MagPrune), then TIES' sign election and disjoint mean (``consensus="sum"``, della) or task arithmetic
+    (``consensus=None``, della_linear), computed in ``dtype`` (float32 when None).
 
     ``scalars`` (:func:`~mergelab.methods.dare.dare_generators`, when the engine streams the tensor in flat
     pieces): each model's generator carried from piece to piece, as DARE's. Each entry's keep probability
@@ -199,18 +218,19 @@ def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
         if consensus is None and normalize:
             weight_sum(weights, "normalize")  # as generalized_task_arithmetic refuses them: the loop would divide by 0
         rounded_weights = [rounded(w, arithmetic) for w in weights]
-        merged = dropped_consensus(base, deltas, probabilities, draws, rounded_weights, consensus, normalize, lambda_,
-                                   arithmetic, _dropped_then_merged)
-        if merged is None:
-            merged = _dropped_then_merged(base, deltas, probabilities, draws, weights, consensus, normalize,
-                                          lambda_, arithmetic)
-        return merged.reshape(flat_shape)
+        fused = dropped_consensus(base, deltas, probabilities, draws, rounded_weights, consensus, normalize, lambda_,
+                                  arithmetic, _dropped_then_merged)
+        if fused is not None:
+            return VouchedMerge(fused.merged.reshape(flat_shape), fused.deltas_finite)
+        merged = _dropped_then_merged(base, deltas, probabilities, draws, weights, consensus, normalize,
+                                      lambda_, arithmetic)
+        return VouchedMerge(merged.reshape(flat_shape), False)
     sparsify = della_sparsifier(densities, epsilons, seed, rescale=rescale, rescale_mode=rescale_mode,
                                 generators=generators, tie_orders=tie_orders)
     deltas = [sparsify(i, task_vector(tensor, base, arithmetic)) for i, tensor in enumerate(tensors)]
     merged = merge_task_vectors(base, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_,
                                 dtype=dtype)
-    return merged.reshape(flat_shape)
+    return VouchedMerge(merged.reshape(flat_shape), False)
 
 
 def _dropped_then_merged(base: torch.Tensor, deltas: Sequence[torch.Tensor], probabilities: Sequence[torch.Tensor],
@@ -247,7 +267,7 @@ _SCALAR_PASS = ScalarPass(dare_generators, applies=drops_in_pieces, unit=slab_en
 _DROP = "m_i ~ Bernoulli(p_i), p_ij = density − ε + 2ε rank_j / (n − 1) by |δ_ij| within its row"
 
 register(MergeMethod(
-    name="della", function=della_merge, params=_params(True),
+    name="della", function=della_merge, vouching=vouched_della_merge, params=_params(True),
     summary="Magnitude-ranked random drop (MagPrune), rescale, then TIES sign election and disjoint mean.",
     paper=_PAPER + "; Yadav et al. 2023, TIES (arXiv:2306.01708)", randomized=True, also_in=("mergekit",),
     scalar_pass=_SCALAR_PASS, compiled=True,
@@ -255,7 +275,8 @@ register(MergeMethod(
             f"δ̃_i = m_i ⊙ δ_i / p_i,  {_DROP}",
 ))
 register(MergeMethod(
-    name="della_linear", function=della_merge, params=_params(False), fixed={"consensus": None},
+    name="della_linear", function=della_merge, vouching=vouched_della_merge, params=_params(False),
+    fixed={"consensus": None},
     summary="Magnitude-ranked random drop (MagPrune), rescale, then task arithmetic.",
     paper=_PAPER, randomized=True, also_in=("mergekit",), scalar_pass=_SCALAR_PASS, compiled=True,
     formula=f"θ = θ_0 + λ Σ_i w_i (m_i ⊙ δ_i) / p_i,  {_DROP}",
