@@ -338,7 +338,8 @@ class MergeMethod:
     vouching: Callable[..., VouchedMerge] | None = None
     """``function`` with what its pass proves (:class:`VouchedMerge`), called the same way: the engine merges
     with it and skips the NaN/Inf scan of the inputs where it vouches for them, scanning them after the merge
-    where it does not (DELLA: 1.7–2.0 of 19–21 CPU s at 3 × 2 GB were those scans, 2026-12-05)."""
+    where it does not (DELLA at 3 × 2 GB: those scans were 1.7–2.0 of 19–21 CPU s on one VM, 0.49–0.56
+    of 13–15 on a faster one, 2026-12-05)."""
     topk_pass: TopKPass | None = None
     """The method's whole-tensor step, where it is only each model's magnitude-rank rule over its task
     vector (TIES' top-k, Breadcrumbs' band of ranks), so that with those rules computed over the whole
