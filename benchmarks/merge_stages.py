@@ -8,7 +8,9 @@ TIES' sort replay...), wrapped so that every call adds its ``time.thread_time()`
 summed over the threads that ran it (the reader, the two merge threads, the passes), beside the merge's wall
 time and its process CPU. Stages nest (DELLA's coins include its ranks) and what no stage names (the engine's
 own bookkeeping, torch's allocations) is in the process CPU only. The merge runs twice in one process with
-``--direct-io`` (the first loads and checks the compiled loops); the second is reported. The models are
+``--direct-io`` (the first loads and checks the compiled loops); the second is reported. glibc's malloc is tuned
+as the CLI tunes it (``merge.allocator.recycle_freed_memory``; until 2026-12-05 it was not, and a merge's
+buffers above 128 KiB were unmapped and faulted in again). The models are
 vs_mergekit's (built under ``--work`` if absent), the configs its ``config_for``.
 """
 
@@ -22,6 +24,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +50,14 @@ STAGES = {
     "sort replay at both edges (Breadcrumbs)": ("mergelab.methods.sparsify", "band_ties"),
     "tied keys' scan (stable)": ("mergelab.methods.sparsify", "equal_positions"),
     "masked sums": ("mergelab.methods.task_vectors", "masked_task_arithmetic"),
+    "weighted sum (linear)": ("mergelab.methods.linear", "linear_sum"),
+    "weighted task vectors added to the base (task arithmetic)": ("mergelab.methods.task_vectors",
+                                                                  "task_arithmetic_sum"),
+    "norms and dot products, one pass (Model Stock)": ("mergelab.kernels.row_reductions", "OffsetSums.add"),
+    "t · average + (1 − t) · base (Model Stock)": ("mergelab.methods.model_stock", "model_stock_apply"),
+    "norms (SLERP)": ("mergelab.kernels.row_reductions", "ChunkSums.norms"),
+    "normalised dot product (SLERP)": ("mergelab.kernels.row_reductions", "ChunkSums.normalized_dot"),
+    "interpolation (SLERP)": ("mergelab.methods.slerp", "slerp_apply"),
 }
 
 
@@ -93,6 +104,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/mergelab-bench"))
     args = ap.parse_args()
     from mergelab.merge import engine
+    from mergelab.merge.allocator import recycle_freed_memory
+
+    recycle_freed_memory()  # as the CLI does: freed buffers recycled, not unmapped and faulted in again
+    warnings.simplefilter("ignore")  # Model Stock's t outside [0, 1] on these random fine-tunes, once per tensor
 
     clock = StageClock()
     clock.install()
@@ -109,7 +124,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         stages = {k: round(v, 3) for k, v in sorted(clock.spent.items(), key=lambda kv: -kv[1]) if v >= 0.0005}
         print(json.dumps({"size": args.size, "method": method, "wall_s": round(wall, 2), "process_cpu_s": round(cpu, 2),
-                          "stage_cpu_s": stages}), flush=True)
+                          "stage_cpu_s": stages}, ensure_ascii=False), flush=True)
 
 
 if __name__ == "__main__":

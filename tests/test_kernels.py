@@ -18,11 +18,13 @@ import torch
 from cli_helpers import STREAM_PIECE, assert_same_safetensors, method_config, weighted_config
 from mergelab.kernels import dispatch, row_reductions
 from mergelab.kernels.masked import key_histogram
+from mergelab.kernels.nonfinite import nonfinite_count
 from mergelab.kernels.random_drops import dropped_consensus, rescaled_drop
 from mergelab.kernels.row_ranks import argsort_ranks, stable_ranks
 from mergelab.kernels.weighted_sums import linear_sum, task_arithmetic_sum
 from mergelab.merge import engine
 from mergelab.merge.core import one_thread
+from mergelab.merge.plan import count_nonfinite
 from mergelab.methods import get_method, model_stock, row_sums, slerp
 from mergelab.methods.dare import _rescaled_drop, dare_merge
 from mergelab.methods.della import _dropped_then_merged, della_merge
@@ -966,6 +968,7 @@ def test_every_compiled_loop_declines_tensors_off_the_cpu() -> None:
     assert sums is not None and sums.norms(off, off) is None and sums.normalized_dot(off, off, 1.0, 1.0) is None
     pairs = row_reductions.offset_sums(2, 64, torch.bfloat16, lanes)
     assert pairs is not None and pairs.add(off, [off, off]) is False
+    assert nonfinite_count(off) is None
 
 
 def test_a_tensor_drawn_whole_takes_its_fresh_generators_numbers_from_the_compiled_twin(
@@ -982,3 +985,60 @@ def test_a_tensor_drawn_whole_takes_its_fresh_generators_numbers_from_the_compil
     twin = dare_merge(base, tuned, [0.5, 0.7], [0.3, 0.6], seed=5, consensus="sum")
     monkeypatch.setattr(dare, "mersenne_draws", lambda generator: None)  # torch's kernel draws
     assert torch.equal(twin, dare_merge(base, tuned, [0.5, 0.7], [0.3, 0.6], seed=5, consensus="sum"))
+
+
+# Every class of bit pattern around the exponent's edge, by hand: (bits, whether the number is finite).
+_EDGE_PATTERNS = {
+    torch.bfloat16: (torch.int16, [(0x7F7F, True), (0x7F80, False), (0x7F81, False), (0x7FC0, False),
+                                   (0xFF80, False), (0xFFFF, False), (0x8000, True), (0x0001, True), (0xFF7F, True)]),
+    torch.float16: (torch.int16, [(0x7BFF, True), (0x7C00, False), (0x7C01, False), (0x7E00, False),
+                                  (0xFC00, False), (0xFFFF, False), (0x8000, True), (0x0001, True), (0xFBFF, True)]),
+    torch.float32: (torch.int32, [(0x7F7FFFFF, True), (0x7F800000, False), (0x7F800001, False),
+                                  (0x7FC00000, False), (0xFF800000, False), (0xFFFFFFFF, False), (0x80000000, True),
+                                  (0x00000001, True), (0xFF7FFFFF, True)]),
+    torch.float64: (torch.int64, [(0x7FEFFFFFFFFFFFFF, True), (0x7FF0000000000000, False),
+                                  (0x7FF0000000000001, False), (0x7FF8000000000000, False),
+                                  (0xFFF0000000000000, False), (0xFFFFFFFFFFFFFFFF, False), (1 << 63, True),
+                                  (0x1, True), (0xFFEFFFFFFFFFFFFF, True)]),
+}
+
+
+def _from_bits(patterns: list[int], as_int: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    width = torch.iinfo(as_int).bits
+    signed = [p - (1 << width) if p >= 1 << (width - 1) else p for p in patterns]
+    return torch.tensor(signed, dtype=as_int).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", list(_EDGE_PATTERNS))
+def test_the_nonfinite_count_loop_counts_every_nan_and_infinity_and_no_finite_number(dtype: torch.dtype) -> None:
+    as_int, cases = _EDGE_PATTERNS[dtype]
+    for bits, finite in cases:
+        one = _from_bits([bits], as_int, dtype)
+        assert bool(torch.isfinite(one)) is finite  # the hand-made table agrees with torch
+        assert nonfinite_count(one) == (0 if finite else 1), hex(bits)
+    mixed = _from_bits([bits for bits, _ in cases] * 1000, as_int, dtype)  # long enough for the vector loop
+    assert nonfinite_count(mixed) == 1000 * sum(not finite for _, finite in cases) == count_nonfinite(mixed)
+
+
+def test_the_nonfinite_count_loop_takes_only_plain_contiguous_cpu_tensors() -> None:
+    x = torch.tensor([1.0, float("nan"), 2.0, float("inf")])
+    assert nonfinite_count(x) == 2
+    assert nonfinite_count(x[::2]) is None and count_nonfinite(x[::2]) == 0  # a strided view: torch counts
+    assert nonfinite_count(x[1::2]) is None and count_nonfinite(x[1::2]) == 2
+    assert nonfinite_count(torch.empty(0)) is None
+    assert nonfinite_count(torch.tensor([float("nan")], dtype=torch.float8_e4m3fn)) is None
+    assert nonfinite_count(x.requires_grad_()) is None
+
+
+def test_count_nonfinite_is_the_same_with_the_loop_and_without(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(5)
+    tensors = []
+    for dtype in _EDGE_PATTERNS:
+        t = torch.randn(3001, generator=g)
+        bad = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(3)[:7]
+        t[torch.randperm(3001, generator=g)[:7]] = bad
+        tensors.append(t.to(dtype))
+    with_loop = [count_nonfinite(t) for t in tensors]
+    monkeypatch.setattr(dispatch, "_loaded", [None])
+    assert [nonfinite_count(t) for t in tensors] == [None] * 4
+    assert [count_nonfinite(t) for t in tensors] == with_loop == [7] * 4

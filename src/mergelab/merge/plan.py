@@ -19,6 +19,7 @@ from mergelab.errors import CheckpointError, CompatibilityError
 from mergelab.io.borrow import borrow_missing
 from mergelab.io.models import open_model
 from mergelab.io.readers import CheckpointReader, TensorMeta
+from mergelab.kernels.nonfinite import nonfinite_count
 from mergelab.merge.config import MergeConfig
 from mergelab.merge.inputs import resolve_model_path
 from mergelab.merge.params import (
@@ -416,6 +417,9 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
     """How many entries of ``tensor`` are NaN or ±Inf (0 for integer tensors)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return 0
+    counted = nonfinite_count(tensor)  # the compiled loop, where loaded: a third of aminmax's time
+    if counted is not None:
+        return counted
     # min and max propagate NaN and reach ±Inf, so finite extremes prove the whole tensor finite in one
     # pass with no temporary mask (a bf16 float32-sum was 20× slower); only then is the exact count needed.
     if tensor.dtype in _MINMAX_DTYPES:
