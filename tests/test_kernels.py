@@ -17,7 +17,7 @@ import torch
 
 from cli_helpers import STREAM_PIECE, assert_same_safetensors, method_config, weighted_config
 from mergelab.kernels import dispatch, row_reductions
-from mergelab.kernels.masked import key_histogram
+from mergelab.kernels.masked import key_histogram, masked_task_arithmetic
 from mergelab.kernels.nonfinite import nonfinite_count
 from mergelab.kernels.random_drops import dropped_consensus, rescaled_drop
 from mergelab.kernels.row_ranks import argsort_ranks, stable_ranks
@@ -34,6 +34,7 @@ from mergelab.methods.sparsify import TopK, band_of_keys, magnitude_keys, topk_o
 from mergelab.methods.task_arithmetic import task_arithmetic_merge
 from mergelab.methods.task_vectors import (
     _masked_by_rules_torch,
+    _probe_rules,
     _weighted_task_vectors,
     checked_task_vector_keys,
     generalized_task_arithmetic,
@@ -363,6 +364,43 @@ def test_a_rule_without_a_threshold_keeps_no_infinite_entry_and_one_without_a_ce
             assert kept_inf == [rules[0].threshold is not None, rules[1].threshold is not None,
                                 rules[1].threshold is not None], (rules, consensus)
     assert dispatch.verdicts()[("masked task arithmetic in torch.float32", dtype)]
+
+
+def test_ties_kept_by_name_are_kept_and_the_other_ties_are_not() -> None:
+    # worked by hand: model 0's task vector (1, 1, 1, 2) with its threshold at the key of 1 and, of the three
+    # tied at it, only flat index 1 kept; model 1 keeps nothing. Without an election, weights 1, the merge of a
+    # zero base is what model 0 keeps: (0, 1, 0, 2); the piece [1, 3) of it, (1, 0)
+    key_of_one = int(torch.tensor(1.0, dtype=torch.bfloat16).view(torch.int16))
+    base = torch.zeros(4, dtype=torch.bfloat16)
+    tensors = [torch.tensor([1.0, 1.0, 1.0, 2.0], dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16)]
+    rules = [TopK(key_of_one, ties=torch.tensor([1])), TopK(None)]
+    whole = masked_by_rules(base, tensors, [1.0, 1.0], rules, 0, consensus=None, normalize=False,
+                            dtype=torch.bfloat16)
+    assert whole.tolist() == [0.0, 1.0, 0.0, 2.0]
+    piece = masked_by_rules(base[1:3], [t[1:3] for t in tensors], [1.0, 1.0], rules, 1, consensus=None,
+                            normalize=False, dtype=torch.bfloat16)
+    assert piece.tolist() == [1.0, 0.0]
+    assert dispatch.verdicts()[("masked task arithmetic in torch.bfloat16", torch.bfloat16)]
+
+
+def test_a_band_of_one_key_with_ties_kept_by_name_is_left_to_the_formula() -> None:
+    # threshold = ceiling: an entry listed at one edge must also be listed at the other, which the loop's one row
+    # of names per rule cannot say; the loop declines and the formula decides
+    base, tensors = _family(torch.bfloat16, 4096, 2, seed=9)
+    keys = magnitude_keys(task_vector(tensors[0], base, torch.float32))
+    assert keys is not None
+    tied = int(keys.mode().values)
+    at_key = torch.nonzero(keys == tied).flatten()
+    band = TopK(tied, ties=at_key[::2], ceiling=tied, ceiling_ties=at_key[::3])
+    rules = [band, TopK(0)]
+    merged = masked_by_rules(base, tensors, [0.5, 0.5], rules, 0, consensus="sum", normalize=True)
+    reference = _masked_by_rules_torch(base, tensors, [0.5, 0.5], rules, 0, "sum", True, 1.0, None)
+    assert torch.equal(_bits(merged), _bits(reference))
+    assert dispatch.verdicts()[("masked task arithmetic in torch.float32", torch.bfloat16)]  # the loop is in use...
+    assert masked_task_arithmetic(base, tensors, [0.5, 0.5], rules, 0, "sum", True, 1.0, torch.float32,
+                                  _masked_by_rules_torch, _probe_rules) is None  # ...and declines this one
+    kept = band.mask(keys)  # the formula's mask: only the entries listed at both edges
+    assert int(kept.sum()) == len(set(at_key[::2].tolist()) & set(at_key[::3].tolist())) > 0
 
 
 def test_a_nan_in_a_masked_task_vector_gets_the_formula_and_its_error() -> None:

@@ -220,28 +220,6 @@ def key_histogram_loop(keys: Any, counts: Any) -> bool:
     return high < np.uint16(0x8000)
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def rule_sides_loop(base: Any, x: Any, like: Any, threshold: Any, all_at_threshold: bool, ceiling: Any,
-                    all_at_ceiling: bool, above: Any, below: Any) -> bool:
-    """One model's top-k rule (:class:`~mergelab.methods.sparsify.TopK`) on its task vector ``x − base``:
-    ``above[j]`` = key > threshold (≥ with ``all_at_threshold``), ``below[j]`` = key < ceiling (≤ with
-    ``all_at_ceiling``); the tied entries the rule keeps are set by the caller. Returns whether a task-vector
-    entry is NaN (then the rule does not apply: the torch formula says why).
-
-    The keys compare as int32 (bfloat16's and float32's magnitude bits fit; ``threshold`` and ``ceiling`` at
-    most int32's largest) and NaN is one flag, not a count: 0.46 against 1.30 ms per 1 Mi bfloat16 entries
-    with int64 keys and a count (0.34 against 0.87 in float32; one thread, 2026-12-03, the same sides)."""
-    nan = False
-    low, high = np.int32(threshold), np.int32(ceiling)
-    for j in range(above.shape[0]):
-        d = _step(_load(x[j]) - _load(base[j]), like)
-        key = np.int32(_key(d, like))
-        above[j] = (key > low) | (all_at_threshold & (key == low))
-        below[j] = (key < high) | (all_at_ceiling & (key == high))
-        nan |= d != d
-    return nan
-
-
 @njit(nogil=True, inline="always", error_model="numpy")
 def _agreeing_mean(total, div, election, normalize, divisor, lambda_, like):  # type: ignore[no-untyped-def]
     """A merged task-vector entry from its sums: ``total`` (of the agreeing terms; of all without an election)
@@ -255,23 +233,57 @@ def _agreeing_mean(total, div, election, normalize, divisor, lambda_, like):  # 
     return _step(_step(mixed / divisor_j, like) * lambda_, like)
 
 
+def _kept(sides, belows, i, j, d, like):  # type: ignore[no-untyped-def]
+    """Whether model ``i`` keeps its task-vector entry ``j`` (``d``, already rounded to ``like``'s dtype): from the
+    booleans ``sides[i][j] & belows[i][j]`` (tuples of arrays), or from ``d``'s magnitude key by ``sides``, an int32
+    array of rules (one row per model: threshold, every entry tied at it kept, ceiling, every entry tied at it
+    kept), or'ed with ``belows[i][j]`` (the entries the rule keeps by name, tied at its threshold or ceiling), where
+    ``belows`` is a tuple of boolean arrays, not None (a 2-D array's ``belows[i, j]`` left the loop unvectorized:
+    5.5 against 1.2 ms per 1 Mi-entry bfloat16 piece of two models, 2026-12-05)."""
+
+
+@overload(_kept, inline="always")
+def _kept_impl(sides, belows, i, j, d, like):  # type: ignore[no-untyped-def]
+    if not isinstance(sides, types.Array):
+        return lambda sides, belows, i, j, d, like: sides[i][j] & belows[i][j]
+
+    if isinstance(belows, types.NoneType):
+        return lambda sides, belows, i, j, d, like: _by_rule(sides, i, np.int32(_key(d, like)))
+    return lambda sides, belows, i, j, d, like: _by_rule(sides, i, np.int32(_key(d, like))) | belows[i][j]
+
+
+@njit(nogil=True, inline="always", error_model="numpy")
+def _by_rule(rules, i, key):  # type: ignore[no-untyped-def]
+    """Whether rule ``i`` (a row of :func:`_kept`'s ``sides``) keeps an entry of magnitude key ``key``, ties aside.
+    Keys compare as int32 (bfloat16's and float32's magnitude bits fit; thresholds and ceilings at most int32's
+    largest): with int64 keys the same test took 1.30 against 0.46 ms per 1 Mi bfloat16 entries, 2026-12-03)."""
+    low, high = rules[i, 0], rules[i, 2]
+    return ((key > low) | ((rules[i, 1] != 0) & (key == low))) & ((key < high) | ((rules[i, 3] != 0) & (key == high)))
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def masked_consensus_loop(base: Any, xs: Any, aboves: Any, belows: Any, weights: Any, divide_kept: Any,
-                          election: int, normalize: bool, divisor: Any, lambda_: Any, like: Any, out: Any) -> int:
+                          election: int, normalize: bool, divisor: Any, lambda_: Any, like: Any,
+                          out: Any) -> tuple[int, bool]:
     """Task arithmetic of masked task vectors, each step rounded as generalized_task_arithmetic's float path
     rounds it in ``like``'s dtype (sums over models in float32, rounded once). ``election`` 0: no sign
     election, ``Σ_i w_i m_i δ_i`` (/ ``divisor`` with ``normalize``); 1: the sign of that sum is elected
     (TIES), 2: the sign of the sign count; then only the agreeing entries are summed (/ the sum of their
-    weights with ``normalize``, 1 where none agrees). ``m_i = aboves[i] & belows[i]`` (booleans); model
-    ``i``'s kept entries are divided by ``divide_kept[i]`` first (DARE's rescale; None: by none, the loop
+    weights with ``normalize``, 1 where none agrees). ``m_i = aboves[i] & belows[i]`` (booleans), or each
+    model's rule applied to its entry's key (``aboves`` an int32 array of rules, ``belows`` None or the entries
+    kept by name: :func:`_kept`);
+    model ``i``'s kept entries are divided by ``divide_kept[i]`` first (DARE's rescale; None: by none, the loop
     compiled without the divisions, which took 0.6 of 4.3 ms per 1 Mi-entry bfloat16 TIES piece of two
-    models, one thread, 2026-12-03)."""
+    models, one thread, 2026-12-03). Returns the NaN count of ``out`` and whether a task-vector entry is NaN
+    (which a rule cannot rank: the caller then lets the torch formula say why)."""
+    nan = False
     for j in range(out.shape[0]):
         b = _load(base[j])
         elected = np.float32(0.0)
         for i in range(len(xs)):
-            kept = aboves[i][j] & belows[i][j]
             d = _step(_load(xs[i][j]) - b, like)
+            nan |= d != d
+            kept = _kept(aboves, belows, i, j, d, like)
             if divide_kept is not None:
                 d = _step(d / divide_kept[i], like)
             wd = _step(np.float32(d if kept else np.float32(0.0)) * weights[i], like)
@@ -284,8 +296,8 @@ def masked_consensus_loop(base: Any, xs: Any, aboves: Any, belows: Any, weights:
             # the term again, written out: as an inline helper shared by both passes, TIES' bfloat16 piece of three
             # models took 37.5 against 6.0 ms (benchmarks/compiled_loops.py, 2026-12-03)
             for i in range(len(xs)):
-                kept = aboves[i][j] & belows[i][j]
                 d = _step(_load(xs[i][j]) - b, like)
+                kept = _kept(aboves, belows, i, j, d, like)
                 if divide_kept is not None:
                     d = _step(d / divide_kept[i], like)
                 wd = _step(np.float32(d if kept else np.float32(0.0)) * weights[i], like)
@@ -293,7 +305,7 @@ def masked_consensus_loop(base: Any, xs: Any, aboves: Any, belows: Any, weights:
                 total = total + wd * np.float32(agree)
                 div = div + (weights[i] if agree else np.float32(0.0))
         _store(out, j, _step(_agreeing_mean(total, div, election, normalize, divisor, lambda_, like) + b, like))
-    return _count_nan(out)
+    return _count_nan(out), nan
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

@@ -32,22 +32,34 @@ ProbeRules = Callable[[torch.Tensor, Sequence[torch.Tensor], torch.dtype], Seque
 set with ceilings, one without), as the methods make them."""
 
 
-def _sides(module: object, base: np.ndarray, x: np.ndarray, rule: object, offset: int, like: np.generic,
-           n: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(above, below)``: where the rule keeps an entry of the piece from below and from above."""
+def _rule_row(rule: object) -> tuple[int, bool, int, bool]:
+    """A rule (:class:`~mergelab.methods.sparsify.TopK` without a whole mask) as the loop's row: threshold, every
+    entry tied at it kept, ceiling, every entry tied at it kept; the listed ties are the caller's."""
     threshold = _NEVER if rule.threshold is None else rule.threshold  # type: ignore[attr-defined]
     ceiling = _NEVER if rule.ceiling is None else rule.ceiling  # type: ignore[attr-defined]
-    ties, ceiling_ties = rule.ties, rule.ceiling_ties  # type: ignore[attr-defined]
-    above, below = np.empty(n, np.bool_), np.empty(n, np.bool_)
-    if module.rule_sides_loop(base, x, like, np.int64(threshold), ties is None, np.int64(ceiling),  # type: ignore[attr-defined]
-                              ceiling_ties is None, above, below):
-        return None  # a NaN task-vector entry
-    for side, listed in ((above, ties), (below, ceiling_ties)):
-        if listed is not None and listed.numel():
-            positions = listed.numpy()
-            lo, hi = np.searchsorted(positions, [offset, offset + n])
-            side[positions[lo:hi] - offset] = True
-    return above, below
+    return threshold, rule.ties is None, ceiling, rule.ceiling_ties is None  # type: ignore[attr-defined]
+
+
+def _listed_by_name(rules: Sequence[object], rows: np.ndarray, offset: int, n: int) -> np.ndarray | bool | None:
+    """Where each rule keeps an entry of the piece (``n`` entries from ``offset``) by name (tied at its threshold or
+    ceiling, listed by the sort order), one row of booleans per rule; None where no rule lists one here; False
+    where a rule lists ties and its band is a single key (threshold = ceiling): an entry listed on one side must
+    pass the other by its key, which only a band wider than one key ensures."""
+    listed = None
+    for i, rule in enumerate(rules):
+        for positions in (rule.ties, rule.ceiling_ties):  # type: ignore[attr-defined]
+            if positions is None or not positions.numel():
+                continue
+            flat = positions.numpy()
+            lo, hi = np.searchsorted(flat, [offset, offset + n])
+            if lo == hi:
+                continue
+            if rows[i, 0] >= rows[i, 2]:
+                return False
+            if listed is None:
+                listed = np.zeros((len(rules), n), np.bool_)
+            listed[i, flat[lo:hi] - offset] = True
+    return listed
 
 
 def masked_task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
@@ -69,19 +81,28 @@ def masked_task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], 
 
     def run(b: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[float], rs: Sequence[object], start: int,
             election: str | None, norm: bool, lam: float) -> tuple[torch.Tensor, int] | None:
-        """The merged piece and how many of its entries are NaN; None where a task-vector entry is NaN."""
-        n = b.numel()
+        """The merged piece and how many of its entries are NaN; None where a task-vector entry is NaN.
+
+        The loop applies each rule's threshold and ceiling to the entries' keys as it merges them, with the
+        entries a rule keeps by name (ties at its threshold or ceiling that the sort order keeps) marked in a
+        row of booleans (:func:`_listed_by_name`). Until 2026-12-05 a pass of its own made two rows of booleans for
+        every entry and the merge read them back: TIES' masked sums at 3 × 0.5 GB took 0.46-0.56 CPU s that way,
+        0.40-0.43 now (``tie_order: stable`` and mergekit's; benchmarks/merge_stages.py, alternated)."""
         divisor = float(torch.tensor(math.fsum(ws), dtype=arithmetic))  # as generalized_task_arithmetic rounds it
         base_array = as_array(b)
         arrays = tuple(as_array(x) for x in xs)
-        sides = [_sides(module, base_array, x, r, start, like, n) for x, r in zip(arrays, rs, strict=True)]
-        if any(s is None for s in sides):
-            return None
         out = torch.empty(b.shape, dtype=dtype)
-        nans = module.masked_consensus_loop(
-            base_array, arrays, tuple(s[0] for s in sides), tuple(s[1] for s in sides),  # type: ignore[index]
-            np.asarray(ws, np.float32), None, ELECTIONS[election], norm, np.float32(divisor),
-            np.float32(lam), like, as_array(out, writable=True))
+        out_array = as_array(out, writable=True)
+        weights_array = np.asarray(ws, np.float32)
+        rows = np.array([_rule_row(r) for r in rs], np.int32).reshape(len(rs), 4)
+        listed = _listed_by_name(rs, rows, start, b.numel())
+        if listed is False:
+            return None
+        nans, nan_delta = module.masked_consensus_loop(
+            base_array, arrays, rows, None if listed is None else tuple(listed), weights_array, None,
+            ELECTIONS[election], norm, np.float32(divisor), np.float32(lam), like, out_array)
+        if nan_delta:
+            return None
         return out, nans
 
     def check() -> bool:
@@ -135,7 +156,7 @@ def masked_consensus_with_masks(base: torch.Tensor, tensors: Sequence[torch.Tens
         kept = tuple(m.reshape(-1).numpy() for m in ms)
         # none where every divisor is 1, which changes no bit (DELLA's task vectors come already rescaled)
         divisors = None if all(d == 1.0 for d in divs) else np.asarray(divs, np.float32)
-        nans = module.masked_consensus_loop(
+        nans, _ = module.masked_consensus_loop(
             as_array(b), tuple(as_array(x) for x in xs), kept, kept, np.asarray(ws, np.float32),
             divisors, ELECTIONS[election], norm, np.float32(1.0), np.float32(lam), like,
             as_array(out, writable=True))
