@@ -246,7 +246,6 @@ def _kept(sides, belows, i, j, d, like):  # type: ignore[no-untyped-def]
 def _kept_impl(sides, belows, i, j, d, like):  # type: ignore[no-untyped-def]
     if not isinstance(sides, types.Array):
         return lambda sides, belows, i, j, d, like: sides[i][j] & belows[i][j]
-
     if isinstance(belows, types.NoneType):
         return lambda sides, belows, i, j, d, like: _by_rule(sides, i, np.int32(_key(d, like)))
     return lambda sides, belows, i, j, d, like: _by_rule(sides, i, np.int32(_key(d, like))) | belows[i][j]
@@ -256,7 +255,7 @@ def _kept_impl(sides, belows, i, j, d, like):  # type: ignore[no-untyped-def]
 def _by_rule(rules, i, key):  # type: ignore[no-untyped-def]
     """Whether rule ``i`` (a row of :func:`_kept`'s ``sides``) keeps an entry of magnitude key ``key``, ties aside.
     Keys compare as int32 (bfloat16's and float32's magnitude bits fit; thresholds and ceilings at most int32's
-    largest): with int64 keys the same test took 1.30 against 0.46 ms per 1 Mi bfloat16 entries, 2026-12-03)."""
+    largest); with int64 keys the same test took 1.30 against 0.46 ms per 1 Mi bfloat16 entries (2026-12-03)."""
     low, high = rules[i, 0], rules[i, 2]
     return ((key > low) | ((rules[i, 1] != 0) & (key == low))) & ((key < high) | ((rules[i, 3] != 0) & (key == high)))
 
@@ -271,11 +270,10 @@ def masked_consensus_loop(base: Any, xs: Any, aboves: Any, belows: Any, weights:
     (TIES), 2: the sign of the sign count; then only the agreeing entries are summed (/ the sum of their
     weights with ``normalize``, 1 where none agrees). ``m_i = aboves[i] & belows[i]`` (booleans), or each
     model's rule applied to its entry's key (``aboves`` an int32 array of rules, ``belows`` None or the entries
-    kept by name: :func:`_kept`);
-    model ``i``'s kept entries are divided by ``divide_kept[i]`` first (DARE's rescale; None: by none, the loop
-    compiled without the divisions, which took 0.6 of 4.3 ms per 1 Mi-entry bfloat16 TIES piece of two
-    models, one thread, 2026-12-03). Returns the NaN count of ``out`` and whether a task-vector entry is NaN
-    (which a rule cannot rank: the caller then lets the torch formula say why)."""
+    kept by name: :func:`_kept`); model ``i``'s kept entries are divided by ``divide_kept[i]`` first (DARE's
+    rescale; None: by none, the loop compiled without the divisions, which took 0.6 of 4.3 ms per 1 Mi-entry
+    bfloat16 TIES piece of two models, one thread, 2026-12-03). Returns the NaN count of ``out`` and whether a
+    task-vector entry is NaN (which a rule cannot rank: the caller then lets the torch formula say why)."""
     nan = False
     for j in range(out.shape[0]):
         b = _load(base[j])

@@ -139,9 +139,14 @@ def verdicts() -> dict[tuple[str, torch.dtype | None], bool]:
 def eligible(tensors: Sequence[torch.Tensor]) -> bool:
     """Same shape, same dtype the loops know, contiguous plain CPU tensors that numpy may view."""
     first = tensors[0]
-    return first.dtype in _NUMPY_VIEW and first.numel() > 0 and all(
-        t.dtype == first.dtype and t.shape == first.shape and t.device.type == "cpu" and t.layout == torch.strided
-        and t.is_contiguous() and not t.requires_grad and type(t) is torch.Tensor for t in tensors)
+    return first.dtype in _NUMPY_VIEW and all(
+        t.dtype == first.dtype and t.shape == first.shape and viewable(t) for t in tensors)
+
+
+def viewable(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a non-empty, contiguous, plain CPU tensor whose memory numpy may view, whatever its dtype."""
+    return (t.numel() > 0 and t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous()
+            and not t.requires_grad and type(t) is torch.Tensor)
 
 
 def as_array(t: torch.Tensor, *, writable: bool = False) -> np.ndarray:

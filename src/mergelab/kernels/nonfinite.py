@@ -11,15 +11,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mergelab.kernels.dispatch import loops
+from mergelab.kernels.dispatch import loops, viewable
+from mergelab.kernels.masked import KEY_SPECS
 
-# dtype -> (the torch integer type that views its bits, numpy's unsigned type of that width, its exponent bits)
-EXPONENT_BITS: dict[torch.dtype, tuple[torch.dtype, type[np.unsignedinteger], int]] = {
-    torch.bfloat16: (torch.int16, np.uint16, 0x7F80),
-    torch.float16: (torch.int16, np.uint16, 0x7C00),
-    torch.float32: (torch.int32, np.uint32, 0x7F800000),
-    torch.float64: (torch.int64, np.uint64, 0x7FF0000000000000),
-}
+# dtype -> (the torch integer type that views its bits, its exponent bits): +Inf's bits, as the magnitude keys'
+EXPONENT_BITS: dict[torch.dtype, tuple[torch.dtype, int]] = {
+    **KEY_SPECS, torch.float64: (torch.int64, 0x7FF0000000000000)}
 
 
 def nonfinite_count(tensor: torch.Tensor) -> int | None:
@@ -27,15 +24,11 @@ def nonfinite_count(tensor: torch.Tensor) -> int | None:
     loops not loaded, another dtype, a tensor numpy cannot view: not contiguous, not on the CPU, empty)."""
     module = loops()
     spec = EXPONENT_BITS.get(tensor.dtype)
-    if module is None or spec is None or not _viewable(tensor):
+    if module is None or spec is None or not viewable(tensor):
         return None
-    as_int, unsigned, exponent = spec
+    as_int, exponent = spec
+    unsigned = np.dtype(f"uint{as_int.itemsize * 8}").type
     bits = tensor.reshape(-1).view(as_int).numpy().view(unsigned)
     bits.setflags(write=False)  # the type load_cached gave the loop: one signature per width
     return int(module.nonfinite_count_loop(bits, unsigned(exponent)))
 
-
-def _viewable(tensor: torch.Tensor) -> bool:
-    """:func:`~mergelab.kernels.dispatch.eligible`'s test, for the dtypes it does not know."""
-    return (tensor.numel() > 0 and tensor.device.type == "cpu" and tensor.layout == torch.strided
-            and tensor.is_contiguous() and not tensor.requires_grad and type(tensor) is torch.Tensor)

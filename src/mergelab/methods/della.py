@@ -177,8 +177,7 @@ def vouched_della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], wei
                         tie_orders: Sequence[TieOrder] | None = None) -> VouchedMerge:
     """DELLA on one tensor, and whether its one compiled pass (below) found every task-vector entry finite,
     dropped ones included (the engine then skips the NaN/Inf scan of the inputs: 0.5–2.0 CPU s at 3 × 2 GB,
-    by VM);
-    the other paths vouch for nothing.
+    by VM); the other paths vouch for nothing.
 
     ``δ̃_i = m_i ⊙ δ_i / p_i`` with ``m_i ~ Bernoulli(p_i)`` and ``p_i`` from the magnitude ranks of ``δ_i``
     (MagPrune), then TIES' sign election and disjoint mean (``consensus="sum"``, della) or task arithmetic
