@@ -5,7 +5,7 @@
     python benchmarks/engine_threads.py --size 0.5GB --report    # and append the table to results/<date>.md
 
 The models and configs are benchmarks/vs_mergekit.py's (made once under --work). Each method runs in a fresh
-process: ``run_merge`` with every input's sha256 from the warm digest cache (the *engine* of vs_mergekit),
+process: ``run_merge`` with every input's digest from the warm digest cache (the *engine* of vs_mergekit),
 allocator tuned as the CLI tunes it. Every thread's CPU time (``time.thread_time``) is taken as it ends,
 grouped by the engine's thread names: the reader (``mergelab-read``: copies each piece out of the page
 cache), the merge threads (``mergelab-merge``: the method and the NaN/Inf scan of its result), the writer

@@ -34,7 +34,7 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).parent))
 from vs_mergekit import METHODS, RANDOM, build_models, config_for, io_floor
 
-from mergelab.io.file_hashes import cached_sha256
+from mergelab.io.file_hashes import cached_digest
 from mergelab.io.writer import parse_size
 from mergelab.kernels.dispatch import warm_up
 from mergelab.merge.engine import run_merge
@@ -105,7 +105,7 @@ def measure_size(size_text: str, args: argparse.Namespace, on_method: Callable[[
     hash_cache = work / "hash-cache"
     os.environ["MERGELAB_HASH_CACHE"] = str(hash_cache)
     for f in inputs:
-        cached_sha256(f, hash_cache)
+        cached_digest(f, cache=hash_cache)
     print(f"  I/O floor {floor:.2f} s", flush=True)
     rows: list[dict] = []
     numbers = {"size": size_text, "input_bytes": sum(f.stat().st_size for f in inputs), "floor_s": floor, "rows": rows}

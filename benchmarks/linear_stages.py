@@ -30,8 +30,8 @@ on its threads, with torch's default threads:
 6. + write: ``StreamingSafetensorsWriter.write_part``/``write`` into a fresh folder, and its ``close``;
 7. pipelined: ``engine._stream``, the engine's own loop over the same work (reader thread, merge, writer
    thread): everything but hashing and the run's bookkeeping (plan, config files, record, install);
-8. engine, hashes warm: ``run_merge`` with every input's sha256 from the warm cache (io/file_hashes.py);
-9. engine, hashes cold: ``run_merge`` hashing every input (sha256, on its hash thread beside the merge).
+8. engine, hashes warm: ``run_merge`` with every input's digest from the warm cache (io/file_hashes.py);
+9. engine, hashes cold: ``run_merge`` hashing every input (blake3, on its hash threads beside the merge).
 
 What could not be isolated without copying engine code: stages 2-6 are a loop of this script's (the engine's
 ``load`` and merge loop are closures inside ``_merge_all``), calling the engine's functions in the engine's
@@ -68,7 +68,7 @@ STAGES = {
     "write": "+ write (StreamingSafetensorsWriter)",
     "pipelined": "engine._stream (the same, on the engine's threads)",
     "engine_warm": "run_merge, input hashes from the warm cache",
-    "engine_cold": "run_merge, sha256 of every input",
+    "engine_cold": "run_merge, blake3 of every input",
 }
 # Not run by default (``--stages ... pipelined_threads pipelined_unscanned``): what the engine's one torch thread
 # and its scans change. On torch's 2 threads the stream's small ops left the second OpenMP thread spin-waiting
@@ -224,7 +224,7 @@ BASELINE = " (baseline)"
 
 def measure(size_text: str, method: str, stages: list[str], repeats: int, root: Path,
             baseline: str | None = None) -> dict:
-    from mergelab.io.file_hashes import cached_sha256
+    from mergelab.io.file_hashes import cached_digest
 
     work = root / size_text
     work.mkdir(parents=True, exist_ok=True)
@@ -235,7 +235,7 @@ def measure(size_text: str, method: str, stages: list[str], repeats: int, root: 
     cfg_path = work / f"stages-{method}.yml"
     cfg_path.write_text(yaml.safe_dump(config_for(method, paths)))
     for f in inputs:  # warm the digest cache of stage 8 (and the page cache)
-        cached_sha256(f, work / "hash-cache")
+        cached_digest(f, cache=work / "hash-cache")
     out = work / "stages-out"
     trees = ([(BASELINE, baseline)] if baseline is not None else []) + [("", None)]
     load_before, runs = os.getloadavg(), {s + label: [] for s in stages for label, _ in trees}

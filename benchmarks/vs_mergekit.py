@@ -265,7 +265,7 @@ def measure_size(size_text: str, args: argparse.Namespace,
                  on_method: Callable[[str, dict], None] | None = None) -> tuple[str, dict]:
     """Run every method at one model size; the Markdown section and the raw numbers (also passed to
     ``on_method`` after every method)."""
-    from mergelab.io.file_hashes import cached_sha256, sha256_file
+    from mergelab.io.file_hashes import DEFAULT_DIGEST, DIGEST_ALGORITHMS, cached_digest, file_digest
 
     size = parse_size(size_text)
     work = args.work / size_text
@@ -289,12 +289,14 @@ def measure_size(size_text: str, args: argparse.Namespace,
     torch_import = statistics.median(import_seconds() for _ in range(3))
     kernels_s = statistics.median(kernels_seconds() for _ in range(3))
     hash_cache = work / "hash-cache"
-    start = time.perf_counter()
-    for f in inputs:  # what a cold hash costs (the cache folder may be warm from an earlier run)
-        sha256_file(f)
-    hash_s = time.perf_counter() - start
+    hash_s: dict[str, float] = {}
+    for algorithm in DIGEST_ALGORITHMS:  # what a cold hash costs (the cache folder may be warm from an earlier run)
+        start = time.perf_counter()
+        for f in inputs:
+            file_digest(f, algorithm)
+        hash_s[algorithm] = time.perf_counter() - start
     for f in inputs:  # warm the engine runs' digest cache
-        cached_sha256(f, hash_cache)
+        cached_digest(f, DEFAULT_DIGEST, hash_cache)
     mergekit_bin = shutil.which("mergekit-yaml")
     mergelab_bin = [sys.executable, "-m", "mergelab.cli"]
     cold_hashes = {**os.environ, "MERGELAB_HASH_CACHE": "off"}
@@ -378,7 +380,8 @@ def measure_size(size_text: str, args: argparse.Namespace,
 
 
 def _section(size_text: str, in_bytes: int, floors: tuple[float, float, float], torch_import: float,
-             kernels_s: float, hash_s: float, rows: list[dict], args: argparse.Namespace) -> tuple[str, dict]:
+             kernels_s: float, hash_s: dict[str, float], rows: list[dict],
+             args: argparse.Namespace) -> tuple[str, dict]:
     floor, floor_hot, floor_direct = floors
     header = (f"Merging 3 models of {in_bytes / 3 / 1e9:.2f} GB each (bf16, Llama-style, safetensors in 1 GB shards), "
               f"device {args.device}, {os.cpu_count()} CPUs, torch {torch.__version__}. I/O floor (read inputs once + "
@@ -388,7 +391,9 @@ def _section(size_text: str, in_bytes: int, floors: tuple[float, float, float], 
               f"{floor_hot:.2f} s; *direct* floor (as the floor, the output written with O_DIRECT): "
               f"{floor_direct:.2f} s. `import torch` alone: "
               f"{torch_import:.2f} s. Loading mergelab's compiled loops (numba, after torch): {kernels_s:.2f} s. "
-              f"sha256 of all inputs (cold, one thread): {hash_s:.2f} s. *mergelab s*: `mergelab merge` with the hash "
+              "Digests of all inputs (cold, one thread): "
+              + ", ".join(f"{a} {s:.2f} s" for a, s in hash_s.items()) + " (mergelab's default: blake3). "
+              "*mergelab s*: `mergelab merge` with the hash "
               "cache off (every input hashed), after one untimed run (numba compiles a checkout's loops once, on "
               "their first use); *engine* = `run_merge` timed inside the process (no interpreter start, "
               "imports or loading of the compiled loops), digests from the warm hash cache, the fastest of "

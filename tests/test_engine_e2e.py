@@ -6,12 +6,12 @@ streaming, sharding, dtype handling and record are tested, not only that it runs
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 import torch
 import transformers
@@ -87,8 +87,8 @@ def test_merge_loads_back_with_transformers(families: Families, tmp_path: Path, 
     assert record["mergelab_version"] == mergelab.__version__
     assert [m["parameters"]["weight"] for m in record["models"]] == weights
     inputs = [base / "model.safetensors", *(p / "model.safetensors" for p in fts)]
-    assert sorted(record["inputs_sha256"]) == sorted(str(p) for p in inputs)
-    assert record["inputs_sha256"][str(inputs[1])] == hashlib.sha256(inputs[1].read_bytes()).hexdigest()
+    assert sorted(record["input_digests"]["files"]) == sorted(str(p) for p in inputs)
+    assert record["input_digests"]["files"][str(inputs[1])] == blake3.blake3(inputs[1].read_bytes()).hexdigest()
     # the exact config used is kept and can be run again
     again, _ = load_config(out / "mergelab_config.yml")
     assert again.merge_method == "task_arithmetic" and again.seed == 5
@@ -149,7 +149,7 @@ def test_sharded_inputs(sharded_family: tuple[Path, list[Path]], tmp_path: Path)
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
     record = json.loads((out / "mergelab.json").read_text())
     shard_files = {str(f) for p in [base, *fts] for f in p.glob("*.safetensors")}
-    assert set(record["inputs_sha256"]) == shard_files
+    assert set(record["input_digests"]["files"]) == shard_files
 
 
 def test_pt_bin_and_single_safetensors_inputs(families: Families, tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_pt_bin_and_single_safetensors_inputs(families: Families, tmp_path: Path
     for name in a:
         assert torch.equal(a[name], b[name]), name
     record = json.loads((out_files / "mergelab.json").read_text())
-    assert str(bin_folder / "pytorch_model.bin") in record["inputs_sha256"]
+    assert str(bin_folder / "pytorch_model.bin") in record["input_digests"]["files"]
 
 
 # -- every method, end to end, against the in-memory API ----------------------------------------------------

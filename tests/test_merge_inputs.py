@@ -73,7 +73,7 @@ def test_finding_the_files_imports_no_torch(tmp_path: Path) -> None:
 
 def test_the_cli_records_every_input_digest_once_whether_found_early_or_not(
         sharded_family: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hashlib
+    import blake3
 
     monkeypatch.setenv("MERGELAB_HASH_CACHE", "off")
     base, fts = sharded_family
@@ -84,10 +84,11 @@ def test_the_cli_records_every_input_digest_once_whether_found_early_or_not(
     assert len(config_input_files(config)) == sum(len(list(p.glob("*.safetensors"))) for p in (base, *fts))
     assert_ok(run_cli(config, tmp_path / "out"))
     record = json.loads((tmp_path / "out" / "mergelab.json").read_text())
-    digests = {str(Path(f).resolve()): d for f, d in record["inputs_sha256"].items()}  # the base's path is relative
+    # the base's path is relative
+    digests = {str(Path(f).resolve()): d for f, d in record["input_digests"]["files"].items()}
     files = sorted(str(f.resolve()) for p in (base, *fts) for f in p.glob("*.safetensors"))
-    assert sorted(digests) == files
-    assert all(digests[f] == hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files)
+    assert sorted(digests) == files and record["input_digests"]["algorithm"] == "blake3"
+    assert all(digests[f] == blake3.blake3(Path(f).read_bytes()).hexdigest() for f in files)
 
 
 def test_a_multi_stage_config_with_models_not_a_list_is_a_config_error_not_a_crash(tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ def test_real_minilm_with_lora_merges_into_a_working_sentence_transformer(minilm
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
     record = json.loads((out / "mergelab.json").read_text())
     assert record["taken_from_base"] == {str(ft): ["embeddings.position_ids"]}
-    assert str(adapter / "adapter_model.safetensors") in record["inputs_sha256"]
+    assert str(adapter / "adapter_model.safetensors") in record["input_digests"]["files"]
 
     merged = st.SentenceTransformer(str(out), device="cpu")
     assert [type(m).__name__ for m in merged] == ["Transformer", "Pooling", "Normalize"]

@@ -60,7 +60,7 @@ from rich.progress import (
 )
 
 from mergelab.errors import CompatibilityError, ConfigError, OutputError, OutputExistsError, UsageError
-from mergelab.io.file_hashes import DIGESTS
+from mergelab.io.file_hashes import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGESTS, DigestAlgorithm
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.kernels.dispatch import warm_up_in_background
@@ -343,6 +343,7 @@ def run_merge(
     allow_nonfinite: bool = False,
     progress: bool = True,
     hash_inputs: bool = True,
+    digest: DigestAlgorithm = DEFAULT_DIGEST,
     take_missing_from: str | None = None,
     model_card: bool = True,
     intermediate_dir: str | Path | None = None,
@@ -360,8 +361,13 @@ def run_merge(
     merged tensor whole with its inputs (:class:`TensorObserver`) and writes its files beside the merge.
     ``direct_io``: write the weights with ``O_DIRECT`` where the file system takes it (io/output_file.py: on
     a VM that hands free memory back to its host, a new 0.47 GiB file took 0.20 s that way against 0.76 s through
-    the page cache); the same bytes.
+    the page cache); the same bytes. ``digest``: the algorithm of the inputs' digests in ``mergelab.json``
+    (io/file_hashes.py: blake3, or sha256 to compare with the Hugging Face Hub's LFS oids); ``hash_inputs=False``
+    records none.
     """
+    if digest not in DIGEST_ALGORITHMS:
+        raise UsageError(f"unknown input digest {digest!r}: choose one of {', '.join(DIGEST_ALGORITHMS)} "
+                         "(or turn the digests off: --no-hash, hash_inputs=False)")
     if isinstance(config, (str, Path)) and (docs := read_stage_documents(Path(config))) is not None:
         if observer is not None:
             raise UsageError(f"{config} is a multi-stage config: per-layer diagnostics are computed for one merge; "
@@ -370,8 +376,8 @@ def run_merge(
         def run_one(stage: dict[str, Any], target: Path, extra: Mapping[str, Any] | None = None) -> MergeResult:
             return run_merge(stage, target, overwrite=overwrite, device=device, max_shard_size=max_shard_size,
                              allow_nonfinite=allow_nonfinite, progress=progress, hash_inputs=hash_inputs,
-                             take_missing_from=take_missing_from, model_card=model_card, record_extra=extra,
-                             direct_io=direct_io)
+                             digest=digest, take_missing_from=take_missing_from, model_card=model_card,
+                             record_extra=extra, direct_io=direct_io)
         check_replaceable(Path(out_dir), overwrite)
         return run_stages(Path(config), docs, Path(out_dir), intermediate_dir=intermediate_dir, run_one=run_one)
     cfg, folder = load_config(config)
@@ -418,7 +424,7 @@ def run_merge(
             for reader in plan.readers:
                 for f in reader.files:
                     if str(f) not in hashes:
-                        hashes[str(f)] = DIGESTS.acquire(f)
+                        hashes[str(f)] = DIGESTS.acquire(f, algorithm=digest)
         result = _stream(plan, tmp, cfg, dev, shard_bytes, allow_nonfinite, progress, observer, direct_io)
         copied = _copy_model_files(plan, tmp, cfg.output_dtype)
         record = {
@@ -440,9 +446,10 @@ def run_merge(
             "direct_io": result[2],
             "copied_files": copied,
             "warnings": plan.warnings,
-            "inputs_sha256": {k: v.result()[0] for k, v in hashes.items()},
-            # digests reused from io/file_hashes.py's cache (file unchanged since hashed); the rest computed now
-            "inputs_sha256_from_cache": [k for k, v in hashes.items() if v.result()[1]],
+            # from_cache: digests reused from io/file_hashes.py's cache (file unchanged since hashed); the rest
+            # computed now
+            "input_digests": {"algorithm": digest, "files": {k: v.result()[0] for k, v in hashes.items()},
+                              "from_cache": [k for k, v in hashes.items() if v.result()[1]]} if hash_inputs else None,
             "input_paths": {label: str(r.path.absolute()) for label, r in zip(
                 ([cfg.base_model] if plan.base is not None else []) + plan.labels, plan.readers, strict=True)},
         }

@@ -1,7 +1,7 @@
 """A merge config's input files, found without torch, and their digests started early.
 
 The CLI reads the config's model paths (``base_model``, ``models[*].model``, ``slices[*].sources[*].model``,
-tokenizer sources, in every document of a multi-stage file) and starts the sha256 of their weight files on
+tokenizer sources, in every document of a multi-stage file) and starts the digests of their weight files on
 the digest pool's threads before it imports torch and the engine: the digests then run on the second core
 while the first imports (1.3-1.6 s here), and the engine, asking for the same files, gets the same jobs.
 Best effort: a path that cannot be found here is left to the engine, which reports it.
@@ -16,7 +16,7 @@ from typing import Any
 
 from mergelab.errors import ConfigError, MergeLabError
 from mergelab.io.checkpoint_files import files_in_folder
-from mergelab.io.file_hashes import DIGESTS
+from mergelab.io.file_hashes import DEFAULT_DIGEST, DIGESTS, DigestAlgorithm
 from mergelab.io.hub import locate
 from mergelab.safe_yaml import load_yaml_documents, read_config_text
 
@@ -95,13 +95,13 @@ def config_input_files(config: Path) -> list[Path]:
 
 
 @contextmanager
-def digests_started(files: list[Path]) -> Iterator[None]:
+def digests_started(files: list[Path], algorithm: DigestAlgorithm = DEFAULT_DIGEST) -> Iterator[None]:
     """Start the digests of ``files`` now; those the merge has not claimed by the end are stopped."""
     held = []
     try:
         for f in files:
             try:
-                held.append(DIGESTS.acquire(f))
+                held.append(DIGESTS.acquire(f, algorithm=algorithm))
             except OSError:
                 continue
         yield
