@@ -4,6 +4,7 @@ from the local cache only; every non-weight file of the base reaches the output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -227,6 +228,60 @@ def _fake_cache(cache: Path, repo: str, model: Path, commit: str) -> None:
     shutil.copytree(model, snap)
     (folder / "refs").mkdir(parents=True)
     (folder / "refs" / "main").write_text(commit)
+
+
+def _linked_cache(cache: Path, repo: str, model: Path, commit: str) -> Path:
+    """The Hugging Face cache's own layout: each file once under blobs/ by its sha256, linked from the snapshot."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snap, blobs = folder / "snapshots" / commit, folder / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in model.iterdir():
+        blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_the_record_gives_the_hubs_sha256_of_inputs_from_the_cache(
+        families: dict[str, tuple[Path, list[Path]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    base, fts = families["llama"]
+    snap = _linked_cache(tmp_path / "hub", "someorg/tiny-base", base, "b" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    config = {"merge_method": "task_arithmetic", "base_model": "someorg/tiny-base", "models": [{"model": str(fts[0])}]}
+    out = tmp_path / "out"
+    assert_ok(run_cli(write_config(tmp_path, config), out, "--hash", "sha256"))
+    record = json.loads((out / "mergelab.json").read_text())
+    weights = snap / "model.safetensors"
+    oid = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert record["hub_lfs_oids"] == {str(weights): oid}  # the fine-tune, a plain folder, has none
+    assert record["input_digests"]["files"][str(weights)] == oid
+
+
+def test_only_a_cache_blob_named_by_a_sha256_gives_an_oid(tmp_path: Path) -> None:
+    from mergelab.io.hub import cached_lfs_oid
+
+    blobs = tmp_path / "models--org--name" / "blobs"
+    blobs.mkdir(parents=True)
+    oid = "0123456789abcdef" * 4
+    (blobs / oid).write_bytes(b"w")
+    (blobs / "g1t5ha1").write_bytes(b"w")  # a small file's git blob id, not an LFS oid
+    links = {name: tmp_path / name for name in ("lfs", "git", "dangling", "loop")}
+    links["lfs"].symlink_to(blobs / oid)
+    links["git"].symlink_to(blobs / "g1t5ha1")
+    links["dangling"].symlink_to(blobs / ("f" * 64))
+    links["loop"].symlink_to(links["loop"])
+    assert cached_lfs_oid(links["lfs"]) == oid
+    assert [cached_lfs_oid(links[k]) for k in ("git", "dangling", "loop")] == [None, None, None]
+    elsewhere = tmp_path / "blobs"  # a folder named blobs outside a cache's models-- folder
+    elsewhere.mkdir()
+    (elsewhere / oid).write_bytes(b"w")
+    assert cached_lfs_oid(elsewhere / oid) is None
 
 
 def test_hub_ids_resolve_from_the_local_cache_only(families: dict[str, tuple[Path, list[Path]]], tmp_path: Path,

@@ -63,3 +63,21 @@ def _cache_dir() -> str:
         return str(constants.HF_HUB_CACHE)
     except ImportError:  # pragma: no cover - checked by the caller
         return "~/.cache/huggingface/hub"
+
+
+_LFS_OID = re.compile(r"^[0-9a-f]{64}$")
+
+
+def cached_lfs_oid(path: Path) -> str | None:
+    """The sha256 the Hub gives ``path`` (its LFS oid) where ``path`` is a weight file of a Hugging Face cache
+    snapshot, else None. The cache keeps each downloaded LFS file once as ``models--org--name/blobs/<oid>`` and
+    links the snapshot's file name to it, so the oid is read from the link's target, not recomputed: it says
+    which Hub file this is, at no cost, beside mergelab's own digest of the bytes (io/file_hashes.py)."""
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # gone, or a loop of links
+        return None
+    blobs = target.parent
+    if blobs.name != "blobs" or not blobs.parent.name.startswith("models--") or not _LFS_OID.match(target.name):
+        return None
+    return target.name

@@ -61,6 +61,7 @@ from rich.progress import (
 
 from mergelab.errors import CompatibilityError, ConfigError, OutputError, OutputExistsError, UsageError
 from mergelab.io.file_hashes import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGESTS, DigestAlgorithm
+from mergelab.io.hub import cached_lfs_oid
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
 from mergelab.kernels.dispatch import warm_up_in_background
@@ -450,6 +451,9 @@ def run_merge(
             # computed now
             "input_digests": {"algorithm": digest, "files": {k: v.result()[0] for k, v in hashes.items()},
                               "from_cache": [k for k, v in hashes.items() if v.result()[1]]} if hash_inputs else None,
+            # the Hub's sha256 of inputs that are files of a Hugging Face cache snapshot, read from the cache's
+            # blob names (io/hub.py): a record stays comparable with a Hub revision whatever --hash says
+            "hub_lfs_oids": {str(f): oid for r in plan.readers for f in r.files if (oid := cached_lfs_oid(f))},
             "input_paths": {label: str(r.path.absolute()) for label, r in zip(
                 ([cfg.base_model] if plan.base is not None else []) + plan.labels, plan.readers, strict=True)},
         }
