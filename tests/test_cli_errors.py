@@ -124,3 +124,49 @@ def test_output_into_a_pipe_closed_at_once_ends_without_a_message(args: list[str
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) in (0, 1)  # 1 where a write hit the closed pipe (click's and typer's code)
     assert "error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+# the console script with an atexit duty of its own, which prints only if the interpreter's teardown runs
+_WITH_TEARDOWN_MARK = ("import atexit, sys\n"
+                       "atexit.register(lambda: print('teardown ran', file=sys.stderr, flush=True))\n"
+                       "from mergelab.cli import run\n"
+                       "sys.argv = ['mergelab', *sys.argv[1:]]\n"
+                       "run()\n")
+
+
+def _console_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _WITH_TEARDOWN_MARK, *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_a_successful_merge_ends_the_process_at_once_with_everything_written_and_said(
+        families: Families, tmp_path: Path) -> None:
+    import json
+    import os
+
+    base, fts = families["llama"]
+    config = write_config(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base),
+                                     "models": [{"model": str(p)} for p in fts]})
+    cache = tmp_path / "digests"
+    done = _console_script("merge", str(config), "-o", str(tmp_path / "out"),
+                           env={**os.environ, "MERGELAB_HASH_CACHE": str(cache)})
+    assert done.returncode == 0, done.stderr
+    assert "teardown ran" not in done.stderr  # ended without the interpreter's teardown
+    assert "wrote" in done.stdout and str(tmp_path / "out") in done.stdout  # the last line was flushed
+    assert len(json.loads((tmp_path / "out" / "mergelab.json").read_text())["input_digests"]["files"]) == 1 + len(fts)
+    in_process = tmp_path / "in-process"
+    assert_ok(run_cli(config, in_process))
+    assert load_output(tmp_path / "out").keys() == load_output(in_process).keys()
+    assert all(load_output(tmp_path / "out")[k].equal(v) for k, v in load_output(in_process).items())
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json"] * (1 + len(fts))  # every entry whole, no .tmp
+
+
+def test_a_failed_merge_and_other_commands_exit_through_the_teardown(families: Families, tmp_path: Path) -> None:
+    base, fts = families["llama"]
+    config = write_config(tmp_path, {"merge_method": "ties", "base_model": str(base),
+                                     "models": [{"model": str(p), "parameters": {"density": 7}} for p in fts]})
+    failed = _console_script("merge", str(config), "-o", str(tmp_path / "out"))
+    assert failed.returncode == 1 and "density" in failed.stderr + failed.stdout
+    assert "teardown ran" in failed.stderr
+    listed = _console_script("methods")
+    assert listed.returncode == 0 and "ties" in listed.stdout and "teardown ran" in listed.stderr

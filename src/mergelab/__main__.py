@@ -1,5 +1,5 @@
 """``python -m mergelab``: the same command line as ``mergelab``."""
 
-from mergelab.cli import app
+from mergelab.cli import run
 
-app(prog_name="mergelab")
+run()

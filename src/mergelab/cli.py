@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
-from mergelab.imports import collector_paused, no_collection_at_exit
+from mergelab.imports import collector_paused, no_collection_at_exit, run_command, skip_teardown
 from mergelab.terminal import GuardedGroup, console, err_console, plain
 
 
@@ -160,6 +160,11 @@ def merge(
         _print_diagnostics(result.out_dir, result.record["diagnostics"])
     if evaluate:
         _evaluate(result.out_dir)
+    else:  # all written and installed: the process may end without the interpreter's teardown (mergelab/imports.py)
+        from mergelab.io.file_hashes import DIGESTS
+
+        DIGESTS.drain()
+        skip_teardown()
 
 
 def _print_diagnostics(out: Path, record: dict[str, Any]) -> None:
@@ -334,5 +339,10 @@ def demo(
     console.print(f"report: {plain(report)}")
 
 
+def run() -> None:
+    """The console script ``mergelab`` (and ``python -m mergelab``): the app, ended as :func:`run_command` says."""
+    run_command(lambda: app(prog_name="mergelab"))
+
+
 if __name__ == "__main__":
-    app(prog_name="mergelab")
+    run()

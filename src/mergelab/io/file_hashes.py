@@ -153,6 +153,15 @@ class DigestPool:
             self._jobs[key] = job
             return job.future
 
+    def drain(self) -> None:
+        """Wait for the running jobs (a released one stops within one read block) and let the threads go; a
+        later :meth:`acquire` starts new ones. For a process about to end without its interpreter's teardown,
+        which would otherwise cut a digest's cache entry short (a stray temporary file in the cache)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+
     def release(self, future: Future[tuple[str, bool]]) -> None:
         """Give up one hold on ``future``; the last one stops its job if it is still running."""
         with self._lock:
