@@ -170,3 +170,20 @@ def test_a_failed_merge_and_other_commands_exit_through_the_teardown(families: F
     assert "teardown ran" in failed.stderr
     listed = _console_script("methods")
     assert listed.returncode == 0 and "ties" in listed.stdout and "teardown ran" in listed.stderr
+
+
+def test_the_fast_exit_keeps_what_python_and_c_left_in_their_buffers() -> None:
+    import os
+
+    code = ("import ctypes, logging, sys\n"
+            "from mergelab.imports import run_command, skip_teardown\n"
+            "def main():\n"
+            "    print('from python')\n"
+            "    ctypes.CDLL(None).printf(b'from C\\n')\n"
+            "    skip_teardown()\n"
+            "    raise SystemExit(0)\n"
+            "run_command(main)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # both streams buffered into the pipe
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.splitlines()) == ["from C", "from python"]

@@ -75,5 +75,17 @@ def run_command(main: Callable[[], object]) -> None:
                 sys.stderr.flush()
             except OSError:  # whoever read the output left (`| head`): exit 1 without a word, as the CLI does
                 os._exit(1)
+            _flush_c_streams()
             os._exit(0)
         raise
+
+
+def _flush_c_streams() -> None:
+    """Flush C's stdio buffers too (what a library printed through ``printf`` or ``std::cout``), which ``os._exit``
+    would drop and the interpreter's teardown flushes."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C library to ask (not POSIX): nothing buffered there to lose
+        pass
