@@ -24,7 +24,7 @@ import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 ENV_VAR = "MERGELAB_HASH_CACHE"
 # one reused buffer per file: 3.63 s for 5.95 GB where read() of a fresh 16 MiB block took 4.19 s (one thread)
@@ -36,15 +36,20 @@ DIGEST_ALGORITHMS: tuple[DigestAlgorithm, ...] = get_args(DigestAlgorithm)
 DEFAULT_DIGEST: DigestAlgorithm = "blake3"
 
 
+def digest_algorithm(name: str) -> DigestAlgorithm:
+    """``name`` as a digest algorithm; ValueError naming the choices where it is none."""
+    if name not in DIGEST_ALGORITHMS:
+        raise ValueError(f"unknown digest algorithm {name!r}: choose one of {', '.join(DIGEST_ALGORITHMS)}")
+    return cast("DigestAlgorithm", name)
+
+
 def _hasher(algorithm: DigestAlgorithm) -> Any:
     """A fresh hash object with ``update`` and ``hexdigest``."""
-    if algorithm == "sha256":
+    if digest_algorithm(algorithm) == "sha256":
         return hashlib.sha256()
-    if algorithm == "blake3":
-        import blake3  # one thread per file: the pool already hashes two files at once
+    import blake3  # one thread per file: the pool already hashes two files at once
 
-        return blake3.blake3()
-    raise ValueError(f"unknown digest algorithm {algorithm!r}: choose one of {', '.join(DIGEST_ALGORITHMS)}")
+    return blake3.blake3()
 
 
 class DigestAbandoned(Exception):

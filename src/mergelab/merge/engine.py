@@ -60,7 +60,7 @@ from rich.progress import (
 )
 
 from mergelab.errors import CompatibilityError, ConfigError, OutputError, OutputExistsError, UsageError
-from mergelab.io.file_hashes import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGESTS, DigestAlgorithm
+from mergelab.io.file_hashes import DEFAULT_DIGEST, DIGESTS, DigestAlgorithm, digest_algorithm
 from mergelab.io.hub import cached_lfs_oid
 from mergelab.io.readers import CheckpointReader
 from mergelab.io.writer import ShardPlan, StreamingSafetensorsWriter, parse_size
@@ -366,9 +366,10 @@ def run_merge(
     (io/file_hashes.py: blake3, or sha256 to compare with the Hugging Face Hub's LFS oids); ``hash_inputs=False``
     records none.
     """
-    if digest not in DIGEST_ALGORITHMS:
-        raise UsageError(f"unknown input digest {digest!r}: choose one of {', '.join(DIGEST_ALGORITHMS)} "
-                         "(or turn the digests off: --no-hash, hash_inputs=False)")
+    try:
+        digest_algorithm(digest)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (or turn the digests off: --no-hash, hash_inputs=False)") from None
     if isinstance(config, (str, Path)) and (docs := read_stage_documents(Path(config))) is not None:
         if observer is not None:
             raise UsageError(f"{config} is a multi-stage config: per-layer diagnostics are computed for one merge; "
