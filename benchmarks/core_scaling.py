@@ -33,8 +33,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # vs_mergekit, beside this file
 from vs_mergekit import build_models, settle
 
-from mergelab.io.writer import parse_size
-
 _PIECE = 1 << 20  # entries per piece, as the engine streams an element-wise merge (merge/engine.py)
 
 
@@ -97,7 +95,7 @@ def main() -> None:
     if not warm_up():
         raise SystemExit("the compiled loops are off here (numba missing or MERGELAB_KERNELS=0): nothing to time")
     module = loops()
-    folders = build_models(args.work / args.size, parse_size(args.size))
+    folders = build_models(args.work / args.size, args.size)
     files = sorted(f for folder in folders for f in folder.glob("*.safetensors"))
     entries = 64 * _PIECE  # 128 MiB per bf16 input: far past the 480 MiB L3 when four are streamed
     rng = np.random.default_rng(0)

@@ -37,8 +37,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # vs_mergekit, beside this file
 from vs_mergekit import IDLE_S, METHODS, build_models, config_for, io_floor, settle
 
-from mergelab.io.writer import parse_size
-
 GROUPS = ("MainThread", "mergelab-read", "mergelab-merge", "mergelab-pass", "mergelab-topk", "mergelab-coins",
           "mergelab-write", "mergelab-hash")
 
@@ -127,7 +125,7 @@ def main() -> None:
         print(json.dumps(one_merge(args.one, args.out, args.direct_io, args.idle)))
         return
     work = args.work / args.size
-    paths = build_models(work, parse_size(args.size))
+    paths = build_models(work, args.size)
     in_bytes = sum(f.stat().st_size for p in paths for f in p.glob("*.safetensors"))
     out_bytes = sum(f.stat().st_size for f in paths[0].glob("*.safetensors"))
     floor = min(io_floor(paths, out_bytes, work / "scratch", idle_s=args.idle) for _ in range(3))

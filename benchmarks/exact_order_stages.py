@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # vs_mergekit, beside 
 from vs_mergekit import IDLE_S, build_models, config_for, engine_seconds, io_floor
 
 from mergelab.io.models import open_model
-from mergelab.io.writer import parse_size
 from mergelab.kernels.dispatch import warm_up
 from mergelab.methods.della import magprune_probabilities
 from mergelab.methods.sparsify import band_of_keys, magnitude_keys, topk_of_keys
@@ -101,7 +100,7 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     floors: list[str] = []
     for size in args.size:
-        folders = build_models(args.work / size, parse_size(size))
+        folders = build_models(args.work / size, size)
         out_bytes = sum(f.stat().st_size for f in folders[0].glob("*.safetensors"))
         floor = min(io_floor(folders, out_bytes, args.work / "scratch", IDLE_S, direct=True) for _ in range(3))
         for method in args.methods:

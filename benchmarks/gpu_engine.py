@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from vs_mergekit import METHODS, RANDOM, build_models, config_for, io_floor
 
 from mergelab.io.file_hashes import cached_digest
-from mergelab.io.writer import parse_size
 from mergelab.kernels.dispatch import warm_up
 from mergelab.merge.engine import run_merge
 
@@ -96,8 +95,8 @@ def measure_size(size_text: str, args: argparse.Namespace, on_method: Callable[[
     """Every method at one model size; ``on_method`` gets the size's numbers so far after each method."""
     work = args.work / size_text
     work.mkdir(parents=True, exist_ok=True)
-    print(f"building 3 Llama-style bf16 models of ~{parse_size(size_text) / 1e9:.2f} GB in {work} ...", flush=True)
-    paths = build_models(work, parse_size(size_text))
+    print(f"building 3 Llama-style bf16 models ({size_text}) in {work} ...", flush=True)
+    paths = build_models(work, size_text)
     inputs = [f for p in paths for f in sorted(p.glob("*.safetensors"))]
     out_bytes = sum(f.stat().st_size for f in paths[0].glob("*.safetensors"))
     io_floor(paths, 0, work / "scratch")  # warm the page cache once

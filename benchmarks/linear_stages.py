@@ -228,8 +228,8 @@ def measure(size_text: str, method: str, stages: list[str], repeats: int, root: 
 
     work = root / size_text
     work.mkdir(parents=True, exist_ok=True)
-    print(f"3 Llama-style bf16 models of ~{parse_size(size_text) / 1e9:.2f} GB in {work} ...", flush=True)
-    paths = build_models(work, parse_size(size_text))
+    print(f"3 Llama-style bf16 models ({size_text}) in {work} ...", flush=True)
+    paths = build_models(work, size_text)
     inputs = [f for p in paths for f in sorted(p.glob("*.safetensors"))]
     in_bytes = sum(f.stat().st_size for f in inputs)
     cfg_path = work / f"stages-{method}.yml"

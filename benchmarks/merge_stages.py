@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_mergekit import METHODS, build_models, config_for, parse_size
+from vs_mergekit import METHODS, build_models, config_for
 
 # stage -> (module, function or Class.method); "name()" wraps the function that name returns (DELLA's coins)
 STAGES = {
@@ -111,7 +111,7 @@ def main() -> None:
 
     clock = StageClock()
     clock.install()
-    paths = build_models(args.work / args.size, parse_size(args.size))
+    paths = build_models(args.work / args.size, args.size)
     out = args.work / "stages-out"
     for method in args.methods:
         for _ in range(2):  # the first loads and checks the compiled loops

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -55,8 +56,24 @@ METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "del
 RANDOM = ("dare_ties", "della")  # random masks: mergekit and mergelab draw them from different generators
 
 
-def llama_config(target_bytes: int) -> dict[str, int]:
-    """A Llama shape whose bf16 weights come close to ``target_bytes``."""
+# Llama-2-7B's tensor shapes (hidden 4096, MLP 11008, vocabulary 32000, untied head: 6.74 B parameters in 32
+# layers); "7Bx6" is 6 of its 32 layers, 2.96 GB per model in bf16: every tensor 7B-sized, so a merge's peak (set
+# by its largest tensor, the 131 M-entry embedding and head) and its per-GB rates are those of the whole model
+LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "vocab_size": 32000,
+             "num_attention_heads": 32, "num_key_value_heads": 32}
+_SEVEN_B_LAYERS = re.compile(r"7Bx(\d+)")
+
+
+def llama_config(size_text: str) -> dict[str, int]:
+    """The Llama shape of a benchmark size: ``"0.5GB"``, ``"2GB"`` (hidden 1024 below 1.5 GB, else 2048; as many
+    layers as come closest to that many bf16 bytes) or ``"7BxL"`` (Llama-2-7B's shapes, ``L`` of its layers)."""
+    seven_b = _SEVEN_B_LAYERS.fullmatch(size_text)
+    if seven_b:
+        layers = int(seven_b.group(1))
+        if not 1 <= layers <= LLAMA2_7B["num_hidden_layers"]:
+            raise SystemExit(f"--size {size_text}: a 7B-shaped size takes 1 to 32 layers (7Bx1 ... 7Bx32)")
+        return {**LLAMA2_7B, "num_hidden_layers": layers}
+    target_bytes = parse_size(size_text)
     hidden = 1024 if target_bytes < 1.5e9 else 2048
     inter, vocab = int(hidden * 2.6875), 32000
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
@@ -66,10 +83,10 @@ def llama_config(target_bytes: int) -> dict[str, int]:
             "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64}
 
 
-def build_models(work: Path, target_bytes: int, seed: int = 0) -> list[Path]:
+def build_models(work: Path, size_text: str, seed: int = 0) -> list[Path]:
     import transformers as tf
 
-    shape = llama_config(target_bytes)
+    shape = llama_config(size_text)
     cfg = tf.LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=False, torch_dtype="bfloat16",
                          architectures=["LlamaForCausalLM"])
     with torch.device("meta"):
@@ -267,11 +284,10 @@ def measure_size(size_text: str, args: argparse.Namespace,
     ``on_method`` after every method)."""
     from mergelab.io.file_hashes import DEFAULT_DIGEST, DIGEST_ALGORITHMS, cached_digest, file_digest
 
-    size = parse_size(size_text)
     work = args.work / size_text
     work.mkdir(parents=True, exist_ok=True)
-    print(f"building 3 Llama-style bf16 models of ~{size / 1e9:.2f} GB in {work} ...", flush=True)
-    paths = build_models(work, size)
+    print(f"building 3 Llama-style bf16 models ({_shape_text(size_text)}) in {work} ...", flush=True)
+    paths = build_models(work, size_text)
     inputs = [f for p in paths for f in sorted(p.glob("*.safetensors"))]
     in_bytes = sum(f.stat().st_size for f in inputs)
     out_bytes = sum(f.stat().st_size for f in paths[0].glob("*.safetensors"))
@@ -379,11 +395,18 @@ def measure_size(size_text: str, args: argparse.Namespace,
     return _section(size_text, in_bytes, floors, torch_import, kernels_s, hash_s, rows, args)
 
 
+def _shape_text(size_text: str) -> str:
+    shape = llama_config(size_text)
+    return (f"hidden {shape['hidden_size']}, MLP {shape['intermediate_size']}, {shape['num_hidden_layers']} layers, "
+            f"vocabulary {shape['vocab_size']}")
+
+
 def _section(size_text: str, in_bytes: int, floors: tuple[float, float, float], torch_import: float,
              kernels_s: float, hash_s: dict[str, float], rows: list[dict],
              args: argparse.Namespace) -> tuple[str, dict]:
     floor, floor_hot, floor_direct = floors
-    header = (f"Merging 3 models of {in_bytes / 3 / 1e9:.2f} GB each (bf16, Llama-style, safetensors in 1 GB shards), "
+    header = (f"Merging 3 models of {in_bytes / 3 / 1e9:.2f} GB each (bf16, Llama-style: "
+              f"{_shape_text(size_text)}; safetensors in 1 GB shards), "
               f"device {args.device}, {os.cpu_count()} CPUs, torch {torch.__version__}. I/O floor (read inputs once + "
               f"write one output, warm cache; the fastest of 3 runs, each after {args.idle:g} s of quiet, when this "
               f"VM has handed freed memory back to its host, as a merge meets it): {floor:.2f} s; *hot* floor "
