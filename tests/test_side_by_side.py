@@ -24,7 +24,7 @@ from cli_helpers import (
     weighted_config,
     write_config,
 )
-from mergelab.merge import engine
+from mergelab.merge import dry_run, engine
 from mergelab.merge.config import load_config
 from mergelab.merge.dry_run import summarize_merge
 from mergelab.merge.plan import plan_merge
@@ -331,14 +331,16 @@ def test_the_largest_tensors_top_k_passes_run_first_and_their_pieces_merge_last(
     _threads(monkeypatch, 2)
     plan = plan_merge(*load_config(config))
     largest = {n for n, m in plan.out_metas.items() if m.numel == max(m.numel for m in plan.out_metas.values())}
-    # one model's work space for the head: 8192 entries x 8 bytes (float32 keys and positions) of ~600 KB inputs
-    work_space = 8192 * 8
+    # live at once: one model's work space for the head, 8192 entries x 8 bytes (float32 keys and positions), and
+    # the other tensors', two models side by side at the largest of them (64 x 32 = 2048 entries: two fit in the
+    # head's), of ~600 KB inputs
+    work_space = 8192 * 8 + 2 * 2048 * 8
     share = engine._input_bytes(plan) // work_space
     assert share >= 4
     pieces = engine._pieces(plan, STREAM_PIECE)
-    monkeypatch.setattr(engine, "_PASSES_FIRST_SHARE", share + 1)  # a larger share of the inputs: in place
+    monkeypatch.setattr(engine, "_WORK_SPACE_SHARE", share + 1)  # a larger share of the inputs: in place
     assert engine._passes_first(plan, pieces) == []
-    monkeypatch.setattr(engine, "_PASSES_FIRST_SHARE", share)
+    monkeypatch.setattr(engine, "_WORK_SPACE_SHARE", share)
     first = engine._passes_first(plan, pieces)
     plan.close()
     assert set(first) == largest == {"lm_head.weight", "model.embed_tokens.weight"}
@@ -388,7 +390,7 @@ def test_a_failed_first_pass_stops_the_merge_before_the_other_tensors_are_merged
     monkeypatch.setattr(engine, "_whole_tensor_pass", failing)
     monkeypatch.setattr(engine, "vouched_merge_tensor", slow_merge)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
-    monkeypatch.setattr(engine, "_PASSES_FIRST_SHARE", 1)
+    monkeypatch.setattr(engine, "_WORK_SPACE_SHARE", 1)
     _threads(monkeypatch, 2)
     out, config = tmp_path / "out", write_config(tmp_path, method_config("ties", base, fts))
     assert_refused(run_cli(config, out), out, "method 'ties' cannot merge tensor 'lm_head.weight': the inputs disagree")
@@ -419,7 +421,7 @@ def test_a_bad_input_of_a_tensor_merged_last_is_found_by_its_pass_and_counted_on
 
     monkeypatch.setattr(engine, "vouched_merge_tensor", slow_merge)
     monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
-    monkeypatch.setattr(engine, "_PASSES_FIRST_SHARE", 1)
+    monkeypatch.setattr(engine, "_WORK_SPACE_SHARE", 1)
     _threads(monkeypatch, 2)
     out, config = tmp_path / "out", write_config(tmp_path, method_config("ties", base, [a, b, fts[2]]))
     text = assert_refused(run_cli(config, out), out, f"{a}: tensor 'lm_head.weight' has 1 NaN/Inf value(s)",
@@ -572,6 +574,25 @@ def test_the_dry_runs_peak_counts_a_work_space_for_each_model_found_side_by_side
         peaks[share] = summarize_merge(config).peak_memory_bytes
     # float32 keys and int32 positions (8 bytes) and about one more byte per entry, for one more model
     assert peaks[1] - peaks[1 << 40] == numel * (8 + 1)
+
+
+def test_the_dry_runs_peak_counts_the_other_tensors_work_space_beside_passes_run_first(
+        wide_vocabulary: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, fts = wide_vocabulary
+    config = write_config(tmp_path, method_config("ties", base, fts))
+    monkeypatch.setattr(engine, "_PIECE_ENTRIES", STREAM_PIECE)
+    monkeypatch.setattr(dry_run, "_PIECE_ENTRIES", STREAM_PIECE)
+    _threads(monkeypatch, 2)
+    plan = plan_merge(*load_config(config))
+    # the head's work space, one model (8192 entries x 8 bytes), and the MLP tensors' beside it, two models
+    # side by side (2 x 2048 x 8): the passes run first at the share that holds both, not one more
+    share = engine._input_bytes(plan) // (8192 * 8 + 2 * 2048 * 8)
+    plan.close()
+    peaks = {}
+    for at_most in (share, share + 1):
+        monkeypatch.setattr(engine, "_WORK_SPACE_SHARE", at_most)
+        peaks[at_most] = summarize_merge(config).peak_memory_bytes
+    assert peaks[share] - peaks[share + 1] == 2 * 2048 * 8
 
 
 def test_the_rank_work_space_per_entry_follows_the_task_vectors_arithmetic(

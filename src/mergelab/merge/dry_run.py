@@ -27,9 +27,12 @@ from mergelab.merge.engine import (
     _KeptInputs,
     _loads_kernels,
     _merge_threads,
+    _passes_first,
+    _pieces,
     _streams_with_scalars,
     _streams_with_topk,
     _topk_side_by_side,
+    _work_space_beside,
     rank_bytes_per_entry,
 )
 from mergelab.merge.plan import plan_merge
@@ -106,12 +109,19 @@ def summarize_merge(config: str | Path | dict[str, Any] | MergeConfig, *, max_sh
         # accumulator for element-wise methods, about three tensors' worth for the sparsifying ones; TIES
         # streamed after its top-k holds the rank work space of the largest tensor for the models found side by
         # side, and about a byte per entry more (peaks of `mergelab merge` TIES in bf16, 2026-12-04: 590-601 MiB at
-        # 3 x 0.5 GB, one model's 4 bytes per entry of 32.8 M; 1022-1055 MiB at 3 x 2 GB, two of 65.5 M)
+        # 3 x 0.5 GB, one model's 4 bytes per entry of 32.8 M; 1022-1055 MiB at 3 x 2 GB, two of 65.5 M), plus the
+        # other tensors' work space where the largest tensors' passes run first beside them (in-process, 2026-12-05:
+        # 3 x 2 GB 878-886 MiB, estimated 869 MB; Llama-2-7B's shapes with 6 layers, in place, 1027-1067 MiB,
+        # estimated 1.11 GB)
         work = numel * 4 * (1 if plan.method.elementwise else 3)
         if after_topk:
             per_entry = rank_bytes_per_entry(plan, largest, cfg.compute_dtype)
             side_by_side = _topk_side_by_side(plan, largest, _merge_threads(plan, None), cfg.compute_dtype)
             work = in_meta.numel * (10 if per_entry is None else side_by_side * (per_entry + 1))
+            pieces = _pieces(plan, _PIECE_ENTRIES, None, cfg.compute_dtype)
+            first = _passes_first(plan, pieces, cfg.compute_dtype)
+            if first:  # the other tensors' rules are found beside the largest tensors' passes, run first
+                work += _work_space_beside(plan, pieces, first, cfg.compute_dtype)
         peak = _TORCH_BASELINE + (n_inputs + 2) * unit + work
         if plan.method.scalar_pass is not None:  # small tensors' inputs kept by their passes for their pieces
             kept = [sum(_KeptInputs.sizes(plan, n)) for n in plan.names

@@ -121,22 +121,22 @@ _SCALAR_PASSES_AHEAD = 2
 # one at a time, the main thread waited on the last write before handing over the next, 0.32 s of a 0.79 s task
 # arithmetic merge at 3 x 0.5 GB (waits timed by caller, 2026-12-04), while the reader and the merges stood still
 _WRITES_AHEAD = 4
-# Two models' top-k rules of one of the largest tensors run side by side where their two work spaces take at most
-# this share of the merge's input bytes. TIES at 3 x 2 GB (the 65.5 M-entry head and embedding: 2 x 262 MB of
-# 5.95 GB): `mergelab merge` 13.34/13.50 -> 12.48/12.28 s, peak RSS 769-786 -> 1022-1055 MiB (0.23 of
-# mergekit's 4537); at 3 x 0.5 GB (2 x 131 MB of 1.53 GB) they stay one at a time: there both at once peaked at
-# 735-740 MiB, 0.29-0.30 of mergekit's (2026-12-04, docs/scale.md)
-_WORK_SPACE_SHARE = 8
-# The largest tensors' top-k passes run first, beside the merge of the others, where one model's work space for
-# the largest of them is at most this share of the merge's input bytes (:func:`_passes_first`). TIES at 3 x 2 GB
-# (262 MB of 5.95 GB): in-process engine 12.47 -> 12.33 s and `mergelab merge` 14.2-14.8 -> 13.9 s, peak RSS
-# 1028-1045 -> 857-865 MiB (one model at a time instead of two side by side); with the rules' keys vouching for
-# the inputs, the benchmark's direct engine 6.70-6.83 -> 6.01x its floor. At 3 x 0.5 GB (131 MB of 1.53 GB) the
-# passes first saved more time (TIES 3.40-3.55 -> 2.95-3.15 s, in-process, alternated pairs), but the merge's
-# other work beside the work space raised the peak by 40-50 MiB (the heap's high water met the work space,
-# sampled with mallinfo2): 613-639 MiB in the benchmark, 0.24-0.26 of mergekit's; so there they stay in place.
-# 2026-12-04.
-_PASSES_FIRST_SHARE = 16
+# The top-k passes may hold more than one model's work space for the largest tensor (the peak a merge needs
+# anyway) where every work space live at once takes at most this share of the merge's input bytes: two models'
+# rules of one of the largest tensors side by side (:func:`_topk_side_by_side`), or the largest tensors' passes
+# run first beside the merge of the others, which find their rules meanwhile (:func:`_passes_first`). Measured:
+# - 3 x 0.5 GB (131 MB per model at the head and embedding, of 1.53 GB): neither. Two at once peaked at 735-740
+#   MiB, 0.29-0.30 of mergekit's; the passes first saved time (TIES 3.40-3.55 -> 2.95-3.15 s in-process) but the
+#   merge's other work beside the work space raised the peak by 40-50 MiB, 0.24-0.26 of mergekit's (2026-12-04).
+# - 3 x 2 GB (262 MB for the passes first plus 2 x 11.3 M entries x 4 B for the MLP tensors' rules beside them:
+#   352 MB of 5.95 GB): the passes first. TIES in-process 5.9-7.2 s, median 6.4, against 6.5-8.2, median 6.8, in
+#   place (9 runs each, 2026-12-05); peak 861-908 against 743-770 MiB, 0.19-0.20 of mergekit's 4525.
+# - Llama-2-7B's shapes with 6 of its 32 layers (3 x 2.95 GB: 524 MB for the passes first plus 360 MB for the
+#   45 M-entry MLP tensors' rules, or 2 x 524 MB two at once, of 8.86 GB): neither. TIES peaked at 1440-1534 MiB
+#   with the passes first (0.26 of mergekit's 5532) and 1556-1623 with two at once, 1029-1068 in place (0.19),
+#   in-process wall 8.1-10.5, 8.7-10.1 and 8.7-10.4 s (4-7 alternated runs each, 2026-12-05); until then the
+#   two rules had a share each (1/8 for two at once, 1/16 for the passes' own work space alone) and both ran.
+_WORK_SPACE_SHARE = 16
 log = logging.getLogger(__name__)
 
 
@@ -503,7 +503,7 @@ def _stream(plan: MergePlan, tmp: Path, cfg: MergeConfig, dev: torch.device | No
     thresholds = _global_thresholds(plan, dev) if plan.global_densities is not None else None
     # an observer sees whole tensors
     pieces = _pieces(plan, _PIECE_ENTRIES if observer is None else sys.maxsize, dev, cfg.compute_dtype)
-    passes_first = _passes_first(plan, pieces, cfg.compute_dtype)
+    passes_first = _passes_first(plan, pieces, cfg.compute_dtype, dev)
     pieces = [p for p in pieces if p.name not in passes_first] + [p for p in pieces if p.name in passes_first]
     writer = StreamingSafetensorsWriter(tmp, ShardPlan.build(plan.out_metas, shard_bytes),
                                         metadata={"format": "pt", "mergelab_method": cfg.merge_method},
@@ -608,16 +608,19 @@ def _fit_together(piece: _Piece, next_piece: _Piece, budget: int) -> bool:
     return small or piece.nbytes + next_piece.nbytes <= budget
 
 
-def _passes_first(plan: MergePlan, pieces: list[_Piece], compute_dtype: torch.dtype | None = None) -> list[str]:
+def _passes_first(plan: MergePlan, pieces: list[_Piece], compute_dtype: torch.dtype | None = None,
+                  dev: torch.device | None = None) -> list[str]:
     """The streamed tensors whose top-k passes run first, one after the other on a thread of their own beside
     the rest of the merge, and whose pieces merge last: the largest (over half the largest tensor's entries,
     as the head and the embedding of a language model), whose pass could not run beside the merge of the
     tensor before it (together they are larger than the largest: ``pass_ahead`` in :func:`_merge_all`), so
-    that every other piece waited for it. Only where one model's work space for the largest of them takes at
-    most 1/:data:`_PASSES_FIRST_SHARE` of the input bytes, and not for scalar passes (Model Stock's head pass
-    is a fifth of TIES': 5 alternated pairs, 1.08-1.20 s before, 1.08-1.25 after, and 40 MiB more peak). Empty
-    where no other tensor is left to merge beside them. The output's bytes are the same in any order: each
-    tensor goes to its planned place (:class:`~mergelab.io.writer.StreamingSafetensorsWriter`)."""
+    that every other piece waited for it. Only where the work spaces live meanwhile (one model's for the
+    largest of them, and the one the other tensors' rules are found in, as many models side by side as
+    :func:`_topk_side_by_side` says) take at most 1/:data:`_WORK_SPACE_SHARE` of the input bytes, and not for
+    scalar passes (Model Stock's head pass is a fifth of TIES': 5 alternated pairs, 1.08-1.20 s before,
+    1.08-1.25 after, and 40 MiB more peak). Empty where no other tensor is left to merge beside them. The
+    output's bytes are the same in any order: each tensor goes to its planned place
+    (:class:`~mergelab.io.writer.StreamingSafetensorsWriter`)."""
     if (plan.method.scalar_pass is not None or plan.method.topk_pass is None or plan.method.elementwise
             or plan.base is None):
         return []
@@ -626,9 +629,10 @@ def _passes_first(plan: MergePlan, pieces: list[_Piece], compute_dtype: torch.dt
              if p.stop is not None and p.start == 0 and 2 * plan.out_metas[p.name].numel > largest]
     if not first or len(first) == len({p.name for p in pieces}):
         return []
-    per_entry = [rank_bytes_per_entry(plan, name, compute_dtype) for name in first]
-    work_space = max(plan.out_metas[name].numel * (b or 0) for name, b in zip(first, per_entry, strict=True))
-    return first if work_space * _PASSES_FIRST_SHARE <= _input_bytes(plan) else []
+    # both work spaces are live at once: the passes' own (one model at a time) and the other tensors' beside them
+    live = (max(_topk_work_space(plan, name, 1, compute_dtype) for name in first)
+            + _work_space_beside(plan, pieces, first, compute_dtype, dev))
+    return first if live * _WORK_SPACE_SHARE <= _input_bytes(plan) else []
 
 
 @contextlib.contextmanager
@@ -803,6 +807,23 @@ def _topk_rules(plan: MergePlan, name: str, compute_dtype: torch.dtype | None, e
     if any(rule is None for rule in rules):
         return TopKRules(None, False)
     return TopKRules(rules, bool(found) and all(finite for _, finite in found))  # type: ignore[arg-type]
+
+
+def _topk_work_space(plan: MergePlan, name: str, models: int, compute_dtype: torch.dtype | None) -> int:
+    """Bytes of the top-k work space that ``models`` models' rules of tensor ``name`` take at once."""
+    return plan.out_metas[name].numel * models * (rank_bytes_per_entry(plan, name, compute_dtype) or 0)
+
+
+def _work_space_beside(plan: MergePlan, pieces: list[_Piece], first: list[str], compute_dtype: torch.dtype | None,
+                      dev: torch.device | None = None) -> int:
+    """Bytes of the work space where the other tensors' top-k rules are found while the passes of ``first`` run:
+    the largest of them times the models found side by side (:func:`_topk_side_by_side`), as :func:`_merge_all`
+    sizes it."""
+    threads = _merge_threads(plan, dev)
+    others = [p.name for p in pieces if p.stop is not None and p.start == 0 and p.name not in first
+              and _streams_with_topk(plan, p.name, dev)]
+    return max((_topk_work_space(plan, name, _topk_side_by_side(plan, name, threads, compute_dtype), compute_dtype)
+                for name in others), default=0)
 
 
 def _topk_side_by_side(plan: MergePlan, name: str, threads: int, compute_dtype: torch.dtype | None) -> int:
