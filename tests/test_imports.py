@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,35 @@ def test_exit_skips_the_collection_of_live_objects_and_still_flushes_open_files(
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True"]
     assert (tmp_path / "left-open.txt").read_text() == "written"
+
+
+@pytest.mark.parametrize("preset", [None, "3"])
+def test_a_cli_merge_has_openblas_start_no_workers_unless_the_user_set_a_count(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preset: str | None) -> None:
+    from cli_helpers import assert_ok, run_cli, weighted_config, write_config
+    from tiny_models import make_family
+
+    if preset is None:
+        monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", preset)
+    base, fts = make_family(tmp_path / "models", "llama", seed=0)
+    assert_ok(run_cli(write_config(tmp_path, weighted_config("linear", base, fts)), tmp_path / "out"))
+    assert os.environ["OPENBLAS_NUM_THREADS"] == (preset or "1")
+
+
+@pytest.mark.parametrize("preset", [None, "2"])
+def test_scipys_openblas_loaded_after_no_blas_workers_runs_one_thread_unless_told_otherwise(
+        preset: str | None) -> None:
+    pytest.importorskip("threadpoolctl")
+    if preset is not None and (os.cpu_count() or 1) < int(preset):
+        pytest.skip("fewer cores than the count asked for: OpenBLAS may start fewer threads")
+    # scipy's own OpenBLAS, in scipy.libs (numpy's is in numpy.libs)
+    code = ("from mergelab.imports import no_blas_workers; no_blas_workers(); import scipy.linalg; "
+            "from threadpoolctl import threadpool_info; "
+            "print(*[i['num_threads'] for i in threadpool_info() if 'scipy.libs' in i['filepath']])")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if preset is not None:
+        env["OPENBLAS_NUM_THREADS"] = preset
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.split() == [preset or "1"]

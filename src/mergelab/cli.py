@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
-from mergelab.imports import collector_paused, no_collection_at_exit, run_command, skip_teardown
+from mergelab.imports import collector_paused, no_blas_workers, no_collection_at_exit, run_command, skip_teardown
 from mergelab.terminal import GuardedGroup, console, err_console, plain
 
 
@@ -141,6 +141,7 @@ def merge(
     # hashed, alternated: SLERP peak 500-563 -> 421-448 MiB, Model Stock 560-606 -> 510-537, TIES 605-625 ->
     # 586-602, linear unchanged; wall time unchanged (2026-12-05)
     recycle_freed_memory()
+    no_blas_workers()  # before any thread starts
     # the inputs' digests start on the second core while the first imports torch (merge/inputs.py)
     with digests_started([] if no_hash else config_input_files(config), algorithm):
         with collector_paused():
