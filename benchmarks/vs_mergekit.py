@@ -2,6 +2,7 @@
 
     python benchmarks/vs_mergekit.py --size 0.5GB 2GB      # 3 models of ~0.5 GB, then of ~2 GB, bf16
     python benchmarks/vs_mergekit.py --size 2GB --methods linear ties
+    python benchmarks/vs_mergekit.py --size 7Bx6 --direct-io     # Llama-2-7B's tensors, 6 of its layers
 
 Builds random Llama-style checkpoints (a base and two fine-tunes = base + small noise, bf16, 1 GB shards of
 safetensors) once under --work, then for each method runs `mergelab merge` and `mergekit-yaml` as
@@ -450,7 +451,8 @@ def _section(size_text: str, in_bytes: int, floors: tuple[float, float, float], 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", nargs="+", default=["0.5GB"], help="approximate size of each model (bf16)")
+    ap.add_argument("--size", nargs="+", default=["0.5GB"],
+                    help="approximate size of each model (bf16), or 7BxL: Llama-2-7B's shapes with L of its 32 layers")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--work", type=Path, default=Path("/tmp/mergelab-bench"))
     ap.add_argument("--repeats", type=int, default=1, help="runs per tool and method (median reported)")

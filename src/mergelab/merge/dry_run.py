@@ -1,13 +1,10 @@
 """``mergelab merge --dry-run``: the plan, checked, without reading any tensor data.
 
-The estimates follow the engine's memory model (engine.py's docstring) and this project's CPU benchmark
-(``benchmarks/results/2026-12-02.md``, "Compiled loops", 3 × 2GB: ``mergelab merge`` end to end, every
-input hashed, 2 idle cores, 3 × 1.98 GB bf16 inputs): linear 8.5 s, task arithmetic 10.0 s, TIES 23.8 s,
-DARE-TIES 25.1 s, Breadcrumbs 24.2 s for 5.95 GB of input; Model Stock 8.6 s and SLERP 7.7 s (for 3.97 GB)
-from the 14:39 run, after their scalar passes got compiled loops ("SLERP's and Model Stock's passes"); DELLA
-from ``benchmarks/results/2026-12-03.md`` (16:27 UTC run, after its probabilities, drop and election got
-compiled loops and the CLI began to load them for it: 45.3 s, on a machine where mergekit took 1.5× its time
-of the 2026-12-02 runs, so a high estimate).
+The estimates follow the engine's memory model (engine.py's docstring) and this project's CPU benchmark at
+Llama-2-7B's tensor shapes (``benchmarks/results/2026-12-05-fifth.md``: ``python benchmarks/vs_mergekit.py --size
+7Bx6``, 3 × 2.95 GB bf16, 2 idle cores, ``mergelab merge`` end to end with every input hashed): linear 4.81 s,
+task arithmetic 3.71 s, DARE-TIES 8.83 s, Model Stock 7.68 s for 8.86 GB of input, SLERP 8.00 s for 5.91 GB
+(13:20 UTC run); TIES 16.22 s, Breadcrumbs 15.86 s, DELLA 35.83 s (14:05 UTC run, on the engine of that hour).
 They are orders of magnitude for planning, not promises: disks, cores and dtypes change them.
 """
 
@@ -38,8 +35,8 @@ from mergelab.merge.engine import (
 from mergelab.merge.plan import plan_merge
 
 # Seconds per GB of input on the benchmark machine (see the module docstring).
-_SECONDS_PER_GB = {"linear": 1.4, "task_arithmetic": 1.7, "ties": 4.0, "dare_ties": 4.2, "breadcrumbs": 4.1,
-                   "della": 7.6, "slerp": 2.0, "model_stock": 1.5}
+_SECONDS_PER_GB = {"linear": 0.54, "task_arithmetic": 0.42, "ties": 1.8, "dare_ties": 1.0, "breadcrumbs": 1.8,
+                   "della": 4.0, "slerp": 1.35, "model_stock": 0.87}
 _DEFAULT_SECONDS_PER_GB = 15.0  # methods not benchmarked: about TIES' cost (two passes, sorting)
 _TORCH_BASELINE = 300 * 2**20  # resident size of Python + torch before any tensor (measured ~290 MiB)
 # what the compiled loops add where the engine loads them (mergelab.kernels; measured 2026-12-02: scipy.linalg
