@@ -74,7 +74,10 @@ def llama_config(size_text: str) -> dict[str, int]:
         if not 1 <= layers <= LLAMA2_7B["num_hidden_layers"]:
             raise SystemExit(f"--size {size_text}: a 7B-shaped size takes 1 to 32 layers (7Bx1 ... 7Bx32)")
         return {**LLAMA2_7B, "num_hidden_layers": layers}
-    target_bytes = parse_size(size_text)
+    try:
+        target_bytes = parse_size(size_text)
+    except ValueError as exc:
+        raise SystemExit(f"--size {size_text}: {exc}, or 7BxL (Llama-2-7B's shapes, L of its 32 layers)") from None
     hidden = 1024 if target_bytes < 1.5e9 else 2048
     inter, vocab = int(hidden * 2.6875), 32000
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
@@ -285,9 +288,10 @@ def measure_size(size_text: str, args: argparse.Namespace,
     ``on_method`` after every method)."""
     from mergelab.io.file_hashes import DEFAULT_DIGEST, DIGEST_ALGORITHMS, cached_digest, file_digest
 
+    shape = _shape_text(size_text)  # a size it cannot read stops here, before any folder is made
     work = args.work / size_text
     work.mkdir(parents=True, exist_ok=True)
-    print(f"building 3 Llama-style bf16 models ({_shape_text(size_text)}) in {work} ...", flush=True)
+    print(f"building 3 Llama-style bf16 models ({shape}) in {work} ...", flush=True)
     paths = build_models(work, size_text)
     inputs = [f for p in paths for f in sorted(p.glob("*.safetensors"))]
     in_bytes = sum(f.stat().st_size for f in inputs)
