@@ -132,10 +132,11 @@ _WRITES_AHEAD = 4
 #   352 MB of 5.95 GB): the passes first. TIES in-process 5.9-7.2 s, median 6.4, against 6.5-8.2, median 6.8, in
 #   place (9 runs each, 2026-12-05); peak 861-908 against 743-770 MiB, 0.19-0.20 of mergekit's 4525.
 # - Llama-2-7B's shapes with 6 of its 32 layers (3 x 2.95 GB: 524 MB for the passes first plus 360 MB for the
-#   45 M-entry MLP tensors' rules, or 2 x 524 MB two at once, of 8.86 GB): neither. TIES peaked at 1440-1534 MiB
-#   with the passes first (0.26 of mergekit's 5532) and 1556-1623 with two at once, 1029-1068 in place (0.19),
-#   in-process wall 8.1-10.5, 8.7-10.1 and 8.7-10.4 s (4-7 alternated runs each, 2026-12-05); until then the
-#   two rules had a share each (1/8 for two at once, 1/16 for the passes' own work space alone) and both ran.
+#   45 M-entry MLP tensors' rules, or 2 x 524 MB two at once, of 8.86 GB): neither. Until then each way had a
+#   share of its own (1/8 for two at once, 1/16 for the passes' own work space alone) and both ran: TIES peaked at
+#   1440-1534 MiB (0.26 of mergekit's 5532), 1556-1623 with two at once alone, 1029-1068 with neither (0.19);
+#   in 4 alternated pairs neither took 8.98-9.36 s against 8.21-8.74 (in-process, 2026-12-05): 8 % of the time
+#   for 0.45 GB, kept for the peak (TIES in mergekit's order is over its time line anyway: docs/scale.md).
 _WORK_SPACE_SHARE = 16
 log = logging.getLogger(__name__)
 
