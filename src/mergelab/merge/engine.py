@@ -836,8 +836,8 @@ def _topk_side_by_side(plan: MergePlan, name: str, threads: int, compute_dtype: 
     numel = plan.out_metas[name].numel
     if 2 * numel <= max(m.numel for m in plan.out_metas.values()):
         return models
-    per_entry = rank_bytes_per_entry(plan, name, compute_dtype)
-    fits = per_entry is not None and models * numel * per_entry * _WORK_SPACE_SHARE <= _input_bytes(plan)
+    fits = (rank_bytes_per_entry(plan, name, compute_dtype) is not None
+            and _topk_work_space(plan, name, models, compute_dtype) * _WORK_SPACE_SHARE <= _input_bytes(plan))
     return models if fits else 1
 
 
